@@ -1,0 +1,231 @@
+"""SAM: ``e = rho * g / (||g|| + 1e-7)``, step at ``w + e``, then back to ``w`` and the base step.
+
+Differences from the official code, all deliberate:
+
+* ``second_step`` restores ``w`` bit-for-bit from a backup (the official ``w -= e`` drifts by
+  rounding), and the backup holds only the perturbed values.
+* A step that fails (the closure raises) leaves the weights as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+import ssam_kernels
+
+EPS = 1e-7
+
+
+def _check_rho(rho) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"rho must be a real number, got {type(rho).__name__}")
+    if not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+    return float(rho)
+
+
+def _build_base(params: list, base_optimizer, base_kwargs: dict) -> torch.optim.Optimizer:
+    """The base optimizer: the given instance (official SSAM convention) or ``cls(params, **kw)``."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise TypeError(
+                f"base_optimizer is an optimizer instance, so keyword arguments {sorted(base_kwargs)} "
+                "have nowhere to go; pass them when building it, or pass its class instead"
+            )
+        ours = {id(p) for p in _flat_params(params)}
+        theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+        if ours != theirs:
+            raise ValueError("base_optimizer must be built on the same parameters as the ones given here")
+        return base_optimizer
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        return base_optimizer(params, **base_kwargs)
+    raise TypeError(
+        "base_optimizer must be a torch.optim.Optimizer instance or subclass, got "
+        f"{type(base_optimizer).__name__}"
+    )
+
+
+def _flat_params(params: list) -> list[torch.Tensor]:
+    out = []
+    for item in params:
+        out.extend(item["params"] if isinstance(item, dict) else [item])
+    return out
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around a base optimizer.
+
+    Args:
+        params: parameters or parameter groups (a group may set its own ``rho``/``adaptive``).
+        base_optimizer: an optimizer instance built on the same params, or an optimizer class
+            constructed here with ``base_kwargs``.
+        rho: radius of the perturbation (>= 0). ``rho=0`` follows the base optimizer exactly.
+        adaptive: ASAM's scale-invariant perturbation ``e = rho * w^2 g / ||w g||``.
+
+    Use either ``loss.backward(); opt.step(closure)`` where ``closure`` recomputes the loss and
+    calls ``backward()``, or ``first_step(zero_grad=True)``, a second forward/backward, then
+    ``second_step()``. ``param_groups`` is the base optimizer's, so schedulers work on either.
+    """
+
+    def __init__(self, params: Iterable, base_optimizer, rho: float = 0.05, adaptive: bool = False, **base_kwargs):
+        rho = _check_rho(rho)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or of parameter groups, not a tensor")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty")
+        base = _build_base(params, base_optimizer, base_kwargs)
+        super().__init__(base.param_groups, dict(rho=rho, adaptive=adaptive))
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        for group in self.param_groups:
+            group.setdefault("rho", rho)
+            group.setdefault("adaptive", adaptive)
+            _check_rho(group["rho"])
+        self._pending: list[tuple[list[torch.Tensor], ssam_kernels.PerturbBackup]] | None = None
+
+    # --- masks (SAM perturbs everything; sparse variants override) --------------------------
+
+    def _mask(self, p: torch.Tensor):
+        """The mask of ``p`` as passed to the backend: None (all), bool tensor or BitMask."""
+        return None
+
+    def _norm_masked(self) -> bool:
+        """Whether the norm is over ``g * m`` (True) or over all of ``g`` (the paper)."""
+        return False
+
+    # --- the two steps -----------------------------------------------------------------------
+
+    def _with_grads(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        if not any(ps for _, ps in groups):
+            raise ValueError(
+                f"no parameter has a gradient: call loss.backward() before {type(self).__name__}.first_step()/step()"
+            )
+        return [(g, ps) for g, ps in groups if ps]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + e`` (only masked entries for sparse variants), remembering ``w``."""
+        if self._pending is not None:
+            raise RuntimeError("first_step() called twice without second_step() in between")
+        groups = self._with_grads()
+        masked_norm = self._norm_masked()
+        norm_inputs, norm_masks, plans = [], [], []
+        for group, params in groups:
+            grads = [p.grad for p in params]
+            masks = [self._mask(p) for p in params]
+            if group["adaptive"]:
+                norm_inputs += [p.abs() * g for p, g in zip(params, grads)]
+                directions = [p * p * g for p, g in zip(params, grads)]
+            else:
+                norm_inputs += grads
+                directions = grads
+            norm_masks += masks if masked_norm else [None] * len(params)
+            plans.append((group, params, directions, masks))
+        norm = ssam_kernels.grad_norm(norm_inputs, norm_masks)
+        pending = []
+        try:
+            for group, params, directions, masks in plans:
+                scale = group["rho"] / (norm + EPS)
+                pending.append((params, ssam_kernels.perturb_(params, directions, masks, scale)))
+        except BaseException:
+            self._restore(pending)
+            raise
+        self._pending = pending
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to ``w`` exactly and take the base optimizer's step with the current grads."""
+        if self._pending is None:
+            raise RuntimeError("second_step() called without a preceding first_step()")
+        self.restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a ``first_step`` without stepping (e.g. when the second pass failed)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._restore(pending)
+
+    @staticmethod
+    def _restore(pending) -> None:
+        for params, backup in reversed(pending):
+            ssam_kernels.restore_(params, backup)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, model=None, epoch=None, batch_idx=None,
+             train_data=None, logger=None, step=None):
+        """One SAM step. The gradient at ``w`` must already be in ``.grad``; ``closure`` must
+        recompute the loss and call ``backward()`` (it runs with grad enabled at ``w + e``).
+        Returns what the closure returned. If the closure raises, ``w`` is restored first.
+
+        The other arguments are the official training loop's; SAM accepts and ignores them so
+        that loop runs unchanged with any of the three optimizers."""
+        closure = self._check_closure(closure)
+        self.first_step(zero_grad=True)
+        loss = self._second_pass(closure)
+        self.second_step()
+        return loss
+
+    def _check_closure(self, closure):
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step() needs a closure that recomputes the loss and calls backward(); "
+                "or call first_step() and second_step() yourself"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        return closure
+
+    def _second_pass(self, closure):
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self.restore()
+            raise
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        if self._pending is not None:
+            raise RuntimeError("state_dict() between first_step() and second_step() would save perturbed weights' state")
+        return {
+            "sam": super().state_dict(),
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or not {"sam", "base_optimizer"} <= set(state_dict):
+            raise ValueError(f"not a {type(self).__name__} state_dict (needs keys 'sam' and 'base_optimizer')")
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        super().load_state_dict(state_dict["sam"])
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        # Both loads replace their param_groups lists; share the base optimizer's again.
+        self.param_groups = self.base_optimizer.param_groups
+        for group, ours in zip(self.param_groups, state_dict["sam"]["param_groups"]):
+            for key in ("rho", "adaptive"):
+                group[key] = ours[key]
+        self._load_extra_state(state_dict.get("extra", {}))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, rho={self.defaults['rho']})"

@@ -1,0 +1,134 @@
+"""What SSAM-F and SSAM-D share: a mask per parameter, stored bit-packed in the optimizer
+state, applied to the perturbation, and the official code's ``step(closure, model=..., ...)``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import ssam_kernels
+from ssam_kernels import BitMask, keep_count, pack_mask
+
+from .sam import SAM
+from .structure import Structure, parse_structure, resolve_sparsity
+
+_log = logging.getLogger("ssam")
+
+NORMS = ("full", "masked")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def make_generator(seed, device: torch.device) -> torch.Generator:
+    """A generator on ``device``, seeded from ``seed`` or (None) from torch's global RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def log_message(logger, message: str) -> None:
+    """Send ``message`` to a ``logging.Logger``, an object with ``.log(msg)`` (the official
+    code's logger), a callable, or (None) the ``ssam`` logger."""
+    if logger is None:
+        _log.info(message)
+    elif isinstance(logger, logging.Logger):
+        logger.info(message)
+    elif hasattr(logger, "log"):
+        logger.log(message)
+    elif callable(logger):
+        logger(message)
+    else:
+        raise TypeError(f"logger must be a logging.Logger, have a .log(msg) method, or be callable; got {type(logger).__name__}")
+
+
+class SparseSAM(SAM):
+    """SAM whose perturbation is ``e * m`` for a binary mask ``m`` per parameter.
+
+    The mask lives in ``self.state[p]["mask"]`` as packed bits (uint8, 1 bit per element; see
+    :class:`ssam_kernels.BitMask`). ``norm="masked"`` normalises by ``||g * m||`` instead of
+    ``||g||``.
+    """
+
+    def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, seed, base_kwargs):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.structure: Structure = parse_structure(structure)
+        self.sparsity: float = resolve_sparsity(sparsity, self.structure)
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **base_kwargs)
+        self.norm = norm
+        self.mask_updates = 0
+        self.generator = make_generator(seed, self._generator_device())
+
+    def _generator_device(self) -> torch.device:
+        """Where this optimizer's random numbers are drawn."""
+        return self.params[0].device
+
+    # --- masks -------------------------------------------------------------------------------
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _keep(self) -> int:
+        """How many entries an unstructured or tensor mask keeps: ``int((1 - s) * total)``."""
+        return keep_count(sum(p.numel() for p in self.params), 1.0 - self.sparsity)
+
+    def _mask(self, p: torch.Tensor) -> BitMask:
+        return BitMask(self.state[p]["mask"], p.shape)
+
+    def _norm_masked(self) -> bool:
+        return self.norm == "masked"
+
+    def _set_masks(self, masks: list[torch.Tensor]) -> None:
+        """Replace every mask (new tensors: a pending backup keeps referring to the old ones)."""
+        for p, m in zip(self.params, masks):
+            if m.shape != p.shape or m.dtype != torch.bool:
+                raise ValueError(f"mask of shape {tuple(m.shape)} / {m.dtype} for a parameter of shape {tuple(p.shape)}")
+        for p, m in zip(self.params, masks):
+            self.state[p]["mask"] = pack_mask(m.to(p.device)).bits
+
+    def get_mask(self, p: torch.Tensor) -> torch.Tensor:
+        """The mask of parameter ``p`` as a bool tensor shaped like ``p``."""
+        if not any(p is q for q in self.params):
+            raise ValueError("p is not a parameter of this optimizer")
+        return ssam_kernels.unpack_mask(self._mask(p))
+
+    def masks(self) -> list[torch.Tensor]:
+        """Every parameter's mask, as bool tensors, in ``param_groups`` order."""
+        return [ssam_kernels.unpack_mask(self._mask(p)) for p in self.params]
+
+    def mask_density(self) -> float:
+        """Fraction of all parameter entries that are perturbed."""
+        total = sum(p.numel() for p in self.params)
+        kept = sum(int(self._mask(p).count()) for p in self.params)
+        return kept / total if total else 0.0
+
+    # --- official calling convention ---------------------------------------------------------
+
+    def _due(self, epoch, batch_idx) -> bool:
+        for name, v in (("epoch", epoch), ("batch_idx", batch_idx)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        return epoch % self.update_freq == 0 and batch_idx == 0
+
+    def _log_update(self, logger) -> None:
+        log_message(logger, f"Update Mask! Mask Lived Weight: {self.mask_density():.4f}")
+
+    def _extra_state(self) -> dict:
+        return {"mask_updates": self.mask_updates, "generator": self.generator.get_state()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.mask_updates = int(state.get("mask_updates", 0))
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())

@@ -1,0 +1,201 @@
+"""SSAM-D: Sparse SAM whose mask evolves by dynamic sparse training (drop and grow)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import ssam_kernels
+
+from .sparse import SparseSAM, check_positive_int
+from .structure import nm_select, tensor_select
+
+STRATEGIES = ("gradient", "weight", "random")
+
+
+def cosine_death_rate(epoch: float, drop_rate: float, t_start: float, t_end: float) -> float:
+    """``drop_rate * (1 + cos(pi * (t - T_start) / (T_end - T_start))) / 2`` with ``t`` clamped
+    to ``[T_start, T_end]`` (the official code lets the rate rise again after ``T_end``)."""
+    t = min(max(epoch, t_start), t_end)
+    return drop_rate * (1.0 + math.cos(math.pi * (t - t_start) / (t_end - t_start))) / 2.0
+
+
+class SSAMD(SparseSAM):
+    """Sparse SAM with a dynamic drop/grow mask (SSAM-D).
+
+    Args:
+        params, base_optimizer, rho, adaptive, **base_kwargs: as :class:`ssam.SAM`.
+        sparsity: fraction not perturbed, in [0, 1) (implied by an ``"N:M"`` structure).
+        drop_rate: fraction of the perturbed entries dropped (and regrown) at ``T_start``, in
+            [0, 1]; decays to 0 at ``T_end`` by :func:`cosine_death_rate`.
+        drop_strategy: score whose *lowest* masked entries are dropped: ``"gradient"``
+            (``|grad|``, the default), ``"weight"`` (``|w|``) or ``"random"``.
+        growth_strategy: score whose *highest* unmasked entries are grown (same choices,
+            ``"random"`` by default).
+        update_freq: update the mask every ``update_freq`` epochs (official convention).
+        T_start, T_end: epochs spanned by the cosine schedule (``T_end``: usually the number
+            of epochs; required).
+        structure, norm: as :class:`ssam.SSAMF`.
+        seed: seeds the generator of the initial mask and of random scores (None: from
+            torch's global RNG). Its state is in ``state_dict()``.
+
+    Exactly ``int((1 - sparsity) * total)`` entries are perturbed at all times (unstructured),
+    or exactly N per full group (N:M). Each update drops ``int(death_rate * live)`` entries
+    (at most as many as are unmasked) and grows as many among entries unmasked before it.
+    """
+
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho: float,
+        sparsity: float | None,
+        drop_rate: float,
+        drop_strategy: str = "gradient",
+        growth_strategy: str = "random",
+        update_freq: int = 1,
+        T_start: int = 0,
+        T_end: int | None = None,
+        structure: str = "unstructured",
+        norm: str = "full",
+        *,
+        adaptive: bool = False,
+        seed: int | None = None,
+        **base_kwargs,
+    ):
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
+            raise TypeError(f"drop_rate must be a real number, got {type(drop_rate).__name__}")
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate}")
+        for name, value in (("drop_strategy", drop_strategy), ("growth_strategy", growth_strategy)):
+            if value not in STRATEGIES:
+                raise ValueError(f"{name} must be one of {STRATEGIES}, got {value!r}")
+        if T_end is None:
+            raise ValueError("T_end is required: the epoch where the drop rate reaches 0 (usually the number of epochs)")
+        for name, value in (("T_start", T_start), ("T_end", T_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not T_end > T_start:
+            raise ValueError(f"T_end must be greater than T_start, got T_start={T_start}, T_end={T_end}")
+        self.drop_rate = float(drop_rate)
+        self.drop_strategy = drop_strategy
+        self.growth_strategy = growth_strategy
+        self.update_freq = check_positive_int("update_freq", update_freq)
+        self.T_start, self.T_end = T_start, T_end
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, seed, base_kwargs)
+        self._set_masks(self._initial_masks())
+
+    # --- scores and the schedule -------------------------------------------------------------
+
+    def death_rate(self, epoch: float) -> float:
+        return cosine_death_rate(epoch, self.drop_rate, self.T_start, self.T_end)
+
+    def _random(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.rand(p.shape, generator=self.generator, device=self.generator.device).to(p.device)
+
+    def _scores(self, strategy: str) -> list[torch.Tensor]:
+        """Non-negative scores (NaN read as 0) for every parameter."""
+        params = self.params
+        if strategy == "random":
+            return [self._random(p) for p in params]
+        if strategy == "weight":
+            raw = [p.detach().abs() for p in params]
+        else:
+            if all(p.grad is None for p in params):
+                raise ValueError("strategy 'gradient' needs gradients: call backward() before update_mask()")
+            # a parameter without a gradient has a zero gradient
+            raw = [p.grad.abs() if p.grad is not None else torch.zeros_like(p) for p in params]
+        return [torch.where(torch.isnan(s), torch.zeros_like(s), s) for s in raw]
+
+    # --- masks -------------------------------------------------------------------------------
+
+    def _initial_masks(self) -> list[torch.Tensor]:
+        scores = [self._random(p) for p in self.params]
+        if self.structure.kind == "nm":
+            return nm_select(scores, self.structure)
+        if self.structure.kind == "tensor":
+            sizes = [p.numel() for p in self.params]
+            order = torch.randperm(len(sizes), generator=self.generator, device=self.generator.device).tolist()
+            chosen = tensor_select(order, sizes, self._keep())
+            return [torch.full(p.shape, i in chosen, dtype=torch.bool, device=p.device) for i, p in enumerate(self.params)]
+        return ssam_kernels.topk_mask(scores, k=self._keep())
+
+    @torch.no_grad()
+    def update_mask(self, epoch: float) -> None:
+        """Drop ``death_rate(epoch)`` of the perturbed entries (lowest drop score) and grow as
+        many among the unperturbed ones (highest growth score)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+            raise TypeError(f"epoch must be a number, got {type(epoch).__name__}")
+        masks = self.masks()
+        drop_scores = self._scores(self.drop_strategy)
+        grow_scores = self._scores(self.growth_strategy)
+        rate = self.death_rate(epoch)
+        if self.structure.kind == "tensor":
+            new = self._update_tensors(masks, drop_scores, grow_scores, rate)
+        else:
+            live = sum(int(m.sum()) for m in masks)
+            free = sum(m.numel() for m in masks) - live
+            drop = min(int(rate * live), free)
+            survivors = ssam_kernels.topk_mask(_only(drop_scores, masks), k=live - drop)
+            if self.structure.kind == "nm":
+                new = self._refill_groups(masks, survivors, grow_scores)
+            else:
+                grown = ssam_kernels.topk_mask(_only(grow_scores, [~m for m in masks]), k=drop)
+                new = [s | g for s, g in zip(survivors, grown)]
+        self._set_masks(new)
+        self.mask_updates += 1
+
+    def _refill_groups(self, masks, survivors, grow_scores) -> list[torch.Tensor]:
+        """N:M: every group keeps its survivors, then its best previously-unmasked entries by
+        growth score, then (if too few are free) its dropped entries: exactly N again."""
+        ranks = [
+            torch.where(s, torch.full_like(g, float("inf")), torch.where(m, torch.full_like(g, -1.0), g))
+            for m, s, g in zip(masks, survivors, grow_scores)
+        ]
+        return nm_select(ranks, self.structure, magnitude=False)
+
+    def _update_tensors(self, masks, drop_scores, grow_scores, rate) -> list[torch.Tensor]:
+        """Whole tensors: drop the live tensors of lowest mean drop score (up to the drop
+        budget), then grow the free tensors of highest mean growth score into the budget."""
+        sizes = [m.numel() for m in masks]
+        live = [i for i, m in enumerate(masks) if m.numel() and bool(m.all())]
+        budget = int(rate * sum(sizes[i] for i in live))
+        drop_mean = {i: float(drop_scores[i].float().mean()) for i in live}
+        dropped = tensor_select(sorted(live, key=lambda i: drop_mean[i]), sizes, budget)
+        kept = set(live) - dropped
+        free = [i for i in range(len(masks)) if i not in live and sizes[i]]
+        grow_mean = {i: float(grow_scores[i].float().mean()) for i in free}
+        chosen = tensor_select(sorted(free, key=lambda i: -grow_mean[i]), sizes, self._keep(), kept)
+        return [torch.full(m.shape, i in chosen, dtype=torch.bool, device=m.device) for i, m in enumerate(masks)]
+
+    # --- official calling convention ---------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None, epoch=None, batch_idx=None, logger=None, model=None, train_data=None, step=None):
+        """A SAM step with the current mask. With the official ``epoch`` and ``batch_idx``
+        (``logger`` optional; ``model``, ``train_data`` and ``step`` accepted and unused), the
+        mask is updated between the two passes, from the gradient at ``w``, when
+        ``epoch % update_freq == 0 and batch_idx == 0``; it applies from the next step."""
+        closure = self._check_closure(closure)
+        if (epoch is None) != (batch_idx is None):
+            raise ValueError("the official calling convention needs both epoch and batch_idx")
+        due = epoch is not None and self._due(epoch, batch_idx)
+        self.first_step()
+        try:
+            if due:
+                self.update_mask(epoch)
+                self._log_update(logger)
+            self.zero_grad()
+        except BaseException:
+            self.restore()
+            raise
+        loss = self._second_pass(closure)
+        self.second_step()
+        return loss
+
+
+
+def _only(scores: list[torch.Tensor], where: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Scores at ``where``, -inf elsewhere (so a top-k below the count of ``where`` stays inside)."""
+    return [torch.where(w, s, torch.full_like(s, float("-inf"))) for s, w in zip(scores, where)]

@@ -1,0 +1,93 @@
+"""SSAM-F: Sparse SAM whose mask keeps the entries of highest empirical Fisher information."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from .fisher import empirical_fisher
+from .sparse import SparseSAM, check_positive_int
+from .structure import select_mask
+
+
+class SSAMF(SparseSAM):
+    """Sparse SAM with a Fisher-information mask (SSAM-F).
+
+    Args:
+        params, base_optimizer, rho, adaptive, **base_kwargs: as :class:`ssam.SAM`.
+        sparsity: fraction of entries *not* perturbed, in [0, 1). With an ``"N:M"`` structure
+            it is implied (1 - N/M): pass None or that value.
+        num_samples: samples in the empirical Fisher (>= 1).
+        update_freq: recompute the mask every ``update_freq`` epochs (official convention).
+        structure: ``"unstructured"``, ``"N:M"`` or ``"tensor"`` (see :mod:`ssam.structure`).
+        norm: ``"full"`` (paper: ``||g||``) or ``"masked"`` (``||g * m||``).
+        seed: seeds the generator that draws Fisher samples from a Dataset (None: from torch's
+            global RNG). Its state is in ``state_dict()``.
+        fisher_chunk_size: samples per vectorised per-sample-gradient batch (memory knob).
+
+    The mask starts empty, as in the official code: nothing is perturbed until the first
+    :meth:`update_mask`. With the official ``step(closure, model=, epoch=, batch_idx=,
+    train_data=)`` the mask is recomputed after the step when ``epoch % update_freq == 0`` and
+    ``batch_idx == 0``.
+    """
+
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho: float,
+        sparsity: float | None,
+        num_samples: int,
+        update_freq: int,
+        structure: str = "unstructured",
+        norm: str = "full",
+        *,
+        adaptive: bool = False,
+        seed: int | None = None,
+        fisher_chunk_size: int = 32,
+        **base_kwargs,
+    ):
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.update_freq = check_positive_int("update_freq", update_freq)
+        self.fisher_chunk_size = check_positive_int("fisher_chunk_size", fisher_chunk_size)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, seed, base_kwargs)
+        self._set_masks([torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params])
+        self._warned_empty = False
+
+    def _generator_device(self) -> torch.device:
+        return torch.device("cpu")  # draws dataset indices
+
+    def update_mask(self, model: torch.nn.Module, data, loss_fn: Callable | None = None) -> None:
+        """Recompute the mask from the empirical Fisher of ``model`` on ``num_samples`` samples
+        of ``data`` (a Dataset, or an iterable of ``(x, y)`` batches). ``loss_fn(output, y)``
+        defaults to cross-entropy. Model weights, grads and BatchNorm statistics are unchanged."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self._pending is not None:
+            raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
+        fisher = empirical_fisher(
+            model, self.params, data, self.num_samples, loss_fn, self.generator, self.fisher_chunk_size
+        )
+        self._set_masks(select_mask(fisher, self.structure, self._keep()))
+        self.mask_updates += 1
+
+    @torch.no_grad()
+    def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None):
+        """A SAM step with the current mask. With the official keyword arguments (``model``,
+        ``epoch``, ``batch_idx``, ``train_data``; ``logger`` optional; ``step`` accepted and
+        unused), the mask is then recomputed when ``epoch % update_freq == 0 and batch_idx == 0``."""
+        closure = self._check_closure(closure)
+        official = [v is not None for v in (model, epoch, batch_idx, train_data)]
+        if any(official) and not all(official):
+            raise ValueError("the official calling convention needs all of model, epoch, batch_idx and train_data")
+        due = all(official) and self._due(epoch, batch_idx)
+        if not any(official) and self.mask_updates == 0 and not self._warned_empty:
+            warnings.warn("SSAMF.step() before any update_mask(): the mask is empty, nothing is perturbed", stacklevel=2)
+            self._warned_empty = True
+        loss = super().step(closure)
+        if due:
+            self.update_mask(model, train_data)
+            self._log_update(logger)
+        return loss

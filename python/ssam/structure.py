@@ -1,0 +1,116 @@
+"""Mask structures: which patterns of perturbed weights a mask may take.
+
+* ``"unstructured"``: any entries (the paper): global top-k over all parameters.
+* ``"N:M"`` (e.g. ``"2:4"``): exactly N kept in every M consecutive elements along a weight's
+  GEMM reduction dimension, i.e. the last dim of ``p.reshape(p.shape[0], -1)`` (``in`` of a
+  Linear weight, ``in*kh*kw`` of a Conv weight). 1-D parameters (biases, norm weights) are one
+  row. Where the reduction dim is not a multiple of M, the trailing group of ``r < M`` elements
+  keeps ``min(N, r)``, so every full group keeps exactly N and density stays close to N/M.
+* ``"tensor"``: whole tensors, chosen by their mean score, greedily in descending order,
+  skipping a tensor that would overshoot the budget of kept entries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+import ssam_kernels
+from ssam_kernels.ops.nm_mask import check_nm
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Structure:
+    kind: str  # "unstructured" | "nm" | "tensor"
+    n: int = 0
+    m: int = 0
+
+    @property
+    def density(self) -> float | None:
+        """Kept fraction implied by the structure (N/M), or None where the sparsity sets it."""
+        return self.n / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def parse_structure(structure) -> Structure:
+    """``"unstructured"``, ``"tensor"`` or an ``"N:M"`` string with ``1 <= N < M``."""
+    if isinstance(structure, Structure):
+        return structure
+    if not isinstance(structure, str):
+        raise TypeError(f"structure must be a string, got {type(structure).__name__}")
+    if structure in ("unstructured", "tensor"):
+        return Structure(structure)
+    match = _NM.match(structure)
+    if not match:
+        raise ValueError(f"structure must be 'unstructured', 'tensor' or 'N:M' such as '2:4', got {structure!r}")
+    n, m = check_nm(int(match.group(1)), int(match.group(2)))
+    return Structure("nm", n, m)
+
+
+def resolve_sparsity(sparsity, structure: Structure) -> float:
+    """The sparsity to use: validated to [0, 1); for N:M, implied (None) or equal to 1 - N/M."""
+    if structure.kind == "nm":
+        implied = 1.0 - structure.density
+        if sparsity is not None:
+            _check_sparsity(sparsity)
+            if abs(sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"structure {structure} implies sparsity {implied:g}, but sparsity={sparsity} was given; "
+                    "pass sparsity=None (or the implied value) with an N:M structure"
+                )
+        return implied
+    if sparsity is None:
+        raise ValueError(f"sparsity is required with structure {structure!r}")
+    _check_sparsity(sparsity)
+    return float(sparsity)
+
+
+def _check_sparsity(sparsity) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a real number, got {type(sparsity).__name__}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def reduction_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed ``[rows, reduction]``: ``[out, -1]`` for >= 2-D tensors, one row for 1-D."""
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+
+
+def nm_select(scores: list[torch.Tensor], structure: Structure, magnitude: bool = True) -> list[torch.Tensor]:
+    """Per-tensor N:M masks of the largest scores (|scores| unless ``magnitude=False``) along
+    each tensor's reduction dimension."""
+    return [
+        ssam_kernels.nm_mask(reduction_rows(s), structure.n, structure.m, magnitude=magnitude).reshape(s.shape)
+        for s in scores
+    ]
+
+
+def tensor_select(order: list[int], sizes: list[int], budget: int, chosen: set[int] | None = None) -> set[int]:
+    """Greedy: walk ``order`` and take each tensor whose size still fits in ``budget``."""
+    chosen = set() if chosen is None else set(chosen)
+    used = sum(sizes[i] for i in chosen)
+    for i in order:
+        if i not in chosen and used + sizes[i] <= budget:
+            chosen.add(i)
+            used += sizes[i]
+    return chosen
+
+
+def select_mask(scores: list[torch.Tensor], structure: Structure, keep: int) -> list[torch.Tensor]:
+    """Masks keeping the highest scores under ``structure``; ``keep`` is the unstructured/tensor
+    budget (ignored for N:M, whose count is set by the shapes)."""
+    if structure.kind == "unstructured":
+        return ssam_kernels.topk_mask(scores, k=keep)
+    if structure.kind == "nm":
+        return nm_select(scores, structure)
+    means = torch.stack([s.float().mean() if s.numel() else s.new_tensor(float("-inf")) for s in scores])
+    order = torch.argsort(means.cpu(), descending=True, stable=True).tolist()
+    chosen = tensor_select(order, [s.numel() for s in scores], keep)
+    return [torch.full(s.shape, i in chosen, dtype=torch.bool, device=s.device) for i, s in enumerate(scores)]

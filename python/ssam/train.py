@@ -1,0 +1,155 @@
+"""``ssam-train``: train a small conv net on scikit-learn's bundled digits with SGD, SAM, SSAM-F
+or SSAM-D, using the official code's training-loop calling convention. No download."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import ssam_kernels
+
+from .models import DigitsNet
+from .sam import SAM
+from .ssamd import SSAMD
+from .ssamf import SSAMF
+from .structure import parse_structure
+
+OPTIMIZERS = ("sgd", "sam", "ssamf", "ssamd")
+
+
+def load_digits(seed: int, test_fraction: float = 0.2):
+    """Digits as ``(train, test)`` TensorDatasets of 1x8x8 images in [0, 1], split by ``seed``."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(y) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return torch.utils.data.TensorDataset(x[train], y[train]), torch.utils.data.TensorDataset(x[test], y[test])
+
+
+def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    base = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    params = model.parameters()
+    if args.opt == "sgd":
+        return torch.optim.SGD(params, **base)
+    if args.opt == "sam":
+        return SAM(params, torch.optim.SGD, rho=args.rho, **base)
+    sparsity = args.sparsity
+    if sparsity is None and parse_structure(args.structure).kind != "nm":
+        sparsity = 0.5
+    if args.opt == "ssamf":
+        return SSAMF(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, num_samples=args.num_samples,
+                     update_freq=args.update_freq, structure=args.structure, norm=args.norm, seed=args.seed, **base)
+    return SSAMD(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, drop_rate=args.drop_rate,
+                 update_freq=args.update_freq, T_end=args.epochs, structure=args.structure, norm=args.norm,
+                 seed=args.seed, **base)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data, device) -> float:
+    model.eval()
+    x, y = data.tensors
+    pred = model(x.to(device)).argmax(dim=1)
+    model.train()
+    return (pred == y.to(device)).float().mean().item()
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    train_set, test_set = load_digits(args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    model = DigitsNet().to(device)
+    opt = build_optimizer(args, model)
+    step_times = []
+    bar = tqdm(range(args.epochs), desc=args.opt, unit="epoch", disable=args.quiet)
+    for epoch in bar:
+        model.train()
+        for batch_idx, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+
+            def closure():
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if args.opt == "sgd":
+                opt.step()
+            else:  # the official training loop's call
+                opt.step(closure, model=model, epoch=epoch, batch_idx=batch_idx, train_data=train_set)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if not (epoch == 0 and batch_idx == 0):  # the first step includes the first mask update
+                step_times.append(time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return {
+        "opt": args.opt,
+        "test_accuracy": accuracy(model, test_set, device),
+        "mean_step_ms": 1e3 * sum(step_times) / max(len(step_times), 1),
+        "mask_density": opt.mask_density() if hasattr(opt, "mask_density") else (1.0 if args.opt == "sam" else None),
+        "backend": ssam_kernels.backend_info(device)["ops"]["perturb_"]["auto"],
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ssam-train", description=__doc__)
+    p.add_argument("--opt", choices=OPTIMIZERS, default="ssamf", help="optimizer (default: ssamf)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights NOT perturbed (default 0.5; implied by an N:M structure)")
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | tensor")
+    p.add_argument("--norm", choices=("full", "masked"), default="full", help="perturbation norm (default: full)")
+    p.add_argument("--rho", type=float, default=0.05, help="perturbation radius (default: 0.05)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--num-samples", type=int, default=128, help="SSAM-F: Fisher samples")
+    p.add_argument("--update-freq", type=int, default=1, help="SSAM-F/D: mask update every N epochs")
+    p.add_argument("--drop-rate", type=float, default=0.5, help="SSAM-D: initial drop rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1:
+        p.error("--epochs and --batch-size must be >= 1")
+    try:
+        parse_structure(args.structure)
+        torch.device(args.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        p.error(str(exc))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = train(args)
+    except (TypeError, ValueError) as exc:
+        print(f"ssam-train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"optimizer      {result['opt']} (structure {args.structure}, backend {result['backend']})")
+    print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
+    print(f"mean step time {result['mean_step_ms']:.2f} ms ({args.device})")
+    density = result["mask_density"]
+    print(f"mask density   {'- (no perturbation)' if density is None else f'{density:.4f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

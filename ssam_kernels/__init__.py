@@ -1,0 +1,37 @@
+"""ssam_kernels: the backend of Sparse SAM: gradient norm, masked perturbation with a compact
+backup and exact restore, N:M and global top-k mask selection, and 2:4 compression.
+
+Every op has a plain-PyTorch reference (``backend="torch"``); faster backends register beside
+it and ``backend="auto"`` (the default, or ``SSAM_BACKEND``) picks one. ``backend_info()`` says
+which backend runs each op. Importing this package never fails because Triton or the compiled
+extension is missing.
+"""
+
+from ._backend import BACKENDS, BackendUnavailableError, backend_info
+from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask
+from .ops.compress_24 import compress_24, decompress_24
+from .ops.grad_norm import grad_norm
+from .ops.nm_mask import nm_mask
+from .ops.perturb import PerturbBackup, perturb_, restore_
+from .ops.topk_mask import keep_count, topk_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "BitMask",
+    "PerturbBackup",
+    "backend_info",
+    "compress_24",
+    "decompress_24",
+    "grad_norm",
+    "keep_count",
+    "nm_mask",
+    "pack_mask",
+    "packed_nbytes",
+    "perturb_",
+    "restore_",
+    "topk_mask",
+    "unpack_mask",
+]

@@ -1,0 +1,162 @@
+"""Backend selection: which implementation of an op runs for a given call.
+
+Every op has a plain-PyTorch ``torch`` implementation (the reference). Faster backends
+(``triton`` kernels, the compiled extension ``ext``) register themselves per op in the op's
+module. ``auto`` picks the first registered backend, in :data:`AUTO_ORDER` for the tensors'
+device type, whose runtime is importable. ``SSAM_BACKEND`` sets the default for every call
+that passes ``backend="auto"``; it is as strict as passing ``backend=`` explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "ext")
+ENV_VAR = "SSAM_BACKEND"
+
+# Preference of `auto`, per device type; device types not listed use the reference.
+AUTO_ORDER = {
+    "cuda": ("triton", "ext", "torch"),
+    "cpu": ("torch",),
+}
+
+
+class BackendUnavailableError(ValueError):
+    """A backend was requested (``backend=`` or ``SSAM_BACKEND``) that cannot run this op here."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str | None:
+    """Version of the importable Triton, or None. Looked up without importing triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version("triton")
+    except Exception:  # a source checkout without metadata still counts as present
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def extension_error() -> str | None:
+    """None when ``ssam_kernels._C`` loads, else why it does not (never raises)."""
+    try:
+        importlib.import_module("ssam_kernels._C")
+    except Exception as exc:  # missing build, ABI mismatch, missing CUDA libraries...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _runtime_available(backend: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        return triton_version() is not None
+    if backend == "ext":
+        return extension_error() is None
+    return False
+
+
+@dataclass
+class OpBackends:
+    """The implementations of one op, keyed by backend name.
+
+    ``devices`` maps a backend to the device types it runs on (None: any device).
+    """
+
+    name: str
+    impls: dict[str, Callable] = field(default_factory=dict)
+    devices: dict[str, frozenset[str] | None] = field(default_factory=dict)
+
+    def register(self, backend: str, fn: Callable, devices: tuple[str, ...] | None = None) -> None:
+        if backend not in BACKENDS[1:]:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
+        self.impls[backend] = fn
+        self.devices[backend] = None if devices is None else frozenset(devices)
+
+    def _usable(self, backend: str, device_type: str) -> bool:
+        if backend not in self.impls or not _runtime_available(backend):
+            return False
+        devs = self.devices[backend]
+        return devs is None or device_type in devs
+
+    def resolve(self, backend: str, device: torch.device) -> str:
+        """Name of the backend that runs this op for tensors on ``device``."""
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        source = "backend="
+        if backend == "auto":
+            env = os.environ.get(ENV_VAR, "").strip()
+            if env and env != "auto":
+                if env not in BACKENDS:
+                    raise ValueError(f"{ENV_VAR}={env!r} is not one of {BACKENDS}")
+                backend, source = env, f"{ENV_VAR}="
+        if backend == "auto":
+            for cand in AUTO_ORDER.get(device.type, ("torch",)):
+                if self._usable(cand, device.type):
+                    return cand
+            return "torch"
+        if not self._usable(backend, device.type):
+            raise BackendUnavailableError(self._why_unusable(backend, device.type, source))
+        return backend
+
+    def _why_unusable(self, backend: str, device_type: str, source: str) -> str:
+        have = sorted(b for b in self.impls if self._usable(b, device_type))
+        if backend not in self.impls:
+            why = f"{self.name} has no {backend!r} implementation yet"
+        elif not _runtime_available(backend):
+            why = (
+                "triton is not installed"
+                if backend == "triton"
+                else f"the compiled extension ssam_kernels._C did not load ({extension_error()})"
+            )
+        else:
+            why = f"its {backend!r} implementation does not run on {device_type} tensors"
+        return f"{source}{backend!r} cannot run {self.name} here: {why}; usable here: {have}"
+
+    def __call__(self, backend: str, device: torch.device) -> Callable:
+        return self.impls[self.resolve(backend, device)]
+
+
+_REGISTRY: dict[str, OpBackends] = {}
+
+
+def op_backends(name: str) -> OpBackends:
+    """The (shared) backend table of op ``name``; created on first use."""
+    if name not in _REGISTRY:
+        _REGISTRY[name] = OpBackends(name)
+    return _REGISTRY[name]
+
+
+def _resolve_or_reason(op: OpBackends, device: torch.device) -> str:
+    try:
+        return op.resolve("auto", device)
+    except BackendUnavailableError as exc:
+        return f"unavailable: {exc}"
+
+
+def backend_info(device: str | torch.device = "cpu") -> dict:
+    """What is installed and which backend each op runs with ``backend="auto"`` on ``device``."""
+    device = torch.device(device)
+    return {
+        "device": str(device),
+        "env_override": os.environ.get(ENV_VAR) or None,
+        "triton": triton_version(),
+        "extension": extension_error() is None,
+        "extension_error": extension_error(),
+        "ops": {
+            name: {
+                "implemented": sorted(op.impls),
+                "auto": _resolve_or_reason(op, device),
+            }
+            for name, op in sorted(_REGISTRY.items())
+        },
+    }

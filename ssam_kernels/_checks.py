@@ -1,0 +1,83 @@
+"""Input checks shared by every op: one place, one wording, before anything is written."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .ops.bitmask import BitMask, unpack_mask
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _kind(x) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def tensor_list(name: str, tensors, *, floating: bool = True, allow_empty: bool = False) -> list[torch.Tensor]:
+    """``tensors`` as a list, checked: a list/tuple of (floating-point) tensors."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    out = list(tensors)
+    if not out and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+        if floating and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}[{i}] must be a floating-point tensor ({FLOAT_DTYPES}), got {t.dtype}")
+    return out
+
+
+def same_shapes(name: str, tensors: list[torch.Tensor], ref_name: str, refs: list[torch.Tensor]) -> None:
+    """Each ``tensors[i]`` has the shape and device of ``refs[i]``, and the lists match in length."""
+    if len(tensors) != len(refs):
+        raise ValueError(f"{name} has {len(tensors)} entries but {ref_name} has {len(refs)}")
+    for i, (t, r) in enumerate(zip(tensors, refs)):
+        if t.shape != r.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {ref_name}[{i}] has {tuple(r.shape)}")
+        if t.device != r.device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, {ref_name}[{i}] is on {r.device}")
+
+
+def mask_list(masks, refs: list[torch.Tensor], ref_name: str) -> list[torch.Tensor | BitMask | None]:
+    """``masks`` checked against ``refs``: None (no masking), or one entry per tensor, each a
+    bool tensor or a :class:`BitMask` shaped like its tensor, or None (that tensor unmasked)."""
+    if masks is None:
+        return [None] * len(refs)
+    if isinstance(masks, (torch.Tensor, BitMask)) or not isinstance(masks, Sequence):
+        raise TypeError(f"masks must be None or a list of masks, got {type(masks).__name__}")
+    masks = list(masks)
+    if len(masks) != len(refs):
+        raise ValueError(f"masks has {len(masks)} entries but {ref_name} has {len(refs)}")
+    for i, (m, r) in enumerate(zip(masks, refs)):
+        if m is None:
+            continue
+        if isinstance(m, BitMask):
+            shape, device = m.shape, m.device
+        elif isinstance(m, torch.Tensor) and m.dtype == torch.bool:
+            shape, device = m.shape, m.device
+        else:
+            raise TypeError(f"masks[{i}] must be a bool tensor, a BitMask or None, got {_kind(m)}")
+        if shape != r.shape:
+            raise ValueError(f"masks[{i}] has shape {tuple(shape)}, {ref_name}[{i}] has {tuple(r.shape)}")
+        if device != r.device:
+            raise ValueError(f"masks[{i}] is on {device}, {ref_name}[{i}] is on {r.device}")
+    return masks
+
+
+def as_bool(mask: torch.Tensor | BitMask) -> torch.Tensor:
+    """The bool tensor for an already checked mask entry."""
+    return unpack_mask(mask) if isinstance(mask, BitMask) else mask
+
+
+def scalar(name: str, value) -> float | torch.Tensor:
+    """A Python real or a 0-dim floating tensor (kept on its device to avoid a host sync)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number or a 0-dim tensor, got bool")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        return value
+    raise TypeError(f"{name} must be a real number or a 0-dim floating tensor, got {_kind(value)}")

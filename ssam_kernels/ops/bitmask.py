@@ -1,0 +1,90 @@
+"""Bit-packed masks: 1 bit per element instead of a bool byte or a float.
+
+Layout: the mask is flattened in row-major order, bit ``i`` of the mask is bit ``i % 8``
+(least significant first) of byte ``i // 8``; the last byte is zero-padded. Kernels read the
+``bits`` tensor directly; :class:`BitMask` carries the logical shape beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_BIT_WEIGHTS = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    key = (device.type, device.index)
+    if key not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[key] = (2 ** torch.arange(8, dtype=torch.int32)).to(device)
+    return _BIT_WEIGHTS[key]
+
+
+def packed_nbytes(numel: int) -> int:
+    """Bytes of the packed form of a mask with ``numel`` elements."""
+    return (numel + 7) // 8
+
+
+@dataclass(frozen=True)
+class BitMask:
+    """A boolean mask stored as packed bits (see the module docstring for the layout)."""
+
+    bits: torch.Tensor
+    shape: torch.Size
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, torch.Tensor) or self.bits.dtype != torch.uint8:
+            raise TypeError(f"BitMask.bits must be a uint8 tensor, got {_describe(self.bits)}")
+        if self.bits.dim() != 1 or not self.bits.is_contiguous():
+            raise ValueError("BitMask.bits must be a contiguous 1-D tensor")
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+        if self.bits.numel() != packed_nbytes(self.numel):
+            raise ValueError(
+                f"BitMask.bits has {self.bits.numel()} bytes; a mask of shape {tuple(self.shape)} "
+                f"needs {packed_nbytes(self.numel)}"
+            )
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def to_bool(self) -> torch.Tensor:
+        return unpack_mask(self)
+
+    def count(self) -> torch.Tensor:
+        """Number of set bits, as a 0-dim int64 tensor on the mask's device (no host sync)."""
+        return self.to_bool().sum()
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor"
+    return type(x).__name__
+
+
+def pack_mask(mask: torch.Tensor) -> BitMask:
+    """Pack a bool tensor into a :class:`BitMask`."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {_describe(mask)}")
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8).to(torch.int32)
+    bits = (groups * _bit_weights(mask.device)).sum(dim=1).to(torch.uint8)
+    return BitMask(bits.contiguous(), mask.shape)
+
+
+def unpack_mask(mask: BitMask) -> torch.Tensor:
+    """The bool tensor a :class:`BitMask` stands for."""
+    if not isinstance(mask, BitMask):
+        raise TypeError(f"mask must be a BitMask, got {_describe(mask)}")
+    if mask.numel == 0:
+        return torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    expanded = (mask.bits.to(torch.int32)[:, None] & _bit_weights(mask.device)) != 0
+    return expanded.reshape(-1)[: mask.numel].reshape(mask.shape)

@@ -1,0 +1,131 @@
+"""2:4 compression into the layout CUTLASS sparse tensor-core GEMMs read, and back.
+
+For a ``[rows, cols]`` fp16/bf16 matrix with at most 2 nonzeros in every group of 4 along a row:
+
+* ``values`` ``[rows, cols // 2]``: the two kept values of each group, in column order.
+* ``meta`` ``[rows, cols // 16]`` int16: 2 bits per kept value (its index in the group), 4 groups
+  per element (group ``j`` in bits ``4j..4j+3``, first index in the low 2 bits), then the
+  elements permuted into CUTLASS's interleaved column-major order (see ``_meta_offsets``).
+
+Groups with fewer than two nonzeros still name two positions (the kept zero comes along), by
+a fixed rule that keeps the indices increasing; with this rule the output equals
+``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass``.
+The layout needs ``rows % 32 == 0`` and ``cols % 32 == 0`` (one int16 of metadata per 16
+columns, interleaved in column pairs); PyTorch's CUTLASS GEMMs further need ``cols % 64 == 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import op_backends
+
+_COMPRESS = op_backends("compress_24")
+_DECOMPRESS = op_backends("decompress_24")
+
+DTYPES = (torch.float16, torch.bfloat16)
+ROW_ALIGN = 32
+COL_ALIGN = 32
+META_COLS_PER_ELEMENT = 16  # dense columns described by one int16 of metadata
+
+# Nonzero pattern of a group (bit i set: element i nonzero) -> the two positions stored.
+# Two nonzeros: exactly those. A lone nonzero at 0 or 1 is paired with position 2; a lone
+# nonzero at 2 or 3, or an empty group, stores (2, 3). More than two: not 2:4 (-1).
+_PAIRS = {
+    0b0000: (2, 3), 0b0001: (0, 2), 0b0010: (1, 2), 0b0100: (2, 3), 0b1000: (2, 3),
+    0b0011: (0, 1), 0b0101: (0, 2), 0b0110: (1, 2), 0b1001: (0, 3), 0b1010: (1, 3), 0b1100: (2, 3),
+}
+_PAIR_TABLE = torch.tensor([_PAIRS.get(p, (-1, -1)) for p in range(16)], dtype=torch.int64)
+
+
+def _meta_offsets(rows: int, meta_cols: int, device: torch.device) -> torch.Tensor:
+    """Flat position in the CUTLASS buffer of each logical int16 metadata element ``[r, c]``.
+
+    CUTLASS's sparse GEMM reads int16 metadata as ``ColumnMajorInterleaved<2>`` after two
+    shuffles: within each block of 32 rows, row ``r`` moves to row ``(r % 8) * 4 + (r % 32) // 8``
+    of the block, and in every 2x2 block of the result the off-diagonal pair swaps.
+    """
+    r = torch.arange(rows, device=device)[:, None].expand(rows, meta_cols)
+    c = torch.arange(meta_cols, device=device)[None, :].expand(rows, meta_cols)
+    r = (r // 32) * 32 + (r % 8) * 4 + (r % 32) // 8
+    to_lower_left = ((r % 2 == 0) & (c % 2 == 1)).long()
+    to_upper_right = ((r % 2 == 1) & (c % 2 == 0)).long()
+    shift = to_lower_left - to_upper_right
+    r, c = r + shift, c - shift
+    return ((c // 2) * rows * 2 + r * 2 + c % 2).reshape(-1)
+
+
+def _to_int16_bits(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret values in [0, 2**16) as int16 bit patterns."""
+    return torch.where(x >= 2**15, x - 2**16, x).to(torch.int16)
+
+
+def compress_24_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = x.shape
+    groups = x.reshape(rows, cols // 4, 4)
+    weights = torch.tensor([1, 2, 4, 8], device=x.device)
+    pattern = ((groups != 0).long() * weights).sum(-1)
+    pairs = _PAIR_TABLE.to(x.device)[pattern]  # [rows, cols // 4, 2]
+    if (pairs < 0).any():
+        bad = (pairs[..., 0] < 0).nonzero()[0].tolist()
+        raise ValueError(f"x is not 2:4 sparse: row {bad[0]}, group {bad[1]} has more than 2 nonzeros")
+    values = groups.gather(-1, pairs).reshape(rows, cols // 2)
+    nibbles = (pairs[..., 0] | (pairs[..., 1] << 2)).reshape(rows, cols // 16, 4)
+    meta = (nibbles << torch.tensor([0, 4, 8, 12], device=x.device)).sum(-1)
+    out = torch.empty(rows * (cols // 16), dtype=torch.int16, device=x.device)
+    out[_meta_offsets(rows, cols // 16, x.device)] = _to_int16_bits(meta).reshape(-1)
+    return values, out.view(rows, cols // 16)
+
+
+def decompress_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    rows, half = values.shape
+    logical = meta.reshape(-1)[_meta_offsets(rows, meta.shape[1], meta.device)].to(torch.int64) & 0xFFFF
+    shifts = torch.arange(0, 16, 2, device=meta.device)
+    index = ((logical[:, None] >> shifts) & 0b11).reshape(rows, half // 2, 2)
+    dense = torch.zeros(rows, half // 2, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, index, values.reshape(rows, half // 2, 2))
+    return dense.reshape(rows, half * 2)
+
+
+_COMPRESS.register("torch", compress_24_torch)
+_DECOMPRESS.register("torch", decompress_24_torch)
+
+
+def _check_matrix(name: str, t, dtypes) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def compress_24(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4-sparse fp16/bf16 matrix to ``(values, meta)`` in the CUTLASS layout.
+
+    ``x`` must be 2-D with ``rows % 32 == 0`` and ``cols % 32 == 0``, and hold at most two
+    nonzeros in every group of four consecutive elements of a row (``ValueError`` otherwise).
+    """
+    _check_matrix("x", x, DTYPES)
+    rows, cols = x.shape
+    if rows % ROW_ALIGN or cols % COL_ALIGN:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}; the CUTLASS layout needs rows % {ROW_ALIGN} == 0 "
+            f"and cols % {COL_ALIGN} == 0"
+        )
+    return _COMPRESS(backend, x.device)(x.contiguous())
+
+
+def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """The dense ``[rows, 2 * values.shape[1]]`` matrix that :func:`compress_24` compressed."""
+    _check_matrix("values", values, DTYPES)
+    _check_matrix("meta", meta, (torch.int16,))
+    rows, half = values.shape
+    if rows % ROW_ALIGN or (2 * half) % COL_ALIGN:
+        raise ValueError(f"values has shape {tuple(values.shape)}; expected [32*i, 16*j] (dense [32*i, 32*j])")
+    expected = (rows, 2 * half // META_COLS_PER_ELEMENT)
+    if tuple(meta.shape) != expected:
+        raise ValueError(f"meta has shape {tuple(meta.shape)}; values of shape {tuple(values.shape)} needs {expected}")
+    if meta.device != values.device:
+        raise ValueError(f"meta is on {meta.device}, values on {values.device}")
+    return _DECOMPRESS(backend, values.device)(values.contiguous(), meta.contiguous())

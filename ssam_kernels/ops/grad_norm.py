@@ -1,0 +1,42 @@
+"""Gradient norm over a list of tensors: ``||concat(t_i * m_i)||_2`` with fp32 accumulation."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .._backend import op_backends
+
+_BACKENDS = op_backends("grad_norm")
+
+
+def grad_norm_torch(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
+    """Reference: per-tensor fp32 sums of squares (torch's sum is cascaded, so accurate over
+    millions of elements; vector_norm on CPU is not), summed on the first tensor's device."""
+    device = tensors[0].device
+    parts = []
+    for t, m in zip(tensors, masks):
+        values = t if m is None else t[_checks.as_bool(m)]
+        parts.append(values.to(torch.float32).square().sum().to(device))
+    return torch.stack(parts).sum().sqrt()
+
+
+_BACKENDS.register("torch", grad_norm_torch)
+
+
+def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
+    """L2 norm over all elements of ``tensors`` (of ``t * m`` where ``masks`` are given).
+
+    Args:
+        tensors: non-empty list of floating-point tensors (any shapes; empty tensors add 0).
+        masks: None, or one entry per tensor: a bool tensor or :class:`~ssam_kernels.BitMask`
+            shaped like it, or None for "all elements".
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
+
+    Returns:
+        0-dim float32 tensor on the device of ``tensors[0]``. Accumulation is in fp32 whatever
+        the input dtype. Tensors on other devices are reduced there and their partial norms moved.
+    """
+    tensors = _checks.tensor_list("tensors", tensors)
+    masks = _checks.mask_list(masks, tensors, "tensors")
+    return _BACKENDS(backend, tensors[0].device)(tensors, masks)

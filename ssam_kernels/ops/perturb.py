@@ -1,0 +1,112 @@
+"""Masked perturbation with a compact backup, and the exact restore.
+
+``perturb_`` computes ``w[m] = w[m] + scale * g[m]`` in fp32 (rounded once to ``w``'s dtype)
+and keeps only the original ``w[m]`` values. ``restore_`` writes them back, so ``w`` is
+bit-for-bit what it was; the official code's ``w -= e`` is not, after rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks
+from .._backend import op_backends
+from .bitmask import BitMask
+
+_PERTURB = op_backends("perturb_")
+_RESTORE = op_backends("restore_")
+
+
+@dataclass
+class PerturbBackup:
+    """What ``perturb_`` overwrote: for tensor ``i``, ``values[i]`` holds the original values
+    at the positions of ``masks[i]`` in row-major order (all values, shaped like the tensor,
+    where ``masks[i]`` is None)."""
+
+    values: list[torch.Tensor]
+    masks: list[torch.Tensor | BitMask | None]
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values)
+
+
+def _perturbed(w: torch.Tensor, g: torch.Tensor, scale) -> torch.Tensor:
+    return (w.to(torch.float32) + scale * g.to(torch.float32)).to(w.dtype)
+
+
+def perturb_torch(params, grads, masks, scale) -> PerturbBackup:
+    values = []
+    for w, g, m in zip(params, grads, masks):
+        if m is None:
+            values.append(w.clone())
+            w.copy_(_perturbed(w, g, scale))
+        else:
+            keep = _checks.as_bool(m)
+            original = w[keep]
+            values.append(original)
+            w[keep] = _perturbed(original, g[keep], scale)
+    return PerturbBackup(values, list(masks))
+
+
+def restore_torch(params, backup: PerturbBackup) -> None:
+    for w, v, m in zip(params, backup.values, backup.masks):
+        if m is None:
+            w.copy_(v)
+        else:
+            w[_checks.as_bool(m)] = v
+
+
+_PERTURB.register("torch", perturb_torch)
+_RESTORE.register("torch", restore_torch)
+
+
+def _check_writable(params: list[torch.Tensor]) -> None:
+    for i, w in enumerate(params):
+        if w.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"params[{i}] requires grad and grad mode is on; call under torch.no_grad()"
+            )
+
+
+def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBackup:
+    """In place ``w += scale * g * m`` for every tensor; returns the compact backup.
+
+    Args:
+        params: list of floating-point tensors, modified in place.
+        grads: list of tensors shaped like ``params`` (any floating dtype; math is in fp32).
+        masks: None (perturb everything), or one entry per tensor: bool tensor,
+            :class:`~ssam_kernels.BitMask` or None. Unmasked positions are not written.
+        scale: Python number or 0-dim floating tensor (e.g. ``rho / (norm + eps)``, no sync).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
+
+    Returns:
+        :class:`PerturbBackup` holding the original values at masked positions only.
+    """
+    params = _checks.tensor_list("params", params)
+    grads = _checks.tensor_list("grads", grads)
+    _checks.same_shapes("grads", grads, "params", params)
+    masks = _checks.mask_list(masks, params, "params")
+    scale = _checks.scalar("scale", scale)
+    _check_writable(params)
+    return _PERTURB(backend, params[0].device)(params, grads, masks, scale)
+
+
+def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
+    """Put back the values ``perturb_`` overwrote, bit for bit."""
+    params = _checks.tensor_list("params", params)
+    if not isinstance(backup, PerturbBackup):
+        raise TypeError(f"backup must be the PerturbBackup returned by perturb_, got {type(backup).__name__}")
+    masks = _checks.mask_list(backup.masks, params, "params")
+    if len(backup.values) != len(params):
+        raise ValueError(f"backup holds {len(backup.values)} tensors but params has {len(params)}")
+    for i, (w, v, m) in enumerate(zip(params, backup.values, masks)):
+        if v.dtype != w.dtype or v.device != w.device:
+            raise ValueError(f"backup.values[{i}] is {v.dtype} on {v.device}; params[{i}] is {w.dtype} on {w.device}")
+        if m is None and v.shape != w.shape:
+            raise ValueError(f"backup.values[{i}] has shape {tuple(v.shape)}, params[{i}] has {tuple(w.shape)}")
+        if m is not None and v.dim() != 1:
+            raise ValueError(f"backup.values[{i}] must be 1-D (the masked values), got shape {tuple(v.shape)}")
+    _check_writable(params)
+    _RESTORE(backend, params[0].device)(params, backup)

@@ -1,0 +1,41 @@
+"""Shared test helpers: odd sizes, random tensors per dtype, small models."""
+
+import torch
+from torch import nn
+
+ODD_SIZES = [1, 3, 4095, 10**6 + 3]
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+def rand(shape, dtype=torch.float32, generator=None, device="cpu"):
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def rand_mask(shape, density=0.5, generator=None, device="cpu"):
+    return (torch.rand(shape, generator=generator) < density).to(device)
+
+
+class MLP(nn.Module):
+    def __init__(self, din=10, hidden=16, dout=4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(din, hidden), nn.Tanh(), nn.Linear(hidden, dout))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SmallConvBN(nn.Module):
+    """conv + BN + linear: the shape of the paper's nets, small enough for a loop oracle."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def regression_batch(generator, n=8, din=10, dout=4):
+    return torch.randn(n, din, generator=generator), torch.randn(n, dout, generator=generator)

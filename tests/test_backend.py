@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ssam_kernels
+from ssam_kernels import BackendUnavailableError, grad_norm
+from ssam_kernels._backend import OpBackends
+
+pytestmark = pytest.mark.cpu
+
+
+def test_auto_and_torch_agree():
+    t = [torch.randn(10)]
+    assert torch.equal(grad_norm(t, backend="auto"), grad_norm(t, backend="torch"))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        grad_norm([torch.ones(3)], backend="cuda")
+
+
+def test_env_override_is_strict(monkeypatch):
+    op = OpBackends("demo")
+    op.register("torch", lambda: "torch")
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
+    assert op.resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("SSAM_BACKEND", "ext")
+    with pytest.raises(BackendUnavailableError, match="SSAM_BACKEND='ext'.*no 'ext' implementation"):
+        op.resolve("auto", torch.device("cpu"))
+    monkeypatch.setenv("SSAM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SSAM_BACKEND='bogus'"):
+        op.resolve("auto", torch.device("cpu"))
+    # an explicit backend= wins over the environment
+    assert op.resolve("torch", torch.device("cpu")) == "torch"
+
+
+def test_auto_prefers_registered_fast_backend_on_its_device(monkeypatch):
+    op = OpBackends("demo")
+    op.register("torch", lambda: "torch")
+    op.register("triton", lambda: "triton", devices=("cuda",))
+    monkeypatch.setattr(ssam_kernels._backend, "_runtime_available", lambda b: True)
+    assert op.resolve("auto", torch.device("cuda")) == "triton"
+    assert op.resolve("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(BackendUnavailableError, match="does not run on cpu"):
+        op.resolve("triton", torch.device("cpu"))
+
+
+def test_backend_info_lists_every_op():
+    info = ssam_kernels.backend_info()
+    expected = {"grad_norm", "perturb_", "restore_", "nm_mask", "topk_mask", "compress_24", "decompress_24"}
+    assert expected <= set(info["ops"])
+    assert all(v["auto"] == "torch" for v in info["ops"].values())
+    assert info["extension"] is (info["extension_error"] is None)
+
+
+def test_import_never_needs_triton_or_extension():
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['ssam_kernels._C'] = None\n"
+        "import ssam_kernels, ssam, torch\n"
+        "print(ssam_kernels.grad_norm([torch.ones(4)]).item())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2.0"

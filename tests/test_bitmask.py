@@ -1,0 +1,47 @@
+import pytest
+import torch
+from helpers import ODD_SIZES, rand_mask
+
+from ssam_kernels import BitMask, pack_mask, packed_nbytes, unpack_mask
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.mark.parametrize("numel", [0] + ODD_SIZES + [8, 16])
+def test_round_trip_odd_sizes(numel, gen):
+    mask = rand_mask((numel,), generator=gen)
+    packed = pack_mask(mask)
+    assert packed.bits.dtype == torch.uint8
+    assert packed.bits.numel() == packed_nbytes(numel) == (numel + 7) // 8
+    assert torch.equal(unpack_mask(packed), mask)
+    assert int(packed.count()) == int(mask.sum())
+
+
+def test_round_trip_keeps_shape(gen):
+    mask = rand_mask((3, 5, 7), generator=gen)
+    packed = pack_mask(mask)
+    assert packed.shape == mask.shape
+    assert torch.equal(packed.to_bool(), mask)
+
+
+def test_bit_order_is_lsb_first_row_major():
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 0] = mask[0, 3] = mask[1, 3] = True  # flat indices 0, 3, 9
+    bits = pack_mask(mask).bits
+    assert bits.tolist() == [0b0000_1001, 0b0000_0010]
+
+
+def test_padding_bits_are_zero():
+    bits = pack_mask(torch.ones(11, dtype=torch.bool)).bits
+    assert bits.tolist() == [0xFF, 0b0000_0111]
+
+
+def test_rejects_bad_input():
+    with pytest.raises(TypeError, match="bool tensor"):
+        pack_mask(torch.ones(3))
+    with pytest.raises(TypeError, match="BitMask"):
+        unpack_mask(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="uint8"):
+        BitMask(torch.zeros(1, dtype=torch.int32), torch.Size([3]))
+    with pytest.raises(ValueError, match="needs 2"):
+        BitMask(torch.zeros(1, dtype=torch.uint8), torch.Size([9]))

@@ -1,0 +1,79 @@
+import pytest
+import torch
+from torch.sparse._semi_structured_conversions import (
+    sparse_semi_structured_from_dense_cutlass as torch_compress,
+    sparse_semi_structured_to_dense_cutlass as torch_decompress,
+)
+
+from ssam_kernels import compress_24, decompress_24, nm_mask
+
+pytestmark = pytest.mark.cpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+SHAPES = [(32, 32), (64, 96), (96, 64), (160, 256)]
+
+
+def _sparse_24(rows, cols, dtype, gen, max_nonzeros=2):
+    """Every group of 4 gets 0..max_nonzeros nonzeros at random positions."""
+    x = torch.randn(rows, cols, generator=gen).to(dtype)
+    x[x == 0] = 1  # so "zero" only ever means "pruned"
+    order = torch.rand(rows, cols // 4, 4, generator=gen).argsort(-1)
+    count = torch.randint(0, max_nonzeros + 1, (rows, cols // 4, 1), generator=gen)
+    return (x.view(rows, cols // 4, 4) * (order < count)).view(rows, cols)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_equals_torch_cutlass_reference(dtype, shape, gen):
+    x = _sparse_24(*shape, dtype, gen)
+    values, meta = compress_24(x)
+    ref_values, ref_meta = torch_compress(x)
+    assert values.dtype == dtype and meta.dtype == torch.int16
+    assert torch.equal(values, ref_values)
+    assert torch.equal(meta, ref_meta)
+    assert torch.equal(decompress_24(values, meta), x)
+    assert torch.equal(torch_decompress(values, meta), x)
+
+
+def test_every_nonzero_pattern():
+    # all 11 patterns with <= 2 nonzeros, cycled over a 32x32 matrix
+    patterns = [p for p in range(16) if bin(p).count("1") <= 2]
+    groups = torch.tensor([[(p >> i) & 1 for i in range(4)] for p in patterns], dtype=torch.float16)
+    x = groups[torch.arange(32 * 8) % len(patterns)].view(32, 32) * 3
+    values, meta = compress_24(x)
+    ref_values, ref_meta = torch_compress(x)
+    assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
+    assert torch.equal(decompress_24(values, meta), x)
+
+
+def test_from_nm_mask(gen):
+    w = torch.randn(64, 128, generator=gen).to(torch.bfloat16)
+    x = w * nm_mask(w, 2, 4)
+    values, meta = compress_24(x)
+    assert torch.equal(values, torch_compress(x)[0])
+    assert torch.equal(decompress_24(values, meta), x)
+
+
+def test_empty_rows():
+    values, meta = compress_24(torch.zeros(0, 64, dtype=torch.float16))
+    assert values.shape == (0, 32) and meta.shape == (0, 4)
+
+
+def test_errors(gen):
+    with pytest.raises(TypeError, match="dtype"):
+        compress_24(torch.zeros(32, 32))
+    with pytest.raises(ValueError, match="2-D"):
+        compress_24(torch.zeros(32, 32, 1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="rows % 32"):
+        compress_24(torch.zeros(33, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="cols % 32"):
+        compress_24(torch.zeros(32, 48, dtype=torch.float16))
+    dense = _sparse_24(32, 32, torch.float16, gen)
+    dense[5, 8:11] = 1.0  # three nonzeros in group 2 of row 5
+    with pytest.raises(ValueError, match="row 5, group 2"):
+        compress_24(dense)
+    values, meta = compress_24(_sparse_24(32, 64, torch.float16, gen))
+    with pytest.raises(ValueError, match="meta has shape"):
+        decompress_24(values, meta[:, :2])
+    with pytest.raises(TypeError, match="int16"):
+        decompress_24(values, meta.int())

@@ -1,0 +1,59 @@
+import pytest
+import torch
+from helpers import LOW_PRECISION, ODD_SIZES, rand, rand_mask
+
+from ssam_kernels import grad_norm, pack_mask
+
+pytestmark = pytest.mark.cpu
+
+
+def _ref(tensors, masks=None):
+    masks = masks or [None] * len(tensors)
+    parts = [(t.double() if m is None else t.double() * m).reshape(-1) for t, m in zip(tensors, masks)]
+    return torch.cat(parts).norm()
+
+
+@pytest.mark.parametrize("numel", ODD_SIZES)
+def test_odd_sizes_fp32(numel, gen):
+    t = rand((numel,), generator=gen)
+    torch.testing.assert_close(grad_norm([t]).double(), _ref([t]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_accumulates_in_fp32(dtype, gen):
+    # 10**6 fp16 squares would overflow / lose everything if accumulated in fp16
+    t = (rand((10**6 + 3,), generator=gen) * 30).to(dtype)
+    out = grad_norm([t])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _ref([t]), rtol=1e-6, atol=0)
+
+
+def test_many_tensors_with_masks_and_empty(gen):
+    shapes = [(0,), (1,), (3, 5), (7, 1, 3), (4095,), (64, 33)]
+    ts = [rand(s, generator=gen) for s in shapes]
+    ms = [rand_mask(s, generator=gen) for s in shapes]
+    mixed = [ms[0], None, pack_mask(ms[2]), ms[3], pack_mask(ms[4]), ms[5]]
+    expected = _ref(ts, [ms[0], None, ms[2], ms[3], ms[4], ms[5]])
+    out = grad_norm(ts, mixed)
+    assert out.dim() == 0
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_all_masked_out_is_zero(gen):
+    t = rand((9,), generator=gen)
+    assert grad_norm([t], [torch.zeros(9, dtype=torch.bool)]).item() == 0.0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="empty"):
+        grad_norm([])
+    with pytest.raises(TypeError, match="list or tuple"):
+        grad_norm(torch.ones(3))
+    with pytest.raises(TypeError, match="floating"):
+        grad_norm([torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="shape"):
+        grad_norm([torch.ones(3)], [torch.ones(4, dtype=torch.bool)])
+    with pytest.raises(TypeError, match="bool tensor"):
+        grad_norm([torch.ones(3)], [torch.ones(3)])
+    with pytest.raises(ValueError, match="entries"):
+        grad_norm([torch.ones(3)], [None, None])

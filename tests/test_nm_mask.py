@@ -1,0 +1,81 @@
+import itertools
+
+import pytest
+import torch
+from helpers import rand
+
+from ssam_kernels import nm_mask
+
+pytestmark = pytest.mark.cpu
+
+
+def _brute_force(row, n, m, magnitude=True):
+    """Per group: the n indices of largest value, ties to the lower index, NaN lowest."""
+    keep = []
+    for start in range(0, len(row), m):
+        group = row[start : start + m]
+        key = [(-float("inf") if v != v else (abs(v) if magnitude else v)) for v in group]
+        order = sorted(range(len(group)), key=lambda i: (-key[i], i))[:n]
+        keep += [i in order for i in range(len(group))]
+    return keep
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4), (1, 2)])
+@pytest.mark.parametrize("cols", [1, 3, 4, 7, 8, 33, 64])
+def test_against_brute_force(n, m, cols, gen):
+    scores = rand((5, cols), generator=gen)
+    out = nm_mask(scores, n, m)
+    assert out.dtype == torch.bool and out.shape == scores.shape
+    for r in range(5):
+        assert out[r].tolist() == _brute_force(scores[r].tolist(), n, m)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_exactly_n_per_full_group_large(n, m, gen):
+    scores = rand((257, 4096), generator=gen)
+    out = nm_mask(scores, n, m)
+    counts = out.view(257, -1, m).sum(-1)
+    assert bool((counts == n).all())
+    # the kept entries dominate the dropped ones in every group
+    mag = scores.abs().view(257, -1, m)
+    kept_min = torch.where(out.view_as(mag), mag, torch.inf).amin(-1)
+    dropped_max = torch.where(out.view_as(mag), -torch.inf, mag).amax(-1)
+    assert bool((kept_min >= dropped_max).all())
+
+
+def test_trailing_group_keeps_min_n_r():
+    out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0]]), 2, 4)
+    assert out.tolist() == [[False, False, True, True, True, True, False]]
+    out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0]]), 2, 4)
+    assert out[0, 4].item()  # a lone trailing element is kept (min(2, 1) = 1)
+
+
+def test_ties_keep_lower_index_and_nan_ranks_lowest():
+    s = torch.tensor([[1.0, 1.0, 1.0, 1.0, float("nan"), 0.0, float("nan"), -0.5]])
+    assert nm_mask(s, 2, 4).tolist() == [[True, True, False, False, False, True, False, True]]
+
+
+def test_magnitude_false_ranks_raw_values():
+    s = torch.tensor([[-9.0, 1.0, 2.0, -1.0]])
+    assert nm_mask(s, 2, 4).tolist() == [[True, False, True, False]]
+    assert nm_mask(s, 2, 4, magnitude=False).tolist() == [[False, True, True, False]]
+
+
+def test_higher_dims_and_dtypes(gen):
+    s = rand((2, 3, 8), generator=gen)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        out = nm_mask(s.to(dtype), 2, 4)
+        assert out.view(-1, 4).sum(-1).eq(2).all()
+    assert nm_mask(torch.zeros(0, 8), 2, 4).shape == (0, 8)
+
+
+def test_errors():
+    for n, m in [(4, 4), (0, 4), (5, 4)]:
+        with pytest.raises(ValueError, match="1 <= n < m"):
+            nm_mask(torch.ones(8), n, m)
+    with pytest.raises(TypeError, match="int"):
+        nm_mask(torch.ones(8), 2.0, 4)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        nm_mask(torch.tensor(1.0), 1, 2)
+    with pytest.raises(TypeError, match="floating"):
+        nm_mask(torch.ones(8, dtype=torch.int32), 2, 4)
