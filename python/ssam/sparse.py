@@ -8,7 +8,7 @@ import logging
 import torch
 
 import ssam_kernels
-from ssam_kernels import BitMask, keep_count, pack_mask
+from ssam_kernels import BitMask, keep_count, pack_mask, packed_nbytes
 
 from .sam import SAM
 from .structure import Structure, parse_structure, resolve_sparsity
@@ -55,8 +55,9 @@ def log_message(logger, message: str) -> None:
 class SparseSAM(SAM):
     """SAM whose perturbation is ``e * m`` for a binary mask ``m`` per parameter.
 
-    The mask lives in ``self.state[p]["mask"]`` as packed bits (uint8, 1 bit per element; see
-    :class:`ssam_kernels.BitMask`). ``norm="masked"`` normalises by ``||g * m||`` instead of
+    Masks are kept as packed bits (uint8, 1 bit per element; see :class:`ssam_kernels.BitMask`),
+    outside ``self.state`` because ``torch.optim.Optimizer.load_state_dict`` casts state tensors
+    to the parameter's float dtype. ``norm="masked"`` normalises by ``||g * m||`` instead of
     ``||g||``.
     """
 
@@ -68,6 +69,7 @@ class SparseSAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **base_kwargs)
         self.norm = norm
         self.mask_updates = 0
+        self._mask_bits: dict[torch.Tensor, torch.Tensor] = {}
         self.generator = make_generator(seed, self._generator_device())
 
     def _generator_device(self) -> torch.device:
@@ -85,7 +87,7 @@ class SparseSAM(SAM):
         return keep_count(sum(p.numel() for p in self.params), 1.0 - self.sparsity)
 
     def _mask(self, p: torch.Tensor) -> BitMask:
-        return BitMask(self.state[p]["mask"], p.shape)
+        return BitMask(self._mask_bits[p], p.shape)
 
     def _norm_masked(self) -> bool:
         return self.norm == "masked"
@@ -95,8 +97,7 @@ class SparseSAM(SAM):
         for p, m in zip(self.params, masks):
             if m.shape != p.shape or m.dtype != torch.bool:
                 raise ValueError(f"mask of shape {tuple(m.shape)} / {m.dtype} for a parameter of shape {tuple(p.shape)}")
-        for p, m in zip(self.params, masks):
-            self.state[p]["mask"] = pack_mask(m.to(p.device)).bits
+        self._mask_bits = {p: pack_mask(m.to(p.device)).bits for p, m in zip(self.params, masks)}
 
     def get_mask(self, p: torch.Tensor) -> torch.Tensor:
         """The mask of parameter ``p`` as a bool tensor shaped like ``p``."""
@@ -126,9 +127,20 @@ class SparseSAM(SAM):
         log_message(logger, f"Update Mask! Mask Lived Weight: {self.mask_density():.4f}")
 
     def _extra_state(self) -> dict:
-        return {"mask_updates": self.mask_updates, "generator": self.generator.get_state()}
+        return {
+            "masks": [self._mask_bits[p] for p in self.params],
+            "mask_updates": self.mask_updates,
+            "generator": self.generator.get_state(),
+        }
 
     def _load_extra_state(self, state: dict) -> None:
-        self.mask_updates = int(state.get("mask_updates", 0))
-        if "generator" in state:
-            self.generator.set_state(state["generator"].cpu())
+        masks = state.get("masks")
+        params = self.params
+        if not isinstance(masks, list) or len(masks) != len(params):
+            raise ValueError(f"state_dict holds no masks for this optimizer's {len(params)} parameters")
+        for i, (p, bits) in enumerate(zip(params, masks)):
+            if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != packed_nbytes(p.numel()):
+                raise ValueError(f"state_dict mask {i} does not fit a parameter of shape {tuple(p.shape)}")
+        self._mask_bits = {p: bits.to(p.device).contiguous() for p, bits in zip(params, masks)}
+        self.mask_updates = int(state["mask_updates"])
+        self.generator.set_state(state["generator"].cpu())

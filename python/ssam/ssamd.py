@@ -157,7 +157,8 @@ class SSAMD(SparseSAM):
 
     def _update_tensors(self, masks, drop_scores, grow_scores, rate) -> list[torch.Tensor]:
         """Whole tensors: drop the live tensors of lowest mean drop score (up to the drop
-        budget), then grow the free tensors of highest mean growth score into the budget."""
+        budget), grow the free tensors of highest mean growth score into the budget, then (if
+        none of those fits) re-admit dropped tensors, best drop score first."""
         sizes = [m.numel() for m in masks]
         live = [i for i, m in enumerate(masks) if m.numel() and bool(m.all())]
         budget = int(rate * sum(sizes[i] for i in live))
@@ -167,6 +168,7 @@ class SSAMD(SparseSAM):
         free = [i for i in range(len(masks)) if i not in live and sizes[i]]
         grow_mean = {i: float(grow_scores[i].float().mean()) for i in free}
         chosen = tensor_select(sorted(free, key=lambda i: -grow_mean[i]), sizes, self._keep(), kept)
+        chosen = tensor_select(sorted(dropped, key=lambda i: -drop_mean[i]), sizes, self._keep(), chosen)
         return [torch.full(m.shape, i in chosen, dtype=torch.bool, device=m.device) for i, m in enumerate(masks)]
 
     # --- official calling convention ---------------------------------------------------------

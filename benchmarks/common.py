@@ -1,0 +1,82 @@
+"""What every benchmark shares: run metadata (device, versions, commit, date) and result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+import ssam_kernels
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_facts(device: torch.device) -> dict:
+    """Name, driver, clocks and memory of a CUDA device from nvidia-ml-py; the CPU otherwise."""
+    if device.type != "cuda":
+        return {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "kind": "cpu"}
+    facts = {"device": torch.cuda.get_device_name(device), "kind": "cuda",
+             "capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        facts.update(
+            driver=pynvml.nvmlSystemGetDriverVersion(),
+            sm_clock_max_mhz=pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            mem_clock_max_mhz=pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            memory_gib=round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30, 1),
+        )
+    except Exception as exc:  # no NVML: say so rather than guess
+        facts["nvml_error"] = str(exc)
+    return facts
+
+
+def run_metadata(device: torch.device) -> dict:
+    return {
+        **device_facts(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": ssam_kernels.backend_info()["triton"],
+        "ssam_kernels": ssam_kernels.__version__,
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec). Missing values print as '-'."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = [
+        "| " + " | ".join("-" if r.get(k) is None else format(r[k], f) for k, _, f in columns) + " |" for r in rows
+    ]
+    return "\n".join([head, rule, *body])
+
+
+def write_results(name: str, meta: dict, rows: list[dict], markdown: str, out_dir: str = RESULTS) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    md_path = os.path.join(out_dir, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(markdown + "\n")
+    return json_path, md_path

@@ -1,0 +1,176 @@
+"""Bad input gets a clear ValueError/TypeError naming what is wrong, before anything changes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import MLP, regression_batch
+
+import ssam
+from ssam_kernels import nm_mask, perturb_
+
+pytestmark = pytest.mark.cpu
+
+SGD = torch.optim.SGD
+
+
+def _params():
+    return list(MLP().parameters())
+
+
+def _ssamf(**kw):
+    args = dict(rho=0.05, sparsity=0.5, num_samples=4, update_freq=1, lr=0.1)
+    args.update(kw)
+    return ssam.SSAMF(_params(), SGD, **args)
+
+
+def _ssamd(**kw):
+    args = dict(rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, lr=0.1)
+    args.update(kw)
+    return ssam.SSAMD(_params(), SGD, **args)
+
+
+@pytest.mark.parametrize("make", [_ssamf, _ssamd])
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_sparsity_outside_unit_interval(make, sparsity):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        make(sparsity=sparsity)
+
+
+@pytest.mark.parametrize("make", [_ssamf, _ssamd])
+def test_sparsity_type_and_nm_conflict(make):
+    with pytest.raises(TypeError, match="sparsity must be a real number"):
+        make(sparsity="0.5")
+    with pytest.raises(ValueError, match="implies sparsity 0.75"):
+        make(structure="1:4", sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity is required"):
+        make(sparsity=None)
+
+
+@pytest.mark.parametrize("rho", [-0.01, float("nan"), float("inf")])
+def test_bad_rho(rho):
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        ssam.SAM(_params(), SGD, rho=rho, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        _ssamf(rho=rho)
+
+
+def test_rho_type():
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        ssam.SAM(_params(), SGD, rho="0.1", lr=0.1)
+
+
+@pytest.mark.parametrize("make", [_ssamf, _ssamd])
+@pytest.mark.parametrize("structure", ["2-4", "dense", "4:4", "0:4", "5:4", "a:b"])
+def test_unknown_structure_and_bad_nm(make, structure):
+    with pytest.raises(ValueError, match="structure|1 <= n < m"):
+        make(structure=structure)
+
+
+def test_structure_type():
+    with pytest.raises(TypeError, match="structure must be a string"):
+        _ssamf(structure=24)
+
+
+@pytest.mark.parametrize("field", ["drop_strategy", "growth_strategy"])
+def test_unknown_strategy(field):
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        _ssamd(**{field: "magnitude"})
+
+
+def test_ssamd_schedule_arguments():
+    with pytest.raises(ValueError, match="drop_rate must be in"):
+        _ssamd(drop_rate=1.5)
+    with pytest.raises(ValueError, match="T_end is required"):
+        _ssamd(T_end=None)
+    with pytest.raises(ValueError, match="T_end must be greater"):
+        _ssamd(T_start=5, T_end=5)
+
+
+def test_counts_and_norm():
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        _ssamf(num_samples=0)
+    with pytest.raises(TypeError, match="update_freq must be an int"):
+        _ssamf(update_freq=1.5)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        _ssamf(norm="l1")
+
+
+def test_nm_mask_n_m():
+    with pytest.raises(ValueError, match="1 <= n < m"):
+        nm_mask(torch.ones(4, 8), 4, 4)
+    with pytest.raises(ValueError, match="1 <= n < m"):
+        nm_mask(torch.ones(4, 8), 0, 4)
+
+
+def test_mask_param_shape_mismatch():
+    with torch.no_grad(), pytest.raises(ValueError, match=r"masks\[0\] has shape \(3,\), params\[0\] has \(4,\)"):
+        perturb_([torch.zeros(4)], [torch.zeros(4)], [torch.ones(3, dtype=torch.bool)], 1.0)
+
+
+def test_params_with_no_grad(gen):
+    model = MLP()
+    opt = ssam.SAM(model.parameters(), SGD, rho=0.05, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        opt.first_step()
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        opt.step(lambda: None)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_missing_or_bad_closure(gen):
+    model = MLP()
+    x, y = regression_batch(gen)
+    for opt in (ssam.SAM(model.parameters(), SGD, rho=0.05, lr=0.1),):
+        F.mse_loss(model(x), y).backward()
+        with pytest.raises(ValueError, match="needs a closure"):
+            opt.step()
+        with pytest.raises(TypeError, match="closure must be callable"):
+            opt.step(3)
+    opt = ssam.SSAMD(model.parameters(), SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=3, lr=0.1)
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step(epoch=0, batch_idx=0)
+
+
+def test_official_convention_partial_arguments(gen):
+    model = MLP()
+    x, y = regression_batch(gen)
+    opt = ssam.SSAMF(model.parameters(), SGD, rho=0.05, sparsity=0.5, num_samples=4, update_freq=1, lr=0.1)
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match="needs all of model, epoch, batch_idx and train_data"):
+        opt.step(lambda: None, model=model, epoch=0)
+    opt_d = ssam.SSAMD(model.parameters(), SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=3, lr=0.1)
+    with pytest.raises(ValueError, match="both epoch and batch_idx"):
+        opt_d.step(lambda: None, epoch=0)
+    with pytest.raises(TypeError, match="epoch must be an int"):
+        opt_d.step(lambda: None, epoch="0", batch_idx=0)
+
+
+def test_base_optimizer_mismatches():
+    params = _params()
+    with pytest.raises(TypeError, match="base_optimizer must be"):
+        ssam.SAM(params, "sgd", lr=0.1)
+    with pytest.raises(TypeError, match="nowhere to go"):
+        ssam.SAM(params, SGD(params, lr=0.1), lr=0.1)
+    with pytest.raises(ValueError, match="same parameters"):
+        ssam.SAM(params, SGD(_params(), lr=0.1))
+    with pytest.raises(ValueError, match="params is empty"):
+        ssam.SAM([], SGD, lr=0.1)
+
+
+def test_step_order_misuse(gen):
+    model = MLP()
+    opt = ssam.SAM(model.parameters(), SGD, rho=0.05, lr=0.1)
+    with pytest.raises(RuntimeError, match="without a preceding first_step"):
+        opt.second_step()
+    x, y = regression_batch(gen)
+    F.mse_loss(model(x), y).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.first_step()
+
+
+def test_get_mask_of_foreign_parameter():
+    opt = _ssamd()
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.get_mask(torch.nn.Parameter(torch.ones(3)))

@@ -1,0 +1,25 @@
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_flops  # noqa: E402
+
+pytestmark = pytest.mark.cpu
+
+
+def test_counts_sam_twice_sgd_and_writes_table(tmp_path):
+    assert bench_flops.main(["--quick", "--models", "vit_tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "flops.json").read_text())
+    rows = {(r["opt"], r["sparsity"]): r for r in data["rows"]}
+    assert rows[("sam", 0.0)]["ratio"] == pytest.approx(2.0, abs=1e-9)
+    for s in (0.5, 0.99):
+        row = rows[("ssam (reference, dense ascent)", s)]
+        assert row["ratio"] == pytest.approx(2.0, abs=1e-9)  # dense ascent backward: SAM's FLOPs
+        assert row["paper"] == bench_flops.PAPER_SSAM[s]
+        f = row["forward_fraction"]
+        assert 0.25 < f < 0.4 and row["paper_model"] == pytest.approx(1 + f + (1 - s) * (1 - f))
+    assert "counted on CPU" in data["meta"]["note"] and data["meta"]["kind"] == "cpu"
+    assert "| vit_tiny |" in (tmp_path / "flops.md").read_text()

@@ -1,0 +1,185 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import MLP, regression_batch
+
+import ssam
+
+pytestmark = pytest.mark.cpu
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return MLP()
+
+
+def _closure(model, x, y):
+    def closure():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _sam_steps(opt, model, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step(_closure(model, x, y))
+
+
+def _reference_sam(model, batches, rho, lr, momentum, adaptive=False):
+    """SAM written out by hand: e = rho g / (||g|| + 1e-7) (ASAM: w^2 g / ||w g||), gradient at
+    w + e, back to exactly w, SGD with momentum."""
+    params = list(model.parameters())
+    buf = [None] * len(params)
+    for x, y in batches:
+        grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
+        with torch.no_grad():
+            if adaptive:
+                norm = torch.cat([(p.abs() * g).reshape(-1) for p, g in zip(params, grads)]).norm()
+                es = [p * p * g * (rho / (norm + 1e-7)) for p, g in zip(params, grads)]
+            else:
+                norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+                es = [g * (rho / (norm + 1e-7)) for g in grads]
+            saved = [p.clone() for p in params]
+            for p, e in zip(params, es):
+                p.add_(e)
+        grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
+        with torch.no_grad():
+            for i, (p, s, g) in enumerate(zip(params, saved, grads)):
+                p.copy_(s)
+                buf[i] = g.clone() if buf[i] is None else buf[i].mul_(momentum).add_(g)
+                p.add_(buf[i], alpha=-lr)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_matches_hand_written_reference(adaptive, gen):
+    batches = [regression_batch(gen) for _ in range(5)]
+    model, ref = _model(), _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.1, momentum=0.9)
+    _sam_steps(opt, model, batches)
+    _reference_sam(ref, batches, rho=0.1, lr=0.1, momentum=0.9, adaptive=adaptive)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # and SAM really moved away from plain SGD
+    sgd = _model()
+    base = torch.optim.SGD(sgd.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches:
+        base.zero_grad()
+        F.mse_loss(sgd(x), y).backward()
+        base.step()
+    assert not torch.allclose(next(model.parameters()), next(sgd.parameters()))
+
+
+def test_rho_zero_is_exactly_the_base_optimizer(gen):
+    batches = [regression_batch(gen) for _ in range(6)]
+    model, plain = _model(), _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    _sam_steps(opt, model, batches)
+    base = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    for x, y in batches:
+        base.zero_grad()
+        F.mse_loss(plain(x), y).backward()
+        base.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_instance_and_class_constructions_agree(gen):
+    batches = [regression_batch(gen) for _ in range(4)]
+    a, b = _model(), _model()
+    opt_a = ssam.SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    base_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    opt_b = ssam.SAM(b.parameters(), base_b, rho=0.05)
+    assert opt_b.param_groups is base_b.param_groups
+    _sam_steps(opt_a, a, batches)
+    _sam_steps(opt_b, b, batches)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_two_step_api_restores_exactly(gen):
+    model = _model()
+    x, y = regression_batch(gen)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(next(model.parameters()), before[0])
+    F.mse_loss(model(x), y).backward()
+    opt.second_step()  # lr = 0: weights must be bit-identical again
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_failed_closure_leaves_weights_untouched(gen):
+    model = _model()
+    x, y = regression_batch(gen)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    F.mse_loss(model(x), y).backward()
+
+    def broken():
+        raise FloatingPointError("boom")
+
+    with pytest.raises(FloatingPointError):
+        opt.step(broken)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # and the optimizer is usable again
+    F.mse_loss(model(x), y).backward()
+    opt.step(_closure(model, x, y))
+
+
+def test_params_without_grad_are_skipped_and_per_group_rho(gen):
+    model = _model()
+    frozen = model.net[0].bias
+    groups = [{"params": [model.net[0].weight, frozen], "rho": 0.0}, {"params": list(model.net[2].parameters())}]
+    opt = ssam.SAM(groups, torch.optim.SGD, rho=0.3, lr=0.1)
+    assert [g["rho"] for g in opt.param_groups] == [0.0, 0.3]
+    x, y = regression_batch(gen)
+    frozen.requires_grad_(False)
+    w0 = model.net[0].weight.detach().clone()
+    F.mse_loss(model(x), y).backward()
+    opt.first_step()
+    assert torch.equal(model.net[0].weight, w0)  # rho 0 in its group
+    opt.second_step()
+
+
+def test_scheduler_drives_shared_param_groups(gen):
+    model = _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _sam_steps(opt, model, [regression_batch(gen)])
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_official_keywords_are_accepted(gen):
+    model = _model()
+    x, y = regression_batch(gen)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    F.mse_loss(model(x), y).backward()
+    loss = opt.step(_closure(model, x, y), model=model, epoch=0, batch_idx=0, train_data=None, logger=None, step=0)
+    assert loss.dim() == 0
+
+
+def test_state_dict_round_trip(gen):
+    batches = [regression_batch(gen) for _ in range(6)]
+    a = _model()
+    opt_a = ssam.SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    _sam_steps(opt_a, a, batches[:3])
+    saved_model, saved_opt = copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    _sam_steps(opt_a, a, batches[3:])
+    b = _model(seed=1)
+    b.load_state_dict(saved_model)
+    opt_b = ssam.SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt_b.load_state_dict(saved_opt)
+    assert opt_b.param_groups is opt_b.base_optimizer.param_groups
+    _sam_steps(opt_b, b, batches[3:])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

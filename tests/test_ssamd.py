@@ -1,0 +1,172 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import MLP, regression_batch
+
+import ssam
+
+pytestmark = pytest.mark.cpu
+
+
+def _setup(structure="unstructured", sparsity=0.6, drop_rate=0.5, **kw):
+    torch.manual_seed(0)
+    model = MLP(din=12, hidden=16, dout=4)
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=sparsity, drop_rate=drop_rate,
+                     T_end=10, structure=structure, lr=0.05, seed=3, **kw)
+    return model, opt
+
+
+def _backward(model, gen):
+    x, y = regression_batch(gen, din=12)
+    model.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    return x, y
+
+
+def _flat_masks(opt):
+    return torch.cat([m.reshape(-1) for m in opt.masks()])
+
+
+def test_cosine_schedule():
+    for t in [0, 1, 2.5, 7, 10]:
+        assert ssam.cosine_death_rate(t, 0.5, 0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * t / 10)) / 2)
+    assert ssam.cosine_death_rate(15, 0.5, 0, 10) == 0.0  # clamped after T_end
+    assert ssam.cosine_death_rate(-1, 0.5, 0, 10) == 0.5
+    assert ssam.cosine_death_rate(3, 0.8, 2, 6) == pytest.approx(0.8 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.6, 0.99])
+def test_density_is_exact_and_constant(sparsity, gen):
+    model, opt = _setup(sparsity=sparsity)
+    total = sum(p.numel() for p in model.parameters())
+    k = int((1 - sparsity) * total)
+    assert int(_flat_masks(opt).sum()) == k
+    for epoch in range(6):
+        _backward(model, gen)
+        opt.update_mask(epoch)
+        assert int(_flat_masks(opt).sum()) == k
+
+
+def test_drops_lowest_gradient_entries_and_grows_only_among_unmasked(gen):
+    model, opt = _setup(drop_rate=0.5)
+    _backward(model, gen)
+    old = _flat_masks(opt)
+    score = torch.cat([p.grad.abs().reshape(-1) for p in model.parameters()])
+    live = int(old.sum())
+    drop = int(opt.death_rate(0) * live)
+    opt.update_mask(0)
+    new = _flat_masks(opt)
+    dropped = old & ~new
+    grown = new & ~old
+    assert int(dropped.sum()) == drop == int(grown.sum()) > 0
+    # the dropped entries are exactly the `drop` masked entries of lowest |grad|
+    survivors = old & new
+    assert score[dropped].max() <= score[survivors].min()
+    assert not bool((grown & old).any())
+
+
+def test_growth_by_gradient_takes_the_largest_unmasked(gen):
+    model, opt = _setup(growth_strategy="gradient", drop_strategy="weight")
+    _backward(model, gen)
+    old = _flat_masks(opt)
+    opt.update_mask(2)
+    new = _flat_masks(opt)
+    score = torch.cat([p.grad.abs().reshape(-1) for p in model.parameters()])
+    grown = new & ~old
+    not_grown = ~old & ~new
+    assert score[grown].min() >= score[not_grown].max()
+
+
+def test_zero_drop_rate_keeps_the_mask(gen):
+    model, opt = _setup(drop_rate=0.0)
+    _backward(model, gen)
+    old = _flat_masks(opt)
+    opt.update_mask(0)
+    assert torch.equal(old, _flat_masks(opt))
+
+
+@pytest.mark.parametrize("structure", ["2:4", "1:4", "3:4"])
+def test_nm_structure_kept_through_updates(structure, gen):
+    n, m = map(int, structure.split(":"))
+    model, opt = _setup(structure=structure, sparsity=None, drop_rate=1.0)
+    for epoch in range(3):
+        _backward(model, gen)
+        before = opt.masks()
+        opt.update_mask(epoch)
+        for p, prev in zip(model.parameters(), opt.masks()):
+            rows = opt.get_mask(p).reshape(p.shape[0], -1) if p.dim() > 1 else opt.get_mask(p).reshape(1, -1)
+            full = rows[:, : rows.shape[1] // m * m].reshape(rows.shape[0], -1, m)
+            assert bool((full.sum(-1) == n).all())
+        changed = sum(int((a != b).sum()) for a, b in zip(before, opt.masks()))
+        assert changed > 0
+
+
+def test_tensor_structure(gen):
+    model, opt = _setup(structure="tensor", sparsity=0.5, drop_rate=1.0)
+    total = sum(p.numel() for p in model.parameters())
+    for epoch in range(3):
+        _backward(model, gen)
+        opt.update_mask(epoch)
+        for p in model.parameters():
+            mask = opt.get_mask(p)
+            assert bool(mask.all()) or not bool(mask.any())
+        assert 0 < int(_flat_masks(opt).sum()) <= int(0.5 * total)
+
+
+def test_official_step_updates_between_passes_from_the_first_gradient(gen):
+    model, opt = _setup(drop_rate=0.8)
+    x, y = _backward(model, gen)
+    first_grad = [p.grad.clone() for p in model.parameters()]
+    old_masks = opt.masks()
+    w = [p.detach().clone() for p in model.parameters()]
+    seen = {}
+
+    def closure():
+        # during the second pass the weights carry the perturbation of the OLD mask
+        seen["delta"] = [(p.detach() - wi) for p, wi in zip(model.parameters(), w)]
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, epoch=0, batch_idx=0, logger=None)
+    for d, m in zip(seen["delta"], old_masks):
+        assert not bool(d[~m].any())
+    # the new mask was scored with the gradient at w, not the one at w + e
+    score = torch.cat([g.abs().reshape(-1) for g in first_grad])
+    old, new = torch.cat([m.reshape(-1) for m in old_masks]), _flat_masks(opt)
+    assert score[old & ~new].max() <= score[old & new].min()
+    assert opt.mask_updates == 1
+
+
+def test_official_step_no_update_off_schedule(gen):
+    model, opt = _setup(update_freq=2)
+    x, y = _backward(model, gen)
+    old = _flat_masks(opt)
+
+    def closure():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, epoch=1, batch_idx=0)
+    _backward(model, gen)
+    opt.step(closure, epoch=2, batch_idx=3)
+    assert torch.equal(old, _flat_masks(opt)) and opt.mask_updates == 0
+
+
+def test_seed_reproducible_and_different_seeds_differ():
+    _, a = _setup()
+    _, b = _setup()
+    assert torch.equal(_flat_masks(a), _flat_masks(b))
+    torch.manual_seed(0)
+    model = MLP(din=12, hidden=16, dout=4)
+    c = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.6, drop_rate=0.5, T_end=10, lr=0.1, seed=4)
+    assert not torch.equal(_flat_masks(a), _flat_masks(c))
+
+
+def test_gradient_strategy_needs_gradients():
+    model, opt = _setup()
+    with pytest.raises(ValueError, match="needs gradients"):
+        opt.update_mask(0)

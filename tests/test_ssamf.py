@@ -1,0 +1,152 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import SmallConvBN
+
+import ssam
+from ssam.fisher import empirical_fisher
+from ssam_kernels import packed_nbytes
+
+pytestmark = pytest.mark.cpu
+
+
+def _setup(gen, structure="unstructured", sparsity=0.5, norm="full", n=40):
+    torch.manual_seed(0)
+    model = SmallConvBN()
+    x, y = torch.randn(n, 2, 4, 4, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=sparsity, num_samples=16,
+                     update_freq=2, structure=structure, norm=norm, lr=0.05, momentum=0.9, seed=1)
+    return model, opt, torch.utils.data.TensorDataset(x, y)
+
+
+def _closure(model, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+def test_mask_is_global_topk_of_fisher_with_exact_count(sparsity, gen):
+    model, opt, data = _setup(gen, sparsity=sparsity)
+    assert opt.mask_density() == 0.0  # empty until the first update, as in the official code
+    opt.update_mask(model, [data.tensors])
+    params = list(model.parameters())
+    fisher = torch.cat([f.reshape(-1) for f in empirical_fisher(model, params, [data.tensors], 16)])
+    masks = torch.cat([opt.get_mask(p).reshape(-1) for p in params])
+    k = int((1 - sparsity) * fisher.numel())
+    assert int(masks.sum()) == k
+    if 0 < k < fisher.numel():
+        assert fisher[masks].min() >= fisher[~masks].max()
+    assert opt.mask_density() == k / fisher.numel()
+
+
+def test_masks_and_backup_are_compact(gen):
+    model, opt, data = _setup(gen)
+    opt.update_mask(model, data)
+    for p in model.parameters():
+        assert not opt.state[p]  # no float copies of anything
+        bits = opt._mask_bits[p]
+        assert bits.dtype == torch.uint8 and bits.numel() == packed_nbytes(p.numel())
+    x, y = data.tensors
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    saved = sum(b.nbytes() for _, b in opt._pending)
+    assert saved == 4 * sum(int(opt.get_mask(p).sum()) for p in model.parameters())
+    opt.second_step()
+
+
+@pytest.mark.parametrize("norm", ["full", "masked"])
+def test_perturbation_formula(norm, gen):
+    model, opt, data = _setup(gen, norm=norm)
+    opt.update_mask(model, data)
+    x, y = data.tensors
+    F.cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    w = [p.detach().clone() for p in params]
+    g = [p.grad.clone() for p in params]
+    m = [opt.get_mask(p) for p in params]
+    gm = [gi * mi for gi, mi in zip(g, m)]
+    norm_of = gm if norm == "masked" else g
+    scale = 0.1 / (torch.cat([t.reshape(-1) for t in norm_of]).norm() + 1e-7)
+    opt.first_step()
+    for p, wi, gmi in zip(params, w, gm):
+        torch.testing.assert_close(p.detach(), wi + scale * gmi, rtol=1e-6, atol=1e-7)
+    opt.second_step()
+
+
+def test_nm_structure(gen):
+    model, opt, data = _setup(gen, structure="2:4", sparsity=None)
+    assert opt.sparsity == 0.5
+    opt.update_mask(model, data)
+    fisher = empirical_fisher(model, list(model.parameters()), data, 16, generator=torch.Generator().manual_seed(1))
+    for p, f in zip(model.parameters(), fisher):
+        mask = opt.get_mask(p)
+        rows = mask.reshape(p.shape[0], -1) if p.dim() > 1 else mask.reshape(1, -1)
+        full = rows[:, : rows.shape[1] // 4 * 4].reshape(rows.shape[0], -1, 4)
+        assert bool((full.sum(-1) == 2).all())
+    # conv weight: reduction dim 2*3*3 = 18 -> 4 full groups + a trailing pair (kept whole)
+    conv_rows = opt.get_mask(model.conv.weight).reshape(6, 18)
+    assert bool(conv_rows[:, 16:].all())
+    assert opt.mask_density() == sum(int(opt.get_mask(p).sum()) for p in model.parameters()) / sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_tensor_structure_selects_whole_tensors(gen):
+    model, opt, data = _setup(gen, structure="tensor", sparsity=0.3)
+    opt.update_mask(model, data)
+    params = list(model.parameters())
+    budget = int(0.7 * sum(p.numel() for p in params))
+    kept = 0
+    for p in params:
+        mask = opt.get_mask(p)
+        assert bool(mask.all()) or not bool(mask.any())
+        kept += int(mask.sum())
+    assert 0 < kept <= budget
+
+
+def test_official_step_convention_updates_after_the_step(gen):
+    model, opt, data = _setup(gen)
+    x, y = data.tensors[0][:8], data.tensors[1][:8]
+    messages = []
+    for epoch, batch_idx, expect_update in [(0, 0, True), (0, 1, False), (1, 0, False), (2, 0, True)]:
+        before = opt.mask_updates
+        density_before = opt.mask_density()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        w_before = model.fc.weight.detach().clone()
+        opt.step(_closure(model, x, y), model=model, epoch=epoch, batch_idx=batch_idx, train_data=data,
+                 logger=messages.append, step=0)
+        assert opt.mask_updates == before + expect_update
+        if epoch == 0 and batch_idx == 0:
+            # the first step ran with the empty mask: a plain SGD step (momentum buffer fresh)
+            assert density_before == 0.0
+        assert not torch.equal(model.fc.weight, w_before)
+    total = sum(p.numel() for p in model.parameters())
+    assert len(messages) == 2 and f"Mask Lived Weight: {int(0.5 * total) / total:.4f}" in messages[0]
+
+
+def test_warns_once_when_stepping_with_an_empty_mask(gen):
+    model, opt, data = _setup(gen)
+    x, y = data.tensors
+    with pytest.warns(UserWarning, match="mask is empty"):
+        F.cross_entropy(model(x), y).backward()
+        opt.step(_closure(model, x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(_closure(model, x, y))
+
+
+def test_update_mask_leaves_model_alone(gen):
+    model, opt, data = _setup(gen)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.update_mask(model, data)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

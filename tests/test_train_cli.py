@@ -1,0 +1,48 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ssam.train import main, parse_args
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.mark.parametrize("opt,extra", [("sgd", []), ("sam", []), ("ssamf", ["--structure", "2:4"]),
+                                       ("ssamd", ["--sparsity", "0.8"]), ("ssamd", ["--structure", "tensor"])])
+def test_one_epoch_each_optimizer(opt, extra, capsys):
+    assert main(["--opt", opt, "--epochs", "1", "--quiet", *extra]) == 0
+    out = capsys.readouterr().out
+    acc = float(re.search(r"test accuracy\s+([\d.]+)%", out).group(1))
+    assert 30.0 < acc <= 100.0  # one epoch on digits is far above chance (10%)
+    assert re.search(r"mean step time\s+[\d.]+ ms \(cpu\)", out)
+    density = re.search(r"mask density\s+(\S+)", out).group(1)
+    if opt == "ssamd" and extra == ["--sparsity", "0.8"]:
+        assert abs(float(density) - 0.2) < 1e-3
+    if opt == "sgd":
+        assert density == "-"
+
+
+def test_default_run_learns(capsys):
+    assert main(["--quiet"]) == 0  # the README's main job: SSAM-F, 10 epochs
+    out = capsys.readouterr().out
+    assert float(re.search(r"test accuracy\s+([\d.]+)%", out).group(1)) > 90.0
+    assert "ssamf" in out and re.search(r"mask density\s+0\.5000", out)
+
+
+def test_bad_arguments_exit_with_usage():
+    for argv in (["--structure", "2-4"], ["--opt", "adam"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2
+
+
+def test_inconsistent_sparsity_is_a_clean_error(capsys):
+    assert main(["--opt", "ssamf", "--structure", "1:4", "--sparsity", "0.5", "--epochs", "1", "--quiet"]) == 2
+    assert "implies sparsity 0.75" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "ssam.train", "--help"], capture_output=True, text=True, check=True)
+    assert "--structure" in out.stdout and "--sparsity" in out.stdout
