@@ -10,7 +10,6 @@ that passes ``backend="auto"``; it is as strict as passing ``backend=`` explicit
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -47,10 +46,20 @@ def triton_version() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def extension_error() -> str | None:
-    """None when ``ssam_kernels._C`` loads, else why it does not (never raises)."""
+    """None when ``ssam_kernels._C`` loads, else why it does not (never raises).
+
+    The library registers its ops with ``TORCH_LIBRARY`` and need not be a Python module, so
+    it is loaded with ``torch.ops.load_library`` (as torchao does), not imported.
+    """
     try:
-        importlib.import_module("ssam_kernels._C")
-    except Exception as exc:  # missing build, ABI mismatch, missing CUDA libraries...
+        spec = importlib.util.find_spec("ssam_kernels._C")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if spec is None or not spec.origin:
+        return "ssam_kernels._C was not built (see SSAM_BUILD_EXT in the README)"
+    try:
+        torch.ops.load_library(spec.origin)
+    except Exception as exc:  # ABI mismatch, missing CUDA libraries...
         return f"{type(exc).__name__}: {exc}"
     return None
 

@@ -63,3 +63,24 @@ def test_import_never_needs_triton_or_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2.0"
+
+
+def test_extension_loader_reports_why(monkeypatch):
+    from importlib.machinery import ModuleSpec
+
+    from ssam_kernels import _backend
+
+    _backend.extension_error.cache_clear()
+    try:
+        monkeypatch.setattr(_backend.importlib.util, "find_spec", lambda name: None)
+        assert "was not built" in _backend.extension_error()
+        _backend.extension_error.cache_clear()
+        spec = ModuleSpec("ssam_kernels._C", None, origin="/nonexistent/_C.so")
+        monkeypatch.setattr(_backend.importlib.util, "find_spec", lambda name: spec)
+        assert "_C.so" in _backend.extension_error()
+        with pytest.raises(BackendUnavailableError, match="did not load"):
+            op = OpBackends("demo")
+            op.register("ext", lambda: None)
+            op.resolve("ext", torch.device("cpu"))
+    finally:
+        _backend.extension_error.cache_clear()
