@@ -1,6 +1,7 @@
 """Shared test helpers: odd sizes, random tensors per dtype, small models."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ODD_SIZES = [1, 3, 4095, 10**6 + 3]
@@ -39,3 +40,14 @@ class SmallConvBN(nn.Module):
 
 def regression_batch(generator, n=8, din=10, dout=4):
     return torch.randn(n, din, generator=generator), torch.randn(n, dout, generator=generator)
+
+
+def make_closure(model, x, y, loss_fn=F.mse_loss):
+    """The closure SAM-style optimizers take: loss at the current weights, backward, return."""
+
+    def closure():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure

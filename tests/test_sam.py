@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, regression_batch
+from helpers import MLP, make_closure, regression_batch
 
 import ssam
 
@@ -15,20 +15,11 @@ def _model(seed=0):
     return MLP()
 
 
-def _closure(model, x, y):
-    def closure():
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 def _sam_steps(opt, model, batches):
     for x, y in batches:
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
-        opt.step(_closure(model, x, y))
+        opt.step(make_closure(model, x, y))
 
 
 def _reference_sam(model, batches, rho, lr, momentum, adaptive=False):
@@ -132,7 +123,7 @@ def test_failed_closure_leaves_weights_untouched(gen):
         assert torch.equal(v, before[k])
     # and the optimizer is usable again
     F.mse_loss(model(x), y).backward()
-    opt.step(_closure(model, x, y))
+    opt.step(make_closure(model, x, y))
 
 
 def test_params_without_grad_are_skipped_and_per_group_rho(gen):
@@ -164,7 +155,7 @@ def test_official_keywords_are_accepted(gen):
     x, y = regression_batch(gen)
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     F.mse_loss(model(x), y).backward()
-    loss = opt.step(_closure(model, x, y), model=model, epoch=0, batch_idx=0, train_data=None, logger=None, step=0)
+    loss = opt.step(make_closure(model, x, y), model=model, epoch=0, batch_idx=0, train_data=None, logger=None, step=0)
     assert loss.dim() == 0
 
 
@@ -183,3 +174,18 @@ def test_state_dict_round_trip(gen):
     _sam_steps(opt_b, b, batches[3:])
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_add_param_group_gets_base_defaults(gen):
+    model = _model()
+    first, second = list(model.net[0].parameters()), list(model.net[2].parameters())
+    opt = ssam.SAM(first, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": second})
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    assert opt.param_groups[1]["lr"] == 0.1 and opt.param_groups[1]["rho"] == 0.2
+    x, y = regression_batch(gen)
+    before = second[0].detach().clone()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.step(make_closure(model, x, y))
+    assert not torch.equal(second[0], before)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, regression_batch
+from helpers import MLP, make_closure, regression_batch
 
 import ssam
 
@@ -144,15 +144,9 @@ def test_official_step_no_update_off_schedule(gen):
     model, opt = _setup(update_freq=2)
     x, y = _backward(model, gen)
     old = _flat_masks(opt)
-
-    def closure():
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure, epoch=1, batch_idx=0)
+    opt.step(make_closure(model, x, y), epoch=1, batch_idx=0)
     _backward(model, gen)
-    opt.step(closure, epoch=2, batch_idx=3)
+    opt.step(make_closure(model, x, y), epoch=2, batch_idx=3)
     assert torch.equal(old, _flat_masks(opt)) and opt.mask_updates == 0
 
 
@@ -170,3 +164,18 @@ def test_gradient_strategy_needs_gradients():
     model, opt = _setup()
     with pytest.raises(ValueError, match="needs gradients"):
         opt.update_mask(0)
+
+
+def test_add_param_group_starts_unperturbed_then_joins_updates(gen):
+    torch.manual_seed(0)
+    model = MLP(din=12, hidden=16, dout=4)
+    opt = ssam.SSAMD(list(model.net[0].parameters()), torch.optim.SGD, rho=0.1, sparsity=0.5, drop_rate=0.5,
+                     T_end=10, lr=0.05, seed=3)
+    opt.add_param_group({"params": list(model.net[2].parameters())})
+    assert not opt.get_mask(model.net[2].weight).any() and not opt.get_mask(model.net[2].bias).any()
+    live = int(0.5 * sum(p.numel() for p in model.net[0].parameters()))
+    assert int(_flat_masks(opt).sum()) == live
+    for epoch in range(3):  # the new tensors are candidates for growth; the count is kept
+        _backward(model, gen)
+        opt.update_mask(epoch)
+        assert int(_flat_masks(opt).sum()) == live

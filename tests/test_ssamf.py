@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN
+from helpers import SmallConvBN, make_closure
 
 import ssam
 from ssam.fisher import empirical_fisher
@@ -19,15 +19,6 @@ def _setup(gen, structure="unstructured", sparsity=0.5, norm="full", n=40):
     opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=sparsity, num_samples=16,
                      update_freq=2, structure=structure, norm=norm, lr=0.05, momentum=0.9, seed=1)
     return model, opt, torch.utils.data.TensorDataset(x, y)
-
-
-def _closure(model, x, y):
-    def closure():
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
@@ -120,7 +111,7 @@ def test_official_step_convention_updates_after_the_step(gen):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         w_before = model.fc.weight.detach().clone()
-        opt.step(_closure(model, x, y), model=model, epoch=epoch, batch_idx=batch_idx, train_data=data,
+        opt.step(make_closure(model, x, y, F.cross_entropy), model=model, epoch=epoch, batch_idx=batch_idx, train_data=data,
                  logger=messages.append, step=0)
         assert opt.mask_updates == before + expect_update
         if epoch == 0 and batch_idx == 0:
@@ -136,12 +127,12 @@ def test_warns_once_when_stepping_with_an_empty_mask(gen):
     x, y = data.tensors
     with pytest.warns(UserWarning, match="mask is empty"):
         F.cross_entropy(model(x), y).backward()
-        opt.step(_closure(model, x, y))
+        opt.step(make_closure(model, x, y, F.cross_entropy))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        opt.step(_closure(model, x, y))
+        opt.step(make_closure(model, x, y, F.cross_entropy))
 
 
 def test_update_mask_leaves_model_alone(gen):

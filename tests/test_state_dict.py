@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN
+from helpers import SmallConvBN, make_closure
 
 import ssam
 
@@ -28,15 +28,10 @@ def _train(model, opt, data, epochs):
     for epoch in epochs:
         for batch_idx in range(3):
             x, y = x_all[batch_idx * 8 : (batch_idx + 1) * 8], y_all[batch_idx * 8 : (batch_idx + 1) * 8]
-
-            def closure():
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            opt.step(closure, model=model, epoch=epoch, batch_idx=batch_idx, train_data=data)
+            opt.step(make_closure(model, x, y, F.cross_entropy), model=model, epoch=epoch, batch_idx=batch_idx,
+                     train_data=data)
 
 
 @pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd", "ssamd-2:4"])

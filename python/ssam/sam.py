@@ -89,6 +89,18 @@ class SAM(torch.optim.Optimizer):
             _check_rho(group["rho"])
         self._pending: list[tuple[list[torch.Tensor], ssam_kernels.PerturbBackup]] | None = None
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__ on our own copy
+            return super().add_param_group(param_group)
+        if self._pending is not None:
+            raise RuntimeError("add_param_group() between first_step() and second_step()")
+        self.base_optimizer.add_param_group(param_group)
+        group = self.base_optimizer.param_groups[-1]
+        for key, default in self.defaults.items():
+            group.setdefault(key, default)
+        _check_rho(group["rho"])
+
     # --- masks (SAM perturbs everything; sparse variants override) --------------------------
 
     def _mask(self, p: torch.Tensor):

@@ -99,6 +99,13 @@ class SparseSAM(SAM):
                 raise ValueError(f"mask of shape {tuple(m.shape)} / {m.dtype} for a parameter of shape {tuple(p.shape)}")
         self._mask_bits = {p: pack_mask(m.to(p.device)).bits for p, m in zip(self.params, masks)}
 
+    def add_param_group(self, param_group: dict) -> None:
+        """New parameters start unperturbed (empty mask) until the next ``update_mask``."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_mask_bits"):
+            for p in self.param_groups[-1]["params"]:
+                self._mask_bits[p] = pack_mask(torch.zeros(p.shape, dtype=torch.bool, device=p.device)).bits
+
     def get_mask(self, p: torch.Tensor) -> torch.Tensor:
         """The mask of parameter ``p`` as a bool tensor shaped like ``p``."""
         if not any(p is q for q in self.params):
