@@ -80,7 +80,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ssam_kernels", "ssam_kernels.ops", "ssam", "ssam.models"],
+    packages=["ssam_kernels", "ssam_kernels.ops", "ssam_kernels.triton_ops", "ssam", "ssam.models"],
     package_dir={"ssam_kernels": "ssam_kernels", "ssam": "python/ssam"},
     install_requires=[
         "torch>=2.11",
@@ -92,7 +92,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest"],
+        "test": ["pytest", "triton>=3.6"],
     },
     entry_points={"console_scripts": ["ssam-train=ssam.train:main"]},
     **_extension_setup(),

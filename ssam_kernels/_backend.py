@@ -10,6 +10,7 @@ that passes ``backend="auto"``; it is as strict as passing ``backend=`` explicit
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -64,6 +65,21 @@ def extension_error() -> str | None:
     return None
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, read at each call)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported on first call (so importing an op never imports Triton)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
 def _runtime_available(backend: str) -> bool:
     if backend == "torch":
         return True
@@ -95,6 +111,8 @@ class OpBackends:
         if backend not in self.impls or not _runtime_available(backend):
             return False
         devs = self.devices[backend]
+        if devs is None and backend == "triton":  # GPUs, or CPU tensors under the interpreter
+            return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
         return devs is None or device_type in devs
 
     def resolve(self, backend: str, device: torch.device) -> str:

@@ -1,7 +1,13 @@
+import importlib.util
 import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through its interpreter (the interpret tier).
+# It must be chosen before triton is first imported.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

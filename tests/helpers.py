@@ -51,3 +51,32 @@ def make_closure(model, x, y, loss_fn=F.mse_loss):
         return loss
 
     return closure
+
+
+# --- backends under test --------------------------------------------------------------------
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+TRITON_ON_CPU = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+_needs_interpreter = pytest.mark.skipif(
+    not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1 (set by conftest when no GPU is present)"
+)
+
+# Parametrize an op test over these: the reference in the cpu tier, Triton in the interpret tier.
+BACKENDS = [
+    pytest.param("torch", marks=pytest.mark.cpu),
+    pytest.param("triton", marks=[pytest.mark.interpret, _needs_interpreter]),
+]
+
+
+def backend_dtypes(dtypes):
+    """(backend, dtype) params: every dtype for the reference; Triton's interpreter has no bf16
+    (the cuda tier runs Triton in bf16)."""
+    return [
+        pytest.param(b.values[0], d, marks=b.marks, id=f"{b.values[0]}-{str(d).split('.')[-1]}")
+        for b in BACKENDS
+        for d in dtypes
+        if not (b.values[0] == "triton" and d == torch.bfloat16)
+    ]

@@ -1,10 +1,8 @@
 import pytest
 import torch
-from helpers import LOW_PRECISION, ODD_SIZES, rand, rand_mask
+from helpers import BACKENDS, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
 
 from ssam_kernels import grad_norm, pack_mask
-
-pytestmark = pytest.mark.cpu
 
 
 def _ref(tensors, masks=None):
@@ -13,37 +11,50 @@ def _ref(tensors, masks=None):
     return torch.cat(parts).norm()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("numel", ODD_SIZES)
-def test_odd_sizes_fp32(numel, gen):
+def test_odd_sizes_fp32(numel, backend, gen):
     t = rand((numel,), generator=gen)
-    torch.testing.assert_close(grad_norm([t]).double(), _ref([t]), rtol=1e-6, atol=0)
+    masks = [rand_mask((numel,), generator=gen)]
+    torch.testing.assert_close(grad_norm([t], backend=backend).double(), _ref([t]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_norm([t], masks, backend=backend).double(), _ref([t], masks), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_accumulates_in_fp32(dtype, gen):
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION))
+def test_low_precision_accumulates_in_fp32(dtype, backend, gen):
     # 10**6 fp16 squares would overflow / lose everything if accumulated in fp16
     t = (rand((10**6 + 3,), generator=gen) * 30).to(dtype)
-    out = grad_norm([t])
+    out = grad_norm([t], backend=backend)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _ref([t]), rtol=1e-6, atol=0)
 
 
-def test_many_tensors_with_masks_and_empty(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_tensors_with_masks_and_empty(backend, gen):
     shapes = [(0,), (1,), (3, 5), (7, 1, 3), (4095,), (64, 33)]
     ts = [rand(s, generator=gen) for s in shapes]
     ms = [rand_mask(s, generator=gen) for s in shapes]
     mixed = [ms[0], None, pack_mask(ms[2]), ms[3], pack_mask(ms[4]), ms[5]]
     expected = _ref(ts, [ms[0], None, ms[2], ms[3], ms[4], ms[5]])
-    out = grad_norm(ts, mixed)
-    assert out.dim() == 0
+    out = grad_norm(ts, mixed, backend=backend)
+    assert out.dim() == 0 and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
 
 
-def test_all_masked_out_is_zero(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_out_is_zero_and_all_empty(backend, gen):
     t = rand((9,), generator=gen)
-    assert grad_norm([t], [torch.zeros(9, dtype=torch.bool)]).item() == 0.0
+    assert grad_norm([t], [torch.zeros(9, dtype=torch.bool)], backend=backend).item() == 0.0
+    assert grad_norm([torch.zeros(0), torch.zeros(0, 3)], backend=backend).item() == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_non_contiguous(backend, gen):
+    ts = [rand((33, 8), generator=gen).t(), rand((100,), torch.float16, gen), rand((7,), torch.float64, gen)]
+    torch.testing.assert_close(grad_norm(ts, backend=backend).double(), _ref(ts), rtol=1e-6, atol=0)
+
+
+@pytest.mark.cpu
 def test_errors():
     with pytest.raises(ValueError, match="empty"):
         grad_norm([])

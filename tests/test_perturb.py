@@ -1,10 +1,8 @@
 import pytest
 import torch
-from helpers import LOW_PRECISION, ODD_SIZES, rand, rand_mask
+from helpers import BACKENDS, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
 
 from ssam_kernels import PerturbBackup, pack_mask, perturb_, restore_
-
-pytestmark = pytest.mark.cpu
 
 DTYPES = [torch.float32] + LOW_PRECISION
 
@@ -14,24 +12,25 @@ def _expected(w, g, m, scale):
     return new if m is None else torch.where(m, new, w)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES))
 @pytest.mark.parametrize("numel", ODD_SIZES)
-def test_perturb_then_restore_is_bit_exact(dtype, numel, gen):
+def test_perturb_then_restore_is_bit_exact(dtype, numel, backend, gen):
     w = rand((numel,), dtype, gen)
     g = rand((numel,), dtype, gen)
     m = rand_mask((numel,), generator=gen)
     original = w.clone()
     with torch.no_grad():
-        backup = perturb_([w], [g], [pack_mask(m)], 0.37)
+        backup = perturb_([w], [g], [pack_mask(m)], 0.37, backend=backend)
     assert torch.equal(w, _expected(original, g, m, 0.37))
     assert backup.values[0].numel() == int(m.sum())  # compact: masked values only
     w[m] = float("nan")  # poison what restore must overwrite
     with torch.no_grad():
-        restore_([w], backup)
+        restore_([w], backup, backend=backend)
     assert torch.equal(w.view(torch.uint8), original.view(torch.uint8))  # bits, NaN-safe
 
 
-def test_many_tensors_mixed_masks_and_tensor_scale(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
     shapes = [(0,), (1,), (3, 5), (2, 3, 3, 3), (4095,)]
     ws = [rand(s, generator=gen) for s in shapes]
     gs = [rand(s, generator=gen) for s in shapes]
@@ -40,42 +39,52 @@ def test_many_tensors_mixed_masks_and_tensor_scale(gen):
     originals = [w.clone() for w in ws]
     scale = torch.tensor(0.05) / (torch.tensor(3.0) + 1e-7)
     with torch.no_grad():
-        backup = perturb_(ws, gs, entries, scale)
+        backup = perturb_(ws, gs, entries, scale, backend=backend)
     for w, o, g, e, m in zip(ws, originals, gs, entries, ms):
         assert torch.equal(w, _expected(o, g, None if e is None else m, scale))
     assert backup.nbytes() == 4 * (sum(int(m.sum()) for m in ms) - int(ms[1].sum()) + ms[1].numel())
+    for w, m in zip(ws, ms):  # poison what restore must overwrite
+        w[m] = float("nan")
     with torch.no_grad():
-        restore_(ws, backup)
+        restore_(ws, backup, backend=backend)
     assert all(torch.equal(w, o) for w, o in zip(ws, originals))
 
 
-def test_matches_official_add_for_fp32(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_official_add_for_fp32(backend, gen):
     # the official code: e = g * scale; e = e * mask; p.add_(e)
     w, g = rand((1000,), generator=gen), rand((1000,), generator=gen)
     m = rand_mask((1000,), generator=gen)
     scale = torch.tensor(0.05) / (g.norm() + 1e-7)
     official = w.clone().add_(g * scale * m.float())
     with torch.no_grad():
-        perturb_([w], [g], [m], scale)
+        perturb_([w], [g], [m], scale, backend=backend)
     assert torch.equal(w, official)
 
 
-def test_unmasked_entries_untouched_even_negative_zero():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unmasked_entries_untouched_even_negative_zero(backend):
     w = torch.tensor([-0.0, 1.0, -0.0])
     with torch.no_grad():
-        perturb_([w], [torch.ones(3)], [torch.tensor([False, True, False])], 0.0)
+        perturb_([w], [torch.ones(3)], [torch.tensor([False, True, False])], 0.0, backend=backend)
     assert torch.signbit(w[0]) and torch.signbit(w[2])
 
 
-def test_grads_of_other_dtype(gen):
-    w = rand((17,), torch.bfloat16, gen)
-    g = rand((17,), torch.float32, gen)
-    expected = (w.float() + 0.5 * g).to(torch.bfloat16)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION))
+def test_grads_of_other_dtype_and_non_contiguous(dtype, backend, gen):
+    ws = [rand((17,), dtype, gen), rand((8, 5), generator=gen).t()]
+    gs = [rand((17,), torch.float32, gen), rand((5, 8), dtype, gen)]
+    ms = [None, rand_mask((5, 8), generator=gen)]
+    expected = [_expected(w, g, m, 0.5) for w, g, m in zip(ws, gs, ms)]
+    originals = [w.clone() for w in ws]
     with torch.no_grad():
-        perturb_([w], [g], None, 0.5)
-    assert torch.equal(w, expected)
+        backup = perturb_(ws, gs, ms, 0.5, backend=backend)
+        assert all(torch.equal(w, e) for w, e in zip(ws, expected))
+        restore_(ws, backup, backend=backend)
+    assert all(torch.equal(w, o) for w, o in zip(ws, originals))
 
 
+@pytest.mark.cpu
 def test_errors(gen):
     w = torch.zeros(4, requires_grad=True)
     with pytest.raises(RuntimeError, match="no_grad"):
@@ -96,3 +105,14 @@ def test_errors(gen):
             restore_([torch.zeros(4), torch.zeros(4)], PerturbBackup(backup.values, backup.masks + [None]))
         with pytest.raises(ValueError, match="float64"):
             restore_([torch.zeros(4, dtype=torch.float64)], backup)
+
+
+@pytest.mark.cpu
+def test_restore_rejects_a_backup_of_the_wrong_size(gen):
+    m = rand_mask((50,), generator=gen)
+    m[0] = True
+    with torch.no_grad():
+        backup = perturb_([torch.zeros(50)], [torch.ones(50)], [pack_mask(m)], 1.0)
+        short = PerturbBackup([backup.values[0][1:]], backup.masks)
+        with pytest.raises(ValueError, match="selects"):
+            restore_([torch.zeros(50)], short)

@@ -41,7 +41,7 @@ def test_masks_and_backup_are_compact(gen):
     opt.update_mask(model, data)
     for p in model.parameters():
         assert not opt.state[p]  # no float copies of anything
-        bits = opt._mask_bits[p]
+        bits = opt._masks[p].bits
         assert bits.dtype == torch.uint8 and bits.numel() == packed_nbytes(p.numel())
     x, y = data.tensors
     F.cross_entropy(model(x), y).backward()

@@ -69,7 +69,8 @@ class SparseSAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **base_kwargs)
         self.norm = norm
         self.mask_updates = 0
-        self._mask_bits: dict[torch.Tensor, torch.Tensor] = {}
+        # persistent BitMask objects: kernels cache per-mask facts (set-bit counts) on them
+        self._masks: dict[torch.Tensor, BitMask] = {}
         self.generator = make_generator(seed, self._generator_device())
 
     def _generator_device(self) -> torch.device:
@@ -87,7 +88,7 @@ class SparseSAM(SAM):
         return keep_count(sum(p.numel() for p in self.params), 1.0 - self.sparsity)
 
     def _mask(self, p: torch.Tensor) -> BitMask:
-        return BitMask(self._mask_bits[p], p.shape)
+        return self._masks[p]
 
     def _norm_masked(self) -> bool:
         return self.norm == "masked"
@@ -97,14 +98,14 @@ class SparseSAM(SAM):
         for p, m in zip(self.params, masks):
             if m.shape != p.shape or m.dtype != torch.bool:
                 raise ValueError(f"mask of shape {tuple(m.shape)} / {m.dtype} for a parameter of shape {tuple(p.shape)}")
-        self._mask_bits = {p: pack_mask(m.to(p.device)).bits for p, m in zip(self.params, masks)}
+        self._masks = {p: pack_mask(m.to(p.device)) for p, m in zip(self.params, masks)}
 
     def add_param_group(self, param_group: dict) -> None:
         """New parameters start unperturbed (empty mask) until the next ``update_mask``."""
         super().add_param_group(param_group)
-        if hasattr(self, "_mask_bits"):
+        if hasattr(self, "_masks"):
             for p in self.param_groups[-1]["params"]:
-                self._mask_bits[p] = pack_mask(torch.zeros(p.shape, dtype=torch.bool, device=p.device)).bits
+                self._masks[p] = pack_mask(torch.zeros(p.shape, dtype=torch.bool, device=p.device))
 
     def get_mask(self, p: torch.Tensor) -> torch.Tensor:
         """The mask of parameter ``p`` as a bool tensor shaped like ``p``."""
@@ -119,7 +120,7 @@ class SparseSAM(SAM):
     def mask_density(self) -> float:
         """Fraction of all parameter entries that are perturbed."""
         total = sum(p.numel() for p in self.params)
-        kept = sum(int(self._mask(p).count()) for p in self.params)
+        kept = sum(self._mask(p).count_int() for p in self.params)
         return kept / total if total else 0.0
 
     # --- official calling convention ---------------------------------------------------------
@@ -135,7 +136,7 @@ class SparseSAM(SAM):
 
     def _extra_state(self) -> dict:
         return {
-            "masks": [self._mask_bits[p] for p in self.params],
+            "masks": [self._masks[p].bits for p in self.params],
             "mask_updates": self.mask_updates,
             "generator": self.generator.get_state(),
         }
@@ -148,6 +149,6 @@ class SparseSAM(SAM):
         for i, (p, bits) in enumerate(zip(params, masks)):
             if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != packed_nbytes(p.numel()):
                 raise ValueError(f"state_dict mask {i} does not fit a parameter of shape {tuple(p.shape)}")
-        self._mask_bits = {p: bits.to(p.device).contiguous() for p, bits in zip(params, masks)}
+        self._masks = {p: BitMask(bits.to(p.device).contiguous(), p.shape) for p, bits in zip(params, masks)}
         self.mask_updates = int(state["mask_updates"])
         self.generator.set_state(state["generator"].cpu())

@@ -21,6 +21,16 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return _BIT_WEIGHTS[key]
 
 
+_POPCOUNT = {}
+
+
+def _popcount(device: torch.device) -> torch.Tensor:
+    key = (device.type, device.index)
+    if key not in _POPCOUNT:
+        _POPCOUNT[key] = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64).to(device)
+    return _POPCOUNT[key]
+
+
 def packed_nbytes(numel: int) -> int:
     """Bytes of the packed form of a mask with ``numel`` elements."""
     return (numel + 7) // 8
@@ -58,7 +68,16 @@ class BitMask:
 
     def count(self) -> torch.Tensor:
         """Number of set bits, as a 0-dim int64 tensor on the mask's device (no host sync)."""
-        return self.to_bool().sum()
+        return _popcount(self.bits.device)[self.bits.long()].sum()
+
+    def count_int(self) -> int:
+        """Number of set bits as a Python int: one host sync, then cached (a BitMask is
+        immutable by contract: do not write to ``bits`` after creating it)."""
+        cached = self.__dict__.get("_count")
+        if cached is None:
+            cached = int(self.count())
+            object.__setattr__(self, "_count", cached)
+        return cached
 
 
 def _describe(x) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import op_backends
+from .._backend import lazy, op_backends
 
 _BACKENDS = op_backends("grad_norm")
 
@@ -22,6 +22,7 @@ def grad_norm_torch(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
 
 
 _BACKENDS.register("torch", grad_norm_torch)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.grad_norm", "grad_norm_triton"))
 
 
 def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks
-from .._backend import op_backends
+from .._backend import lazy, op_backends
 from .bitmask import BitMask
 
 _PERTURB = op_backends("perturb_")
@@ -60,6 +60,8 @@ def restore_torch(params, backup: PerturbBackup) -> None:
 
 _PERTURB.register("torch", perturb_torch)
 _RESTORE.register("torch", restore_torch)
+_PERTURB.register("triton", lazy("ssam_kernels.triton_ops.perturb", "perturb_triton"))
+_RESTORE.register("triton", lazy("ssam_kernels.triton_ops.perturb", "restore_triton"))
 
 
 def _check_writable(params: list[torch.Tensor]) -> None:
@@ -108,5 +110,9 @@ def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
             raise ValueError(f"backup.values[{i}] has shape {tuple(v.shape)}, params[{i}] has {tuple(w.shape)}")
         if m is not None and v.dim() != 1:
             raise ValueError(f"backup.values[{i}] must be 1-D (the masked values), got shape {tuple(v.shape)}")
+        if m is not None:  # kernels index the backup by mask position: the sizes must agree
+            count = m.count_int() if isinstance(m, BitMask) else int(m.sum())
+            if v.numel() != count:
+                raise ValueError(f"backup.values[{i}] holds {v.numel()} values but masks[{i}] selects {count}")
     _check_writable(params)
     _RESTORE(backend, params[0].device)(params, backup)
