@@ -10,12 +10,18 @@ if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not N
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+TIERS = ("cpu", "interpret", "cuda")
+
+
 def pytest_collection_modifyitems(config, items):
+    untiered = [i.nodeid for i in items if sum(i.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if untiered:
+        raise pytest.UsageError(f"tests need exactly one tier marker of {TIERS}: {untiered[:5]}")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device here; run the cuda tier on a GPU machine")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 

@@ -5,9 +5,9 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass as torch_decompress,
 )
 
-from ssam_kernels import compress_24, decompress_24, nm_mask
+from helpers import BACKENDS, backend_dtypes
 
-pytestmark = pytest.mark.cpu
+from ssam_kernels import compress_24, decompress_24, nm_mask
 
 DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(32, 32), (64, 96), (96, 64), (160, 256)]
@@ -22,30 +22,32 @@ def _sparse_24(rows, cols, dtype, gen, max_nonzeros=2):
     return (x.view(rows, cols // 4, 4) * (order < count)).view(rows, cols)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_equals_torch_cutlass_reference(dtype, shape, gen):
+def test_equals_torch_cutlass_reference(dtype, shape, backend, gen):
     x = _sparse_24(*shape, dtype, gen)
-    values, meta = compress_24(x)
+    values, meta = compress_24(x, backend=backend)
     ref_values, ref_meta = torch_compress(x)
     assert values.dtype == dtype and meta.dtype == torch.int16
     assert torch.equal(values, ref_values)
     assert torch.equal(meta, ref_meta)
-    assert torch.equal(decompress_24(values, meta), x)
+    assert torch.equal(decompress_24(values, meta, backend=backend), x)
     assert torch.equal(torch_decompress(values, meta), x)
 
 
-def test_every_nonzero_pattern():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_nonzero_pattern(backend):
     # all 11 patterns with <= 2 nonzeros, cycled over a 32x32 matrix
     patterns = [p for p in range(16) if bin(p).count("1") <= 2]
     groups = torch.tensor([[(p >> i) & 1 for i in range(4)] for p in patterns], dtype=torch.float16)
     x = groups[torch.arange(32 * 8) % len(patterns)].view(32, 32) * 3
-    values, meta = compress_24(x)
+    values, meta = compress_24(x, backend=backend)
     ref_values, ref_meta = torch_compress(x)
     assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
-    assert torch.equal(decompress_24(values, meta), x)
+    assert torch.equal(decompress_24(values, meta, backend=backend), x)
 
 
+@pytest.mark.cpu
 def test_from_nm_mask(gen):
     w = torch.randn(64, 128, generator=gen).to(torch.bfloat16)
     x = w * nm_mask(w, 2, 4)
@@ -54,11 +56,22 @@ def test_from_nm_mask(gen):
     assert torch.equal(decompress_24(values, meta), x)
 
 
-def test_empty_rows():
-    values, meta = compress_24(torch.zeros(0, 64, dtype=torch.float16))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows(backend):
+    values, meta = compress_24(torch.zeros(0, 64, dtype=torch.float16), backend=backend)
     assert values.shape == (0, 32) and meta.shape == (0, 4)
+    assert decompress_24(values, meta, backend=backend).shape == (0, 64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_not_24_sparse_names_the_group(backend, gen):
+    dense = _sparse_24(64, 64, torch.float16, gen)
+    dense[37, 8:11] = 1.0  # three nonzeros in group 2 of row 37
+    with pytest.raises(ValueError, match="row 37, group 2"):
+        compress_24(dense, backend=backend)
+
+
+@pytest.mark.cpu
 def test_errors(gen):
     with pytest.raises(TypeError, match="dtype"):
         compress_24(torch.zeros(32, 32))

@@ -2,11 +2,9 @@ import itertools
 
 import pytest
 import torch
-from helpers import rand
+from helpers import BACKENDS, rand
 
 from ssam_kernels import nm_mask
-
-pytestmark = pytest.mark.cpu
 
 
 def _brute_force(row, n, m, magnitude=True):
@@ -20,20 +18,23 @@ def _brute_force(row, n, m, magnitude=True):
     return keep
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4), (1, 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4), (1, 2), (5, 16)])
 @pytest.mark.parametrize("cols", [1, 3, 4, 7, 8, 33, 64])
-def test_against_brute_force(n, m, cols, gen):
+def test_against_brute_force(n, m, cols, backend, gen):
     scores = rand((5, cols), generator=gen)
-    out = nm_mask(scores, n, m)
+    scores[1] = scores[1].round()  # ties
+    out = nm_mask(scores, n, m, backend=backend)
     assert out.dtype == torch.bool and out.shape == scores.shape
     for r in range(5):
         assert out[r].tolist() == _brute_force(scores[r].tolist(), n, m)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
-def test_exactly_n_per_full_group_large(n, m, gen):
+def test_exactly_n_per_full_group_large(n, m, backend, gen):
     scores = rand((257, 4096), generator=gen)
-    out = nm_mask(scores, n, m)
+    out = nm_mask(scores, n, m, backend=backend)
     counts = out.view(257, -1, m).sum(-1)
     assert bool((counts == n).all())
     # the kept entries dominate the dropped ones in every group
@@ -43,32 +44,39 @@ def test_exactly_n_per_full_group_large(n, m, gen):
     assert bool((kept_min >= dropped_max).all())
 
 
-def test_trailing_group_keeps_min_n_r():
-    out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0]]), 2, 4)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trailing_group_keeps_min_n_r(backend):
+    out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0]]), 2, 4, backend=backend)
     assert out.tolist() == [[False, False, True, True, True, True, False]]
-    out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0]]), 2, 4)
+    out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0]]), 2, 4, backend=backend)
     assert out[0, 4].item()  # a lone trailing element is kept (min(2, 1) = 1)
 
 
-def test_ties_keep_lower_index_and_nan_ranks_lowest():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_keep_lower_index_and_nan_ranks_lowest(backend):
     s = torch.tensor([[1.0, 1.0, 1.0, 1.0, float("nan"), 0.0, float("nan"), -0.5]])
-    assert nm_mask(s, 2, 4).tolist() == [[True, True, False, False, False, True, False, True]]
+    assert nm_mask(s, 2, 4, backend=backend).tolist() == [[True, True, False, False, False, True, False, True]]
 
 
-def test_magnitude_false_ranks_raw_values():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_magnitude_false_ranks_raw_values(backend):
     s = torch.tensor([[-9.0, 1.0, 2.0, -1.0]])
-    assert nm_mask(s, 2, 4).tolist() == [[True, False, True, False]]
-    assert nm_mask(s, 2, 4, magnitude=False).tolist() == [[False, True, True, False]]
+    assert nm_mask(s, 2, 4, backend=backend).tolist() == [[True, False, True, False]]
+    assert nm_mask(s, 2, 4, magnitude=False, backend=backend).tolist() == [[False, True, True, False]]
 
 
-def test_higher_dims_and_dtypes(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_higher_dims_and_dtypes(backend, gen):
     s = rand((2, 3, 8), generator=gen)
-    for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        out = nm_mask(s.to(dtype), 2, 4)
+    dtypes = (torch.float16, torch.float64) + ((torch.bfloat16,) if backend == "torch" else ())
+    for dtype in dtypes:
+        out = nm_mask(s.to(dtype), 2, 4, backend=backend)
+        assert torch.equal(out, nm_mask(s.to(dtype), 2, 4, backend="torch"))
         assert out.view(-1, 4).sum(-1).eq(2).all()
-    assert nm_mask(torch.zeros(0, 8), 2, 4).shape == (0, 8)
+    assert nm_mask(torch.zeros(0, 8), 2, 4, backend=backend).shape == (0, 8)
 
 
+@pytest.mark.cpu
 def test_errors():
     for n, m in [(4, 4), (0, 4), (5, 4)]:
         with pytest.raises(ValueError, match="1 <= n < m"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import op_backends
+from .._backend import lazy, op_backends
 
 _COMPRESS = op_backends("compress_24")
 _DECOMPRESS = op_backends("decompress_24")
@@ -89,6 +89,8 @@ def decompress_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
 
 _COMPRESS.register("torch", compress_24_torch)
 _DECOMPRESS.register("torch", decompress_24_torch)
+_COMPRESS.register("triton", lazy("ssam_kernels.triton_ops.compress_24", "compress_24_triton"))
+_DECOMPRESS.register("triton", lazy("ssam_kernels.triton_ops.compress_24", "decompress_24_triton"))
 
 
 def _check_matrix(name: str, t, dtypes) -> None:

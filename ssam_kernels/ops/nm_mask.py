@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import op_backends
+from .._backend import lazy, op_backends
 
 _BACKENDS = op_backends("nm_mask")
 
@@ -37,6 +37,7 @@ def nm_mask_torch(scores: torch.Tensor, n: int, m: int, magnitude: bool) -> torc
 
 
 _BACKENDS.register("torch", nm_mask_torch)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.nm_mask", "nm_mask_triton"))
 
 
 def check_nm(n, m) -> tuple[int, int]:

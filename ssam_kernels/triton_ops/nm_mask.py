@@ -1,0 +1,54 @@
+"""Triton N:M selection: every element's rank in its group is the number of group members
+that beat it (larger, or equal at a lower index); it is kept when that rank is below N. A
+``[groups, M, M]`` comparison per block, so M is small (<= 32); the trailing short group of a
+row is padded with -inf, which loses every tie to a real element."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GROUPS_PER_PROGRAM = 64
+MAX_M = 32
+
+
+@triton.jit
+def _nm_select_kernel(x, out, rows, cols, groups_per_row, N: tl.constexpr, M: tl.constexpr,
+                      MP: tl.constexpr, MAGNITUDE: tl.constexpr, G: tl.constexpr):
+    gid = tl.program_id(0) * G + tl.arange(0, G)  # [G] global group ids
+    row = gid // groups_per_row
+    col = (gid % groups_per_row)[:, None] * M + tl.arange(0, MP)[None, :]  # [G, MP]
+    valid = (row[:, None] < rows) & (tl.arange(0, MP)[None, :] < M) & (col < cols)
+    offs = row[:, None].to(tl.int64) * cols + col
+    v = tl.load(x + offs, mask=valid, other=0.0)
+    if MAGNITUDE:
+        v = tl.abs(v)
+    v = tl.where(valid & (v == v), v, float("-inf"))  # NaN and padding rank lowest
+    j = tl.arange(0, MP)
+    a = v[:, :, None]  # the element being ranked (index i)
+    b = v[:, None, :]  # a competitor (index k)
+    beats = (b > a) | ((b == a) & (j[None, None, :] < j[None, :, None]))
+    rank = tl.sum(beats.to(tl.int32), axis=2)
+    tl.store(out + offs, (rank < N).to(tl.int8), mask=valid)
+
+
+def nm_mask_triton(scores: torch.Tensor, n: int, m: int, magnitude: bool) -> torch.Tensor:
+    """Host launcher: same contract as ``nm_mask_torch`` (inputs checked by the caller)."""
+    if m > MAX_M:
+        from ..ops.nm_mask import nm_mask_torch
+
+        return nm_mask_torch(scores, n, m, magnitude)
+    shape = scores.shape
+    cols = shape[-1]
+    x = scores.contiguous().reshape(-1, cols) if scores.numel() else scores.reshape(0, max(cols, 1))
+    rows = x.shape[0]
+    out = torch.empty(shape, dtype=torch.int8, device=scores.device)
+    groups_per_row = (cols + m - 1) // m
+    total = rows * groups_per_row
+    if total:
+        _nm_select_kernel[(triton.cdiv(total, GROUPS_PER_PROGRAM),)](
+            x, out, rows, cols, groups_per_row, N=n, M=m, MP=triton.next_power_of_2(m),
+            MAGNITUDE=magnitude, G=GROUPS_PER_PROGRAM,
+        )
+    return out.view(torch.bool)
