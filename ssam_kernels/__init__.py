@@ -1,5 +1,5 @@
 """ssam_kernels: the backend of Sparse SAM: gradient norm, masked perturbation with a compact
-backup and exact restore, N:M and global top-k mask selection, and 2:4 compression.
+backup and exact restore, N:M and global top-k mask selection, 2:4 compression, and MVUE 2:4 sparsification.
 
 Every op has a plain-PyTorch reference (``backend="torch"``); faster backends register beside
 it and ``backend="auto"`` (the default, or ``SSAM_BACKEND``) picks one. ``backend_info()`` says
@@ -11,6 +11,7 @@ from ._backend import BACKENDS, BackendUnavailableError, backend_info
 from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask
 from .ops.compress_24 import compress_24, decompress_24
 from .ops.grad_norm import grad_norm
+from .ops.mvue24 import mvue24
 from .ops.nm_mask import nm_mask
 from .ops.perturb import PerturbBackup, perturb_, restore_
 from .ops.topk_mask import keep_count, topk_mask
@@ -27,6 +28,7 @@ __all__ = [
     "decompress_24",
     "grad_norm",
     "keep_count",
+    "mvue24",
     "nm_mask",
     "pack_mask",
     "packed_nbytes",

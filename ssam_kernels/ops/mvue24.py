@@ -1,0 +1,99 @@
+"""MVUE 2:4 sparsification: an unbiased 2:4-sparse estimate of a tensor.
+
+In every group of 4 consecutive elements of the last dim, two are kept: element ``i`` with
+inclusion probability ``p_i = min(1, c |x_i|)`` where ``c`` makes ``sum p = 2`` (at most one
+element of a group can reach 1: if ``2|x_max| > S``, it gets 1 and the others ``|x_i| / (S -
+|x_max|)``). A kept value is ``x_i / p_i``, so ``E[out] = x``; these inclusion probabilities
+minimise the variance among unbiased 2:4 estimators. The pair is drawn by systematic sampling:
+with ``u`` uniform in [0, 1), the elements whose cumulative-probability interval holds ``u``
+and ``u + 1`` are kept, which draws exactly two, each with probability ``p_i``. A group with
+fewer than two nonzeros keeps them unchanged (``p = 1``) and zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .._backend import lazy, op_backends
+
+_BACKENDS = op_backends("mvue24")
+
+
+def _ordered_sum(a: torch.Tensor) -> torch.Tensor:
+    """``((a0 + a1) + a2) + a3``: the order the kernels use too, so results match bit for bit."""
+    return ((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]
+
+
+def inclusion_probabilities(a: torch.Tensor) -> torch.Tensor:
+    """``p`` for magnitudes ``a`` of shape ``[..., 4]`` (fp32), as in the module docstring."""
+    total = _ordered_sum(a).unsqueeze(-1)
+    top = a.amax(-1, keepdim=True)
+    first_top = torch.where(a == top, torch.arange(4, device=a.device), 4).amin(-1, keepdim=True)
+    is_top = torch.arange(4, device=a.device) == first_top
+    # the others' sum directly, not total - top (which cancels): keeps every p_i <= 1 exactly
+    rest = _ordered_sum(torch.where(is_top, torch.zeros_like(a), a)).unsqueeze(-1)
+    p_free = torch.where(total > 0, 2 * a / total.clamp_min(1e-38), torch.zeros_like(a))
+    p_cap = torch.where(rest > 0, a / rest.clamp_min(1e-38), torch.zeros_like(a))
+    p_cap = torch.where(is_top, torch.ones_like(a), p_cap)
+    return torch.where(2 * top > total, p_cap, p_free)
+
+
+def systematic_pick(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Keep element i where ``[C_{i-1}, C_i)`` holds ``u`` or ``u + 1``: ``C`` is the running
+    sum of ``p`` (added left to right), with ``C_{-1} = 0`` and ``C_3`` pinned to 2 so both
+    draws always land."""
+    c0 = p[..., 0]
+    c1 = c0 + p[..., 1]
+    c2 = c1 + p[..., 2]
+    lower = torch.stack([torch.zeros_like(c0), c0, c1, c2], -1)
+    upper = torch.stack([c0, c1, c2, torch.full_like(c0, 2.0)], -1)
+    u = u.unsqueeze(-1)
+    return ((lower <= u) & (u < upper)) | ((lower <= u + 1) & (u + 1 < upper))
+
+
+def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | None) -> torch.Tensor:
+    """Reference. Without ``uniforms``, draws them from ``torch.Generator().manual_seed(seed)``."""
+    groups = x.reshape(-1, 4).to(torch.float32)
+    if uniforms is None:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        uniforms = torch.rand(groups.shape[0], generator=gen, device=x.device)
+    p = inclusion_probabilities(groups.abs())
+    keep = systematic_pick(p, uniforms.reshape(-1).to(torch.float32)) & (p > 0)
+    out = torch.where(keep, groups / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(groups))
+    return out.to(x.dtype).reshape(x.shape)
+
+
+_BACKENDS.register("torch", mvue24_torch)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.mvue24", "mvue24_triton"))
+
+
+def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Unbiased 2:4-sparse estimate of ``x`` along its last dim (a multiple of 4).
+
+    The randomness is one uniform per group: give ``seed`` (reproducible; each backend draws
+    its own stream from it) or ``uniforms`` (shape ``x.shape[:-1] + (x.shape[-1] // 4,)``, in
+    [0, 1): then every backend returns the same result). Returns a tensor like ``x`` with at
+    most two nonzeros per group (exactly two where the group has two or more nonzeros).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _checks.FLOAT_DTYPES[:3]:
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {_checks._kind(x)}")
+    if x.dim() == 0 or x.shape[-1] % 4:
+        raise ValueError(f"x's last dim must be a multiple of 4, got shape {tuple(x.shape)}")
+    if (seed is None) == (uniforms is None):
+        raise ValueError("give exactly one of seed or uniforms")
+    groups_shape = x.shape[:-1] + (x.shape[-1] // 4,)
+    if uniforms is None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    else:
+        if not isinstance(uniforms, torch.Tensor) or not uniforms.is_floating_point():
+            raise TypeError(f"uniforms must be a floating tensor, got {_checks._kind(uniforms)}")
+        if uniforms.shape != groups_shape or uniforms.device != x.device:
+            raise ValueError(
+                f"uniforms must have shape {tuple(groups_shape)} on {x.device}, "
+                f"got {tuple(uniforms.shape)} on {uniforms.device}"
+            )
+        uniforms = uniforms.contiguous()
+    return _BACKENDS(backend, x.device)(x.contiguous(), uniforms, seed)

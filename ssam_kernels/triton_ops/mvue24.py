@@ -1,0 +1,61 @@
+"""Triton MVUE 2:4 sparsification (same contract as ``ssam_kernels.ops.mvue24``): one pass,
+one read and one write of ``x``; the per-group uniform comes from ``tl.rand(seed, group)``
+(Philox) or from a given tensor."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GROUPS_PER_PROGRAM = 256
+
+
+@triton.jit
+def _column(t, e, k: tl.constexpr):
+    """Column k of a [G, 4] tensor (exact: one value plus zeros)."""
+    return tl.sum(tl.where(e[None, :] == k, t, 0.0), axis=1)
+
+
+@triton.jit
+def _mvue24_kernel(x, out, uniforms, seed, groups, HAS_UNIFORMS: tl.constexpr, G: tl.constexpr):
+    gid = tl.program_id(0) * G + tl.arange(0, G)  # [G]
+    valid = gid < groups
+    e = tl.arange(0, 4)
+    offs = gid[:, None].to(tl.int64) * 4 + e[None, :]  # [G, 4]
+    v = tl.load(x + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    a = tl.abs(v)
+    # sums added left to right, as the reference does, so the two agree bit for bit
+    total = ((_column(a, e, 0) + _column(a, e, 1)) + _column(a, e, 2)) + _column(a, e, 3)
+    top = tl.max(a, axis=1)
+    first_top = tl.min(tl.where(a == top[:, None], e[None, :], 4), axis=1)
+    others = tl.where(e[None, :] == first_top[:, None], 0.0, a)
+    rest = ((_column(others, e, 0) + _column(others, e, 1)) + _column(others, e, 2)) + _column(others, e, 3)
+    p_free = tl.where(total[:, None] > 0, 2 * a / tl.maximum(total, 1e-38)[:, None], 0.0)
+    p_cap = tl.where(rest[:, None] > 0, a / tl.maximum(rest, 1e-38)[:, None], 0.0)
+    p_cap = tl.where(e[None, :] == first_top[:, None], 1.0, p_cap)
+    p = tl.where((2 * top > total)[:, None], p_cap, p_free)
+    if HAS_UNIFORMS:
+        u = tl.load(uniforms + gid, mask=valid, other=0.0).to(tl.float32)
+    else:
+        u = tl.rand(seed, gid)
+    c0 = _column(p, e, 0)
+    c1 = c0 + _column(p, e, 1)
+    c2 = c1 + _column(p, e, 2)
+    lower = tl.where(e[None, :] == 0, 0.0, tl.where(e[None, :] == 1, c0[:, None], tl.where(e[None, :] == 2, c1[:, None], c2[:, None])))
+    upper = tl.where(e[None, :] == 0, c0[:, None], tl.where(e[None, :] == 1, c1[:, None], tl.where(e[None, :] == 2, c2[:, None], 2.0)))
+    uu = u[:, None]
+    keep = (((lower <= uu) & (uu < upper)) | ((lower <= uu + 1) & (uu + 1 < upper))) & (p > 0)
+    res = tl.where(keep, v / tl.where(keep, p, 1.0), 0.0)
+    tl.store(out + offs, res.to(out.dtype.element_ty), mask=valid[:, None])
+
+
+def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | None) -> torch.Tensor:
+    out = torch.empty_like(x)
+    groups = x.numel() // 4
+    if groups:
+        _mvue24_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](
+            x, out, uniforms if uniforms is not None else x, seed if seed is not None else 0, groups,
+            HAS_UNIFORMS=uniforms is not None, G=GROUPS_PER_PROGRAM,
+        )
+    return out

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from helpers import BACKENDS, backend_dtypes, rand
+
+from ssam_kernels import mvue24
+from ssam_kernels.ops.mvue24 import inclusion_probabilities
+
+GROUPS = torch.tensor([
+    [1.0, -2.0, 3.0, 0.5],     # no cap
+    [10.0, 1.0, -1.0, 0.0],    # the top element is capped at p = 1
+    [0.0, 3.0, 0.0, 0.0],      # one nonzero: kept as is
+    [0.0, 0.0, 0.0, 0.0],      # all zero
+    [2.0, -2.0, 2.0, 2.0],     # ties
+    [0.0, 1e-3, -4.0, 0.0],    # two nonzeros: both kept exactly
+])
+
+
+@pytest.mark.cpu
+def test_inclusion_probabilities():
+    p = inclusion_probabilities(GROUPS.abs())
+    assert bool(((p >= 0) & (p <= 1)).all())
+    torch.testing.assert_close(p.sum(-1), torch.tensor([2.0, 2.0, 1.0, 0.0, 2.0, 2.0]))
+    torch.testing.assert_close(p[0], 2 * GROUPS[0].abs() / GROUPS[0].abs().sum())
+    torch.testing.assert_close(p[1], torch.tensor([1.0, 0.5, 0.5, 0.0]))
+    torch.testing.assert_close(p[5], torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbiased_with_the_right_inclusion_frequencies(backend):
+    copies = 20000
+    x = GROUPS.repeat(copies, 1).reshape(-1, 24)  # every row holds the six groups once
+    p = inclusion_probabilities(GROUPS.abs())
+    total = torch.zeros(6, 4, dtype=torch.float64)
+    kept = torch.zeros(6, 4, dtype=torch.float64)
+    seeds = 3
+    for seed in range(seeds):
+        out = mvue24(x, seed=seed, backend=backend).reshape(-1, 6, 4).double()
+        total += out.sum(0)
+        kept += (out != 0).sum(0)
+    n = copies * seeds
+    mean = total / n
+    # the estimator of x_i takes x_i / p_i with probability p_i: variance x_i^2 (1 - p_i) / p_i
+    var = torch.where(p > 0, GROUPS.double() ** 2 * (1 - p.double()) / p.double().clamp_min(1e-12), 0.0)
+    assert bool(((mean - GROUPS.double()).abs() <= 5 * (var / n).sqrt() + 1e-9).all()), (mean, GROUPS)
+    freq = kept / n
+    bound = 5 * (p.double() * (1 - p.double()) / n).sqrt() + 1e-9
+    nonzero = GROUPS != 0
+    assert bool(((freq - p.double()).abs() <= bound)[nonzero].all()), (freq, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeps_exactly_two_of_four(backend, gen):
+    x = rand((129, 64), generator=gen)
+    x[:5, :8] = 0  # all-zero groups
+    x[5, 1:4] = 0  # a one-nonzero group
+    out = mvue24(x, seed=11, backend=backend)
+    groups_in = (x.reshape(-1, 4) != 0).sum(-1)
+    groups_out = (out.reshape(-1, 4) != 0).sum(-1)
+    assert bool((groups_out == groups_in.clamp(max=2)).all())
+    kept = out != 0
+    p = inclusion_probabilities(x.reshape(-1, 4).abs()).reshape(x.shape)
+    torch.testing.assert_close(out[kept], x[kept] / p[kept], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_and_reproducible(backend, gen):
+    x = rand((64, 32), generator=gen)
+    a = mvue24(x, seed=7, backend=backend)
+    assert torch.equal(a, mvue24(x, seed=7, backend=backend))
+    assert not torch.equal(a, mvue24(x, seed=8, backend=backend))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float32, torch.float16, torch.bfloat16]))
+def test_given_uniforms_equal_the_reference(dtype, backend, gen):
+    x = rand((3, 50, 64), dtype, gen)
+    u = torch.rand(3, 50, 16, generator=gen)
+    out = mvue24(x, uniforms=u, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, mvue24(x, uniforms=u, backend="torch"))
+    assert mvue24(torch.zeros(0, 8, dtype=dtype), seed=0, backend=backend).shape == (0, 8)
+
+
+@pytest.mark.cpu
+def test_errors():
+    x = torch.ones(4, 8)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mvue24(torch.ones(4, 6), seed=0)
+    with pytest.raises(ValueError, match="exactly one of seed or uniforms"):
+        mvue24(x)
+    with pytest.raises(ValueError, match="exactly one of seed or uniforms"):
+        mvue24(x, seed=0, uniforms=torch.rand(4, 2))
+    with pytest.raises(ValueError, match=r"shape \(4, 2\)"):
+        mvue24(x, uniforms=torch.rand(4, 3))
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        mvue24(x.double(), seed=0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        mvue24(x, seed=1.5)
