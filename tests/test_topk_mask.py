@@ -1,10 +1,8 @@
 import pytest
 import torch
-from helpers import rand
+from helpers import BACKENDS, rand
 
 from ssam_kernels import keep_count, topk_mask
-
-pytestmark = pytest.mark.cpu
 
 
 def _brute_force(scores, k):
@@ -17,11 +15,12 @@ def _flat(masks):
     return [v for m in masks for v in m.reshape(-1).tolist()]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.5, 0.99, 1.0])
-def test_exact_count_and_order(density, gen):
+def test_exact_count_and_order(density, backend, gen):
     shapes = [(1,), (3, 5), (0,), (4095,), (7, 3, 3)]
     scores = [rand(s, generator=gen) for s in shapes]
-    masks = topk_mask(scores, density)
+    masks = topk_mask(scores, density, backend=backend)
     total = sum(s.numel() for s in scores)
     k = int(density * total)
     assert [m.shape for m in masks] == [s.shape for s in scores]
@@ -29,33 +28,41 @@ def test_exact_count_and_order(density, gen):
     assert _flat(masks) == _brute_force(scores, k)
 
 
-def test_heavy_ties_and_nan(gen):
-    scores = [torch.randint(0, 3, (500,), generator=gen).float(), torch.full((7,), float("nan")), torch.ones(9)]
-    for k in (0, 1, 100, 333, 516):
-        masks = topk_mask(scores, k=k)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heavy_ties_nan_inf_and_signed_zero(backend, gen):
+    scores = [torch.randint(-1, 2, (500,), generator=gen).float(), torch.full((7,), float("nan")), torch.ones(9),
+              torch.tensor([float("-inf"), -0.0, 0.0, float("inf"), -0.0])]
+    scores[0][scores[0] == 0] = -0.0  # -0 and +0 tie
+    for k in (0, 1, 100, 333, 516, 520):
+        masks = topk_mask(scores, k=k, backend=backend)
         assert _flat(masks) == _brute_force(scores, k)
 
 
-def test_large_exact_count(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_exact_count(backend, gen):
     scores = [rand((10**6 + 3,), generator=gen), rand((1000, 3), generator=gen)]
-    masks = topk_mask(scores, 0.37)
+    masks = topk_mask(scores, 0.37, backend=backend)
     assert sum(int(m.sum()) for m in masks) == keep_count(10**6 + 3 + 3000, 0.37)
     kept = torch.cat([s[m] for s, m in zip(scores, masks)])
     dropped = torch.cat([s[~m] for s, m in zip(scores, masks)])
     assert kept.min() >= dropped.max()
 
 
-def test_ranks_values_not_magnitudes():
-    masks = topk_mask([torch.tensor([-5.0, 1.0, 2.0])], k=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_values_not_magnitudes(backend):
+    masks = topk_mask([torch.tensor([-5.0, 1.0, 2.0])], k=1, backend=backend)
     assert masks[0].tolist() == [False, False, True]
 
 
-def test_mixed_dtypes(gen):
-    scores = [rand((33,), torch.float16, gen), rand((20,), torch.float64, gen)]
-    masks = topk_mask(scores, k=10)
-    assert _flat(masks) == _brute_force(scores, 10)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes(backend, gen):
+    mixed = [rand((33,), torch.float16, gen), rand((20,), torch.float64, gen)]
+    assert _flat(topk_mask(mixed, k=10, backend=backend)) == _brute_force(mixed, 10)
+    half = [rand((300,), torch.float16, gen).round(), rand((20, 3), torch.float16, gen)]
+    assert _flat(topk_mask(half, k=57, backend=backend)) == _brute_force(half, 57)
 
 
+@pytest.mark.cpu
 def test_errors():
     s = [torch.ones(10)]
     with pytest.raises(ValueError, match="exactly one"):

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _checks
-from .._backend import op_backends
+from .._backend import lazy, op_backends
 
 _BACKENDS = op_backends("topk_mask")
 
@@ -43,6 +43,7 @@ def topk_mask_torch(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 _BACKENDS.register("torch", topk_mask_torch)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.topk_mask", "topk_mask_triton"))
 
 
 def keep_count(total: int, density: float) -> int:
