@@ -14,6 +14,7 @@ from .ops.grad_norm import grad_norm
 from .ops.mvue24 import mvue24
 from .ops.nm_mask import nm_mask
 from .ops.perturb import PerturbBackup, perturb_, restore_
+from .ops.sgd_step import restore_sgd_step_
 from .ops.topk_mask import keep_count, topk_mask
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "packed_nbytes",
     "perturb_",
     "restore_",
+    "restore_sgd_step_",
     "topk_mask",
     "unpack_mask",
 ]

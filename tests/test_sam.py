@@ -189,3 +189,38 @@ def test_add_param_group_gets_base_defaults(gen):
     F.mse_loss(model(x), y).backward()
     opt.step(make_closure(model, x, y))
     assert not torch.equal(second[0], before)
+
+
+@pytest.mark.parametrize("hyper", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=1e-3),
+                                   dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.1, momentum=0.5, dampening=0.2)])
+def test_fused_sgd_second_step_equals_restore_then_sgd(hyper, gen):
+    batches = [regression_batch(gen) for _ in range(4)]
+    fused_model, plain_model = _model(), _model()
+    fused = ssam.SAM(fused_model.parameters(), torch.optim.SGD, rho=0.1, **hyper)
+    plain = ssam.SAM(plain_model.parameters(), torch.optim.SGD, rho=0.1, fuse_sgd=False, **hyper)
+    calls = []
+    plain.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))
+    fused.base_optimizer.register_step_post_hook(lambda *a: calls.append(2))
+    _sam_steps(fused, fused_model, batches)
+    _sam_steps(plain, plain_model, batches)
+    assert calls == [1] * len(batches)  # the fused path does not call base_optimizer.step()
+    for p, q in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.equal(p, q)
+        if "momentum" in hyper:
+            assert torch.equal(fused.base_optimizer.state[p]["momentum_buffer"],
+                               plain.base_optimizer.state[q]["momentum_buffer"])
+
+
+def test_fused_sgd_with_a_parameter_idle_in_the_second_pass(gen):
+    model = _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    x, y = regression_batch(gen)
+    bias = model.net[2].bias
+    before = bias.detach().clone()
+    F.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.mse_loss(model(x), y).backward()
+    bias.grad = None  # perturbed in the first step, no gradient in the second
+    opt.second_step()
+    assert torch.equal(bias, before)
+    assert "momentum_buffer" not in opt.base_optimizer.state[bias]

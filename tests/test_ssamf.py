@@ -46,7 +46,7 @@ def test_masks_and_backup_are_compact(gen):
     x, y = data.tensors
     F.cross_entropy(model(x), y).backward()
     opt.first_step()
-    saved = sum(b.nbytes() for _, b in opt._pending)
+    saved = sum(b.nbytes() for _, _, b in opt._pending)
     assert saved == 4 * sum(int(opt.get_mask(p).sum()) for p in model.parameters())
     opt.second_step()
 

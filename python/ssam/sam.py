@@ -64,16 +64,23 @@ class SAM(torch.optim.Optimizer):
             constructed here with ``base_kwargs``.
         rho: radius of the perturbation (>= 0). ``rho=0`` follows the base optimizer exactly.
         adaptive: ASAM's scale-invariant perturbation ``e = rho * w^2 g / ||w g||``.
+        fuse_sgd: when the base optimizer is plain ``torch.optim.SGD``, ``second_step`` does
+            the restore and the SGD update in one pass (``ssam_kernels.restore_sgd_step_``)
+            instead of calling ``base_optimizer.step()``; its momentum buffers stay in the base
+            optimizer's state. Hooks registered on the base optimizer's ``step`` then do not
+            run: pass False to keep them.
 
     Use either ``loss.backward(); opt.step(closure)`` where ``closure`` recomputes the loss and
     calls ``backward()``, or ``first_step(zero_grad=True)``, a second forward/backward, then
     ``second_step()``. ``param_groups`` is the base optimizer's, so schedulers work on either.
     """
 
-    def __init__(self, params: Iterable, base_optimizer, rho: float = 0.05, adaptive: bool = False, **base_kwargs):
+    def __init__(self, params: Iterable, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
+                 fuse_sgd: bool = True, **base_kwargs):
         rho = _check_rho(rho)
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        for name, flag in (("adaptive", adaptive), ("fuse_sgd", fuse_sgd)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors or of parameter groups, not a tensor")
         params = list(params)
@@ -82,12 +89,14 @@ class SAM(torch.optim.Optimizer):
         base = _build_base(params, base_optimizer, base_kwargs)
         super().__init__(base.param_groups, dict(rho=rho, adaptive=adaptive))
         self.base_optimizer = base
+        self.fuse_sgd = fuse_sgd
         self.param_groups = base.param_groups
         for group in self.param_groups:
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
             _check_rho(group["rho"])
-        self._pending: list[tuple[list[torch.Tensor], ssam_kernels.PerturbBackup]] | None = None
+        # (group, perturbed params, their backup) for each group, between the two steps
+        self._pending: list[tuple[dict, list[torch.Tensor], ssam_kernels.PerturbBackup]] | None = None
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
@@ -145,7 +154,7 @@ class SAM(torch.optim.Optimizer):
         try:
             for group, params, directions, masks in plans:
                 scale = group["rho"] / (norm + EPS)
-                pending.append((params, ssam_kernels.perturb_(params, directions, masks, scale)))
+                pending.append((group, params, ssam_kernels.perturb_(params, directions, masks, scale)))
         except BaseException:
             self._restore(pending)
             raise
@@ -158,10 +167,48 @@ class SAM(torch.optim.Optimizer):
         """Return to ``w`` exactly and take the base optimizer's step with the current grads."""
         if self._pending is None:
             raise RuntimeError("second_step() called without a preceding first_step()")
-        self.restore()
-        self.base_optimizer.step()
+        if self._can_fuse_sgd():
+            pending, self._pending = self._pending, None
+            self._fused_sgd_step(pending)
+        else:
+            self.restore()
+            self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
+
+    _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay")
+
+    def _can_fuse_sgd(self) -> bool:
+        """Restore + SGD in one pass when the base optimizer is plain ``torch.optim.SGD`` with
+        number hyper-parameters, and every parameter with a gradient now was perturbed."""
+        if not self.fuse_sgd or type(self.base_optimizer) is not torch.optim.SGD:
+            return False
+        for group in self.param_groups:
+            if group.get("differentiable") or any(
+                isinstance(group[k], bool) or not isinstance(group[k], (int, float)) for k in self._SGD_KEYS
+            ):
+                return False
+        perturbed = {id(p) for _, params, _ in self._pending for p in params}
+        return all(id(p) in perturbed for g in self.param_groups for p in g["params"] if p.grad is not None)
+
+    def _fused_sgd_step(self, pending) -> None:
+        state = self.base_optimizer.state
+        for group, params, backup in pending:
+            stepped = [i for i, p in enumerate(params) if p.grad is not None]
+            idle = [i for i, p in enumerate(params) if p.grad is None]
+            if idle:  # perturbed but no gradient in the second pass: only put back
+                ssam_kernels.restore_([params[i] for i in idle], _sub_backup(backup, idle))
+            if not stepped:
+                continue
+            ps = [params[i] for i in stepped]
+            buffers = ssam_kernels.restore_sgd_step_(
+                ps, [p.grad for p in ps], [state[p].get("momentum_buffer") for p in ps], _sub_backup(backup, stepped),
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group.get("maximize", False),
+            )
+            if group["momentum"] != 0:
+                for p, b in zip(ps, buffers):
+                    state[p]["momentum_buffer"] = b
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -172,7 +219,7 @@ class SAM(torch.optim.Optimizer):
 
     @staticmethod
     def _restore(pending) -> None:
-        for params, backup in reversed(pending):
+        for _, params, backup in reversed(pending):
             ssam_kernels.restore_(params, backup)
 
     @torch.no_grad()
@@ -241,3 +288,9 @@ class SAM(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, rho={self.defaults['rho']})"
+
+
+def _sub_backup(backup: ssam_kernels.PerturbBackup, index: list[int]) -> ssam_kernels.PerturbBackup:
+    if len(index) == len(backup.values):
+        return backup
+    return ssam_kernels.PerturbBackup([backup.values[i] for i in index], [backup.masks[i] for i in index])

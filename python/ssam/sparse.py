@@ -61,12 +61,12 @@ class SparseSAM(SAM):
     ``||g||``.
     """
 
-    def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, seed, base_kwargs):
+    def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.structure: Structure = parse_structure(structure)
         self.sparsity: float = resolve_sparsity(sparsity, self.structure)
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **base_kwargs)
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, fuse_sgd=fuse_sgd, **base_kwargs)
         self.norm = norm
         self.mask_updates = 0
         # persistent BitMask objects: kernels cache per-mask facts (set-bit counts) on them

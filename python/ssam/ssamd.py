@@ -25,7 +25,7 @@ class SSAMD(SparseSAM):
     """Sparse SAM with a dynamic drop/grow mask (SSAM-D).
 
     Args:
-        params, base_optimizer, rho, adaptive, **base_kwargs: as :class:`ssam.SAM`.
+        params, base_optimizer, rho, adaptive, fuse_sgd, **base_kwargs: as :class:`ssam.SAM`.
         sparsity: fraction not perturbed, in [0, 1) (implied by an ``"N:M"`` structure).
         drop_rate: fraction of the perturbed entries dropped (and regrown) at ``T_start``, in
             [0, 1]; decays to 0 at ``T_end`` by :func:`cosine_death_rate`.
@@ -61,6 +61,7 @@ class SSAMD(SparseSAM):
         norm: str = "full",
         *,
         adaptive: bool = False,
+        fuse_sgd: bool = True,
         seed: int | None = None,
         **base_kwargs,
     ):
@@ -83,7 +84,7 @@ class SSAMD(SparseSAM):
         self.growth_strategy = growth_strategy
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.T_start, self.T_end = T_start, T_end
-        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, seed, base_kwargs)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs)
         self._set_masks(self._initial_masks())
 
     # --- scores and the schedule -------------------------------------------------------------

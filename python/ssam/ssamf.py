@@ -16,7 +16,7 @@ class SSAMF(SparseSAM):
     """Sparse SAM with a Fisher-information mask (SSAM-F).
 
     Args:
-        params, base_optimizer, rho, adaptive, **base_kwargs: as :class:`ssam.SAM`.
+        params, base_optimizer, rho, adaptive, fuse_sgd, **base_kwargs: as :class:`ssam.SAM`.
         sparsity: fraction of entries *not* perturbed, in [0, 1). With an ``"N:M"`` structure
             it is implied (1 - N/M): pass None or that value.
         num_samples: samples in the empirical Fisher (>= 1).
@@ -45,6 +45,7 @@ class SSAMF(SparseSAM):
         norm: str = "full",
         *,
         adaptive: bool = False,
+        fuse_sgd: bool = True,
         seed: int | None = None,
         fisher_chunk_size: int = 32,
         **base_kwargs,
@@ -52,7 +53,7 @@ class SSAMF(SparseSAM):
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.fisher_chunk_size = check_positive_int("fisher_chunk_size", fisher_chunk_size)
-        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, seed, base_kwargs)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs)
         self._set_masks([torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params])
         self._warned_empty = False
 

@@ -95,9 +95,8 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     return _PERTURB(backend, params[0].device)(params, grads, masks, scale)
 
 
-def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
-    """Put back the values ``perturb_`` overwrote, bit for bit."""
-    params = _checks.tensor_list("params", params)
+def check_backup(params: list[torch.Tensor], backup) -> None:
+    """``backup`` is a PerturbBackup that fits ``params`` (kernels index it by mask position)."""
     if not isinstance(backup, PerturbBackup):
         raise TypeError(f"backup must be the PerturbBackup returned by perturb_, got {type(backup).__name__}")
     masks = _checks.mask_list(backup.masks, params, "params")
@@ -110,9 +109,15 @@ def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
             raise ValueError(f"backup.values[{i}] has shape {tuple(v.shape)}, params[{i}] has {tuple(w.shape)}")
         if m is not None and v.dim() != 1:
             raise ValueError(f"backup.values[{i}] must be 1-D (the masked values), got shape {tuple(v.shape)}")
-        if m is not None:  # kernels index the backup by mask position: the sizes must agree
+        if m is not None:
             count = m.count_int() if isinstance(m, BitMask) else int(m.sum())
             if v.numel() != count:
                 raise ValueError(f"backup.values[{i}] holds {v.numel()} values but masks[{i}] selects {count}")
+
+
+def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
+    """Put back the values ``perturb_`` overwrote, bit for bit."""
+    params = _checks.tensor_list("params", params)
+    check_backup(params, backup)
     _check_writable(params)
     _RESTORE(backend, params[0].device)(params, backup)

@@ -39,6 +39,15 @@ def _count_bits_kernel(chunk_tensor, chunk_start, numel, bits_ptrs, counts, bits
 
 
 @triton.jit
+def mask_slots(bits, offs, valid, base):
+    """For a block of a masked tensor: which elements are kept, the slot of each in the compact
+    backup (``base`` + kept elements before it in the block), and ``base`` for the next block."""
+    byte = tl.load(bits + offs // 8, mask=valid, other=0).to(tl.int32)
+    bit = (byte >> (offs % 8)) & 1
+    return bit != 0, base + tl.cumsum(bit, axis=0) - bit, base + tl.sum(bit, axis=0)
+
+
+@triton.jit
 def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, chunk_offset,
                  scale_ptr, scale_value, w_ref, g_ref, bits_ref,
                  PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
@@ -63,11 +72,7 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
         offs = start + j + tl.arange(0, BLOCK)
         valid = offs < n
         if HAS_MASK:
-            byte = tl.load(bits + offs // 8, mask=valid, other=0).to(tl.int32)
-            bit = (byte >> (offs % 8)) & 1
-            keep = bit != 0
-            slot = base + tl.cumsum(bit, axis=0) - bit
-            base += tl.sum(bit, axis=0)
+            keep, slot, base = mask_slots(bits, offs, valid, base)
         else:
             keep = valid
             slot = offs
@@ -80,11 +85,11 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
             tl.store(w + offs, tl.load(backup + slot, mask=keep), mask=keep)
 
 
-def _bitmask(mask) -> BitMask:
+def as_bitmask(mask) -> BitMask:
     return mask if isinstance(mask, BitMask) else pack_mask(_checks.as_bool(mask))
 
 
-def _chunk_offsets(table: ChunkTable, first_chunk: torch.Tensor, bits: list[torch.Tensor], device) -> torch.Tensor:
+def chunk_offsets(table: ChunkTable, first_chunk: torch.Tensor, bits: list[torch.Tensor], device) -> torch.Tensor:
     """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor)."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
@@ -93,7 +98,7 @@ def _chunk_offsets(table: ChunkTable, first_chunk: torch.Tensor, bits: list[torc
     return before - before[first_chunk[table.chunk_tensor.long()]]
 
 
-def _first_chunks(numels: list[int], device) -> torch.Tensor:
+def first_chunks(numels: list[int], device) -> torch.Tensor:
     per = [(n + CHUNK - 1) // CHUNK for n in numels]
     firsts, acc = [], 0
     for k in per:
@@ -111,7 +116,7 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
         return
     has_mask = masks[0] is not None
     bits = [m.bits for m in masks] if has_mask else []
-    offsets = _chunk_offsets(table, _first_chunks(numels, device), bits, device) if has_mask else table.numel
+    offsets = chunk_offsets(table, first_chunks(numels, device), bits, device) if has_mask else table.numel
     scale_is_ptr = isinstance(scale, torch.Tensor)
     scale_arg = scale.to(device=device, dtype=torch.float32).reshape(1) if scale_is_ptr else table.numel
     scale_value = 0.0 if (scale_is_ptr or scale is None) else float(scale)
@@ -128,7 +133,7 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
 
 def perturb_triton(params, grads, masks, scale) -> PerturbBackup:
     """Host launcher: same contract as ``perturb_torch`` (inputs checked by the caller)."""
-    masks = [None if m is None else _bitmask(m) for m in masks]
+    masks = [None if m is None else as_bitmask(m) for m in masks]
     values: list = [None] * len(params)
     fast = [i for i, w in enumerate(params) if w.is_contiguous()]
     slow = [i for i, w in enumerate(params) if not w.is_contiguous()]
@@ -154,7 +159,7 @@ def perturb_triton(params, grads, masks, scale) -> PerturbBackup:
 
 
 def restore_triton(params, backup: PerturbBackup) -> None:
-    masks = [None if m is None else _bitmask(m) for m in backup.masks]
+    masks = [None if m is None else as_bitmask(m) for m in backup.masks]
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()]
     slow = sorted(set(range(len(params))) - set(fast))
     keys = [(params[i].dtype, masks[i] is not None) for i in fast]

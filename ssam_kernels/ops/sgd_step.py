@@ -1,0 +1,75 @@
+"""The descent step fused with the exact restore: put back the values ``perturb_`` overwrote,
+then apply ``torch.optim.SGD``'s update (momentum, dampening, weight decay, nesterov,
+maximize) with the gradient taken at ``w + e``: one pass over the weights instead of two."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .._backend import lazy, op_backends
+from .perturb import PerturbBackup, _check_writable, check_backup, restore_torch
+
+_BACKENDS = op_backends("restore_sgd_step_")
+
+
+def sgd_update_torch(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    """``torch.optim.SGD``'s single-tensor update, op for op (bitwise equal on the same device)."""
+    out = []
+    for w, g, buf in zip(params, grads, momentum_buffers):
+        d = -g if maximize else g
+        if weight_decay != 0:
+            d = d.add(w, alpha=weight_decay)
+        if momentum != 0:
+            if buf is None:
+                buf = d.detach().clone()
+            else:
+                buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        w.add_(d, alpha=-lr)
+        out.append(buf)
+    return out
+
+
+def restore_sgd_step_torch(params, grads, momentum_buffers, backup, hyper):
+    restore_torch(params, backup)
+    return sgd_update_torch(params, grads, momentum_buffers, **hyper)
+
+
+_BACKENDS.register("torch", restore_sgd_step_torch)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.sgd_step", "restore_sgd_step_triton"))
+
+
+def _real(name: str, value, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value >= low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return float(value)
+
+
+def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *, lr: float, momentum: float = 0.0,
+                      dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                      maximize: bool = False, backend: str = "auto") -> list[torch.Tensor | None]:
+    """``restore_(params, backup)`` then one SGD step of every param with its grad.
+
+    ``momentum_buffers`` has one entry per param: its buffer (updated in place) or None (a new
+    one is made from the step's direction, as torch's SGD does on its first step). Returns the
+    buffers (None where ``momentum == 0``). The Triton kernel computes in fp32 and rounds once;
+    the reference follows torch's SGD op for op.
+    """
+    params = _checks.tensor_list("params", params)
+    grads = _checks.tensor_list("grads", grads)
+    _checks.same_shapes("grads", grads, "params", params)
+    if not isinstance(momentum_buffers, (list, tuple)) or len(momentum_buffers) != len(params):
+        raise ValueError("momentum_buffers must be a list with one entry (a tensor or None) per param")
+    for i, (b, w) in enumerate(zip(momentum_buffers, params)):
+        if b is not None and (not isinstance(b, torch.Tensor) or b.shape != w.shape or b.device != w.device):
+            raise ValueError(f"momentum_buffers[{i}] must be None or a tensor shaped like params[{i}] on its device")
+    hyper = dict(lr=_real("lr", lr), momentum=_real("momentum", momentum), dampening=_real("dampening", dampening),
+                 weight_decay=_real("weight_decay", weight_decay), nesterov=bool(nesterov), maximize=bool(maximize))
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    check_backup(params, backup)
+    _check_writable(params)
+    return _BACKENDS(backend, params[0].device)(params, grads, list(momentum_buffers), backup, hyper)

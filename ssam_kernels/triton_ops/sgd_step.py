@@ -1,0 +1,101 @@
+"""Triton restore + SGD step, fused: per element, the weight is the backed-up original where
+the mask is set (else the current value), then ``torch.optim.SGD``'s update runs in fp32 and
+the weight and momentum buffer are written once. One launch per (dtype, masked, has-buffer)
+group; non-contiguous tensors use the reference."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.perturb import PerturbBackup
+from ..ops.sgd_step import restore_sgd_step_torch
+from .multi_tensor import CHUNK, address_table, chunk_table, group_by
+from .perturb import BLOCK, as_bitmask, chunk_offsets, first_chunks, mask_slots
+
+
+@triton.jit
+def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, backup_ptrs,
+                        chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr, momentum, dampening, weight_decay,
+                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
+                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    n = tl.load(numel + t)
+    w = tl.load(w_ptrs + t).to(w_ref.dtype)
+    g = tl.load(g_ptrs + t).to(g_ref.dtype)
+    backup = tl.load(backup_ptrs + t).to(w_ref.dtype)
+    if MOMENTUM:
+        buf = tl.load(buf_ptrs + t).to(buf_ref.dtype)
+    if HAS_MASK:
+        bits = tl.load(bits_ptrs + t).to(bits_ref.dtype)
+        base = tl.load(chunk_offset + c)
+    for j in range(0, CHUNK, BLOCK):
+        offs = start + j + tl.arange(0, BLOCK)
+        valid = offs < n
+        if HAS_MASK:
+            keep, slot, base = mask_slots(bits, offs, valid, base)
+            current = tl.load(w + offs, mask=valid)
+            weight = tl.where(keep, tl.load(backup + slot, mask=keep), current).to(tl.float32)
+        else:
+            weight = tl.load(backup + offs, mask=valid).to(tl.float32)
+        d = tl.load(g + offs, mask=valid, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            d = -d
+        if WEIGHT_DECAY:
+            d = d + weight_decay * weight
+        if MOMENTUM:
+            if NEW_BUFFER:
+                b = d
+            else:
+                b = tl.load(buf + offs, mask=valid, other=0.0).to(tl.float32) * momentum + (1 - dampening) * d
+            tl.store(buf + offs, b.to(buf_ref.dtype.element_ty), mask=valid)
+            if NESTEROV:
+                d = d + momentum * b
+            else:
+                d = b
+        tl.store(w + offs, (weight - lr * d).to(w_ref.dtype.element_ty), mask=valid)
+
+
+def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBackup, hyper) -> list:
+    masks = [None if m is None else as_bitmask(m) for m in backup.masks]
+    buffers = list(momentum_buffers)
+    use_momentum = hyper["momentum"] != 0
+    fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()
+            and (buffers[i] is None or buffers[i].is_contiguous())]
+    slow = sorted(set(range(len(params))) - set(fast))
+    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None, use_momentum and buffers[i] is None) for i in fast]
+    for (_, _, has_mask, new_buffer), idx in group_by(keys, fast).items():
+        ws = [params[i] for i in idx]
+        gs = [grads[i].contiguous() for i in idx]
+        if use_momentum and new_buffer:
+            for i in idx:  # torch's SGD keeps buffers in the grad's dtype (a clone of it)
+                buffers[i] = torch.empty_like(grads[i], memory_format=torch.contiguous_format)
+        bufs = [buffers[i] for i in idx] if use_momentum else ws
+        device = ws[0].device
+        numels = [w.numel() for w in ws]
+        table = chunk_table(numels, device)
+        if table.num_chunks == 0:
+            continue
+        bits = [masks[i].bits for i in idx] if has_mask else []
+        offsets = chunk_offsets(table, first_chunks(numels, device), bits, device) if has_mask else table.numel
+        w_addr = address_table(ws, device)
+        _restore_sgd_kernel[(table.num_chunks,)](
+            table.chunk_tensor, table.chunk_start, table.numel, w_addr, address_table(gs, device),
+            address_table(bufs, device), address_table(bits, device) if has_mask else w_addr,
+            address_table([backup.values[i] for i in idx], device), offsets,
+            ws[0], gs[0], bufs[0], bits[0] if has_mask else ws[0],
+            hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
+            HAS_MASK=has_mask, MOMENTUM=use_momentum, NEW_BUFFER=new_buffer, NESTEROV=hyper["nesterov"],
+            MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0, CHUNK=CHUNK, BLOCK=BLOCK,
+        )
+    if slow:
+        sub = PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow])
+        out = restore_sgd_step_torch([params[i] for i in slow], [grads[i] for i in slow],
+                                     [buffers[i] for i in slow], sub, hyper)
+        for i, b in zip(slow, out):
+            buffers[i] = b
+    return buffers if use_momentum else [None] * len(params)

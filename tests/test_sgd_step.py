@@ -1,0 +1,93 @@
+import pytest
+import torch
+from helpers import BACKENDS, backend_dtypes, rand, rand_mask
+
+from ssam_kernels import pack_mask, perturb_, restore_sgd_step_
+from ssam_kernels._checks import as_bool
+
+HYPERS = [
+    dict(lr=0.1),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    dict(lr=0.1, momentum=0.5, dampening=0.1, maximize=True, weight_decay=0.01),
+]
+SHAPES = [(5,), (3, 4), (0,), (4095,), (9000,)]
+
+
+def _inputs(dtype, gen, with_buffers):
+    ws = [rand(s, dtype, gen) for s in SHAPES]
+    gs = [rand(s, dtype, gen) for s in SHAPES]
+    ms = [rand_mask(s, generator=gen) for s in SHAPES]
+    ms[1] = None
+    ms[3] = pack_mask(ms[3])
+    bufs = [None if (i % 2 == 0 or not with_buffers) else rand(s, dtype, gen) for i, s in enumerate(SHAPES)]
+    return ws, gs, ms, bufs
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hyper", HYPERS)
+def test_reference_is_restore_then_torch_sgd_bitwise(hyper, dtype, gen):
+    ws, gs, ms, _ = _inputs(dtype, gen, False)
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    sgd = torch.optim.SGD(params, **hyper)
+    ours = [w.clone() for w in ws]
+    buffers = [None] * len(ws)
+    for _ in range(3):  # several steps: buffers are created, then updated in place
+        g2 = [rand(s, dtype, gen) for s in SHAPES]
+        with torch.no_grad():
+            backup = perturb_(ours, gs, ms, 0.3, backend="torch")
+            buffers = restore_sgd_step_(ours, g2, buffers, backup, backend="torch", **hyper)
+        for p, g in zip(params, g2):
+            p.grad = g.clone()
+        sgd.step()
+        for p, w in zip(params, ours):
+            assert torch.equal(p.detach(), w)
+    for p, b in zip(params, buffers):
+        if "momentum" in hyper:
+            assert torch.equal(sgd.state[p]["momentum_buffer"], b)
+        else:
+            assert b is None
+
+
+@pytest.mark.parametrize("hyper", HYPERS)
+@pytest.mark.parametrize("backend,dtype", [p for p in backend_dtypes([torch.float32, torch.float16, torch.bfloat16])
+                                           if p.values[0] != "torch"])
+def test_kernel_matches_fp32_reference(hyper, dtype, backend, gen):
+    ws, gs, ms, bufs = _inputs(dtype, gen, with_buffers="momentum" in hyper)
+    ref_w = [w.to(torch.float32, copy=True) for w in ws]
+    ref_b = [None if b is None else b.to(torch.float32, copy=True) for b in bufs]
+    g2 = [rand(s, dtype, gen) for s in SHAPES]
+    with torch.no_grad():
+        backup = perturb_(ws, gs, ms, 0.3, backend="torch")
+        for w, m in zip(ws, ms):  # poison: the restore must overwrite what the second pass left
+            w[torch.ones_like(w, dtype=torch.bool) if m is None else as_bool(m)] = 7.0
+        ref_backup = perturb_(ref_w, [g.float() for g in gs], ms, 0.3, backend="torch")
+        out = restore_sgd_step_(ws, g2, bufs, backup, backend=backend, **hyper)
+        ref = restore_sgd_step_(ref_w, [g.float() for g in g2], ref_b, ref_backup, backend="torch", **hyper)
+    # fp32: the kernel may contract to FMA; low precision: the kernel rounds once from fp32,
+    # so it is within one ulp of the fp32 reference (torch's own SGD rounds after every op)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=torch.finfo(dtype).eps, atol=1e-5)
+    for w, r in zip(ws, ref_w):
+        torch.testing.assert_close(w, r.to(dtype), **tol)
+    for b, r in zip(out, ref):
+        assert (b is None) == (r is None)
+        if b is not None:
+            torch.testing.assert_close(b, r.to(dtype), **tol)
+
+
+@pytest.mark.cpu
+def test_errors(gen):
+    w = [torch.zeros(4)]
+    with torch.no_grad():
+        backup = perturb_(w, [torch.ones(4)], None, 1.0)
+        with pytest.raises(ValueError, match="one entry"):
+            restore_sgd_step_(w, [torch.ones(4)], [], backup, lr=0.1)
+        with pytest.raises(ValueError, match="lr must be >= 0"):
+            restore_sgd_step_(w, [torch.ones(4)], [None], backup, lr=-1.0)
+        with pytest.raises(ValueError, match="nesterov"):
+            restore_sgd_step_(w, [torch.ones(4)], [None], backup, lr=0.1, nesterov=True)
+        with pytest.raises(ValueError, match="momentum_buffers\\[0\\]"):
+            restore_sgd_step_(w, [torch.ones(4)], [torch.ones(3)], backup, lr=0.1, momentum=0.9)
+        with pytest.raises(TypeError, match="PerturbBackup"):
+            restore_sgd_step_(w, [torch.ones(4)], [None], None, lr=0.1)
