@@ -9,7 +9,7 @@ extension is missing.
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_info
 from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask
-from .ops.compress_24 import compress_24, decompress_24
+from .ops.compress_24 import compress_24, compress_24_cusparselt, decompress_24
 from .ops.grad_norm import grad_norm
 from .ops.mvue24 import mvue24
 from .ops.nm_mask import nm_mask
@@ -26,6 +26,7 @@ __all__ = [
     "PerturbBackup",
     "backend_info",
     "compress_24",
+    "compress_24_cusparselt",
     "decompress_24",
     "grad_norm",
     "keep_count",

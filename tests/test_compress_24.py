@@ -90,3 +90,11 @@ def test_errors(gen):
         decompress_24(values, meta[:, :2])
     with pytest.raises(TypeError, match="int16"):
         decompress_24(values, meta.int())
+
+
+@pytest.mark.cpu
+def test_cusparselt_path_needs_cuda():
+    from ssam_kernels import compress_24_cusparselt
+
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        compress_24_cusparselt(torch.zeros(32, 32, dtype=torch.float16))

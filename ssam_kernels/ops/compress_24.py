@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import lazy, op_backends
+from .._backend import BackendUnavailableError, lazy, op_backends
 
 _COMPRESS = op_backends("compress_24")
 _DECOMPRESS = op_backends("decompress_24")
@@ -131,3 +131,21 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "a
     if meta.device != values.device:
         raise ValueError(f"meta is on {meta.device}, values on {values.device}")
     return _DECOMPRESS(backend, values.device)(values.contiguous(), meta.contiguous())
+
+
+def compress_24_cusparselt(x: torch.Tensor) -> torch.Tensor:
+    """Compress a 2:4-sparse fp16/bf16 CUDA matrix into cuSPARSELt's layout with torch's own
+    ``torch._cslt_compress`` (values and metadata in one buffer, for ``torch._cslt_sparse_mm``).
+
+    cuSPARSELt's layout is opaque and GPU-only; the CUTLASS layout (:func:`compress_24`) is the
+    one this library reproduces and tests element by element.
+    """
+    _check_matrix("x", x, DTYPES)
+    if x.device.type != "cuda":
+        raise ValueError(f"cuSPARSELt runs on CUDA tensors only, x is on {x.device}")
+    if not torch.backends.cusparselt.is_available():
+        raise BackendUnavailableError("this torch build has no cuSPARSELt (torch.backends.cusparselt)")
+    rows, cols = x.shape
+    if rows % 16 or cols % 16:  # cuSPARSELt's fp16/bf16 alignment
+        raise ValueError(f"x has shape {tuple(x.shape)}; cuSPARSELt needs rows and cols multiples of 16")
+    return torch._cslt_compress(x.contiguous())
