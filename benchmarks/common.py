@@ -6,7 +6,11 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
+import time
+from typing import Callable
 
 import torch
 
@@ -80,3 +84,56 @@ def write_results(name: str, meta: dict, rows: list[dict], markdown: str, out_di
     with open(md_path, "w") as f:
         f.write(markdown + "\n")
     return json_path, md_path
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name under results/ for a device (e.g. ``nvidia-h100-80gb-hbm3``)."""
+    name = device_facts(device)["device"] if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
+                        reps: int = 20) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin (one call of each per
+    round) after ``warmup`` rounds, so drifting clocks hit every contender alike. CUDA: events."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted): the ceiling for
+    memory-bound kernels, measured in the same run as them."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, warmup=3, reps=reps)["copy"]
+    return 2 * nbytes / t
+
+
+def results_dir(device: torch.device, out: str | None) -> str | None:
+    """Where a benchmark writes: ``--out`` if given, else results/<device>/ for a GPU run, and
+    nowhere for a CPU run (CPU figures are printed, labelled CPU, never committed as results)."""
+    if out:
+        return out
+    return os.path.join(RESULTS, device_slug(device)) if device.type == "cuda" else None

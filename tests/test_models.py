@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssam.models import DigitsNet, resnet18_cifar, resnet50, vit_small, vit_tiny, wide_resnet28_10
+from ssam.models import DigitsNet, resnet18_cifar, resnet50, vit_base, vit_small, vit_tiny, wide_resnet28_10
 
 pytestmark = pytest.mark.cpu
 
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.cpu
         (wide_resnet28_10, 36_479_194, (3, 32, 32), 10),
         (resnet50, 25_557_032, (3, 224, 224), 1000),
         (vit_small, 22_050_664, (3, 224, 224), 1000),
+        (vit_base, 86_567_656, (3, 224, 224), 1000),  # timm vit_base_patch16_224
         (vit_tiny, 2_693_578, (3, 32, 32), 10),
         (DigitsNet, 21_482, (1, 8, 8), 10),
     ],

@@ -2,7 +2,7 @@
 
 from .digits import DigitsNet
 from .resnet import ResNet, resnet18_cifar, resnet50
-from .vit import ViT, vit_small, vit_tiny
+from .vit import ViT, vit_base, vit_small, vit_tiny
 from .wideresnet import WideResNet, wide_resnet28_10
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "WideResNet",
     "resnet18_cifar",
     "resnet50",
+    "vit_base",
     "vit_small",
     "vit_tiny",
     "wide_resnet28_10",

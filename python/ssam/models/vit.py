@@ -50,3 +50,8 @@ def vit_tiny(num_classes: int = 10, img_size: int = 32) -> ViT:
 def vit_small(num_classes: int = 1000, img_size: int = 224) -> ViT:
     """ViT-S/16: patch 16, dim 384, depth 12, 6 heads (22M parameters)."""
     return ViT(img_size, 16, 384, 12, 6, num_classes)
+
+
+def vit_base(num_classes: int = 1000, img_size: int = 224) -> ViT:
+    """ViT-B/16: patch 16, dim 768, depth 12, 12 heads (86.6M parameters)."""
+    return ViT(img_size, 16, 768, 12, 12, num_classes)

@@ -1,0 +1,164 @@
+"""The optimizer-side work of one SSAM step: gradient norm + masked perturbation + restore.
+
+For realistic parameter lists (1M MLP, ResNet-18, ResNet-50 25M, ViT-B 87M, a 355M GPT-2
+medium list) at mask density 0.5, one cycle ``grad_norm -> perturb_ -> restore_`` is timed for:
+
+* ``ours``: ``ssam_kernels`` with ``backend="auto"`` (Triton on a GPU) and a bit-packed mask;
+* ``torch``: the same ops with the plain-PyTorch reference backend;
+* ``foreach``: ``torch._foreach_*`` with float masks (a good hand-written PyTorch baseline);
+* ``official``: the official code's per-parameter loop (``e = g * scale * mask``, ``p += e``,
+  ``p -= e``, float mask and float ``e`` per parameter).
+
+Effective bandwidth counts the bytes the cycle must move (see ``required_bytes``) and is
+reported as a fraction of the device's copy bandwidth measured in the same run. The extra
+optimizer memory per parameter (mask + backup) is reported beside the official 8 B (fp32).
+
+    python benchmarks/bench_perturb.py            # on a GPU: writes results/<device>/perturb.{json,md}
+    python benchmarks/bench_perturb.py --quick    # small lists; on a CPU it prints, labelled CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (copy_bandwidth, interleaved_medians, markdown_table, results_dir,  # noqa: E402
+                    run_metadata, write_results)
+
+import ssam_kernels as sk  # noqa: E402
+from ssam.models import resnet18_cifar, resnet50, vit_base  # noqa: E402
+
+DENSITY = 0.5
+
+
+def _model_shapes(build) -> list[tuple[int, ...]]:
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in build().parameters()]
+
+
+def gpt2_medium_shapes(layers: int = 24, d: int = 1024, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+PARAM_LISTS = {
+    "mlp-1M": lambda: [(1024, 512), (1024,), (512, 1024), (512,)],
+    "resnet18": lambda: _model_shapes(resnet18_cifar),
+    "resnet50": lambda: _model_shapes(resnet50),
+    "vit-b": lambda: _model_shapes(vit_base),
+    "gpt2-medium-355M": gpt2_medium_shapes,
+}
+QUICK = ["mlp-1M", "resnet18"]
+
+
+def required_bytes(numel: int, kept: int, w_size: int, g_size: int) -> int:
+    """norm: read g. perturb: read w, g, bits; write w and the backup at kept entries.
+    restore: read bits and the backup; write w at kept entries."""
+    bits = (numel + 7) // 8
+    return numel * g_size + (numel * (w_size + g_size) + bits + 2 * kept * w_size) + (bits + 2 * kept * w_size)
+
+
+def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes]
+    grads = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes]
+    bool_masks = [torch.rand(s, device=device, generator=gen) < DENSITY for s in shapes]
+    bit_masks = [sk.pack_mask(m) for m in bool_masks]
+    float_masks = [m.to(dtype) for m in bool_masks]
+    rho = 0.05
+
+    def ours(backend):
+        def run():
+            with torch.no_grad():
+                norm = sk.grad_norm(grads, backend=backend)
+                backup = sk.perturb_(params, grads, bit_masks, rho / (norm + 1e-7), backend=backend)
+                sk.restore_(params, backup, backend=backend)
+        return run
+
+    def foreach():
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            e = torch._foreach_mul(grads, rho / (norm + 1e-7))
+            torch._foreach_mul_(e, float_masks)
+            torch._foreach_add_(params, e)
+            torch._foreach_sub_(params, e)
+
+    def official():
+        with torch.no_grad():
+            norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+            scale = rho / (norm + 1e-7)
+            saved = []
+            for p, g, m in zip(params, grads, float_masks):
+                e_w = g * scale
+                e_w.data = e_w.data * m
+                p.add_(e_w)
+                saved.append(e_w)
+            for p, e_w in zip(params, saved):
+                p.sub_(e_w)
+
+    fns = {"ours": ours("auto"), "torch": ours("torch"), "foreach": foreach, "official": official}
+    times = interleaved_medians(fns, device, warmup=3, reps=reps)
+    numel = sum(p.numel() for p in params)
+    kept = sum(m.count_int() for m in bit_masks)
+    size = params[0].element_size()
+    nbytes = required_bytes(numel, kept, size, size)
+    ours_mem = (sum(m.bits.numel() for m in bit_masks) + kept * size) / numel
+    return [
+        dict(params=name, numel=numel, tensors=len(shapes), dtype=str(dtype).split(".")[-1], impl=impl,
+             backend=sk.backend_info(device)["ops"]["perturb_"]["auto"] if impl == "ours" else impl,
+             median_ms=t * 1e3, gbps=nbytes / t / 1e9, speedup_vs_official=times["official"] / t,
+             speedup_vs_foreach=times["foreach"] / t,
+             extra_bytes_per_param=ours_mem if impl in ("ours", "torch") else 2.0 * size)
+        for impl, t in times.items()
+    ]
+
+
+COLUMNS = [
+    ("params", "param list", ""), ("numel", "params", ",d"), ("tensors", "tensors", "d"), ("impl", "impl", ""),
+    ("backend", "backend", ""), ("median_ms", "median ms", ".3f"), ("gbps", "GB/s", ".1f"),
+    ("copy_fraction", "of copy BW", ".2f"), ("speedup_vs_official", "x official", ".1f"),
+    ("speedup_vs_foreach", "x foreach", ".2f"), ("extra_bytes_per_param", "extra B/param", ".3f"),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"only {QUICK}, fewer repetitions")
+    p.add_argument("--lists", nargs="+", choices=sorted(PARAM_LISTS))
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="directory for perturb.{json,md} (default: results/<gpu>/; CPU: none)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    names = args.lists or (QUICK if args.quick else list(PARAM_LISTS))
+    reps = 5 if args.quick else 30
+    ceiling = copy_bandwidth(device, nbytes=(1 << 26) if args.quick else (1 << 30))
+    rows = []
+    for name in names:
+        for row in bench_list(name, PARAM_LISTS[name](), device, dtype, reps):
+            row["copy_fraction"] = row["gbps"] * 1e9 / ceiling
+            rows.append(row)
+    meta = run_metadata(device)
+    meta["copy_bandwidth_gbps"] = ceiling / 1e9
+    meta["mask_density"] = DENSITY
+    label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
+    table = markdown_table(rows, COLUMNS)
+    md = (f"# grad_norm + perturb_ + restore_ per step{label}\n\n{meta['device']}, copy bandwidth "
+          f"{ceiling / 1e9:.0f} GB/s measured in this run, torch {meta['torch']}, triton {meta['triton']}, "
+          f"commit {meta['commit']}, {meta['date']}.\n\n{table}\n")
+    print(md)
+    out = results_dir(device, args.out)
+    if out:
+        print("wrote", *write_results("perturb", meta, rows, md, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The op benchmarks run end to end (tiny sizes) and report what they claim to."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_perturb  # noqa: E402
+import bench_topk_mask  # noqa: E402
+
+pytestmark = pytest.mark.cpu
+
+
+def test_required_bytes():
+    # 16 fp32 params, 8 kept: norm 64 + perturb (128 + 2 + 64) + restore (2 + 64)
+    assert bench_perturb.required_bytes(16, 8, 4, 4) == 64 + 194 + 66
+
+
+def test_bench_perturb_quick_cpu_writes_nothing_by_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_perturb, "RESULTS", str(tmp_path), raising=False)
+    assert bench_perturb.main(["--lists", "mlp-1M", "--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU run: not a GPU figure" in out and "| mlp-1M |" in out
+    for impl in ("ours", "torch", "foreach", "official"):
+        assert f"| {impl} |" in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_topk_quick_with_out(tmp_path, capsys):
+    assert bench_topk_mask.main(["--scores", "20000", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "topk_mask.json").exists()
+    assert "| True |" in capsys.readouterr().out
