@@ -26,8 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (copy_bandwidth, interleaved_medians, markdown_table, results_dir,  # noqa: E402
-                    run_metadata, write_results)
+from common import copy_bandwidth, interleaved_medians, report  # noqa: E402
 
 import ssam_kernels as sk  # noqa: E402
 from ssam.models import resnet18_cifar, resnet50, vit_base  # noqa: E402
@@ -145,18 +144,9 @@ def main(argv=None) -> int:
         for row in bench_list(name, PARAM_LISTS[name](), device, dtype, reps):
             row["copy_fraction"] = row["gbps"] * 1e9 / ceiling
             rows.append(row)
-    meta = run_metadata(device)
-    meta["copy_bandwidth_gbps"] = ceiling / 1e9
-    meta["mask_density"] = DENSITY
-    label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
-    table = markdown_table(rows, COLUMNS)
-    md = (f"# grad_norm + perturb_ + restore_ per step{label}\n\n{meta['device']}, copy bandwidth "
-          f"{ceiling / 1e9:.0f} GB/s measured in this run, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {meta['commit']}, {meta['date']}.\n\n{table}\n")
-    print(md)
-    out = results_dir(device, args.out)
-    if out:
-        print("wrote", *write_results("perturb", meta, rows, md, out))
+    report("perturb", "grad_norm + perturb_ + restore_ per step", rows, COLUMNS, device, args.out,
+           meta_extra=dict(copy_bandwidth_gbps=ceiling / 1e9, mask_density=DENSITY),
+           note=f", copy bandwidth {ceiling / 1e9:.0f} GB/s measured in this run")
     return 0
 
 

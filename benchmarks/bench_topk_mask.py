@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, markdown_table, results_dir, run_metadata, write_results  # noqa: E402
+from common import interleaved_medians, report  # noqa: E402
 
 import ssam_kernels as sk  # noqa: E402
 from bench_perturb import PARAM_LISTS  # noqa: E402
@@ -72,14 +72,7 @@ def main(argv=None) -> int:
     total = args.scores or (10**6 if args.quick else 10**8)
     reps = 3 if args.quick else 20
     rows = [r for d in (0.5, 0.01) for r in bench(total, d, device, reps)]
-    meta = run_metadata(device)
-    label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
-    md = (f"# Global top-k mask{label}\n\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {meta['commit']}, {meta['date']}.\n\n{markdown_table(rows, COLUMNS)}\n")
-    print(md)
-    out = results_dir(device, args.out)
-    if out:
-        print("wrote", *write_results("topk_mask", meta, rows, md, out))
+    report("topk_mask", "Global top-k mask", rows, COLUMNS, device, args.out)
     return 0
 
 

@@ -137,3 +137,18 @@ def results_dir(device: torch.device, out: str | None) -> str | None:
     if out:
         return out
     return os.path.join(RESULTS, device_slug(device)) if device.type == "cuda" else None
+
+
+def report(name: str, title: str, rows: list[dict], columns, device: torch.device, out: str | None,
+           meta_extra: dict | None = None, note: str = "") -> dict:
+    """Print the Markdown table of a run (labelled CPU off a GPU) and write it where
+    :func:`results_dir` says. Returns the run metadata."""
+    meta = {**run_metadata(device), **(meta_extra or {})}
+    label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
+    md = (f"# {title}{label}\n\n{meta['device']}{note}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"commit {meta['commit']}, {meta['date']}.\n\n{markdown_table(rows, columns)}\n")
+    print(md)
+    target = results_dir(device, out)
+    if target:
+        print("wrote", *write_results(name, meta, rows, md, target))
+    return meta

@@ -4,9 +4,11 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_perturb  # noqa: E402
+import common  # noqa: E402
 import bench_topk_mask  # noqa: E402
 
 pytestmark = pytest.mark.cpu
@@ -17,14 +19,13 @@ def test_required_bytes():
     assert bench_perturb.required_bytes(16, 8, 4, 4) == 64 + 194 + 66
 
 
-def test_bench_perturb_quick_cpu_writes_nothing_by_default(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench_perturb, "RESULTS", str(tmp_path), raising=False)
+def test_bench_perturb_quick_cpu_is_labelled_and_not_written(capsys):
+    assert common.results_dir(torch.device("cpu"), None) is None  # CPU runs are never results
     assert bench_perturb.main(["--lists", "mlp-1M", "--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
-    assert "CPU run: not a GPU figure" in out and "| mlp-1M |" in out
+    assert "CPU run: not a GPU figure" in out and "| mlp-1M |" in out and "wrote" not in out
     for impl in ("ours", "torch", "foreach", "official"):
         assert f"| {impl} |" in out
-    assert not any(tmp_path.iterdir())
 
 
 def test_bench_topk_quick_with_out(tmp_path, capsys):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, backend_dtypes, rand, rand_mask
+from helpers import backend_dtypes, rand, rand_mask
 
 from ssam_kernels import pack_mask, perturb_, restore_sgd_step_
 from ssam_kernels._checks import as_bool

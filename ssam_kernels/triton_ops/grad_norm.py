@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import _checks
 from ..ops.bitmask import BitMask, pack_mask
-from .multi_tensor import CHUNK, address_table, chunk_table, group_by
+from .multi_tensor import CHUNK, address_table, chunk_table, group_by, tensor_ptr, this_chunk
 
 BLOCK = 1024
 
@@ -19,13 +19,10 @@ def _sum_squares_kernel(
     chunk_tensor, chunk_start, numel, x_ptrs, bits_ptrs, partial, x_ref, bits_ref,
     HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    x = tl.load(x_ptrs + t).to(x_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    x = tensor_ptr(x_ptrs, t, x_ref)
     if HAS_MASK:
-        bits = tl.load(bits_ptrs + t).to(bits_ref.dtype)
+        bits = tensor_ptr(bits_ptrs, t, bits_ref)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, CHUNK, BLOCK):
         offs = start + j + tl.arange(0, BLOCK)

@@ -17,8 +17,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 CHUNK = 8192  # elements per program; a multiple of every BLOCK used with it
+
+
+@triton.jit
+def this_chunk(chunk_tensor, chunk_start, numel):
+    """(chunk, tensor, first element, tensor length) of the running program."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    return c, t, tl.load(chunk_start + c), tl.load(numel + t)
+
+
+@triton.jit
+def tensor_ptr(ptrs, t, ref):
+    """Typed pointer to tensor ``t`` from an address table (``ref``: any tensor of the type)."""
+    return tl.load(ptrs + t).to(ref.dtype)
 
 
 @dataclass
@@ -26,6 +42,7 @@ class ChunkTable:
     chunk_tensor: torch.Tensor  # int32 [chunks]
     chunk_start: torch.Tensor  # int64 [chunks]
     numel: torch.Tensor  # int64 [tensors]
+    first_chunk: torch.Tensor  # int64 [tensors]: index of each tensor's first chunk
     num_chunks: int
 
 
@@ -38,6 +55,7 @@ def chunk_table(numels: list[int], device: torch.device, chunk: int = CHUNK) -> 
         chunk_tensor.to(device, non_blocking=True),
         chunk_start.to(device, non_blocking=True),
         torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True),
+        first.to(device, non_blocking=True),
         int(counts.sum()),
     )
 

@@ -16,7 +16,7 @@ import triton.language as tl
 from .. import _checks
 from ..ops.bitmask import BitMask, pack_mask
 from ..ops.perturb import PerturbBackup, perturb_torch, restore_torch
-from .multi_tensor import CHUNK, ChunkTable, address_table, chunk_table, group_by
+from .multi_tensor import CHUNK, ChunkTable, address_table, chunk_table, group_by, tensor_ptr, this_chunk
 
 BLOCK = 1024
 
@@ -24,11 +24,8 @@ BLOCK = 1024
 @triton.jit
 def _count_bits_kernel(chunk_tensor, chunk_start, numel, bits_ptrs, counts, bits_ref,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    bits = tl.load(bits_ptrs + t).to(bits_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    bits = tensor_ptr(bits_ptrs, t, bits_ref)
     total = tl.zeros([BLOCK], dtype=tl.int32)
     for j in range(0, CHUNK, BLOCK):
         offs = start + j + tl.arange(0, BLOCK)
@@ -53,20 +50,17 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
                  PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """PERTURB: w[m] -> backup, w[m] += scale * g[m]. Else (restore): backup -> w[m]."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    w = tl.load(w_ptrs + t).to(w_ref.dtype)
-    backup = tl.load(backup_ptrs + t).to(w_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    w = tensor_ptr(w_ptrs, t, w_ref)
+    backup = tensor_ptr(backup_ptrs, t, w_ref)
     if PERTURB:
-        g = tl.load(g_ptrs + t).to(g_ref.dtype)
+        g = tensor_ptr(g_ptrs, t, g_ref)
         if SCALE_IS_PTR:
             scale = tl.load(scale_ptr).to(tl.float32)
         else:
             scale = scale_value
     if HAS_MASK:
-        bits = tl.load(bits_ptrs + t).to(bits_ref.dtype)
+        bits = tensor_ptr(bits_ptrs, t, bits_ref)
         base = tl.load(chunk_offset + c)
     for j in range(0, CHUNK, BLOCK):
         offs = start + j + tl.arange(0, BLOCK)
@@ -89,22 +83,13 @@ def as_bitmask(mask) -> BitMask:
     return mask if isinstance(mask, BitMask) else pack_mask(_checks.as_bool(mask))
 
 
-def chunk_offsets(table: ChunkTable, first_chunk: torch.Tensor, bits: list[torch.Tensor], device) -> torch.Tensor:
+def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.Tensor:
     """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor)."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
                                            address_table(bits, device), counts, bits[0], CHUNK=CHUNK, BLOCK=BLOCK)
     before = torch.cumsum(counts, 0) - counts
-    return before - before[first_chunk[table.chunk_tensor.long()]]
-
-
-def first_chunks(numels: list[int], device) -> torch.Tensor:
-    per = [(n + CHUNK - 1) // CHUNK for n in numels]
-    firsts, acc = [], 0
-    for k in per:
-        firsts.append(acc)
-        acc += k
-    return torch.tensor(firsts, dtype=torch.int64).to(device, non_blocking=True)
+    return before - before[table.first_chunk[table.chunk_tensor.long()]]
 
 
 def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
@@ -116,7 +101,7 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
         return
     has_mask = masks[0] is not None
     bits = [m.bits for m in masks] if has_mask else []
-    offsets = chunk_offsets(table, first_chunks(numels, device), bits, device) if has_mask else table.numel
+    offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
     scale_is_ptr = isinstance(scale, torch.Tensor)
     scale_arg = scale.to(device=device, dtype=torch.float32).reshape(1) if scale_is_ptr else table.numel
     scale_value = 0.0 if (scale_is_ptr or scale is None) else float(scale)

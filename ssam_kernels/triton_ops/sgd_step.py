@@ -11,8 +11,8 @@ import triton.language as tl
 
 from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
-from .multi_tensor import CHUNK, address_table, chunk_table, group_by
-from .perturb import BLOCK, as_bitmask, chunk_offsets, first_chunks, mask_slots
+from .multi_tensor import CHUNK, address_table, chunk_table, group_by, tensor_ptr, this_chunk
+from .perturb import BLOCK, as_bitmask, chunk_offsets, mask_slots
 
 
 @triton.jit
@@ -21,17 +21,14 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
                         HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
                         NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    w = tl.load(w_ptrs + t).to(w_ref.dtype)
-    g = tl.load(g_ptrs + t).to(g_ref.dtype)
-    backup = tl.load(backup_ptrs + t).to(w_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    w = tensor_ptr(w_ptrs, t, w_ref)
+    g = tensor_ptr(g_ptrs, t, g_ref)
+    backup = tensor_ptr(backup_ptrs, t, w_ref)
     if MOMENTUM:
-        buf = tl.load(buf_ptrs + t).to(buf_ref.dtype)
+        buf = tensor_ptr(buf_ptrs, t, buf_ref)
     if HAS_MASK:
-        bits = tl.load(bits_ptrs + t).to(bits_ref.dtype)
+        bits = tensor_ptr(bits_ptrs, t, bits_ref)
         base = tl.load(chunk_offset + c)
     for j in range(0, CHUNK, BLOCK):
         offs = start + j + tl.arange(0, BLOCK)
@@ -81,7 +78,7 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
         if table.num_chunks == 0:
             continue
         bits = [masks[i].bits for i in idx] if has_mask else []
-        offsets = chunk_offsets(table, first_chunks(numels, device), bits, device) if has_mask else table.numel
+        offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
         w_addr = address_table(ws, device)
         _restore_sgd_kernel[(table.num_chunks,)](
             table.chunk_tensor, table.chunk_start, table.numel, w_addr, address_table(gs, device),

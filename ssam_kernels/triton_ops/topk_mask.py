@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..ops.topk_mask import topk_mask_torch
-from .multi_tensor import CHUNK, address_table, chunk_table
+from .multi_tensor import CHUNK, address_table, chunk_table, tensor_ptr, this_chunk
 
 BLOCK = 1024
 RADIX_BITS = 8
@@ -35,11 +35,8 @@ def _keys(x, offs, valid):
 @triton.jit
 def _histogram_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, hist, shift,
                       FIRST: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    x = tl.load(x_ptrs + t).to(x_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    x = tensor_ptr(x_ptrs, t, x_ref)
     prefix = tl.load(sel).to(tl.uint32)
     acc = tl.zeros([2 * BINS], dtype=tl.int32)
     for j in range(0, CHUNK, BLOCK):
@@ -73,11 +70,8 @@ def _choose_digit_kernel(hist, sel, shift, BINS: tl.constexpr):
 @triton.jit
 def _ties_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, counts,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    x = tl.load(x_ptrs + t).to(x_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    x = tensor_ptr(x_ptrs, t, x_ref)
     threshold = tl.load(sel).to(tl.uint32)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for j in range(0, CHUNK, BLOCK):
@@ -90,12 +84,9 @@ def _ties_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, counts,
 @triton.jit
 def _write_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, out_ptrs, out_ref, sel, ties_before,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numel + t)
-    x = tl.load(x_ptrs + t).to(x_ref.dtype)
-    out = tl.load(out_ptrs + t).to(out_ref.dtype)
+    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
+    x = tensor_ptr(x_ptrs, t, x_ref)
+    out = tensor_ptr(out_ptrs, t, out_ref)
     threshold = tl.load(sel).to(tl.uint32)
     need = tl.load(sel + 1)
     seen = tl.load(ties_before + c)
