@@ -57,7 +57,9 @@ def _extension_setup() -> dict:
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("SSAM_WITH_CUDA", "1")] if with_cuda else [],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]} if with_cuda else ["-O3"],
+        # no FMA contraction: the kernels must round exactly as the references do
+        extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": ["-O3", "--fmad=false"]}
+        if with_cuda else ["-O3", "-ffp-contract=off"],
     )
 
     class BuildExt(cpp_extension.BuildExtension):

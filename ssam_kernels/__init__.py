@@ -2,7 +2,7 @@
 backup and exact restore, N:M and global top-k mask selection, 2:4 compression, and MVUE 2:4 sparsification.
 
 Every op has a plain-PyTorch reference (``backend="torch"``); faster backends register beside
-it and ``backend="auto"`` (the default, or ``SSAM_BACKEND``) picks one. ``backend_info()`` says
+it and ``backend="auto"`` (the default) picks one, preferring ``SSAM_BACKEND`` where set. ``backend_info()`` says
 which backend runs each op. Importing this package never fails because Triton or the compiled
 extension is missing.
 """

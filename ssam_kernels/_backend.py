@@ -3,8 +3,9 @@
 Every op has a plain-PyTorch ``torch`` implementation (the reference). Faster backends
 (``triton`` kernels, the compiled extension ``ext``) register themselves per op in the op's
 module. ``auto`` picks the first registered backend, in :data:`AUTO_ORDER` for the tensors'
-device type, whose runtime is importable. ``SSAM_BACKEND`` sets the default for every call
-that passes ``backend="auto"``; it is as strict as passing ``backend=`` explicitly.
+device type, whose runtime is importable. ``SSAM_BACKEND`` names a preferred backend for every
+call that passes ``backend="auto"``: used for each op it implements on that device, the others
+fall back to the ``auto`` order. An explicit ``backend=`` is strict: it runs or raises.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def extension_error() -> str | None:
         return "ssam_kernels._C was not built (see SSAM_BUILD_EXT in the README)"
     try:
         torch.ops.load_library(spec.origin)
+        importlib.import_module("ssam_kernels.ext_ops")  # launchers + fake implementations
     except Exception as exc:  # ABI mismatch, missing CUDA libraries...
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -119,23 +121,22 @@ class OpBackends:
         """Name of the backend that runs this op for tensors on ``device``."""
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        source = "backend="
         if backend == "auto":
             env = os.environ.get(ENV_VAR, "").strip()
             if env and env != "auto":
                 if env not in BACKENDS:
                     raise ValueError(f"{ENV_VAR}={env!r} is not one of {BACKENDS}")
-                backend, source = env, f"{ENV_VAR}="
-        if backend == "auto":
+                if self._usable(env, device.type):
+                    return env
             for cand in AUTO_ORDER.get(device.type, ("torch",)):
                 if self._usable(cand, device.type):
                     return cand
             return "torch"
         if not self._usable(backend, device.type):
-            raise BackendUnavailableError(self._why_unusable(backend, device.type, source))
+            raise BackendUnavailableError(self._why_unusable(backend, device.type))
         return backend
 
-    def _why_unusable(self, backend: str, device_type: str, source: str) -> str:
+    def _why_unusable(self, backend: str, device_type: str) -> str:
         have = sorted(b for b in self.impls if self._usable(b, device_type))
         if backend not in self.impls:
             why = f"{self.name} has no {backend!r} implementation yet"
@@ -147,7 +148,7 @@ class OpBackends:
             )
         else:
             why = f"its {backend!r} implementation does not run on {device_type} tensors"
-        return f"{source}{backend!r} cannot run {self.name} here: {why}; usable here: {have}"
+        return f"backend={backend!r} cannot run {self.name} here: {why}; usable here: {have}"
 
     def __call__(self, backend: str, device: torch.device) -> Callable:
         return self.impls[self.resolve(backend, device)]

@@ -71,12 +71,26 @@ BACKENDS = [
 ]
 
 
-def backend_dtypes(dtypes):
+def _extension_loaded() -> bool:
+    from ssam_kernels._backend import extension_error
+
+    return extension_error() is None
+
+
+EXT_BUILT = _extension_loaded()
+# ...plus the compiled extension's C++ CPU kernels (cpu tier), for the ops it implements. CI
+# installs with the extension, so these run there; a pure-Python install skips them.
+BACKENDS_WITH_EXT = BACKENDS + [
+    pytest.param("ext", marks=[pytest.mark.cpu, pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")]),
+]
+
+
+def backend_dtypes(dtypes, backends=None):
     """(backend, dtype) params: every dtype for the reference; Triton's interpreter has no bf16
     (the cuda tier runs Triton in bf16)."""
     return [
         pytest.param(b.values[0], d, marks=b.marks, id=f"{b.values[0]}-{str(d).split('.')[-1]}")
-        for b in BACKENDS
+        for b in (BACKENDS if backends is None else backends)
         for d in dtypes
         if not (b.values[0] == "triton" and d == torch.bfloat16)
     ]

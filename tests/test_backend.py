@@ -21,19 +21,29 @@ def test_unknown_backend():
         grad_norm([torch.ones(3)], backend="cuda")
 
 
-def test_env_override_is_strict(monkeypatch):
+def test_env_preference_falls_back_where_it_cannot_run(monkeypatch):
     op = OpBackends("demo")
     op.register("torch", lambda: "torch")
     monkeypatch.setenv("SSAM_BACKEND", "torch")
     assert op.resolve("auto", torch.device("cpu")) == "torch"
-    monkeypatch.setenv("SSAM_BACKEND", "ext")
-    with pytest.raises(BackendUnavailableError, match="SSAM_BACKEND='ext'.*no 'ext' implementation"):
-        op.resolve("auto", torch.device("cpu"))
+    monkeypatch.setenv("SSAM_BACKEND", "ext")  # no ext implementation: auto's choice
+    assert op.resolve("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("SSAM_BACKEND", "bogus")
     with pytest.raises(ValueError, match="SSAM_BACKEND='bogus'"):
         op.resolve("auto", torch.device("cpu"))
-    # an explicit backend= wins over the environment
-    assert op.resolve("torch", torch.device("cpu")) == "torch"
+    # an explicit backend= is strict, whatever the environment says
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
+    with pytest.raises(BackendUnavailableError, match="backend='ext'.*no 'ext' implementation"):
+        op.resolve("ext", torch.device("cpu"))
+
+
+def test_env_preference_is_used_where_it_can_run(monkeypatch):
+    op = OpBackends("demo")
+    op.register("torch", lambda: "torch")
+    op.register("ext", lambda: "ext")
+    monkeypatch.setattr(ssam_kernels._backend, "_runtime_available", lambda b: True)
+    monkeypatch.setenv("SSAM_BACKEND", "ext")
+    assert op.resolve("auto", torch.device("cpu")) == "ext"
 
 
 def test_auto_prefers_registered_fast_backend_on_its_device(monkeypatch):

@@ -5,7 +5,7 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass as torch_decompress,
 )
 
-from helpers import BACKENDS, backend_dtypes
+from helpers import BACKENDS_WITH_EXT, backend_dtypes
 
 from ssam_kernels import compress_24, decompress_24, nm_mask
 
@@ -22,7 +22,7 @@ def _sparse_24(rows, cols, dtype, gen, max_nonzeros=2):
     return (x.view(rows, cols // 4, 4) * (order < count)).view(rows, cols)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES, BACKENDS_WITH_EXT))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_equals_torch_cutlass_reference(dtype, shape, backend, gen):
     x = _sparse_24(*shape, dtype, gen)
@@ -35,7 +35,7 @@ def test_equals_torch_cutlass_reference(dtype, shape, backend, gen):
     assert torch.equal(torch_decompress(values, meta), x)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_every_nonzero_pattern(backend):
     # all 11 patterns with <= 2 nonzeros, cycled over a 32x32 matrix
     patterns = [p for p in range(16) if bin(p).count("1") <= 2]
@@ -56,14 +56,14 @@ def test_from_nm_mask(gen):
     assert torch.equal(decompress_24(values, meta), x)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_empty_rows(backend):
     values, meta = compress_24(torch.zeros(0, 64, dtype=torch.float16), backend=backend)
     assert values.shape == (0, 32) and meta.shape == (0, 4)
     assert decompress_24(values, meta, backend=backend).shape == (0, 64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_not_24_sparse_names_the_group(backend, gen):
     dense = _sparse_24(64, 64, torch.float16, gen)
     dense[37, 8:11] = 1.0  # three nonzeros in group 2 of row 37

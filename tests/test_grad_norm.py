@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
 
 from ssam_kernels import grad_norm, pack_mask
 
@@ -11,7 +11,7 @@ def _ref(tensors, masks=None):
     return torch.cat(parts).norm()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 @pytest.mark.parametrize("numel", ODD_SIZES)
 def test_odd_sizes_fp32(numel, backend, gen):
     t = rand((numel,), generator=gen)
@@ -20,7 +20,7 @@ def test_odd_sizes_fp32(numel, backend, gen):
     torch.testing.assert_close(grad_norm([t], masks, backend=backend).double(), _ref([t], masks), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION, BACKENDS_WITH_EXT))
 def test_low_precision_accumulates_in_fp32(dtype, backend, gen):
     # 10**6 fp16 squares would overflow / lose everything if accumulated in fp16
     t = (rand((10**6 + 3,), generator=gen) * 30).to(dtype)
@@ -29,7 +29,7 @@ def test_low_precision_accumulates_in_fp32(dtype, backend, gen):
     torch.testing.assert_close(out.double(), _ref([t]), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_many_tensors_with_masks_and_empty(backend, gen):
     shapes = [(0,), (1,), (3, 5), (7, 1, 3), (4095,), (64, 33)]
     ts = [rand(s, generator=gen) for s in shapes]
@@ -41,14 +41,14 @@ def test_many_tensors_with_masks_and_empty(backend, gen):
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_all_masked_out_is_zero_and_all_empty(backend, gen):
     t = rand((9,), generator=gen)
     assert grad_norm([t], [torch.zeros(9, dtype=torch.bool)], backend=backend).item() == 0.0
     assert grad_norm([torch.zeros(0), torch.zeros(0, 3)], backend=backend).item() == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_mixed_dtypes_and_non_contiguous(backend, gen):
     ts = [rand((33, 8), generator=gen).t(), rand((100,), torch.float16, gen), rand((7,), torch.float64, gen)]
     torch.testing.assert_close(grad_norm(ts, backend=backend).double(), _ref(ts), rtol=1e-6, atol=0)

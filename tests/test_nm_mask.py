@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, rand
+from helpers import BACKENDS_WITH_EXT, rand
 
 from ssam_kernels import nm_mask
 
@@ -16,7 +16,7 @@ def _brute_force(row, n, m, magnitude=True):
     return keep
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4), (1, 2), (5, 16)])
 @pytest.mark.parametrize("cols", [1, 3, 4, 7, 8, 33, 64])
 def test_against_brute_force(n, m, cols, backend, gen):
@@ -28,7 +28,7 @@ def test_against_brute_force(n, m, cols, backend, gen):
         assert out[r].tolist() == _brute_force(scores[r].tolist(), n, m)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 def test_exactly_n_per_full_group_large(n, m, backend, gen):
     scores = rand((257, 4096), generator=gen)
@@ -42,7 +42,7 @@ def test_exactly_n_per_full_group_large(n, m, backend, gen):
     assert bool((kept_min >= dropped_max).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_trailing_group_keeps_min_n_r(backend):
     out = nm_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0]]), 2, 4, backend=backend)
     assert out.tolist() == [[False, False, True, True, True, True, False]]
@@ -50,20 +50,20 @@ def test_trailing_group_keeps_min_n_r(backend):
     assert out[0, 4].item()  # a lone trailing element is kept (min(2, 1) = 1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_ties_keep_lower_index_and_nan_ranks_lowest(backend):
     s = torch.tensor([[1.0, 1.0, 1.0, 1.0, float("nan"), 0.0, float("nan"), -0.5]])
     assert nm_mask(s, 2, 4, backend=backend).tolist() == [[True, True, False, False, False, True, False, True]]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_magnitude_false_ranks_raw_values(backend):
     s = torch.tensor([[-9.0, 1.0, 2.0, -1.0]])
     assert nm_mask(s, 2, 4, backend=backend).tolist() == [[True, False, True, False]]
     assert nm_mask(s, 2, 4, magnitude=False, backend=backend).tolist() == [[False, True, True, False]]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_higher_dims_and_dtypes(backend, gen):
     s = rand((2, 3, 8), generator=gen)
     dtypes = (torch.float16, torch.float64) + ((torch.bfloat16,) if backend == "torch" else ())

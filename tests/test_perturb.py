@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
 
 from ssam_kernels import PerturbBackup, pack_mask, perturb_, restore_
 
@@ -12,7 +12,7 @@ def _expected(w, g, m, scale):
     return new if m is None else torch.where(m, new, w)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES, BACKENDS_WITH_EXT))
 @pytest.mark.parametrize("numel", ODD_SIZES)
 def test_perturb_then_restore_is_bit_exact(dtype, numel, backend, gen):
     w = rand((numel,), dtype, gen)
@@ -29,7 +29,7 @@ def test_perturb_then_restore_is_bit_exact(dtype, numel, backend, gen):
     assert torch.equal(w.view(torch.uint8), original.view(torch.uint8))  # bits, NaN-safe
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
     shapes = [(0,), (1,), (3, 5), (2, 3, 3, 3), (4095,)]
     ws = [rand(s, generator=gen) for s in shapes]
@@ -50,7 +50,7 @@ def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
     assert all(torch.equal(w, o) for w, o in zip(ws, originals))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_matches_official_add_for_fp32(backend, gen):
     # the official code: e = g * scale; e = e * mask; p.add_(e)
     w, g = rand((1000,), generator=gen), rand((1000,), generator=gen)
@@ -62,7 +62,7 @@ def test_matches_official_add_for_fp32(backend, gen):
     assert torch.equal(w, official)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_unmasked_entries_untouched_even_negative_zero(backend):
     w = torch.tensor([-0.0, 1.0, -0.0])
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_unmasked_entries_untouched_even_negative_zero(backend):
     assert torch.signbit(w[0]) and torch.signbit(w[2])
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION))
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION, BACKENDS_WITH_EXT))
 def test_grads_of_other_dtype_and_non_contiguous(dtype, backend, gen):
     ws = [rand((17,), dtype, gen), rand((8, 5), generator=gen).t()]
     gs = [rand((17,), torch.float32, gen), rand((5, 8), dtype, gen)]

@@ -90,7 +90,9 @@ def decompress_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
 _COMPRESS.register("torch", compress_24_torch)
 _DECOMPRESS.register("torch", decompress_24_torch)
 _COMPRESS.register("triton", lazy("ssam_kernels.triton_ops.compress_24", "compress_24_triton"))
+_COMPRESS.register("ext", lazy("ssam_kernels.ext_ops", "compress_24_ext"))
 _DECOMPRESS.register("triton", lazy("ssam_kernels.triton_ops.compress_24", "decompress_24_triton"))
+_DECOMPRESS.register("ext", lazy("ssam_kernels.ext_ops", "decompress_24_ext"))
 
 
 def _check_matrix(name: str, t, dtypes) -> None:

@@ -23,6 +23,7 @@ def grad_norm_torch(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
 
 _BACKENDS.register("torch", grad_norm_torch)
 _BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.grad_norm", "grad_norm_triton"))
+_BACKENDS.register("ext", lazy("ssam_kernels.ext_ops", "grad_norm_ext"))
 
 
 def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:

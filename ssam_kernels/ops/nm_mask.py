@@ -38,6 +38,7 @@ def nm_mask_torch(scores: torch.Tensor, n: int, m: int, magnitude: bool) -> torc
 
 _BACKENDS.register("torch", nm_mask_torch)
 _BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.nm_mask", "nm_mask_triton"))
+_BACKENDS.register("ext", lazy("ssam_kernels.ext_ops", "nm_mask_ext"))
 
 
 def check_nm(n, m) -> tuple[int, int]:

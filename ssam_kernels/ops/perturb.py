@@ -61,7 +61,9 @@ def restore_torch(params, backup: PerturbBackup) -> None:
 _PERTURB.register("torch", perturb_torch)
 _RESTORE.register("torch", restore_torch)
 _PERTURB.register("triton", lazy("ssam_kernels.triton_ops.perturb", "perturb_triton"))
+_PERTURB.register("ext", lazy("ssam_kernels.ext_ops", "perturb_ext"))
 _RESTORE.register("triton", lazy("ssam_kernels.triton_ops.perturb", "restore_triton"))
+_RESTORE.register("ext", lazy("ssam_kernels.ext_ops", "restore_ext"))
 
 
 def _check_writable(params: list[torch.Tensor]) -> None:

@@ -1,0 +1,109 @@
+"""Host side of the compiled extension ``torch.ops.ssam.*``: the ``ext`` backend's launchers
+(argument conversion; same contracts as the references) and the fake (meta) implementations
+that let ``torch.compile`` trace the ops. Imported once the library has loaded."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.bitmask import BitMask, pack_mask, packed_nbytes
+from .ops.grad_norm import grad_norm_torch
+from .ops.nm_mask import nm_mask_torch
+from .ops.perturb import PerturbBackup, perturb_torch, restore_torch
+
+MAX_GROUP = 32  # kMaxGroup in csrc/ssam_common.h
+
+_ops = torch.ops.ssam
+
+
+def _as_bitmask(mask) -> BitMask | None:
+    if mask is None or isinstance(mask, BitMask):
+        return mask
+    return pack_mask(mask)
+
+
+def _one_device_contiguous(tensors) -> bool:
+    device = tensors[0].device
+    return all(t.device == device and t.is_contiguous() for t in tensors)
+
+
+def grad_norm_ext(tensors, masks):
+    if not _one_device_contiguous(tensors):
+        return grad_norm_torch(tensors, masks)
+    bits = [None if m is None else _as_bitmask(m).bits for m in masks]
+    return _ops.grad_norm(tensors, bits).to(tensors[0].device)
+
+
+def perturb_ext(params, grads, masks, scale) -> PerturbBackup:
+    masks = [_as_bitmask(m) for m in masks]
+    if not _one_device_contiguous(params):
+        return perturb_torch(params, grads, masks, scale)
+    device = params[0].device
+    scale_t = torch.as_tensor(scale, dtype=torch.float32).to(device).reshape(())
+    values = [torch.empty_like(w) if m is None else w.new_empty((m.count_int(),)) for w, m in zip(params, masks)]
+    _ops.perturb_(params, grads, [None if m is None else m.bits for m in masks], values, scale_t)
+    return PerturbBackup(values, masks)
+
+
+def restore_ext(params, backup: PerturbBackup) -> None:
+    masks = [_as_bitmask(m) for m in backup.masks]
+    if not _one_device_contiguous(params):
+        return restore_torch(params, PerturbBackup(backup.values, masks))
+    _ops.restore_(params, backup.values, [None if m is None else m.bits for m in masks])
+
+
+def nm_mask_ext(scores, n, m, magnitude):
+    if m > MAX_GROUP:
+        return nm_mask_torch(scores, n, m, magnitude)
+    return _ops.nm_mask(scores, n, m, magnitude)
+
+
+def compress_24_ext(x):
+    return tuple(_ops.compress_24(x))
+
+
+def decompress_24_ext(values, meta):
+    return _ops.decompress_24(values, meta)
+
+
+# --- fake implementations: output metadata only, for torch.compile and opcheck ----------------
+
+@torch.library.register_fake("ssam::pack_mask")
+def _pack_mask_fake(mask):
+    return mask.new_empty((packed_nbytes(mask.numel()),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("ssam::unpack_mask")
+def _unpack_mask_fake(bits, numel):
+    return bits.new_empty((numel,), dtype=torch.bool)
+
+
+@torch.library.register_fake("ssam::grad_norm")
+def _grad_norm_fake(tensors, masks):
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("ssam::perturb_")
+def _perturb_fake(params, grads, masks, backup, scale):
+    return None
+
+
+@torch.library.register_fake("ssam::restore_")
+def _restore_fake(params, backup, masks):
+    return None
+
+
+@torch.library.register_fake("ssam::nm_mask")
+def _nm_mask_fake(scores, n, m, magnitude):
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+@torch.library.register_fake("ssam::compress_24")
+def _compress_24_fake(x):
+    rows, cols = x.shape
+    return x.new_empty((rows, cols // 2)), x.new_empty((rows, cols // 16), dtype=torch.int16)
+
+
+@torch.library.register_fake("ssam::decompress_24")
+def _decompress_24_fake(values, meta):
+    return values.new_empty((values.shape[0], values.shape[1] * 2))
