@@ -4,7 +4,7 @@ For realistic parameter lists (1M MLP, ResNet-18, ResNet-50 25M, ViT-B 87M, a 35
 medium list) at mask density 0.5, one cycle ``grad_norm -> perturb_ -> restore_`` is timed for:
 
 * ``ours``: ``ssam_kernels`` with ``backend="auto"`` (Triton on a GPU) and a bit-packed mask;
-* ``torch``: the same ops with the plain-PyTorch reference backend;
+* ``torch``, ``triton``, ``ext``: the same ops on each backend that runs here;
 * ``foreach``: ``torch._foreach_*`` with float masks (a good hand-written PyTorch baseline);
 * ``official``: the official code's per-parameter loop (``e = g * scale * mask``, ``p += e``,
   ``p -= e``, float mask and float ``e`` per parameter).
@@ -102,6 +102,12 @@ def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
                 p.sub_(e_w)
 
     fns = {"ours": ours("auto"), "torch": ours("torch"), "foreach": foreach, "official": official}
+    for backend in ("triton", "ext"):  # every backend that runs here, beside auto's choice
+        try:
+            sk.grad_norm(grads[:1], backend=backend)
+            fns[backend] = ours(backend)
+        except sk.BackendUnavailableError:
+            pass
     times = interleaved_medians(fns, device, warmup=3, reps=reps)
     numel = sum(p.numel() for p in params)
     kept = sum(m.count_int() for m in bit_masks)
@@ -113,7 +119,7 @@ def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
              backend=sk.backend_info(device)["ops"]["perturb_"]["auto"] if impl == "ours" else impl,
              median_ms=t * 1e3, gbps=nbytes / t / 1e9, speedup_vs_official=times["official"] / t,
              speedup_vs_foreach=times["foreach"] / t,
-             extra_bytes_per_param=ours_mem if impl in ("ours", "torch") else 2.0 * size)
+             extra_bytes_per_param=ours_mem if impl in ("ours", "torch", "triton", "ext") else 2.0 * size)
         for impl, t in times.items()
     ]
 

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -25,6 +26,34 @@ constexpr int64_t kChunk = 4096;  // elements per parallel task; a multiple of 8
 constexpr int64_t kBlock = 256;   // elements summed in fp32 before the fp64 running sum
 
 inline bool bit_at(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+
+// v * v where bit is 1, exactly +0 where it is 0 (even for inf/NaN v): branch-free, since
+// random masks make branches unpredictable.
+inline float masked_square(float v, unsigned bit) {
+  const float sq = v * v;
+  uint32_t raw;
+  std::memcpy(&raw, &sq, sizeof raw);
+  raw &= 0u - bit;
+  float out;
+  std::memcpy(&out, &raw, sizeof out);
+  return out;
+}
+
+// f(i, keep) for i in [begin, end) (begin a multiple of 8), skipping all-zero mask bytes: a
+// byte with no set bit never reaches f.
+template <typename F> inline void for_each_masked_byte(const uint8_t* bits, int64_t begin, int64_t end, F&& f) {
+  int64_t i0 = begin;
+  for (; i0 + 8 <= end; i0 += 8) {  // whole bytes: a fixed, unrolled inner loop
+    const unsigned byte = bits[i0 >> 3];
+    if (byte == 0) continue;
+    for (int j = 0; j < 8; ++j) f(i0 + j, (byte >> j) & 1u);
+  }
+  if (i0 < end) {
+    const unsigned byte = bits[i0 >> 3] & ((1u << (end - i0)) - 1u);  // padding bits never count
+    if (byte != 0)
+      for (int64_t j = 0; j < end - i0; ++j) f(i0 + j, (byte >> j) & 1u);
+  }
+}
 
 void check_bits(const c10::optional<at::Tensor>& bits, const at::Tensor& like, const char* what) {
   if (!bits.has_value()) return;
@@ -85,13 +114,19 @@ at::Tensor grad_norm_cpu(at::TensorList tensors, const c10::List<c10::optional<a
           double chunk_sum = 0.0;
           const int64_t end = std::min(n, (c + 1) * kChunk);
           for (int64_t i0 = c * kChunk; i0 < end; i0 += kBlock) {
-            float acc = 0.f;  // fp32 over a block, as the GPU kernels' lanes do
-            for (int64_t i = i0; i < std::min(end, i0 + kBlock); ++i) {
-              if (b && !bit_at(b, i)) continue;
-              const float v = static_cast<float>(x[i]);
-              acc += v * v;
+            // fp32 over a block in 8 independent lanes (as the GPU kernels' lanes do), then fp64
+            float lane[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            const int64_t stop = std::min(end, i0 + kBlock);
+            int64_t i = i0;
+            for (; i + 8 <= stop; i += 8) {  // whole mask bytes: a fixed, unrolled inner loop
+              const unsigned byte = b ? b[i >> 3] : 0xFFu;
+              for (int j = 0; j < 8; ++j) lane[j] += masked_square(static_cast<float>(x[i + j]), (byte >> j) & 1u);
             }
-            chunk_sum += acc;
+            for (; i < stop; ++i) {
+              const float v = static_cast<float>(x[i]);
+              lane[i & 7] += (b == nullptr || bit_at(b, i)) ? v * v : 0.f;
+            }
+            for (float l : lane) chunk_sum += l;
           }
           partial[c] = chunk_sum;
         }
@@ -112,7 +147,10 @@ std::vector<int64_t> chunk_offsets(const uint8_t* bits, int64_t n) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t s = 0;
       const int64_t end = std::min(n, (c + 1) * kChunk);
-      for (int64_t i = c * kChunk; i < end; ++i) s += bit_at(bits, i);
+      for (int64_t byte = c * kChunk / 8; byte * 8 < end; ++byte) {
+        const int64_t valid = std::min<int64_t>(8, end - byte * 8);  // padding bits do not count
+        s += __builtin_popcount(bits[byte] & ((1u << valid) - 1u));
+      }
       count[c + 1] = s;
     }
   });
@@ -161,12 +199,14 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, const c10::List<c1
       at::parallel_for(0, (int64_t)offset.size() - 1, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           int64_t slot = offset[c];
-          const int64_t end = std::min(n, (c + 1) * kChunk);
-          for (int64_t i = c * kChunk; i < end; ++i) {
-            if (!bit_at(b, i)) continue;
-            out[slot++] = x[i];
-            x[i] = moved(i);
-          }
+          scalar_t scratch;  // where a dropped element's copy goes: keeps the loop branch-free
+          for_each_masked_byte(b, c * kChunk, std::min(n, (c + 1) * kChunk), [&](int64_t i, bool keep) {
+            const scalar_t old = x[i];
+            const scalar_t next = moved(i);  // computed either way: the selects stay branch-free
+            *(keep ? out + slot : &scratch) = old;
+            slot += keep;
+            x[i] = keep ? next : old;
+          });
         }
       });
     });
@@ -192,15 +232,19 @@ void restore_cpu(at::TensorList params, at::TensorList backups, const c10::List<
     const auto offset = chunk_offsets(b, n);
     TORCH_CHECK(offset.back() == v.numel(), "restore_: backup ", k, " holds ", v.numel(), " values, the mask sets ",
                 offset.back());
+    if (v.numel() == 0) continue;  // nothing was perturbed
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_cpu", [&] {
       scalar_t* x = w.data_ptr<scalar_t>();
       const scalar_t* in = v.data_ptr<scalar_t>();
       at::parallel_for(0, (int64_t)offset.size() - 1, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           int64_t slot = offset[c];
-          const int64_t end = std::min(n, (c + 1) * kChunk);
-          for (int64_t i = c * kChunk; i < end; ++i)
-            if (bit_at(b, i)) x[i] = in[slot++];
+          const int64_t last = v.numel() - 1;  // >= 0 here: a chunk with set bits exists
+          for_each_masked_byte(b, c * kChunk, std::min(n, (c + 1) * kChunk), [&](int64_t i, bool keep) {
+            const scalar_t saved = in[slot < last ? slot : last];  // clamped: always in bounds
+            x[i] = keep ? saved : x[i];
+            slot += keep;
+          });
         }
       });
     });
@@ -256,8 +300,9 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense) {
             const int64_t at = r * cols + c * 16 + g * 4;
             int pattern = 0;
             for (int e = 0; e < 4; ++e) pattern |= (static_cast<float>(in[at + e]) != 0.f) << e;
-            const int8_t i0 = kPairs[pattern][0], i1 = kPairs[pattern][1];
-            if (i0 < 0) {
+            const int code = pair_code(pattern);
+            const int i0 = code & 3, i1 = code >> 2;
+            if (code < 0) {
               int64_t here = r * (cols / 4) + c * 4 + g, seen = bad.load();
               while (here < seen && !bad.compare_exchange_weak(seen, here)) {}
               continue;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define SSAM_HD __host__ __device__ __forceinline__
@@ -14,11 +15,13 @@ namespace ssam {
 
 constexpr int64_t kMaxGroup = 32;  // largest M of an N:M selection
 
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
+
 SSAM_HD int64_t packed_nbytes(int64_t numel) { return (numel + 7) / 8; }
 
 // Rank key of a score: |s| (or s), NaN ranking below every number, as in the reference.
 SSAM_HD double rank_key(double s, bool magnitude) {
-  if (s != s) return -__builtin_huge_val();
+  if (s != s) return -kInfinity;
   return magnitude && s < 0 ? -s : s;
 }
 
@@ -30,11 +33,13 @@ SSAM_HD int64_t group_rank(const double* v, int64_t len, int64_t j) {
 }
 
 // Nonzero pattern of a group of 4 (bit e: element e nonzero) -> the two positions stored in
-// the CUTLASS 2:4 layout; -1: more than two nonzeros. Matches ssam_kernels.ops.compress_24.
-constexpr int8_t kPairs[16][2] = {
-    {2, 3}, {0, 2}, {1, 2}, {0, 1}, {2, 3}, {0, 2}, {1, 2}, {-1, -1},
-    {2, 3}, {0, 3}, {1, 3}, {-1, -1}, {2, 3}, {-1, -1}, {-1, -1}, {-1, -1},
-};
+// the CUTLASS 2:4 layout, as a nibble i0 | i1 << 2; -1 for more than two nonzeros. The table of
+// ssam_kernels.ops.compress_24 packed into constants (device code cannot read host arrays).
+constexpr uint64_t kPairCodes = 0xe0dce098e498eull;   // nibble p: the code of pattern p
+constexpr uint32_t kPairValid = 0x177f;                  // bit p: pattern p has <= 2 nonzeros
+SSAM_HD int pair_code(int pattern) {
+  return ((kPairValid >> pattern) & 1) ? static_cast<int>((kPairCodes >> (4 * pattern)) & 0xF) : -1;
+}
 
 // Flat position of logical int16 metadata element [r, c] in CUTLASS's interleaved layout:
 // rows shuffled within blocks of 32, off-diagonals of each 2x2 block swapped, then

@@ -40,7 +40,7 @@ def test_env_preference_falls_back_where_it_cannot_run(monkeypatch):
 def test_env_preference_is_used_where_it_can_run(monkeypatch):
     op = OpBackends("demo")
     op.register("torch", lambda: "torch")
-    op.register("ext", lambda: "ext")
+    op.register("ext", lambda: "ext", devices=("cpu",))
     monkeypatch.setattr(ssam_kernels._backend, "_runtime_available", lambda b: True)
     monkeypatch.setenv("SSAM_BACKEND", "ext")
     assert op.resolve("auto", torch.device("cpu")) == "ext"
@@ -61,8 +61,9 @@ def test_backend_info_lists_every_op():
     info = ssam_kernels.backend_info()
     expected = {"grad_norm", "perturb_", "restore_", "nm_mask", "topk_mask", "compress_24", "decompress_24"}
     assert expected <= set(info["ops"])
-    assert all(v["auto"] == "torch" for v in info["ops"].values())
     assert info["extension"] is (info["extension_error"] is None)
+    for name, v in info["ops"].items():  # on CPU: the C++ kernels where built, else the reference
+        assert v["auto"] == ("ext" if info["extension"] and "ext" in v["implemented"] else "torch"), name
 
 
 def test_import_never_needs_triton_or_extension():
@@ -94,3 +95,10 @@ def test_extension_loader_reports_why(monkeypatch):
             op.resolve("ext", torch.device("cpu"))
     finally:
         _backend.extension_error.cache_clear()
+
+
+def test_ext_on_a_device_needs_a_registered_kernel():
+    from ssam_kernels._backend import extension_has_kernel
+
+    assert not extension_has_kernel("no_such_op", "cpu")
+    assert not extension_has_kernel("grad_norm", "mps")
