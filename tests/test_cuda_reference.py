@@ -193,3 +193,59 @@ def test_optimizer_step_triton_matches_reference_backend(gen, monkeypatch):
         assert torch.equal(a, b)
     for a, b in zip(results[0][0], results[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- the compiled extension's CUDA kernels ----------------------------------------------------
+
+def _ext_cuda():
+    from ssam_kernels._backend import extension_error, extension_has_kernel
+
+    if extension_error() is not None or not extension_has_kernel("grad_norm", "cuda"):
+        pytest.fail("ssam_kernels._C has no CUDA kernels: build with SSAM_BUILD_EXT=1 on the GPU machine")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_ext_cuda_ops_equal_the_reference(dtype, gen):
+    _ext_cuda()
+    shapes = [(0,), (1,), (3, 5), (4095,), (10**6 + 3,), (256, 33)]
+    ws = [rand(s, dtype, gen, DEVICE) for s in shapes]
+    gs = [rand(s, dtype, gen, DEVICE) for s in shapes]
+    ms = [sk.pack_mask(rand_mask(s, generator=gen, device=DEVICE)) for s in shapes]
+    ms[2] = None
+    for masks in (None, ms):
+        torch.testing.assert_close(sk.grad_norm(gs, masks, backend="ext"), sk.grad_norm(gs, masks, backend="torch"),
+                                   rtol=1e-5, atol=0)
+    ref = [w.clone() for w in ws]
+    originals = [w.clone() for w in ws]
+    with torch.no_grad():
+        backup = sk.perturb_(ws, gs, ms, torch.tensor(0.37, device=DEVICE), backend="ext")
+        ref_backup = sk.perturb_(ref, gs, ms, torch.tensor(0.37, device=DEVICE), backend="torch")
+        for a, b in zip(ws + backup.values, ref + ref_backup.values):
+            assert torch.equal(a, b)  # built with --fmad=false: the same roundings as the reference
+        sk.restore_(ws, backup, backend="ext")
+    for a, b in zip(ws, originals):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    s2 = rand((333, 1000), dtype, gen, DEVICE)
+    for n, m in ((2, 4), (1, 4), (4, 8)):
+        assert torch.equal(sk.nm_mask(s2, n, m, backend="ext"), sk.nm_mask(s2, n, m, backend="torch"))
+    mask = rand_mask((1001,), generator=gen, device=DEVICE)
+    assert torch.equal(torch.ops.ssam.pack_mask(mask), sk.pack_mask(mask).bits)
+    assert torch.equal(torch.ops.ssam.unpack_mask(sk.pack_mask(mask).bits, 1001), mask)
+    if dtype != torch.float32:
+        w = rand((256, 512), dtype, gen, DEVICE)
+        x = w * sk.nm_mask(w, 2, 4)
+        values, meta = sk.compress_24(x, backend="ext")
+        ref_values, ref_meta = sk.compress_24(x, backend="torch")
+        assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
+        assert torch.equal(sk.decompress_24(values, meta, backend="ext"), x)
+
+
+def test_three_backends_agree_on_cuda(gen):
+    _ext_cuda()
+    g = [rand((4095,), generator=gen, device=DEVICE), rand((300, 77), generator=gen, device=DEVICE)]
+    m = [sk.pack_mask(rand_mask(t.shape, generator=gen, device=DEVICE)) for t in g]
+    norms = [sk.grad_norm(g, m, backend=b) for b in ("torch", "triton", "ext")]
+    for n in norms[1:]:
+        torch.testing.assert_close(n, norms[0], rtol=1e-5, atol=0)
+    masks = [sk.nm_mask(g[1], 2, 4, backend=b) for b in ("torch", "triton", "ext")]
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
