@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.bitmask import BitMask, pack_mask, packed_nbytes
+from .ops.bitmask import as_bitmask, packed_nbytes
 from .ops.grad_norm import grad_norm_torch
 from .ops.nm_mask import nm_mask_torch
 from .ops.perturb import PerturbBackup, perturb_torch, restore_torch
@@ -14,12 +14,6 @@ from .ops.perturb import PerturbBackup, perturb_torch, restore_torch
 MAX_GROUP = 32  # kMaxGroup in csrc/ssam_common.h
 
 _ops = torch.ops.ssam
-
-
-def _as_bitmask(mask) -> BitMask | None:
-    if mask is None or isinstance(mask, BitMask):
-        return mask
-    return pack_mask(mask)
 
 
 def _one_device_contiguous(tensors) -> bool:
@@ -30,12 +24,12 @@ def _one_device_contiguous(tensors) -> bool:
 def grad_norm_ext(tensors, masks):
     if not _one_device_contiguous(tensors):
         return grad_norm_torch(tensors, masks)
-    bits = [None if m is None else _as_bitmask(m).bits for m in masks]
+    bits = [None if m is None else as_bitmask(m).bits for m in masks]
     return _ops.grad_norm(tensors, bits).to(tensors[0].device)
 
 
 def perturb_ext(params, grads, masks, scale) -> PerturbBackup:
-    masks = [_as_bitmask(m) for m in masks]
+    masks = [as_bitmask(m) for m in masks]
     if not _one_device_contiguous(params):
         return perturb_torch(params, grads, masks, scale)
     device = params[0].device
@@ -46,7 +40,7 @@ def perturb_ext(params, grads, masks, scale) -> PerturbBackup:
 
 
 def restore_ext(params, backup: PerturbBackup) -> None:
-    masks = [_as_bitmask(m) for m in backup.masks]
+    masks = [as_bitmask(m) for m in backup.masks]
     if not _one_device_contiguous(params):
         return restore_torch(params, PerturbBackup(backup.values, masks))
     _ops.restore_(params, backup.values, [None if m is None else m.bits for m in masks])

@@ -107,3 +107,10 @@ def unpack_mask(mask: BitMask) -> torch.Tensor:
         return torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
     expanded = (mask.bits.to(torch.int32)[:, None] & _bit_weights(mask.device)) != 0
     return expanded.reshape(-1)[: mask.numel].reshape(mask.shape)
+
+
+def as_bitmask(mask) -> BitMask | None:
+    """A mask entry (None, bool tensor or BitMask) as None or a BitMask."""
+    if mask is None or isinstance(mask, BitMask):
+        return mask
+    return pack_mask(mask)

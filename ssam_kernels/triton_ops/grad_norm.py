@@ -7,8 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
-from ..ops.bitmask import BitMask, pack_mask
+from ..ops.bitmask import as_bitmask
 from .multi_tensor import CHUNK, address_table, chunk_table, group_by, tensor_ptr, this_chunk
 
 BLOCK = 1024
@@ -62,6 +61,4 @@ def _bits(mask, like: torch.Tensor) -> torch.Tensor:
     """Packed bits of a mask entry (None: all set)."""
     if mask is None:
         return torch.full(((like.numel() + 7) // 8,), 0xFF, dtype=torch.uint8, device=like.device)
-    if isinstance(mask, BitMask):
-        return mask.bits
-    return pack_mask(_checks.as_bool(mask)).bits
+    return as_bitmask(mask).bits

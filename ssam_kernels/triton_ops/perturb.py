@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
-from ..ops.bitmask import BitMask, pack_mask
+from ..ops.bitmask import as_bitmask
 from ..ops.perturb import PerturbBackup, perturb_torch, restore_torch
 from .multi_tensor import CHUNK, ChunkTable, address_table, chunk_table, group_by, tensor_ptr, this_chunk
 
@@ -79,10 +78,6 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
             tl.store(w + offs, tl.load(backup + slot, mask=keep), mask=keep)
 
 
-def as_bitmask(mask) -> BitMask:
-    return mask if isinstance(mask, BitMask) else pack_mask(_checks.as_bool(mask))
-
-
 def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.Tensor:
     """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor)."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
@@ -118,7 +113,7 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
 
 def perturb_triton(params, grads, masks, scale) -> PerturbBackup:
     """Host launcher: same contract as ``perturb_torch`` (inputs checked by the caller)."""
-    masks = [None if m is None else as_bitmask(m) for m in masks]
+    masks = [as_bitmask(m) for m in masks]
     values: list = [None] * len(params)
     fast = [i for i, w in enumerate(params) if w.is_contiguous()]
     slow = [i for i, w in enumerate(params) if not w.is_contiguous()]
@@ -144,7 +139,7 @@ def perturb_triton(params, grads, masks, scale) -> PerturbBackup:
 
 
 def restore_triton(params, backup: PerturbBackup) -> None:
-    masks = [None if m is None else as_bitmask(m) for m in backup.masks]
+    masks = [as_bitmask(m) for m in backup.masks]
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()]
     slow = sorted(set(range(len(params))) - set(fast))
     keys = [(params[i].dtype, masks[i] is not None) for i in fast]

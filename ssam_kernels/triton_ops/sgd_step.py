@@ -12,7 +12,8 @@ import triton.language as tl
 from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
 from .multi_tensor import CHUNK, address_table, chunk_table, group_by, tensor_ptr, this_chunk
-from .perturb import BLOCK, as_bitmask, chunk_offsets, mask_slots
+from ..ops.bitmask import as_bitmask
+from .perturb import BLOCK, chunk_offsets, mask_slots
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
 
 
 def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBackup, hyper) -> list:
-    masks = [None if m is None else as_bitmask(m) for m in backup.masks]
+    masks = [as_bitmask(m) for m in backup.masks]
     buffers = list(momentum_buffers)
     use_momentum = hyper["momentum"] != 0
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()
