@@ -21,7 +21,9 @@ def test_one_epoch_each_optimizer(opt, extra, capsys):
     if opt == "ssamd" and extra == ["--sparsity", "0.8"]:
         assert abs(float(density) - 0.2) < 1e-3
     if opt == "sgd":
-        assert density == "-"
+        assert density == "-" and "backend" not in out
+    else:
+        assert re.search(r"ssam_kernels backend (torch|ext|triton)", out)
 
 
 def test_default_run_learns(capsys):

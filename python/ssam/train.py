@@ -102,7 +102,7 @@ def train(args) -> dict:
         "test_accuracy": accuracy(model, test_set, device),
         "mean_step_ms": 1e3 * sum(step_times) / max(len(step_times), 1),
         "mask_density": opt.mask_density() if hasattr(opt, "mask_density") else (1.0 if args.opt == "sam" else None),
-        "backend": ssam_kernels.backend_info(device)["ops"]["perturb_"]["auto"],
+        "backend": None if args.opt == "sgd" else ssam_kernels.backend_info(device)["ops"]["perturb_"]["auto"],
     }
 
 
@@ -143,7 +143,10 @@ def main(argv=None) -> int:
     except (TypeError, ValueError) as exc:
         print(f"ssam-train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"optimizer      {result['opt']} (structure {args.structure}, backend {result['backend']})")
+    if result["backend"] is None:
+        print(f"optimizer      {result['opt']}")
+    else:
+        print(f"optimizer      {result['opt']} (structure {args.structure}, ssam_kernels backend {result['backend']})")
     print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
     print(f"mean step time {result['mean_step_ms']:.2f} ms ({args.device})")
     density = result["mask_density"]
