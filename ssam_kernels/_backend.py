@@ -182,13 +182,6 @@ def op_backends(name: str) -> OpBackends:
     return _REGISTRY[name]
 
 
-def _resolve_or_reason(op: OpBackends, device: torch.device) -> str:
-    try:
-        return op.resolve("auto", device)
-    except BackendUnavailableError as exc:
-        return f"unavailable: {exc}"
-
-
 def backend_info(device: str | torch.device = "cpu") -> dict:
     """What is installed and which backend each op runs with ``backend="auto"`` on ``device``."""
     device = torch.device(device)
@@ -201,7 +194,7 @@ def backend_info(device: str | torch.device = "cpu") -> dict:
         "ops": {
             name: {
                 "implemented": sorted(op.impls),
-                "auto": _resolve_or_reason(op, device),
+                "auto": op.resolve("auto", device),
             }
             for name, op in sorted(_REGISTRY.items())
         },

@@ -144,14 +144,17 @@ def test_triton_masks_and_mvue(dtype, gen):
     assert bool(((sk.mvue24(x, seed=5, backend="triton").reshape(-1, 4) != 0).sum(-1) <= 2).all())
 
 
+@pytest.mark.parametrize("backend", ["triton", "ext"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_compress_24(dtype, gen):
+def test_compress_24_kernels(dtype, backend, gen):
+    if backend == "ext":
+        _ext_cuda()
     w = rand((256, 512), dtype, gen, DEVICE)
     x = w * sk.nm_mask(w, 2, 4)
-    values, meta = sk.compress_24(x, backend="triton")
+    values, meta = sk.compress_24(x, backend=backend)
     ref_values, ref_meta = sk.compress_24(x, backend="torch")
     assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
-    assert torch.equal(sk.decompress_24(values, meta, backend="triton"), x)
+    assert torch.equal(sk.decompress_24(values, meta, backend=backend), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -215,7 +218,7 @@ def test_optimizer_step_triton_matches_reference_backend(gen, monkeypatch):
 # --- the compiled extension's CUDA kernels ----------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_ext_cuda_masks_and_compression(dtype, gen):
+def test_ext_cuda_masks(dtype, gen):
     _ext_cuda()
     s2 = rand((333, 1000), dtype, gen, DEVICE)
     for n, m in ((2, 4), (1, 4), (4, 8)):
@@ -223,13 +226,6 @@ def test_ext_cuda_masks_and_compression(dtype, gen):
     mask = rand_mask((1001,), generator=gen, device=DEVICE)
     assert torch.equal(torch.ops.ssam.pack_mask(mask), sk.pack_mask(mask).bits)
     assert torch.equal(torch.ops.ssam.unpack_mask(sk.pack_mask(mask).bits, 1001), mask)
-    if dtype != torch.float32:
-        w = rand((256, 512), dtype, gen, DEVICE)
-        x = w * sk.nm_mask(w, 2, 4)
-        values, meta = sk.compress_24(x, backend="ext")
-        ref_values, ref_meta = sk.compress_24(x, backend="torch")
-        assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
-        assert torch.equal(sk.decompress_24(values, meta, backend="ext"), x)
 
 
 def test_three_backends_agree_on_cuda(gen):

@@ -9,7 +9,7 @@ import torch
 import ssam_kernels
 
 from .sparse import SparseSAM, check_positive_int
-from .structure import nm_select, tensor_select
+from .structure import nm_select, tensor_select, whole_tensor_masks
 
 STRATEGIES = ("gradient", "weight", "random")
 
@@ -118,8 +118,7 @@ class SSAMD(SparseSAM):
         if self.structure.kind == "tensor":
             sizes = [p.numel() for p in self.params]
             order = torch.randperm(len(sizes), generator=self.generator, device=self.generator.device).tolist()
-            chosen = tensor_select(order, sizes, self._keep())
-            return [torch.full(p.shape, i in chosen, dtype=torch.bool, device=p.device) for i, p in enumerate(self.params)]
+            return whole_tensor_masks(self.params, tensor_select(order, sizes, self._keep()))
         return ssam_kernels.topk_mask(scores, k=self._keep())
 
     @torch.no_grad()
@@ -170,7 +169,7 @@ class SSAMD(SparseSAM):
         grow_mean = {i: float(grow_scores[i].float().mean()) for i in free}
         chosen = tensor_select(sorted(free, key=lambda i: -grow_mean[i]), sizes, self._keep(), kept)
         chosen = tensor_select(sorted(dropped, key=lambda i: -drop_mean[i]), sizes, self._keep(), chosen)
-        return [torch.full(m.shape, i in chosen, dtype=torch.bool, device=m.device) for i, m in enumerate(masks)]
+        return whole_tensor_masks(masks, chosen)
 
     # --- official calling convention ---------------------------------------------------------
 

@@ -112,5 +112,9 @@ def select_mask(scores: list[torch.Tensor], structure: Structure, keep: int) -> 
         return nm_select(scores, structure)
     means = torch.stack([s.float().mean() if s.numel() else s.new_tensor(float("-inf")) for s in scores])
     order = torch.argsort(means.cpu(), descending=True, stable=True).tolist()
-    chosen = tensor_select(order, [s.numel() for s in scores], keep)
-    return [torch.full(s.shape, i in chosen, dtype=torch.bool, device=s.device) for i, s in enumerate(scores)]
+    return whole_tensor_masks(scores, tensor_select(order, [s.numel() for s in scores], keep))
+
+
+def whole_tensor_masks(like: list[torch.Tensor], chosen: set[int]) -> list[torch.Tensor]:
+    """All-True masks for the tensors in ``chosen``, all-False for the others."""
+    return [torch.full(t.shape, i in chosen, dtype=torch.bool, device=t.device) for i, t in enumerate(like)]

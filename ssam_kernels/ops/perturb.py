@@ -66,7 +66,7 @@ _RESTORE.register("triton", lazy("ssam_kernels.triton_ops.perturb", "restore_tri
 _RESTORE.register("ext", lazy("ssam_kernels.ext_ops", "restore_ext"))
 
 
-def _check_writable(params: list[torch.Tensor]) -> None:
+def check_writable(params: list[torch.Tensor]) -> None:
     for i, w in enumerate(params):
         if w.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
@@ -93,7 +93,7 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     _checks.same_shapes("grads", grads, "params", params)
     masks = _checks.mask_list(masks, params, "params")
     scale = _checks.scalar("scale", scale)
-    _check_writable(params)
+    check_writable(params)
     return _PERTURB(backend, params[0].device)(params, grads, masks, scale)
 
 
@@ -121,5 +121,5 @@ def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
     """Put back the values ``perturb_`` overwrote, bit for bit."""
     params = _checks.tensor_list("params", params)
     check_backup(params, backup)
-    _check_writable(params)
+    check_writable(params)
     _RESTORE(backend, params[0].device)(params, backup)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _checks
 from .._backend import lazy, op_backends
-from .perturb import PerturbBackup, _check_writable, check_backup, restore_torch
+from .perturb import PerturbBackup, check_writable, check_backup, restore_torch
 
 _BACKENDS = op_backends("restore_sgd_step_")
 
@@ -71,5 +71,5 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     check_backup(params, backup)
-    _check_writable(params)
+    check_writable(params)
     return _BACKENDS(backend, params[0].device)(params, grads, list(momentum_buffers), backup, hyper)
