@@ -1,5 +1,7 @@
 """ssam_kernels: the backend of Sparse SAM: gradient norm, masked perturbation with a compact
-backup and exact restore, N:M and global top-k mask selection, 2:4 compression, and MVUE 2:4 sparsification.
+backup and exact restore, N:M and global top-k mask selection, 2:4 compression, MVUE 2:4
+sparsification, and cheaper ascent backwards (``sparse_ascent``: exact masked weight gradients,
+implicit and MVUE 2:4 gradients on sparse tensor cores).
 
 Every op has a plain-PyTorch reference (``backend="torch"``); faster backends register beside
 it and ``backend="auto"`` (the default) picks one, preferring ``SSAM_BACKEND`` where set. ``backend_info()`` says
@@ -8,28 +10,35 @@ extension is missing.
 """
 
 from ._backend import BACKENDS, BackendUnavailableError, backend_info
+from .ops.ascent_linear import ascent_linear
 from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask
 from .ops.compress_24 import compress_24, compress_24_cusparselt, decompress_24
 from .ops.grad_norm import grad_norm
+from .ops.masked_weight_grad import masked_weight_grad
 from .ops.mvue24 import mvue24
 from .ops.nm_mask import nm_mask
 from .ops.perturb import PerturbBackup, perturb_, restore_
 from .ops.sgd_step import restore_sgd_step_
 from .ops.topk_mask import keep_count, topk_mask
+from .sparse_ascent import ASCENT_MODES, sparse_ascent
+from .sparse_gemm import sparse_mm_24
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASCENT_MODES",
     "BACKENDS",
     "BackendUnavailableError",
     "BitMask",
     "PerturbBackup",
+    "ascent_linear",
     "backend_info",
     "compress_24",
     "compress_24_cusparselt",
     "decompress_24",
     "grad_norm",
     "keep_count",
+    "masked_weight_grad",
     "mvue24",
     "nm_mask",
     "pack_mask",
@@ -37,6 +46,8 @@ __all__ = [
     "perturb_",
     "restore_",
     "restore_sgd_step_",
+    "sparse_ascent",
+    "sparse_mm_24",
     "topk_mask",
     "unpack_mask",
 ]

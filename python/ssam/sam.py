@@ -9,6 +9,7 @@ Differences from the official code, all deliberate:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable
 
@@ -120,6 +121,17 @@ class SAM(torch.optim.Optimizer):
         """Whether the norm is over ``g * m`` (True) or over all of ``g`` (the paper)."""
         return False
 
+    def _unperturbed_backup(self, p: torch.Tensor):
+        """``(values, mask)`` standing for "nothing of ``p`` was perturbed", for a parameter
+        that got no gradient in the ascent pass, so the fused SGD step can still take it; None
+        where there is no such mask (SAM perturbs every parameter with a gradient)."""
+        return None
+
+    def ascent(self):
+        """Context manager around the ascent forward/backward (the pass at ``w`` whose gradient
+        sets the perturbation). SAM's ascent pass is ordinary autograd: a no-op here."""
+        return contextlib.nullcontext()
+
     # --- the two steps -----------------------------------------------------------------------
 
     def _with_grads(self) -> list[tuple[dict, list[torch.Tensor]]]:
@@ -180,7 +192,8 @@ class SAM(torch.optim.Optimizer):
 
     def _can_fuse_sgd(self) -> bool:
         """Restore + SGD in one pass when the base optimizer is plain ``torch.optim.SGD`` with
-        number hyper-parameters, and every parameter with a gradient now was perturbed."""
+        number hyper-parameters, and every parameter with a gradient now was perturbed or has a
+        known empty perturbation (see ``_unperturbed_backup``)."""
         if not self.fuse_sgd or type(self.base_optimizer) is not torch.optim.SGD:
             return False
         for group in self.param_groups:
@@ -189,11 +202,24 @@ class SAM(torch.optim.Optimizer):
             ):
                 return False
         perturbed = {id(p) for _, params, _ in self._pending for p in params}
-        return all(id(p) in perturbed for g in self.param_groups for p in g["params"] if p.grad is not None)
+        return all(
+            id(p) in perturbed or self._unperturbed_backup(p) is not None
+            for g in self.param_groups for p in g["params"] if p.grad is not None
+        )
 
     def _fused_sgd_step(self, pending) -> None:
         state = self.base_optimizer.state
-        for group, params, backup in pending:
+        by_group = {id(group): (params, backup) for group, params, backup in pending}
+        for group in self.param_groups:
+            params, backup = by_group.get(id(group), ([], ssam_kernels.PerturbBackup([], [])))
+            params, backup = list(params), ssam_kernels.PerturbBackup(list(backup.values), list(backup.masks))
+            perturbed = {id(p) for p in params}
+            for p in group["params"]:  # stepped now, not perturbed (no gradient in the ascent pass)
+                if p.grad is not None and id(p) not in perturbed:
+                    values, mask = self._unperturbed_backup(p)
+                    params.append(p)
+                    backup.values.append(values)
+                    backup.masks.append(mask)
             stepped = [i for i, p in enumerate(params) if p.grad is not None]
             idle = [i for i, p in enumerate(params) if p.grad is None]
             if idle:  # perturbed but no gradient in the second pass: only put back
@@ -225,17 +251,28 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None, model=None, epoch=None, batch_idx=None,
              train_data=None, logger=None, step=None):
-        """One SAM step. The gradient at ``w`` must already be in ``.grad``; ``closure`` must
-        recompute the loss and call ``backward()`` (it runs with grad enabled at ``w + e``).
-        Returns what the closure returned. If the closure raises, ``w`` is restored first.
+        """One SAM step. ``closure`` must recompute the loss and call ``backward()``. The
+        gradient at ``w`` is the one in ``.grad``; where no parameter has one (after
+        ``zero_grad()``), the closure runs first for it, inside :meth:`ascent`. Then the
+        closure runs at ``w + e`` (grad enabled). Returns what the last closure call returned.
+        If a closure raises, ``w`` is as it was.
 
         The other arguments are the official training loop's; SAM accepts and ignores them so
         that loop runs unchanged with any of the three optimizers."""
         closure = self._check_closure(closure)
+        self._ascent_pass(closure)
         self.first_step(zero_grad=True)
         loss = self._second_pass(closure)
         self.second_step()
         return loss
+
+    def _ascent_pass(self, closure, dense: bool = False) -> None:
+        """When no parameter has a gradient yet, run ``closure`` for the ascent pass, inside
+        :meth:`ascent` (or densely)."""
+        if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return
+        with torch.enable_grad(), (contextlib.nullcontext() if dense else self.ascent()):
+            closure()
 
     def _check_closure(self, closure):
         if closure is None:

@@ -9,6 +9,7 @@ import torch
 
 import ssam_kernels
 from ssam_kernels import BitMask, keep_count, pack_mask, packed_nbytes
+from ssam_kernels.sparse_ascent import ASCENT_MODES, sparse_ascent
 
 from .sam import SAM
 from .structure import Structure, parse_structure, resolve_sparsity
@@ -26,12 +27,16 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
-def make_generator(seed, device: torch.device) -> torch.Generator:
-    """A generator on ``device``, seeded from ``seed`` or (None) from torch's global RNG."""
+def resolve_seed(seed) -> int:
+    """``seed`` checked, or (None) one drawn from torch's global RNG."""
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    elif isinstance(seed, bool) or not isinstance(seed, int):
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return seed
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
@@ -58,12 +63,22 @@ class SparseSAM(SAM):
     Masks are kept as packed bits (uint8, 1 bit per element; see :class:`ssam_kernels.BitMask`),
     outside ``self.state`` because ``torch.optim.Optimizer.load_state_dict`` casts state tensors
     to the parameter's float dtype. ``norm="masked"`` normalises by ``||g * m||`` instead of
-    ``||g||``.
+    ``||g||``. ``ascent_backward`` picks how the ascent pass's backward runs inside
+    :meth:`ascent` (see :func:`ssam_kernels.sparse_ascent`); ``"exact"`` needs
+    ``norm="masked"``, the only norm it can compute without the unmasked gradient.
     """
 
-    def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs):
+    def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
+                 ascent_backward="dense"):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if ascent_backward not in ASCENT_MODES:
+            raise ValueError(f"ascent_backward must be one of {ASCENT_MODES}, got {ascent_backward!r}")
+        if ascent_backward == "exact" and norm != "masked":
+            raise ValueError(
+                "ascent_backward='exact' computes only the masked gradient, so it needs norm='masked' "
+                "(norm='full' needs every gradient)"
+            )
         self.structure: Structure = parse_structure(structure)
         self.sparsity: float = resolve_sparsity(sparsity, self.structure)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, fuse_sgd=fuse_sgd, **base_kwargs)
@@ -71,7 +86,12 @@ class SparseSAM(SAM):
         self.mask_updates = 0
         # persistent BitMask objects: kernels cache per-mask facts (set-bit counts) on them
         self._masks: dict[torch.Tensor, BitMask] = {}
+        seed = resolve_seed(seed)
         self.generator = make_generator(seed, self._generator_device())
+        self.ascent_backward = ascent_backward
+        # seeds of the MVUE draws: a CPU generator (drawing a seed is no device sync) with its
+        # own stream, so the mode does not change the masks' random draws
+        self.ascent_generator = make_generator((seed + 1) % 2**63)
 
     def _generator_device(self) -> torch.device:
         """Where this optimizer's random numbers are drawn."""
@@ -92,6 +112,24 @@ class SparseSAM(SAM):
 
     def _norm_masked(self) -> bool:
         return self.norm == "masked"
+
+    def _unperturbed_backup(self, p: torch.Tensor):
+        mask = self._masks.get(p)
+        if mask is None or mask.count_int():
+            return None
+        return p.new_empty(0), mask
+
+    def ascent(self, *, gemm: str = "auto"):
+        """Context manager for the ascent forward/backward, in the ``ascent_backward`` mode::
+
+            with opt.ascent():
+                loss_fn(model(x), y).backward()
+            opt.step(closure)
+
+        ``step(closure)`` after ``zero_grad()`` runs the ascent pass inside it by itself.
+        ``gemm`` picks the 2:4 GEMM path (``"auto"``, ``"dense"``, ``"cusparselt"``)."""
+        masks = {p: self._masks[p] for p in self.params}
+        return sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm)
 
     def _set_masks(self, masks: list[torch.Tensor]) -> None:
         """Replace every mask (new tensors: a pending backup keeps referring to the old ones)."""
@@ -139,6 +177,7 @@ class SparseSAM(SAM):
             "masks": [self._masks[p].bits for p in self.params],
             "mask_updates": self.mask_updates,
             "generator": self.generator.get_state(),
+            "ascent_generator": self.ascent_generator.get_state(),
         }
 
     def _load_extra_state(self, state: dict) -> None:
@@ -152,3 +191,5 @@ class SparseSAM(SAM):
         self._masks = {p: BitMask(bits.to(p.device).contiguous(), p.shape) for p, bits in zip(params, masks)}
         self.mask_updates = int(state["mask_updates"])
         self.generator.set_state(state["generator"].cpu())
+        if "ascent_generator" in state:
+            self.ascent_generator.set_state(state["ascent_generator"].cpu())

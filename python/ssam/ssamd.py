@@ -36,7 +36,10 @@ class SSAMD(SparseSAM):
         update_freq: update the mask every ``update_freq`` epochs (official convention).
         T_start, T_end: epochs spanned by the cosine schedule (``T_end``: usually the number
             of epochs; required).
-        structure, norm: as :class:`ssam.SSAMF`.
+        structure, norm, ascent_backward: as :class:`ssam.SSAMF`. With ``"exact"`` and
+            ``growth_strategy="gradient"``, let ``step(closure)`` run the ascent pass (after
+            ``zero_grad()``): on mask-update steps it runs it densely, since growth reads the
+            unmasked entries' gradient.
         seed: seeds the generator of the initial mask and of random scores (None: from
             torch's global RNG). Its state is in ``state_dict()``.
 
@@ -63,6 +66,7 @@ class SSAMD(SparseSAM):
         adaptive: bool = False,
         fuse_sgd: bool = True,
         seed: int | None = None,
+        ascent_backward: str = "dense",
         **base_kwargs,
     ):
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
@@ -84,7 +88,8 @@ class SSAMD(SparseSAM):
         self.growth_strategy = growth_strategy
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.T_start, self.T_end = T_start, T_end
-        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
+                         ascent_backward)
         self._set_masks(self._initial_masks())
 
     # --- scores and the schedule -------------------------------------------------------------
@@ -183,6 +188,8 @@ class SSAMD(SparseSAM):
         if (epoch is None) != (batch_idx is None):
             raise ValueError("the official calling convention needs both epoch and batch_idx")
         due = epoch is not None and self._due(epoch, batch_idx)
+        # growing by gradient reads the unmasked entries' gradient, which "exact" skips
+        self._ascent_pass(closure, dense=due and self.growth_strategy == "gradient" and self.ascent_backward == "exact")
         self.first_step()
         try:
             if due:

@@ -26,6 +26,11 @@ class SSAMF(SparseSAM):
         seed: seeds the generator that draws Fisher samples from a Dataset (None: from torch's
             global RNG). Its state is in ``state_dict()``.
         fisher_chunk_size: samples per vectorised per-sample-gradient batch (memory knob).
+        ascent_backward: how the ascent pass's backward runs inside :meth:`ascent` (and in
+            ``step(closure)`` after ``zero_grad()``): ``"dense"`` (the paper), ``"exact"``
+            (only ``g * m``, skipping what the mask does not need; needs ``norm="masked"``),
+            ``"implicit"``, ``"mvue"`` or ``"mvue_dx"`` (approximate; see
+            :mod:`ssam_kernels.ops.ascent_linear`). The descent pass is always dense.
 
     The mask starts empty, as in the official code: nothing is perturbed until the first
     :meth:`update_mask`. With the official ``step(closure, model=, epoch=, batch_idx=,
@@ -48,12 +53,14 @@ class SSAMF(SparseSAM):
         fuse_sgd: bool = True,
         seed: int | None = None,
         fisher_chunk_size: int = 32,
+        ascent_backward: str = "dense",
         **base_kwargs,
     ):
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.fisher_chunk_size = check_positive_int("fisher_chunk_size", fisher_chunk_size)
-        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
+                         ascent_backward)
         self._set_masks([torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params])
         self._warned_empty = False
 

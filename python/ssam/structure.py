@@ -6,6 +6,9 @@
   Linear weight, ``in*kh*kw`` of a Conv weight). 1-D parameters (biases, norm weights) are one
   row. Where the reduction dim is not a multiple of M, the trailing group of ``r < M`` elements
   keeps ``min(N, r)``, so every full group keeps exactly N and density stays close to N/M.
+* ``"N:M:out"`` (e.g. ``"2:4:out"``): the same along the *output* dim (the first dim of
+  ``p.reshape(p.shape[0], -1)``): groups of M consecutive output features per column. This is
+  the layout whose ``(W ⊙ M)ᵀ`` a sparse tensor core takes in ``ascent_backward="implicit"``.
 * ``"tensor"``: whole tensors, chosen by their mean score, greedily in descending order,
   skipping a tensor that would overshoot the budget of kept entries.
 """
@@ -20,7 +23,7 @@ import torch
 import ssam_kernels
 from ssam_kernels.ops.nm_mask import check_nm
 
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(in|out)\s*)?$")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Structure:
     kind: str  # "unstructured" | "nm" | "tensor"
     n: int = 0
     m: int = 0
+    along: str = "in"  # nm: the dim the groups run along, "in" (reduction) or "out"
 
     @property
     def density(self) -> float | None:
@@ -35,11 +39,13 @@ class Structure:
         return self.n / self.m if self.kind == "nm" else None
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+        if self.kind != "nm":
+            return self.kind
+        return f"{self.n}:{self.m}" + (":out" if self.along == "out" else "")
 
 
 def parse_structure(structure) -> Structure:
-    """``"unstructured"``, ``"tensor"`` or an ``"N:M"`` string with ``1 <= N < M``."""
+    """``"unstructured"``, ``"tensor"``, or ``"N:M"`` / ``"N:M:out"`` with ``1 <= N < M``."""
     if isinstance(structure, Structure):
         return structure
     if not isinstance(structure, str):
@@ -48,9 +54,11 @@ def parse_structure(structure) -> Structure:
         return Structure(structure)
     match = _NM.match(structure)
     if not match:
-        raise ValueError(f"structure must be 'unstructured', 'tensor' or 'N:M' such as '2:4', got {structure!r}")
+        raise ValueError(
+            f"structure must be 'unstructured', 'tensor', 'N:M' such as '2:4', or 'N:M:out', got {structure!r}"
+        )
     n, m = check_nm(int(match.group(1)), int(match.group(2)))
-    return Structure("nm", n, m)
+    return Structure("nm", n, m, match.group(3) or "in")
 
 
 def resolve_sparsity(sparsity, structure: Structure) -> float:
@@ -85,11 +93,16 @@ def reduction_rows(t: torch.Tensor) -> torch.Tensor:
 
 def nm_select(scores: list[torch.Tensor], structure: Structure, magnitude: bool = True) -> list[torch.Tensor]:
     """Per-tensor N:M masks of the largest scores (|scores| unless ``magnitude=False``) along
-    each tensor's reduction dimension."""
-    return [
-        ssam_kernels.nm_mask(reduction_rows(s), structure.n, structure.m, magnitude=magnitude).reshape(s.shape)
-        for s in scores
-    ]
+    each tensor's reduction dimension (``structure.along == "in"``) or output dimension."""
+    out = []
+    for s in scores:
+        rows = reduction_rows(s)
+        if structure.along == "out" and s.dim() >= 2:
+            mask = ssam_kernels.nm_mask(rows.t().contiguous(), structure.n, structure.m, magnitude=magnitude).t()
+        else:
+            mask = ssam_kernels.nm_mask(rows, structure.n, structure.m, magnitude=magnitude)
+        out.append(mask.reshape(s.shape))
+    return out
 
 
 def tensor_select(order: list[int], sizes: list[int], budget: int, chosen: set[int] | None = None) -> set[int]:

@@ -1,0 +1,188 @@
+"""Linear layers whose backward computes the *ascent* gradient of Sparse SAM more cheaply.
+
+The forward is ``F.linear``'s (autocast honoured). Only the backward differs, by ``mode``:
+
+* ``"exact"``: ``dW = (dYᵀ X) ⊙ M`` by :func:`masked_weight_grad`, which skips the rows /
+  tiles without a masked entry; ``dX = dY W`` (only when something below needs it);
+  ``db = (Σ dY) ⊙ m_b``. Equals dense autograd's gradient times the mask.
+* ``"implicit"``: the input gradient flows through the masked weight, ``dX = dY (W ⊙ M)``;
+  where ``M`` is 2:4 along the output dim, ``(W ⊙ M)ᵀ`` is the 2:4 operand of a sparse GEMM
+  (compressed in the backward, once per step, since ``W`` changes every step). ``dW`` dense.
+* ``"mvue"``: ``dW ≈ MVUE24(dYᵀ) X`` (2:4 along the tokens) on a sparse GEMM; ``dX`` exact.
+* ``"mvue_dx"``: as ``"mvue"``, and also ``dX ≈ MVUE24(dY) W`` (2:4 along the output dim).
+
+MVUE estimates are unbiased (see :func:`~ssam_kernels.mvue24`); a dimension that is not a
+multiple of 4 is zero-padded for the draw. The sparse GEMMs go through
+:func:`~ssam_kernels.sparse_gemm.sparse_mm_24`, which runs dense where cuSPARSELt cannot or
+is slower. The gradients returned are in the parameters' dtypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..sparse_gemm import GEMMS, sparse_mm_24
+from .bitmask import BitMask
+from .masked_weight_grad import check_weight_mask, masked_weight_grad
+from .mvue24 import mvue24
+
+MODES = ("exact", "implicit", "mvue", "mvue_dx")
+
+
+@dataclass(frozen=True)
+class AscentConfig:
+    """How one linear layer's ascent backward runs (see the module docstring)."""
+
+    mode: str
+    mask: torch.Tensor | BitMask | None = None  # the weight's mask: exact and implicit
+    bias_mask: torch.Tensor | BitMask | None = None  # exact: None leaves the bias gradient dense
+    generator: torch.Generator | None = None  # mvue: seeds of the draws
+    gemm: str = "auto"
+    backend: str = "auto"  # of masked_weight_grad and mvue24
+
+
+def _bool(mask) -> torch.Tensor:
+    return mask.to_bool() if isinstance(mask, BitMask) else mask
+
+
+def is_24_along_out(mask) -> bool:
+    """Whether every group of 4 consecutive rows (output features) of ``mask`` holds at most
+    two set entries in each column: then ``(W ⊙ M)ᵀ`` is 2:4 along its last dim. Cached on
+    a BitMask (immutable by contract)."""
+    if isinstance(mask, BitMask):
+        cached = mask.__dict__.get("_24_along_out")
+        if cached is None:
+            cached = is_24_along_out(mask.to_bool())
+            object.__setattr__(mask, "_24_along_out", cached)
+        return cached
+    rows = mask.shape[0]
+    return rows % 4 == 0 and bool((mask.reshape(rows // 4, 4, -1).sum(1) <= 2).all())
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def mvue_last_dim(a: torch.Tensor, generator: torch.Generator | None, backend: str = "auto") -> torch.Tensor:
+    """MVUE 2:4 of a 2-D ``a`` along its last dim, zero-padded to a multiple of 4 (the padding
+    stays zero, so ``out[:, :a.shape[1]]`` is the estimate of ``a``)."""
+    pad = (-a.shape[1]) % 4
+    if pad:
+        a = F.pad(a, (0, pad))
+    return mvue24(a.contiguous(), seed=_draw_seed(generator), backend=backend)
+
+
+def _pad_rows(b: torch.Tensor, rows: int) -> torch.Tensor:
+    return F.pad(b, (0, 0, 0, rows - b.shape[0])) if rows > b.shape[0] else b
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class AscentLinearFunction(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with the ascent backward of ``config.mode``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config: AscentConfig):
+        # gradients go back in the parameters' own dtypes, not the autocast dtype
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
+        cast = _autocast_dtype(x.device.type)
+        if cast is not None:  # what autocast's linear would run: every operand in the autocast dtype
+            x, weight = x.to(cast), weight.to(cast)
+            bias = bias.to(cast) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.config = config
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        cfg = ctx.config
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dtypes = ctx.dtypes
+        out_f, in_f = w.shape
+        dy2 = dy.reshape(-1, out_f).to(w.dtype)
+        x2 = x.reshape(-1, in_f)
+        dx = dw = db = None
+        if cfg.mode == "exact":
+            if need_w:
+                dw = masked_weight_grad(dy2, x2, cfg.mask, out_dtype=dtypes[1], backend=cfg.backend)
+            if need_x:
+                dx = dy2 @ w
+        elif cfg.mode == "implicit":
+            if need_w:
+                dw = dy2.t() @ x2
+            if need_x:
+                wm = w * _bool(cfg.mask).to(w.dtype)
+                if is_24_along_out(cfg.mask):  # (W ⊙ M)ᵀ is the 2:4 operand
+                    dx = sparse_mm_24(wm.t().contiguous(), dy2.t(), gemm=cfg.gemm, check=False).t()
+                else:
+                    dx = dy2 @ wm
+        else:
+            if need_w:  # MVUE along the tokens: the contraction dim of dYᵀ X
+                est = mvue_last_dim(dy2.t(), cfg.generator, cfg.backend)
+                dw = sparse_mm_24(est, _pad_rows(x2, est.shape[1]), gemm=cfg.gemm, check=False)
+            if need_x:
+                if cfg.mode == "mvue_dx":  # MVUE along the output dim: the contraction dim of dY W
+                    est = mvue_last_dim(dy2, cfg.generator, cfg.backend)
+                    dx = sparse_mm_24(est, _pad_rows(w, est.shape[1]), gemm=cfg.gemm, check=False)
+                else:
+                    dx = dy2 @ w
+        if need_b:
+            db = dy2.sum(0)
+            if cfg.mode == "exact" and cfg.bias_mask is not None:
+                db = db * _bool(cfg.bias_mask).to(db.dtype)
+        return (
+            None if dx is None else dx.reshape(*dy.shape[:-1], in_f).to(dtypes[0]),
+            None if dw is None else dw.to(dtypes[1]),
+            None if db is None else db.to(dtypes[2]),
+            None,
+        )
+
+
+def _check_config(weight: torch.Tensor, bias, config: AscentConfig) -> None:
+    if not isinstance(config, AscentConfig):
+        raise TypeError(f"config must be an AscentConfig, got {type(config).__name__}")
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
+    if config.gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {config.gemm!r}")
+    if config.mode in ("exact", "implicit"):
+        if config.mask is None:
+            raise ValueError(f"mode {config.mode!r} needs the weight's mask")
+        check_weight_mask("mask", config.mask, tuple(weight.shape), weight.device)
+    if config.bias_mask is not None:
+        if bias is None:
+            raise ValueError("bias_mask given for a layer without bias")
+        check_weight_mask("bias_mask", config.bias_mask, tuple(bias.shape), bias.device)
+
+
+def ascent_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, *,
+                  mask=None, bias_mask=None, generator: torch.Generator | None = None, gemm: str = "auto",
+                  backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose backward is the ascent backward of ``mode``.
+
+    Args:
+        mode: ``"exact"``, ``"implicit"``, ``"mvue"`` or ``"mvue_dx"`` (module docstring).
+        mask: ``[out, in]`` bool tensor or BitMask, the weight's perturbation mask (needed by
+            ``"exact"`` and ``"implicit"``).
+        bias_mask: the bias's mask (``"exact"``; None: the bias gradient stays dense).
+        generator: draws the MVUE seeds (None: torch's global generator).
+        gemm: ``"auto"``, ``"dense"`` or ``"cusparselt"``, for the 2:4 GEMMs.
+        backend: ``ssam_kernels`` backend of the masked weight gradient and the MVUE draw.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a 2-D floating tensor, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}")
+    config = AscentConfig(mode, mask, bias_mask, generator, gemm, backend)
+    _check_config(weight, bias, config)
+    return AscentLinearFunction.apply(x, weight, bias, config)

@@ -1,0 +1,89 @@
+"""The weight gradient of a linear layer restricted to a mask: ``(dYᵀ X) ⊙ M``, skipping the
+work no masked entry needs.
+
+``grad_output`` is ``[..., out]``, ``input`` is ``[..., in]`` (the same leading dims, flattened to
+``T`` tokens), ``mask`` is ``[out, in]``. Entries outside the mask are exactly 0. The reference
+computes only the rows of ``W`` that hold a masked entry; the Triton kernel skips every output
+tile without one (it still pays for a whole tile where a tile holds any masked entry: an
+element-wise mask gives tensor cores nothing to skip inside a tile).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .._backend import lazy, op_backends
+from .bitmask import BitMask
+
+_BACKENDS = op_backends("masked_weight_grad")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | BitMask,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """Reference: ``dYᵀ X`` in the inputs' dtype on the rows that hold a masked entry, masked."""
+    keep = _checks.as_bool(mask)
+    out = torch.zeros(keep.shape, dtype=out_dtype, device=dy.device)
+    rows = keep.any(1).nonzero().squeeze(1)
+    if rows.numel():
+        part = dy.index_select(1, rows).t() @ x
+        out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out_dtype)
+    return out
+
+
+_BACKENDS.register("torch", masked_weight_grad_torch)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.masked_weight_grad", "masked_weight_grad_triton"))
+
+
+def check_weight_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> None:
+    """``mask`` is a bool tensor or BitMask of ``shape`` on ``device``."""
+    if isinstance(mask, BitMask):
+        mshape, mdevice = mask.shape, mask.device
+    elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mshape, mdevice = mask.shape, mask.device
+    else:
+        raise TypeError(f"{name} must be a bool tensor or a BitMask, got {_checks._kind(mask)}")
+    if tuple(mshape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mshape)}, expected {tuple(shape)}")
+    if mdevice != device:
+        raise ValueError(f"{name} is on {mdevice}, expected {device}")
+
+
+def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
+                       out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """``(grad_outputᵀ @ input) ⊙ mask`` over the flattened leading dims, as ``[out, in]``.
+
+    Args:
+        grad_output: ``[..., out]`` fp16/bf16/fp32.
+        input: ``[..., in]``, same dtype, device and leading dims as ``grad_output``.
+        mask: ``[out, in]`` bool tensor or :class:`~ssam_kernels.BitMask`.
+        out_dtype: dtype of the result (default: the inputs'); a float32 result of fp16/bf16
+            inputs is rounded once from the fp32 accumulator (Triton) or from the
+            low-precision product (reference).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+    """
+    for name, t in (("grad_output", grad_output), ("input", input)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be a float16/bfloat16/float32 tensor, got {_checks._kind(t)}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must have at least 1 dim, got a 0-dim tensor")
+    if input.dtype != grad_output.dtype or input.device != grad_output.device:
+        raise ValueError(
+            f"input is {input.dtype} on {input.device}, grad_output is {grad_output.dtype} on {grad_output.device}; "
+            "they must match"
+        )
+    if input.shape[:-1] != grad_output.shape[:-1]:
+        raise ValueError(
+            f"input {tuple(input.shape)} and grad_output {tuple(grad_output.shape)} must share their leading dims"
+        )
+    out_features, in_features = grad_output.shape[-1], input.shape[-1]
+    check_weight_mask("mask", mask, (out_features, in_features), input.device)
+    if out_dtype is None:
+        out_dtype = input.dtype
+    elif out_dtype not in DTYPES:
+        raise TypeError(f"out_dtype must be one of {DTYPES}, got {out_dtype}")
+    dy = grad_output.reshape(-1, out_features).contiguous()
+    x = input.reshape(-1, in_features).contiguous()
+    return _BACKENDS(backend, x.device)(dy, x, mask, out_dtype)

@@ -1,0 +1,146 @@
+"""Turn an existing model's ascent pass sparse without changing the model: a context manager.
+
+Inside ``with sparse_ascent(masks, mode):`` every ``F.linear`` call whose weight is a key of
+``masks`` (``nn.Linear``, and the projections of ``nn.MultiheadAttention``, which call
+``F.linear`` with their own weight) runs :class:`~ssam_kernels.ops.ascent_linear.AscentLinearFunction`;
+every other op runs as usual. In ``"exact"`` mode, parameters whose mask is empty are also
+frozen (``requires_grad=False``) for the duration, so autograd computes neither their gradient
+nor any input gradient below the lowest layer that still needs one. On exit everything is as
+it was. Run the ascent forward *and* backward inside the block; the descent pass outside it.
+
+The interception is a ``TorchFunctionMode``: it catches functional calls too and leaves the
+modules untouched, for about a microsecond of Python per torch call made inside the block.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .ops.ascent_linear import MODES, AscentConfig, AscentLinearFunction, _check_config
+from .ops.bitmask import BitMask
+from .sparse_gemm import GEMMS
+
+ASCENT_MODES = ("dense",) + MODES
+
+
+def _linear_args(args, kwargs):
+    names = ("input", "weight", "bias")
+    values = list(args) + [None] * (3 - len(args))
+    for i, name in enumerate(names):
+        if name in kwargs:
+            values[i] = kwargs[name]
+    return values
+
+
+def _is_empty(mask) -> bool:
+    if isinstance(mask, BitMask):
+        return mask.count_int() == 0
+    return not bool(mask.any())
+
+
+class sparse_ascent(TorchFunctionMode):
+    """Context manager: the ascent backward of ``mode`` for the layers whose weights have masks.
+
+    Args:
+        masks: ``{parameter: mask}``, each mask a bool tensor or BitMask shaped like its
+            parameter (or None: all entries masked). Parameters not in it keep dense autograd.
+        mode: ``"dense"`` (no change), ``"exact"``, ``"implicit"``, ``"mvue"`` or
+            ``"mvue_dx"`` (see :mod:`ssam_kernels.ops.ascent_linear`). ``"exact"`` yields
+            ``g ⊙ m`` for linear weights and skips parameters with empty masks; it is exact
+            for a perturbation normalised over the masked gradient only.
+        generator: draws the MVUE seeds (None: torch's global generator).
+        gemm: ``"auto"``, ``"dense"`` or ``"cusparselt"`` for the 2:4 GEMMs.
+        backend: ``ssam_kernels`` backend of the masked weight gradient and the MVUE draws.
+    """
+
+    def __init__(self, masks: Mapping[torch.Tensor, object], mode: str, *, generator: torch.Generator | None = None,
+                 gemm: str = "auto", backend: str = "auto"):
+        super().__init__()
+        if mode not in ASCENT_MODES:
+            raise ValueError(f"mode must be one of {ASCENT_MODES}, got {mode!r}")
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a mapping {{parameter: mask}}, got {type(masks).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.mode = mode
+        self._masks: dict[int, tuple[torch.Tensor, object]] = {}
+        for p, m in masks.items():
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"masks' keys must be tensors, got {type(p).__name__}")
+            if m is not None:
+                shape = m.shape if isinstance(m, (BitMask, torch.Tensor)) else None
+                if shape is None or (isinstance(m, torch.Tensor) and m.dtype != torch.bool):
+                    raise TypeError(f"masks' values must be bool tensors, BitMasks or None, got {type(m).__name__}")
+                if tuple(shape) != tuple(p.shape) or m.device != p.device:
+                    raise ValueError(
+                        f"a mask of shape {tuple(shape)} on {m.device} for a parameter of shape {tuple(p.shape)} on {p.device}"
+                    )
+            self._masks[id(p)] = (p, m)
+        self._generator = generator
+        self._gemm = gemm
+        self._backend = backend
+        self._frozen: list[torch.Tensor] = []
+
+    def _mask_of(self, t: torch.Tensor | None):
+        """(known, mask) for a tensor: known is False for tensors not in ``masks``."""
+        if t is None:
+            return False, None
+        entry = self._masks.get(id(t))
+        if entry is None or entry[0] is not t:
+            return False, None
+        return True, entry[1]
+
+    def _config(self, weight: torch.Tensor, bias: torch.Tensor | None) -> AscentConfig | None:
+        """How this layer's backward runs, or None for plain ``F.linear``."""
+        known, mask = self._mask_of(weight)
+        if not known or weight.dim() != 2:
+            return None
+        if self.mode == "exact":
+            if not weight.requires_grad:  # frozen: empty mask (or frozen by the user)
+                return None
+            if mask is None:  # all entries: the dense gradient is g ⊙ m
+                return None
+        full = mask is None
+        if full:
+            mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        bias_known, bias_mask = self._mask_of(bias)
+        return AscentConfig(self.mode, mask, bias_mask if bias_known else None, self._generator, self._gemm,
+                            self._backend)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and self.mode != "dense" and torch.is_grad_enabled():
+            x, weight, bias = _linear_args(args, kwargs)
+            if isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor):
+                config = self._config(weight, bias)
+                if config is not None and (weight.requires_grad or x.requires_grad):
+                    _check_config(weight, bias, config)
+                    return AscentLinearFunction.apply(x, weight, bias, config)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        if self._frozen:
+            raise RuntimeError("sparse_ascent is already active; it cannot be entered twice at once")
+        if self.mode == "exact":
+            empty = [p for p, m in self._masks.values() if m is not None and p.requires_grad and _is_empty(m)]
+            # all masks empty: nothing will be perturbed, and freezing everything would make
+            # the caller's backward() fail; leave the pass dense
+            if len(empty) < sum(1 for p, _ in self._masks.values() if p.requires_grad):
+                for p in empty:
+                    p.requires_grad_(False)
+                self._frozen = empty
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            return super().__exit__(exc_type, exc, tb)
+        finally:
+            for p in self._frozen:
+                p.requires_grad_(True)
+            self._frozen = []

@@ -1,0 +1,121 @@
+"""``A @ B`` for a 2:4-sparse ``A`` on sparse tensor cores (cuSPARSELt), or dense.
+
+``A`` is a dense-stored ``[m, k]`` fp16/bf16 matrix with at most two nonzeros in every group of
+four along ``k`` (the contraction dimension, as sparse tensor cores need). cuSPARSELt needs
+``m`` and ``k`` multiples of 16 and ``B``'s ``n`` a multiple of 8; PyTorch's CUTLASS sparse ops
+run only on compute capability 8.x, so cuSPARSELt (``torch._cslt_sparse_mm``, sm_80 and sm_90)
+is the one sparse path. ``gemm="auto"`` measures both paths once per shape (compression
+included) and keeps the faster: on GPUs where the sparse GEMM loses to the dense one (older
+cuSPARSELt on Hopper), auto runs dense. Shapes cuSPARSELt rejects run dense, with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("ssam_kernels")
+
+GEMMS = ("auto", "dense", "cusparselt")
+SPARSE_DTYPES = (torch.float16, torch.bfloat16)
+
+_CHOICE: dict[tuple, str] = {}  # measured auto choice per (device, dtype, shapes, layout)
+_LOGGED: set[tuple] = set()
+
+
+def log_once(key: tuple, message: str) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info(message)
+
+
+def cusparselt_unsupported(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why ``torch._cslt_sparse_mm(compress(a), b)`` cannot run here, or None."""
+    if a.device.type != "cuda":
+        return f"tensors are on {a.device}, cuSPARSELt runs on CUDA"
+    if not torch.backends.cusparselt.is_available():
+        return "this torch build has no cuSPARSELt"
+    if torch.cuda.get_device_capability(a.device) < (8, 0):
+        return "sparse tensor cores need compute capability >= 8.0"
+    if a.dtype not in SPARSE_DTYPES or b.dtype != a.dtype:
+        return f"dtypes {a.dtype} @ {b.dtype}; cuSPARSELt here takes float16 or bfloat16 for both"
+    (m, k), n = a.shape, b.shape[1]
+    if m % 16 or k % 16 or n % 8:
+        return f"shape [{m}, {k}] @ [{k}, {n}]: cuSPARSELt needs m, k multiples of 16 and n of 8"
+    return None
+
+
+def _dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b
+
+
+def _cusparselt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # compressed every call: A changes every step (weights, or a fresh MVUE draw)
+    return torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), b)
+
+
+def _median_ms(fn, reps: int = 7) -> float:
+    fn()  # warm-up (cuSPARSELt plans, cuBLAS heuristics)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+def _auto_choice(a: torch.Tensor, b: torch.Tensor) -> str:
+    key = (a.device.index, a.dtype, tuple(a.shape), tuple(b.shape), b.stride())
+    if key not in _CHOICE:
+        dense_ms = _median_ms(lambda: _dense(a, b))
+        sparse_ms = _median_ms(lambda: _cusparselt(a, b))
+        _CHOICE[key] = "cusparselt" if sparse_ms < dense_ms else "dense"
+        log.info("sparse_mm_24 %s @ %s %s: cuSPARSELt %.3f ms (compression included), dense %.3f ms -> %s",
+                 tuple(a.shape), tuple(b.shape), str(a.dtype).split(".")[-1], sparse_ms, dense_ms, _CHOICE[key])
+    return _CHOICE[key]
+
+
+def resolve_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
+    """The path ``sparse_mm_24`` takes: ``"dense"`` or ``"cusparselt"``."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    if gemm == "dense":
+        return "dense"
+    why = cusparselt_unsupported(a, b)
+    if why is not None:
+        if gemm == "cusparselt":
+            raise ValueError(f"gemm='cusparselt' cannot run: {why}")
+        if a.device.type == "cuda":
+            log_once(("shape", a.device.type, a.dtype, tuple(a.shape), tuple(b.shape)),
+                     f"sparse_mm_24: dense GEMM for {tuple(a.shape)} @ {tuple(b.shape)} ({why})")
+        return "dense"
+    return "cusparselt" if gemm == "cusparselt" else _auto_choice(a, b)
+
+
+def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check: bool = True) -> torch.Tensor:
+    """``a @ b`` where ``a`` (``[m, k]``) is 2:4-sparse along ``k``.
+
+    Args:
+        gemm: ``"auto"`` (measured per shape, see the module docstring), ``"dense"`` or
+            ``"cusparselt"`` (strict: ``ValueError`` where it cannot run).
+        check: verify that ``a`` is 2:4 along ``k`` (one pass over ``a`` and a host sync;
+            cuSPARSELt would silently drop extra nonzeros). Callers that built ``a`` 2:4 pass
+            False.
+    """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if a.shape[1] != b.shape[0] or a.device != b.device:
+        raise ValueError(f"cannot multiply a {tuple(a.shape)} on {a.device} by b {tuple(b.shape)} on {b.device}")
+    if a.shape[1] % 4:
+        raise ValueError(f"a's contraction dim must be a multiple of 4 for 2:4 groups, got {a.shape[1]}")
+    if check and bool(((a.reshape(-1, 4) != 0).sum(-1) > 2).any()):
+        raise ValueError("a is not 2:4 sparse along its last dim (a group of 4 holds more than 2 nonzeros)")
+    path = resolve_gemm(gemm, a, b)
+    return _cusparselt(a, b) if path == "cusparselt" else _dense(a, b)
