@@ -1,9 +1,11 @@
 """Turn an existing model's ascent pass sparse without changing the model: a context manager.
 
 Inside ``with sparse_ascent(masks, mode):`` every ``F.linear`` call whose weight is a key of
-``masks`` (``nn.Linear``, and the projections of ``nn.MultiheadAttention``, which call
-``F.linear`` with their own weight) runs :class:`~ssam_kernels.ops.ascent_linear.AscentLinearFunction`;
-every other op runs as usual. In ``"exact"`` mode, parameters whose mask is empty are also
+``masks`` (``nn.Linear``, and functional ``F.linear(x, self.weight)`` in custom modules) runs
+:class:`~ssam_kernels.ops.ascent_linear.AscentLinearFunction`; every other op runs as usual.
+Calls made inside another function that dispatches on torch functions itself (the projections
+inside ``nn.MultiheadAttention``, i.e. ``F.multi_head_attention_forward``) are not seen and keep
+dense autograd: their gradients are ordinary ones, which the optimizer masks as usual. In ``"exact"`` mode, parameters whose mask is empty are also
 frozen (``requires_grad=False``) for the duration, so autograd computes neither their gradient
 nor any input gradient below the lowest layer that still needs one. On exit everything is as
 it was. Run the ascent forward *and* backward inside the block; the descent pass outside it.

@@ -87,9 +87,9 @@ def test_zero_drop_rate_keeps_the_mask(gen):
     assert torch.equal(old, _flat_masks(opt))
 
 
-@pytest.mark.parametrize("structure", ["2:4", "1:4", "3:4"])
+@pytest.mark.parametrize("structure", ["2:4", "1:4", "3:4", "2:4:out"])
 def test_nm_structure_kept_through_updates(structure, gen):
-    n, m = map(int, structure.split(":"))
+    n, m = map(int, structure.split(":")[:2])
     model, opt = _setup(structure=structure, sparsity=None, drop_rate=1.0)
     for epoch in range(3):
         _backward(model, gen)
@@ -97,6 +97,8 @@ def test_nm_structure_kept_through_updates(structure, gen):
         opt.update_mask(epoch)
         for p, prev in zip(model.parameters(), opt.masks()):
             rows = opt.get_mask(p).reshape(p.shape[0], -1) if p.dim() > 1 else opt.get_mask(p).reshape(1, -1)
+            if structure.endswith(":out") and p.dim() > 1:
+                rows = rows.t()  # groups run along the output dim
             full = rows[:, : rows.shape[1] // m * m].reshape(rows.shape[0], -1, m)
             assert bool((full.sum(-1) == n).all())
         changed = sum(int((a != b).sum()) for a, b in zip(before, opt.masks()))

@@ -22,14 +22,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | BitMask,
-                             out_dtype: torch.dtype) -> torch.Tensor:
+                             out: torch.Tensor) -> torch.Tensor:
     """Reference: ``dYᵀ X`` in the inputs' dtype on the rows that hold a masked entry, masked."""
     keep = _checks.as_bool(mask)
-    out = torch.zeros(keep.shape, dtype=out_dtype, device=dy.device)
+    out.zero_()
     rows = keep.any(1).nonzero().squeeze(1)
     if rows.numel():
         part = dy.index_select(1, rows).t() @ x
-        out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out_dtype)
+        out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out.dtype)
     return out
 
 
@@ -52,7 +52,8 @@ def check_weight_mask(name: str, mask, shape: tuple[int, ...], device: torch.dev
 
 
 def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
-                       out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                       backend: str = "auto") -> torch.Tensor:
     """``(grad_outputᵀ @ input) ⊙ mask`` over the flattened leading dims, as ``[out, in]``.
 
     Args:
@@ -62,6 +63,8 @@ def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
         out_dtype: dtype of the result (default: the inputs'); a float32 result of fp16/bf16
             inputs is rounded once from the fp32 accumulator (Triton) or from the
             low-precision product (reference).
+        out: a contiguous ``[out, in]`` tensor to write the result into (every entry is
+            written); its dtype is the result's (``out_dtype`` must then be None or equal).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
     """
     for name, t in (("grad_output", grad_output), ("input", input)):
@@ -80,10 +83,20 @@ def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
         )
     out_features, in_features = grad_output.shape[-1], input.shape[-1]
     check_weight_mask("mask", mask, (out_features, in_features), input.device)
-    if out_dtype is None:
-        out_dtype = input.dtype
-    elif out_dtype not in DTYPES:
+    if out_dtype is not None and out_dtype not in DTYPES:
         raise TypeError(f"out_dtype must be one of {DTYPES}, got {out_dtype}")
+    if out is None:
+        out = torch.empty((out_features, in_features), dtype=out_dtype or input.dtype, device=input.device)
+    else:
+        if not isinstance(out, torch.Tensor) or out.dtype not in DTYPES:
+            raise TypeError(f"out must be a float16/bfloat16/float32 tensor, got {_checks._kind(out)}")
+        if tuple(out.shape) != (out_features, in_features) or out.device != input.device or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous [{out_features}, {in_features}] tensor on {input.device}, "
+                f"got {tuple(out.shape)} on {out.device}"
+            )
+        if out_dtype is not None and out_dtype != out.dtype:
+            raise ValueError(f"out_dtype={out_dtype} but out is {out.dtype}")
     dy = grad_output.reshape(-1, out_features).contiguous()
     x = input.reshape(-1, in_features).contiguous()
-    return _BACKENDS(backend, x.device)(dy, x, mask, out_dtype)
+    return _BACKENDS(backend, x.device)(dy, x, mask, out)

@@ -43,11 +43,10 @@ def _config(device: torch.device) -> tuple[int, int, int, int]:
     return 32, 32, 16, 4
 
 
-def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out_dtype: torch.dtype) -> torch.Tensor:
+def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out: torch.Tensor) -> torch.Tensor:
     bits = (mask if isinstance(mask, BitMask) else pack_mask(mask)).bits
     T, OUT = dy.shape
     IN = x.shape[1]
-    out = torch.empty((OUT, IN), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     if T == 0:

@@ -1,0 +1,177 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, rand, rand_mask
+
+from ssam_kernels import ascent_linear, mvue24, pack_mask, sparse_mm_24
+from ssam_kernels.ops.ascent_linear import is_24_along_out, mvue_last_dim
+from ssam.structure import nm_select, parse_structure
+
+
+def _grads(out, inputs, gen):
+    dy = torch.randn(out.shape, generator=gen).to(out.dtype)
+    return torch.autograd.grad(out, inputs, dy), dy
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_exact_is_dense_gradient_times_mask(backend, packed, gen):
+    x, w, b = rand((3, 5, 24), generator=gen), rand((36, 24), generator=gen), rand((36,), generator=gen)
+    mask, bias_mask = rand_mask(w.shape, 0.5, gen), rand_mask(b.shape, 0.5, gen)
+    mask[:20] = False
+    xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+    out = ascent_linear(xs, ws, bs, "exact", mask=pack_mask(mask) if packed else mask, bias_mask=bias_mask,
+                        backend=backend)
+    (dx, dw, db), dy = _grads(out, (xs, ws, bs), gen)
+    xr, wr, br = _leaf(x), _leaf(w), _leaf(b)
+    ref_out = F.linear(xr, wr, br)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # forward unchanged
+    rdx, rdw, rdb = torch.autograd.grad(ref_out, (xr, wr, br), dy)
+    torch.testing.assert_close(dx, rdx, rtol=0, atol=0)
+    torch.testing.assert_close(dw, rdw * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, rdb * bias_mask, rtol=0, atol=0)
+    assert bool((dw[~mask] == 0).all())
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("structure", ["2:4:out", "unstructured"])
+def test_implicit_input_gradient_flows_through_the_masked_weight(structure, gen):
+    x, w = rand((10, 32), generator=gen), rand((16, 32), generator=gen)
+    if structure == "unstructured":
+        mask = rand_mask(w.shape, 0.5, gen)
+    else:
+        mask = nm_select([torch.randn(w.shape, generator=gen)], parse_structure(structure))[0]
+    assert is_24_along_out(mask) == (structure != "unstructured")
+    assert is_24_along_out(pack_mask(mask)) == (structure != "unstructured")
+    xs, ws = _leaf(x), _leaf(w)
+    (dx, dw), dy = _grads(ascent_linear(xs, ws, None, "implicit", mask=mask), (xs, ws), gen)
+    torch.testing.assert_close(dx, dy @ (w * mask), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw, dy.t() @ x, rtol=1e-6, atol=1e-6)  # weight gradient dense
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mvue_draw_pads_and_keeps_two_of_four(backend, gen):
+    a = rand((6, 10), generator=gen)  # 10 is not a multiple of 4: padded to 12
+    est = mvue_last_dim(a, torch.Generator().manual_seed(1), backend)
+    assert est.shape == (6, 12) and bool((est[:, 10:] == 0).all())
+    assert bool(((est != 0).reshape(-1, 4).sum(-1) == 2).all())  # every group has >= 2 nonzeros here
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["mvue", "mvue_dx"])
+def test_mvue_gradients_are_unbiased(backend, mode, gen):
+    tokens = 6 if backend == "torch" else 8  # the reference also covers padding of the tokens
+    x, w = rand((tokens, 12), generator=gen), rand((8, 12), generator=gen)
+    dy = rand((tokens, 8), generator=gen)
+    exact_dw, exact_dx = dy.t() @ x, dy @ w
+    draws, seeds = 3000 if backend == "torch" else 400, torch.Generator().manual_seed(7)
+    dws, dxs = [], []
+    for _ in range(draws):
+        xs, ws = _leaf(x), _leaf(w)
+        dx, dw = torch.autograd.grad(ascent_linear(xs, ws, None, mode, generator=seeds, backend=backend), (xs, ws), dy)
+        dws.append(dw.double())
+        dxs.append(dx.double())
+    dws, dxs = torch.stack(dws), torch.stack(dxs)
+    for samples, exact in ((dws, exact_dw), (dxs, exact_dx)):
+        sem = samples.std(0) / draws**0.5  # standard error of the mean, per entry
+        assert bool(((samples.mean(0) - exact.double()).abs() <= 5 * sem + 1e-6).all())
+    assert bool((dws.std(0) > 0).any())  # the weight gradient is really an estimate
+    if mode == "mvue":
+        torch.testing.assert_close(dxs[0].float(), exact_dx, rtol=1e-6, atol=1e-6)  # input gradient exact
+    else:
+        assert bool((dxs.std(0) > 0).any())
+
+
+@pytest.mark.cpu
+def test_gradients_come_back_in_parameter_dtypes_under_autocast(gen):
+    x, w, b = rand((8, 16), generator=gen), rand((12, 16), generator=gen), rand((12,), generator=gen)
+    mask = rand_mask(w.shape, 0.5, gen)
+    xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+    xr, wr, br = _leaf(x), _leaf(w), _leaf(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ascent_linear(xs, ws, bs, "exact", mask=mask)
+        ref = F.linear(xr, wr, br)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    dy = torch.randn(out.shape, generator=gen).bfloat16()
+    grads = torch.autograd.grad(out, (xs, ws, bs), dy)
+    rgrads = torch.autograd.grad(ref, (xr, wr, br), dy)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    # bf16 products summed over 8 tokens: one bf16 rounding (2^-8) of values ~ sqrt(8)
+    torch.testing.assert_close(grads[1], rgrads[1] * mask, rtol=1e-2, atol=3e-2)
+    torch.testing.assert_close(grads[0], rgrads[0], rtol=0, atol=0)
+
+
+@pytest.mark.cpu
+def test_bad_input(gen):
+    x, w = torch.zeros(4, 8), torch.zeros(6, 8)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ascent_linear(x, w, None, "sparse")
+    with pytest.raises(ValueError, match="needs the weight's mask"):
+        ascent_linear(x, w, None, "exact")
+    with pytest.raises(ValueError, match=r"mask has shape \(8, 6\), expected \(6, 8\)"):
+        ascent_linear(x, w, None, "implicit", mask=torch.ones(8, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bias_mask given for a layer without bias"):
+        ascent_linear(x, w, None, "exact", mask=torch.ones(6, 8, dtype=torch.bool), bias_mask=torch.ones(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"x must be \[..., 8\]"):
+        ascent_linear(torch.zeros(4, 7), w, None, "mvue")
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        ascent_linear(x, w, None, "mvue", gemm="cutlass")
+
+
+@pytest.mark.cpu
+def test_sparse_mm_24_dense_path_and_checks(gen):
+    a = mvue24(rand((16, 32), generator=gen), seed=3)
+    b = rand((32, 8), generator=gen)
+    torch.testing.assert_close(sparse_mm_24(a, b), a @ b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        sparse_mm_24(torch.ones(16, 32), b)
+    with pytest.raises(ValueError, match="gemm='cusparselt' cannot run"):
+        sparse_mm_24(a, b, gemm="cusparselt")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sparse_mm_24(torch.zeros(4, 6), torch.zeros(6, 2))
+    with pytest.raises(ValueError, match="cannot multiply"):
+        sparse_mm_24(a, b.t())
+
+
+# --- sparse tensor cores ---------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cusparselt_equals_dense(dtype):
+    if not torch.backends.cusparselt.is_available():
+        pytest.fail("this CUDA torch has no cuSPARSELt; the sparse path cannot be tested")
+    gen = torch.Generator().manual_seed(3)
+    a = mvue24(rand((768, 4096), dtype, gen, "cuda"), seed=1)
+    for b in (rand((4096, 1024), dtype, gen, "cuda"), rand((1024, 4096), dtype, gen, "cuda").t()):
+        ref = (a.double() @ b.double())
+        out = sparse_mm_24(a, b, gemm="cusparselt")
+        # each output sums 2048 kept products in fp32 and rounds once to the dtype
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * ref.abs().max().item()
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["implicit", "mvue", "mvue_dx"])
+def test_cuda_sparse_paths_equal_their_dense_references(mode):
+    """With the MVUE draws fixed by the seed, the cuSPARSELt and dense GEMM paths see the same
+    sparse operands, so their gradients agree to bf16 rounding."""
+    if not torch.backends.cusparselt.is_available():
+        pytest.fail("this CUDA torch has no cuSPARSELt; the sparse path cannot be tested")
+    gen = torch.Generator().manual_seed(4)
+    x = rand((8, 1024, 768), torch.bfloat16, gen, "cuda")
+    w = rand((3072, 768), torch.bfloat16, gen, "cuda")
+    mask = nm_select([torch.randn(w.shape, generator=gen)], parse_structure("2:4:out"))[0].cuda()
+    dy = rand((8, 1024, 3072), torch.bfloat16, gen, "cuda")
+    grads = {}
+    for gemm in ("dense", "cusparselt"):
+        xs, ws = _leaf(x), _leaf(w)
+        out = ascent_linear(xs, ws, None, mode, mask=mask, generator=torch.Generator().manual_seed(9), gemm=gemm)
+        grads[gemm] = torch.autograd.grad(out, (xs, ws), dy)
+    for sparse, dense in zip(grads["cusparselt"], grads["dense"]):
+        scale = dense.float().abs().max().item()
+        torch.testing.assert_close(sparse.float(), dense.float(), rtol=0, atol=2e-2 * scale)

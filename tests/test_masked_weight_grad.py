@@ -1,0 +1,96 @@
+import pytest
+import torch
+from helpers import BACKENDS, backend_dtypes, rand, rand_mask
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssam_kernels import masked_weight_grad, pack_mask
+
+# fp32: reference and kernel sum the same products in different orders; fp16/bf16: the
+# reference rounds the product to the low dtype, the kernel rounds once from fp32
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+SHAPES = [  # (leading dims, out, in)
+    ((1,), 1, 1),
+    ((3,), 3, 5),
+    ((2, 7), 70, 45),   # ragged tiles in every dim
+    ((33,), 64, 96),
+]
+
+
+def _oracle(dy, x, mask):
+    full = dy.reshape(-1, dy.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
+    return full * mask
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float32, torch.float16, torch.bfloat16]))
+@pytest.mark.parametrize("lead,out_f,in_f", SHAPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_equals_masked_dense_gradient(backend, dtype, lead, out_f, in_f, packed, gen):
+    dy = rand(lead + (out_f,), dtype, gen)
+    x = rand(lead + (in_f,), dtype, gen)
+    mask = rand_mask((out_f, in_f), 0.3, gen)
+    mask[: out_f // 2] = False  # whole empty rows / tiles: skipped, must still come out 0
+    out = torch.full((out_f, in_f), float("nan"), dtype=torch.float32)  # poisoned
+    res = masked_weight_grad(dy, x, pack_mask(mask) if packed else mask, out=out, backend=backend)
+    assert res is out
+    assert bool((out[~mask] == 0).all())
+    rtol, atol = TOL[dtype]
+    tokens = dy.numel() // out_f  # an entry sums `tokens` unit-variance products: size ~ sqrt(tokens)
+    torch.testing.assert_close(out.double(), _oracle(dy, x, mask), rtol=rtol, atol=atol * tokens**0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_dtype_and_empty_mask(backend, gen):
+    dy, x = rand((9, 40), generator=gen), rand((9, 33), generator=gen)
+    empty = torch.zeros(40, 33, dtype=torch.bool)
+    res = masked_weight_grad(dy.half(), x.half(), empty, out_dtype=torch.float32, backend=backend)
+    assert res.dtype == torch.float32 and bool((res == 0).all())
+    zero_tokens = masked_weight_grad(dy[:0], x[:0], ~empty, backend=backend)
+    assert bool((zero_tokens == 0).all())
+
+
+@pytest.mark.cpu
+def test_reference_skips_rows_without_masked_entries(gen):
+    dy, x = rand((64, 128), generator=gen), rand((64, 256), generator=gen)
+    mask = torch.zeros(128, 256, dtype=torch.bool)
+    mask[:32] = rand_mask((32, 256), 0.5, gen)
+    with FlopCounterMode(display=False) as counter:
+        masked_weight_grad(dy, x, mask, backend="torch")
+    assert counter.get_total_flops() == 2 * 64 * 32 * 256  # a quarter of the dense 2 * 64 * 128 * 256
+
+
+@pytest.mark.cpu
+def test_bad_input():
+    dy, x, m = torch.zeros(4, 8), torch.zeros(4, 6), torch.ones(8, 6, dtype=torch.bool)
+    with pytest.raises(TypeError, match="grad_output must be"):
+        masked_weight_grad(dy.double(), x, m)
+    with pytest.raises(ValueError, match="they must match"):
+        masked_weight_grad(dy, x.half(), m)
+    with pytest.raises(ValueError, match="share their leading dims"):
+        masked_weight_grad(dy, torch.zeros(5, 6), m)
+    with pytest.raises(ValueError, match=r"mask has shape \(6, 8\), expected \(8, 6\)"):
+        masked_weight_grad(dy, x, m.t())
+    with pytest.raises(TypeError, match="mask must be a bool tensor or a BitMask"):
+        masked_weight_grad(dy, x, m.float())
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        masked_weight_grad(dy, x, m, out=torch.zeros(6, 8))
+    with pytest.raises(ValueError, match="out_dtype"):
+        masked_weight_grad(dy, x, m, out=torch.zeros(8, 6), out_dtype=torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_triton_equals_reference(dtype):
+    gen = torch.Generator().manual_seed(5)
+    dy = rand((4099, 768), dtype, gen, "cuda")
+    x = rand((4099, 3072 + 8), dtype, gen, "cuda")
+    mask = rand_mask((768, 3072 + 8), 0.5, gen, "cuda")
+    mask[:300] = False
+    out = torch.full(mask.shape, float("nan"), device="cuda")
+    masked_weight_grad(dy, x, pack_mask(mask), out=out, backend="triton")
+    ref = _oracle(dy, x, mask)
+    assert bool((out[~mask] == 0).all())
+    # tf32 where torch allows it for fp32; otherwise the dtype's accumulate-in-fp32 error
+    scale = ref.abs().max().item()
+    tol = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype] * scale
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)

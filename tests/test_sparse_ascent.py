@@ -1,0 +1,276 @@
+"""The ascent modes on whole models and through the optimizers."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, MLP, make_closure, rand_mask, regression_batch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ssam
+from ssam.models.vit import ViT
+from ssam_kernels import pack_mask, sparse_ascent
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products autograd runs (each mm/addmm/bmm call and its FLOPs)."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_vit():
+    return ViT(img_size=8, patch=4, dim=16, depth=2, heads=2, num_classes=3)
+
+
+def _ssamf(model, mode, structure="2:4", **kw):
+    return ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=None, num_samples=8, update_freq=1,
+                      structure=structure, norm="masked", ascent_backward=mode, seed=0, lr=0.1, **kw)
+
+
+def _dense_masked_grads(model, loss_fn, masks):
+    model.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    out = [p.grad * m for p, m in zip(model.parameters(), masks)]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_name", ["mlp", "vit"])
+def test_exact_mode_yields_the_masked_gradient(backend, model_name, monkeypatch, gen):
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    torch.manual_seed(0)
+    if model_name == "mlp":
+        model = MLP(din=12, hidden=16, dout=4)
+        x, y = torch.randn(8, 12, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    else:
+        model = _tiny_vit()
+        x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    opt = _ssamf(model, "exact")
+    opt.update_mask(model, torch.utils.data.TensorDataset(x, y))
+    masks = opt.masks()
+    params = list(model.parameters())
+
+    def loss():
+        return F.cross_entropy(model(x), y)
+
+    ref = _dense_masked_grads(model, loss, masks)
+    with opt.ascent():
+        loss().backward()
+    for p, m, r in zip(params, masks, ref):
+        assert p.grad is not None  # 2:4 masks: every tensor has masked entries
+        torch.testing.assert_close(p.grad * m, r, rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad for p in params)
+
+
+@pytest.mark.cpu
+def test_exact_mode_skips_layers_without_masked_entries(gen):
+    """3 linear layers, the first with an empty mask: dense autograd runs 3 forward and 5
+    backward products (3 weight, 2 input gradients); exact runs 3 + 2 (no weight gradient
+    for layer 1, no input gradient into it)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(32, 8, generator=gen)
+    masks = {p: rand_mask(p.shape, 0.5, gen) for p in model.parameters()}
+    masks[model[0].weight] = torch.zeros(16, 8, dtype=torch.bool)
+    masks[model[0].bias] = torch.zeros(16, dtype=torch.bool)
+    masks[model[2].weight][:8] = False  # rows without masked entries: the reference skips them
+    counts = {}
+    for mode in ("dense", "exact"):
+        model.zero_grad(set_to_none=True)
+        with sparse_ascent(masks, mode, backend="torch"), CountMatmuls() as count:
+            model(x).square().sum().backward()
+        counts[mode] = count.calls
+        if mode == "exact":
+            assert model[0].weight.grad is None and model[0].bias.grad is None
+    assert counts == {"dense": 3 + 5, "exact": 3 + 3}
+    assert model[0].weight.requires_grad  # unfrozen on exit
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for mode in ("dense", "exact"):
+        model.zero_grad(set_to_none=True)
+        with sparse_ascent(masks, mode, backend="torch"), FlopCounterMode(display=False) as counter:
+            model(x).square().sum().backward()
+        flops[mode] = counter.get_total_flops()
+    forward = 2 * 32 * (8 * 16 + 16 * 16 + 16 * 4)
+    dense_backward = 2 * forward - 2 * 32 * 8 * 16  # no input gradient into the model's input
+    exact_backward = 2 * 32 * (16 * 4) * 2 + 2 * 32 * 8 * 16  # layer 3: dW + dX; layer 2: dW of 8 rows
+    assert flops == {"dense": forward + dense_backward, "exact": forward + exact_backward}
+
+
+@pytest.mark.cpu
+def test_context_restores_state_after_an_error_and_refuses_reentry(gen):
+    model = MLP()
+    masks = {p: torch.zeros(p.shape, dtype=torch.bool) for p in model.parameters()}
+    masks[model.net[2].weight] = rand_mask(model.net[2].weight.shape, 0.5, gen)
+    ctx = sparse_ascent(masks, "exact")
+    with pytest.raises(ZeroDivisionError):
+        with ctx:
+            assert not model.net[0].weight.requires_grad
+            1 / 0
+    assert all(p.requires_grad for p in model.parameters())
+    with ctx:
+        with pytest.raises(RuntimeError, match="already active"):
+            ctx.__enter__()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.cpu
+def test_all_empty_masks_leave_the_pass_dense(gen):
+    model = MLP()
+    x, y = regression_batch(gen)
+    with sparse_ascent({p: torch.zeros(p.shape, dtype=torch.bool) for p in model.parameters()}, "exact"):
+        F.mse_loss(model(x), y).backward()  # would raise if every parameter were frozen
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.cpu
+def test_functional_linear_is_caught_and_attention_left_dense(gen):
+    """``F.linear(input=..., weight=...)`` by keyword takes the ascent path (implicit, empty
+    mask: no input gradient); nn.MultiheadAttention's projections, whose F.linear calls happen
+    inside another torch-function-dispatching function, keep dense autograd."""
+    x = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    w = torch.randn(3, 8, generator=gen, requires_grad=True)
+    with sparse_ascent({w: torch.zeros(3, 8, dtype=torch.bool)}, "implicit"):
+        (dx,) = torch.autograd.grad(F.linear(input=x, weight=w).sum(), x)
+    assert bool((dx == 0).all())
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    with sparse_ascent({attn.out_proj.weight: torch.zeros_like(attn.out_proj.weight, dtype=torch.bool)}, "implicit"):
+        (dx,) = torch.autograd.grad(attn(x, x, x, need_weights=False)[0].sum(), x)
+    assert bool((dx != 0).any())
+
+
+@pytest.mark.cpu
+def test_bad_context_arguments():
+    p = torch.zeros(4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sparse_ascent({p: None}, "fast")
+    with pytest.raises(TypeError, match="masks must be a mapping"):
+        sparse_ascent([p], "exact")
+    with pytest.raises(ValueError, match="a mask of shape"):
+        sparse_ascent({p: torch.ones(4, 3, dtype=torch.bool)}, "exact")
+    with pytest.raises(TypeError, match="values must be bool tensors"):
+        sparse_ascent({p: torch.ones(4, 4)}, "exact")
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        sparse_ascent({p: None}, "mvue", gemm="tiles")
+
+
+# --- through the optimizers ------------------------------------------------------------------
+
+@pytest.mark.cpu
+def test_exact_needs_the_masked_norm_and_modes_are_checked():
+    model = MLP()
+    with pytest.raises(ValueError, match="needs norm='masked'"):
+        ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
+                   ascent_backward="exact", lr=0.1)
+    with pytest.raises(ValueError, match="ascent_backward must be one of"):
+        _ssamf(model, "sparse")
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("fuse_sgd", [True, False])
+def test_exact_training_equals_dense_training(fuse_sgd, gen):
+    """norm="masked": the exact mode's steps equal the dense ones, including parameters frozen
+    for the ascent pass (empty masks) that the fused SGD step still updates."""
+    x, y = regression_batch(gen, n=16)
+    results = []
+    for mode in ("dense", "exact"):
+        torch.manual_seed(3)
+        model = MLP()
+        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
+                         structure="tensor", norm="masked", ascent_backward=mode, fuse_sgd=fuse_sgd, seed=1,
+                         lr=0.1, momentum=0.9)
+        assert any(m.count_int() == 0 for m in opt._masks.values())  # some tensors unperturbed
+        closure = make_closure(model, x, y)
+        calls = 0
+
+        def counted():
+            nonlocal calls
+            calls += 1
+            return closure()
+
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(counted)
+        assert calls == 6  # step ran the ascent pass itself
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("mode", ["implicit", "mvue", "mvue_dx"])
+def test_approximate_modes_train_and_resume_bit_identically(mode, gen):
+    x, y = regression_batch(gen, n=16)
+    torch.manual_seed(0)
+    model = MLP(din=10, hidden=16, dout=4)
+    opt = _ssamf(model, mode, structure="2:4:out", momentum=0.9)
+    opt.update_mask(model, torch.utils.data.TensorDataset(x, y.argmax(1)))
+    closure = make_closure(model, x, y)
+    opt.zero_grad()
+    opt.step(closure)
+    state = opt.state_dict()
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    runs = []
+    for _ in range(2):
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), snapshot):
+                p.copy_(s)
+        opt.load_state_dict(copy.deepcopy(state))  # loading aliases the momentum buffers
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # the MVUE draws come from the saved generator state
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.cpu
+def test_ssamd_exact_with_gradient_growth_runs_update_steps_densely(gen):
+    x, y = regression_batch(gen, n=16)
+    model = MLP()
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
+                     growth_strategy="gradient", structure="tensor", norm="masked", ascent_backward="exact", seed=2,
+                     lr=0.1)
+    seen = []
+
+    def closure():
+        seen.append([p.requires_grad for p in model.parameters()])
+        return make_closure(model, x, y)()
+
+    for batch_idx in (0, 1):  # batch 0 updates the mask, so its ascent pass runs dense
+        empty = [opt._masks[p].count_int() == 0 for p in model.parameters()]
+        assert any(empty) and not all(empty)
+        seen.clear()
+        opt.zero_grad()
+        opt.step(closure, epoch=0, batch_idx=batch_idx)
+        ascent, descent = seen
+        assert ascent == ([True] * len(empty) if batch_idx == 0 else [not e for e in empty])
+        assert descent == [True] * len(empty)
+
+
+@pytest.mark.cpu
+def test_packed_and_bool_masks_agree(gen):
+    model = MLP()
+    x, y = regression_batch(gen)
+    masks = {p: rand_mask(p.shape, 0.5, gen) for p in model.parameters()}
+    grads = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        with sparse_ascent({p: pack_mask(m) if packed else m for p, m in masks.items()}, "exact"):
+            F.mse_loss(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
