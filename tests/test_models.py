@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssam.models import DigitsNet, resnet18_cifar, resnet50, vit_base, vit_small, vit_tiny, wide_resnet28_10
+from ssam.models import DigitsMLP, DigitsNet, resnet18_cifar, resnet50, vit_base, vit_small, vit_tiny, wide_resnet28_10
 
 pytestmark = pytest.mark.cpu
 
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.cpu
         (vit_base, 86_567_656, (3, 224, 224), 1000),  # timm vit_base_patch16_224
         (vit_tiny, 2_693_578, (3, 32, 32), 10),
         (DigitsNet, 21_482, (1, 8, 8), 10),
+        (DigitsMLP, 50_826, (1, 8, 8), 10),  # 64*256+256 + 256*128+128 + 128*10+10
     ],
 )
 def test_sizes_and_forward(build, params, input_shape, classes):

@@ -33,8 +33,18 @@ def test_default_run_learns(capsys):
     assert "ssamf" in out and re.search(r"mask density\s+0\.5000", out)
 
 
+@pytest.mark.parametrize("mode", ["exact", "mvue"])
+def test_ascent_backward_modes_train_the_mlp(mode, capsys):
+    argv = ["--opt", "ssamf", "--model", "mlp", "--norm", "masked", "--ascent-backward", mode, "--epochs", "2", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"ascent backward {mode}" in out
+    assert float(re.search(r"test accuracy\s+([\d.]+)%", out).group(1)) > 50.0
+
+
 def test_bad_arguments_exit_with_usage():
-    for argv in (["--structure", "2-4"], ["--opt", "adam"], ["--epochs", "0"]):
+    for argv in (["--structure", "2-4"], ["--opt", "adam"], ["--epochs", "0"], ["--opt", "sam", "--ascent-backward", "mvue"],
+                 ["--ascent-backward", "sparse"], ["--model", "resnet"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert exc.value.code == 2
@@ -43,6 +53,8 @@ def test_bad_arguments_exit_with_usage():
 def test_inconsistent_sparsity_is_a_clean_error(capsys):
     assert main(["--opt", "ssamf", "--structure", "1:4", "--sparsity", "0.5", "--epochs", "1", "--quiet"]) == 2
     assert "implies sparsity 0.75" in capsys.readouterr().err
+    assert main(["--opt", "ssamd", "--ascent-backward", "exact", "--epochs", "1", "--quiet"]) == 2
+    assert "needs norm='masked'" in capsys.readouterr().err
 
 
 def test_console_script_installed():

@@ -4,6 +4,7 @@ or SSAM-D, using the official code's training-loop calling convention. No downlo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -12,14 +13,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ssam_kernels
+from ssam_kernels import ASCENT_MODES
 
-from .models import DigitsNet
+from .models import DigitsMLP, DigitsNet
 from .sam import SAM
 from .ssamd import SSAMD
 from .ssamf import SSAMF
 from .structure import parse_structure
 
 OPTIMIZERS = ("sgd", "sam", "ssamf", "ssamd")
+MODELS = {"convnet": DigitsNet, "mlp": DigitsMLP}
 
 
 def load_digits(seed: int, test_fraction: float = 0.2):
@@ -47,10 +50,11 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
         sparsity = 0.5
     if args.opt == "ssamf":
         return SSAMF(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, num_samples=args.num_samples,
-                     update_freq=args.update_freq, structure=args.structure, norm=args.norm, seed=args.seed, **base)
+                     update_freq=args.update_freq, structure=args.structure, norm=args.norm, seed=args.seed,
+                     ascent_backward=args.ascent_backward, **base)
     return SSAMD(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, drop_rate=args.drop_rate,
                  update_freq=args.update_freq, T_end=args.epochs, structure=args.structure, norm=args.norm,
-                 seed=args.seed, **base)
+                 seed=args.seed, ascent_backward=args.ascent_backward, **base)
 
 
 @torch.no_grad()
@@ -68,7 +72,7 @@ def train(args) -> dict:
     train_set, test_set = load_digits(args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
-    model = DigitsNet().to(device)
+    model = MODELS[args.model]().to(device)
     opt = build_optimizer(args, model)
     step_times = []
     bar = tqdm(range(args.epochs), desc=args.opt, unit="epoch", disable=args.quiet)
@@ -85,9 +89,10 @@ def train(args) -> dict:
                 loss.backward()
                 return loss
 
-            loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
-            loss.backward()
+            with opt.ascent() if args.opt in ("ssamf", "ssamd") else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
             if args.opt == "sgd":
                 opt.step()
             else:  # the official training loop's call
@@ -109,10 +114,14 @@ def train(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ssam-train", description=__doc__)
     p.add_argument("--opt", choices=OPTIMIZERS, default="ssamf", help="optimizer (default: ssamf)")
+    p.add_argument("--model", choices=tuple(MODELS), default="convnet",
+                   help="convnet (default) or mlp (all-Linear: every --ascent-backward mode applies to every layer)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights NOT perturbed (default 0.5; implied by an N:M structure)")
-    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | tensor")
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | N:M:out | tensor")
     p.add_argument("--norm", choices=("full", "masked"), default="full", help="perturbation norm (default: full)")
+    p.add_argument("--ascent-backward", choices=ASCENT_MODES, default="dense",
+                   help="SSAM-F/D: backward of the ascent pass (default: dense; exact needs --norm masked)")
     p.add_argument("--rho", type=float, default=0.05, help="perturbation radius (default: 0.05)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -128,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         p.error("--epochs and --batch-size must be >= 1")
+    if args.ascent_backward != "dense" and args.opt not in ("ssamf", "ssamd"):
+        p.error("--ascent-backward applies to --opt ssamf or ssamd")
     try:
         parse_structure(args.structure)
         torch.device(args.device)
@@ -146,7 +157,8 @@ def main(argv=None) -> int:
     if result["backend"] is None:
         print(f"optimizer      {result['opt']}")
     else:
-        print(f"optimizer      {result['opt']} (structure {args.structure}, ssam_kernels backend {result['backend']})")
+        mode = f", ascent backward {args.ascent_backward}" if args.opt in ("ssamf", "ssamd") else ""
+        print(f"optimizer      {result['opt']} (structure {args.structure}{mode}, ssam_kernels backend {result['backend']})")
     print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
     print(f"mean step time {result['mean_step_ms']:.2f} ms ({args.device})")
     density = result["mask_density"]

@@ -21,3 +21,22 @@ class DigitsNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
+
+
+class DigitsMLP(nn.Module):
+    """Linear-ReLU x2, linear on the flattened 8x8 digit: every weight is a Linear one, so each
+    ``ascent_backward`` mode applies to the whole model (~51k parameters)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 2 * width),
+            nn.ReLU(),
+            nn.Linear(2 * width, width),
+            nn.ReLU(),
+            nn.Linear(width, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)

@@ -1,0 +1,123 @@
+"""Dense vs 2:4-sparse GEMMs of the ascent backward, per layer shape, with the sparsify+compress
+cost counted.
+
+For each linear layer ``[out, in]`` at ``T`` tokens, the three products the ascent modes make
+sparse (``A`` is the 2:4 operand, its contraction dim is the 2:4 one):
+
+* ``dW`` (``mvue``):   ``MVUE(dYᵀ) [out, T] @ X [T, in]``
+* ``dX`` (``mvue_dx``): ``MVUE(dY) [T, out] @ W [out, in]``
+* ``dX`` (``implicit``): ``(W ⊙ M)ᵀ [in, out] @ dYᵀ [out, T]``
+
+Each row: the dense GEMM, the cuSPARSELt GEMM on an already compressed operand, and the
+sparse path as the backward pays for it (MVUE draw or masking, ``torch._cslt_compress``,
+GEMM), as median times and dense-equivalent TFLOP/s (``2 m n k`` over the time), beside the
+dense bf16 matmul rate measured in the same run. Shapes: ViT-B/16 and GPT-2-small layers
+(d = 768, MLP 3072, QKV 2304) at 8k-32k tokens.
+
+    python benchmarks/bench_ascent_linear.py            # bf16 and fp16, 8k/16k/32k tokens
+    python benchmarks/bench_ascent_linear.py --quick    # one shape (on a CPU: dense only, labelled CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import interleaved_medians, report  # noqa: E402
+
+import ssam_kernels as sk  # noqa: E402
+from ssam_kernels.sparse_gemm import cusparselt_unsupported  # noqa: E402
+
+# (name, in, out): the distinct linear shapes of ViT-B/16 and GPT-2 small (both d = 768)
+LAYERS = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_fc1", 768, 3072), ("mlp_fc2", 3072, 768)]
+TOKENS = [8192, 16384, 32768]
+
+
+def matmul_ceiling(device, dtype, n: int = 8192) -> float:
+    """Dense matmul rate (FLOP/s) of an n x n x n product, measured in this run."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = interleaved_medians({"mm": lambda: a @ b}, device, warmup=3, reps=10)["mm"]
+    return 2 * n**3 / t
+
+
+def products(layer_in: int, layer_out: int, tokens: int, device, dtype, gen):
+    """(name, dense A, B, make-sparse-A) for the three products of the module docstring."""
+    x = torch.randn(tokens, layer_in, device=device, dtype=dtype)
+    w = torch.randn(layer_out, layer_in, device=device, dtype=dtype)
+    dy = torch.randn(tokens, layer_out, device=device, dtype=dtype)
+    mask = sk.nm_mask(torch.randn(layer_in, layer_out, device=device, generator=gen), 2, 4)  # 2:4 along out of W
+    dyt = dy.t().contiguous()
+    wt = w.t().contiguous()
+    return [
+        ("dW mvue", dyt, x, lambda: sk.mvue24(dyt, seed=1)),
+        ("dX mvue_dx", dy, w, lambda: sk.mvue24(dy, seed=2)),
+        ("dX implicit", wt, dy.t(), lambda: wt * mask),
+    ]
+
+
+def bench(layer, tokens, device, dtype, reps, ceiling, gen) -> list[dict]:
+    name, layer_in, layer_out = layer
+    rows = []
+    for product, a, b, sparsify in products(layer_in, layer_out, tokens, device, dtype, gen):
+        m, k = a.shape
+        n = b.shape[1]
+        flops = 2 * m * n * k
+        a24 = sparsify()
+        why = cusparselt_unsupported(a24, b)
+        fns = {"dense": lambda: a @ b}
+        if why is None:
+            packed = torch._cslt_compress(a24)
+            fns["sparse gemm"] = lambda: torch._cslt_sparse_mm(packed, b)
+            fns["sparse + sparsify + compress"] = lambda: torch._cslt_sparse_mm(torch._cslt_compress(sparsify()), b)
+        times = interleaved_medians(fns, device, warmup=3, reps=reps)
+        row = dict(layer=name, shape=f"{layer_out}x{layer_in}", tokens=tokens, dtype=str(dtype).split(".")[-1],
+                   product=product, gemm_mnk=f"{m}x{n}x{k}", dense_ms=times["dense"] * 1e3,
+                   dense_tflops=flops / times["dense"] / 1e12, ceiling_tflops=ceiling / 1e12,
+                   sparse_ms=None, sparse_tflops=None, speedup=None, total_ms=None, speedup_total=None,
+                   note=why or "")
+        if why is None:
+            sparse, total = times["sparse gemm"], times["sparse + sparsify + compress"]
+            row.update(sparse_ms=sparse * 1e3, sparse_tflops=flops / sparse / 1e12, speedup=times["dense"] / sparse,
+                       total_ms=total * 1e3, speedup_total=times["dense"] / total)
+            if times["dense"] / total < 1:
+                row["note"] = "sparse path slower than dense: auto runs dense here"
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("layer", "layer", ""), ("shape", "W", ""), ("tokens", "tokens", "d"), ("dtype", "dtype", ""),
+           ("product", "product", ""), ("dense_ms", "dense ms", ".3f"), ("dense_tflops", "dense TFLOP/s", ".0f"),
+           ("sparse_ms", "2:4 GEMM ms", ".3f"), ("speedup", "x dense", ".2f"), ("total_ms", "2:4 + sparsify/compress ms", ".3f"),
+           ("speedup_total", "x dense (all in)", ".2f"), ("note", "note", "")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one layer at 1024 tokens, bf16, few repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    layers, tokens = (LAYERS[2:3], [1024]) if args.quick else (LAYERS, TOKENS)
+    reps = 3 if args.quick else 20
+    rows, ceilings = [], {}
+    for dtype in dtypes:
+        ceilings[str(dtype)] = matmul_ceiling(device, dtype, 1024 if args.quick else 8192)
+        for layer in layers:
+            for t in tokens:
+                rows += bench(layer, t, device, dtype, reps, ceilings[str(dtype)], gen)
+    report("ascent_linear", "Ascent-backward GEMMs: dense vs 2:4 sparse", rows, COLUMNS, device, args.out,
+           meta_extra={"matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
+                       "cusparselt": torch.backends.cusparselt.is_available()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
