@@ -21,4 +21,6 @@ run interpret-tests env TRITON_INTERPRET=1 python3 -m pytest -m interpret -q tes
 run bench-perturb python3 benchmarks/bench_perturb.py
 run bench-perturb-bf16 python3 benchmarks/bench_perturb.py --dtype bfloat16 --out "benchmarks/results/$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common, torch; print(common.device_slug(torch.device("cuda")))')/bf16"
 run bench-topk python3 benchmarks/bench_topk_mask.py
+run bench-ascent-linear python3 benchmarks/bench_ascent_linear.py
+run bench-ascent-step python3 benchmarks/bench_ascent_step.py
 exit $status

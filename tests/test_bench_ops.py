@@ -32,3 +32,26 @@ def test_bench_topk_quick_with_out(tmp_path, capsys):
     assert bench_topk_mask.main(["--scores", "20000", "--device", "cpu", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "topk_mask.json").exists()
     assert "| True |" in capsys.readouterr().out
+
+
+def test_bench_ascent_linear_quick_cpu_runs_dense_only(capsys):
+    import bench_ascent_linear
+
+    assert bench_ascent_linear.main(["--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU run: not a GPU figure" in out and "wrote" not in out
+    for product in ("dW mvue", "dX mvue_dx", "dX implicit"):
+        assert f"| {product} |" in out
+    assert "cuSPARSELt runs on CUDA" in out  # the sparse columns say why they are empty
+
+
+def test_bench_ascent_step_quick_cpu_counts_flops(capsys):
+    import bench_ascent_step
+
+    assert bench_ascent_step.main(["--quick", "--device", "cpu", "--models", "mlp_stack"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU run: not a GPU figure" in out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| mlp_stack")}
+    assert set(rows) == {"sgd", "sam", "ssam dense", "ssam exact", "ssam implicit", "ssam mvue", "ssam mvue_dx"}
+    assert "| 2.000 | 2.00 |" in rows["sam"]  # counted vs paper FLOP ratio of SAM
+    assert "| 1.65 |" in rows["ssam mvue"]
