@@ -41,6 +41,15 @@ def same_shapes(name: str, tensors: list[torch.Tensor], ref_name: str, refs: lis
             raise ValueError(f"{name}[{i}] is on {t.device}, {ref_name}[{i}] is on {r.device}")
 
 
+def mask_facts(name: str, mask, *, none_ok: bool = False) -> tuple[torch.Size, torch.device]:
+    """Shape and device of a mask entry that is a bool tensor or a BitMask (TypeError otherwise;
+    ``none_ok`` only changes the wording, for callers that handle None themselves)."""
+    if isinstance(mask, BitMask) or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+        return torch.Size(mask.shape), mask.device
+    allowed = "a bool tensor, a BitMask or None" if none_ok else "a bool tensor or a BitMask"
+    raise TypeError(f"{name} must be {allowed}, got {_kind(mask)}")
+
+
 def mask_list(masks, refs: list[torch.Tensor], ref_name: str) -> list[torch.Tensor | BitMask | None]:
     """``masks`` checked against ``refs``: None (no masking), or one entry per tensor, each a
     bool tensor or a :class:`BitMask` shaped like its tensor, or None (that tensor unmasked)."""
@@ -54,12 +63,7 @@ def mask_list(masks, refs: list[torch.Tensor], ref_name: str) -> list[torch.Tens
     for i, (m, r) in enumerate(zip(masks, refs)):
         if m is None:
             continue
-        if isinstance(m, BitMask):
-            shape, device = m.shape, m.device
-        elif isinstance(m, torch.Tensor) and m.dtype == torch.bool:
-            shape, device = m.shape, m.device
-        else:
-            raise TypeError(f"masks[{i}] must be a bool tensor, a BitMask or None, got {_kind(m)}")
+        shape, device = mask_facts(f"masks[{i}]", m, none_ok=True)
         if shape != r.shape:
             raise ValueError(f"masks[{i}] has shape {tuple(shape)}, {ref_name}[{i}] has {tuple(r.shape)}")
         if device != r.device:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._checks import mask_facts
 from .ops.ascent_linear import MODES, AscentConfig, AscentLinearFunction, _check_config
 from .ops.bitmask import BitMask
 from .sparse_gemm import GEMMS
@@ -76,12 +77,10 @@ class sparse_ascent(TorchFunctionMode):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"masks' keys must be tensors, got {type(p).__name__}")
             if m is not None:
-                shape = m.shape if isinstance(m, (BitMask, torch.Tensor)) else None
-                if shape is None or (isinstance(m, torch.Tensor) and m.dtype != torch.bool):
-                    raise TypeError(f"masks' values must be bool tensors, BitMasks or None, got {type(m).__name__}")
-                if tuple(shape) != tuple(p.shape) or m.device != p.device:
+                shape, device = mask_facts(f"the mask of a {tuple(p.shape)} parameter", m, none_ok=True)
+                if shape != p.shape or device != p.device:
                     raise ValueError(
-                        f"a mask of shape {tuple(shape)} on {m.device} for a parameter of shape {tuple(p.shape)} on {p.device}"
+                        f"a mask of shape {tuple(shape)} on {device} for a parameter of shape {tuple(p.shape)} on {p.device}"
                     )
             self._masks[id(p)] = (p, m)
         self._generator = generator

@@ -29,6 +29,14 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _nonempty_masks(model, gen) -> dict:
+    """Random half-density masks with at least one entry each (an empty one would be frozen)."""
+    masks = {p: rand_mask(p.shape, 0.5, gen) for p in model.parameters()}
+    for m in masks.values():
+        m.view(-1)[0] = True
+    return masks
+
+
 def _tiny_vit():
     return ViT(img_size=8, patch=4, dim=16, depth=2, heads=2, num_classes=3)
 
@@ -81,10 +89,11 @@ def test_exact_mode_skips_layers_without_masked_entries(gen):
     for layer 1, no input gradient into it)."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     x = torch.randn(32, 8, generator=gen)
-    masks = {p: rand_mask(p.shape, 0.5, gen) for p in model.parameters()}
+    masks = _nonempty_masks(model, gen)
     masks[model[0].weight] = torch.zeros(16, 8, dtype=torch.bool)
     masks[model[0].bias] = torch.zeros(16, dtype=torch.bool)
     masks[model[2].weight][:8] = False  # rows without masked entries: the reference skips them
+    masks[model[2].weight][8:, 0] = True  # and the other 8 rows all have one
     counts = {}
     for mode in ("dense", "exact"):
         model.zero_grad(set_to_none=True)
@@ -160,7 +169,7 @@ def test_bad_context_arguments():
         sparse_ascent([p], "exact")
     with pytest.raises(ValueError, match="a mask of shape"):
         sparse_ascent({p: torch.ones(4, 3, dtype=torch.bool)}, "exact")
-    with pytest.raises(TypeError, match="values must be bool tensors"):
+    with pytest.raises(TypeError, match="must be a bool tensor, a BitMask or None"):
         sparse_ascent({p: torch.ones(4, 4)}, "exact")
     with pytest.raises(ValueError, match="gemm must be one of"):
         sparse_ascent({p: None}, "mvue", gemm="tiles")
@@ -265,7 +274,7 @@ def test_ssamd_exact_with_gradient_growth_runs_update_steps_densely(gen):
 def test_packed_and_bool_masks_agree(gen):
     model = MLP()
     x, y = regression_batch(gen)
-    masks = {p: rand_mask(p.shape, 0.5, gen) for p in model.parameters()}
+    masks = _nonempty_masks(model, gen)
     grads = []
     for packed in (False, True):
         model.zero_grad(set_to_none=True)

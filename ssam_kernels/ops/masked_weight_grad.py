@@ -39,12 +39,7 @@ _BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.masked_weight_grad", 
 
 def check_weight_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> None:
     """``mask`` is a bool tensor or BitMask of ``shape`` on ``device``."""
-    if isinstance(mask, BitMask):
-        mshape, mdevice = mask.shape, mask.device
-    elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-        mshape, mdevice = mask.shape, mask.device
-    else:
-        raise TypeError(f"{name} must be a bool tensor or a BitMask, got {_checks._kind(mask)}")
+    mshape, mdevice = _checks.mask_facts(name, mask)
     if tuple(mshape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mshape)}, expected {tuple(shape)}")
     if mdevice != device:
