@@ -63,7 +63,8 @@ def is_24_along_out(mask) -> bool:
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
+    device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its device
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
 
 
 def mvue_last_dim(a: torch.Tensor, generator: torch.Generator | None, backend: str = "auto") -> torch.Tensor:
