@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, report  # noqa: E402
 
 import ssam  # noqa: E402
+from ssam_kernels import ASCENT_MODES  # noqa: E402
 from ssam.models.vit import ViT  # noqa: E402
 
-MODES = ("dense", "exact", "implicit", "mvue", "mvue_dx")
 PAPER = {"sgd": 1.0, "sam": 2.0, "ssam": 1.0 + 0.3 + 0.7 * 0.5}
 
 
@@ -61,14 +61,15 @@ def workload(name: str, quick: bool, device):
         y = torch.randint(0, 10, (x.shape[0],), device=device, generator=gen)
         return build, x, lambda out: F.cross_entropy(out.float(), y)
     dim, hidden, depth, tokens = (64, 256, 2, 256) if quick else (768, 3072, 12, 8192)
-    x = torch.randn(tokens // 1024 if tokens >= 1024 else 1, min(tokens, 1024), dim, device=device, generator=gen)
+    seq = min(tokens, 1024)
+    x = torch.randn(tokens // seq, seq, dim, device=device, generator=gen)
     return (lambda: MLPStack(dim, hidden, depth)), x, lambda out: out.float().square().mean()
 
 
 def contenders(build, x, loss_fn, device):
     """name -> (model, optimizer, mode)."""
     out = {}
-    for name in ("sgd", "sam") + tuple(f"ssam {m}" for m in MODES):
+    for name in ("sgd", "sam") + tuple(f"ssam {m}" for m in ASCENT_MODES):
         torch.manual_seed(0)
         model = build().to(device)
         base = dict(lr=0.01, momentum=0.9)

@@ -107,8 +107,7 @@ class sparse_ascent(TorchFunctionMode):
                 return None
             if mask is None:  # all entries: the dense gradient is g ⊙ m
                 return None
-        full = mask is None
-        if full:
+        if mask is None and self.mode == "implicit":  # all entries: W ⊙ M = W (the MVUE modes read no mask)
             mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
         bias_known, bias_mask = self._mask_of(bias)
         return AscentConfig(self.mode, mask, bias_mask if bias_known else None, self._generator, self._gemm,

@@ -90,7 +90,7 @@ def train(args) -> dict:
                 return loss
 
             opt.zero_grad()
-            with opt.ascent() if args.opt in ("ssamf", "ssamd") else contextlib.nullcontext():
+            with opt.ascent() if isinstance(opt, SAM) else contextlib.nullcontext():
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
             if args.opt == "sgd":
