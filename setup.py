@@ -93,8 +93,9 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ssam_kernels", "ssam_kernels.ops", "ssam_kernels.triton_ops", "ssam", "ssam.models"],
-    package_dir={"ssam_kernels": "ssam_kernels", "ssam": "python/ssam"},
+    packages=["ssam_kernels", "ssam_kernels.ops", "ssam_kernels.triton_ops", "ssam", "ssam.models", "ssam_bench"],
+    # the benchmark suite (the ssam-bench command) is the benchmarks/ folder, installed as ssam_bench
+    package_dir={"ssam_kernels": "ssam_kernels", "ssam": "python/ssam", "ssam_bench": "benchmarks"},
     install_requires=[
         "torch>=2.11",
         "ninja",
@@ -102,11 +103,12 @@ setup(
         "nvidia-ml-py",
         "tqdm",
         "scikit-learn",
+        "matplotlib",
     ],
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "triton>=3.6"],
     },
-    entry_points={"console_scripts": ["ssam-train=ssam.train:main"]},
+    entry_points={"console_scripts": ["ssam-train=ssam.train:main", "ssam-bench=ssam_bench.cli:main"]},
     **_extension_setup(),
 )

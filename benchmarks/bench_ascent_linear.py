@@ -26,23 +26,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, report  # noqa: E402
+from ssam_bench.common import interleaved_medians, matmul_ceiling, report
 
-import ssam_kernels as sk  # noqa: E402
-from ssam_kernels.sparse_gemm import cusparselt_unsupported  # noqa: E402
+import ssam_kernels as sk
+from ssam_kernels.sparse_gemm import cusparselt_unsupported
 
 # (name, in, out): the distinct linear shapes of ViT-B/16 and GPT-2 small (both d = 768)
 LAYERS = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_fc1", 768, 3072), ("mlp_fc2", 3072, 768)]
 TOKENS = [8192, 16384, 32768]
-
-
-def matmul_ceiling(device, dtype, n: int = 8192) -> float:
-    """Dense matmul rate (FLOP/s) of an n x n x n product, measured in this run."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = interleaved_medians({"mm": lambda: a @ b}, device, warmup=3, reps=10)["mm"]
-    return 2 * n**3 / t
 
 
 def products(layer_in: int, layer_out: int, tokens: int, device, dtype, gen):

@@ -22,13 +22,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report  # noqa: E402
+from ssam_bench.common import report
 
-import ssam  # noqa: E402
-from ssam_kernels import ASCENT_MODES  # noqa: E402
-from ssam.models import DigitsMLP  # noqa: E402
-from ssam.train import load_digits, parse_args, train  # noqa: E402
+import ssam
+from ssam_kernels import ASCENT_MODES
+from ssam.models import DigitsMLP
+from ssam.train import load_digits, parse_args, train
 
 MODES = ASCENT_MODES[1:]  # every mode but dense; "exact" is the reference
 

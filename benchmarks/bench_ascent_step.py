@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, report  # noqa: E402
+from ssam_bench.common import interleaved_medians, report
 
-import ssam  # noqa: E402
-from ssam_kernels import ASCENT_MODES  # noqa: E402
-from ssam.models.vit import ViT  # noqa: E402
+import ssam
+from ssam_kernels import ASCENT_MODES
+from ssam.models.vit import ViT
 
 PAPER = {"sgd": 1.0, "sam": 2.0, "ssam": 1.0 + 0.3 + 0.7 * 0.5}
 

@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, markdown_table, run_metadata, write_results  # noqa: E402
+from ssam_bench.common import RESULTS, markdown_table, run_metadata, write_results
 
-import ssam  # noqa: E402
-from ssam.models import resnet18_cifar, vit_tiny  # noqa: E402
+import ssam
+from ssam.models import resnet18_cifar, vit_tiny
 
 # The paper's FLOPs column (Tables 1-3), relative to SGD.
 PAPER = {"sgd": 1.0, "sam": 2.0}

@@ -25,11 +25,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, interleaved_medians, report  # noqa: E402
+from ssam_bench.common import copy_bandwidth, interleaved_medians, native_backends, report
 
-import ssam_kernels as sk  # noqa: E402
-from ssam.models import resnet18_cifar, resnet50, vit_base  # noqa: E402
+import ssam_kernels as sk
+from ssam.models import resnet18_cifar, resnet50, vit_base
 
 DENSITY = 0.5
 
@@ -102,12 +101,8 @@ def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
                 p.sub_(e_w)
 
     fns = {"ours": ours("auto"), "torch": ours("torch"), "foreach": foreach, "official": official}
-    for backend in ("triton", "ext"):  # every backend that runs here, beside auto's choice
-        try:
-            sk.grad_norm(grads[:1], backend=backend)
-            fns[backend] = ours(backend)
-        except sk.BackendUnavailableError:
-            pass
+    for backend in native_backends(device, lambda b: sk.grad_norm(grads[:1], backend=b))[1:]:
+        fns[backend] = ours(backend)  # every other backend that runs here, beside auto's choice
     times = interleaved_medians(fns, device, warmup=3, reps=reps)
     numel = sum(p.numel() for p in params)
     kept = sum(m.count_int() for m in bit_masks)

@@ -17,11 +17,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, report  # noqa: E402
+from ssam_bench.common import interleaved_medians, report
 
-import ssam_kernels as sk  # noqa: E402
-from bench_perturb import PARAM_LISTS  # noqa: E402
+import ssam_kernels as sk
+from ssam_bench.bench_perturb import PARAM_LISTS
 
 
 def score_list(total: int, device) -> list[torch.Tensor]:

@@ -16,7 +16,11 @@ import torch
 
 import ssam_kernels
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# In a source checkout (editable install) results go to the repository's benchmarks/results/;
+# an installed copy writes under the working directory instead of into site-packages.
+RESULTS = (os.path.join(_HERE, "results") if os.path.exists(os.path.join(_HERE, "..", "setup.py"))
+           else os.path.join(os.getcwd(), "ssam-bench-results"))
 
 
 def git_commit() -> str:
@@ -129,6 +133,31 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) 
     dst = torch.empty_like(src)
     t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, warmup=3, reps=reps)["copy"]
     return 2 * nbytes / t
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
+    """Dense matmul rate (FLOP/s) of an n x n x n product in ``dtype``, measured in this run:
+    the ceiling for compute-bound kernels."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = interleaved_medians({"mm": lambda: a @ b}, device, warmup=3, reps=reps)["mm"]
+    return 2 * n**3 / t
+
+
+def native_backends(device: torch.device, probe: Callable[[str], object]) -> list[str]:
+    """The ``ssam_kernels`` backends that run natively on ``device``: ``torch`` always, ``ext``
+    where the compiled extension has the op, ``triton`` on a GPU only (on CPU tensors Triton
+    runs in its interpreter, whose timings mean nothing). ``probe(backend)`` calls the op."""
+    found = ["torch"]
+    for backend in ("triton", "ext"):
+        if backend == "triton" and device.type != "cuda":
+            continue
+        try:
+            probe(backend)
+            found.append(backend)
+        except ssam_kernels.BackendUnavailableError:
+            pass
+    return found
 
 
 def results_dir(device: torch.device, out: str | None) -> str | None:

@@ -31,3 +31,13 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def fused_sgd_everywhere(monkeypatch):
+    """Let the optimizers fuse restore + SGD on CPU too. They fuse only where
+    ``restore_sgd_step_`` has a kernel (the reference is slower than restore + torch's SGD),
+    and on CPU it has none; the fused path's logic is tested with the reference kernel."""
+    import ssam
+
+    monkeypatch.setattr(ssam.SAM, "_fast_fused_sgd", staticmethod(lambda device: True))

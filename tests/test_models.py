@@ -35,3 +35,25 @@ def test_wideresnet_depth_check():
 
     with pytest.raises(ValueError, match="6n \\+ 4"):
         WideResNet(depth=27)
+
+
+def test_gpt2_small_stack_size_and_causality():
+    from ssam.models import GPTStack, gpt2_small_stack
+
+    with torch.device("meta"):
+        # GPT-2 small has 124,439,808 parameters; without wte (50257 x 768) and wpe (1024 x 768)
+        assert sum(p.numel() for p in gpt2_small_stack().parameters()) == 124_439_808 - 50257 * 768 - 1024 * 768
+    torch.manual_seed(0)
+    model = GPTStack(16, 2, 4)
+    x = torch.randn(2, 7, 16)
+    y = x.clone()
+    y[:, 4:] = torch.randn(2, 3, 16)  # change only the future of token 3
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert a.shape == (2, 7, 16)
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    with pytest.raises(ValueError, match="multiple of heads"):
+        GPTStack(10, 1, 4)
+    with pytest.raises(ValueError, match=r"\[batch, tokens, 16\]"):
+        model(torch.randn(7, 16))

@@ -193,6 +193,7 @@ def test_add_param_group_gets_base_defaults(gen):
 
 @pytest.mark.parametrize("hyper", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=1e-3),
                                    dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.1, momentum=0.5, dampening=0.2)])
+@pytest.mark.usefixtures("fused_sgd_everywhere")
 def test_fused_sgd_second_step_equals_restore_then_sgd(hyper, gen):
     batches = [regression_batch(gen) for _ in range(4)]
     fused_model, plain_model = _model(), _model()
@@ -211,6 +212,7 @@ def test_fused_sgd_second_step_equals_restore_then_sgd(hyper, gen):
                                plain.base_optimizer.state[q]["momentum_buffer"])
 
 
+@pytest.mark.usefixtures("fused_sgd_everywhere")
 def test_fused_sgd_with_a_parameter_idle_in_the_second_pass(gen):
     model = _model()
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
@@ -224,3 +226,17 @@ def test_fused_sgd_with_a_parameter_idle_in_the_second_pass(gen):
     opt.second_step()
     assert torch.equal(bias, before)
     assert "momentum_buffer" not in opt.base_optimizer.state[bias]
+
+
+def test_no_fused_sgd_without_a_kernel_for_it(gen):
+    """On CPU restore_sgd_step_ has only its reference (a loop over tensors, slower than
+    restore_ + torch's SGD): the second step then calls the base optimizer."""
+    import ssam_kernels
+
+    model = _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    assert ssam_kernels.backend_info("cpu")["ops"]["restore_sgd_step_"]["auto"] == "torch"
+    calls = []
+    opt.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))
+    _sam_steps(opt, model, [regression_batch(gen)])
+    assert calls == [1]

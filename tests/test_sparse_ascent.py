@@ -189,6 +189,7 @@ def test_exact_needs_the_masked_norm_and_modes_are_checked():
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("fuse_sgd", [True, False])
+@pytest.mark.usefixtures("fused_sgd_everywhere")
 def test_exact_training_equals_dense_training(fuse_sgd, gen):
     """norm="masked": the exact mode's steps equal the dense ones, including parameters frozen
     for the ascent pass (empty masks) that the fused SGD step still updates."""

@@ -196,6 +196,8 @@ class SAM(torch.optim.Optimizer):
         known empty perturbation (see ``_unperturbed_backup``)."""
         if not self.fuse_sgd or type(self.base_optimizer) is not torch.optim.SGD:
             return False
+        if not self._fast_fused_sgd(self._pending[0][1][0].device if self._pending and self._pending[0][1] else None):
+            return False
         for group in self.param_groups:
             if group.get("differentiable") or any(
                 isinstance(group[k], bool) or not isinstance(group[k], (int, float)) for k in self._SGD_KEYS
@@ -206,6 +208,15 @@ class SAM(torch.optim.Optimizer):
             id(p) in perturbed or self._unperturbed_backup(p) is not None
             for g in self.param_groups for p in g["params"] if p.grad is not None
         )
+
+    @staticmethod
+    def _fast_fused_sgd(device: torch.device | None) -> bool:
+        """Whether ``restore_sgd_step_`` has a kernel here. Its reference backend is a loop over
+        tensors, slower than ``restore_`` followed by torch's own (foreach) SGD step, measured
+        on CPU with ``ssam-bench overhead``; so without a kernel the step is not fused."""
+        if device is None:
+            return True
+        return ssam_kernels.backend_info(device)["ops"]["restore_sgd_step_"]["auto"] != "torch"
 
     def _fused_sgd_step(self, pending) -> None:
         state = self.base_optimizer.state

@@ -1,0 +1,169 @@
+"""Mask-update cost: SSAM-F's Fisher mask on 128 samples and SSAM-D's drop/grow update, ours
+against the official code's algorithms. Target: at least 20x faster.
+
+* Fisher, official: one sample at a time (batch size 1): forward, ``loss.backward()``,
+  ``fisher += grad ** 2`` per parameter, ``model.zero_grad()``; then ``torch.topk`` over the
+  concatenated scores and a float mask scattered back. The samples are already stacked on
+  the device: the official DataLoader (batch size 1, 4 workers) is left out, which only
+  flatters the official side.
+* Fisher, ours: ``SSAMF.update_mask(model, data)``: per-sample gradients with
+  ``torch.func.vmap`` over chunks of samples, then ``ssam_kernels.topk_mask`` (no
+  concatenation, bit-packed mask).
+* SSAM-D, official: drop scores ``(|grad| + 1e-7) * mask`` and random growth scores
+  ``(u + 1e-7) * (1 - mask)`` moved to the CPU, concatenated, two ``torch.topk`` and
+  scatters there, the float masks copied back per parameter.
+* SSAM-D, ours: ``SSAMD.update_mask(epoch)`` at the same death rate (0.5) and sparsity (50%).
+
+Models: the step benchmark's (synthetic inputs). Without a GPU only the tiny models run, and
+the figures are labelled CPU.
+
+    python -m ssam_bench.bench_masks             # the real models (GPU)
+    python -m ssam_bench.bench_masks --quick     # the tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import ssam
+from ssam_bench.bench_step import QUICK_WORKLOADS, WORKLOADS, Workload
+from ssam_bench.common import interleaved_medians, report
+
+SPARSITY = 0.5
+DEATH_RATE = 0.5
+NUM_SAMPLES = 128
+TARGET = 20.0
+# the GPT-2 stack has one model; one token count is enough here
+MODELS = ["resnet18_cifar", "wrn28_10", "resnet50", "vit_s16", "gpt2_small_2k"]
+
+
+def official_fisher_mask(model, params, xs, ys, loss_fn, sparsity: float) -> list[torch.Tensor]:
+    """The official SSAM-F mask: a batch-size-1 loop, then top-k over the concatenation."""
+    fisher = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for i in range(xs.shape[0]):
+            loss = loss_fn(model(xs[i : i + 1]), ys[i : i + 1])
+            loss.backward()
+            for f, p in zip(fisher, params):
+                f += torch.square(p.grad).data
+            model.zero_grad()
+    flat = torch.cat([f.flatten() for f in fisher])
+    keep = int(flat.numel() * (1 - sparsity))
+    values, index = torch.topk(flat, keep)
+    mask = torch.zeros_like(flat)
+    mask.scatter_(0, index, torch.ones_like(values))
+    return _split(mask, params)
+
+
+@torch.no_grad()
+def official_ssamd_update(params, masks: list[torch.Tensor], death_rate: float, sparsity: float) -> list[torch.Tensor]:
+    """The official SSAM-D update (drop by |grad|, grow at random) with its host-side top-k."""
+    death = torch.cat([((p.grad.abs() + 1e-7) * m).cpu().flatten() for p, m in zip(params, masks)])
+    growth = torch.cat([((torch.rand_like(p) + 1e-7) * (1 - m)).cpu().flatten() for p, m in zip(params, masks)])
+    live = int((1 - sparsity) * death.numel())
+    survive = live - int(death_rate * live)
+    d_values, d_index = torch.topk(death, survive)
+    death_mask = torch.zeros_like(death)
+    death_mask.scatter_(0, d_index, torch.ones_like(d_values))
+    g_values, g_index = torch.topk(growth, live - survive)
+    growth_mask = torch.zeros_like(growth)
+    growth_mask.scatter_(0, g_index, torch.ones_like(g_values))
+    return [m.to(p) for m, p in zip(_split(death_mask + growth_mask, params), params)]
+
+
+def _split(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in params:
+        out.append(flat[start : start + p.numel()].reshape(p.shape))
+        start += p.numel()
+    return out
+
+
+def bench_model(name: str, workload: Workload, device, reps: int, num_samples: int) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    torch.manual_seed(0)
+    model = workload.build().to(device)
+    params = list(model.parameters())
+    xs, ys = workload.inputs(num_samples, gen, device)
+    base = dict(lr=0.01, momentum=0.9)
+    ours_f = ssam.SSAMF(params, torch.optim.SGD, rho=0.05, sparsity=SPARSITY, num_samples=num_samples, update_freq=1,
+                        fisher_chunk_size=workload.fisher_chunk, seed=0, **base)
+    ours_d = ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=SPARSITY, drop_rate=DEATH_RATE, T_end=10, seed=0,
+                        **base)
+    float_masks = [m.float() for m in ours_d.masks()]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    grads = [p.grad for p in params]
+
+    def restore_grads():  # the official Fisher loop zeroes them; the SSAM-D update reads them
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    def fisher_official():
+        official_fisher_mask(model, params, xs, ys, workload.loss, SPARSITY)
+        restore_grads()
+
+    fns = {
+        "fisher official": fisher_official,
+        "fisher ours": lambda: ours_f.update_mask(model, [(xs, ys)], loss_fn=workload.loss),
+        "ssam-d official": lambda: official_ssamd_update(params, float_masks, DEATH_RATE, SPARSITY),
+        "ssam-d ours": lambda: ours_d.update_mask(0),
+    }
+    times = interleaved_medians(fns, device, warmup=1, reps=reps)
+    numel = sum(p.numel() for p in params)
+    rows = []
+    for update, what in (("fisher", f"SSAM-F Fisher mask, {num_samples} samples"), ("ssam-d", "SSAM-D drop/grow")):
+        official, ours = times[f"{update} official"], times[f"{update} ours"]
+        rows.append(dict(model=name, params_m=numel / 1e6, update=what, official_ms=official * 1e3, ours_ms=ours * 1e3,
+                         speedup=official / ours, meets_target=official / ours >= TARGET))
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("params_m", "params (M)", ".1f"), ("update", "mask update", ""),
+           ("official_ms", "official ms", ".1f"), ("ours_ms", "ours ms", ".1f"), ("speedup", "x official", ".1f"),
+           ("meets_target", f"≥ {TARGET:.0f}x", "")]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-models", nargs="+", choices=list(WORKLOADS) + list(QUICK_WORKLOADS), default=None,
+                   help=f"models (default: {' '.join(MODELS)}; without a GPU or with --quick: the tiny ones)")
+
+
+def run(args, device, progress_factory=None) -> list[dict]:
+    tiny = args.quick or device.type != "cuda"
+    names = args.mask_models or (list(QUICK_WORKLOADS) if tiny else MODELS)
+    bar = progress_factory(total=len(names), desc="masks") if progress_factory else None
+    rows = []
+    for name in names:
+        workload = WORKLOADS.get(name) or QUICK_WORKLOADS[name]
+        rows += bench_model(name, workload, device, 3 if tiny else 5, NUM_SAMPLES)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def write(rows, device, out) -> dict:
+    return report("masks", "Mask-update cost: ours vs the official algorithms", rows, COLUMNS, device, out,
+                  meta_extra=dict(sparsity=SPARSITY, death_rate=DEATH_RATE, num_samples=NUM_SAMPLES, target=TARGET),
+                  note=" (synthetic inputs, fp32)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny models, few repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    write(run(args, device), device, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Optimizer-side overhead of an SSAM step: everything outside the model's forward/backward
+(gradient norm, masked perturbation, restore, the SGD update), on the step benchmark's
+models' parameter lists, mask density 0.5, fp32, SGD with momentum 0.9 and weight decay.
+
+* ``ours``: ``ssam.SSAMD``'s ``first_step()`` + ``second_step()`` (``ssam_kernels``: one
+  norm kernel, perturbation with a compact backup and bit-packed mask, restore fused with
+  the SGD update);
+* ``official``: the official code's loop: per parameter ``e_w = g * scale``,
+  ``e_w = e_w * mask`` (float mask), ``p += e_w``, later ``p -= e_w``, then
+  ``torch.optim.SGD.step()`` (its default implementation for the device);
+* ``foreach``: the same as ``torch._foreach_*`` calls with float masks and
+  ``torch.optim.SGD(foreach=True)``;
+* ``SGD alone``: ``torch.optim.SGD(foreach=True).step()``: what any step pays; the rest is
+  SSAM's overhead.
+
+    python -m ssam_bench.bench_overhead            # the real models' lists (GPU)
+    python -m ssam_bench.bench_overhead --quick    # the tiny models' lists
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import ssam
+from ssam_bench.bench_step import QUICK_WORKLOADS, WORKLOADS
+from ssam_bench.common import interleaved_medians, report
+
+DENSITY = 0.5
+RHO = 0.05
+SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+MODELS = ["resnet18_cifar", "wrn28_10", "resnet50", "vit_s16", "gpt2_small_2k"]
+
+
+def _shapes(build) -> list[torch.Size]:
+    with torch.device("meta"):
+        return [p.shape for p in build().parameters()]
+
+
+def _params(shapes, device, gen) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    return params
+
+
+class OfficialSSAM:
+    """The official first_step / second_step, with the mask as a float tensor per parameter."""
+
+    def __init__(self, params, masks, base: torch.optim.Optimizer):
+        self.params, self.masks, self.base, self.e_w = params, masks, base, {}
+
+    @torch.no_grad()
+    def first_step(self):
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params if p.grad is not None]), p=2)
+        scale = RHO / (grad_norm + 1e-7)
+        for p, m in zip(self.params, self.masks):
+            e_w = p.grad * scale.to(p)
+            e_w.data = e_w.data * m
+            p.add_(e_w)
+            self.e_w[p] = e_w
+
+    @torch.no_grad()
+    def second_step(self):
+        for p in self.params:
+            p.sub_(self.e_w[p])
+            self.e_w[p] = 0
+        self.base.step()
+
+
+@torch.no_grad()
+def foreach_step(params, masks, base: torch.optim.Optimizer) -> None:
+    grads = [p.grad for p in params]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    e = torch._foreach_mul(grads, RHO / (norm + 1e-7))
+    torch._foreach_mul_(e, masks)
+    torch._foreach_add_(params, e)
+    torch._foreach_sub_(params, e)
+    base.step()
+
+
+def bench_list(name: str, shapes, device, reps: int) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    ours_p, official_p, foreach_p, sgd_p = (_params(shapes, device, gen) for _ in range(4))
+    ours = ssam.SSAMD(ours_p, torch.optim.SGD, rho=RHO, sparsity=1 - DENSITY, drop_rate=0.0, T_end=1, seed=0, **SGD)
+    float_masks = [m.float() for m in ours.masks()]
+    official = OfficialSSAM(official_p, float_masks, torch.optim.SGD(official_p, **SGD))
+    foreach_base = torch.optim.SGD(foreach_p, foreach=True, **SGD)
+    sgd_alone = torch.optim.SGD(sgd_p, foreach=True, **SGD)
+
+    def ours_step():
+        ours.first_step()
+        ours.second_step()
+
+    def official_step():
+        official.first_step()
+        official.second_step()
+
+    times = interleaved_medians({"ours": ours_step, "official": official_step,
+                                 "foreach": lambda: foreach_step(foreach_p, float_masks, foreach_base),
+                                 "SGD alone": sgd_alone.step}, device, warmup=3, reps=reps)
+    numel = sum(s.numel() for s in shapes)
+    return [dict(params=name, numel=numel, tensors=len(shapes), impl=impl, median_ms=t * 1e3,
+                 over_sgd_ms=(t - times["SGD alone"]) * 1e3 if impl != "SGD alone" else None,
+                 x_official=times["official"] / t, x_foreach=times["foreach"] / t)
+            for impl, t in times.items()]
+
+
+COLUMNS = [("params", "param list", ""), ("numel", "params", ",d"), ("tensors", "tensors", "d"), ("impl", "impl", ""),
+           ("median_ms", "median ms", ".3f"), ("over_sgd_ms", "ms beyond SGD", ".3f"),
+           ("x_official", "x official", ".1f"), ("x_foreach", "x foreach", ".2f")]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overhead-models", nargs="+", choices=list(WORKLOADS) + list(QUICK_WORKLOADS), default=None,
+                   help=f"parameter lists (default: {' '.join(MODELS)}; --quick: the tiny models')")
+
+
+def run(args, device, progress_factory=None) -> list[dict]:
+    names = args.overhead_models or (list(QUICK_WORKLOADS) if args.quick else MODELS)
+    bar = progress_factory(total=len(names), desc="overhead") if progress_factory else None
+    rows = []
+    for name in names:
+        workload = WORKLOADS.get(name) or QUICK_WORKLOADS[name]
+        rows += bench_list(name, _shapes(workload.build), device, 5 if args.quick else 30)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def write(rows, device, out) -> dict:
+    return report("overhead", "Optimizer-side overhead per SSAM step (outside forward/backward)", rows, COLUMNS, device,
+                  out, meta_extra=dict(mask_density=DENSITY, dtype="float32"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny models' lists, few repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    write(run(args, device), device, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

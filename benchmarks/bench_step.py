@@ -1,0 +1,340 @@
+"""The step-ratio table: the paper's Tables 1-3 (FLOPs relative to SGD) beside what a step
+really costs.
+
+For SGD, SAM, SSAM-F and SSAM-D at sparsity 50/80/90/95/98/99% and 2:4, in each
+``ascent_backward`` mode, on CIFAR ResNet-18 (batch 128), WideResNet-28-10 (batch 128),
+ResNet-50 (batch 64, 224x224), ViT-S/16 (batch 64) and the 12 blocks of GPT-2 small (2k, 8k
+and 16k tokens). Per contender:
+
+* ``step / SGD``: median time of ``zero_grad(); step(closure)`` (SGD: forward, backward,
+  ``step()``) over an SGD step measured in the same interleaved loop (CUDA events);
+* ``counted FLOPs / SGD``: ``FlopCounterMode`` over one step as it runs here (a cuSPARSELt
+  product counts half the dense one; the exact mode's weight gradient is counted with the
+  reference backend, i.e. the rows that hold a masked entry);
+* the paper's FLOPs column (SAM 2x; SSAM 1.65x at 50% and 2:4 ... 1.30x at 99%);
+* peak memory of the contender alone (model, gradients, optimizer state, activations).
+
+Inputs are synthetic (random images and labels, random hidden states with a squared-output
+loss), so only the timing means anything; on a GPU every model runs under bf16 autocast.
+Masks are fixed while timing: SSAM-F's from the empirical Fisher on 128 samples, SSAM-D's
+its random initial one. Mask updates are measured by ``ssam-bench masks``. Attention
+projections inside ``nn.MultiheadAttention`` (ViT) and convolutions keep dense autograd, so
+the sparse ascent modes only reach ``nn.Linear`` layers.
+
+Without a GPU the real models are only FLOP-counted (batch 2, GPT-2 at 128 tokens; ratios
+are batch-independent up to attention's share), and the timing runs on tiny models,
+labelled CPU.
+
+    python -m ssam_bench.bench_step                       # everything (GPU: several minutes)
+    python -m ssam_bench.bench_step --models resnet18_cifar --sparsities 0.5 2:4
+    python -m ssam_bench.bench_step --quick               # tiny models, 3 sparsities
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import ssam
+from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
+from ssam.models import wide_resnet28_10
+from ssam_bench.common import interleaved_medians, report
+from ssam_kernels import ASCENT_MODES
+
+PAPER_SSAM = {"0.5": 1.65, "0.8": 1.44, "0.9": 1.36, "0.95": 1.33, "0.98": 1.31, "0.99": 1.30, "2:4": 1.65}
+SPARSITIES = tuple(PAPER_SSAM)
+QUICK_SPARSITIES = ("0.5", "0.99", "2:4")
+OPTIMIZERS = ("sgd", "sam", "ssam-f", "ssam-d")
+# modes run by default: a 2:4 mask is the layout the sparse-tensor-core modes need
+DEFAULT_MODES = {"2:4": ASCENT_MODES}
+DEFAULT_UNSTRUCTURED_MODES = ("dense", "exact")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and its synthetic batch. ``inputs(batch, gen, device)`` -> (x, y); ``loss(out, y)``."""
+
+    build: Callable[[], torch.nn.Module]
+    batch: int
+    inputs: Callable[[int, torch.Generator, torch.device], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    count_batch: int  # batch for FLOP counting without a GPU
+    fisher_chunk: int = 32
+    description: str = ""
+
+
+def _images(shape, classes):
+    def make(batch, gen, device):
+        x = torch.randn(batch, *shape, generator=gen, device=device)
+        return x, torch.randint(0, classes, (batch,), generator=gen, device=device)
+    return make
+
+
+def _tokens(seq, dim):
+    def make(batch, gen, device):  # one "sample" is a sequence
+        return torch.randn(batch, seq, dim, generator=gen, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    return make
+
+
+def _cross_entropy(out, y):
+    return F.cross_entropy(out.float(), y)
+
+
+def _squared_output(out, y):  # synthetic regression target: drive the hidden states to 0
+    return out.float().square().mean()
+
+
+def _gpt(seq: int, batch: int, description: str) -> Workload:
+    return Workload(gpt2_small_stack, batch, _tokens(seq, 768), _squared_output, count_batch=1, fisher_chunk=4,
+                    description=description)
+
+
+WORKLOADS = {
+    "resnet18_cifar": Workload(resnet18_cifar, 128, _images((3, 32, 32), 10), _cross_entropy, 2,
+                               description="ResNet-18 (CIFAR stem), batch 128, 32x32"),
+    "wrn28_10": Workload(wide_resnet28_10, 128, _images((3, 32, 32), 10), _cross_entropy, 2, 16,
+                         description="WideResNet-28-10, batch 128, 32x32"),
+    "resnet50": Workload(resnet50, 64, _images((3, 224, 224), 1000), _cross_entropy, 2, 8,
+                         description="ResNet-50, batch 64, 224x224"),
+    "vit_s16": Workload(vit_small, 64, _images((3, 224, 224), 1000), _cross_entropy, 2, 8,
+                        description="ViT-S/16, batch 64, 224x224"),
+    "gpt2_small_2k": _gpt(1024, 2, "GPT-2 small blocks, 2 x 1024 tokens"),
+    "gpt2_small_8k": _gpt(1024, 8, "GPT-2 small blocks, 8 x 1024 tokens"),
+    "gpt2_small_16k": _gpt(1024, 16, "GPT-2 small blocks, 16 x 1024 tokens"),
+}
+# without a GPU the GPT-2 stack is counted at 128 tokens (one entry is enough: same model)
+CPU_COUNT_GPT = _gpt(128, 1, "GPT-2 small blocks, 1 x 128 tokens (counting)")
+QUICK_WORKLOADS = {
+    "tiny_convnet": Workload(DigitsNet, 16, _images((1, 8, 8), 10), _cross_entropy, 16,
+                             description="digits conv net, batch 16, 8x8"),
+    "tiny_vit": Workload(lambda: ViT(32, 8, 64, 2, 2, 10), 8, _images((3, 32, 32), 10), _cross_entropy, 8,
+                         description="ViT dim 64 depth 2, batch 8, 32x32"),
+    "tiny_gpt": Workload(lambda: GPTStack(64, 2, 2), 2, _tokens(128, 64), _squared_output, 2,
+                         description="GPT blocks dim 64 depth 2, 2 x 128 tokens"),
+}
+
+
+@dataclass(frozen=True)
+class Contender:
+    optimizer: str  # one of OPTIMIZERS
+    sparsity: str | None = None  # a SPARSITIES key
+    mode: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.sparsity is None:
+            return self.optimizer
+        return f"{self.optimizer} {_sparsity_label(self.sparsity)} {self.mode}"
+
+    @property
+    def paper(self) -> float:
+        return {"sgd": 1.0, "sam": 2.0}.get(self.optimizer) or PAPER_SSAM[self.sparsity]
+
+
+def _sparsity_label(s: str) -> str:
+    return s if ":" in s else f"{float(s):.0%}"
+
+
+def contenders(optimizers, sparsities, modes) -> list[Contender]:
+    """SGD first (the denominator), then SAM, then SSAM-F/-D per sparsity and mode. ``modes``
+    None: the default grid (every mode at 2:4, dense and exact elsewhere)."""
+    out = [Contender("sgd")] + ([Contender("sam")] if "sam" in optimizers else [])
+    for opt in ("ssam-f", "ssam-d"):
+        if opt not in optimizers:
+            continue
+        for s in sparsities:
+            for mode in modes or DEFAULT_MODES.get(s, DEFAULT_UNSTRUCTURED_MODES):
+                out.append(Contender(opt, s, mode))
+    return out
+
+
+def build_optimizer(c: Contender, model, workload: Workload, device, fisher_samples: int):
+    base = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), **base)
+    if c.optimizer == "sam":
+        return ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **base)
+    nm = ":" in c.sparsity
+    # implicit runs on sparse tensor cores only with 2:4 groups along W's output dim
+    structure = ("2:4:out" if c.mode == "implicit" else "2:4") if nm else "unstructured"
+    common = dict(rho=0.05, sparsity=None if nm else float(c.sparsity), structure=structure,
+                  norm="masked" if c.mode == "exact" else "full", ascent_backward=c.mode, seed=0, **base)
+    if c.optimizer == "ssam-d":
+        return ssam.SSAMD(model.parameters(), torch.optim.SGD, drop_rate=0.5, T_end=10, **common)
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, num_samples=fisher_samples, update_freq=1,
+                     fisher_chunk_size=workload.fisher_chunk, **common)
+    gen = torch.Generator(device=device).manual_seed(1)
+    opt.update_mask(model, [workload.inputs(fisher_samples, gen, device)], loss_fn=workload.loss)
+    return opt
+
+
+def make_step(model, opt, x, y, loss_fn, autocast: bool) -> Callable[[], None]:
+    def closure():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if isinstance(opt, ssam.SAM):
+            opt.step(closure)  # runs the ascent pass itself, in its ascent_backward mode
+        else:
+            closure()
+            opt.step()
+
+    return step
+
+
+def _cslt_flops(*args, out_shape=None, **kwargs) -> int:
+    return out_shape[0] * out_shape[1] * args[1][0]  # half of 2 m n k: the 2:4 operand's zeros are skipped
+
+
+@contextlib.contextmanager
+def _reference_backend():
+    """The reference backend for counting: Triton GEMMs are invisible to FlopCounterMode."""
+    old = os.environ.get("SSAM_BACKEND")
+    os.environ["SSAM_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SSAM_BACKEND"]
+        else:
+            os.environ["SSAM_BACKEND"] = old
+
+
+def counted_flops(fn) -> int:
+    with _reference_backend(), FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._cslt_sparse_mm: _cslt_flops}) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_workload(name: str, workload: Workload, specs: list[Contender], device, reps: int, timed: bool,
+                   batch: int, progress=None) -> list[dict]:
+    """Rows for one workload. ``timed`` False: FLOP counts only."""
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, y = workload.inputs(batch, gen, device)
+    fisher_samples = 128 if cuda else 4
+    steps, rows = {}, []
+    for c in specs:
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        torch.manual_seed(0)
+        model = workload.build().to(device)
+        opt = build_optimizer(c, model, workload, device, fisher_samples)
+        step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
+        row = dict(model=name, batch=batch, optimizer=c.optimizer.upper(), sparsity=c.sparsity and _sparsity_label(c.sparsity),
+                   mode=c.mode, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
+                   counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
+        if timed:
+            step()
+            step()  # warm: Triton compiles, sparse_mm_24 measures its GEMM paths
+            if cuda:
+                torch.cuda.synchronize(device)
+                row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+            steps[c.name] = step
+        row["counted_gflop"] = counted_flops(step) / 1e9
+        opt.zero_grad(set_to_none=True)
+        if not timed:
+            del model, opt, step
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    if timed:
+        times = interleaved_medians(steps, device, warmup=3, reps=reps)
+        for row in rows:
+            row["step_ms"] = times[row["contender"]] * 1e3
+            row["step_vs_sgd"] = times[row["contender"]] / times["sgd"]
+    sgd = rows[0]["counted_gflop"]
+    for row in rows:
+        row["counted_flops_vs_sgd"] = row["counted_gflop"] / sgd
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("optimizer", "optimizer", ""), ("sparsity", "sparsity", ""),
+           ("mode", "ascent_backward", ""), ("step_ms", "step ms", ".2f"), ("step_vs_sgd", "step / SGD", ".3f"),
+           ("counted_flops_vs_sgd", "counted FLOPs / SGD", ".3f"), ("paper_flops_vs_sgd", "paper FLOPs / SGD", ".2f"),
+           ("peak_gib", "peak GiB", ".2f")]
+
+
+def plan(args, device) -> list[tuple[str, Workload, bool, int]]:
+    """(name, workload, timed, batch) in run order."""
+    cuda = device.type == "cuda"
+    if args.quick:
+        return [(n, w, True, w.batch) for n, w in QUICK_WORKLOADS.items() if not args.models or n in args.models]
+    names = args.models or list(WORKLOADS)
+    if cuda:
+        return [(n, WORKLOADS[n], True, WORKLOADS[n].batch) for n in names]
+    out, counted_gpt = [], False
+    for n in names:  # no GPU: count the real models at a small batch, time the tiny ones
+        if n.startswith("gpt2"):
+            if not counted_gpt:
+                out.append(("gpt2_small_128tok", CPU_COUNT_GPT, False, 1))
+                counted_gpt = True
+        else:
+            out.append((n, WORKLOADS[n], False, WORKLOADS[n].count_batch))
+    return out + [(n, w, True, w.batch) for n, w in QUICK_WORKLOADS.items()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", choices=list(WORKLOADS) + list(QUICK_WORKLOADS), default=None,
+                   help="workloads (default: all; --quick: the tiny ones)")
+    p.add_argument("--sparsities", nargs="+", choices=SPARSITIES, default=None,
+                   help=f"default: all ({' '.join(SPARSITIES)}); --quick: {' '.join(QUICK_SPARSITIES)}")
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS[1:], default=list(OPTIMIZERS[1:]),
+                   help="SGD always runs: it is the denominator")
+    p.add_argument("--modes", nargs="+", choices=ASCENT_MODES, default=None,
+                   help="ascent_backward modes at every sparsity (default: all five at 2:4, dense and exact elsewhere)")
+
+
+def run(args, device, progress_factory=None) -> list[dict]:
+    sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES)
+    specs = contenders(set(args.optimizers), sparsities, args.modes)
+    runs = plan(args, device)
+    reps = 5 if args.quick else 20
+    bar = progress_factory(total=len(specs) * len(runs), desc="step") if progress_factory else None
+    rows = []
+    for name, workload, timed, batch in runs:
+        rows += bench_workload(name, workload, specs, device, reps, timed, batch, bar)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def write(rows, device, out) -> dict:
+    cuda = device.type == "cuda"
+    return report("step", "Step time and FLOPs relative to SGD", rows, COLUMNS, device, out,
+                  note=" (synthetic inputs" + (", bf16 autocast)" if cuda else
+                                                "; real models FLOP-counted only, tiny models timed)"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models, 3 sparsities, few repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    write(run(args, device), device, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
