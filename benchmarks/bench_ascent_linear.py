@@ -14,8 +14,8 @@ GEMM), as median times and dense-equivalent TFLOP/s (``2 m n k`` over the time),
 dense bf16 matmul rate measured in the same run. Shapes: ViT-B/16 and GPT-2-small layers
 (d = 768, MLP 3072, QKV 2304) at 8k-32k tokens.
 
-    python benchmarks/bench_ascent_linear.py            # bf16 and fp16, 8k/16k/32k tokens
-    python benchmarks/bench_ascent_linear.py --quick    # one shape (on a CPU: dense only, labelled CPU)
+    python -m ssam_bench.bench_ascent_linear            # bf16 and fp16, 8k/16k/32k tokens
+    python -m ssam_bench.bench_ascent_linear --quick    # one shape (on a CPU: dense only, labelled CPU)
 """
 
 from __future__ import annotations
@@ -87,13 +87,7 @@ COLUMNS = [("layer", "layer", ""), ("shape", "W", ""), ("tokens", "tokens", "d")
            ("speedup_total", "x dense (all in)", ".2f"), ("note", "note", "")]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="one layer at 1024 tokens, bf16, few repetitions")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
+def run(args, device) -> tuple[list[dict], dict, str]:
     gen = torch.Generator(device=device).manual_seed(0)
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
     layers, tokens = (LAYERS[2:3], [1024]) if args.quick else (LAYERS, TOKENS)
@@ -104,9 +98,22 @@ def main(argv=None) -> int:
         for layer in layers:
             for t in tokens:
                 rows += bench(layer, t, device, dtype, reps, ceilings[str(dtype)], gen)
-    report("ascent_linear", "Ascent-backward GEMMs: dense vs 2:4 sparse", rows, COLUMNS, device, args.out,
-           meta_extra={"matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
-                       "cusparselt": torch.backends.cusparselt.is_available()})
+    return rows, {"matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
+                  "cusparselt": torch.backends.cusparselt.is_available()}, ""
+
+
+TITLE = "Ascent-backward GEMMs: dense vs 2:4 sparse"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one layer at 1024 tokens, bf16, few repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows, meta, note = run(args, device)
+    report("ascent_linear", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
     return 0
 
 

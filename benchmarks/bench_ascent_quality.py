@@ -9,7 +9,7 @@ to accuracy: device-independent quality figures (no timing).
 2. Final test accuracy of short ``ssam-train --model mlp`` runs per mode: mean and standard
    deviation over seeds (the seed sets the split, the init and the data order).
 
-    python benchmarks/bench_ascent_quality.py [--out benchmarks/results]
+    python -m ssam_bench.bench_ascent_quality [--out benchmarks/results]
 """
 
 from __future__ import annotations

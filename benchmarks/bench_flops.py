@@ -7,8 +7,8 @@ issues SAM's FLOPs at every sparsity. The "paper model" column applies the paper
 assumption (the ascent backward scales with the mask density) to our counted forward /
 backward split: ``1 + F/(F+B) + (1 - s) * B/(F+B)``.
 
-    python benchmarks/bench_flops.py            # ResNet-18 (CIFAR, batch 128), small ViT (batch 128)
-    python benchmarks/bench_flops.py --quick    # batch 8, fewer sparsities (a smoke test)
+    python -m ssam_bench.bench_flops            # ResNet-18 (CIFAR, batch 128), small ViT (batch 128)
+    python -m ssam_bench.bench_flops --quick    # batch 8, fewer sparsities (a smoke test)
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Effective bandwidth counts the bytes the cycle must move (see ``required_bytes``
 reported as a fraction of the device's copy bandwidth measured in the same run. The extra
 optimizer memory per parameter (mask + backup) is reported beside the official 8 B (fp32).
 
-    python benchmarks/bench_perturb.py            # on a GPU: writes results/<device>/perturb.{json,md}
-    python benchmarks/bench_perturb.py --quick    # small lists; on a CPU it prints, labelled CPU
+    python -m ssam_bench.bench_perturb            # on a GPU: writes results/<device>/perturb.{json,md}
+    python -m ssam_bench.bench_perturb --quick    # small lists; on a CPU it prints, labelled CPU
 """
 
 from __future__ import annotations
@@ -127,15 +127,13 @@ COLUMNS = [
 ]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"only {QUICK}, fewer repetitions")
+def add_arguments(p) -> None:
     p.add_argument("--lists", nargs="+", choices=sorted(PARAM_LISTS))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="directory for perturb.{json,md} (default: results/<gpu>/; CPU: none)")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
+
+
+def run(args, device) -> tuple[list[dict], dict, str]:
+    """(rows, extra metadata, note) of one run."""
     dtype = getattr(torch, args.dtype)
     names = args.lists or (QUICK if args.quick else list(PARAM_LISTS))
     reps = 5 if args.quick else 30
@@ -145,9 +143,23 @@ def main(argv=None) -> int:
         for row in bench_list(name, PARAM_LISTS[name](), device, dtype, reps):
             row["copy_fraction"] = row["gbps"] * 1e9 / ceiling
             rows.append(row)
-    report("perturb", "grad_norm + perturb_ + restore_ per step", rows, COLUMNS, device, args.out,
-           meta_extra=dict(copy_bandwidth_gbps=ceiling / 1e9, mask_density=DENSITY),
-           note=f", copy bandwidth {ceiling / 1e9:.0f} GB/s measured in this run")
+    return (rows, dict(copy_bandwidth_gbps=ceiling / 1e9, mask_density=DENSITY),
+            f", copy bandwidth {ceiling / 1e9:.0f} GB/s measured in this run")
+
+
+TITLE = "grad_norm + perturb_ + restore_ per step"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"only {QUICK}, fewer repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="directory for perturb.{json,md} (default: results/<gpu>/; CPU: none)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows, meta, note = run(args, device)
+    report("perturb", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
     return 0
 
 

@@ -5,8 +5,8 @@ no sort, no concatenation, exact count). ``torch.topk`` is timed as the issue's 
 concatenate, ``topk``, scatter the kept indices into a flat bool mask. Scores are spread over
 a ResNet-50-like list of tensors scaled to the requested total.
 
-    python benchmarks/bench_topk_mask.py             # 100M scores, densities 0.5 and 0.01
-    python benchmarks/bench_topk_mask.py --quick     # 1M scores (on a CPU: printed, labelled CPU)
+    python -m ssam_bench.bench_topk_mask             # 100M scores, densities 0.5 and 0.01
+    python -m ssam_bench.bench_topk_mask --quick     # 1M scores (on a CPU: printed, labelled CPU)
 """
 
 from __future__ import annotations
@@ -60,18 +60,29 @@ COLUMNS = [("scores", "scores", ",d"), ("tensors", "tensors", "d"), ("density", 
            ("exact_count", "exact k", "")]
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--scores", type=int, default=None, help="total number of scores (default 100M; --quick 1M)")
+
+
+def run(args, device) -> tuple[list[dict], dict, str]:
+    total = args.scores or (10**6 if args.quick else 10**8)
+    reps = 3 if args.quick else 20
+    return [r for d in (0.5, 0.01) for r in bench(total, d, device, reps)], {}, ""
+
+
+TITLE = "Global top-k mask"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1M scores, few repetitions")
-    p.add_argument("--scores", type=int, default=None, help="total number of scores (default 100M)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
+    add_arguments(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    total = args.scores or (10**6 if args.quick else 10**8)
-    reps = 3 if args.quick else 20
-    rows = [r for d in (0.5, 0.01) for r in bench(total, d, device, reps)]
-    report("topk_mask", "Global top-k mask", rows, COLUMNS, device, args.out)
+    rows, meta, note = run(args, device)
+    report("topk_mask", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
     return 0
 
 

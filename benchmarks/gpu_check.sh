@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go: build with the CUDA extension (failing loudly if it
-# does not build), run the cuda test tier, and run the op benchmarks (their result files land in
-# benchmarks/results/<device>/, to be committed). Usage, from the repository root:
+# does not build), run the cuda and interpret test tiers, and run ssam-bench (its result files
+# land in benchmarks/results/<device>/, to be committed; plots can be drawn later with
+# `ssam-bench plot`, since the GPU machines lack matplotlib). Usage, from the repository root:
 #   bash benchmarks/gpu_check.sh [LOG_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +19,6 @@ export PYTHONUNBUFFERED=1
 run build env SSAM_BUILD_EXT=1 python3 -m pip install --no-deps --no-build-isolation -e .
 run cuda-tests python3 -m pytest -m cuda -rs tests
 run interpret-tests env TRITON_INTERPRET=1 python3 -m pytest -m interpret -q tests
-run bench-perturb python3 benchmarks/bench_perturb.py
-run bench-perturb-bf16 python3 benchmarks/bench_perturb.py --dtype bfloat16 --out "benchmarks/results/$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common, torch; print(common.device_slug(torch.device("cuda")))')/bf16"
-run bench-topk python3 benchmarks/bench_topk_mask.py
-run bench-ascent-linear python3 benchmarks/bench_ascent_linear.py
-run bench-ascent-step python3 benchmarks/bench_ascent_step.py
+run ssam-bench ssam-bench
+run bench-perturb-bf16 python3 -m ssam_bench.bench_perturb --dtype bfloat16 --out "benchmarks/results/$(python3 -c 'import torch; from ssam_bench.common import device_slug; print(device_slug(torch.device("cuda")))')/bf16"
 exit $status

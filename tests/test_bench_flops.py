@@ -1,11 +1,7 @@
 import json
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import bench_flops  # noqa: E402
+from ssam_bench import bench_flops
 
 pytestmark = pytest.mark.cpu
 

@@ -1,0 +1,181 @@
+"""``ssam-bench``: what SSAM really costs on this machine, beside the paper's FLOPs.
+
+    ssam-bench                 # everything
+    ssam-bench --quick         # tiny sizes: a smoke run (about 30 s on 2 CPU cores)
+    ssam-bench step --models resnet18_cifar --sparsities 0.5 2:4
+    ssam-bench ops | overhead | masks
+    ssam-bench plot DIR        # redraw the plots of a results folder
+    ssam-bench readme          # rewrite README.md's results section from the committed results
+
+Subcommands: ``step`` (step time and counted FLOPs relative to SGD, the paper's Tables 1-3),
+``ops`` (every op on every backend against the copy-bandwidth and matmul ceilings measured in
+the same run), ``overhead`` (optimizer time outside forward/backward: ours vs the official
+loop vs ``torch._foreach_*``), ``masks`` (SSAM-F Fisher and SSAM-D update, ours vs the
+official algorithms). Without a subcommand all four run. On a GPU each writes
+``<name>.json`` (rows plus device facts from nvidia-ml-py, versions, commit, date) and
+``<name>.md`` to ``benchmarks/results/<device>/`` and draws ``step.png`` / ``ops.png``. On a
+CPU the figures are printed, labelled CPU, and written only with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ssam_bench import bench_masks, bench_overhead, bench_step, plots
+from ssam_bench.common import markdown_table, report, results_dir
+from ssam_bench.opbench import COLUMNS as OP_COLUMNS
+from ssam_bench.opbench import Ceilings, run_cases
+
+# op -> dtype its microbenchmark runs in here (parameters and scores fp32, 2:4 data bf16)
+OP_BENCHES = {"grad_norm": torch.float32, "sgd_step": torch.float32, "nm_mask": torch.float32,
+              "compress_24": torch.bfloat16, "mvue24": torch.bfloat16, "bitmask": torch.float32,
+              "masked_weight_grad": torch.bfloat16}
+# benchmarks with their own tables (baselines beside the backends), run by `ops` too
+OWN_TABLE_BENCHES = ("perturb", "topk_mask", "ascent_linear")
+SUBCOMMANDS = ("step", "ops", "overhead", "masks")
+GPU_NOTE = ("No GPU here: every timing above is a CPU figure (labelled so, not written to "
+            "benchmarks/results/). GPU figures need a GPU: run `ssam-bench` on an A100/H100.")
+
+
+def run_ops(args, device, progress_factory) -> list[dict]:
+    ceilings = Ceilings.measure(device, args.quick)
+    cases = []
+    for op, dtype in OP_BENCHES.items():
+        cases += importlib.import_module(f"ssam_bench.bench_{op}").cases(device, dtype, args.quick)
+    bar = progress_factory(total=len(cases) + len(OWN_TABLE_BENCHES), desc="ops")
+    rows = []
+    for case in cases:
+        rows += run_cases([case], device, ceilings, 5 if args.quick else 30)
+        bar.update(1)
+    report("ops", "Ops vs the device's ceilings", rows, OP_COLUMNS, device, args.out, meta_extra=ceilings.meta(),
+           note=f", copy {ceilings.copy_bytes_per_s / 1e9:.0f} GB/s and {ceilings.matmul_dtype} matmul "
+                f"{ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s measured in this run")
+    for name in OWN_TABLE_BENCHES:
+        module = importlib.import_module(f"ssam_bench.bench_{name}")
+        sub = argparse.Namespace(quick=args.quick, lists=None, dtype="float32", scores=None)
+        own_rows, meta, note = module.run(sub, device)
+        report(name, module.TITLE, own_rows, module.COLUMNS, device, args.out, meta_extra=meta, note=note)
+        bar.update(1)
+        rows += [dict(r, op=name) for r in own_rows]
+    bar.close()
+    return rows
+
+
+def run_subcommand(name: str, args, device, progress_factory) -> list[dict]:
+    if name == "ops":
+        return run_ops(args, device, progress_factory)
+    module = {"step": bench_step, "overhead": bench_overhead, "masks": bench_masks}[name]
+    rows = module.run(args, device, progress_factory)
+    module.write(rows, device, args.out)
+    return rows
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """A few lines per benchmark: the figures a reader looks for first."""
+    out = []
+    step = results.get("step", [])
+    for model in dict.fromkeys(r["model"] for r in step):
+        rows = [r for r in step if r["model"] == model]
+        key = "step_vs_sgd" if rows[0]["step_vs_sgd"] is not None else "counted_flops_vs_sgd"
+        unit = "x SGD" if key == "step_vs_sgd" else "x SGD FLOPs (counted, not timed)"
+        picks = [r for r in rows if r["optimizer"] == "SAM"]
+        for sparsity in dict.fromkeys(r["sparsity"] for r in rows if r["sparsity"] is not None):
+            picks.append(min((r for r in rows if r["sparsity"] == sparsity), key=lambda r: r[key]))
+        for r in picks:
+            out.append(dict(benchmark="step", what=f"{model} {r['contender']}" + (" (best)" if r["sparsity"] else ""),
+                            figure=f"{r[key]:.2f}{unit}", reference=f"paper {r['paper_flops_vs_sgd']:.2f}x"))
+    for r in results.get("ops", []):
+        frac = r.get("copy_fraction") if r.get("copy_fraction") is not None else r.get("matmul_fraction")
+        if r.get("impl") in ("triton", "ext", "ours") and frac is not None:
+            out.append(dict(benchmark="ops", what=f"{r['op']} {r.get('config', r.get('params', ''))} [{r['impl']}]",
+                            figure=f"{frac:.2f} of ceiling", reference=f"{r['median_ms']:.3f} ms"))
+    for r in results.get("overhead", []):
+        if r["impl"] == "ours":
+            out.append(dict(benchmark="overhead", what=r["params"], figure=f"{r['x_official']:.1f}x official",
+                            reference=f"{r['x_foreach']:.2f}x foreach, {r['median_ms']:.2f} ms"))
+    for r in results.get("masks", []):
+        out.append(dict(benchmark="masks", what=f"{r['model']} {r['update']}", figure=f"{r['speedup']:.1f}x official",
+                        reference="meets the 20x target" if r["meets_target"] else "below the 20x target"))
+    return out
+
+
+SUMMARY_COLUMNS = [("benchmark", "benchmark", ""), ("what", "what", ""), ("figure", "figure", ""),
+                   ("reference", "beside", "")]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (a smoke run)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: benchmarks/results/<device>/ on a GPU; on a CPU nothing is written)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssam-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", metavar="{all,step,ops,overhead,masks,plot,readme}")
+    everything = sub.add_parser("all", help="step, ops, overhead and masks (the default)")
+    for q in (p, everything):
+        _common(q)
+        bench_step.add_arguments(q)
+        bench_overhead.add_arguments(q)
+        bench_masks.add_arguments(q)
+    for name, module in (("step", bench_step), ("overhead", bench_overhead), ("masks", bench_masks)):
+        q = sub.add_parser(name, help=module.__doc__.split("\n\n")[0].replace("\n", " "))
+        _common(q)
+        module.add_arguments(q)
+    _common(sub.add_parser("ops", help="every op on every backend against the measured ceilings"))
+    plot = sub.add_parser("plot", help="redraw step.png / ops.png from a results folder's JSON")
+    plot.add_argument("folder")
+    readme = sub.add_parser("readme", help="rewrite README.md's results section from the committed results")
+    readme.add_argument("--check", action="store_true", help="only report whether it is up to date (exit 1 if not)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    command = args.command or "all"
+    if command == "plot":
+        if not os.path.isdir(args.folder):
+            raise SystemExit(f"ssam-bench plot: {args.folder!r} is not a folder")
+        if not plots.have_matplotlib():
+            raise SystemExit("ssam-bench plot: matplotlib is not installed (pip install matplotlib)")
+        written = plots.plot_dir(args.folder)
+        print("\n".join(f"wrote {w}" for w in written) or f"no step.json or ops.json in {args.folder}")
+        return 0
+    if command == "readme":
+        from ssam_bench import update_readme
+
+        return update_readme.main(["--check"] if args.check else [])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"ssam-bench: --device {args.device} asked for, but torch sees no CUDA device")
+    progress = functools.partial(tqdm, file=sys.stderr, leave=False, dynamic_ncols=True)
+    names = SUBCOMMANDS if command == "all" else (command,)
+    results = {}
+    for name in tqdm(names, desc="ssam-bench", file=sys.stderr, leave=False, disable=len(names) == 1):
+        results[name] = run_subcommand(name, args, device, progress)
+    print("# ssam-bench summary" + ("" if device.type == "cuda" else " (CPU run: not GPU figures)") + "\n")
+    print(markdown_table(summarize(results), SUMMARY_COLUMNS))
+    target = results_dir(device, args.out)
+    if target:
+        if plots.have_matplotlib():
+            for image in plots.plot_dir(target):
+                print("wrote", image)
+        else:
+            print(f"matplotlib is not installed here: draw the plots later with `ssam-bench plot {target}`")
+    if device.type != "cuda":
+        print("\n" + GPU_NOTE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""ssam-bench: the step, overhead and mask benchmarks compute what they claim, the CLI runs
+end to end off a GPU (labelled CPU), and the README's results section is regenerated."""
+
+import json
+
+import pytest
+import torch
+
+import ssam
+from ssam.models import DigitsMLP
+from ssam_bench import bench_masks, bench_overhead, bench_step, cli, update_readme
+from ssam_kernels import ASCENT_MODES
+
+pytestmark = pytest.mark.cpu
+CPU = torch.device("cpu")
+
+
+def test_default_contender_grid():
+    specs = bench_step.contenders(set(bench_step.OPTIMIZERS), bench_step.SPARSITIES, None)
+    names = [c.name for c in specs]
+    assert names[:2] == ["sgd", "sam"] and len(names) == len(set(names))
+    # per SSAM optimizer: dense and exact at 6 sparsities, every mode at 2:4
+    assert len(specs) == 2 + 2 * (6 * 2 + len(ASCENT_MODES))
+    assert {c.mode for c in specs if c.sparsity == "2:4"} == set(ASCENT_MODES)
+    every = bench_step.contenders({"ssam-d"}, ("0.9",), ["mvue", "implicit"])
+    assert [c.name for c in every] == ["sgd", "ssam-d 90% mvue", "ssam-d 90% implicit"]
+    assert [c.paper for c in specs[:3]] == [1.0, 2.0, 1.65]
+
+
+def test_plan_without_gpu_counts_real_models_and_times_tiny_ones():
+    p = cli.parser()
+    runs = bench_step.plan(p.parse_args(["step", "--models", "resnet50", "gpt2_small_2k", "gpt2_small_8k"]), CPU)
+    assert [(n, timed, batch) for n, _, timed, batch in runs[:2]] == [("resnet50", False, 2), ("gpt2_small_128tok", False, 1)]
+    assert [n for n, _, timed, _ in runs[2:] if timed] == list(bench_step.QUICK_WORKLOADS)
+    quick = bench_step.plan(p.parse_args(["step", "--quick", "--models", "tiny_gpt"]), CPU)
+    assert [(n, timed) for n, _, timed, _ in quick] == [("tiny_gpt", True)]
+
+
+def test_step_rows_count_flops_and_time_against_sgd():
+    args = cli.parser().parse_args(["step", "--quick", "--models", "tiny_gpt", "--sparsities", "0.99", "2:4"])
+    rows = {r["contender"]: r for r in bench_step.run(args, CPU)}
+    assert set(rows) == {c.name for c in bench_step.contenders(set(bench_step.OPTIMIZERS), ("0.99", "2:4"), None)}
+    assert rows["sgd"]["step_vs_sgd"] == 1.0 and rows["sgd"]["counted_flops_vs_sgd"] == 1.0
+    assert rows["sam"]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)  # two forward/backward passes
+    for name, r in rows.items():
+        assert r["step_ms"] > 0 and r["peak_gib"] is None  # peak memory is a CUDA figure
+        if r["mode"] == "dense":
+            assert r["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
+        if r["mode"] == "exact":  # never more than SAM; fewer where whole rows are unmasked
+            assert r["counted_flops_vs_sgd"] <= 2.0 + 1e-12
+    assert rows["ssam-f 99% exact"]["counted_flops_vs_sgd"] < 2.0  # Fisher at 99% leaves rows empty
+    assert rows["ssam-d 99% dense"]["paper_flops_vs_sgd"] == 1.30
+
+
+def test_official_fisher_mask_matches_ours():
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    official = bench_masks.official_fisher_mask(model, params, xs, ys, bench_step._cross_entropy, 0.5)
+    opt = ssam.SSAMF(params, torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=16, update_freq=1, lr=0.1)
+    opt.update_mask(model, [(xs, ys)])
+    ours = opt.masks()
+    total = sum(p.numel() for p in params)
+    assert sum(int(m.sum()) for m in official) == sum(int(m.sum()) for m in ours) == int(total * 0.5)
+    differ = sum(int((o.bool() != m).sum()) for o, m in zip(official, ours))
+    assert differ <= 2e-3 * total  # near-ties may swap: the sums of squares round differently
+
+
+def test_official_ssamd_update_keeps_density_and_moves_the_right_count():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 30, generator=gen)), torch.nn.Parameter(torch.randn(30, generator=gen))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    masks = [(torch.rand(p.shape, generator=gen) < 0.5).float() for p in params]
+    total = sum(p.numel() for p in params)
+    live = int(0.5 * total)
+    masks = [m.flatten() for m in masks]
+    flat = torch.cat(masks)
+    flat.zero_()
+    flat[torch.randperm(total, generator=gen)[:live]] = 1
+    masks = [flat[:1200].reshape(40, 30), flat[1200:]]
+    new = bench_masks.official_ssamd_update(params, masks, death_rate=0.5, sparsity=0.5)
+    old, now = torch.cat([m.flatten() for m in masks]), torch.cat([m.flatten() for m in new])
+    assert int(now.sum()) == live
+    kept = int((old * now).sum())
+    assert kept == live - int(0.5 * live)  # survivors all come from the old mask
+    grads = torch.cat([p.grad.abs().flatten() for p in params])
+    survivors = (old * now).bool()
+    dropped = old.bool() & ~survivors
+    assert grads[survivors].min() >= grads[dropped].max()  # drop by |grad|
+
+
+def test_overhead_baselines_compute_our_step():
+    shapes = [torch.Size([64, 32]), torch.Size([32]), torch.Size([10, 64])]
+    gen = torch.Generator().manual_seed(0)
+    ours_p = bench_overhead._params(shapes, CPU, gen)
+    copies = [[torch.nn.Parameter(p.detach().clone()) for p in ours_p] for _ in range(2)]
+    for c in copies:
+        for p, q in zip(c, ours_p):
+            p.grad = q.grad.clone()
+    ours = ssam.SSAMD(ours_p, torch.optim.SGD, rho=bench_overhead.RHO, sparsity=0.5, drop_rate=0.0, T_end=1, seed=0,
+                      **bench_overhead.SGD)
+    masks = [m.float() for m in ours.masks()]
+    official = bench_overhead.OfficialSSAM(copies[0], masks, torch.optim.SGD(copies[0], **bench_overhead.SGD))
+    foreach_base = torch.optim.SGD(copies[1], foreach=True, **bench_overhead.SGD)
+    for _ in range(2):
+        ours.first_step()
+        ours.second_step()
+        official.first_step()
+        official.second_step()
+        bench_overhead.foreach_step(copies[1], masks, foreach_base)
+    for p, a, b in zip(ours_p, *copies):
+        torch.testing.assert_close(a, p, rtol=1e-6, atol=1e-7)  # official w -= e may differ by an ulp
+        torch.testing.assert_close(b, p, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, p.grad)  # sanity: a step happened on real data
+
+
+def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
+    assert cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "# ssam-bench summary (CPU run: not GPU figures)" in out and cli.GPU_NOTE in out
+    summary = out[out.index("# ssam-bench summary"):]
+    for bench in ("step", "ops", "overhead", "masks"):
+        assert f"| {bench} |" in summary
+    for name in ("step", "ops", "overhead", "masks", "perturb", "topk_mask", "ascent_linear"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["rows"] and data["meta"]["kind"] == "cpu"
+        assert {"device", "torch", "triton", "commit", "date"} <= set(data["meta"])
+        assert "(CPU run: not a GPU figure)" in (tmp_path / f"{name}.md").read_text()
+    assert (tmp_path / "step.png").stat().st_size > 0 and (tmp_path / "ops.png").stat().st_size > 0
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["step", "--sparsities", "0.7"])
+    with pytest.raises(SystemExit, match="not a folder"):
+        cli.main(["plot", str(tmp_path / "missing")])
+
+
+def _fake_results(root, device="NVIDIA H100 80GB HBM3", date="2026-11-30T10:00:00Z"):
+    folder = root / "nvidia-h100"
+    folder.mkdir(parents=True)
+    meta = dict(device=device, kind="cuda", driver="580.1", torch="2.11.0", triton="3.6.0", commit="abc1234", date=date)
+    step = [dict(model="resnet18_cifar", batch=128, optimizer="SGD", sparsity=None, mode=None, step_vs_sgd=1.0),
+            dict(model="resnet18_cifar", batch=128, optimizer="SAM", sparsity=None, mode=None, step_vs_sgd=1.97),
+            dict(model="resnet18_cifar", batch=128, optimizer="SSAM-F", sparsity="50%", mode="dense", step_vs_sgd=2.1),
+            dict(model="resnet18_cifar", batch=128, optimizer="SSAM-D", sparsity="50%", mode="exact", step_vs_sgd=1.8)]
+    (folder / "step.json").write_text(json.dumps({"meta": meta, "rows": step}))
+    masks = [dict(model="resnet18_cifar", update="SSAM-D drop/grow", speedup=31.0)]
+    (folder / "masks.json").write_text(json.dumps({"meta": meta, "rows": masks}))
+    return folder
+
+
+def test_readme_section_from_results(tmp_path):
+    text = f"intro\n{update_readme.BEGIN}\nold\n{update_readme.END}\noutro\n"
+    empty = update_readme.render(text, str(tmp_path))
+    assert "No GPU results are committed yet" in empty and empty.startswith("intro\n") and empty.endswith("outro\n")
+    _fake_results(tmp_path)
+    full = update_readme.render(empty, str(tmp_path))
+    assert "**NVIDIA H100 80GB HBM3**" in full and "2026-11-30" in full and "old" not in full
+    assert "| resnet18_cifar (b128) | 1.97x | 1.80x (SSAM-D exact) |" in full  # the cheapest SSAM at 50%
+    assert "31.0x" in full
+    assert update_readme.render(full, str(tmp_path)) == full  # idempotent
+    with pytest.raises(ValueError, match="marker"):
+        update_readme.render("no markers", str(tmp_path))
+
+
+def test_readme_results_section_is_up_to_date():
+    assert update_readme.main(["--check"]) == 0
