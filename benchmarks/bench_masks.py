@@ -30,7 +30,7 @@ import torch
 
 import ssam
 from ssam_bench.bench_step import QUICK_WORKLOADS, WORKLOADS, Workload
-from ssam_bench.common import interleaved_medians, report
+from ssam_bench.common import interleaved_medians, report, standalone_main, with_progress
 
 SPARSITY = 0.5
 DEATH_RATE = 0.5
@@ -135,15 +135,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args, device, progress_factory=None) -> list[dict]:
     tiny = args.quick or device.type != "cuda"
     names = args.mask_models or (list(QUICK_WORKLOADS) if tiny else MODELS)
-    bar = progress_factory(total=len(names), desc="masks") if progress_factory else None
     rows = []
-    for name in names:
+    for name in with_progress(names, progress_factory, "masks"):
         workload = WORKLOADS.get(name) or QUICK_WORKLOADS[name]
         rows += bench_model(name, workload, device, 3 if tiny else 5, NUM_SAMPLES)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     return rows
 
 
@@ -154,15 +149,7 @@ def write(rows, device, out) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the tiny models, few repetitions")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    write(run(args, device), device, args.out)
-    return 0
+    return standalone_main(__doc__, add_arguments, run, write, argv, quick_help="the tiny models, few repetitions")
 
 
 if __name__ == "__main__":

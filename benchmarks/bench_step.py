@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ssam
 from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.models import wide_resnet28_10
-from ssam_bench.common import interleaved_medians, report
+from ssam_bench.common import interleaved_medians, report, standalone_main
 from ssam_kernels import ASCENT_MODES
 
 PAPER_SSAM = {"0.5": 1.65, "0.8": 1.44, "0.9": 1.36, "0.95": 1.33, "0.98": 1.31, "0.99": 1.30, "2:4": 1.65}
@@ -233,11 +233,12 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         torch.manual_seed(0)
         model = workload.build().to(device)
         opt = build_optimizer(c, model, workload, device, fisher_samples)
+        if cuda:  # the peak from here on: steps, not the one-off Fisher of SSAM-F's mask
+            torch.cuda.reset_peak_memory_stats(device)
         step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
         row = dict(model=name, batch=batch, optimizer=c.optimizer.upper(), sparsity=c.sparsity and _sparsity_label(c.sparsity),
                    mode=c.mode, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
@@ -274,22 +275,26 @@ COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("optimizer", "optim
 
 
 def plan(args, device) -> list[tuple[str, Workload, bool, int]]:
-    """(name, workload, timed, batch) in run order."""
+    """(name, workload, timed, batch) in run order. Without a GPU the real models are only
+    FLOP-counted (at a small batch) and the tiny ones are timed."""
     cuda = device.type == "cuda"
-    if args.quick:
-        return [(n, w, True, w.batch) for n, w in QUICK_WORKLOADS.items() if not args.models or n in args.models]
-    names = args.models or list(WORKLOADS)
-    if cuda:
-        return [(n, WORKLOADS[n], True, WORKLOADS[n].batch) for n in names]
+    names = args.models or (list(QUICK_WORKLOADS) if args.quick else list(WORKLOADS))
     out, counted_gpt = [], False
-    for n in names:  # no GPU: count the real models at a small batch, time the tiny ones
-        if n.startswith("gpt2"):
-            if not counted_gpt:
-                out.append(("gpt2_small_128tok", CPU_COUNT_GPT, False, 1))
-                counted_gpt = True
-        else:
+    for n in names:
+        if n in QUICK_WORKLOADS:
+            out.append((n, QUICK_WORKLOADS[n], True, QUICK_WORKLOADS[n].batch))
+        elif args.quick:
+            raise ValueError(f"--models {n}: --quick runs only the tiny workloads ({', '.join(QUICK_WORKLOADS)})")
+        elif cuda:
+            out.append((n, WORKLOADS[n], True, WORKLOADS[n].batch))
+        elif not n.startswith("gpt2"):
             out.append((n, WORKLOADS[n], False, WORKLOADS[n].count_batch))
-    return out + [(n, w, True, w.batch) for n, w in QUICK_WORKLOADS.items()]
+        elif not counted_gpt:  # one count covers the GPT-2 token counts: same model
+            out.append(("gpt2_small_128tok", CPU_COUNT_GPT, False, 1))
+            counted_gpt = True
+    if not cuda and not any(timed for _, _, timed, _ in out):
+        out += [(n, w, True, w.batch) for n, w in QUICK_WORKLOADS.items()]
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -325,15 +330,7 @@ def write(rows, device, out) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models, 3 sparsities, few repetitions")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    write(run(args, device), device, args.out)
-    return 0
+    return standalone_main(__doc__, add_arguments, run, write, argv, quick_help="tiny models, 3 sparsities, few repetitions")
 
 
 if __name__ == "__main__":

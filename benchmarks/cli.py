@@ -162,7 +162,10 @@ def main(argv=None) -> int:
     names = SUBCOMMANDS if command == "all" else (command,)
     results = {}
     for name in tqdm(names, desc="ssam-bench", file=sys.stderr, leave=False, disable=len(names) == 1):
-        results[name] = run_subcommand(name, args, device, progress)
+        try:
+            results[name] = run_subcommand(name, args, device, progress)
+        except ValueError as exc:  # bad option values: a message, not a traceback
+            raise SystemExit(f"ssam-bench {name}: {exc}") from None
     print("# ssam-bench summary" + ("" if device.type == "cuda" else " (CPU run: not GPU figures)") + "\n")
     print(markdown_table(summarize(results), SUMMARY_COLUMNS))
     target = results_dir(device, args.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -181,3 +182,31 @@ def report(name: str, title: str, rows: list[dict], columns, device: torch.devic
     if target:
         print("wrote", *write_results(name, meta, rows, md, target))
     return meta
+
+
+def standalone_main(doc: str, add_arguments, run, write, argv=None, quick_help: str = "tiny sizes, few repetitions") -> int:
+    """The command line of a benchmark that ``ssam-bench`` also runs: ``run(args, device)``
+    makes the rows, ``write(rows, device, out)`` reports them."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="results folder (default: results/<gpu>/; CPU: none)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    write(run(args, device), device, args.out)
+    return 0
+
+
+def with_progress(items: list, progress_factory, desc: str):
+    """Iterate ``items``, ticking a progress bar from ``progress_factory`` (None: no bar)."""
+    if progress_factory is None:
+        yield from items
+        return
+    bar = progress_factory(total=len(items), desc=desc)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -34,6 +34,8 @@ def test_plan_without_gpu_counts_real_models_and_times_tiny_ones():
     assert [n for n, _, timed, _ in runs[2:] if timed] == list(bench_step.QUICK_WORKLOADS)
     quick = bench_step.plan(p.parse_args(["step", "--quick", "--models", "tiny_gpt"]), CPU)
     assert [(n, timed) for n, _, timed, _ in quick] == [("tiny_gpt", True)]
+    with pytest.raises(ValueError, match="--quick runs only the tiny workloads"):
+        bench_step.plan(p.parse_args(["step", "--quick", "--models", "resnet50"]), CPU)
 
 
 def test_step_rows_count_flops_and_time_against_sgd():
@@ -135,6 +137,8 @@ def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
 def test_cli_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["step", "--sparsities", "0.7"])
+    with pytest.raises(SystemExit, match="--quick runs only the tiny workloads"):
+        cli.main(["step", "--quick", "--models", "wrn28_10", "--device", "cpu"])
     with pytest.raises(SystemExit, match="not a folder"):
         cli.main(["plot", str(tmp_path / "missing")])
 
