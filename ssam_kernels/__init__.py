@@ -9,7 +9,7 @@ which backend runs each op. Importing this package never fails because Triton or
 extension is missing.
 """
 
-from ._backend import BACKENDS, BackendUnavailableError, backend_info
+from ._backend import BACKENDS, BackendUnavailableError, auto_backend, backend_info
 from .ops.ascent_linear import ascent_linear
 from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask
 from .ops.compress_24 import compress_24, compress_24_cusparselt, decompress_24
@@ -32,6 +32,7 @@ __all__ = [
     "BitMask",
     "PerturbBackup",
     "ascent_linear",
+    "auto_backend",
     "backend_info",
     "compress_24",
     "compress_24_cusparselt",

@@ -182,6 +182,14 @@ def op_backends(name: str) -> OpBackends:
     return _REGISTRY[name]
 
 
+def auto_backend(op: str, device: str | torch.device = "cpu") -> str:
+    """The backend ``backend="auto"`` runs op ``op`` with on ``device`` (what
+    :func:`backend_info` reports for it, without building the whole report)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {sorted(_REGISTRY)}, got {op!r}")
+    return _REGISTRY[op].resolve("auto", torch.device(device))
+
+
 def backend_info(device: str | torch.device = "cpu") -> dict:
     """What is installed and which backend each op runs with ``backend="auto"`` on ``device``."""
     device = torch.device(device)
@@ -194,7 +202,7 @@ def backend_info(device: str | torch.device = "cpu") -> dict:
         "ops": {
             name: {
                 "implemented": sorted(op.impls),
-                "auto": op.resolve("auto", device),
+                "auto": auto_backend(name, device),
             }
             for name, op in sorted(_REGISTRY.items())
         },

@@ -104,3 +104,13 @@ def test_ext_on_a_device_needs_a_registered_kernel():
 
     assert not extension_has_kernel("no_such_op", "cpu")
     assert not extension_has_kernel("grad_norm", "mps")
+
+
+def test_auto_backend_matches_backend_info_and_rejects_unknown_ops():
+    import ssam_kernels
+
+    info = ssam_kernels.backend_info("cpu")["ops"]
+    for op, facts in info.items():
+        assert ssam_kernels.auto_backend(op, "cpu") == facts["auto"]
+    with pytest.raises(ValueError, match="op must be one of"):
+        ssam_kernels.auto_backend("no_such_op", "cpu")

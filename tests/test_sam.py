@@ -235,6 +235,7 @@ def test_no_fused_sgd_without_a_kernel_for_it(gen):
 
     model = _model()
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    assert ssam_kernels.auto_backend("restore_sgd_step_", "cpu") == "torch"
     assert ssam_kernels.backend_info("cpu")["ops"]["restore_sgd_step_"]["auto"] == "torch"
     calls = []
     opt.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))

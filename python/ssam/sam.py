@@ -216,7 +216,7 @@ class SAM(torch.optim.Optimizer):
         on CPU with ``ssam-bench overhead``; so without a kernel the step is not fused."""
         if device is None:
             return True
-        return ssam_kernels.backend_info(device)["ops"]["restore_sgd_step_"]["auto"] != "torch"
+        return ssam_kernels.auto_backend("restore_sgd_step_", device) != "torch"
 
     def _fused_sgd_step(self, pending) -> None:
         state = self.base_optimizer.state
