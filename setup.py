@@ -1,114 +1,207 @@
 """Build and install ssam-kernels: the backend ``ssam_kernels`` and the frontend ``ssam``.
 
 The compiled extension ``ssam_kernels._C`` is optional. It is built from ``csrc/*.cpp`` (C++
-CPU ops, CppExtension) plus ``csrc/cuda/*.cu`` when torch has CUDA and nvcc is found
-(CUDAExtension; ``TORCH_CUDA_ARCH_LIST`` is respected, default "8.0;9.0"). Environment:
+CPU ops, CppExtension) plus ``csrc/cuda/*`` when torch has CUDA and a CUDA toolkit is found
+(CUDAExtension; ``TORCH_CUDA_ARCH_LIST`` is respected, default "8.0;9.0+PTX"). Environment:
 
-* ``SSAM_BUILD_EXT=0``: never build it; ``=1``: fail the install if it cannot be built;
-  unset: try, and on any failure warn and install the pure-Python package.
+* ``SSAM_BUILD_EXT=0``: never build it; ``=1``: fail the install unless the whole extension
+  builds (its CUDA part too, where torch has CUDA); unset: try, fall back to the C++ CPU ops if
+  the CUDA part fails, and to the pure-Python package if those fail too, with a warning.
+* ``CUDA_HOME``: the CUDA toolkit root, where it is not found by itself (see ``cuda_home``).
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already
-installed instead of fetching another one.
+installed: in pip's isolated build environment there is no torch, and the build stops with a
+message saying so (``SSAM_BUILD_EXT=0`` installs without the extension instead).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_EXT = os.environ.get("SSAM_BUILD_EXT", "").strip()
 if BUILD_EXT not in ("", "0", "1"):
     sys.exit(f"SSAM_BUILD_EXT must be 0, 1 or unset, got {BUILD_EXT!r}")
 
+# relative to the project root, as setuptools wants them
+CPU_SOURCES = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT))
+CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT) + glob.glob("csrc/cuda/*.cpp", root_dir=ROOT))
+# no FMA contraction: the kernels must round exactly as the references do
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "--fmad=false"]
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # Ampere and Hopper cubins, plus PTX that newer GPUs JIT
+
 
 def _warn(message: str) -> None:
     print(f"ssam-kernels setup: {message}", file=sys.stderr)
 
 
+def _has_runtime_header(home: str | None) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _nvcc_top() -> str | None:
+    """The toolkit root nvcc itself reports (``TOP=`` of a dry run): right even where the
+    ``nvcc`` on the PATH is a wrapper script, whose location says nothing about the toolkit."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def cuda_home() -> tuple[str | None, list[str]]:
+    """(CUDA toolkit root holding ``include/cuda_runtime.h`` or None, the places looked at).
+
+    ``CUDA_HOME``/``CUDA_PATH`` win when set; then the folder above the ``bin/`` of the ``nvcc``
+    on the PATH (torch's own guess, wrong for a wrapper script), the root that nvcc reports,
+    and ``/usr/local/cuda``.
+    """
+    looked = []
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(name)
+        if home:
+            if _has_runtime_header(home):
+                return home, [home]
+            looked.append(f"{name}={home}")
+    nvcc = shutil.which("nvcc")
+    beside_nvcc = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    for home in (beside_nvcc, _nvcc_top(), "/usr/local/cuda"):
+        if home and home not in looked:
+            looked.append(home)
+            if _has_runtime_header(home):
+                return home, looked
+    return None, looked
+
+
+def _extensions(with_cuda: bool):
+    """A fresh ``ssam_kernels._C`` Extension: C++ CPU ops, plus the CUDA ops if ``with_cuda``."""
+    from torch.utils import cpp_extension
+
+    if not with_cuda:
+        return cpp_extension.CppExtension("ssam_kernels._C", CPU_SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
+                                          extra_compile_args=list(CXX_FLAGS))
+    return cpp_extension.CUDAExtension("ssam_kernels._C", CPU_SOURCES + CUDA_SOURCES,
+                                       include_dirs=[os.path.join(ROOT, "csrc")],
+                                       define_macros=[("SSAM_WITH_CUDA", "1")],
+                                       extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)})
+
+
+class BuildExt(build_ext):
+    """Builds ``ssam_kernels._C`` with torch's BuildExtension, chosen when the command runs (so
+    ``setup.py`` itself imports no torch): CUDA ops where torch has CUDA and a toolkit is found,
+    else, or if the CUDA part fails, the C++ CPU ops alone from a fresh Extension and a fresh
+    compiler; warns and installs without the extension if that fails too (unless
+    ``SSAM_BUILD_EXT=1``)."""
+
+    def run(self):
+        try:
+            import torch
+        except Exception as exc:
+            sys.exit(
+                f"ssam-kernels setup: torch is not importable in the build environment ({exc}). Install torch "
+                "first, then this package with `pip install --no-build-isolation ...` (pip's build isolation "
+                "hides the installed torch), or set SSAM_BUILD_EXT=0 to install without the compiled extension."
+            )
+        with_cuda = False
+        if torch.version.cuda is not None and CUDA_SOURCES:
+            home, looked = cuda_home()
+            if home is None:
+                message = (f"torch {torch.__version__} has CUDA {torch.version.cuda}, but no CUDA toolkit with "
+                           f"include/cuda_runtime.h was found (looked in: {', '.join(looked) or 'nothing'}); "
+                           "set CUDA_HOME to the toolkit's root to build the CUDA ops")
+                if BUILD_EXT == "1":
+                    sys.exit(f"ssam-kernels setup: {message}")
+                _warn(message + "; building the C++ CPU ops only")
+            else:
+                os.environ["CUDA_HOME"] = home  # before torch's cpp_extension guesses it on import
+                os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+                with_cuda = True
+        from torch.utils import cpp_extension
+
+        if with_cuda:
+            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # in case it was imported before
+        try:
+            self._build(cpp_extension, with_cuda)
+            return
+        except Exception as exc:
+            if BUILD_EXT == "1":
+                raise
+            if not with_cuda:
+                _warn(f"building ssam_kernels._C failed, installing without it: {exc}")
+                return
+            _warn(f"building the CUDA part of ssam_kernels._C failed ({exc}); retrying with the C++ CPU ops only")
+        try:
+            self._build(cpp_extension, with_cuda=False)
+        except Exception as exc:
+            _warn(f"building ssam_kernels._C failed, installing without it: {exc}")
+
+    def _build(self, cpp_extension, with_cuda: bool) -> None:
+        """One build attempt with a new torch BuildExtension command on a new Extension."""
+        self.extensions = [_extensions(with_cuda)]
+        self.distribution.ext_modules = self.extensions
+        cmd = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)(self.distribution)
+        for name in ("build_lib", "build_temp", "inplace", "debug", "force", "parallel", "plat_name"):
+            setattr(cmd, name, getattr(self, name))
+        cmd.ensure_finalized()
+        cmd.extensions = self.extensions
+        cmd.run()
+
+
 def _extension_setup() -> dict:
-    """``ext_modules``/``cmdclass`` for ``ssam_kernels._C``, or {} where it is not built."""
+    """``ext_modules``/``cmdclass`` for ``ssam_kernels._C``, or {} where it is not built. The
+    Extension given here is a placeholder with the sources (so an sdist carries them); the
+    command replaces it with torch's at build time."""
     if BUILD_EXT == "0":
         return {}
-    cpp = sorted(glob.glob("csrc/*.cpp"))
-    if not cpp:
+    if not CPU_SOURCES:
         if BUILD_EXT == "1":
             sys.exit("SSAM_BUILD_EXT=1 but csrc/ has no C++ sources")
         return {}
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except Exception as exc:  # torch missing or broken: install the pure-Python package
-        if BUILD_EXT == "1":
-            raise
-        _warn(f"not building ssam_kernels._C ({exc})")
-        return {}
-    cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    sources = cpp + (cu + sorted(glob.glob("csrc/cuda/*.cpp")) if with_cuda else [])
-    ext = kind(
-        "ssam_kernels._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=[("SSAM_WITH_CUDA", "1")] if with_cuda else [],
-        # no FMA contraction: the kernels must round exactly as the references do
-        extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": ["-O3", "--fmad=false"]}
-        if with_cuda else ["-O3", "-ffp-contract=off"],
+    from setuptools import Extension
+
+    return {"ext_modules": [Extension("ssam_kernels._C", CPU_SOURCES + CUDA_SOURCES)],
+            "cmdclass": {"build_ext": BuildExt}}
+
+
+# setuptools runs this file as __main__ (pip, build_meta); tests import it for its helpers
+if __name__ == "__main__":
+    setup(
+        name="ssam-kernels",
+        version="0.1.0",
+        description="Fast Sparse SAM (sharpness-aware minimization with sparse perturbation) for PyTorch",
+        long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=["ssam_kernels", "ssam_kernels.ops", "ssam_kernels.triton_ops", "ssam", "ssam.models", "ssam_bench"],
+        # the benchmark suite (the ssam-bench command) is the benchmarks/ folder, installed as ssam_bench
+        package_dir={"ssam_kernels": "ssam_kernels", "ssam": "python/ssam", "ssam_bench": "benchmarks"},
+        install_requires=[
+            "torch>=2.11",
+            "ninja",
+            "pybind11",
+            "nvidia-ml-py",
+            "tqdm",
+            "scikit-learn",
+            "matplotlib",
+        ],
+        extras_require={
+            "triton": ["triton>=3.6"],
+            "test": ["pytest", "triton>=3.6"],
+        },
+        entry_points={"console_scripts": ["ssam-train=ssam.train:main", "ssam-bench=ssam_bench.cli:main"]},
+        **_extension_setup(),
     )
-
-    class BuildExt(cpp_extension.BuildExtension):
-        def run(self):
-            try:
-                super().run()
-                return
-            except Exception as exc:
-                if BUILD_EXT == "1":
-                    raise
-                if not with_cuda:
-                    _warn(f"building ssam_kernels._C failed, installing without it: {exc}")
-                    return
-                _warn(f"building the CUDA part of ssam_kernels._C failed ({exc}); retrying with the C++ CPU ops only")
-            ext.sources = list(cpp)
-            ext.define_macros = []
-            ext.extra_compile_args = ["-O3", "-ffp-contract=off"]
-            try:
-                super().run()
-            except Exception as exc:
-                _warn(f"building ssam_kernels._C failed, installing without it: {exc}")
-
-    BuildExt = BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExt}}
-
-
-setup(
-    name="ssam-kernels",
-    version="0.1.0",
-    description="Fast Sparse SAM (sharpness-aware minimization with sparse perturbation) for PyTorch",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["ssam_kernels", "ssam_kernels.ops", "ssam_kernels.triton_ops", "ssam", "ssam.models", "ssam_bench"],
-    # the benchmark suite (the ssam-bench command) is the benchmarks/ folder, installed as ssam_bench
-    package_dir={"ssam_kernels": "ssam_kernels", "ssam": "python/ssam", "ssam_bench": "benchmarks"},
-    install_requires=[
-        "torch>=2.11",
-        "ninja",
-        "pybind11",
-        "nvidia-ml-py",
-        "tqdm",
-        "scikit-learn",
-        "matplotlib",
-    ],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "triton>=3.6"],
-    },
-    entry_points={"console_scripts": ["ssam-train=ssam.train:main", "ssam-bench=ssam_bench.cli:main"]},
-    **_extension_setup(),
-)

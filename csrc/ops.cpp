@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "ssam_common.h"
 
 namespace ssam {
@@ -55,12 +56,8 @@ template <typename F> inline void for_each_masked_byte(const uint8_t* bits, int6
   }
 }
 
-void check_bits(const c10::optional<at::Tensor>& bits, const at::Tensor& like, const char* what) {
-  if (!bits.has_value()) return;
-  TORCH_CHECK(bits->scalar_type() == at::kByte && bits->is_contiguous() && bits->dim() == 1, what,
-              ": mask bits must be a contiguous 1-D uint8 tensor");
-  TORCH_CHECK(bits->numel() == packed_nbytes(like.numel()), what, ": mask bits hold ", bits->numel(),
-              " bytes, the tensor needs ", packed_nbytes(like.numel()));
+void check_bits(const c10::optional<at::Tensor>& bits, const at::Tensor& like, const char* what, size_t k) {
+  if (bits.has_value()) ssam::check_bits(*bits, like, what, k);
 }
 
 // ---- pack / unpack --------------------------------------------------------------------------
@@ -102,7 +99,7 @@ at::Tensor grad_norm_cpu(at::TensorList tensors, const c10::List<c10::optional<a
   for (size_t k = 0; k < tensors.size(); ++k) {
     const auto t = tensors[k].contiguous();
     const c10::optional<at::Tensor> bits = masks.get(k);
-    check_bits(bits, t, "grad_norm");
+    check_bits(bits, t, "grad_norm", k);
     const uint8_t* b = bits.has_value() ? bits->data_ptr<uint8_t>() : nullptr;
     const int64_t n = t.numel();
     const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -164,6 +161,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, const c10::List<c1
                  at::TensorList backups, const at::Tensor& scale_t) {
   TORCH_CHECK(grads.size() == params.size() && masks.size() == params.size() && backups.size() == params.size(),
               "perturb_: params, grads, masks and backup must have the same length");
+  check_scale(scale_t, "perturb_");
   const float scale = scale_t.item<float>();
   for (size_t k = 0; k < params.size(); ++k) {
     at::Tensor w = params[k];
@@ -171,7 +169,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, const c10::List<c1
     const auto g = grads[k].contiguous().to(at::kFloat);
     TORCH_CHECK(g.numel() == w.numel(), "perturb_: grads[", k, "] does not match params[", k, "]");
     const c10::optional<at::Tensor> bits = masks.get(k);
-    check_bits(bits, w, "perturb_");
+    check_bits(bits, w, "perturb_", k);
     const int64_t n = w.numel();
     at::Tensor backup = backups[k];
     TORCH_CHECK(backup.is_contiguous() && backup.scalar_type() == w.scalar_type(),
@@ -221,7 +219,7 @@ void restore_cpu(at::TensorList params, at::TensorList backups, const c10::List<
     const auto v = backups[k].contiguous();
     TORCH_CHECK(w.is_contiguous() && v.scalar_type() == w.scalar_type(), "restore_ (ext): contiguous params, backup of their dtype");
     const c10::optional<at::Tensor> bits = masks.get(k);
-    check_bits(bits, w, "restore_");
+    check_bits(bits, w, "restore_", k);
     const int64_t n = w.numel();
     if (!bits.has_value()) {
       TORCH_CHECK(v.numel() == n, "restore_: backup ", k, " has the wrong size");
@@ -322,11 +320,10 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense) {
 }
 
 at::Tensor decompress_24_cpu(const at::Tensor& values_in, const at::Tensor& meta_in) {
+  check_compressed_24(values_in, meta_in);
   const auto values = values_in.contiguous();
   const auto meta = meta_in.contiguous();
   const int64_t rows = values.size(0), cols = values.size(1) * 2;
-  TORCH_CHECK(meta.scalar_type() == at::kShort && meta.size(0) == rows && meta.size(1) == cols / 16,
-              "decompress_24: meta does not match values");
   auto dense = at::zeros({rows, cols}, values.options());
   AT_DISPATCH_REDUCED_FLOATING_TYPES(values.scalar_type(), "decompress_24_cpu", [&] {
     const scalar_t* v = values.data_ptr<scalar_t>();

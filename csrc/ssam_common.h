@@ -20,8 +20,9 @@ constexpr double kInfinity = std::numeric_limits<double>::infinity();
 SSAM_HD int64_t packed_nbytes(int64_t numel) { return (numel + 7) / 8; }
 
 // Rank key of a score: |s| (or s), NaN ranking below every number, as in the reference.
-SSAM_HD double rank_key(double s, bool magnitude) {
-  if (s != s) return -kInfinity;
+// K: double, or float where every score converts to it exactly (fp32, fp16, bf16).
+template <typename K> SSAM_HD K rank_key(K s, bool magnitude) {
+  if (s != s) return static_cast<K>(-kInfinity);
   return magnitude && s < 0 ? -s : s;
 }
 

@@ -32,8 +32,8 @@ def perturb_ext(params, grads, masks, scale) -> PerturbBackup:
     masks = [as_bitmask(m) for m in masks]
     if not _one_device_contiguous(params):
         return perturb_torch(params, grads, masks, scale)
-    device = params[0].device
-    scale_t = torch.as_tensor(scale, dtype=torch.float32).to(device).reshape(())
+    # a number stays on the host (the CUDA op reads it there: no copy to the device, no wait)
+    scale_t = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float32)
     values = [torch.empty_like(w) if m is None else w.new_empty((m.count_int(),)) for w, m in zip(params, masks)]
     _ops.perturb_(params, grads, [None if m is None else m.bits for m in masks], values, scale_t)
     return PerturbBackup(values, masks)

@@ -17,6 +17,11 @@ def pytest_collection_modifyitems(config, items):
     untiered = [i.nodeid for i in items if sum(i.get_closest_marker(t) is not None for t in TIERS) != 1]
     if untiered:
         raise pytest.UsageError(f"tests need exactly one tier marker of {TIERS}: {untiered[:5]}")
+    if os.environ.get("SSAM_BUILD_EXT") == "1":  # the extension is required (CI): its tests may not skip
+        from ssam_kernels._backend import extension_error
+
+        if extension_error() is not None:
+            raise pytest.UsageError(f"SSAM_BUILD_EXT=1 but ssam_kernels._C does not load: {extension_error()}")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device here; run the cuda tier on a GPU machine")

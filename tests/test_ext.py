@@ -69,6 +69,48 @@ def test_errors_surface_as_python_errors(gen):
                                 [torch.zeros(3)], torch.tensor(1.0))
 
 
+def _direct_call_errors():
+    """Direct torch.ops calls that the Python layer would have rejected: each must raise before
+    touching memory (the op checks guard memory safety on their own)."""
+    ops = torch.ops.ssam
+    short_bits = torch.zeros(1, dtype=torch.uint8)  # 8 bits for 16 elements
+    values = torch.zeros(32, 16, dtype=torch.float16)
+    meta = torch.zeros(32, 2, dtype=torch.int16)
+    return [
+        ("masks\\[0\\] holds 1 bytes, a tensor of 16 elements needs 2", lambda: ops.grad_norm([torch.ones(16)], [short_bits])),
+        ("masks\\[0\\] must be a contiguous 1-D uint8", lambda: ops.grad_norm([torch.ones(16)], [torch.zeros(2, dtype=torch.int32)])),
+        ("masks\\[0\\] holds 1 bytes", lambda: ops.restore_([torch.zeros(16)], [torch.zeros(8)], [short_bits])),
+        ("scale must be a tensor of one floating value", lambda: ops.perturb_(
+            [torch.zeros(16)], [torch.ones(16)], [None], [torch.zeros(16)], torch.ones(2))),
+        ("values must be \\[32\\*i, 16\\*j\\]", lambda: ops.decompress_24(values[:16], meta[:16])),
+        ("meta must be int16 \\[32, 2\\]", lambda: ops.decompress_24(values, meta[:, :1])),
+        ("meta must be int16", lambda: ops.decompress_24(values, meta.to(torch.int32))),
+        ("values and meta must be 2-D", lambda: ops.decompress_24(values.reshape(-1), meta)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_direct_call_errors())))
+def test_direct_op_calls_check_their_arguments(case):
+    message, call = _direct_call_errors()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ext_takes_float64_like_the_reference(dtype, gen):
+    ws = [rand((1000,), dtype, gen), rand((7, 9), dtype, gen)]
+    gs = [rand((1000,), dtype, gen), rand((7, 9), dtype, gen)]
+    masks = [rand_mask((1000,), generator=gen), None]
+    assert torch.equal(sk.grad_norm(gs, masks, backend="ext"), sk.grad_norm(gs, masks, backend="torch"))
+    ref, orig = [w.clone() for w in ws], [w.clone() for w in ws]
+    backup = sk.perturb_(ws, gs, masks, 0.25, backend="ext")
+    sk.perturb_(ref, gs, masks, 0.25, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(ws, ref))
+    sk.restore_(ws, backup, backend="ext")
+    assert all(torch.equal(a, b) for a, b in zip(ws, orig))
+    assert torch.equal(sk.nm_mask(gs[1], 2, 4, backend="ext"), sk.nm_mask(gs[1], 2, 4, backend="torch"))
+
+
 def test_three_backends_agree_in_the_optimizer(gen, monkeypatch):
     x, y = torch.randn(32, 2, 4, 4, generator=gen), torch.randint(0, 5, (32,), generator=gen)
     results = {}

@@ -2,8 +2,9 @@
 //
 // Multi-tensor ops run one block per chunk of a tensor list (apex's multi-tensor-apply shape):
 // a kernel template takes a small functor that does one op on one chunk. Dense element loops
-// use 16-byte vector loads where the chunk is 16-byte aligned; masked compaction uses a
-// block-wide prefix count of the mask bits (warp ballots) to give each kept element its slot.
+// use 16-byte vector loads where the chunk is 16-byte aligned. A masked chunk reads its mask
+// once, as one 32-bit word per thread into shared memory; a block-wide scan of the words' bit
+// counts gives each kept element its slot in the compact backup.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -16,22 +17,29 @@ namespace ssam {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kWordsPerChunk = static_cast<int>(kChunk / 32);
+static_assert(kWordsPerChunk == kThreads, "one 32-bit mask word per thread and chunk");
 
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<double>(double x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_f<double>(float x) { return static_cast<double>(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ bool bit_at(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+// Rank key type of an N:M score: float holds every dtype's values exactly but double's.
+template <typename T> struct KeyOf { using type = float; };
+template <> struct KeyOf<double> { using type = double; };
+template <typename T> __device__ __forceinline__ typename KeyOf<T>::type key_of(T x) { return to_f(x); }
+template <> __device__ __forceinline__ double key_of<double>(double x) { return x; }
 
-template <typename T> __device__ __forceinline__ T* tensor(const int64_t* ptrs, int32_t k) {
+template <typename T> __device__ __forceinline__ T* tensor(const int64_t* ptrs, int64_t k) {
   return reinterpret_cast<T*>(ptrs[k]);
 }
 
@@ -47,49 +55,81 @@ template <typename V> __device__ V block_sum(V v) {
   return total;
 }
 
-// For one tile of kThreads elements: is element `i` kept, its slot among the tile's kept
-// elements, and the tile's kept count (block-wide, from warp ballots).
-struct TileSlots {
-  int slot;
-  int tile_count;
-};
-__device__ TileSlots tile_slots(bool keep) {
-  __shared__ int warp_offset[kWarps + 1];
-  const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+// Block-wide exclusive prefix sum of one int per thread (warp shuffles, one barrier).
+__device__ int block_exclusive_scan(int v) {
+  __shared__ int warp_totals[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_offset[warp + 1] = __popc(ballot);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    warp_offset[0] = 0;
-    for (int w = 1; w <= kWarps; ++w) warp_offset[w] += warp_offset[w - 1];
+  int inclusive = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += y;
   }
+  if (lane == 31) warp_totals[warp] = inclusive;
   __syncthreads();
-  TileSlots s{warp_offset[warp] + __popc(ballot & ((1u << lane) - 1u)), warp_offset[kWarps]};
-  __syncthreads();
-  return s;
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_totals[w];
+  return before + inclusive - v;
 }
+
+// Bits [first, first + 32) of a tensor's packed mask as one word (bit j: element first + j),
+// bits at or past the tensor's end `n` cleared. One aligned 32-bit load where the word lies
+// inside the mask's bytes, byte loads at a misaligned or final word.
+__device__ __forceinline__ uint32_t mask_word(const uint8_t* bits, int64_t first, int64_t n) {
+  if (first >= n) return 0u;
+  const int64_t byte0 = first >> 3, nbytes = (n + 7) >> 3;
+  uint32_t word = 0u;
+  if (byte0 + 4 <= nbytes && (reinterpret_cast<uintptr_t>(bits + byte0) & 3u) == 0u) {
+    word = *reinterpret_cast<const uint32_t*>(bits + byte0);
+  } else {
+    for (int b = 0; b < 4 && byte0 + b < nbytes; ++b) word |= static_cast<uint32_t>(bits[byte0 + b]) << (8 * b);
+  }
+  const int64_t valid = n - first;
+  return valid < 32 ? word & ((1u << valid) - 1u) : word;
+}
+
+// The mask of one chunk in shared memory: words[q] covers chunk elements [32q, 32q + 32).
+// Element start + threadIdx.x + kThreads * j (the coalesced order every loop below uses) is
+// bit (threadIdx.x & 31) of words[(threadIdx.x >> 5) + kWarps * j]: one warp reads one word.
+struct ChunkMask {
+  uint32_t* words;
+  __device__ void load(const uint8_t* bits, int64_t start, int64_t n) {
+    words[threadIdx.x] = mask_word(bits, start + 32 * static_cast<int64_t>(threadIdx.x), n);
+    __syncthreads();
+  }
+  __device__ __forceinline__ int word_index(int j) const { return (threadIdx.x >> 5) + kWarps * j; }
+};
 
 template <typename Op> __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(ChunkTable t, Op op) {
   const int64_t c = blockIdx.x;
-  const int32_t k = t.chunk_tensor[c];
+  const int64_t k = t.chunk_tensor[c];
   const int64_t start = t.chunk_start[c];
-  const int64_t end = start + kChunk < t.numel[k] ? start + kChunk : t.numel[k];
-  op(c, k, start, end);
+  op(c, k, start, t.numel[k]);
 }
 
-// ---- functors ------------------------------------------------------------------------------
+// ---- functors: op(chunk, tensor, first element, tensor length) -------------------------------
 
 template <typename T> struct SumSquares {
   const int64_t* x_ptrs;
-  const int64_t* bits_ptrs;  // null: no mask
+  const int64_t* bits_ptrs;  // null: no masks; an entry of 0: that tensor has none
   float* partial;
-  __device__ void operator()(int64_t c, int32_t k, int64_t start, int64_t end) const {
+  __device__ void operator()(int64_t c, int64_t k, int64_t start, int64_t n) const {
     const T* x = tensor<const T>(x_ptrs, k);
+    const int64_t end = start + kChunk < n ? start + kChunk : n;
+    const uint8_t* bits = bits_ptrs ? tensor<const uint8_t>(bits_ptrs, k) : nullptr;
     float acc = 0.f;
-    if (bits_ptrs) {
-      const uint8_t* bits = tensor<const uint8_t>(bits_ptrs, k);
-      for (int64_t i = start + threadIdx.x; i < end; i += kThreads)
-        if (bit_at(bits, i)) acc += to_f(x[i]) * to_f(x[i]);
+    if (bits) {  // uniform per block
+      __shared__ uint32_t words[kWordsPerChunk];
+      ChunkMask mask{words};
+      mask.load(bits, start, n);
+      const int lane = threadIdx.x & 31;
+      for (int j = 0; j < kChunk / kThreads; ++j) {
+        const uint32_t word = mask.words[mask.word_index(j)];
+        if (word == 0u) continue;  // warp-uniform: the warp shares the word
+        if ((word >> lane) & 1u) {
+          const float v = to_f(x[start + threadIdx.x + static_cast<int64_t>(kThreads) * j]);
+          acc += v * v;
+        }
+      }
     } else {
       constexpr int kVec = 16 / sizeof(T);
       int64_t i0 = start;
@@ -114,12 +154,10 @@ template <typename T> struct SumSquares {
 struct CountBits {
   const int64_t* bits_ptrs;
   int64_t* counts;
-  __device__ void operator()(int64_t c, int32_t k, int64_t start, int64_t end) const {
+  __device__ void operator()(int64_t c, int64_t k, int64_t start, int64_t n) const {
     const uint8_t* bits = tensor<const uint8_t>(bits_ptrs, k);
-    int n = 0;
-    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) n += bit_at(bits, i);
-    n = block_sum(n);
-    if (threadIdx.x == 0) counts[c] = n;
+    const int total = block_sum(__popc(mask_word(bits, start + 32 * static_cast<int64_t>(threadIdx.x), n)));
+    if (threadIdx.x == 0) counts[c] = total;
   }
 };
 
@@ -128,13 +166,14 @@ template <typename T, typename G, bool kPerturb> struct Move {
   const int64_t* g_ptrs;
   const int64_t* bits_ptrs;  // null: no mask, backup is the whole tensor
   const int64_t* backup_ptrs;
+  const int64_t* backup_numel;
   const int64_t* chunk_offset;
-  const float* scale;
-  __device__ void operator()(int64_t c, int32_t k, int64_t start, int64_t end) const {
+  Scale scale;
+  __device__ void operator()(int64_t c, int64_t k, int64_t start, int64_t n) const {
     T* w = tensor<T>(w_ptrs, k);
     T* backup = tensor<T>(backup_ptrs, k);
     const G* g = kPerturb ? tensor<const G>(g_ptrs, k) : nullptr;
-    const float s = kPerturb ? *scale : 0.f;
+    const float s = kPerturb ? (scale.ptr ? *scale.ptr : scale.value) : 0.f;
     auto move = [&](int64_t i, int64_t slot) {
       if (kPerturb) {
         const T old = w[i];
@@ -146,17 +185,27 @@ template <typename T, typename G, bool kPerturb> struct Move {
       }
     };
     if (!bits_ptrs) {
+      const int64_t end = start + kChunk < n ? start + kChunk : n;
       for (int64_t i = start + threadIdx.x; i < end; i += kThreads) move(i, i);
       return;
     }
-    const uint8_t* bits = tensor<const uint8_t>(bits_ptrs, k);
-    int64_t base = chunk_offset[c];
-    for (int64_t tile = start; tile < end; tile += kThreads) {  // every thread runs every tile
-      const int64_t i = tile + threadIdx.x;
-      const bool keep = i < end && bit_at(bits, i);
-      const TileSlots slots = tile_slots(keep);
-      if (keep) move(i, base + slots.slot);
-      base += slots.tile_count;
+    // Each kept element's slot: the chunk's offset, the kept elements of the words before its
+    // word (a block-wide scan of the words' bit counts), and those below it in its word.
+    __shared__ uint32_t words[kWordsPerChunk];
+    __shared__ int64_t word_slot[kWordsPerChunk];
+    ChunkMask mask{words};
+    mask.load(tensor<const uint8_t>(bits_ptrs, k), start, n);
+    word_slot[threadIdx.x] = chunk_offset[c] + block_exclusive_scan(__popc(words[threadIdx.x]));
+    __syncthreads();
+    const int64_t capacity = backup_numel[k];  // never touched past it, whatever the mask says
+    const int lane = threadIdx.x & 31;
+    const uint32_t below = (1u << lane) - 1u;
+    for (int j = 0; j < kChunk / kThreads; ++j) {
+      const int q = mask.word_index(j);
+      const uint32_t word = mask.words[q];
+      if (word == 0u) continue;  // warp-uniform
+      const int64_t slot = word_slot[q] + __popc(word & below);
+      if (((word >> lane) & 1u) && slot < capacity) move(start + 32 * static_cast<int64_t>(q) + lane, slot);
     }
   }
 };
@@ -170,6 +219,7 @@ template <typename Op> cudaError_t launch(const ChunkTable& t, const Op& op, cud
 template <typename F> cudaError_t dispatch(Dtype d, F f) {
   switch (d) {
     case Dtype::F32: return f(float{});
+    case Dtype::F64: return f(double{});
     case Dtype::F16: return f(__half{});
     case Dtype::BF16: return f(__nv_bfloat16{});
   }
@@ -178,17 +228,30 @@ template <typename F> cudaError_t dispatch(Dtype d, F f) {
 
 // ---- N:M selection and 2:4 compression ----------------------------------------------------
 
+// One thread per element: a block holds kThreads / m whole groups (rows laid end to end, a
+// row's last group possibly short), their rank keys in shared memory; an element's rank is
+// the number of its group's elements that beat it, so no per-thread array (no local memory).
 template <typename T>
-__global__ void nm_select_kernel(const T* s, bool* out, int64_t rows, int64_t cols, int n, int m, bool magnitude) {
+__global__ void __launch_bounds__(kThreads)
+    nm_select_kernel(const T* s, bool* out, int64_t rows, int64_t cols, int n, int m, bool magnitude) {
+  using K = typename KeyOf<T>::type;
+  __shared__ K keys[kThreads];
+  const int per_block = kThreads / m;
+  const int q = threadIdx.x / m, j = threadIdx.x % m;  // group within the block, position within it
   const int64_t groups_per_row = (cols + m - 1) / m;
-  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (gid >= rows * groups_per_row) return;
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * per_block + q;
   const int64_t row = gid / groups_per_row, first = (gid % groups_per_row) * m;
-  const int64_t len = cols - first < m ? cols - first : m;
-  const int64_t base = row * cols + first;
-  double v[kMaxGroup];
-  for (int64_t j = 0; j < len; ++j) v[j] = rank_key(static_cast<double>(to_f(s[base + j])), magnitude);
-  for (int64_t j = 0; j < len; ++j) out[base + j] = group_rank(v, len, j) < n;
+  const bool in_group = q < per_block && gid < rows * groups_per_row;
+  const int len = in_group ? static_cast<int>(cols - first < m ? cols - first : m) : 0;
+  const int64_t at = row * cols + first + j;
+  if (j < len) keys[threadIdx.x] = rank_key(key_of(s[at]), magnitude);
+  __syncthreads();
+  if (j >= len) return;
+  const K mine = keys[threadIdx.x];
+  const K* group = keys + q * m;
+  int beaten_by = 0;
+  for (int k = 0; k < len; ++k) beaten_by += (group[k] > mine) || (group[k] == mine && k < j);
+  out[at] = beaten_by < n;
 }
 
 template <typename T>
@@ -246,22 +309,25 @@ cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* c
 }
 
 cudaError_t perturb(const ChunkTable& t, Dtype w, Dtype g, const int64_t* w_ptrs, const int64_t* g_ptrs,
-                    const int64_t* bits_ptrs, const int64_t* backup_ptrs, const int64_t* chunk_offset,
-                    const float* scale, cudaStream_t stream) {
+                    const int64_t* bits_ptrs, const int64_t* backup_ptrs, const int64_t* backup_numel,
+                    const int64_t* chunk_offset, Scale scale, cudaStream_t stream) {
   return dispatch(w, [&](auto wv) {
     using T = decltype(wv);
     return dispatch(g, [&](auto gv) {
       using G = decltype(gv);
-      return launch(t, Move<T, G, true>{w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, chunk_offset, scale}, stream);
+      return launch(t, Move<T, G, true>{w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, backup_numel, chunk_offset, scale},
+                    stream);
     });
   });
 }
 
 cudaError_t restore(const ChunkTable& t, Dtype w, const int64_t* w_ptrs, const int64_t* bits_ptrs,
-                    const int64_t* backup_ptrs, const int64_t* chunk_offset, cudaStream_t stream) {
+                    const int64_t* backup_ptrs, const int64_t* backup_numel, const int64_t* chunk_offset,
+                    cudaStream_t stream) {
   return dispatch(w, [&](auto wv) {
     using T = decltype(wv);
-    return launch(t, Move<T, T, false>{w_ptrs, nullptr, bits_ptrs, backup_ptrs, chunk_offset, nullptr}, stream);
+    return launch(t, Move<T, T, false>{w_ptrs, nullptr, bits_ptrs, backup_ptrs, backup_numel, chunk_offset, Scale{}},
+                  stream);
   });
 }
 
@@ -269,9 +335,12 @@ cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int6
                       cudaStream_t stream) {
   const int64_t groups = rows * ((cols + m - 1) / m);
   if (groups == 0) return cudaGetLastError();
+  const int64_t per_block = kThreads / m;
+  const int64_t blocks = (groups + per_block - 1) / per_block;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return dispatch(x, [&](auto v) {
     using T = decltype(v);
-    nm_select_kernel<T><<<blocks_for(groups), kThreads, 0, stream>>>(static_cast<const T*>(scores), out, rows, cols,
+    nm_select_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const T*>(scores), out, rows, cols,
                                                                       n, m, magnitude);
     return cudaGetLastError();
   });

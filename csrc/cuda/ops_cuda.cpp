@@ -1,17 +1,28 @@
 // CUDA implementations of the `ssam` ops: tensor glue around the torch-free kernels of
 // kernels.cu. Only torch headers that a CPU build of torch ships are used (the stream comes from
 // c10's device-guard interface), so this file also compiles as a check on machines without CUDA
-// torch. One place for the device/dtype/contiguity checks; every launch's error is checked.
+// torch. Every launch's error is checked.
+//
+// No op waits for the device or copies from pageable host memory in steady state, so a training
+// step can run ahead of the GPU and be captured in a CUDA graph: the small tables a launch reads
+// are cached on the device by content (TableCache), and the set-bit counts of masks already
+// checked are remembered per mask tensor and version (MaskCounts). compress_24 is the exception:
+// it reads back one flag to reject input that is not 2:4 sparse.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <map>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
+#include "../checks.h"
 #include "../ssam_common.h"
 #include "kernels.h"
 
@@ -27,123 +38,273 @@ cudaStream_t current_stream(const at::Device& device) {
 }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA call failed: ", cudaGetErrorString(err));
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_launch(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
 }
 
 Dtype dtype_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
     case at::kFloat: return Dtype::F32;
+    case at::kDouble: return Dtype::F64;
     case at::kHalf: return Dtype::F16;
     case at::kBFloat16: return Dtype::BF16;
-    default: TORCH_CHECK(false, what, ": CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, what, ": CUDA kernels take float64, float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
-void check_cuda(const at::Tensor& t, const at::Device& device, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.device() == device, what, ": every tensor must be on ", device);
-  TORCH_CHECK(t.is_contiguous(), what, ": tensors must be contiguous");
+void check_cuda(const at::Tensor& t, const at::Device& device, const char* what, const char* name, size_t k) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device, what, ": ", name, "[", k, "] is on ", t.device(),
+              "; every tensor must be on ", device);
+  TORCH_CHECK(t.is_contiguous(), what, ": ", name, "[", k, "] must be contiguous");
 }
 
-// Device tables for a group of tensors; the vectors keep the tensors alive until the launch.
-struct Tables {
-  at::Tensor chunk_tensor, chunk_start, numel;
-  ChunkTable table{};
-  std::vector<int64_t> first_chunk;
+int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
+
+// ---- device tables, cached by content ------------------------------------------------------
+
+// Device copies of the small int64 tables a launch reads. A table is a function of host values
+// only (sizes, data pointers), so a hit is exact, and a loop that passes the same tensors every
+// step copies nothing after its first step. A miss copies from pinned memory without blocking.
+// Entries are per (device, stream), so a table is freed only in the order of the stream that
+// reads it; entries made or used while that stream captures a CUDA graph are kept for good
+// (the graph keeps reading their addresses), and nothing is evicted during a capture.
+class TableCache {
+ public:
+  at::Tensor get(std::vector<int64_t> content, const at::Device& device, cudaStream_t stream) {
+    const bool in_capture = capturing(stream);
+    std::lock_guard<std::mutex> lock(mutex_);
+    Key key{device.index(), stream, std::move(content)};
+    auto it = entries_.find(key);
+    if (it == entries_.end()) {
+      if (!in_capture) evict();
+      const auto n = static_cast<int64_t>(key.content.size());
+      auto host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      std::copy(key.content.begin(), key.content.end(), host.data_ptr<int64_t>());
+      auto dev = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
+      dev.copy_(host, /*non_blocking=*/true);
+      it = entries_.emplace(std::move(key), Entry{host, dev, false, 0}).first;
+    }
+    it->second.keep = it->second.keep || in_capture;
+    it->second.last_use = ++clock_;
+    return it->second.dev;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 64;  // evictable entries: a few parameter lists' worth
+  struct Key {
+    c10::DeviceIndex device;
+    cudaStream_t stream;
+    std::vector<int64_t> content;
+    bool operator==(const Key& o) const { return device == o.device && stream == o.stream && content == o.content; }
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      uint64_t h = 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(k.device) ^ reinterpret_cast<uintptr_t>(k.stream);
+      for (int64_t v : k.content) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001b3ull;
+      return static_cast<size_t>(h ^ (h >> 29));
+    }
+  };
+  struct Entry {
+    at::Tensor host, dev;  // the pinned source stays alive: a captured copy may read it again
+    bool keep;
+    uint64_t last_use;
+  };
+
+  void evict() {  // drop the least recently used evictable entry once the cache is full
+    size_t evictable = 0;
+    auto oldest = entries_.end();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->second.keep) continue;
+      ++evictable;
+      if (oldest == entries_.end() || it->second.last_use < oldest->second.last_use) oldest = it;
+    }
+    if (evictable >= kCapacity) entries_.erase(oldest);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<Key, Entry, KeyHash> entries_;
+  uint64_t clock_ = 0;
 };
 
-Tables chunk_tables(const std::vector<at::Tensor>& ts, const at::Device& device) {
-  std::vector<int32_t> chunk_tensor;
-  std::vector<int64_t> chunk_start, numel;
-  Tables out;
+TableCache& table_cache() {
+  static TableCache* cache = new TableCache();  // never destroyed: tensors outlive CUDA at exit
+  return *cache;
+}
+
+// One multi-tensor launch's table on the device: the chunk table (chunk_tensor, chunk_start),
+// then per-tensor columns: numel, first chunk, and the launch's own (addresses, sizes).
+struct LaunchTable {
+  at::Tensor dev;
+  int64_t num_chunks = 0, num_tensors = 0;
+
+  const int64_t* at(int64_t offset) const { return dev.data_ptr<int64_t>() + offset; }
+  ChunkTable chunks() const { return ChunkTable{at(0), at(num_chunks), at(2 * num_chunks), num_chunks}; }
+  // per-tensor column i: 0 = numel, 1 = first chunk, 2.. = the launch's columns in order
+  const int64_t* column(int64_t i) const { return at(2 * num_chunks + i * num_tensors); }
+  at::Tensor chunk_tensor() const { return dev.narrow(0, 0, num_chunks); }
+  at::Tensor first_chunk() const { return dev.narrow(0, 2 * num_chunks + num_tensors, num_tensors); }
+};
+
+LaunchTable launch_table(const std::vector<at::Tensor>& ts, const std::vector<std::vector<int64_t>>& columns,
+                         const at::Device& device, cudaStream_t stream) {
+  LaunchTable out;
+  out.num_tensors = static_cast<int64_t>(ts.size());
+  std::vector<int64_t> chunk_tensor, chunk_start, numel, first;
   for (size_t k = 0; k < ts.size(); ++k) {
-    out.first_chunk.push_back(static_cast<int64_t>(chunk_start.size()));
+    first.push_back(static_cast<int64_t>(chunk_start.size()));
     numel.push_back(ts[k].numel());
     for (int64_t s = 0; s < ts[k].numel(); s += cuda::kChunk) {
-      chunk_tensor.push_back(static_cast<int32_t>(k));
+      chunk_tensor.push_back(static_cast<int64_t>(k));
       chunk_start.push_back(s);
     }
   }
-  const auto to_device = [&](auto& v, at::ScalarType type) {
-    return at::from_blob(v.data(), {static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(type))
-        .to(device, /*non_blocking=*/false, /*copy=*/true);
-  };
-  out.chunk_tensor = to_device(chunk_tensor, at::kInt);
-  out.chunk_start = to_device(chunk_start, at::kLong);
-  out.numel = to_device(numel, at::kLong);
-  out.table = ChunkTable{out.chunk_tensor.data_ptr<int32_t>(), out.chunk_start.data_ptr<int64_t>(),
-                         out.numel.data_ptr<int64_t>(), static_cast<int64_t>(chunk_tensor.size())};
+  out.num_chunks = static_cast<int64_t>(chunk_start.size());
+  if (out.num_chunks == 0) return out;
+  std::vector<int64_t> content;
+  for (const auto* part : {&chunk_tensor, &chunk_start, &numel, &first}) content.insert(content.end(), part->begin(), part->end());
+  for (const auto& column : columns) content.insert(content.end(), column.begin(), column.end());
+  out.dev = table_cache().get(std::move(content), device, stream);
   return out;
 }
 
-at::Tensor addresses(const std::vector<at::Tensor>& ts, const at::Device& device) {
-  std::vector<int64_t> ptrs;
-  for (const auto& t : ts) ptrs.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-  return at::from_blob(ptrs.data(), {static_cast<int64_t>(ptrs.size())}, at::TensorOptions().dtype(at::kLong))
-      .to(device, false, true);
+// ---- set-bit counts of masks already checked ----------------------------------------------
+
+// perturb_/restore_ index a compact backup by mask position, so its size must equal the mask's
+// count of set bits. Counting needs the device, so each mask tensor is counted (one wait) the
+// first time it is seen at a version; after that, its count is checked on the host. An entry
+// holds a weak reference to the mask's TensorImpl, so that address cannot be reused for another
+// tensor while the entry lives; an in-place write bumps the version and forces a recount.
+class MaskCounts {
+ public:
+  int64_t find(const at::Tensor& bits) {  // -1: unknown at this version
+    const int64_t version = version_of(bits);
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(bits.unsafeGetTensorImpl());
+    if (it == entries_.end()) return -1;
+    const Entry& e = it->second;
+    if (e.impl.expired()) {
+      entries_.erase(it);
+      return -1;
+    }
+    return version >= 0 && e.version == version && e.data == bits.data_ptr() ? e.count : -1;
+  }
+
+  void put(const at::Tensor& bits, int64_t count) {
+    const int64_t version = version_of(bits);
+    if (version < 0) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entries_.size() >= kSweepAt) sweep();
+    entries_.insert_or_assign(bits.unsafeGetTensorImpl(), Entry{Weak(bits.getIntrusivePtr()), bits.data_ptr(), version, count});
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak impl;
+    const void* data;
+    int64_t version;
+    int64_t count;
+  };
+  static constexpr size_t kSweepAt = 4096;
+
+  static int64_t version_of(const at::Tensor& t) {
+    try {
+      return static_cast<int64_t>(t._version());
+    } catch (const c10::Error&) {  // inference tensors have no version counter: never cached
+      return -1;
+    }
+  }
+
+  void sweep() {
+    for (auto it = entries_.begin(); it != entries_.end();) it = it->second.impl.expired() ? entries_.erase(it) : std::next(it);
+    if (entries_.size() >= kSweepAt) entries_.clear();
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
+MaskCounts& mask_counts() {
+  static MaskCounts* counts = new MaskCounts();
+  return *counts;
 }
 
-const int64_t* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<int64_t>() : nullptr; }
-
-// Where each chunk's kept values start in its tensor's compact backup (exclusive, per tensor).
-// Also checks that every backup holds exactly its mask's count (one host sync): the kernels
-// index the backups by slot, so a wrong size would write out of bounds.
-at::Tensor chunk_offsets(const Tables& tb, const at::Tensor& bits_addr, const std::vector<at::Tensor>& backups,
-                         const at::Device& device, cudaStream_t s) {
+// Per chunk of a masked group: the slot of its first kept element in its tensor's compact
+// backup. Also checks each backup's size against its mask's count (see MaskCounts).
+at::Tensor chunk_offsets(const LaunchTable& tb, const int64_t* bits_addr, const std::vector<at::Tensor>& bits,
+                         const std::vector<at::Tensor>& backups, const at::Device& device, cudaStream_t stream,
+                         const char* what) {
   const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
-  auto counts = at::empty({tb.table.num_chunks}, longs);
-  check_launch(cuda::count_bits(tb.table, ptr(bits_addr), counts.data_ptr<int64_t>(), s), "count_bits");
-  const auto owner = tb.chunk_tensor.to(at::kLong);
-  std::vector<int64_t> sizes;
-  for (const auto& b : backups) sizes.push_back(b.numel());
-  const auto per_tensor = at::zeros({static_cast<int64_t>(backups.size())}, longs).index_add_(0, owner, counts);
-  TORCH_CHECK(at::equal(per_tensor, at::tensor(sizes, longs.device(at::kCPU)).to(device)),
-              "perturb_/restore_: a backup's size differs from its mask's count of set bits");
+  auto counts = at::empty({tb.num_chunks}, longs);
+  check_launch(cuda::count_bits(tb.chunks(), bits_addr, counts.data_ptr<int64_t>(), stream), "count_bits");
+  const auto owner = tb.chunk_tensor();
+  std::vector<size_t> unknown;
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const int64_t known = mask_counts().find(bits[i]);
+    if (known < 0) {
+      unknown.push_back(i);
+      continue;
+    }
+    TORCH_CHECK(known == backups[i].numel(), what, ": a backup holds ", backups[i].numel(),
+                " values but its mask sets ", known);
+  }
+  if (!unknown.empty()) {
+    TORCH_CHECK(!capturing(stream), what, ": a mask is first used while a CUDA graph is being captured; its set bits ",
+                "are counted, and the backup's size checked, once outside a capture: run a warm-up step first");
+    const auto per_tensor = at::zeros({tb.num_tensors}, longs).index_add_(0, owner, counts).cpu();  // one wait
+    const int64_t* count = per_tensor.data_ptr<int64_t>();
+    for (size_t i : unknown) {
+      TORCH_CHECK(count[i] == backups[i].numel(), what, ": a backup holds ", backups[i].numel(),
+                  " values but its mask sets ", count[i]);
+      mask_counts().put(bits[i], count[i]);
+    }
+  }
   const auto before = at::cumsum(counts, 0) - counts;
-  const auto first = at::tensor(tb.first_chunk, longs.device(at::kCPU)).to(device);
-  return before - before.index_select(0, first.index_select(0, owner));
-}
-
-std::vector<size_t> indices(size_t n) {
-  std::vector<size_t> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = i;
-  return v;
+  return before - before.index_select(0, tb.first_chunk().index_select(0, owner));
 }
 
 // ---- ops ----------------------------------------------------------------------------------
 
 at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<at::Tensor>>& masks) {
-  TORCH_CHECK(!tensors.empty() && masks.size() == tensors.size(), "grad_norm: one mask entry per tensor");
+  TORCH_CHECK(!tensors.empty(), "grad_norm: tensors must not be empty");
+  TORCH_CHECK(masks.size() == tensors.size(), "grad_norm: ", masks.size(), " mask entries for ", tensors.size(),
+              " tensors");
   const at::Device device = tensors[0].device();
   c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
-  const bool masked = [&] {
-    for (size_t k = 0; k < masks.size(); ++k)
-      if (masks.get(k).has_value()) return true;
-    return false;
-  }();
+  bool masked = false;
   std::map<int, std::vector<size_t>> groups;  // by dtype: one launch each
-  for (size_t k = 0; k < tensors.size(); ++k) groups[static_cast<int>(dtype_of(tensors[k], "grad_norm"))].push_back(k);
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    check_cuda(tensors[k], device, "grad_norm", "tensors", k);
+    const c10::optional<at::Tensor> m = masks.get(k);
+    if (m.has_value()) {
+      check_bits(*m, tensors[k], "grad_norm", k);
+      masked = true;
+    }
+    groups[static_cast<int>(dtype_of(tensors[k], "grad_norm"))].push_back(k);
+  }
   auto total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   for (const auto& [dtype, idx] : groups) {
-    std::vector<at::Tensor> xs, bits;
+    std::vector<at::Tensor> xs;
+    std::vector<int64_t> x_addr, bits_addr;  // a bits address of 0: that tensor has no mask
     for (size_t k : idx) {
-      check_cuda(tensors[k], device, "grad_norm");
       xs.push_back(tensors[k]);
-      if (masked) {
-        const auto m = masks.get(k);  // None: every bit set
-        bits.push_back(m.has_value() ? *m
-                                     : at::full({packed_nbytes(tensors[k].numel())}, 255,
-                                                at::TensorOptions().dtype(at::kByte).device(device)));
-        check_cuda(bits.back(), device, "grad_norm");
-      }
+      x_addr.push_back(address(tensors[k]));
+      const c10::optional<at::Tensor> m = masks.get(k);
+      bits_addr.push_back(m.has_value() ? address(*m) : 0);
     }
-    const Tables tb = chunk_tables(xs, device);
-    if (tb.table.num_chunks == 0) continue;
-    auto partial = at::empty({tb.table.num_chunks}, at::TensorOptions().dtype(at::kFloat).device(device));
-    const auto x_addr = addresses(xs, device);
-    const auto bits_addr = masked ? addresses(bits, device) : at::Tensor();
-    check_launch(cuda::sum_squares(tb.table, static_cast<Dtype>(dtype), ptr(x_addr), ptr(bits_addr),
-                                   partial.data_ptr<float>(), stream),
+    const LaunchTable tb = masked ? launch_table(xs, {x_addr, bits_addr}, device, stream)
+                                  : launch_table(xs, {x_addr}, device, stream);
+    if (tb.num_chunks == 0) continue;
+    auto partial = at::empty({tb.num_chunks}, at::TensorOptions().dtype(at::kFloat).device(device));
+    check_launch(cuda::sum_squares(tb.chunks(), static_cast<Dtype>(dtype), tb.column(2),
+                                   masked ? tb.column(3) : nullptr, partial.data_ptr<float>(), stream),
                  "grad_norm");
     total = total + partial.sum();
   }
@@ -152,65 +313,95 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<
 
 void move_cuda(bool perturb, at::TensorList params, at::TensorList grads,
                const c10::List<c10::optional<at::Tensor>>& masks, at::TensorList backups, const at::Tensor* scale) {
-  TORCH_CHECK(!params.empty() && masks.size() == params.size() && backups.size() == params.size() &&
+  const char* what = perturb ? "perturb_" : "restore_";
+  TORCH_CHECK(masks.size() == params.size() && backups.size() == params.size() &&
                   (!perturb || grads.size() == params.size()),
-              "perturb_/restore_: params, grads, masks and backup must have the same length");
+              what, ": params, ", perturb ? "grads, " : "", "masks and backup must have the same length");
+  if (params.empty()) return;
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
+  cuda::Scale s{nullptr, 0.f};
+  at::Tensor scale_dev;  // kept alive until the launch
+  if (perturb) {
+    check_scale(*scale, what);
+    if (scale->is_cuda()) {
+      TORCH_CHECK(scale->device() == device, what, ": scale is on ", scale->device(), ", params on ", device);
+      scale_dev = scale->to(at::kFloat);
+      s.ptr = scale_dev.data_ptr<float>();
+    } else {
+      s.value = scale->item<float>();  // a host value: no copy to the device
+    }
+  }
   // one launch per (weight dtype, grad dtype, masked)
   std::map<std::tuple<int, int, bool>, std::vector<size_t>> groups;
-  for (size_t k : indices(params.size())) {
-    check_cuda(params[k], device, "perturb_/restore_");
-    check_cuda(backups[k], device, "perturb_/restore_");
-    TORCH_CHECK(backups[k].scalar_type() == params[k].scalar_type(), "backup ", k, " must have the param's dtype");
-    const int g = perturb ? static_cast<int>(dtype_of(grads[k], "perturb_")) : 0;
-    groups[{static_cast<int>(dtype_of(params[k], "perturb_/restore_")), g, masks.get(k).has_value()}].push_back(k);
+  std::vector<at::Tensor> grad(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    check_cuda(params[k], device, what, "params", k);
+    check_cuda(backups[k], device, what, "backup", k);
+    TORCH_CHECK(backups[k].scalar_type() == params[k].scalar_type(), what, ": backup[", k, "] is ",
+                backups[k].scalar_type(), ", params[", k, "] is ", params[k].scalar_type());
+    const c10::optional<at::Tensor> m = masks.get(k);
+    if (m.has_value()) {
+      check_bits(*m, params[k], what, k);
+    } else {
+      TORCH_CHECK(backups[k].numel() == params[k].numel(), what, ": backup[", k, "] must hold the whole tensor (",
+                  params[k].numel(), " values), it holds ", backups[k].numel());
+    }
+    int g = 0;
+    if (perturb) {
+      grad[k] = grads[k].contiguous();
+      check_cuda(grad[k], device, what, "grads", k);
+      TORCH_CHECK(grad[k].numel() == params[k].numel(), what, ": grads[", k, "] has ", grad[k].numel(),
+                  " elements, params[", k, "] has ", params[k].numel());
+      g = static_cast<int>(dtype_of(grad[k], what));
+    }
+    groups[{static_cast<int>(dtype_of(params[k], what)), g, m.has_value()}].push_back(k);
   }
   for (const auto& [key, idx] : groups) {
     const bool masked = std::get<2>(key);
-    std::vector<at::Tensor> ws, gs, bits, outs;
+    std::vector<at::Tensor> ws, bits, outs;
+    std::vector<int64_t> w_addr, g_addr, bits_addr, out_addr, out_numel;
     for (size_t k : idx) {
       ws.push_back(params[k]);
       outs.push_back(backups[k]);
-      if (perturb) {
-        gs.push_back(grads[k].contiguous());
-        check_cuda(gs.back(), device, "perturb_");
-        TORCH_CHECK(gs.back().numel() == params[k].numel(), "grads[", k, "] does not match params[", k, "]");
-      }
+      w_addr.push_back(address(params[k]));
+      out_addr.push_back(address(backups[k]));
+      out_numel.push_back(backups[k].numel());
+      if (perturb) g_addr.push_back(address(grad[k]));
       if (masked) {
-        const at::Tensor& b = *masks.get(k);
-        check_cuda(b, device, "perturb_/restore_");
-        TORCH_CHECK(b.scalar_type() == at::kByte && b.numel() == packed_nbytes(params[k].numel()),
-                    "mask bits ", k, " do not fit params[", k, "]");
-        bits.push_back(b);
-      } else {
-        TORCH_CHECK(backups[k].numel() == params[k].numel(), "backup ", k, " must hold the whole tensor");
+        bits.push_back(*masks.get(k));
+        bits_addr.push_back(address(bits.back()));
       }
     }
-    const Tables tb = chunk_tables(ws, device);
-    if (tb.table.num_chunks == 0) continue;
-    const auto w_addr = addresses(ws, device), out_addr = addresses(outs, device);
-    const auto bits_addr = masked ? addresses(bits, device) : at::Tensor();
-    const at::Tensor offsets = masked ? chunk_offsets(tb, bits_addr, outs, device, stream) : at::Tensor();
+    // columns after numel and first chunk: 2 weights, 3 backups, 4 backup sizes, then the
+    // bits (if masked), then the grads (if perturbing)
+    std::vector<std::vector<int64_t>> columns{w_addr, out_addr, out_numel};
+    if (masked) columns.push_back(bits_addr);
+    if (perturb) columns.push_back(g_addr);
+    const int64_t grads_column = masked ? 6 : 5;
+    const LaunchTable tb = launch_table(ws, columns, device, stream);
+    if (tb.num_chunks == 0) continue;
+    const int64_t* bits_col = masked ? tb.column(5) : nullptr;
+    const at::Tensor offsets =
+        masked ? chunk_offsets(tb, bits_col, bits, outs, device, stream, what) : at::Tensor();
+    const int64_t* offset_ptr = masked ? offsets.data_ptr<int64_t>() : nullptr;
     if (perturb) {
-      const auto g_addr = addresses(gs, device);
-      check_launch(cuda::perturb(tb.table, static_cast<Dtype>(std::get<0>(key)), static_cast<Dtype>(std::get<1>(key)),
-                                 ptr(w_addr), ptr(g_addr), ptr(bits_addr), ptr(out_addr),
-                                 masked ? offsets.data_ptr<int64_t>() : nullptr, scale->data_ptr<float>(), stream),
-                   "perturb_");
+      check_launch(cuda::perturb(tb.chunks(), static_cast<Dtype>(std::get<0>(key)), static_cast<Dtype>(std::get<1>(key)),
+                                 tb.column(2), tb.column(grads_column), bits_col, tb.column(3), tb.column(4),
+                                 offset_ptr, s, stream),
+                   what);
     } else {
-      check_launch(cuda::restore(tb.table, static_cast<Dtype>(std::get<0>(key)), ptr(w_addr), ptr(bits_addr),
-                                 ptr(out_addr), masked ? offsets.data_ptr<int64_t>() : nullptr, stream),
-                   "restore_");
+      check_launch(cuda::restore(tb.chunks(), static_cast<Dtype>(std::get<0>(key)), tb.column(2), bits_col,
+                                 tb.column(3), tb.column(4), offset_ptr, stream),
+                   what);
     }
   }
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, const c10::List<c10::optional<at::Tensor>>& masks,
                   at::TensorList backups, const at::Tensor& scale) {
-  const auto s = scale.to(params.empty() ? scale.device() : params[0].device(), at::kFloat).contiguous();
-  move_cuda(true, params, grads, masks, backups, &s);
+  move_cuda(true, params, grads, masks, backups, &scale);
 }
 
 void restore_cuda(at::TensorList params, at::TensorList backups, const c10::List<c10::optional<at::Tensor>>& masks) {
@@ -218,7 +409,8 @@ void restore_cuda(at::TensorList params, at::TensorList backups, const c10::List
 }
 
 at::Tensor nm_mask_cuda(const at::Tensor& scores, int64_t n, int64_t m, bool magnitude) {
-  TORCH_CHECK(scores.dim() >= 1 && 1 <= n && n < m && m <= kMaxGroup, "nm_mask: need 1 <= n < m <= ", kMaxGroup);
+  TORCH_CHECK(scores.dim() >= 1 && 1 <= n && n < m && m <= kMaxGroup, "nm_mask: need 1 <= n < m <= ", kMaxGroup,
+              " and scores of at least one dimension, got n=", n, ", m=", m, ", scores of shape ", scores.sizes());
   c10::DeviceGuard guard(scores.device());
   const auto x = scores.contiguous();
   auto out = at::empty(x.sizes(), x.options().dtype(at::kBool));
@@ -232,7 +424,7 @@ at::Tensor nm_mask_cuda(const at::Tensor& scores, int64_t n, int64_t m, bool mag
 
 std::tuple<at::Tensor, at::Tensor> compress_24_cuda(const at::Tensor& dense) {
   TORCH_CHECK(dense.dim() == 2 && dense.size(0) % 32 == 0 && dense.size(1) % 32 == 0,
-              "compress_24: need a [32*i, 32*j] matrix");
+              "compress_24: need a [32*i, 32*j] matrix, got ", dense.sizes());
   c10::DeviceGuard guard(dense.device());
   const auto x = dense.contiguous();
   const int64_t rows = x.size(0), cols = x.size(1);
@@ -248,12 +440,11 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cuda(const at::Tensor& dense) {
 }
 
 at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& meta_in) {
+  check_compressed_24(values_in, meta_in);
   c10::DeviceGuard guard(values_in.device());
   const auto values = values_in.contiguous();
   const auto meta = meta_in.contiguous();
   const int64_t rows = values.size(0), cols = values.size(1) * 2;
-  TORCH_CHECK(meta.scalar_type() == at::kShort && meta.size(0) == rows && meta.size(1) == cols / 16,
-              "decompress_24: meta does not match values");
   auto dense = at::empty({rows, cols}, values.options());
   check_launch(cuda::decompress_24(dtype_of(values, "decompress_24"), values.data_ptr(), meta.data_ptr<int16_t>(),
                                    dense.data_ptr(), rows, cols, current_stream(values.device())),
@@ -262,7 +453,7 @@ at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& met
 }
 
 at::Tensor pack_mask_cuda(const at::Tensor& mask) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "pack_mask: mask must be bool");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "pack_mask: mask must be bool, got ", mask.scalar_type());
   const int64_t n = mask.numel();
   auto flat = at::constant_pad_nd(mask.reshape({-1}).to(at::kInt), {0, (8 - n % 8) % 8}).view({-1, 8});
   const auto weights = at::pow(2, at::arange(8, flat.options()));
@@ -270,6 +461,7 @@ at::Tensor pack_mask_cuda(const at::Tensor& mask) {
 }
 
 at::Tensor unpack_mask_cuda(const at::Tensor& bits, int64_t numel) {
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 1, "unpack_mask: bits must be a 1-D uint8 tensor");
   TORCH_CHECK(bits.numel() == packed_nbytes(numel), "unpack_mask: ", bits.numel(), " bytes for ", numel, " elements");
   const auto weights = at::pow(2, at::arange(8, bits.options().dtype(at::kInt)));
   return (bits.to(at::kInt).unsqueeze(1).bitwise_and(weights) != 0).reshape({-1}).narrow(0, 0, numel);
