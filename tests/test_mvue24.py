@@ -80,6 +80,24 @@ def test_given_uniforms_equal_the_reference(dtype, backend, gen):
     assert mvue24(torch.zeros(0, 8, dtype=dtype), seed=0, backend=backend).shape == (0, 8)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subnormal_groups_are_divided_exactly(backend, gen):
+    tiny = torch.tensor([[1e-40, -2e-40, 3e-40, 5e-41],  # sum below fp32's smallest normal (2**-126)
+                         [1e-39, 1e-41, -1e-41, 0.0],  # the top element is capped at p = 1
+                         [0.0, 1e-45, 0.0, 0.0],  # one nonzero, the smallest subnormal
+                         [1e-38, 2e-38, 0.0, 1e-45]])
+    p = inclusion_probabilities(tiny.abs())
+    assert bool(((p >= 0) & (p <= 1)).all())
+    torch.testing.assert_close(p.sum(-1), torch.tensor([2.0, 2.0, 1.0, 2.0]))  # not shrunk by a floor
+    x = tiny.repeat(16, 1).reshape(-1, 16)
+    u = torch.rand(x.shape[0], 4, generator=gen)
+    out = mvue24(x, uniforms=u, backend=backend)
+    assert torch.equal(out, mvue24(x, uniforms=u, backend="torch"))
+    assert bool(out.isfinite().all())
+    groups_in, groups_out = x.reshape(-1, 4), out.reshape(-1, 4)
+    assert bool(((groups_out != 0).sum(-1) == (groups_in != 0).sum(-1).clamp(max=2)).all())
+
+
 @pytest.mark.cpu
 def test_errors():
     x = torch.ones(4, 8)

@@ -25,6 +25,10 @@ def _ordered_sum(a: torch.Tensor) -> torch.Tensor:
     return ((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]
 
 
+def _positive_or_one(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t > 0, t, torch.ones_like(t))
+
+
 def inclusion_probabilities(a: torch.Tensor) -> torch.Tensor:
     """``p`` for magnitudes ``a`` of shape ``[..., 4]`` (fp32), as in the module docstring."""
     total = _ordered_sum(a).unsqueeze(-1)
@@ -33,8 +37,10 @@ def inclusion_probabilities(a: torch.Tensor) -> torch.Tensor:
     is_top = torch.arange(4, device=a.device) == first_top
     # the others' sum directly, not total - top (which cancels): keeps every p_i <= 1 exactly
     rest = _ordered_sum(torch.where(is_top, torch.zeros_like(a), a)).unsqueeze(-1)
-    p_free = torch.where(total > 0, 2 * a / total.clamp_min(1e-38), torch.zeros_like(a))
-    p_cap = torch.where(rest > 0, a / rest.clamp_min(1e-38), torch.zeros_like(a))
+    # divide by the sum only where it is positive (1 elsewhere, a result ``where`` discards):
+    # exact for subnormal sums too, and the same math the kernels do
+    p_free = torch.where(total > 0, 2 * a / _positive_or_one(total), torch.zeros_like(a))
+    p_cap = torch.where(rest > 0, a / _positive_or_one(rest), torch.zeros_like(a))
     p_cap = torch.where(is_top, torch.ones_like(a), p_cap)
     return torch.where(2 * top > total, p_cap, p_free)
 

@@ -1,5 +1,6 @@
 """Triton gradient norm: one launch per dtype over every tensor (fp32 partial sums of squares
-per chunk), then one reduction of the partials. Masked: squares of ``t`` where the bit is set."""
+per chunk), then one reduction of the partials. Masked: squares of ``t`` where the bit is set.
+No host sync; no host-to-device copy once the tables are cached (see ``multi_tensor``)."""
 
 from __future__ import annotations
 

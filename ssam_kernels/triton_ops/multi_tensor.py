@@ -1,19 +1,35 @@
 """Host side of the multi-tensor launches: one Triton program per fixed-size chunk of any
 tensor in a list, so a whole model's parameters go through one launch per dtype.
 
-The kernels read three small device tables:
+The kernels read small int64/int32 device tables:
 
 * ``chunk_tensor[c]``, ``chunk_start[c]``: which tensor chunk ``c`` belongs to, and its first
   element. Chunks are in tensor order, so a running count over chunks is also a running
   count over the tensors laid end to end.
 * ``numel[t]`` and one address table per operand (``ptrs[t]``: ``data_ptr()`` of tensor
   ``t``), cast back to typed pointers in the kernel.
+* ``first_chunk[t]`` and ``chunk_first[c]`` (the first chunk of chunk ``c``'s tensor), for
+  host-side per-tensor offsets such as the compact backup's.
 
 Chunk starts are multiples of 8, so a chunk of a bit-packed mask starts on a byte.
+
+The tables depend only on host values (the numels, the ``data_ptr()``s), so their device
+copies are cached, keyed by exactly that content plus the device: a call that sees the same
+list again (same sizes; same addresses, which the caching allocator usually hands out again)
+makes no host-to-device copy at all, which keeps the launchers cheap on the CPU and lets them
+be captured in a CUDA graph. A miss builds the table on the host (pinned on CUDA), copies it
+with ``non_blocking=True`` and keeps the host tensor alive beside the device one; the first
+use on another stream waits for that copy on the device (an event, no host sync). The cache
+is a small LRU (:data:`CACHE_SIZE` entries), except that an entry used while the current CUDA
+stream is capturing a graph is never evicted (the graph keeps reading its address); an entry
+first made during a capture holds data only once that graph replays, so it is kept for that
+graph and never handed out again. Nothing derived from tensor *contents* (e.g. mask bit
+counts) is cached.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -37,32 +53,158 @@ def tensor_ptr(ptrs, t, ref):
     return tl.load(ptrs + t).to(ref.dtype)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class ChunkTable:
+    """Device tables of one list of tensor sizes (views of one cached device buffer: treat as
+    read-only)."""
+
     chunk_tensor: torch.Tensor  # int32 [chunks]
     chunk_start: torch.Tensor  # int64 [chunks]
     numel: torch.Tensor  # int64 [tensors]
     first_chunk: torch.Tensor  # int64 [tensors]: index of each tensor's first chunk
+    chunk_first: torch.Tensor  # int64 [chunks]: first_chunk of each chunk's tensor
     num_chunks: int
 
 
+CACHE_SIZE = 256  # LRU entries (tables) kept; each is a few bytes per tensor or chunk
+
+
+class _Entry:
+    __slots__ = ("value", "buffer", "host", "event", "streams")
+
+    def __init__(self, value, buffer: torch.Tensor, host: torch.Tensor, event, stream):
+        self.value = value  # what the callers get: the device tensor or a ChunkTable of its views
+        self.buffer = buffer  # the device tensor
+        self.host = host  # the (pinned) source of the copy, alive as long as the entry
+        self.event = event  # CUDA: recorded after the copy (None: made during a capture)
+        self.streams = {stream}  # CUDA streams known to be ordered after the copy
+
+
+class DeviceTableCache:
+    """Content-keyed device copies of small host tables: a bounded LRU, plus an unbounded
+    store for entries a CUDA graph capture used (never evicted)."""
+
+    def __init__(self, maxsize: int = CACHE_SIZE):
+        self.maxsize = maxsize
+        self.lru: OrderedDict = OrderedDict()
+        self.captured: dict = {}  # key -> entry a capture used (made before it: valid everywhere)
+        self.made_in_capture: list = []  # entries made during a capture: kept, never handed out again
+        self.misses = 0  # tables built (on CUDA, one host-to-device copy each; tests read it)
+
+    def clear(self) -> None:
+        """Drop the evictable entries (the ones a captured graph uses stay)."""
+        self.lru.clear()
+
+    def get(self, key: tuple, device: torch.device, build):
+        """The cached value for ``key`` (which must name ``device``); on a miss, ``build()``
+        returns ``(host tensor, make)`` and ``make(device copy)`` the value."""
+        cuda = device.type == "cuda"
+        stream = torch.cuda.current_stream(device) if cuda else None
+        capturing = _capturing(device)
+        entry = self.captured.get(key)
+        if entry is None:
+            entry = self.lru.get(key)
+            if entry is not None:
+                if capturing:  # the graph will keep reading it: never evict it now
+                    del self.lru[key]
+                    self.captured[key] = entry
+                else:
+                    self.lru.move_to_end(key)
+        if entry is not None:
+            if cuda and stream.cuda_stream not in entry.streams and not capturing:
+                # first use on another stream: order it after the copy (no host sync), and
+                # keep the allocator from reusing the buffer before this stream is done
+                stream.wait_event(entry.event)
+                entry.buffer.record_stream(stream)
+                entry.streams.add(stream.cuda_stream)
+            # (a capture needs neither: torch.cuda.graph synchronizes before capturing, and
+            # the entry is never freed)
+            return entry.value
+        host, make = build()
+        if cuda:
+            host = host.pin_memory()
+        self.misses += 1
+        buffer = host.to(device, non_blocking=True)
+        event = None
+        if cuda and not capturing:
+            event = torch.cuda.Event()
+            event.record(stream)
+        entry = _Entry(make(buffer), buffer, host, event, stream.cuda_stream if cuda else None)
+        if capturing:  # its data appears only when that graph replays: for that graph alone
+            self.made_in_capture.append(entry)
+        else:
+            self.lru[key] = entry
+            while len(self.lru) > self.maxsize:
+                self.lru.popitem(last=False)
+        return entry.value
+
+
+_CACHE = DeviceTableCache()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _place(device: torch.device) -> tuple[torch.device, tuple]:
+    """``device`` with its index, and the key suffix naming it."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device, (device.type, device.index)
+
+
+def _align(n: int) -> int:
+    return (n + 1) // 2 * 2  # int64 slots to a multiple of 16 bytes
+
+
 def chunk_table(numels: list[int], device: torch.device, chunk: int = CHUNK) -> ChunkTable:
-    counts = torch.tensor([(n + chunk - 1) // chunk for n in numels], dtype=torch.int64)
-    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
-    first = torch.cumsum(counts, 0) - counts
-    chunk_start = (torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)) * chunk
-    return ChunkTable(
-        chunk_tensor.to(device, non_blocking=True),
-        chunk_start.to(device, non_blocking=True),
-        torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True),
-        first.to(device, non_blocking=True),
-        int(counts.sum()),
-    )
+    """The chunk tables of tensors of these sizes on ``device`` (cached; see the module
+    docstring)."""
+    numels = tuple(int(n) for n in numels)
+    device, place = _place(device)
+    key = ("chunks", chunk, numels) + place
+
+    def build():
+        counts = [(n + chunk - 1) // chunk for n in numels]
+        chunks, tensors = sum(counts), len(numels)
+        starts, owner, first, chunk_first = [], [], [], []
+        for t, c in enumerate(counts):
+            first.append(len(starts))
+            starts.extend(range(0, c * chunk, chunk))
+            owner.extend([t] * c)
+            chunk_first.extend([first[-1]] * c)
+        # one int64 buffer (one copy): chunk_start | chunk_first | numel | first_chunk | chunk_tensor
+        # (int32, two per slot); every section starts on 16 bytes
+        sections = [_align(chunks), _align(chunks), _align(tensors), _align(tensors), _align((chunks + 1) // 2)]
+        host = torch.zeros(sum(sections), dtype=torch.int64)
+        at = [sum(sections[:i]) for i in range(len(sections))]
+        for i, values in enumerate((starts, chunk_first, list(numels), first)):
+            host[at[i]: at[i] + len(values)] = torch.tensor(values, dtype=torch.int64)
+        host[at[4]:].view(torch.int32)[:chunks] = torch.tensor(owner, dtype=torch.int32)
+
+        def make(buf: torch.Tensor) -> ChunkTable:
+            return ChunkTable(
+                chunk_tensor=buf[at[4]:].view(torch.int32)[:chunks],
+                chunk_start=buf[at[0]: at[0] + chunks],
+                numel=buf[at[2]: at[2] + tensors],
+                first_chunk=buf[at[3]: at[3] + tensors],
+                chunk_first=buf[at[1]: at[1] + chunks],
+                num_chunks=chunks,
+            )
+
+        return host, make
+
+    return _CACHE.get(key, device, build)
 
 
 def address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """int64 ``data_ptr()`` of each tensor (which must be contiguous), on ``device``."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
+    """int64 ``data_ptr()`` of each tensor (which must be contiguous), on ``device`` (cached
+    by the addresses: see the module docstring)."""
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    device, place = _place(device)
+    key = ("addresses", ptrs) + place
+    return _CACHE.get(key, device, lambda: (torch.tensor(ptrs, dtype=torch.int64), lambda buf: buf))
 
 
 def group_by(keys: list, indices=None) -> dict:

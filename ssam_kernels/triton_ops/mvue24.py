@@ -31,8 +31,10 @@ def _mvue24_kernel(x, out, uniforms, seed, groups, HAS_UNIFORMS: tl.constexpr, G
     first_top = tl.min(tl.where(a == top[:, None], e[None, :], 4), axis=1)
     others = tl.where(e[None, :] == first_top[:, None], 0.0, a)
     rest = ((_column(others, e, 0) + _column(others, e, 1)) + _column(others, e, 2)) + _column(others, e, 3)
-    p_free = tl.where(total[:, None] > 0, 2 * a / tl.maximum(total, 1e-38)[:, None], 0.0)
-    p_cap = tl.where(rest[:, None] > 0, a / tl.maximum(rest, 1e-38)[:, None], 0.0)
+    # the where-guarded divisor (not a clamp to a tiny literal, which some triton versions type
+    # as fp64) keeps the math in fp32 and divides subnormal sums exactly, as the reference does
+    p_free = tl.where(total[:, None] > 0, 2 * a / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+    p_cap = tl.where(rest[:, None] > 0, a / tl.where(rest > 0, rest, 1.0)[:, None], 0.0)
     p_cap = tl.where(e[None, :] == first_top[:, None], 1.0, p_cap)
     p = tl.where((2 * top > total)[:, None], p_cap, p_free)
     if HAS_UNIFORMS:

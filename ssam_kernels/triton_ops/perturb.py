@@ -5,6 +5,11 @@ finds where its values go in the tensor's compact backup from a prior count of s
 chunk (one small launch over the packed bits, then a prefix sum); inside the chunk, an
 in-block prefix sum of the bits gives each kept element its slot. Unmasked tensors are backed
 up whole. Non-contiguous tensors go through the reference path.
+
+Per call, the host copies nothing to the device once the tables of a list are cached (see
+``multi_tensor``), and the chunk offsets are recomputed on the device from the current bits.
+Sizing the compact backup needs each mask's set-bit count on the host: one sync per
+``BitMask``, which caches it; a bool mask is packed anew, so it costs one sync per call.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
                                            address_table(bits, device), counts, bits[0], CHUNK=CHUNK, BLOCK=BLOCK)
     before = torch.cumsum(counts, 0) - counts
-    return before - before[table.first_chunk[table.chunk_tensor.long()]]
+    return before - before[table.chunk_first]
 
 
 def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
@@ -97,6 +102,8 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
     has_mask = masks[0] is not None
     bits = [m.bits for m in masks] if has_mask else []
     offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
+    if isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and device.type != "cpu":
+        scale = float(scale)  # read on the host (no device sync) rather than copied to the device
     scale_is_ptr = isinstance(scale, torch.Tensor)
     scale_arg = scale.to(device=device, dtype=torch.float32).reshape(1) if scale_is_ptr else table.numel
     scale_value = 0.0 if (scale_is_ptr or scale is None) else float(scale)

@@ -2,7 +2,8 @@
 
 Scores become order-preserving 32-bit keys (NaN ranks as -inf and -0 as +0, as in the
 reference). Four passes of an 8-bit histogram over the keys that still match the prefix chosen
-so far find the key ``T`` of the k-th largest score, on the device (no host sync). A counting
+so far find the key ``T`` of the k-th largest score, on the device (no host sync, and no
+host-to-device copy once the chunk and address tables are cached). A counting
 pass then gives each chunk the number of ``key == T`` before it, and a last pass writes
 ``key > T`` or "tie among the first ``need`` ties in index order": exactly k entries.
 All score tensors must share one dtype (fp32/fp16/bf16); other inputs use the reference.
@@ -113,7 +114,8 @@ def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     table = chunk_table([x.numel() for x in xs], device)
     grid = (table.num_chunks,)
     x_addr = address_table(xs, device)
-    sel = torch.tensor([0, k], dtype=torch.int64, device=device)
+    sel = torch.zeros(2, dtype=torch.int64, device=device)  # [prefix, need]: filled, not copied
+    sel[1:].fill_(k)
     hist = torch.zeros(32 // RADIX_BITS, BINS, dtype=torch.int32, device=device)
     for p, shift in enumerate(range(32 - RADIX_BITS, -1, -RADIX_BITS)):
         _histogram_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], sel, hist[p],

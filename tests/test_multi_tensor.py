@@ -1,0 +1,222 @@
+"""The multi-tensor launchers' device tables: cached by content (no host-to-device copy on a
+hit), bounded, never evicted once a CUDA graph capture uses them, and never stale."""
+
+import pytest
+import torch
+from helpers import TRITON_ON_CPU, rand, rand_mask
+
+from ssam_kernels import (BitMask, grad_norm, pack_mask, packed_nbytes, perturb_, restore_, restore_sgd_step_,
+                          topk_mask)
+
+pytest.importorskip("triton")
+from ssam_kernels.triton_ops import multi_tensor as mt  # noqa: E402
+
+CPU = torch.device("cpu")
+needs_interpreter = pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """A fresh, small cache in place of the module's (so counts start at zero)."""
+    fresh = mt.DeviceTableCache(maxsize=4)
+    monkeypatch.setattr(mt, "_CACHE", fresh)
+    return fresh
+
+
+def _expected_chunks(numels, chunk=mt.CHUNK):
+    owner, start, first = [], [], []
+    for t, n in enumerate(numels):
+        first.append(len(owner))
+        for s in range(0, n, chunk):
+            owner.append(t)
+            start.append(s)
+    return owner, start, first
+
+
+def _check_chunk_table(table, numels):
+    owner, start, first = _expected_chunks(numels)
+    assert table.num_chunks == len(owner)
+    assert table.chunk_tensor.dtype == torch.int32 and table.chunk_tensor.tolist() == owner
+    assert table.chunk_start.dtype == torch.int64 and table.chunk_start.tolist() == start
+    assert table.numel.dtype == torch.int64 and table.numel.tolist() == list(numels)
+    assert table.first_chunk.tolist() == first
+    assert table.chunk_first.tolist() == [first[t] for t in owner]
+
+
+@pytest.mark.cpu
+def test_same_list_gets_the_same_device_tables_without_a_copy(cache):
+    ts = [torch.zeros(3), torch.zeros(mt.CHUNK * 2 + 1), torch.zeros(0), torch.zeros(5, 7)]
+    numels = [t.numel() for t in ts]
+    table, addresses = mt.chunk_table(numels, CPU), mt.address_table(ts, CPU)
+    assert cache.misses == 2
+    _check_chunk_table(table, numels)
+    assert addresses.dtype == torch.int64 and addresses.tolist() == [t.data_ptr() for t in ts]
+    assert mt.chunk_table(list(numels), CPU) is table  # same objects, no new copy
+    assert mt.address_table(list(ts), CPU) is addresses
+    assert cache.misses == 2
+
+
+@pytest.mark.cpu
+def test_other_sizes_or_addresses_get_other_correct_tables(cache):
+    ts = [torch.zeros(10), torch.zeros(mt.CHUNK + 3)]
+    table, addresses = mt.chunk_table([10, mt.CHUNK + 3], CPU), mt.address_table(ts, CPU)
+    other = mt.chunk_table([mt.CHUNK + 3, 10], CPU)  # same sizes, other order
+    assert other is not table
+    _check_chunk_table(other, [mt.CHUNK + 3, 10])
+    _check_chunk_table(mt.chunk_table([1] * 9, CPU), [1] * 9)
+    us = [torch.zeros(10), torch.zeros(mt.CHUNK + 3)]  # same sizes, other addresses
+    assert mt.chunk_table([u.numel() for u in us], CPU) is table  # sizes are all a chunk table holds
+    other_addresses = mt.address_table(us, CPU)
+    assert other_addresses is not addresses
+    assert other_addresses.tolist() == [u.data_ptr() for u in us]
+    assert addresses.tolist() == [t.data_ptr() for t in ts]  # the first one is untouched
+    assert mt.address_table(ts[:1], CPU).tolist() == [ts[0].data_ptr()]
+
+
+@pytest.mark.cpu
+def test_lru_is_bounded_and_keeps_the_recently_used(cache):
+    tables = [mt.chunk_table([n], CPU) for n in range(1, 5)]  # fills the 4 entries
+    assert mt.chunk_table([1], CPU) is tables[0]  # touch the oldest: now the newest
+    for n in range(5, 9):  # 4 more: evicts 2, 3, 4 and then 1
+        mt.chunk_table([n], CPU)
+        assert len(cache.lru) <= cache.maxsize
+    assert len(cache.lru) == cache.maxsize == 4
+    misses = cache.misses
+    assert mt.chunk_table([8], CPU) is mt.chunk_table([8], CPU)
+    assert cache.misses == misses
+    again = mt.chunk_table([2], CPU)  # evicted: rebuilt, still right
+    assert again is not tables[1] and cache.misses == misses + 1
+    _check_chunk_table(again, [2])
+
+
+@pytest.mark.cpu
+def test_entries_a_capture_uses_are_never_evicted(cache, monkeypatch):
+    capturing = [False]
+    monkeypatch.setattr(mt, "_capturing", lambda device: capturing[0])
+    ts = [torch.zeros(4), torch.zeros(9)]
+    before = mt.address_table(ts, CPU)  # made outside the capture: valid everywhere
+    capturing[0] = True
+    assert mt.address_table(ts, CPU) is before  # used by the capture: moved out of the LRU
+    made = mt.chunk_table([4, 9], CPU)  # made during the capture: kept for it alone
+    assert mt.chunk_table([4, 9], CPU) is not made
+    _check_chunk_table(made, [4, 9])
+    capturing[0] = False
+    for n in range(1, 3 * cache.maxsize):  # churn the LRU
+        mt.chunk_table([n], CPU)
+    assert len(cache.lru) == cache.maxsize
+    assert mt.address_table(ts, CPU) is before  # still there
+    assert any(e.value is made for e in cache.made_in_capture)
+    fresh = mt.chunk_table([4, 9], CPU)  # outside the capture, not the capture's entry
+    assert fresh is not made
+    _check_chunk_table(fresh, [4, 9])
+
+
+def _reference_step(ws, gs, ms, g2, bufs, hyper, k):
+    norm = torch.cat([(g.double() * m).reshape(-1) for g, m in zip(gs, ms)]).norm()
+    expected_w = [torch.where(m, (w.float() + 0.3 * g.float()), w) for w, g, m in zip(ws, gs, ms)]
+    ref_w = [w.clone() for w in ws]
+    ref_b = [None if b is None else b.clone() for b in bufs]
+    with torch.no_grad():
+        backup = perturb_(ref_w, gs, ms, 0.3, backend="torch")
+        ref_b = restore_sgd_step_(ref_w, g2, ref_b, backup, backend="torch", **hyper)
+    ref_topk = topk_mask(g2, k=k, backend="torch")
+    return norm, expected_w, ref_w, ref_b, ref_topk
+
+
+@pytest.mark.interpret
+@needs_interpreter
+@pytest.mark.parametrize("persistent", [True, False], ids=["same-tensors", "fresh-tensors"])
+def test_results_stay_right_over_repeated_calls(persistent, gen):
+    # Every call sees new values and new mask contents. With persistent tensors (written in
+    # place) every address table legitimately hits the cache after the first step; with fresh
+    # tensors each step the old ones are freed, so addresses may or may not come back. Either
+    # way nothing derived from contents (mask bit counts, chunk offsets) may be reused.
+    shapes = [(3, 5), (mt.CHUNK + 100,), (1,), (4095,), (2 * mt.CHUNK + 8,)]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    keep = ([torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes],
+            [torch.zeros(s, dtype=torch.bool) for s in shapes])
+    bits = [torch.zeros(packed_nbytes(s.numel()), dtype=torch.uint8) for s in map(torch.Size, shapes)]
+    bufs = [None] * len(shapes)
+    ref_bufs = [None] * len(shapes)
+    table = None
+    for step, density in enumerate([0.5, 0.1, 0.9, 0.0, 1.0, 0.5]):
+        values = [rand(s, generator=gen) for s in shapes], [rand(s, generator=gen) for s in shapes]
+        masks = [rand_mask(s, density, generator=gen) for s in shapes]
+        if persistent:
+            ws, gs, ms = keep
+            for dst, src in zip(ws + gs + ms, values[0] + values[1] + masks):
+                dst.copy_(src)
+        else:
+            ws, gs, ms = values[0], values[1], masks
+        g2 = [rand(s, generator=gen) for s in shapes]
+        k = [7, 0, 1000, 50, 13000, 2 * mt.CHUNK][step]
+        norm, expected_w, ref_w, ref_bufs, ref_topk = _reference_step(ws, gs, ms, g2, ref_bufs, hyper, k)
+        if persistent:  # new BitMasks over the same bits storage: same addresses, new contents
+            entries = [BitMask(b.copy_(pack_mask(m).bits), m.shape) for b, m in zip(bits, ms)]
+        else:  # bool tensors and BitMasks
+            entries = [pack_mask(m) if (i + step) % 2 else m for i, m in enumerate(ms)]
+
+        torch.testing.assert_close(grad_norm(gs, entries, backend="triton").double(), norm, rtol=1e-6, atol=0)
+        original = [w.clone() for w in ws]
+        with torch.no_grad():
+            backup = perturb_(ws, gs, entries, 0.3, backend="triton")
+        assert all(torch.equal(w, e) for w, e in zip(ws, expected_w))
+        assert [v.numel() for v in backup.values] == [int(m.sum()) for m in ms]
+        with torch.no_grad():
+            restore_(ws, backup, backend="triton")
+        assert all(torch.equal(w, o) for w, o in zip(ws, original))
+        with torch.no_grad():
+            backup = perturb_(ws, gs, entries, 0.3, backend="triton")
+            bufs = restore_sgd_step_(ws, g2, bufs, backup, backend="triton", **hyper)
+        for w, r in zip(ws, ref_w):
+            torch.testing.assert_close(w, r, rtol=1e-6, atol=1e-6)
+        for b, r in zip(bufs, ref_bufs):
+            torch.testing.assert_close(b, r, rtol=1e-6, atol=1e-6)
+        assert [m.tolist() for m in topk_mask(g2, k=k, backend="triton")] == [m.tolist() for m in ref_topk]
+
+        numels = [w.numel() for w in ws]
+        if table is None:
+            table = mt.chunk_table(numels, CPU)
+        assert mt.chunk_table(numels, CPU) is table  # same sizes every step: one table
+        if persistent:
+            misses = mt._CACHE.misses
+            mt.address_table(ws, CPU), mt.address_table(gs, CPU), mt.address_table(bits, CPU)
+            assert mt._CACHE.misses == misses  # these addresses were seen in this very step
+        if not persistent:
+            bufs = [b.clone() for b in bufs]  # the next step's buffers live elsewhere
+            ref_bufs = [b.clone() for b in ref_bufs]
+
+
+@pytest.mark.cuda
+def test_a_captured_graph_keeps_its_tables(monkeypatch, gen):
+    # Warm up eagerly (tables cached, kernels compiled), capture grad_norm + restore_, churn the
+    # LRU, replay: the graph's tables were moved out of the LRU and still hold their data.
+    cache = mt.DeviceTableCache(maxsize=8)
+    monkeypatch.setattr(mt, "_CACHE", cache)
+    shapes = [(3, 5), (mt.CHUNK + 100,), (4095,)]
+    ws = [rand(s, generator=gen, device="cuda") for s in shapes]
+    gs = [rand(s, generator=gen, device="cuda") for s in shapes]
+    ms = [pack_mask(rand_mask(s, generator=gen, device="cuda")) for s in shapes]
+    original = [w.clone() for w in ws]
+    with torch.no_grad():
+        restore_(ws, perturb_(ws, gs, ms, 0.3, backend="triton"), backend="triton")
+        grad_norm(gs, ms, backend="triton")
+        backup = perturb_(ws, gs, ms, 0.3, backend="triton")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            norm = grad_norm(gs, ms, backend="triton")
+            restore_(ws, backup, backend="triton")
+    assert cache.captured and not cache.made_in_capture  # every table came from the warm-up
+    for n in range(1, 4 * cache.maxsize):  # churn the LRU
+        mt.chunk_table([n], torch.device("cuda"))
+    for step in range(2):
+        for g in gs:
+            g.copy_(rand(g.shape, generator=gen, device="cuda"))
+        with torch.no_grad():
+            perturb_(ws, gs, ms, 0.3, backend="triton")  # the graph's restore_ undoes it
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(w, o) for w, o in zip(ws, original))
+        expected = torch.cat([g.double()[m.to_bool()] for g, m in zip(gs, ms)]).norm()
+        torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
