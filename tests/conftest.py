@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 
 import pytest
@@ -10,13 +11,42 @@ if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not N
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-TIERS = ("cpu", "interpret", "cuda")
+TIERS = ("cpu", "interpret", "compile", "cuda")
+
+# The compile tier compiles, for real GPU targets, every kernel launch the interpret tier makes:
+# each launch's arguments are recorded here (as descriptors) while it runs.
+RECORDED_LAUNCHES: dict[str, None] = {}  # JSON lines, in first-seen order
+UNRECORDED_LAUNCHES: list[str] = []
+
+
+def _record_interpreted_launches() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ssam_bench.compile_kernels import describe_launch
+
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        try:
+            RECORDED_LAUNCHES.setdefault(json.dumps(describe_launch(self, args, kwargs), sort_keys=True))
+        except TypeError as exc:
+            UNRECORDED_LAUNCHES.append(f"{getattr(self.fn, '__qualname__', self)}: {exc}")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _record_interpreted_launches()
 
 
 def pytest_collection_modifyitems(config, items):
     untiered = [i.nodeid for i in items if sum(i.get_closest_marker(t) is not None for t in TIERS) != 1]
     if untiered:
         raise pytest.UsageError(f"tests need exactly one tier marker of {TIERS}: {untiered[:5]}")
+    # the compile tier last: it compiles what the interpret tier launched
+    items[:] = [i for i in items if i.get_closest_marker("compile") is None] + \
+        [i for i in items if i.get_closest_marker("compile") is not None]
     if os.environ.get("SSAM_BUILD_EXT") == "1":  # the extension is required (CI): its tests may not skip
         from ssam_kernels._backend import extension_error
 

@@ -1,8 +1,8 @@
 """Triton masked weight gradient (contract: ``ssam_kernels.ops.masked_weight_grad``).
 
-One program per ``[BLOCK_O, BLOCK_I]`` tile of ``dW``: it reads the tile's mask bits straight
-from the packed mask, writes zeros and stops where none is set, and otherwise runs the GEMM
-over the tokens with an fp32 accumulator and writes the tile masked.
+One program per ``[BLOCK_O, BLOCK_I]`` tile of ``dW``: it reads the mask bytes that overlap the
+tile straight from the packed mask, skips the GEMM where all are zero, and otherwise runs it
+over the tokens with an fp32 accumulator; the tile is written through the per-element mask.
 """
 
 from __future__ import annotations
@@ -12,6 +12,20 @@ import triton
 import triton.language as tl
 
 from ..ops.bitmask import BitMask, pack_mask
+from .tuning import for_gpu
+
+
+@triton.jit
+def _tile_has_bits(bits, rows, c0, OUT, IN, BLOCK_I: tl.constexpr):
+    """Whether any mask byte overlapping the tile is non-zero: a conservative test (a byte at
+    the tile's left or right edge may hold a neighbour's bits) that reads each byte once,
+    instead of a bit per element; the exact per-element mask is applied on the store."""
+    first = (rows.to(tl.int64) * IN + c0) // 8  # [BLOCK_O] first byte of each row's span
+    nbytes = (tl.minimum(IN - c0, BLOCK_I) + 14) // 8  # bytes a span of that many bits can touch
+    k = tl.arange(0, BLOCK_I // 4)  # >= BLOCK_I // 8 + 1 (a power of two)
+    inside = (rows[:, None] < OUT) & (k[None, :] < nbytes)
+    byte = tl.load(bits + first[:, None] + k[None, :], mask=inside, other=0)
+    return tl.max(tl.max(byte.to(tl.int32), axis=1), axis=0) != 0
 
 
 @triton.jit
@@ -20,12 +34,8 @@ def _masked_wgrad_kernel(dy, x, bits, out, T, OUT, IN,
                          PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    inside = (rows[:, None] < OUT) & (cols[None, :] < IN)
-    flat = rows[:, None].to(tl.int64) * IN + cols[None, :]
-    byte = tl.load(bits + flat // 8, mask=inside, other=0).to(tl.int32)
-    keep = ((byte >> (flat % 8).to(tl.int32)) & 1) != 0
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
+    if _tile_has_bits(bits, rows, tl.program_id(1) * BLOCK_I, OUT, IN, BLOCK_I):
         for t0 in range(0, T, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             a = tl.load(dy + tok[None, :].to(tl.int64) * OUT + rows[:, None],
@@ -33,14 +43,38 @@ def _masked_wgrad_kernel(dy, x, bits, out, T, OUT, IN,
             b = tl.load(x + tok[:, None].to(tl.int64) * IN + cols[None, :],
                         mask=(tok[:, None] < T) & (cols[None, :] < IN), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    # the per-element mask is read only here, so it is not held in registers across the loop
+    inside = (rows[:, None] < OUT) & (cols[None, :] < IN)
+    flat = rows[:, None].to(tl.int64) * IN + cols[None, :]
+    byte = tl.load(bits + flat // 8, mask=inside, other=0).to(tl.int32)
+    keep = ((byte >> (flat % 8).to(tl.int32)) & 1) != 0
     tl.store(out + flat, tl.where(keep, acc, 0.0).to(out.dtype.element_ty), mask=inside)
 
 
-def _config(device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_T, num_warps): small tiles for the interpreter's speed."""
-    if device.type == "cuda":
-        return 128, 128, 32, 8
-    return 32, 32, 16, 4
+# (BLOCK_O, BLOCK_I, BLOCK_T, num_warps) on a GPU, by operand kind. Chosen on the compile
+# tier's report (benchmarks/results/compile.md): tensor-core tiles of 128x128 where each thread
+# holds few enough accumulators to stay clear of spills on sm_80 and sm_90; the fp32 IEEE
+# path runs on FMA units and keeps a smaller tile in registers. Not yet timed on a GPU.
+GPU_CONFIGS = {
+    "tensor_core": (128, 128, 32, 8),
+    "tensor_core_unaligned": (128, 64, 32, 8),
+    "tf32_unaligned": (64, 64, 32, 4),
+    "fma": (64, 64, 8, 4),
+}
+INTERPRETER_CONFIG = (32, 32, 16, 4)  # small tiles: the interpreter's time grows with the tile
+
+
+def _config(gpu: bool, precision: str, dtype: torch.dtype, out_features: int, in_features: int):
+    """(BLOCK_O, BLOCK_I, BLOCK_T, num_warps) for a launch."""
+    if not gpu:
+        return INTERPRETER_CONFIG
+    if dtype == torch.float32 and precision == "ieee":
+        return GPU_CONFIGS["fma"]
+    # Triton knows a row stride is a multiple of 16 elements (vector loads) only when the
+    # integer is; otherwise the loads are scalar and hold more registers: a smaller tile
+    if out_features % 16 or in_features % 16:
+        return GPU_CONFIGS["tf32_unaligned" if dtype == torch.float32 else "tensor_core_unaligned"]
+    return GPU_CONFIGS["tensor_core"]
 
 
 def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out: torch.Tensor) -> torch.Tensor:
@@ -52,8 +86,9 @@ def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out: torc
     if T == 0:
         return out.zero_()
     # fp32 inputs: TF32 only where torch's own matmuls may use it
-    precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    bo, bi, bt, warps = _config(x.device)
+    gpu = for_gpu(x)
+    precision = "tf32" if (x.dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    bo, bi, bt, warps = _config(gpu, precision, x.dtype, OUT, IN)
     _masked_wgrad_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
         dy, x, bits, out, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, PRECISION=precision, num_warps=warps,
     )

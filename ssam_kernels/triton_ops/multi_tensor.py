@@ -11,7 +11,12 @@ The kernels read small int64/int32 device tables:
 * ``first_chunk[t]`` and ``chunk_first[c]`` (the first chunk of chunk ``c``'s tensor), for
   host-side per-tensor offsets such as the compact backup's.
 
-Chunk starts are multiples of 8, so a chunk of a bit-packed mask starts on a byte.
+Chunk starts are multiples of CHUNK, so a chunk of a bit-packed mask starts on a byte, and a
+tensor that starts on 16 bytes has every chunk start there too. The launchers check each
+tensor's address and pass ``ALIGNED``; the kernels then work on ``[BLOCK // 8, 8]`` blocks
+(one mask byte per row, rows contiguous) with 16-byte vector loads and stores. A chunk that
+ends early (a tensor's tail) takes a bounds-checked copy of the same code; full chunks need no
+per-element bounds, so nothing breaks the vectors up. Index math inside a chunk is int32.
 
 The tables depend only on host values (the numels, the ``data_ptr()``s), so their device
 copies are cached, keyed by exactly that content plus the device: a call that sees the same
@@ -40,17 +45,91 @@ CHUNK = 8192  # elements per program; a multiple of every BLOCK used with it
 
 
 @triton.jit
-def this_chunk(chunk_tensor, chunk_start, numel):
-    """(chunk, tensor, first element, tensor length) of the running program."""
+def this_chunk(chunk_tensor, chunk_start, numel, CHUNK: tl.constexpr):
+    """(chunk, tensor, first element, elements left in this chunk: an int32 <= CHUNK) of the
+    running program. Chunks start on multiples of CHUNK, which the compiler is told."""
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
-    return c, t, tl.load(chunk_start + c), tl.load(numel + t)
+    start = tl.multiple_of(tl.load(chunk_start + c), CHUNK)
+    left = tl.minimum(tl.load(numel + t) - start, CHUNK).to(tl.int32)
+    return c, t, start, left
 
 
 @triton.jit
-def tensor_ptr(ptrs, t, ref):
-    """Typed pointer to tensor ``t`` from an address table (``ref``: any tensor of the type)."""
-    return tl.load(ptrs + t).to(ref.dtype)
+def tensor_ptr(ptrs, t, ref, offset, ALIGNED: tl.constexpr):
+    """Typed pointer to element ``offset`` of tensor ``t`` from an address table (``ref``: any
+    tensor of the type). ALIGNED: the host checked that the tensor starts on 16 bytes and
+    ``offset`` keeps it there, so the compiler may use 16-byte vector accesses."""
+    p = tl.load(ptrs + t).to(ref.dtype) + offset
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def block_offsets(j, BLOCK: tl.constexpr):
+    """Offsets ``j .. j + BLOCK`` as ``[BLOCK // 8, 8]``: row ``r`` holds the 8 elements of one
+    mask byte, and each row is contiguous (vector accesses along it)."""
+    return j + tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+
+
+@triton.jit
+def load_block(p, valid, FULL: tl.constexpr):
+    """``p[...]``; where not FULL (a chunk's tail), only where ``valid``, else 0."""
+    if FULL:
+        return tl.load(p)
+    else:
+        return tl.load(p, mask=valid, other=0)
+
+
+@triton.jit
+def store_block(p, value, valid, FULL: tl.constexpr):
+    if FULL:
+        tl.store(p, value)
+    else:
+        tl.store(p, value, mask=valid)
+
+
+@triton.jit
+def block_bits(bits, j, offs, left, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """The block's mask bits as 0/1 int32 ``[BLOCK // 8, 8]`` (0 past the chunk's end), each
+    mask byte read once; ``bits`` points at the chunk's first byte."""
+    rows = j // 8 + tl.arange(0, BLOCK // 8)
+    if FULL:
+        byte = tl.load(bits + rows)
+    else:
+        byte = tl.load(bits + rows, mask=rows * 8 < left, other=0)
+    bit = (byte.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    if not FULL:
+        bit = tl.where(offs < left, bit, 0)
+    return bit
+
+
+@triton.jit
+def block_slots(bit):
+    """For a ``[BLOCK // 8, 8]`` block of mask bits: each kept element's slot among the block's
+    kept elements (in index order), which rows hold any, and how many there are."""
+    row_count = tl.sum(bit, axis=1)
+    row_before = tl.cumsum(row_count, axis=0) - row_count
+    slot = row_before[:, None] + tl.cumsum(bit, axis=1) - bit
+    return slot, row_count > 0, tl.sum(row_count, axis=0)
+
+
+def aligned(*tensors) -> bool:
+    """Whether every tensor starts on 16 bytes (the kernels then use vector accesses)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes."""
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    padded = [(n + step - 1) // step * step for n in counts]
+    flat = torch.empty(sum(padded), dtype=dtype, device=device)
+    out, at = [], 0
+    for n, p in zip(counts, padded):
+        out.append(flat[at: at + n])
+        at += p
+    return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,8 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-GROUPS_PER_PROGRAM = 64
 MAX_M = 32
+# One program compares G groups' [MP, MP] pairs: G * MP * MP = COMPARISONS values live at once
+# (64 per thread at 4 warps), so a larger M takes fewer groups per program: M=32 no longer
+# spills (it spilled 5-7 KB per thread at a fixed G=64), and M=4 moves whole 16-byte rows.
+COMPARISONS = 8192
+
+
+def groups_per_program(mp: int) -> int:
+    return max(1, COMPARISONS // (mp * mp))
 
 
 @triton.jit
@@ -47,8 +54,9 @@ def nm_mask_triton(scores: torch.Tensor, n: int, m: int, magnitude: bool) -> tor
     groups_per_row = (cols + m - 1) // m
     total = rows * groups_per_row
     if total:
-        _nm_select_kernel[(triton.cdiv(total, GROUPS_PER_PROGRAM),)](
-            x, out, rows, cols, groups_per_row, N=n, M=m, MP=triton.next_power_of_2(m),
-            MAGNITUDE=magnitude, G=GROUPS_PER_PROGRAM,
+        mp = triton.next_power_of_2(m)
+        g = groups_per_program(mp)
+        _nm_select_kernel[(triton.cdiv(total, g),)](
+            x, out, rows, cols, groups_per_row, N=n, M=m, MP=mp, MAGNITUDE=magnitude, G=g,
         )
     return out.view(torch.bool)

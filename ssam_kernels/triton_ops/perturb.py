@@ -1,10 +1,13 @@
 """Triton fused masked perturbation with a compact backup, and the exact restore.
 
-One launch per (weight dtype, grad dtype, masked or not) group of tensors. A masked chunk
-finds where its values go in the tensor's compact backup from a prior count of set bits per
-chunk (one small launch over the packed bits, then a prefix sum); inside the chunk, an
-in-block prefix sum of the bits gives each kept element its slot. Unmasked tensors are backed
-up whole. Non-contiguous tensors go through the reference path.
+One launch per (weight dtype, grad dtype, masked or not, 16-byte aligned or not) group of
+tensors. A masked chunk finds where its values go in the tensor's compact backup from a prior
+count of set bits per chunk (one small launch over the packed bits, then a prefix sum); inside
+the chunk, an in-block prefix sum of the bits gives each kept element its slot. Weights and
+gradients move in whole 16-byte vectors, skipping the vectors without a kept element: the
+weight's vector is written back whole (kept elements changed), which the memory system would
+read-modify-write anyway for a partial write. Each compact backup starts on 16 bytes.
+Unmasked tensors are backed up whole. Non-contiguous tensors go through the reference path.
 
 Per call, the host copies nothing to the device once the tables of a list are cached (see
 ``multi_tensor``), and the chunk offsets are recomputed on the device from the current bits.
@@ -20,74 +23,100 @@ import triton.language as tl
 
 from ..ops.bitmask import as_bitmask
 from ..ops.perturb import PerturbBackup, perturb_torch, restore_torch
-from .multi_tensor import CHUNK, ChunkTable, address_table, chunk_table, group_by, tensor_ptr, this_chunk
+from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned, block_bits, block_offsets, block_slots,
+                           chunk_table, group_by, load_block, split_aligned, store_block, tensor_ptr, this_chunk)
 
 BLOCK = 1024
 
 
 @triton.jit
 def _count_bits_kernel(chunk_tensor, chunk_start, numel, bits_ptrs, counts, bits_ref,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
-    bits = tensor_ptr(bits_ptrs, t, bits_ref)
-    total = tl.zeros([BLOCK], dtype=tl.int32)
-    for j in range(0, CHUNK, BLOCK):
-        offs = start + j + tl.arange(0, BLOCK)
-        valid = offs < n
-        byte = tl.load(bits + offs // 8, mask=valid, other=0).to(tl.int32)
-        total += (byte >> (offs % 8)) & 1
-    tl.store(counts + c, tl.sum(total, axis=0).to(tl.int64))
+                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+    """counts[c] = set bits of chunk c's mask (bits past the tensor's end ignored)."""
+    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
+    bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
+    b = tl.arange(0, CHUNK // 8)
+    if left == CHUNK:
+        byte = tl.load(bits + b).to(tl.int32)
+    else:
+        inside = tl.minimum(tl.maximum(left - b * 8, 0), 8)  # bits of byte b inside the tensor
+        byte = tl.load(bits + b, mask=inside > 0, other=0).to(tl.int32) & ((1 << inside) - 1)
+    byte = byte - ((byte >> 1) & 0x55)  # population count of each byte
+    byte = (byte & 0x33) + ((byte >> 2) & 0x33)
+    byte = (byte + (byte >> 4)) & 0x0F
+    tl.store(counts + c, tl.sum(byte, axis=0).to(tl.int64))
 
 
 @triton.jit
-def mask_slots(bits, offs, valid, base):
-    """For a block of a masked tensor: which elements are kept, the slot of each in the compact
-    backup (``base`` + kept elements before it in the block), and ``base`` for the next block."""
-    byte = tl.load(bits + offs // 8, mask=valid, other=0).to(tl.int32)
-    bit = (byte >> (offs % 8)) & 1
-    return bit != 0, base + tl.cumsum(bit, axis=0) - bit, base + tl.sum(bit, axis=0)
+def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HAS_MASK: tl.constexpr,
+                FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    for j in range(0, CHUNK, BLOCK):
+        offs = block_offsets(j, BLOCK)
+        valid = offs < left
+        if HAS_MASK:
+            bit = block_bits(bits, j, offs, left, FULL, BLOCK)
+            slot, row_any, count = block_slots(bit)
+            keep = bit != 0
+            # whole rows where any element is kept (vector accesses), single elements in a tail
+            if FULL:
+                rows = row_any[:, None]
+            else:
+                rows = row_any[:, None] & valid
+            old = tl.load(w + offs, mask=rows)
+            if PERTURB:
+                tl.store(backup + base + slot, old, mask=keep)
+                grad = tl.load(g + offs, mask=rows, other=0.0).to(tl.float32)
+                new = tl.where(keep, (old.to(tl.float32) + scale * grad).to(old.dtype), old)
+            else:
+                new = tl.where(keep, tl.load(backup + base + slot, mask=keep), old)
+            tl.store(w + offs, new, mask=rows)
+            base += count
+        else:
+            if PERTURB:
+                old = load_block(w + offs, valid, FULL)
+                store_block(backup + offs, old, valid, FULL)
+                grad = load_block(g + offs, valid, FULL).to(tl.float32)
+                store_block(w + offs, (old.to(tl.float32) + scale * grad).to(old.dtype), valid, FULL)
+            else:
+                store_block(w + offs, load_block(backup + offs, valid, FULL), valid, FULL)
 
 
 @triton.jit
 def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, chunk_offset,
                  scale_ptr, scale_value, w_ref, g_ref, bits_ref,
-                 PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
+                 PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr, ALIGNED: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """PERTURB: w[m] -> backup, w[m] += scale * g[m]. Else (restore): backup -> w[m]."""
-    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
-    w = tensor_ptr(w_ptrs, t, w_ref)
-    backup = tensor_ptr(backup_ptrs, t, w_ref)
+    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
+    w = tensor_ptr(w_ptrs, t, w_ref, start, ALIGNED)
+    g = w
+    scale = 0.0
     if PERTURB:
-        g = tensor_ptr(g_ptrs, t, g_ref)
+        g = tensor_ptr(g_ptrs, t, g_ref, start, ALIGNED)
         if SCALE_IS_PTR:
             scale = tl.load(scale_ptr).to(tl.float32)
         else:
             scale = scale_value
-    if HAS_MASK:
-        bits = tensor_ptr(bits_ptrs, t, bits_ref)
+    if HAS_MASK:  # the compact backup: this chunk's values start at its offset
+        bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
+        backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
         base = tl.load(chunk_offset + c)
-    for j in range(0, CHUNK, BLOCK):
-        offs = start + j + tl.arange(0, BLOCK)
-        valid = offs < n
-        if HAS_MASK:
-            keep, slot, base = mask_slots(bits, offs, valid, base)
-        else:
-            keep = valid
-            slot = offs
-        if PERTURB:
-            old = tl.load(w + offs, mask=keep)
-            tl.store(backup + slot, old, mask=keep)
-            grad = tl.load(g + offs, mask=keep, other=0.0).to(tl.float32)
-            tl.store(w + offs, (old.to(tl.float32) + scale * grad).to(old.dtype), mask=keep)
-        else:
-            tl.store(w + offs, tl.load(backup + slot, mask=keep), mask=keep)
+    else:
+        bits = w
+        backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
+        base = 0
+    if left == CHUNK:
+        _move_chunk(w, g, bits, backup, base, scale, left, PERTURB, HAS_MASK, True, CHUNK, BLOCK)
+    else:
+        _move_chunk(w, g, bits, backup, base, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
 
 
 def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.Tensor:
     """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor)."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
-                                           address_table(bits, device), counts, bits[0], CHUNK=CHUNK, BLOCK=BLOCK)
+                                           address_table(bits, device), counts, bits[0], ALIGNED=aligned(*bits),
+                                           CHUNK=CHUNK, num_warps=2)  # 16 mask bytes per thread
     before = torch.cumsum(counts, 0) - counts
     return before - before[table.chunk_first]
 
@@ -108,13 +137,15 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
     scale_arg = scale.to(device=device, dtype=torch.float32).reshape(1) if scale_is_ptr else table.numel
     scale_value = 0.0 if (scale_is_ptr or scale is None) else float(scale)
     w_addr = address_table(ws, device)
+    operands = ws + (gs if perturb else []) + bits + ([] if has_mask else backups)
     _move_kernel[(table.num_chunks,)](
         table.chunk_tensor, table.chunk_start, table.numel, w_addr,
         address_table(gs, device) if perturb else w_addr,
         address_table(bits, device) if has_mask else w_addr,
         address_table(backups, device), offsets, scale_arg, scale_value,
         ws[0], gs[0] if perturb else ws[0], bits[0] if has_mask else ws[0],
-        PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, CHUNK=CHUNK, BLOCK=BLOCK,
+        PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, ALIGNED=aligned(*operands),
+        CHUNK=CHUNK, BLOCK=BLOCK,
     )
 
 
@@ -124,15 +155,17 @@ def perturb_triton(params, grads, masks, scale) -> PerturbBackup:
     values: list = [None] * len(params)
     fast = [i for i, w in enumerate(params) if w.is_contiguous()]
     slow = [i for i, w in enumerate(params) if not w.is_contiguous()]
-    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None) for i in fast]
-    for (_, _, has_mask), idx in group_by(keys, fast).items():
+    contiguous_grads = {i: grads[i].contiguous() for i in fast}
+    # one launch per dtypes and masking; tensors off 16 bytes go to a launch without vectors
+    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None,
+             aligned(params[i], contiguous_grads[i], *([masks[i].bits] if masks[i] is not None else [])))
+            for i in fast]
+    for (_, _, has_mask, _), idx in group_by(keys, fast).items():
         ws = [params[i] for i in idx]
-        gs = [grads[i].contiguous() for i in idx]
+        gs = [contiguous_grads[i] for i in idx]
         ms = [masks[i] for i in idx]
         if has_mask:
-            counts = [m.count_int() for m in ms]
-            flat = torch.empty(sum(counts), dtype=ws[0].dtype, device=ws[0].device)
-            backups = list(torch.split(flat, counts))
+            backups = split_aligned([m.count_int() for m in ms], ws[0].dtype, ws[0].device)
         else:
             backups = [torch.empty_like(w) for w in ws]
         _launch(True, ws, gs, ms if has_mask else [None] * len(ws), backups, scale)
@@ -149,8 +182,9 @@ def restore_triton(params, backup: PerturbBackup) -> None:
     masks = [as_bitmask(m) for m in backup.masks]
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()]
     slow = sorted(set(range(len(params))) - set(fast))
-    keys = [(params[i].dtype, masks[i] is not None) for i in fast]
-    for (_, has_mask), idx in group_by(keys, fast).items():
+    keys = [(params[i].dtype, masks[i] is not None,
+             aligned(params[i], masks[i].bits if masks[i] is not None else backup.values[i])) for i in fast]
+    for (_, has_mask, _), idx in group_by(keys, fast).items():
         ws = [params[i] for i in idx]
         _launch(False, ws, ws, [masks[i] for i in idx], [backup.values[i] for i in idx], None)
     if slow:

@@ -11,36 +11,30 @@ import triton.language as tl
 
 from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
-from .multi_tensor import CHUNK, address_table, chunk_table, group_by, tensor_ptr, this_chunk
 from ..ops.bitmask import as_bitmask
-from .perturb import BLOCK, chunk_offsets, mask_slots
+from .multi_tensor import (CHUNK, address_table, aligned, block_bits, block_offsets, block_slots, chunk_table,
+                           group_by, load_block, store_block, tensor_ptr, this_chunk)
+from .perturb import BLOCK, chunk_offsets
 
 
 @triton.jit
-def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, backup_ptrs,
-                        chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr, momentum, dampening, weight_decay,
-                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
-                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
-    w = tensor_ptr(w_ptrs, t, w_ref)
-    g = tensor_ptr(g_ptrs, t, g_ref)
-    backup = tensor_ptr(backup_ptrs, t, w_ref)
-    if MOMENTUM:
-        buf = tensor_ptr(buf_ptrs, t, buf_ref)
-    if HAS_MASK:
-        bits = tensor_ptr(bits_ptrs, t, bits_ref)
-        base = tl.load(chunk_offset + c)
+def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay,
+                       HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
+                       NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                       FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     for j in range(0, CHUNK, BLOCK):
-        offs = start + j + tl.arange(0, BLOCK)
-        valid = offs < n
+        offs = block_offsets(j, BLOCK)
+        valid = offs < left
         if HAS_MASK:
-            keep, slot, base = mask_slots(bits, offs, valid, base)
-            current = tl.load(w + offs, mask=valid)
-            weight = tl.where(keep, tl.load(backup + slot, mask=keep), current).to(tl.float32)
+            bit = block_bits(bits, j, offs, left, FULL, BLOCK)
+            slot, row_any, count = block_slots(bit)
+            keep = bit != 0
+            current = load_block(w + offs, valid, FULL)
+            weight = tl.where(keep, tl.load(backup + base + slot, mask=keep), current).to(tl.float32)
+            base += count
         else:
-            weight = tl.load(backup + offs, mask=valid).to(tl.float32)
-        d = tl.load(g + offs, mask=valid, other=0.0).to(tl.float32)
+            weight = load_block(backup + offs, valid, FULL).to(tl.float32)
+        d = load_block(g + offs, valid, FULL).to(tl.float32)
         if MAXIMIZE:
             d = -d
         if WEIGHT_DECAY:
@@ -49,13 +43,41 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
             if NEW_BUFFER:
                 b = d
             else:
-                b = tl.load(buf + offs, mask=valid, other=0.0).to(tl.float32) * momentum + (1 - dampening) * d
-            tl.store(buf + offs, b.to(buf_ref.dtype.element_ty), mask=valid)
+                b = load_block(buf + offs, valid, FULL).to(tl.float32) * momentum + (1 - dampening) * d
+            store_block(buf + offs, b.to(buf.dtype.element_ty), valid, FULL)
             if NESTEROV:
                 d = d + momentum * b
             else:
                 d = b
-        tl.store(w + offs, (weight - lr * d).to(w_ref.dtype.element_ty), mask=valid)
+        store_block(w + offs, (weight - lr * d).to(w.dtype.element_ty), valid, FULL)
+
+
+@triton.jit
+def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, backup_ptrs,
+                        chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr, momentum, dampening, weight_decay,
+                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
+                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
+    w = tensor_ptr(w_ptrs, t, w_ref, start, ALIGNED)
+    g = tensor_ptr(g_ptrs, t, g_ref, start, ALIGNED)
+    buf = w
+    if MOMENTUM:
+        buf = tensor_ptr(buf_ptrs, t, buf_ref, start, ALIGNED)
+    if HAS_MASK:  # the compact backup: this chunk's values start at its offset
+        bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
+        backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
+        base = tl.load(chunk_offset + c)
+    else:
+        bits = w
+        backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
+        base = 0
+    if left == CHUNK:
+        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay, HAS_MASK,
+                           MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, True, CHUNK, BLOCK)
+    else:
+        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay, HAS_MASK,
+                           MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, False, CHUNK, BLOCK)
 
 
 def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBackup, hyper) -> list:
@@ -65,10 +87,16 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()
             and (buffers[i] is None or buffers[i].is_contiguous())]
     slow = sorted(set(range(len(params))) - set(fast))
-    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None, use_momentum and buffers[i] is None) for i in fast]
-    for (_, _, has_mask, new_buffer), idx in group_by(keys, fast).items():
+    contiguous_grads = {i: grads[i].contiguous() for i in fast}
+    # one launch per dtypes, masking and buffer state; tensors off 16 bytes go to a launch
+    # without vectors (new buffers are allocated aligned)
+    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None, use_momentum and buffers[i] is None,
+             aligned(params[i], contiguous_grads[i], masks[i].bits if masks[i] is not None else backup.values[i],
+                     *([buffers[i]] if use_momentum and buffers[i] is not None else [])))
+            for i in fast]
+    for (_, _, has_mask, new_buffer, is_aligned), idx in group_by(keys, fast).items():
         ws = [params[i] for i in idx]
-        gs = [grads[i].contiguous() for i in idx]
+        gs = [contiguous_grads[i] for i in idx]
         if use_momentum and new_buffer:
             for i in idx:  # torch's SGD keeps buffers in the grad's dtype (a clone of it)
                 buffers[i] = torch.empty_like(grads[i], memory_format=torch.contiguous_format)
@@ -88,7 +116,9 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
             ws[0], gs[0], bufs[0], bits[0] if has_mask else ws[0],
             hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
             HAS_MASK=has_mask, MOMENTUM=use_momentum, NEW_BUFFER=new_buffer, NESTEROV=hyper["nesterov"],
-            MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0, CHUNK=CHUNK, BLOCK=BLOCK,
+            MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0,
+            ALIGNED=is_aligned and aligned(*bufs), CHUNK=CHUNK,
+            BLOCK=BLOCK // 2 if ws[0].dtype == torch.float64 else BLOCK,  # fp64: half the block, no spills
         )
     if slow:
         sub = PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow])

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..ops.topk_mask import topk_mask_torch
-from .multi_tensor import CHUNK, address_table, chunk_table, tensor_ptr, this_chunk
+from .multi_tensor import CHUNK, address_table, aligned, chunk_table, load_block, store_block, tensor_ptr, this_chunk
 
 BLOCK = 1024
 RADIX_BITS = 8
@@ -24,8 +24,8 @@ BINS = 1 << RADIX_BITS
 
 
 @triton.jit
-def _keys(x, offs, valid):
-    v = tl.load(x + offs, mask=valid, other=0.0).to(tl.float32)
+def _keys(x, offs, valid, FULL: tl.constexpr):
+    v = load_block(x + offs, valid, FULL).to(tl.float32)
     v = tl.where(v == 0.0, 0.0, v)  # -0 ranks as +0
     v = tl.where(v != v, float("-inf"), v)  # NaN ranks as -inf
     bits = v.to(tl.int32, bitcast=True)
@@ -34,22 +34,33 @@ def _keys(x, offs, valid):
 
 
 @triton.jit
-def _histogram_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, hist, shift,
-                      FIRST: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
-    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
-    x = tensor_ptr(x_ptrs, t, x_ref)
-    prefix = tl.load(sel).to(tl.uint32)
+def _histogram_chunk(x, left, prefix, shift, FIRST: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
+                     BLOCK: tl.constexpr, BINS: tl.constexpr):
     acc = tl.zeros([2 * BINS], dtype=tl.int32)
     for j in range(0, CHUNK, BLOCK):
-        offs = start + j + tl.arange(0, BLOCK)
-        valid = offs < n
-        key = _keys(x, offs, valid)
+        offs = j + tl.arange(0, BLOCK)
+        valid = offs < left
+        key = _keys(x, offs, valid, FULL)
         if FIRST:
             match = valid
         else:  # the bits above this digit equal the prefix chosen so far
             match = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
         digit = ((key >> shift) & (BINS - 1)).to(tl.int32)
         acc += tl.histogram(tl.where(match, digit, BINS), 2 * BINS)  # bin BINS: not counted
+    return acc
+
+
+@triton.jit
+def _histogram_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, hist, shift,
+                      FIRST: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                      BINS: tl.constexpr):
+    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
+    x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
+    prefix = tl.load(sel).to(tl.uint32)
+    if left == CHUNK:
+        acc = _histogram_chunk(x, left, prefix, shift, FIRST, True, CHUNK, BLOCK, BINS)
+    else:
+        acc = _histogram_chunk(x, left, prefix, shift, FIRST, False, CHUNK, BLOCK, BINS)
     b = tl.arange(0, 2 * BINS)
     tl.atomic_add(hist + b, acc, mask=b < BINS)
 
@@ -69,37 +80,55 @@ def _choose_digit_kernel(hist, sel, shift, BINS: tl.constexpr):
 
 
 @triton.jit
-def _ties_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, counts,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
-    x = tensor_ptr(x_ptrs, t, x_ref)
-    threshold = tl.load(sel).to(tl.uint32)
+def _ties_chunk(x, left, threshold, FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for j in range(0, CHUNK, BLOCK):
-        offs = start + j + tl.arange(0, BLOCK)
-        valid = offs < n
-        acc += (valid & (_keys(x, offs, valid) == threshold)).to(tl.int32)
-    tl.store(counts + c, tl.sum(acc, axis=0).to(tl.int64))
+        offs = j + tl.arange(0, BLOCK)
+        valid = offs < left
+        acc += (valid & (_keys(x, offs, valid, FULL) == threshold)).to(tl.int32)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ties_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, counts,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
+    x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
+    threshold = tl.load(sel).to(tl.uint32)
+    if left == CHUNK:
+        ties = _ties_chunk(x, left, threshold, True, CHUNK, BLOCK)
+    else:
+        ties = _ties_chunk(x, left, threshold, False, CHUNK, BLOCK)
+    tl.store(counts + c, ties.to(tl.int64))
+
+
+@triton.jit
+def _write_chunk(x, out, left, threshold, need, seen, FULL: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    for j in range(0, CHUNK, BLOCK):
+        offs = j + tl.arange(0, BLOCK)
+        valid = offs < left
+        key = _keys(x, offs, valid, FULL)
+        tie = (valid & (key == threshold)).to(tl.int32)
+        rank = seen + tl.cumsum(tie, axis=0) - tie
+        keep = (key > threshold) | ((tie != 0) & (rank < need))
+        store_block(out + offs, keep.to(tl.int8), valid, FULL)
+        seen += tl.sum(tie, axis=0)
 
 
 @triton.jit
 def _write_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, out_ptrs, out_ref, sel, ties_before,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c, t, start, n = this_chunk(chunk_tensor, chunk_start, numel)
-    x = tensor_ptr(x_ptrs, t, x_ref)
-    out = tensor_ptr(out_ptrs, t, out_ref)
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
+    x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
+    out = tensor_ptr(out_ptrs, t, out_ref, start, ALIGNED)
     threshold = tl.load(sel).to(tl.uint32)
     need = tl.load(sel + 1)
     seen = tl.load(ties_before + c)
-    for j in range(0, CHUNK, BLOCK):
-        offs = start + j + tl.arange(0, BLOCK)
-        valid = offs < n
-        key = _keys(x, offs, valid)
-        tie = (valid & (key == threshold)).to(tl.int64)
-        rank = seen + tl.cumsum(tie, axis=0) - tie
-        keep = (key > threshold) | ((tie != 0) & (rank < need))
-        tl.store(out + offs, keep.to(tl.int8), mask=valid)
-        seen += tl.sum(tie, axis=0)
+    if left == CHUNK:
+        _write_chunk(x, out, left, threshold, need, seen, True, CHUNK, BLOCK)
+    else:
+        _write_chunk(x, out, left, threshold, need, seen, False, CHUNK, BLOCK)
 
 
 def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -114,18 +143,19 @@ def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     table = chunk_table([x.numel() for x in xs], device)
     grid = (table.num_chunks,)
     x_addr = address_table(xs, device)
+    vectors = aligned(*xs)  # (the outputs are fresh allocations: aligned)
     sel = torch.zeros(2, dtype=torch.int64, device=device)  # [prefix, need]: filled, not copied
     sel[1:].fill_(k)
     hist = torch.zeros(32 // RADIX_BITS, BINS, dtype=torch.int32, device=device)
     for p, shift in enumerate(range(32 - RADIX_BITS, -1, -RADIX_BITS)):
         _histogram_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], sel, hist[p],
-                                shift, FIRST=p == 0, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS)
+                                shift, FIRST=p == 0, ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS)
         _choose_digit_kernel[(1,)](hist[p], sel, shift, BINS=BINS)
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _ties_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], sel, counts,
-                       CHUNK=CHUNK, BLOCK=BLOCK)
+                       ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK)
     outs = [torch.empty(x.shape, dtype=torch.int8, device=device) for x in xs]
     _write_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0],
                         address_table(outs, device), outs[0], sel, torch.cumsum(counts, 0) - counts,
-                        CHUNK=CHUNK, BLOCK=BLOCK)
+                        ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK)
     return [o.view(torch.bool) for o in outs]

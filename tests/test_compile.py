@@ -1,0 +1,123 @@
+"""The compile tier: every Triton kernel launch (the sweep of ``ssam_bench.compile_kernels`` plus
+whatever the interpret tier launched in this session) compiled to a cubin for sm_80 and sm_90,
+without a GPU, and the compiled code checked for what makes it slow: spills, scalar loads on the
+optimizer's step path, GEMM tiles off the tensor cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import conftest
+from ssam_bench import compile_kernels as ck
+
+pytestmark = pytest.mark.compile
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+# Multi-tensor kernels of the optimizer's step (norm, perturb, restore, restore+SGD) and of the
+# top-k mask: bandwidth-bound, so their data must move in 16-byte vectors (where the host found
+# every tensor on 16 bytes: ALIGNED=True).
+VECTOR_KERNELS = {"_count_bits_kernel", "_move_kernel", "_sum_squares_kernel", "_restore_sgd_kernel",
+                  "_histogram_kernel", "_ties_kernel", "_write_kernel"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    if conftest.UNRECORDED_LAUNCHES:
+        pytest.fail(f"interpret-tier launches that could not be recorded: {conftest.UNRECORDED_LAUNCHES[:5]}")
+    tmp = tmp_path_factory.mktemp("compile")
+    launches = tmp / "launches.jsonl"
+    launches.write_text("".join(line + "\n" for line in conftest.RECORDED_LAUNCHES))
+    out = tmp / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
+    proc = subprocess.run([sys.executable, "-m", "ssam_bench.compile_kernels", "--launches", str(launches),
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=3600)
+    print(proc.stdout, proc.stderr[-4000:])
+    if not out.exists():
+        pytest.fail(f"the compile run wrote no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def _rows(report, **where):
+    return [r for r in report["rows"] if all(r.get(k) == v for k, v in where.items())]
+
+
+@needs_triton
+def test_every_launch_compiles_for_sm80_and_sm90(report):
+    failed = [f"{r['kernel']} [{r['config']}] {r['target']}: {r['error'][:300]}" for r in report["rows"] if "error" in r]
+    assert not failed, "\n".join(failed)
+    assert {r["target"] for r in report["rows"]} == {"sm_80", "sm_90"}
+    assert report["recorded"] == len(conftest.RECORDED_LAUNCHES)
+
+
+@needs_triton
+def test_every_kernel_is_compiled(report):
+    """A new ``*_kernel`` is found without editing the tier; it must be launched by the sweep or
+    the interpret tier."""
+    assert report["not_compiled"] == []
+    assert len({r["kernel"] for r in report["rows"]}) >= len(ck.all_kernels())
+
+
+@needs_triton
+def test_no_kernel_spills(report):
+    spills = [f"{r['kernel']} [{r['config']}] {r['target']}: {r['spill_stores']} B stored, {r['spill_loads']} B loaded"
+              for r in report["rows"] if "error" not in r and (r["spill_stores"] or r["spill_loads"])]
+    assert not spills, "\n".join(spills)
+
+
+@needs_triton
+def test_step_path_kernels_move_16_byte_vectors(report):
+    rows = [r for r in report["rows"] if r["kernel"] in VECTOR_KERNELS and "ALIGNED=True" in r["config"]]
+    assert {r["kernel"] for r in rows} == VECTOR_KERNELS
+    scalar = [f"{r['kernel']} [{r['config']}] {r['target']}: loads {r['loads']}" for r in rows
+              if "16" not in r["loads"]]
+    assert not scalar, "\n".join(scalar)
+
+
+@needs_triton
+def test_gemm_tiles_run_on_tensor_cores(report):
+    """wgmma on sm_90 and mma.sync on sm_80 for bf16, fp16 and TF32 tiles; fp32 IEEE stays on FMA."""
+    rows = _rows(report, kernel="_masked_wgrad_kernel")
+    assert rows
+    for r in rows:
+        tensor_core = "PRECISION=tf32" in r["config"] or r["config"].startswith(("bfloat16", "float16"))
+        want = ("wgmma" if r["target"] == "sm_90" else "mma.sync") if tensor_core else None
+        assert r["mma"] == want, f"{r['config']} {r['target']}: {r['mma']}"
+    assert any("PRECISION=tf32" in r["config"] for r in rows)
+    assert any(r["config"].startswith("bfloat16") for r in rows)
+
+
+def test_ptx_access_widths_are_parsed():
+    ptx = """
+    ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p1 ld.global.b8 { %rs1 }, [ %rd2 + 0 ];
+    ld.global.v2.b64 { %rd3, %rd4 }, [ %rd5 + 0 ];
+    @%p2 st.global.v2.b32 [ %rd6 + 0 ], { %r5, %r6 };
+    cp.async.cg.shared.global [ %r7 + 0 ], [ %rd7 + 0 ], 0x10, %r8;
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};
+    """
+    facts = ck.ptx_facts(ptx)
+    assert facts["loads"] == {16: 3, 1: 1}
+    assert facts["stores"] == {8: 1}
+    assert facts["mma"] == "wgmma"
+    assert ck.ptx_facts("mma.sync.aligned.m16n8k16")["mma"] == "mma.sync"
+    assert ck.ptx_facts("fma.rn.f32")["mma"] is None
+
+
+def test_descriptors_keep_dtype_and_alignment():
+    import torch
+
+    base = torch.zeros(9)
+    for t in (base, base[1:], torch.zeros(5, dtype=torch.bfloat16)[3:]):
+        desc = ck.describe(t)
+        again = ck._rebuild(desc)
+        assert again.dtype == t.dtype and again.data_ptr() % 16 == t.data_ptr() % 16
+    assert ck.describe(7) == ["int", 7] and ck.describe(True) == ["bool", True] and ck.describe(0.5) == ["float", 0.5]
+    with pytest.raises(TypeError, match="cannot describe"):
+        ck.describe(object())
