@@ -278,7 +278,7 @@ at::Tensor nm_mask_cpu(const at::Tensor& scores, int64_t n, int64_t m, bool magn
 
 // ---- 2:4 compression (CUTLASS layout) -------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense) {
+std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense, bool check) {
   TORCH_CHECK(dense.dim() == 2 && dense.size(0) % 32 == 0 && dense.size(1) % 32 == 0,
               "compress_24: need a [32*i, 32*j] matrix");
   const auto x = dense.contiguous();
@@ -300,9 +300,10 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense) {
             for (int e = 0; e < 4; ++e) pattern |= (static_cast<float>(in[at + e]) != 0.f) << e;
             const int code = pair_code(pattern);
             const int i0 = code & 3, i1 = code >> 2;
-            if (code < 0) {
+            if (code < 0) {  // not 2:4: an error when checked, zeros otherwise
               int64_t here = r * (cols / 4) + c * 4 + g, seen = bad.load();
               while (here < seen && !bad.compare_exchange_weak(seen, here)) {}
+              v[r * (cols / 2) + c * 8 + g * 2] = v[r * (cols / 2) + c * 8 + g * 2 + 1] = scalar_t(0);
               continue;
             }
             v[r * (cols / 2) + c * 8 + g * 2] = in[at + i0];
@@ -314,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense) {
     });
   });
   const int64_t first_bad = bad.load();
-  TORCH_CHECK_VALUE(first_bad == std::numeric_limits<int64_t>::max(), "x is not 2:4 sparse: row ",
+  TORCH_CHECK_VALUE(!check || first_bad == std::numeric_limits<int64_t>::max(), "x is not 2:4 sparse: row ",
                     first_bad / (cols / 4), ", group ", first_bad % (cols / 4), " has more than 2 nonzeros");
   return {values, meta};
 }
@@ -354,7 +355,7 @@ TORCH_LIBRARY(ssam, m) {
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] masks, Tensor(b!)[] backup, Tensor scale) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backup, Tensor?[] masks) -> ()");
   m.def("nm_mask(Tensor scores, int n, int m, bool magnitude) -> Tensor");
-  m.def("compress_24(Tensor x) -> (Tensor, Tensor)");
+  m.def("compress_24(Tensor x, bool check=True) -> (Tensor, Tensor)");
   m.def("decompress_24(Tensor values, Tensor meta) -> Tensor");
 }
 

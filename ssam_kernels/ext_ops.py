@@ -52,8 +52,8 @@ def nm_mask_ext(scores, n, m, magnitude):
     return _ops.nm_mask(scores, n, m, magnitude)
 
 
-def compress_24_ext(x):
-    return tuple(_ops.compress_24(x))
+def compress_24_ext(x, check=True):
+    return tuple(_ops.compress_24(x, check))
 
 
 def decompress_24_ext(values, meta):
@@ -93,7 +93,7 @@ def _nm_mask_fake(scores, n, m, magnitude):
 
 
 @torch.library.register_fake("ssam::compress_24")
-def _compress_24_fake(x):
+def _compress_24_fake(x, check=True):
     rows, cols = x.shape
     return x.new_empty((rows, cols // 2)), x.new_empty((rows, cols // 16), dtype=torch.int16)
 

@@ -71,8 +71,32 @@ def test_not_24_sparse_names_the_group(backend, gen):
         compress_24(dense, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("shape", [(32, 32), (64, 96), (32, 160)])
+def test_unchecked_equals_checked_on_24_input(backend, shape, gen):
+    x = _sparse_24(*shape, torch.float16, gen)
+    values, meta = compress_24(x, check=False, backend=backend)
+    ref_values, ref_meta = compress_24(x, backend="torch")
+    assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_unchecked_takes_non_24_input_without_error(backend, gen):
+    dense = _sparse_24(64, 64, torch.float16, gen)
+    dense[37, 8:11] = 1.0
+    values, meta = compress_24(dense, check=False, backend=backend)
+    assert values.shape == (64, 32) and meta.shape == (64, 4)
+    # the 2:4 groups are still compressed exactly (only row 37's group 2 is unspecified)
+    keep = torch.ones(64, 16, dtype=torch.bool)
+    keep[37, 2] = False
+    back = decompress_24(values, meta, backend="torch").view(64, 16, 4)
+    assert torch.equal(back[keep], dense.view(64, 16, 4)[keep])
+
+
 @pytest.mark.cpu
 def test_errors(gen):
+    with pytest.raises(TypeError, match="check must be a bool"):
+        compress_24(torch.zeros(32, 32, dtype=torch.float16), check=1)
     with pytest.raises(TypeError, match="dtype"):
         compress_24(torch.zeros(32, 32))
     with pytest.raises(ValueError, match="2-D"):

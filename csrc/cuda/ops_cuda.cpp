@@ -6,8 +6,8 @@
 // No op waits for the device or copies from pageable host memory in steady state, so a training
 // step can run ahead of the GPU and be captured in a CUDA graph: the small tables a launch reads
 // are cached on the device by content (TableCache), and the set-bit counts of masks already
-// checked are remembered per mask tensor and version (MaskCounts). compress_24 is the exception:
-// it reads back one flag to reject input that is not 2:4 sparse.
+// checked are remembered per mask tensor and version (MaskCounts). compress_24 with check=true is
+// the exception: it reads back one flag to reject input that is not 2:4 sparse.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -72,8 +72,9 @@ int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_p
 // only (sizes, data pointers), so a hit is exact, and a loop that passes the same tensors every
 // step copies nothing after its first step. A miss copies from pinned memory without blocking.
 // Entries are per (device, stream), so a table is freed only in the order of the stream that
-// reads it; entries made or used while that stream captures a CUDA graph are kept for good
-// (the graph keeps reading their addresses), and nothing is evicted during a capture.
+// reads it; entries used while that stream captures a CUDA graph are kept for good (the graph
+// keeps reading their addresses), and nothing is evicted during a capture. A table first needed
+// during a capture is made for that graph alone (its copy runs only when the graph replays).
 class TableCache {
  public:
   at::Tensor get(std::vector<int64_t> content, const at::Device& device, cudaStream_t stream) {
@@ -82,12 +83,18 @@ class TableCache {
     Key key{device.index(), stream, std::move(content)};
     auto it = entries_.find(key);
     if (it == entries_.end()) {
-      if (!in_capture) evict();
       const auto n = static_cast<int64_t>(key.content.size());
       auto host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
       std::copy(key.content.begin(), key.content.end(), host.data_ptr<int64_t>());
       auto dev = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
       dev.copy_(host, /*non_blocking=*/true);
+      if (in_capture) {
+        // The copy is a node of the graph being captured: the table holds data only once that
+        // graph replays. Kept alive for that graph, and never handed out to anyone else.
+        made_in_capture_.push_back(Entry{host, dev, true, 0});
+        return dev;
+      }
+      evict();
       it = entries_.emplace(std::move(key), Entry{host, dev, false, 0}).first;
     }
     it->second.keep = it->second.keep || in_capture;
@@ -129,6 +136,7 @@ class TableCache {
 
   std::mutex mutex_;
   std::unordered_map<Key, Entry, KeyHash> entries_;
+  std::vector<Entry> made_in_capture_;
   uint64_t clock_ = 0;
 };
 
@@ -422,7 +430,7 @@ at::Tensor nm_mask_cuda(const at::Tensor& scores, int64_t n, int64_t m, bool mag
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> compress_24_cuda(const at::Tensor& dense) {
+std::tuple<at::Tensor, at::Tensor> compress_24_cuda(const at::Tensor& dense, bool check) {
   TORCH_CHECK(dense.dim() == 2 && dense.size(0) % 32 == 0 && dense.size(1) % 32 == 0,
               "compress_24: need a [32*i, 32*j] matrix, got ", dense.sizes());
   c10::DeviceGuard guard(dense.device());
@@ -435,7 +443,8 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cuda(const at::Tensor& dense) {
                                  meta.data_ptr<int16_t>(), bad.data_ptr<int32_t>(), rows, cols,
                                  current_stream(x.device())),
                "compress_24");
-  TORCH_CHECK_VALUE(bad.item<int32_t>() == 0, "x is not 2:4 sparse: some group has more than 2 nonzeros");
+  // the one host sync of this op, and only when asked for: check=false can be graph-captured
+  TORCH_CHECK_VALUE(!check || bad.item<int32_t>() == 0, "x is not 2:4 sparse: some group has more than 2 nonzeros");
   return {values, meta};
 }
 

@@ -83,6 +83,9 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
         masks: None (perturb everything), or one entry per tensor: bool tensor,
             :class:`~ssam_kernels.BitMask` or None. Unmasked positions are not written.
         scale: Python number or 0-dim floating tensor (e.g. ``rho / (norm + eps)``, no sync).
+            A number or CPU tensor is read on the host when the call is made, so a captured
+            CUDA graph replays that value; pass a tensor on the parameters' device to let it
+            change between replays.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
 
     Returns:

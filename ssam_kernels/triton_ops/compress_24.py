@@ -1,6 +1,8 @@
 """Triton 2:4 compression into the CUTLASS layout and back (same contract as the reference in
-``ssam_kernels.ops.compress_24``). One program per ``[32, 16]`` tile: 32 rows (one block of the
-metadata row shuffle) by 16 columns (one int16 of metadata per row)."""
+``ssam_kernels.ops.compress_24``). One program per ``[32, 64]`` tile: 32 rows (one block of the
+metadata row shuffle) by 4 int16 metadata columns of 16 dense columns each; each row of a
+metadata column moves as 16 contiguous dense values and 8 contiguous kept values.
+``check=False`` skips the 2:4 check and with it the host sync."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import triton.language as tl
 
 from ..ops.compress_24 import _PAIR_TABLE, compress_24_torch
 
-ROWS = 32
-COLS = 16
+ROWS = 32  # one block of CUTLASS's metadata row shuffle
+META_COLS = 4  # int16 metadata columns per program: 64 dense columns
 
 
 @triton.jit
@@ -25,65 +27,87 @@ def _meta_offset(r, c, rows):
 
 
 @triton.jit
-def _compress_kernel(x, values, meta, bad, pair0, pair1, rows, cols, R: tl.constexpr):
-    pr = tl.program_id(0)
-    pc = tl.program_id(1)
-    r = pr * R + tl.arange(0, R)  # [R]
-    g = tl.arange(0, 4)  # group within the 16 columns
-    e = tl.arange(0, 4)  # element within the group
-    col = pc * 16 + g[:, None] * 4 + e[None, :]  # [4, 4]
-    offs = r[:, None, None].to(tl.int64) * cols + col[None, :, :]  # [R, 4, 4]
-    v = tl.load(x + offs)
-    pattern = tl.sum((v != 0).to(tl.int32) << e[None, None, :], axis=2)  # [R, 4]
-    i0 = tl.load(pair0 + pattern)
-    i1 = tl.load(pair1 + pattern)
-    tl.store(bad + pr * tl.num_programs(1) + pc, tl.max(tl.max((i0 < 0).to(tl.int32), axis=1), axis=0))
-    v0 = tl.sum(tl.where(e[None, None, :] == i0[:, :, None], v, 0.0), axis=2)
-    v1 = tl.sum(tl.where(e[None, None, :] == i1[:, :, None], v, 0.0), axis=2)
-    out = r[:, None].to(tl.int64) * (cols // 2) + pc * 8 + g[None, :] * 2  # [R, 4]
-    tl.store(values + out, v0.to(values.dtype.element_ty))
-    tl.store(values + out + 1, v1.to(values.dtype.element_ty))
-    nibble = (i0 | (i1 << 2)) & 0xF
-    word = tl.sum(nibble << (4 * g[None, :]), axis=1)  # [R] in [0, 2**16)
-    tl.store(meta + _meta_offset(r, pc, rows), word.to(tl.int16))
+def _tile(R: tl.constexpr, MC: tl.constexpr):
+    """Rows [R] and metadata columns [MC] of this program's tile."""
+    return tl.program_id(0) * R + tl.arange(0, R), tl.program_id(1) * MC + tl.arange(0, MC)
 
 
 @triton.jit
-def _decompress_kernel(values, meta, dense, rows, cols, R: tl.constexpr):
-    pr = tl.program_id(0)
-    pc = tl.program_id(1)
-    r = pr * R + tl.arange(0, R)
+def _compress_kernel(x, values, meta, bad, pair0, pair1, rows, cols, R: tl.constexpr, MC: tl.constexpr,
+                     CHECK: tl.constexpr):
+    """A [R, MC * 16] tile: per row and metadata column, 4 groups of 4 elements."""
+    r, m = _tile(R, MC)
+    g = tl.arange(0, 4)  # group within the 16 columns of one metadata element
+    e = tl.arange(0, 4)  # element within the group
+    # loaded as [R, MC * 16] (16 contiguous values: 16-byte vectors), then seen as groups
+    c = tl.program_id(1) * MC * 16 + tl.arange(0, MC * 16)
+    flat = tl.load(x + r[:, None].to(tl.int64) * cols + c[None, :], mask=(c < cols)[None, :], other=0.0)
+    v = tl.reshape(flat, [R, MC, 4, 4])
+    pattern = tl.sum((v != 0).to(tl.int32) << e[None, None, None, :], axis=3)  # [R, MC, 4]
+    i0 = tl.load(pair0 + pattern)
+    i1 = tl.load(pair1 + pattern)
+    if CHECK:
+        tl.store(bad + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                 tl.max(tl.max(tl.max(((i0 < 0) & (m < cols // 16)[None, :, None]).to(tl.int32), axis=2), axis=1),
+                        axis=0))
+    v0 = tl.sum(tl.where(e[None, None, None, :] == i0[:, :, :, None], v, 0.0), axis=3)  # [R, MC, 4]
+    v1 = tl.sum(tl.where(e[None, None, None, :] == i1[:, :, :, None], v, 0.0), axis=3)
+    # the two kept values of each group side by side: 8 contiguous values per (r, m)
+    h = tl.program_id(1) * MC * 8 + tl.arange(0, MC * 8)
+    kept = tl.reshape(tl.join(v0, v1), [R, MC * 8])  # per group its two values, in column order
+    tl.store(values + r[:, None].to(tl.int64) * (cols // 2) + h[None, :], kept.to(values.dtype.element_ty),
+             mask=(h < cols // 2)[None, :])
+    nibble = (i0 | (i1 << 2)) & 0xF
+    word = tl.sum(nibble << (4 * g[None, None, :]), axis=2)  # [R, MC] in [0, 2**16)
+    tl.store(meta + _meta_offset(r[:, None], m[None, :], rows), word.to(tl.int16),
+             mask=(m < cols // 16)[None, :])
+
+
+@triton.jit
+def _decompress_kernel(values, meta, dense, rows, cols, R: tl.constexpr, MC: tl.constexpr):
+    r, m = _tile(R, MC)
     g = tl.arange(0, 4)
     e = tl.arange(0, 4)
-    word = tl.load(meta + _meta_offset(r, pc, rows)).to(tl.int32) & 0xFFFF  # [R]
-    nibble = (word[:, None] >> (4 * g[None, :])) & 0xF  # [R, 4]
+    word = tl.load(meta + _meta_offset(r[:, None], m[None, :], rows), mask=(m < cols // 16)[None, :],
+                   other=0).to(tl.int32) & 0xFFFF  # [R, MC]
+    nibble = (word[:, :, None] >> (4 * g[None, None, :])) & 0xF  # [R, MC, 4]
     i0 = nibble & 0b11
     i1 = nibble >> 2
-    src = r[:, None].to(tl.int64) * (cols // 2) + pc * 8 + g[None, :] * 2
-    v0 = tl.load(values + src)
-    v1 = tl.load(values + src + 1)
-    sel = e[None, None, :]
-    out = tl.where(sel == i0[:, :, None], v0[:, :, None], tl.where(sel == i1[:, :, None], v1[:, :, None], 0.0))
-    offs = r[:, None, None].to(tl.int64) * cols + pc * 16 + g[None, :, None] * 4 + sel
-    tl.store(dense + offs, out.to(dense.dtype.element_ty))
+    h = tl.program_id(1) * MC * 8 + tl.arange(0, MC * 8)
+    kept = tl.load(values + r[:, None].to(tl.int64) * (cols // 2) + h[None, :], mask=(h < cols // 2)[None, :],
+                   other=0.0)  # [R, MC * 8]: 16-byte vectors
+    v0, v1 = tl.split(tl.reshape(kept, [R, MC, 4, 2]))  # [R, MC, 4] each
+    sel = e[None, None, None, :]
+    out = tl.where(sel == i0[:, :, :, None], v0[:, :, :, None],
+                   tl.where(sel == i1[:, :, :, None], v1[:, :, :, None], 0.0))
+    c = tl.program_id(1) * MC * 16 + tl.arange(0, MC * 16)
+    tl.store(dense + r[:, None].to(tl.int64) * cols + c[None, :],
+             tl.reshape(out, [R, MC * 16]).to(dense.dtype.element_ty), mask=(c < cols)[None, :])
+
+
+_PAIRS_ON = {}
 
 
 def _pair_columns(device):
-    table = _PAIR_TABLE.to(device=device, dtype=torch.int32)
-    return table[:, 0].contiguous(), table[:, 1].contiguous()
+    """The pattern -> positions table as two int32 columns on ``device`` (copied once per device)."""
+    key = (device.type, device.index)
+    if key not in _PAIRS_ON:
+        table = _PAIR_TABLE.to(dtype=torch.int32)
+        _PAIRS_ON[key] = (table[:, 0].contiguous().to(device), table[:, 1].contiguous().to(device))
+    return _PAIRS_ON[key]
 
 
-def compress_24_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compress_24_triton(x: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
     values = torch.empty(rows, cols // 2, dtype=x.dtype, device=x.device)
     meta = torch.empty(rows, cols // 16, dtype=torch.int16, device=x.device)
     if x.numel() == 0:
         return values, meta
-    grid = (rows // ROWS, cols // COLS)
-    bad = torch.empty(grid, dtype=torch.int32, device=x.device)
+    grid = (rows // ROWS, triton.cdiv(cols // 16, META_COLS))
+    bad = torch.empty(grid, dtype=torch.int32, device=x.device) if check else values
     p0, p1 = _pair_columns(x.device)
-    _compress_kernel[grid](x, values, meta, bad, p0, p1, rows, cols, R=ROWS)
-    if bool(bad.any()):
+    _compress_kernel[grid](x, values, meta, bad, p0, p1, rows, cols, R=ROWS, MC=META_COLS, CHECK=check)
+    if check and bool(bad.any()):  # the one host sync, only when checking
         compress_24_torch(x)  # raises the reference's ValueError, naming the first bad group
     return values, meta
 
@@ -92,5 +116,6 @@ def decompress_24_triton(values: torch.Tensor, meta: torch.Tensor) -> torch.Tens
     rows, half = values.shape
     dense = torch.empty(rows, half * 2, dtype=values.dtype, device=values.device)
     if dense.numel():
-        _decompress_kernel[(rows // ROWS, half * 2 // COLS)](values, meta, dense, rows, half * 2, R=ROWS)
+        grid = (rows // ROWS, triton.cdiv(half * 2 // 16, META_COLS))
+        _decompress_kernel[grid](values, meta, dense, rows, half * 2, R=ROWS, MC=META_COLS)
     return dense

@@ -16,26 +16,27 @@ from .tuning import for_gpu
 
 
 @triton.jit
-def _tile_has_bits(bits, rows, c0, OUT, IN, BLOCK_I: tl.constexpr):
+def _tile_has_bits(bits, mask_bytes, rows, c0, OUT, IN, BLOCK_I: tl.constexpr):
     """Whether any mask byte overlapping the tile is non-zero: a conservative test (a byte at
     the tile's left or right edge may hold a neighbour's bits) that reads each byte once,
     instead of a bit per element; the exact per-element mask is applied on the store."""
     first = (rows.to(tl.int64) * IN + c0) // 8  # [BLOCK_O] first byte of each row's span
     nbytes = (tl.minimum(IN - c0, BLOCK_I) + 14) // 8  # bytes a span of that many bits can touch
     k = tl.arange(0, BLOCK_I // 4)  # >= BLOCK_I // 8 + 1 (a power of two)
-    inside = (rows[:, None] < OUT) & (k[None, :] < nbytes)
-    byte = tl.load(bits + first[:, None] + k[None, :], mask=inside, other=0)
+    at = first[:, None] + k[None, :]
+    inside = (rows[:, None] < OUT) & (k[None, :] < nbytes) & (at < mask_bytes)  # (the bound can overshoot by a byte)
+    byte = tl.load(bits + at, mask=inside, other=0)
     return tl.max(tl.max(byte.to(tl.int32), axis=1), axis=0) != 0
 
 
 @triton.jit
-def _masked_wgrad_kernel(dy, x, bits, out, T, OUT, IN,
+def _masked_wgrad_kernel(dy, x, bits, mask_bytes, out, T, OUT, IN,
                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
                          PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    if _tile_has_bits(bits, rows, tl.program_id(1) * BLOCK_I, OUT, IN, BLOCK_I):
+    if _tile_has_bits(bits, mask_bytes, rows, tl.program_id(1) * BLOCK_I, OUT, IN, BLOCK_I):
         for t0 in range(0, T, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             a = tl.load(dy + tok[None, :].to(tl.int64) * OUT + rows[:, None],
@@ -90,6 +91,6 @@ def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out: torc
     precision = "tf32" if (x.dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     bo, bi, bt, warps = _config(gpu, precision, x.dtype, OUT, IN)
     _masked_wgrad_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
-        dy, x, bits, out, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, PRECISION=precision, num_warps=warps,
+        dy, x, bits, bits.numel(), out, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, PRECISION=precision, num_warps=warps,
     )
     return out

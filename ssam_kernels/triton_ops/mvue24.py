@@ -18,12 +18,13 @@ def _column(t, e, k: tl.constexpr):
 
 
 @triton.jit
-def _mvue24_kernel(x, out, uniforms, seed, groups, HAS_UNIFORMS: tl.constexpr, G: tl.constexpr):
+def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.constexpr, G: tl.constexpr):
     gid = tl.program_id(0) * G + tl.arange(0, G)  # [G]
     valid = gid < groups
     e = tl.arange(0, 4)
-    offs = gid[:, None].to(tl.int64) * 4 + e[None, :]  # [G, 4]
-    v = tl.load(x + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    # the G groups are 4 * G contiguous values: loaded and stored flat (16-byte vectors)
+    flat = tl.program_id(0).to(tl.int64) * G * 4 + tl.arange(0, G * 4)
+    v = tl.reshape(tl.load(x + flat, mask=flat < numel, other=0.0), [G, 4]).to(tl.float32)
     a = tl.abs(v)
     # sums added left to right, as the reference does, so the two agree bit for bit
     total = ((_column(a, e, 0) + _column(a, e, 1)) + _column(a, e, 2)) + _column(a, e, 3)
@@ -49,7 +50,7 @@ def _mvue24_kernel(x, out, uniforms, seed, groups, HAS_UNIFORMS: tl.constexpr, G
     uu = u[:, None]
     keep = (((lower <= uu) & (uu < upper)) | ((lower <= uu + 1) & (uu + 1 < upper))) & (p > 0)
     res = tl.where(keep, v / tl.where(keep, p, 1.0), 0.0)
-    tl.store(out + offs, res.to(out.dtype.element_ty), mask=valid[:, None])
+    tl.store(out + flat, tl.reshape(res, [G * 4]).to(out.dtype.element_ty), mask=flat < numel)
 
 
 def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | None) -> torch.Tensor:
@@ -57,7 +58,7 @@ def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | No
     groups = x.numel() // 4
     if groups:
         _mvue24_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](
-            x, out, uniforms if uniforms is not None else x, seed if seed is not None else 0, groups,
+            x, out, uniforms if uniforms is not None else x, seed if seed is not None else 0, groups, groups * 4,
             HAS_UNIFORMS=uniforms is not None, G=GROUPS_PER_PROGRAM,
         )
     return out

@@ -3,9 +3,13 @@
 Scores become order-preserving 32-bit keys (NaN ranks as -inf and -0 as +0, as in the
 reference). Four passes of an 8-bit histogram over the keys that still match the prefix chosen
 so far find the key ``T`` of the k-th largest score, on the device (no host sync, and no
-host-to-device copy once the chunk and address tables are cached). A counting
-pass then gives each chunk the number of ``key == T`` before it, and a last pass writes
-``key > T`` or "tie among the first ``need`` ties in index order": exactly k entries.
+host-to-device copy once the chunk and address tables are cached). Each pass derives the
+digits chosen so far from the previous passes' 256-bin histograms itself, so no launch sits
+between passes. The last histogram pass also keeps every chunk's histogram, whose bin of T's
+last digit counts the chunk's ties; one cumulative sum over chunks then gives each chunk the
+ties before it, and a write pass keeps ``key > T`` or "a tie among the first ``need`` ties in
+index order": exactly k entries. Seven launches (a memset, four histogram passes, the
+cumulative sum, the write) and five reads of the scores per call.
 All score tensors must share one dtype (fp32/fp16/bf16); other inputs use the reference.
 """
 
@@ -34,6 +38,26 @@ def _keys(x, offs, valid, FULL: tl.constexpr):
 
 
 @triton.jit
+def _selected(hist, k, PASSES: tl.constexpr, BINS: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """After PASSES digits: the key prefix of the k-th largest key (digits chosen from the
+    global histograms ``hist[0 .. PASSES - 1]``, highest first), and how many keys with that
+    prefix are still to keep. Every program derives it alike from 1 KB per pass."""
+    prefix = tl.zeros([], dtype=tl.int64)
+    need = tl.zeros([], dtype=tl.int64) + k
+    b = tl.arange(0, BINS)
+    for q in tl.static_range(PASSES):
+        h = tl.load(hist + q * BINS + b).to(tl.int64)
+        total = tl.sum(h, axis=0)
+        below_incl = tl.cumsum(h, axis=0)
+        at_or_above = total - below_incl + h  # matching keys with digit >= d
+        d = tl.sum((at_or_above >= need).to(tl.int32), axis=0) - 1
+        above = total - tl.sum(tl.where(b == d, below_incl, 0), axis=0)
+        prefix = prefix | (d.to(tl.int64) << (32 - RADIX_BITS * (q + 1)))
+        need = need - above
+    return prefix.to(tl.uint32), need
+
+
+@triton.jit
 def _histogram_chunk(x, left, prefix, shift, FIRST: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
                      BLOCK: tl.constexpr, BINS: tl.constexpr):
     acc = tl.zeros([2 * BINS], dtype=tl.int32)
@@ -51,55 +75,24 @@ def _histogram_chunk(x, left, prefix, shift, FIRST: tl.constexpr, FULL: tl.const
 
 
 @triton.jit
-def _histogram_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, hist, shift,
-                      FIRST: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                      BINS: tl.constexpr):
+def _histogram_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, hist, chunk_hist, k,
+                      PASS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                      BINS: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Pass PASS: histogram of digit PASS of the keys that match the prefix of the digits
+    before it, added into hist[PASS]. The last pass also keeps each chunk's own histogram:
+    its bin of the last digit is the chunk's count of keys equal to the threshold."""
     c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
     x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
-    prefix = tl.load(sel).to(tl.uint32)
+    prefix, need = _selected(hist, k, PASS, BINS, RADIX_BITS)
+    shift = 32 - RADIX_BITS * (PASS + 1)
     if left == CHUNK:
-        acc = _histogram_chunk(x, left, prefix, shift, FIRST, True, CHUNK, BLOCK, BINS)
+        acc = _histogram_chunk(x, left, prefix, shift, PASS == 0, True, CHUNK, BLOCK, BINS)
     else:
-        acc = _histogram_chunk(x, left, prefix, shift, FIRST, False, CHUNK, BLOCK, BINS)
+        acc = _histogram_chunk(x, left, prefix, shift, PASS == 0, False, CHUNK, BLOCK, BINS)
     b = tl.arange(0, 2 * BINS)
-    tl.atomic_add(hist + b, acc, mask=b < BINS)
-
-
-@triton.jit
-def _choose_digit_kernel(hist, sel, shift, BINS: tl.constexpr):
-    """sel = [prefix, need]: pick the digit holding the need-th largest, update both."""
-    h = tl.load(hist + tl.arange(0, BINS)).to(tl.int64)
-    need = tl.load(sel + 1)
-    total = tl.sum(h, axis=0)
-    below_incl = tl.cumsum(h, axis=0)
-    at_or_above = total - below_incl + h  # matching keys with digit >= d
-    d = tl.sum((at_or_above >= need).to(tl.int32), axis=0) - 1
-    above = total - tl.sum(tl.where(tl.arange(0, BINS) == d, below_incl, 0), axis=0)
-    tl.store(sel, tl.load(sel) | (d.to(tl.int64) << shift))
-    tl.store(sel + 1, need - above)
-
-
-@triton.jit
-def _ties_chunk(x, left, threshold, FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for j in range(0, CHUNK, BLOCK):
-        offs = j + tl.arange(0, BLOCK)
-        valid = offs < left
-        acc += (valid & (_keys(x, offs, valid, FULL) == threshold)).to(tl.int32)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _ties_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, sel, counts,
-                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
-    x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
-    threshold = tl.load(sel).to(tl.uint32)
-    if left == CHUNK:
-        ties = _ties_chunk(x, left, threshold, True, CHUNK, BLOCK)
-    else:
-        ties = _ties_chunk(x, left, threshold, False, CHUNK, BLOCK)
-    tl.store(counts + c, ties.to(tl.int64))
+    tl.atomic_add(hist + PASS * BINS + b, acc, mask=b < BINS)
+    if PASS == 32 // RADIX_BITS - 1:
+        tl.store(chunk_hist + c.to(tl.int64) * BINS + b, acc, mask=b < BINS)
 
 
 @triton.jit
@@ -117,14 +110,17 @@ def _write_chunk(x, out, left, threshold, need, seen, FULL: tl.constexpr, CHUNK:
 
 
 @triton.jit
-def _write_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, out_ptrs, out_ref, sel, ties_before,
-                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _write_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, out_ptrs, out_ref, hist, ties_through, k,
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+                  RADIX_BITS: tl.constexpr):
+    """keep = key > threshold, or a tie among the first ``need`` ties in index order;
+    ``ties_through[c, d]``: keys of the last digit d (under the full prefix) in chunks <= c."""
     c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
     x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
     out = tensor_ptr(out_ptrs, t, out_ref, start, ALIGNED)
-    threshold = tl.load(sel).to(tl.uint32)
-    need = tl.load(sel + 1)
-    seen = tl.load(ties_before + c)
+    threshold, need = _selected(hist, k, 32 // RADIX_BITS, BINS, RADIX_BITS)
+    last_digit = (threshold & (BINS - 1)).to(tl.int64)
+    seen = tl.load(ties_through + (c.to(tl.int64) - 1) * BINS + last_digit, mask=c > 0, other=0).to(tl.int64)
     if left == CHUNK:
         _write_chunk(x, out, left, threshold, need, seen, True, CHUNK, BLOCK)
     else:
@@ -144,18 +140,16 @@ def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     grid = (table.num_chunks,)
     x_addr = address_table(xs, device)
     vectors = aligned(*xs)  # (the outputs are fresh allocations: aligned)
-    sel = torch.zeros(2, dtype=torch.int64, device=device)  # [prefix, need]: filled, not copied
-    sel[1:].fill_(k)
-    hist = torch.zeros(32 // RADIX_BITS, BINS, dtype=torch.int32, device=device)
-    for p, shift in enumerate(range(32 - RADIX_BITS, -1, -RADIX_BITS)):
-        _histogram_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], sel, hist[p],
-                                shift, FIRST=p == 0, ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS)
-        _choose_digit_kernel[(1,)](hist[p], sel, shift, BINS=BINS)
-    counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
-    _ties_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], sel, counts,
-                       ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK)
+    passes = 32 // RADIX_BITS
+    hist = torch.zeros(passes, BINS, dtype=torch.int32, device=device)
+    chunk_hist = torch.empty(table.num_chunks, BINS, dtype=torch.int32, device=device)
+    for p in range(passes):
+        _histogram_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], hist, chunk_hist,
+                                k, PASS=p, ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS, RADIX_BITS=RADIX_BITS)
+    ties_through = torch.cumsum(chunk_hist, 0, dtype=torch.int32)  # (fewer than 2**31 elements per list)
     outs = [torch.empty(x.shape, dtype=torch.int8, device=device) for x in xs]
     _write_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0],
-                        address_table(outs, device), outs[0], sel, torch.cumsum(counts, 0) - counts,
-                        ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK)
+                        address_table(outs, device), outs[0], hist, ties_through, k,
+                        ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS, RADIX_BITS=RADIX_BITS,
+                        num_warps=2)  # 16 one-byte outputs per thread: 16-byte stores
     return [o.view(torch.bool) for o in outs]
