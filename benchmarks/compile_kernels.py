@@ -453,7 +453,9 @@ def run(launch_files=(), sweep: bool = True, jobs: int = 1, only: str | None = N
     compiled = {(r["module"] + ":" + r["kernel"], r["target"]) for r in rows if "error" not in r}
     missing = [f"{name} on sm_{cap}" for name in all_kernels() for cap in TARGETS
                if (name, f"sm_{cap}") not in compiled]
-    return {"triton": triton.__version__, "torch": torch.__version__, "launches": len(launches),
+    from .common import git_commit
+
+    return {"triton": triton.__version__, "torch": torch.__version__, "commit": git_commit(), "launches": len(launches),
             "recorded": recorded, "rows": rows, "not_compiled": missing,
             "seconds": round(time.perf_counter() - start, 1), "jobs": jobs}
 
@@ -473,11 +475,15 @@ def markdown(reports: list[dict]) -> str:
              "compile on every CI run). No GPU ran anything here: Triton's compiler and the ptxas in the",
              "triton wheel built each configuration the host launchers make down to a cubin. Loads and",
              "stores: bytes per global access instruction in the PTX × how many (16 B is a full vector;",
-             "`cp.async` copies count as loads). MMA: what `tl.dot` became (`fma`: no tensor cores).", ""]
+             "`cp.async` copies count as loads; the 8 B loads of multi-tensor kernels are their int64",
+             "tables, the scalar ones their bounds-checked tail path). MMA: what `tl.dot` became (`fma`:",
+             "no tensor cores). Configurations: dtypes of the tensor arguments (`@n`: a pointer n bytes",
+             "past 16), integers Triton specializes (`=1`, `%16=0`), constexprs and launch options.", ""]
     for rep in reports:
-        lines += [f"## triton {rep['triton']} (torch {rep['torch']})", "",
+        lines += [f"## triton {rep['triton']} (torch {rep['torch']}, commit {rep.get('commit', 'unknown')})", "",
                   f"{rep['launches']} launches ({rep['recorded']} recorded from the interpret tier), "
-                  f"{len(rep['rows'])} distinct compiles.", ""]
+                  f"{len(rep['rows'])} distinct compiles in {rep.get('seconds', '?')} s with {rep.get('jobs', 1)} "
+                  "processes (CPU).", ""]
         if rep["not_compiled"]:
             lines += [f"Not compiled: {', '.join(rep['not_compiled'])}", ""]
         lines += ["| kernel | configuration | target | regs | spill B (st/ld) | smem B | loads | stores | MMA |",

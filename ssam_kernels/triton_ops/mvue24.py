@@ -18,13 +18,9 @@ def _column(t, e, k: tl.constexpr):
 
 
 @triton.jit
-def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.constexpr, G: tl.constexpr):
-    gid = tl.program_id(0) * G + tl.arange(0, G)  # [G]
-    valid = gid < groups
+def _mvue24_groups(v, u):
+    """MVUE of each row of ``v`` ([G, 4] fp32) with the row's uniform ``u`` ([G])."""
     e = tl.arange(0, 4)
-    # the G groups are 4 * G contiguous values: loaded and stored flat (16-byte vectors)
-    flat = tl.program_id(0).to(tl.int64) * G * 4 + tl.arange(0, G * 4)
-    v = tl.reshape(tl.load(x + flat, mask=flat < numel, other=0.0), [G, 4]).to(tl.float32)
     a = tl.abs(v)
     # sums added left to right, as the reference does, so the two agree bit for bit
     total = ((_column(a, e, 0) + _column(a, e, 1)) + _column(a, e, 2)) + _column(a, e, 3)
@@ -38,19 +34,35 @@ def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.const
     p_cap = tl.where(rest[:, None] > 0, a / tl.where(rest > 0, rest, 1.0)[:, None], 0.0)
     p_cap = tl.where(e[None, :] == first_top[:, None], 1.0, p_cap)
     p = tl.where((2 * top > total)[:, None], p_cap, p_free)
-    if HAS_UNIFORMS:
-        u = tl.load(uniforms + gid, mask=valid, other=0.0).to(tl.float32)
-    else:
-        u = tl.rand(seed, gid)
     c0 = _column(p, e, 0)
     c1 = c0 + _column(p, e, 1)
     c2 = c1 + _column(p, e, 2)
-    lower = tl.where(e[None, :] == 0, 0.0, tl.where(e[None, :] == 1, c0[:, None], tl.where(e[None, :] == 2, c1[:, None], c2[:, None])))
-    upper = tl.where(e[None, :] == 0, c0[:, None], tl.where(e[None, :] == 1, c1[:, None], tl.where(e[None, :] == 2, c2[:, None], 2.0)))
+    lower = tl.where(e[None, :] == 0, 0.0, tl.where(e[None, :] == 1, c0[:, None],
+                                                    tl.where(e[None, :] == 2, c1[:, None], c2[:, None])))
+    upper = tl.where(e[None, :] == 0, c0[:, None], tl.where(e[None, :] == 1, c1[:, None],
+                                                            tl.where(e[None, :] == 2, c2[:, None], 2.0)))
     uu = u[:, None]
     keep = (((lower <= uu) & (uu < upper)) | ((lower <= uu + 1) & (uu + 1 < upper))) & (p > 0)
-    res = tl.where(keep, v / tl.where(keep, p, 1.0), 0.0)
-    tl.store(out + flat, tl.reshape(res, [G * 4]).to(out.dtype.element_ty), mask=flat < numel)
+    return tl.where(keep, v / tl.where(keep, p, 1.0), 0.0)
+
+
+@triton.jit
+def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.constexpr, G: tl.constexpr):
+    gid = tl.program_id(0) * G + tl.arange(0, G)  # [G]
+    if HAS_UNIFORMS:
+        u = tl.load(uniforms + gid, mask=gid < groups, other=0.0).to(tl.float32)
+    else:
+        u = tl.rand(seed, gid)
+    # the G groups are 4 * G contiguous values, loaded and stored flat: 16-byte vectors, and
+    # no per-element bounds except in the last program
+    first = tl.program_id(0).to(tl.int64) * G * 4
+    flat = first + tl.arange(0, G * 4)
+    if first + G * 4 <= numel:
+        v = tl.reshape(tl.load(x + flat), [G, 4]).to(tl.float32)
+        tl.store(out + flat, tl.reshape(_mvue24_groups(v, u), [G * 4]).to(out.dtype.element_ty))
+    else:
+        v = tl.reshape(tl.load(x + flat, mask=flat < numel, other=0.0), [G, 4]).to(tl.float32)
+        tl.store(out + flat, tl.reshape(_mvue24_groups(v, u), [G * 4]).to(out.dtype.element_ty), mask=flat < numel)
 
 
 def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | None) -> torch.Tensor:
