@@ -34,6 +34,7 @@ counts) is cached.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -169,14 +170,20 @@ class DeviceTableCache:
         self.captured: dict = {}  # key -> entry a capture used (made before it: valid everywhere)
         self.made_in_capture: list = []  # entries made during a capture: kept, never handed out again
         self.misses = 0  # tables built (on CUDA, one host-to-device copy each; tests read it)
+        self.lock = threading.Lock()  # launchers may run in several threads (one per device)
 
     def clear(self) -> None:
         """Drop the evictable entries (the ones a captured graph uses stay)."""
-        self.lru.clear()
+        with self.lock:
+            self.lru.clear()
 
     def get(self, key: tuple, device: torch.device, build):
         """The cached value for ``key`` (which must name ``device``); on a miss, ``build()``
         returns ``(host tensor, make)`` and ``make(device copy)`` the value."""
+        with self.lock:
+            return self._get(key, device, build)
+
+    def _get(self, key: tuple, device: torch.device, build):
         cuda = device.type == "cuda"
         stream = torch.cuda.current_stream(device) if cuda else None
         capturing = _capturing(device)
