@@ -408,7 +408,7 @@ def compile_all(launches: list[Launch], jobs: int = 1) -> list[dict]:
         distinct.setdefault(json.dumps(desc, sort_keys=True), desc)
     descriptions = list(distinct.values())
     if jobs <= 1 or len(descriptions) < 2:
-        return _dedupe(_compile_shard(descriptions))
+        return _compile_shard(descriptions)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -420,19 +420,7 @@ def compile_all(launches: list[Launch], jobs: int = 1) -> list[dict]:
     for group in sorted(by_kernel.values(), key=len, reverse=True):
         min(shards, key=len).extend(group)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        rows = [row for part in pool.map(_compile_shard, shards) for row in part]
-    return _dedupe(rows)
-
-
-def _dedupe(rows: list[dict]) -> list[dict]:
-    """One row per (kernel, configuration, target, compiled result)."""
-    seen, out = set(), []
-    for r in rows:
-        key = json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+        return [row for part in pool.map(_compile_shard, shards) for row in part]
 
 
 def run(launch_files=(), sweep: bool = True, jobs: int = 1, only: str | None = None) -> dict:

@@ -108,12 +108,13 @@ def block_bits(bits, j, offs, left, FULL: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def block_slots(bit):
-    """For a ``[BLOCK // 8, 8]`` block of mask bits: each kept element's slot among the block's
-    kept elements (in index order), which rows hold any, and how many there are."""
+    """For a ``[BLOCK // 8, 8]`` block of mask bits: which elements are kept, each kept
+    element's slot among the block's kept elements (in index order), which rows hold any, and
+    how many there are."""
     row_count = tl.sum(bit, axis=1)
     row_before = tl.cumsum(row_count, axis=0) - row_count
     slot = row_before[:, None] + tl.cumsum(bit, axis=1) - bit
-    return slot, row_count > 0, tl.sum(row_count, axis=0)
+    return bit != 0, slot, row_count > 0, tl.sum(row_count, axis=0)
 
 
 def aligned(*tensors) -> bool:

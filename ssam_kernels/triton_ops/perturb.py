@@ -55,8 +55,7 @@ def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HA
         valid = offs < left
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
-            slot, row_any, count = block_slots(bit)
-            keep = bit != 0
+            keep, slot, row_any, count = block_slots(bit)
             # whole rows where any element is kept (vector accesses), single elements in a tail
             if FULL:
                 rows = row_any[:, None]
@@ -82,6 +81,23 @@ def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HA
 
 
 @triton.jit
+def backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
+                  HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr):
+    """(mask bits of the chunk, backup pointer, slot base) of chunk ``c`` of tensor ``t``.
+    Masked: the compact backup, whose values for this chunk start at its offset. Unmasked: the
+    whole-tensor backup at the chunk's start (``bits`` is a placeholder)."""
+    if HAS_MASK:
+        bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
+        backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
+        base = tl.load(chunk_offset + c)
+    else:
+        bits = w
+        backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
+        base = 0
+    return bits, backup, base
+
+
+@triton.jit
 def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, chunk_offset,
                  scale_ptr, scale_value, w_ref, g_ref, bits_ref,
                  PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr, ALIGNED: tl.constexpr,
@@ -97,14 +113,8 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
             scale = tl.load(scale_ptr).to(tl.float32)
         else:
             scale = scale_value
-    if HAS_MASK:  # the compact backup: this chunk's values start at its offset
-        bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
-        backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
-        base = tl.load(chunk_offset + c)
-    else:
-        bits = w
-        backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
-        base = 0
+    bits, backup, base = backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
+                                       HAS_MASK, ALIGNED)
     if left == CHUNK:
         _move_chunk(w, g, bits, backup, base, scale, left, PERTURB, HAS_MASK, True, CHUNK, BLOCK)
     else:

@@ -14,7 +14,7 @@ from ..ops.sgd_step import restore_sgd_step_torch
 from ..ops.bitmask import as_bitmask
 from .multi_tensor import (CHUNK, address_table, aligned, block_bits, block_offsets, block_slots, chunk_table,
                            group_by, load_block, store_block, tensor_ptr, this_chunk)
-from .perturb import chunk_offsets
+from .perturb import backup_source, chunk_offsets
 
 SGD_BLOCK = 512
 
@@ -29,8 +29,7 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampen
         valid = offs < left
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
-            slot, row_any, count = block_slots(bit)
-            keep = bit != 0
+            keep, slot, row_any, count = block_slots(bit)
             current = load_block(w + offs, valid, FULL)
             weight = tl.where(keep, tl.load(backup + base + slot, mask=keep), current).to(tl.float32)
             base += count
@@ -66,14 +65,8 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
     buf = w
     if MOMENTUM:
         buf = tensor_ptr(buf_ptrs, t, buf_ref, start, ALIGNED)
-    if HAS_MASK:  # the compact backup: this chunk's values start at its offset
-        bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
-        backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
-        base = tl.load(chunk_offset + c)
-    else:
-        bits = w
-        backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
-        base = 0
+    bits, backup, base = backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
+                                       HAS_MASK, ALIGNED)
     if left == CHUNK:
         _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay, HAS_MASK,
                            MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, True, CHUNK, BLOCK)
