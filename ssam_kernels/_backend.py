@@ -79,10 +79,30 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _has_cpu_bf16(values) -> bool:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.dtype == torch.bfloat16 and v.device.type == "cpu":
+                return True
+        elif isinstance(v, (list, tuple)) and _has_cpu_bf16(v):
+            return True
+    return False
+
+
 def lazy(module: str, name: str) -> Callable:
     """``module.name``, imported on first call (so importing an op never imports Triton)."""
+    triton_kernel = module.startswith("ssam_kernels.triton_ops")
 
     def call(*args, **kwargs):
+        # numpy, which the interpreter computes in, has no bfloat16: refuse, do not compute garbage.
+        # The environment itself, not triton_interpreting(): the compile tier's sweep patches
+        # that to record GPU launches of CPU tensors, which it compiles and never runs.
+        interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+        if triton_kernel and interpreted and _has_cpu_bf16(list(args) + list(kwargs.values())):
+            raise BackendUnavailableError(
+                f"{name}: Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run bfloat16 tensors; "
+                "use backend='torch' or 'ext' on CPU, or a GPU"
+            )
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name

@@ -94,3 +94,60 @@ def backend_dtypes(dtypes, backends=None):
         for d in dtypes
         if not (b.values[0] == "triton" and d == torch.bfloat16)
     ]
+
+
+# --- the optimizers in every ascent mode (frontend tests) -------------------------------------
+ASCENT_MODES = ("dense", "exact", "implicit", "mvue", "mvue_dx")
+# (optimizer, ascent_backward): SAM, and each sparse optimizer in every ascent mode
+OPTIMIZER_CONFIGS = [("SAM", "dense")] + [(k, m) for k in ("SSAMF", "SSAMD") for m in ASCENT_MODES]
+
+
+def make_optimizer(kind, mode, model, seed=1, **base_kwargs):
+    """SAM, SSAMF or SSAMD over SGD on ``model``, set up so ``mode`` can run: ``exact`` needs the
+    masked norm, the 2:4 modes a ``2:4:out`` mask."""
+    import ssam
+
+    params = model.parameters()
+    base_kwargs.setdefault("lr", 0.1)
+    if kind == "SAM":
+        return ssam.SAM(params, torch.optim.SGD, rho=0.05, **base_kwargs)
+    two_four = mode in ("implicit", "mvue", "mvue_dx")
+    common = dict(rho=0.05, sparsity=None if two_four else 0.5, structure="2:4:out" if two_four else "unstructured",
+                  norm="masked" if mode == "exact" else "full", ascent_backward=mode, seed=seed, **base_kwargs)
+    if kind == "SSAMF":
+        return ssam.SSAMF(params, torch.optim.SGD, num_samples=8, update_freq=1, **common)
+    return ssam.SSAMD(params, torch.optim.SGD, drop_rate=0.5, T_end=10, **common)
+
+
+def setup_training(kind, mode, gen, **optimizer_kwargs):
+    """A seeded MLP, its optimizer (momentum 0.9) with a fitted mask, and a regression batch."""
+    x, y = regression_batch(gen, n=16)
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make_optimizer(kind, mode, model, momentum=0.9, **optimizer_kwargs)
+    fit_mask(opt, model, x, y)
+    return model, opt, x, y
+
+
+def fit_mask(opt, model, x, y):
+    """SSAM-F's first mask, from the regression batch ``(x, y)``; nothing for the others."""
+    import ssam
+
+    if isinstance(opt, ssam.SSAMF):
+        opt.update_mask(model, torch.utils.data.TensorDataset(x, y), loss_fn=F.mse_loss)
+
+
+# Triton's interpreter is slow, and the frontend's logic is the same on every backend: under
+# it, one config per optimizer, covering the masked-norm, 2:4 and MVUE paths
+INTERPRETED_CONFIGS = [("SAM", "dense"), ("SSAMF", "exact"), ("SSAMD", "mvue")]
+
+
+def backend_configs(configs=OPTIMIZER_CONFIGS, keep=lambda backend, kind, mode: True):
+    """(backend, kind, mode) params: every config on the reference and the extension, the
+    INTERPRETED_CONFIGS among them under Triton; ``keep`` filters further."""
+    return [
+        pytest.param(b.values[0], k, m, marks=b.marks, id=f"{k}-{m}-{b.values[0]}")
+        for b in BACKENDS_WITH_EXT
+        for k, m in configs
+        if (b.values[0] != "triton" or (k, m) in INTERPRETED_CONFIGS) and keep(b.values[0], k, m)
+    ]

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from helpers import BACKENDS, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS, TRITON_ON_CPU, backend_dtypes, rand, rand_mask
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssam_kernels import masked_weight_grad, pack_mask
+from ssam_kernels import BackendUnavailableError, grad_norm, masked_weight_grad, pack_mask
 
 # fp32: reference and kernel sum the same products in different orders; fp16/bf16: the
 # reference rounds the product to the low dtype, the kernel rounds once from fp32
@@ -94,3 +94,14 @@ def test_cuda_triton_equals_reference(dtype):
     scale = ref.abs().max().item()
     tol = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype] * scale
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+def test_triton_interpreter_refuses_bfloat16(gen):
+    """numpy, which the interpreter computes in, has no bfloat16: a clear error, not garbage."""
+    dy, x = torch.randn(8, 4, generator=gen).bfloat16(), torch.randn(8, 16, generator=gen).bfloat16()
+    with pytest.raises(BackendUnavailableError, match="cannot run bfloat16"):
+        masked_weight_grad(dy, x, torch.ones(4, 16, dtype=torch.bool), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="cannot run bfloat16"):
+        grad_norm([torch.randn(5).float(), torch.randn(3).bfloat16()], backend="triton")

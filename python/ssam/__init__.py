@@ -5,6 +5,7 @@ Optimizers ``SAM``, ``SSAMF`` (Fisher mask) and ``SSAMD`` (dynamic mask) wrap an
 perturbation, the exact restore and mask selection.
 """
 
+from .batchnorm import frozen_batchnorm_stats
 from .fisher import empirical_fisher
 from .sam import SAM
 from .ssamd import SSAMD, cosine_death_rate
@@ -13,4 +14,7 @@ from .structure import Structure, parse_structure
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "SSAMD", "SSAMF", "Structure", "cosine_death_rate", "empirical_fisher", "parse_structure"]
+__all__ = [
+    "SAM", "SSAMD", "SSAMF", "Structure", "cosine_death_rate", "empirical_fisher", "frozen_batchnorm_stats",
+    "parse_structure",
+]

@@ -5,6 +5,9 @@ Differences from the official code, all deliberate:
 * ``second_step`` restores ``w`` bit-for-bit from a backup (the official ``w -= e`` drifts by
   rounding), and the backup holds only the perturbed values.
 * A step that fails (the closure raises) leaves the weights as they were.
+* Mixed precision, clipping and data parallelism are handled in the steps themselves
+  (``grad_scaler=``, ``max_grad_norm=``, ``ascent(no_sync=)``), since each must act between
+  the two passes, where a plain training loop cannot reach.
 """
 
 from __future__ import annotations
@@ -49,6 +52,43 @@ def _build_base(params: list, base_optimizer, base_kwargs: dict) -> torch.optim.
     )
 
 
+def _active_scaler(grad_scaler):
+    """``grad_scaler`` if it is an enabled ``torch.amp.GradScaler``; None if None or disabled."""
+    if grad_scaler is None:
+        return None
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
+    return grad_scaler if grad_scaler.is_enabled() else None
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` found an inf or NaN: one host sync, as in
+    ``GradScaler.step``. The per-device flags are the scaler's record of that unscale, the same
+    ones its ``step`` and fused optimizers read."""
+    return any(bool(flag.item()) for flag in scaler._found_inf_per_device(optimizer).values())
+
+
+def _check_max_grad_norm(max_grad_norm) -> float | None:
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(f"max_grad_norm must be a real number or None, got {type(max_grad_norm).__name__}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+    return float(max_grad_norm)
+
+
+def _no_sync(module):
+    """``module.no_sync()`` (a ``DistributedDataParallel`` model), or nothing for None."""
+    if module is None:
+        return contextlib.nullcontext()
+    if not callable(getattr(module, "no_sync", None)):
+        raise TypeError(
+            f"no_sync must be a module with a no_sync() method (DistributedDataParallel), got {type(module).__name__}"
+        )
+    return module.no_sync()
+
+
 def _flat_params(params: list) -> list[torch.Tensor]:
     out = []
     for item in params:
@@ -74,6 +114,10 @@ class SAM(torch.optim.Optimizer):
     Use either ``loss.backward(); opt.step(closure)`` where ``closure`` recomputes the loss and
     calls ``backward()``, or ``first_step(zero_grad=True)``, a second forward/backward, then
     ``second_step()``. ``param_groups`` is the base optimizer's, so schedulers work on either.
+
+    Mixed precision: with fp16 and a ``torch.amp.GradScaler``, call ``scaler.scale(loss).backward()``
+    in both passes and pass ``grad_scaler=scaler`` to both steps (or to ``step``); they unscale,
+    skip the step where either pass has an inf/NaN gradient, and call ``scaler.update()``.
     """
 
     def __init__(self, params: Iterable, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
@@ -98,6 +142,10 @@ class SAM(torch.optim.Optimizer):
             _check_rho(group["rho"])
         # (group, perturbed params, their backup) for each group, between the two steps
         self._pending: list[tuple[dict, list[torch.Tensor], ssam_kernels.PerturbBackup]] | None = None
+        # between the steps: the GradScaler of first_step, and whether the step is skipped
+        # (inf/NaN in the ascent gradient: nothing was perturbed and nothing will be stepped)
+        self._scaler: torch.amp.GradScaler | None = None
+        self._skipped = False
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
@@ -127,10 +175,24 @@ class SAM(torch.optim.Optimizer):
         where there is no such mask (SAM perturbs every parameter with a gradient)."""
         return None
 
-    def ascent(self):
+    def ascent(self, *, no_sync=None):
         """Context manager around the ascent forward/backward (the pass at ``w`` whose gradient
-        sets the perturbation). SAM's ascent pass is ordinary autograd: a no-op here."""
-        return contextlib.nullcontext()
+        sets the perturbation). SAM's ascent pass is ordinary autograd.
+
+        ``no_sync``: a ``DistributedDataParallel`` model whose gradient all-reduce is skipped in
+        this pass (``model.no_sync()``). Each rank then perturbs along its own gradient
+        (m-sharpness with m = the per-rank batch): one all-reduce of the gradients fewer per
+        step, and a perturbation that differs from rank to rank. The descent pass still
+        all-reduces, and ``second_step`` returns every rank to the same ``w``, so the weights
+        stay identical across ranks."""
+        return _no_sync(no_sync)
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step``: the weights are at ``w + e``. A
+        closure can use it to leave BatchNorm statistics alone in the second pass
+        (:func:`ssam.frozen_batchnorm_stats`)."""
+        return self._pending is not None and not self._skipped
 
     # --- the two steps -----------------------------------------------------------------------
 
@@ -143,11 +205,23 @@ class SAM(torch.optim.Optimizer):
         return [(g, ps) for g, ps in groups if ps]
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move to ``w + e`` (only masked entries for sparse variants), remembering ``w``."""
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move to ``w + e`` (only masked entries for sparse variants), remembering ``w``.
+
+        ``grad_scaler``: the ``GradScaler`` that scaled this pass's loss. The gradients are
+        unscaled first; if one holds an inf or NaN, nothing is perturbed and the step is
+        skipped (``second_step`` then only unscales, restores and updates the scaler)."""
         if self._pending is not None:
             raise RuntimeError("first_step() called twice without second_step() in between")
+        scaler = _active_scaler(grad_scaler)
         groups = self._with_grads()
+        if scaler is not None:
+            scaler.unscale_(self.base_optimizer)  # the ascent pass's record; second_step's is under self
+            if _found_inf(scaler, self.base_optimizer):
+                self._pending, self._scaler, self._skipped = [], scaler, True
+                if zero_grad:
+                    self.zero_grad()
+                return
         masked_norm = self._norm_masked()
         norm_inputs, norm_masks, plans = [], [], []
         for group, params in groups:
@@ -169,24 +243,67 @@ class SAM(torch.optim.Optimizer):
                 pending.append((group, params, ssam_kernels.perturb_(params, directions, masks, scale)))
         except BaseException:
             self._restore(pending)
+            if scaler is not None:
+                scaler.update()
             raise
-        self._pending = pending
+        self._pending, self._scaler, self._skipped = pending, scaler, False
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Return to ``w`` exactly and take the base optimizer's step with the current grads."""
+    def second_step(self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None,
+                    max_grad_norm: float | None = None) -> None:
+        """Return to ``w`` exactly and take the base optimizer's step with the current grads.
+
+        Args:
+            grad_scaler: the ``GradScaler`` given to ``first_step`` (both or neither). The
+                gradients are unscaled; if this pass or the ascent pass had an inf or NaN, the
+                weights are restored and not stepped. Then ``grad_scaler.update()`` is called:
+                this replaces ``scaler.step(opt); scaler.update()``.
+            max_grad_norm: clip the descent gradient to this total norm (after unscaling)
+                before the base step, with ``torch.nn.utils.clip_grad_norm_``.
+        """
         if self._pending is None:
             raise RuntimeError("second_step() called without a preceding first_step()")
+        try:  # bad input: back to w before raising
+            max_grad_norm = _check_max_grad_norm(max_grad_norm)
+            scaler = _active_scaler(grad_scaler)
+            if scaler is not self._scaler:
+                raise ValueError(
+                    "grad_scaler must be the GradScaler given to first_step() (or None in both): "
+                    f"first_step got {'one' if self._scaler is not None else 'none'}, second_step got "
+                    f"{'none' if scaler is None else 'another' if self._scaler is not None else 'one'}"
+                )
+        except (TypeError, ValueError):
+            self.restore()
+            raise
+        if scaler is not None:
+            scaler.unscale_(self)
+            if self._skipped or _found_inf(scaler, self):
+                self.restore()  # updates the scaler: the skip backs the scale off
+                if zero_grad:
+                    self.zero_grad()
+                return
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.param_groups for p in g["params"] if p.grad is not None], max_grad_norm
+            )
         if self._can_fuse_sgd():
             pending, self._pending = self._pending, None
             self._fused_sgd_step(pending)
         else:
-            self.restore()
+            self._restore(self._pending)
+            self._pending = None
             self.base_optimizer.step()
+        self._end_scaler_iteration()
         if zero_grad:
             self.zero_grad()
+
+    def _end_scaler_iteration(self) -> None:
+        """``update()`` the scaler of this step, so it is ready for the next one."""
+        scaler, self._scaler, self._skipped = self._scaler, None, False
+        if scaler is not None:
+            scaler.update()
 
     _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay")
 
@@ -249,10 +366,12 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo a ``first_step`` without stepping (e.g. when the second pass failed)."""
+        """Undo a ``first_step`` without stepping (e.g. when the second pass failed). A
+        ``GradScaler`` given to ``first_step`` is updated, so the next step can use it."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._restore(pending)
+            self._end_scaler_iteration()
 
     @staticmethod
     def _restore(pending) -> None:
@@ -261,20 +380,22 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None, model=None, epoch=None, batch_idx=None,
-             train_data=None, logger=None, step=None):
-        """One SAM step. ``closure`` must recompute the loss and call ``backward()``. The
-        gradient at ``w`` is the one in ``.grad``; where no parameter has one (after
-        ``zero_grad()``), the closure runs first for it, inside :meth:`ascent`. Then the
-        closure runs at ``w + e`` (grad enabled). Returns what the last closure call returned.
-        If a closure raises, ``w`` is as it was.
+             train_data=None, logger=None, step=None, *, grad_scaler: torch.amp.GradScaler | None = None,
+             max_grad_norm: float | None = None):
+        """One SAM step. ``closure`` must recompute the loss and call ``backward()`` (with a
+        ``grad_scaler``: ``grad_scaler.scale(loss).backward()``). The gradient at ``w`` is the
+        one in ``.grad``; where no parameter has one (after ``zero_grad()``), the closure runs
+        first for it, inside :meth:`ascent`. Then the closure runs at ``w + e`` (grad enabled).
+        Returns what the last closure call returned. If a closure raises, ``w`` is as it was.
+        ``grad_scaler`` and ``max_grad_norm`` are as in :meth:`first_step` / :meth:`second_step`.
 
         The other arguments are the official training loop's; SAM accepts and ignores them so
         that loop runs unchanged with any of the three optimizers."""
-        closure = self._check_closure(closure)
+        closure = self._check_step_args(closure, grad_scaler, max_grad_norm)
         self._ascent_pass(closure)
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         loss = self._second_pass(closure)
-        self.second_step()
+        self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         return loss
 
     def _ascent_pass(self, closure, dense: bool = False) -> None:
@@ -284,6 +405,12 @@ class SAM(torch.optim.Optimizer):
             return
         with torch.enable_grad(), (contextlib.nullcontext() if dense else self.ascent()):
             closure()
+
+    def _check_step_args(self, closure, grad_scaler, max_grad_norm):
+        """``step()``'s own arguments, checked before anything runs; returns the closure."""
+        _active_scaler(grad_scaler)
+        _check_max_grad_norm(max_grad_norm)
+        return self._check_closure(closure)
 
     def _check_closure(self, closure):
         if closure is None:

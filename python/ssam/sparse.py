@@ -3,6 +3,7 @@ state, applied to the perturbation, and the official code's ``step(closure, mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -11,6 +12,7 @@ import ssam_kernels
 from ssam_kernels import BitMask, keep_count, pack_mask, packed_nbytes
 from ssam_kernels.sparse_ascent import ASCENT_MODES, sparse_ascent
 
+from .distributed import broadcast_, broadcast_seed
 from .sam import SAM
 from .structure import Structure, parse_structure, resolve_sparsity
 
@@ -28,9 +30,10 @@ def check_positive_int(name: str, value) -> int:
 
 
 def resolve_seed(seed) -> int:
-    """``seed`` checked, or (None) one drawn from torch's global RNG."""
+    """``seed`` checked, or (None) one drawn from torch's global RNG (rank 0's under
+    torch.distributed, so that every rank draws the same masks and samples)."""
     if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
+        return broadcast_seed(int(torch.randint(0, 2**62, (1,)).item()))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     return seed
@@ -55,6 +58,12 @@ def log_message(logger, message: str) -> None:
         logger(message)
     else:
         raise TypeError(f"logger must be a logging.Logger, have a .log(msg) method, or be callable; got {type(logger).__name__}")
+
+
+@contextlib.contextmanager
+def _together(outer, inner):
+    with outer, inner:
+        yield
 
 
 class SparseSAM(SAM):
@@ -119,7 +128,7 @@ class SparseSAM(SAM):
             return None
         return p.new_empty(0), mask
 
-    def ascent(self, *, gemm: str = "auto"):
+    def ascent(self, *, gemm: str = "auto", no_sync=None):
         """Context manager for the ascent forward/backward, in the ``ascent_backward`` mode::
 
             with opt.ascent():
@@ -127,16 +136,21 @@ class SparseSAM(SAM):
             opt.step(closure)
 
         ``step(closure)`` after ``zero_grad()`` runs the ascent pass inside it by itself.
-        ``gemm`` picks the 2:4 GEMM path (``"auto"``, ``"dense"``, ``"cusparselt"``)."""
+        ``gemm`` picks the 2:4 GEMM path (``"auto"``, ``"dense"``, ``"cusparselt"``).
+        ``no_sync``: a ``DistributedDataParallel`` model, as in :meth:`ssam.SAM.ascent`."""
         masks = {p: self._masks[p] for p in self.params}
-        return sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm)
+        # both built (and their arguments checked) now, entered by the caller's ``with``
+        return _together(super().ascent(no_sync=no_sync),
+                         sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm))
 
     def _set_masks(self, masks: list[torch.Tensor]) -> None:
         """Replace every mask (new tensors: a pending backup keeps referring to the old ones)."""
         for p, m in zip(self.params, masks):
             if m.shape != p.shape or m.dtype != torch.bool:
                 raise ValueError(f"mask of shape {tuple(m.shape)} / {m.dtype} for a parameter of shape {tuple(p.shape)}")
-        self._masks = {p: pack_mask(m.to(p.device)) for p, m in zip(self.params, masks)}
+        packed = {p: pack_mask(m.to(p.device)) for p, m in zip(self.params, masks)}
+        broadcast_([m.bits for m in packed.values()])  # under torch.distributed: rank 0's masks
+        self._masks = packed
 
     def add_param_group(self, param_group: dict) -> None:
         """New parameters start unperturbed (empty mask) until the next ``update_mask``."""

@@ -179,18 +179,20 @@ class SSAMD(SparseSAM):
     # --- official calling convention ---------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None, epoch=None, batch_idx=None, logger=None, model=None, train_data=None, step=None):
+    def step(self, closure=None, epoch=None, batch_idx=None, logger=None, model=None, train_data=None, step=None, *,
+             grad_scaler=None, max_grad_norm=None):
         """A SAM step with the current mask. With the official ``epoch`` and ``batch_idx``
         (``logger`` optional; ``model``, ``train_data`` and ``step`` accepted and unused), the
         mask is updated between the two passes, from the gradient at ``w``, when
-        ``epoch % update_freq == 0 and batch_idx == 0``; it applies from the next step."""
-        closure = self._check_closure(closure)
+        ``epoch % update_freq == 0 and batch_idx == 0``; it applies from the next step.
+        ``grad_scaler`` and ``max_grad_norm``: as in :meth:`ssam.SAM.step`."""
+        closure = self._check_step_args(closure, grad_scaler, max_grad_norm)
         if (epoch is None) != (batch_idx is None):
             raise ValueError("the official calling convention needs both epoch and batch_idx")
         due = epoch is not None and self._due(epoch, batch_idx)
         # growing by gradient reads the unmasked entries' gradient, which "exact" skips
         self._ascent_pass(closure, dense=due and self.growth_strategy == "gradient" and self.ascent_backward == "exact")
-        self.first_step()
+        self.first_step(grad_scaler=grad_scaler)
         try:
             if due:
                 self.update_mask(epoch)
@@ -200,7 +202,7 @@ class SSAMD(SparseSAM):
             self.restore()
             raise
         loss = self._second_pass(closure)
-        self.second_step()
+        self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         return loss
 
 

@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-from .fisher import empirical_fisher
+from .distributed import all_reduce_sum_, world
+from .fisher import draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
 
@@ -70,23 +71,48 @@ class SSAMF(SparseSAM):
     def update_mask(self, model: torch.nn.Module, data, loss_fn: Callable | None = None) -> None:
         """Recompute the mask from the empirical Fisher of ``model`` on ``num_samples`` samples
         of ``data`` (a Dataset, or an iterable of ``(x, y)`` batches). ``loss_fn(output, y)``
-        defaults to cross-entropy. Model weights, grads and BatchNorm statistics are unchanged."""
+        defaults to cross-entropy. Model weights, grads and BatchNorm statistics are unchanged.
+
+        Under torch.distributed every rank calls this: from a Dataset, the ranks draw the same
+        ``num_samples`` indices (same seed) and each takes every ``world_size``-th; from an
+        iterable, each rank takes its share of its own batches. The Fisher sums are all-reduced,
+        so the mask is chosen from ``num_samples`` samples in all, at ``1/world_size`` of the
+        time, and is the same on every rank."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
-        fisher = empirical_fisher(
-            model, self.params, data, self.num_samples, loss_fn, self.generator, self.fisher_chunk_size
-        )
+        data, count = self._rank_share(data)
+        if count:
+            fisher = empirical_fisher(model, self.params, data, count, loss_fn, self.generator, self.fisher_chunk_size)
+        else:  # more ranks than samples
+            fisher = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        all_reduce_sum_(fisher)  # each rank computed its share of the samples
         self._set_masks(select_mask(fisher, self.structure, self._keep()))
         self.mask_updates += 1
 
+    def _rank_share(self, data):
+        """``(data, num_samples)`` for this rank: everything with one process; under
+        torch.distributed, every ``world_size``-th of the same ``num_samples`` draws from a
+        Dataset (the generators agree), or this rank's share of its own iterable's batches."""
+        rank, world_size = world()
+        if world_size == 1:
+            return data, self.num_samples
+        share = len(range(rank, self.num_samples, world_size))
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+            x, y = draw_samples(data, self.num_samples, self.generator)
+            x, y = x[rank::world_size], y[rank::world_size]
+            return [(x, y)], x.shape[0]
+        return data, share
+
     @torch.no_grad()
-    def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None):
+    def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None, *,
+             grad_scaler=None, max_grad_norm=None):
         """A SAM step with the current mask. With the official keyword arguments (``model``,
         ``epoch``, ``batch_idx``, ``train_data``; ``logger`` optional; ``step`` accepted and
-        unused), the mask is then recomputed when ``epoch % update_freq == 0 and batch_idx == 0``."""
-        closure = self._check_closure(closure)
+        unused), the mask is then recomputed when ``epoch % update_freq == 0 and batch_idx == 0``.
+        ``grad_scaler`` and ``max_grad_norm``: as in :meth:`ssam.SAM.step`."""
+        closure = self._check_step_args(closure, grad_scaler, max_grad_norm)
         official = [v is not None for v in (model, epoch, batch_idx, train_data)]
         if any(official) and not all(official):
             raise ValueError("the official calling convention needs all of model, epoch, batch_idx and train_data")
@@ -94,7 +120,7 @@ class SSAMF(SparseSAM):
         if not any(official) and self.mask_updates == 0 and not self._warned_empty:
             warnings.warn("SSAMF.step() before any update_mask(): the mask is empty, nothing is perturbed", stacklevel=2)
             self._warned_empty = True
-        loss = super().step(closure)
+        loss = super().step(closure, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         if due:
             self.update_mask(model, train_data)
             self._log_update(logger)
