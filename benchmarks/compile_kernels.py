@@ -335,7 +335,10 @@ def config_label(launch: Launch) -> str:
             aligned = "" if a.data_ptr() % 16 == 0 else "@" + str(a.data_ptr() % 16)
             dtypes.append(name + aligned)
     ints = []  # integers as Triton specializes them: equal to 1, or a multiple of 16
+    unspecialized = {p.name for p in getattr(launch.kernel, "params", ()) if getattr(p, "do_not_specialize", False)}
     for name, a in zip(launch.kernel.arg_names, launch.args):
+        if name in unspecialized:  # e.g. a float64's bits: one compile whatever the value
+            continue
         if isinstance(a, int) and not isinstance(a, bool) and (a == 1 or a % 16 == 0):
             ints.append(f"{name}=1" if a == 1 else f"{name}%16=0")
     keys = [f"{k}={v}" for k, v in sorted(launch.kwargs.items())]

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -24,18 +25,23 @@ namespace ssam {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per parallel task; a multiple of 8 (whole mask bytes)
-constexpr int64_t kBlock = 256;   // elements summed in fp32 before the fp64 running sum
+constexpr int64_t kBlock = 256;   // elements summed in the lanes' type before the fp64 running sum
 
 inline bool bit_at(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
+// The type the math of a `scalar_t` weight is done in: double for double (float math would
+// round w + e to fp32 precision, so w + 0 * g would not be w), float for every narrower type.
+template <typename T> using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 // v * v where bit is 1, exactly +0 where it is 0 (even for inf/NaN v): branch-free, since
-// random masks make branches unpredictable.
-inline float masked_square(float v, unsigned bit) {
-  const float sq = v * v;
-  uint32_t raw;
+// random masks make branches unpredictable. A: float or double.
+template <typename A> inline A masked_square(A v, unsigned bit) {
+  using Raw = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+  const A sq = v * v;
+  Raw raw;
   std::memcpy(&raw, &sq, sizeof raw);
-  raw &= 0u - bit;
-  float out;
+  raw &= Raw(0) - Raw(bit);
+  A out;
   std::memcpy(&out, &raw, sizeof out);
   return out;
 }
@@ -93,9 +99,11 @@ at::Tensor unpack_mask_cpu(const at::Tensor& bits, int64_t numel) {
 
 // ---- gradient norm --------------------------------------------------------------------------
 
-at::Tensor grad_norm_cpu(at::TensorList tensors, const c10::List<c10::optional<at::Tensor>>& masks) {
-  TORCH_CHECK(masks.size() == tensors.size(), "grad_norm: one mask entry per tensor");
-  double total = 0.0;  // fp32 within blocks of kBlock elements, block sums added in fp64
+// Sums of squares in lanes of type A (float, or double where the norm is float64) over blocks
+// of kBlock elements, the block sums added in fp64; the result in A's dtype.
+template <typename A>
+at::Tensor grad_norm_as(at::TensorList tensors, const c10::List<c10::optional<at::Tensor>>& masks) {
+  double total = 0.0;
   for (size_t k = 0; k < tensors.size(); ++k) {
     const auto t = tensors[k].contiguous();
     const c10::optional<at::Tensor> bits = masks.get(k);
@@ -111,19 +119,19 @@ at::Tensor grad_norm_cpu(at::TensorList tensors, const c10::List<c10::optional<a
           double chunk_sum = 0.0;
           const int64_t end = std::min(n, (c + 1) * kChunk);
           for (int64_t i0 = c * kChunk; i0 < end; i0 += kBlock) {
-            // fp32 over a block in 8 independent lanes (as the GPU kernels' lanes do), then fp64
-            float lane[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            // A over a block in 8 independent lanes (as the GPU kernels' lanes do), then fp64
+            A lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             const int64_t stop = std::min(end, i0 + kBlock);
             int64_t i = i0;
             for (; i + 8 <= stop; i += 8) {  // whole mask bytes: a fixed, unrolled inner loop
               const unsigned byte = b ? b[i >> 3] : 0xFFu;
-              for (int j = 0; j < 8; ++j) lane[j] += masked_square(static_cast<float>(x[i + j]), (byte >> j) & 1u);
+              for (int j = 0; j < 8; ++j) lane[j] += masked_square(static_cast<A>(x[i + j]), (byte >> j) & 1u);
             }
             for (; i < stop; ++i) {
-              const float v = static_cast<float>(x[i]);
-              lane[i & 7] += (b == nullptr || bit_at(b, i)) ? v * v : 0.f;
+              const A v = static_cast<A>(x[i]);
+              lane[i & 7] += (b == nullptr || bit_at(b, i)) ? v * v : A(0);
             }
-            for (float l : lane) chunk_sum += l;
+            for (A l : lane) chunk_sum += l;
           }
           partial[c] = chunk_sum;
         }
@@ -131,7 +139,17 @@ at::Tensor grad_norm_cpu(at::TensorList tensors, const c10::List<c10::optional<a
     });
     for (double p : partial) total += p;
   }
-  return at::scalar_tensor(static_cast<float>(std::sqrt(total)), at::TensorOptions().dtype(at::kFloat));
+  return at::scalar_tensor(static_cast<A>(std::sqrt(total)),
+                           at::TensorOptions().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat));
+}
+
+// A float64 norm where any tensor is float64 (fp32 sums would round its squares to fp32
+// precision), else float32.
+at::Tensor grad_norm_cpu(at::TensorList tensors, const c10::List<c10::optional<at::Tensor>>& masks) {
+  TORCH_CHECK(masks.size() == tensors.size(), "grad_norm: one mask entry per tensor");
+  for (const auto& t : tensors)
+    if (t.scalar_type() == at::kDouble) return grad_norm_as<double>(tensors, masks);
+  return grad_norm_as<float>(tensors, masks);
 }
 
 // ---- masked perturbation and exact restore --------------------------------------------------
@@ -162,11 +180,12 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, const c10::List<c1
   TORCH_CHECK(grads.size() == params.size() && masks.size() == params.size() && backups.size() == params.size(),
               "perturb_: params, grads, masks and backup must have the same length");
   check_scale(scale_t, "perturb_");
-  const float scale = scale_t.item<float>();
+  const double scale64 = scale_t.item<double>();  // exact for a float or double scale
   for (size_t k = 0; k < params.size(); ++k) {
     at::Tensor w = params[k];
     TORCH_CHECK(w.is_contiguous(), "perturb_ (ext): params must be contiguous");
-    const auto g = grads[k].contiguous().to(at::kFloat);
+    // the math is in math_t<w's type>: double for a double weight, else float
+    const auto g = grads[k].contiguous().to(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     TORCH_CHECK(g.numel() == w.numel(), "perturb_: grads[", k, "] does not match params[", k, "]");
     const c10::optional<at::Tensor> bits = masks.get(k);
     check_bits(bits, w, "perturb_", k);
@@ -176,11 +195,13 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, const c10::List<c1
                 "perturb_: backup ", k, " must be contiguous, of the param's dtype");
     TORCH_CHECK(bits.has_value() || backup.numel() == n, "perturb_: backup ", k, " must hold the whole tensor");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_cpu", [&] {
+      using M = math_t<scalar_t>;
       scalar_t* x = w.data_ptr<scalar_t>();
       scalar_t* out = backup.data_ptr<scalar_t>();
-      const float* d = g.data_ptr<float>();
-      // fp32 math, one rounding: (w + scale * g) as the reference computes it
-      auto moved = [&](int64_t i) { return static_cast<scalar_t>(static_cast<float>(x[i]) + scale * d[i]); };
+      const M* d = g.data_ptr<M>();
+      const M scale = static_cast<M>(scale64);
+      // (w + scale * g) in M, one rounding to scalar_t, as the reference computes it
+      auto moved = [&](int64_t i) { return static_cast<scalar_t>(static_cast<M>(x[i]) + scale * d[i]); };
       if (!bits.has_value()) {
         at::parallel_for(0, n, kChunk, [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {

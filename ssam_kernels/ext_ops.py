@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .ops.bitmask import as_bitmask, packed_nbytes
-from .ops.grad_norm import grad_norm_torch
+from .ops.grad_norm import accumulation_dtype, grad_norm_torch
 from .ops.nm_mask import nm_mask_torch
 from .ops.perturb import PerturbBackup, perturb_torch, restore_torch
 
@@ -32,8 +32,9 @@ def perturb_ext(params, grads, masks, scale) -> PerturbBackup:
     masks = [as_bitmask(m) for m in masks]
     if not _one_device_contiguous(params):
         return perturb_torch(params, grads, masks, scale)
-    # a number stays on the host (the CUDA op reads it there: no copy to the device, no wait)
-    scale_t = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float32)
+    # a number stays on the host (the CUDA op reads it there: no copy to the device, no wait),
+    # as a float64, which float64 params take unrounded
+    scale_t = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
     values = [torch.empty_like(w) if m is None else w.new_empty((m.count_int(),)) for w, m in zip(params, masks)]
     _ops.perturb_(params, grads, [None if m is None else m.bits for m in masks], values, scale_t)
     return PerturbBackup(values, masks)
@@ -74,7 +75,7 @@ def _unpack_mask_fake(bits, numel):
 
 @torch.library.register_fake("ssam::grad_norm")
 def _grad_norm_fake(tensors, masks):
-    return tensors[0].new_empty((), dtype=torch.float32)
+    return tensors[0].new_empty((), dtype=accumulation_dtype(tensors))
 
 
 @torch.library.register_fake("ssam::perturb_")

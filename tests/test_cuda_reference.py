@@ -122,6 +122,38 @@ def test_norm_perturb_restore(backend, exact, dtype, gen):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
+def test_float64_norm_and_perturbation_are_float64(backend, gen):
+    """Float64 params on the device: the norm accumulates in float64 and the perturbation is
+    float64 math, against the float64 references on the CPU."""
+    if backend == "ext":
+        _ext_cuda()
+    shapes = [(1,), (3, 5), (4095,), (10**6 + 3,)]
+    ws = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ms = [rand_mask(s, generator=gen) for s in shapes]
+    ms[1] = None
+    dev_masks = [None if m is None else sk.pack_mask(m.to(DEVICE)) for m in ms]
+    gd = [g.to(DEVICE) for g in gs]
+    norm = sk.grad_norm(gd, dev_masks, backend=backend)
+    assert norm.dtype == torch.float64
+    torch.testing.assert_close(norm.cpu(), sk.grad_norm(gs, ms, backend="torch"), rtol=1e-13, atol=0)
+    scale = 0.05 / (norm + 1e-7)  # a float64 device scale, as the optimizer makes it
+    wd = [w.to(DEVICE) for w in ws]
+    originals = [w.clone() for w in wd]
+    with torch.no_grad():
+        backup = sk.perturb_(wd, gd, dev_masks, scale, backend=backend)
+        sk.perturb_(ws, gs, ms, scale.cpu(), backend="torch")
+        for a, b in zip(wd, ws):
+            if backend == "triton":  # may contract w + scale*g into one FMA: an ulp of w + e, or
+                # of scale*g (|scale*g| < 1e-2 here) where w + e cancels
+                torch.testing.assert_close(a.cpu(), b, rtol=torch.finfo(torch.float64).eps, atol=1e-18)
+            else:  # torch on the device; the extension, built with --fmad=false
+                assert torch.equal(a.cpu(), b)
+        sk.restore_(wd, backup, backend=backend)
+    assert all(torch.equal(a, o) for a, o in zip(wd, originals))
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_triton_masks_and_mvue(dtype, gen):
     scores = [rand(s, dtype, gen, DEVICE) for s in [(1,), (4095,), (10**6 + 3,), (64, 33)]]

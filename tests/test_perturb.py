@@ -116,3 +116,67 @@ def test_restore_rejects_a_backup_of_the_wrong_size(gen):
         short = PerturbBackup([backup.values[0][1:]], backup.masks)
         with pytest.raises(ValueError, match="selects"):
             restore_([torch.zeros(50)], short)
+
+
+# --- float64: the math is float64 (fp32 math would round w + e to fp32 precision) -------------
+
+def _rand64(shape, gen):
+    """Float64 values with all 53 bits in use (``rand`` casts fp32 values, which fp32 math
+    would keep exact)."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def _scale_kinds():
+    """A number, a float64 tensor (as ``rho / (norm + eps)`` from a float64 norm) and an fp32
+    tensor, none of them exact in fp32 except the last."""
+    return {"number": 1 / 3, "f64": torch.tensor(0.05, dtype=torch.float64) / 0.7, "f32": torch.tensor(1 / 3)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("numel", ODD_SIZES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("scale_kind,grad_dtype", [("number", torch.float64), ("f64", torch.float32),
+                                                    ("f32", torch.float64)])
+def test_float64_params_are_perturbed_in_float64(scale_kind, grad_dtype, masked, numel, backend, gen):
+    w = _rand64((numel,), gen)
+    g = _rand64((numel,), gen).to(grad_dtype)
+    m = rand_mask((numel,), generator=gen) if masked else None
+    scale = _scale_kinds()[scale_kind]
+    s = scale.double() if isinstance(scale, torch.Tensor) else scale  # an fp32 scale is widened
+    expected = w + s * g.double()  # plain torch in float64: one product, one sum, as the kernels
+    if masked:
+        expected = torch.where(m, expected, w)
+    original = w.clone()
+    with torch.no_grad():
+        backup = perturb_([w], [g], None if m is None else [pack_mask(m)], scale, backend=backend)
+    assert torch.equal(w, expected)  # bitwise: the same two float64 roundings
+    w[torch.ones_like(w, dtype=torch.bool) if m is None else m] = float("nan")  # poison what restore must overwrite
+    with torch.no_grad():
+        restore_([w], backup, backend=backend)
+    assert torch.equal(w.view(torch.uint8), original.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_float64_zero_scale_leaves_weights_as_they_are(backend, gen):
+    # SAM with rho = 0 must follow SGD exactly: w + 0 * g == w in float64 too
+    ws = [_rand64((4095,), gen), _rand64((3, 5), gen)]
+    gs = [_rand64((4095,), gen), rand((3, 5), torch.float32, gen)]
+    originals = [w.clone() for w in ws]
+    for scale in (0.0, torch.tensor(0.0, dtype=torch.float64) / (torch.tensor(2.5, dtype=torch.float64) + 1e-7)):
+        with torch.no_grad():
+            perturb_(ws, gs, [None, rand_mask((3, 5), generator=gen)], scale, backend=backend)
+        assert all(torch.equal(w, o) for w, o in zip(ws, originals))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES, BACKENDS_WITH_EXT))
+def test_float64_scale_for_narrower_params_is_read_in_fp32(dtype, backend, gen):
+    # a float64 norm gives a float64 scale; fp32/fp16/bf16 params keep fp32 math (the scale
+    # rounded to fp32 once), so the result is the fp32 one bit for bit
+    ws = [rand((4095,), dtype, gen), rand((3, 5), dtype, gen)]
+    gs = [rand((4095,), dtype, gen), _rand64((3, 5), gen)]
+    ms = [rand_mask((4095,), generator=gen), None]
+    scale = torch.tensor(0.05, dtype=torch.float64) / (torch.tensor(0.7, dtype=torch.float64) + 1e-7)
+    expected = [_expected(w, g, m, scale.float()) for w, g, m in zip(ws, gs, ms)]
+    with torch.no_grad():
+        perturb_(ws, gs, ms, scale, backend=backend)
+    assert all(torch.equal(w, e) for w, e in zip(ws, expected))

@@ -241,3 +241,42 @@ def test_no_fused_sgd_without_a_kernel_for_it(gen):
     opt.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))
     _sam_steps(opt, model, [regression_batch(gen)])
     assert calls == [1]
+
+
+@pytest.mark.parametrize("fuse_sgd", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.usefixtures("fused_sgd_everywhere")
+def test_rho_zero_on_a_float64_model_is_exactly_sgd(sparse, backend, fuse_sgd, gen, monkeypatch):
+    """w + 0 * g == w only if perturb_ computes in float64 for float64 weights (fp32 math
+    drifted from SGD by ~1e-9): the float64 norm, scale and perturbation, then the (fused)
+    SGD step, bit for bit as torch.optim.SGD over several steps."""
+    from helpers import EXT_BUILT
+
+    if backend == "ext" and not EXT_BUILT:
+        pytest.skip("ssam_kernels._C not built")
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    batches = [(torch.randn(8, 10, generator=gen, dtype=torch.float64),
+                torch.randn(8, 4, generator=gen, dtype=torch.float64)) for _ in range(5)]
+    model, plain = _model().double(), _model().double()
+    with torch.no_grad():  # weights with all 53 bits in use (fp32 math would keep fp32 values exact)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64), alpha=1e-3)
+    plain.load_state_dict(model.state_dict())
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    if sparse:  # every entry perturbed (by 0): the masked kernels' float64 path
+        opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.0, sparsity=0.5, num_samples=8, update_freq=1,
+                         fuse_sgd=fuse_sgd, **hyper)
+        opt._set_masks([torch.ones_like(p, dtype=torch.bool) for p in opt.params])
+        opt.mask_updates += 1  # as update_mask does: no "empty mask" warning
+        assert opt.mask_density() == 1.0
+    else:
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.0, fuse_sgd=fuse_sgd, **hyper)
+    _sam_steps(opt, model, batches)
+    base = torch.optim.SGD(plain.parameters(), **hyper)
+    for x, y in batches:
+        base.zero_grad()
+        F.mse_loss(plain(x), y).backward()
+        base.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert p.dtype == torch.float64 and torch.equal(p, q)

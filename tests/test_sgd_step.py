@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import backend_dtypes, rand, rand_mask
+from helpers import BACKENDS, backend_dtypes, rand, rand_mask
 
 from ssam_kernels import pack_mask, perturb_, restore_sgd_step_
 from ssam_kernels._checks import as_bool
@@ -25,7 +25,7 @@ def _inputs(dtype, gen, with_buffers):
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hyper", HYPERS)
 def test_reference_is_restore_then_torch_sgd_bitwise(hyper, dtype, gen):
     ws, gs, ms, _ = _inputs(dtype, gen, False)
@@ -74,6 +74,31 @@ def test_kernel_matches_fp32_reference(hyper, dtype, backend, gen):
         assert (b is None) == (r is None)
         if b is not None:
             torch.testing.assert_close(b, r.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("hyper", HYPERS)
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "torch"])
+def test_kernel_float64_math_is_float64(hyper, backend, gen):
+    ws, gs, ms, bufs = _inputs(torch.float64, gen, with_buffers="momentum" in hyper)
+    ref_w = [w.clone() for w in ws]
+    ref_b = [None if b is None else b.clone() for b in bufs]
+    g2 = [rand(s, torch.float64, gen) for s in SHAPES]
+    with torch.no_grad():
+        backup = perturb_(ws, gs, ms, 0.3, backend=backend)
+        ref_backup = perturb_(ref_w, gs, ms, 0.3, backend="torch")
+        out = restore_sgd_step_(ws, g2, bufs, backup, backend=backend, **hyper)
+        ref = restore_sgd_step_(ref_w, g2, ref_b, ref_backup, backend="torch", **hyper)
+    # not bitwise: torch's SGD rounds after every op (its CPU add with alpha may fuse a
+    # multiply-add) and the kernel rounds in its own order; a few float64 ulps apart, where
+    # fp32 math would be ~1e-8 off
+    tol = dict(rtol=1e-14, atol=1e-15)
+    for w, r in zip(ws, ref_w):
+        torch.testing.assert_close(w, r, **tol)
+    for b, r in zip(out, ref):
+        assert (b is None) == (r is None)
+        if b is not None:
+            assert b.dtype == torch.float64
+            torch.testing.assert_close(b, r, **tol)
 
 
 @pytest.mark.cpu

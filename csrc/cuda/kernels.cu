@@ -33,6 +33,19 @@ template <> __device__ __forceinline__ double from_f<double>(float x) { return s
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The type a weight's math is done in: double for double (float math would round w + e to fp32
+// precision, so w + 0 * g would not be w), float for every narrower type.
+template <typename T> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+
+// x as C (float or double): exact, except a double narrowed to float (rounded once).
+template <typename C, typename T> __device__ __forceinline__ C to_c(T x) { return static_cast<C>(to_f(x)); }
+template <> __device__ __forceinline__ double to_c<double, double>(double x) { return x; }
+
+// x (a C) rounded once to T.
+template <typename T, typename C> __device__ __forceinline__ T from_c(C x) { return from_f<T>(x); }
+template <> __device__ __forceinline__ double from_c<double, double>(double x) { return x; }
+
 // Rank key type of an N:M score: float holds every dtype's values exactly but double's.
 template <typename T> struct KeyOf { using type = float; };
 template <> struct KeyOf<double> { using type = double; };
@@ -108,15 +121,16 @@ template <typename Op> __global__ void __launch_bounds__(kThreads) multi_tensor_
 
 // ---- functors: op(chunk, tensor, first element, tensor length) -------------------------------
 
-template <typename T> struct SumSquares {
+// A: the accumulator, float or double (a float64 norm)
+template <typename T, typename A> struct SumSquares {
   const int64_t* x_ptrs;
   const int64_t* bits_ptrs;  // null: no masks; an entry of 0: that tensor has none
-  float* partial;
+  A* partial;
   __device__ void operator()(int64_t c, int64_t k, int64_t start, int64_t n) const {
     const T* x = tensor<const T>(x_ptrs, k);
     const int64_t end = start + kChunk < n ? start + kChunk : n;
     const uint8_t* bits = bits_ptrs ? tensor<const uint8_t>(bits_ptrs, k) : nullptr;
-    float acc = 0.f;
+    A acc = 0;
     if (bits) {  // uniform per block
       __shared__ uint32_t words[kWordsPerChunk];
       ChunkMask mask{words};
@@ -126,7 +140,7 @@ template <typename T> struct SumSquares {
         const uint32_t word = mask.words[mask.word_index(j)];
         if (word == 0u) continue;  // warp-uniform: the warp shares the word
         if ((word >> lane) & 1u) {
-          const float v = to_f(x[start + threadIdx.x + static_cast<int64_t>(kThreads) * j]);
+          const A v = to_c<A>(x[start + threadIdx.x + static_cast<int64_t>(kThreads) * j]);
           acc += v * v;
         }
       }
@@ -140,11 +154,11 @@ template <typename T> struct SumSquares {
           const uint4 raw = v[j];
           const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-          for (int q = 0; q < kVec; ++q) acc += to_f(e[q]) * to_f(e[q]);
+          for (int q = 0; q < kVec; ++q) acc += to_c<A>(e[q]) * to_c<A>(e[q]);
         }
         i0 = start + body * kVec;
       }
-      for (int64_t i = i0 + threadIdx.x; i < end; i += kThreads) acc += to_f(x[i]) * to_f(x[i]);
+      for (int64_t i = i0 + threadIdx.x; i < end; i += kThreads) acc += to_c<A>(x[i]) * to_c<A>(x[i]);
     }
     acc = block_sum(acc);
     if (threadIdx.x == 0) partial[c] = acc;
@@ -173,13 +187,15 @@ template <typename T, typename G, bool kPerturb> struct Move {
     T* w = tensor<T>(w_ptrs, k);
     T* backup = tensor<T>(backup_ptrs, k);
     const G* g = kPerturb ? tensor<const G>(g_ptrs, k) : nullptr;
-    const float s = kPerturb ? (scale.ptr ? *scale.ptr : scale.value) : 0.f;
+    using C = typename MathOf<T>::type;
+    const double s64 = !kPerturb ? 0.0 : scale.ptr64 ? *scale.ptr64 : scale.ptr ? *scale.ptr : scale.value;
+    const C s = static_cast<C>(s64);
     auto move = [&](int64_t i, int64_t slot) {
       if (kPerturb) {
         const T old = w[i];
         backup[slot] = old;
-        const float step = s * to_f(g[i]);  // rounded before the add, as the reference does
-        w[i] = from_f<T>(to_f(old) + step);
+        const C step = s * to_c<C>(g[i]);  // rounded before the add, as the reference does
+        w[i] = from_c<T>(to_c<C>(old) + step);
       } else {
         w[i] = backup[slot];
       }
@@ -292,16 +308,28 @@ __global__ void decompress_24_kernel(const T* values, const int16_t* meta, T* de
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
+// sum_squares with the accumulator A (float, or double for a float64 norm)
+template <typename A>
+cudaError_t sum_squares_in(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, const int64_t* bits_ptrs, A* partial,
+                           cudaStream_t stream) {
+  return dispatch(x, [&](auto v) {
+    using T = decltype(v);
+    return launch(t, SumSquares<T, A>{x_ptrs, bits_ptrs, partial}, stream);
+  });
+}
+
 }  // namespace
 
 // ---- launchers -----------------------------------------------------------------------------
 
 cudaError_t sum_squares(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, const int64_t* bits_ptrs, float* partial,
                         cudaStream_t stream) {
-  return dispatch(x, [&](auto v) {
-    using T = decltype(v);
-    return launch(t, SumSquares<T>{x_ptrs, bits_ptrs, partial}, stream);
-  });
+  return sum_squares_in(t, x, x_ptrs, bits_ptrs, partial, stream);
+}
+
+cudaError_t sum_squares(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, const int64_t* bits_ptrs, double* partial,
+                        cudaStream_t stream) {
+  return sum_squares_in(t, x, x_ptrs, bits_ptrs, partial, stream);
 }
 
 cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* counts, cudaStream_t stream) {

@@ -27,22 +27,28 @@ struct ChunkTable {
 // Mask tables hold the address of each tensor's packed bits (bit i of the tensor is bit i % 8
 // of byte i / 8), or 0 for a tensor without a mask (every element selected).
 
-// partial[c] = fp32 sum of squares of chunk c (only selected elements where bits_ptrs is non-null).
+// partial[c] = sum of squares of chunk c (only selected elements where bits_ptrs is non-null),
+// accumulated in partial's type: fp32, or double for a float64 norm.
 cudaError_t sum_squares(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, const int64_t* bits_ptrs, float* partial,
+                        cudaStream_t stream);
+cudaError_t sum_squares(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, const int64_t* bits_ptrs, double* partial,
                         cudaStream_t stream);
 
 // counts[c] = set bits of chunk c.
 cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* counts, cudaStream_t stream);
 
-// The scale of a perturbation: *ptr (a device float) where ptr is non-null, else value.
+// The scale of a perturbation: *ptr64 (a device double) or *ptr (a device float) where one is
+// non-null, else value (a host value). Read as a double: a double weight's math takes it
+// unrounded, a narrower one's rounds it to float.
 struct Scale {
   const float* ptr;
-  float value;
+  const double* ptr64;
+  double value;
 };
 
 // w[m] -> backup (compact where bits_ptrs is non-null: chunk c starts at slot chunk_offset[c]
 // of its tensor's backup, and no slot at or past backup_numel[k] is touched; else
-// backup[i] = w[i]), then w[m] = w[m] + scale * g[m] in fp32.
+// backup[i] = w[i]), then w[m] = w[m] + scale * g[m] in fp32 (in double for double weights).
 cudaError_t perturb(const ChunkTable& t, Dtype w, Dtype g, const int64_t* w_ptrs, const int64_t* g_ptrs,
                     const int64_t* bits_ptrs, const int64_t* backup_ptrs, const int64_t* backup_numel,
                     const int64_t* chunk_offset, Scale scale, cudaStream_t stream);

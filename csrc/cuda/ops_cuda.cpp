@@ -286,7 +286,7 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<
   const at::Device device = tensors[0].device();
   c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
-  bool masked = false;
+  bool masked = false, wide = false;  // wide: a float64 norm (some tensor is float64)
   std::map<int, std::vector<size_t>> groups;  // by dtype: one launch each
   for (size_t k = 0; k < tensors.size(); ++k) {
     check_cuda(tensors[k], device, "grad_norm", "tensors", k);
@@ -296,8 +296,11 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<
       masked = true;
     }
     groups[static_cast<int>(dtype_of(tensors[k], "grad_norm"))].push_back(k);
+    wide = wide || tensors[k].scalar_type() == at::kDouble;
   }
-  auto total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  // fp32 sums would round a float64 gradient's squares to fp32 precision: then all in double
+  const auto acc = at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat).device(device);
+  auto total = at::zeros({}, acc);
   for (const auto& [dtype, idx] : groups) {
     std::vector<at::Tensor> xs;
     std::vector<int64_t> x_addr, bits_addr;  // a bits address of 0: that tensor has no mask
@@ -310,9 +313,12 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<
     const LaunchTable tb = masked ? launch_table(xs, {x_addr, bits_addr}, device, stream)
                                   : launch_table(xs, {x_addr}, device, stream);
     if (tb.num_chunks == 0) continue;
-    auto partial = at::empty({tb.num_chunks}, at::TensorOptions().dtype(at::kFloat).device(device));
-    check_launch(cuda::sum_squares(tb.chunks(), static_cast<Dtype>(dtype), tb.column(2),
-                                   masked ? tb.column(3) : nullptr, partial.data_ptr<float>(), stream),
+    auto partial = at::empty({tb.num_chunks}, acc);
+    const int64_t* bits_col = masked ? tb.column(3) : nullptr;
+    check_launch(wide ? cuda::sum_squares(tb.chunks(), static_cast<Dtype>(dtype), tb.column(2), bits_col,
+                                          partial.data_ptr<double>(), stream)
+                      : cuda::sum_squares(tb.chunks(), static_cast<Dtype>(dtype), tb.column(2), bits_col,
+                                          partial.data_ptr<float>(), stream),
                  "grad_norm");
     total = total + partial.sum();
   }
@@ -329,16 +335,21 @@ void move_cuda(bool perturb, at::TensorList params, at::TensorList grads,
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
-  cuda::Scale s{nullptr, 0.f};
+  cuda::Scale s{nullptr, nullptr, 0.0};
   at::Tensor scale_dev;  // kept alive until the launch
   if (perturb) {
     check_scale(*scale, what);
     if (scale->is_cuda()) {
       TORCH_CHECK(scale->device() == device, what, ": scale is on ", scale->device(), ", params on ", device);
-      scale_dev = scale->to(at::kFloat);
-      s.ptr = scale_dev.data_ptr<float>();
+      if (scale->scalar_type() == at::kDouble) {  // read where it is: a double weight takes it unrounded
+        scale_dev = *scale;
+        s.ptr64 = scale_dev.data_ptr<double>();
+      } else {  // float (no copy) or narrower (widened exactly)
+        scale_dev = scale->to(at::kFloat);
+        s.ptr = scale_dev.data_ptr<float>();
+      }
     } else {
-      s.value = scale->item<float>();  // a host value: no copy to the device
+      s.value = scale->item<double>();  // a host value: no copy to the device
     }
   }
   // one launch per (weight dtype, grad dtype, masked)

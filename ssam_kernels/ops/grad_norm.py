@@ -1,4 +1,5 @@
-"""Gradient norm over a list of tensors: ``||concat(t_i * m_i)||_2`` with fp32 accumulation."""
+"""Gradient norm over a list of tensors: ``||concat(t_i * m_i)||_2`` with fp32 accumulation, or
+float64 accumulation where any tensor is float64."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ from .._backend import lazy, op_backends
 _BACKENDS = op_backends("grad_norm")
 
 
+def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """float64 where any tensor is float64 (fp32 sums would round a float64 gradient's norm to
+    fp32 precision), else fp32: the dtype of the sums and of the result."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def grad_norm_torch(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
-    """Reference: per-tensor fp32 sums of squares (torch's sum is cascaded, so accurate over
-    millions of elements; vector_norm on CPU is not), summed on the first tensor's device."""
+    """Reference: per-tensor sums of squares in the accumulation dtype (torch's sum is cascaded,
+    so accurate over millions of elements; vector_norm on CPU is not), summed on the first
+    tensor's device."""
     device = tensors[0].device
+    dtype = accumulation_dtype(tensors)
     parts = []
     for t, m in zip(tensors, masks):
         values = t if m is None else t[_checks.as_bool(m)]
-        parts.append(values.to(torch.float32).square().sum().to(device))
+        parts.append(values.to(dtype).square().sum().to(device))
     return torch.stack(parts).sum().sqrt()
 
 
@@ -36,8 +45,10 @@ def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
 
     Returns:
-        0-dim float32 tensor on the device of ``tensors[0]``. Accumulation is in fp32 whatever
-        the input dtype. Tensors on other devices are reduced there and their partial norms moved.
+        0-dim tensor on the device of ``tensors[0]``: float64 where any tensor is float64, and
+        then every tensor's squares are summed in float64; else float32, with fp32 accumulation
+        whatever the input dtype. Tensors on other devices are reduced there and their partial
+        norms moved.
     """
     tensors = _checks.tensor_list("tensors", tensors)
     masks = _checks.mask_list(masks, tensors, "tensors")

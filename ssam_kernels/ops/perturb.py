@@ -1,8 +1,9 @@
 """Masked perturbation with a compact backup, and the exact restore.
 
-``perturb_`` computes ``w[m] = w[m] + scale * g[m]`` in fp32 (rounded once to ``w``'s dtype)
-and keeps only the original ``w[m]`` values. ``restore_`` writes them back, so ``w`` is
-bit-for-bit what it was; the official code's ``w -= e`` is not, after rounding.
+``perturb_`` computes ``w[m] = w[m] + scale * g[m]`` in fp32 (rounded once to ``w``'s dtype),
+or in float64 where ``w`` is float64, and keeps only the original ``w[m]`` values.
+``restore_`` writes them back, so ``w`` is bit-for-bit what it was; the official code's
+``w -= e`` is not, after rounding.
 """
 
 from __future__ import annotations
@@ -32,8 +33,18 @@ class PerturbBackup:
         return sum(v.numel() * v.element_size() for v in self.values)
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update of a ``dtype`` weight is computed in: float64 for float64 (fp32
+    math would round ``w + e`` to fp32 precision, so ``w + 0 * g`` would not be ``w``), fp32
+    for every narrower dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _perturbed(w: torch.Tensor, g: torch.Tensor, scale) -> torch.Tensor:
-    return (w.to(torch.float32) + scale * g.to(torch.float32)).to(w.dtype)
+    # torch reads a 0-dim scale in the math dtype (an fp32 scale widened, a float64 one rounded
+    # to fp32 for fp32 math), as the kernels do
+    dtype = math_dtype(w.dtype)
+    return (w.to(dtype) + scale * g.to(dtype)).to(w.dtype)
 
 
 def perturb_torch(params, grads, masks, scale) -> PerturbBackup:
@@ -79,10 +90,12 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
 
     Args:
         params: list of floating-point tensors, modified in place.
-        grads: list of tensors shaped like ``params`` (any floating dtype; math is in fp32).
+        grads: list of tensors shaped like ``params`` (any floating dtype). The math is in fp32
+            (one rounding to ``w``'s dtype), or in float64 for float64 params.
         masks: None (perturb everything), or one entry per tensor: bool tensor,
             :class:`~ssam_kernels.BitMask` or None. Unmasked positions are not written.
-        scale: Python number or 0-dim floating tensor (e.g. ``rho / (norm + eps)``, no sync).
+        scale: Python number or 0-dim floating tensor (e.g. ``rho / (norm + eps)``, no sync),
+            read in the math dtype (a number as float64 for float64 params).
             A number or CPU tensor is read on the host when the call is made, so a captured
             CUDA graph replays that value; pass a tensor on the parameters' device to let it
             change between replays.

@@ -55,8 +55,8 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
 
     ``momentum_buffers`` has one entry per param: its buffer (updated in place) or None (a new
     one is made from the step's direction, as torch's SGD does on its first step). Returns the
-    buffers (None where ``momentum == 0``). The Triton kernel computes in fp32 and rounds once;
-    the reference follows torch's SGD op for op.
+    buffers (None where ``momentum == 0``). The Triton kernel computes in fp32 (in float64 for
+    float64 params) and rounds once; the reference follows torch's SGD op for op.
     """
     params = _checks.tensor_list("params", params)
     grads = _checks.tensor_list("grads", grads)

@@ -1,6 +1,7 @@
-"""Triton gradient norm: one launch per dtype (and masking) over every tensor (fp32 partial sums
-of squares per chunk), then one reduction of the partials. Masked: squares of ``t`` where the
-bit is set, reading only the 16-byte vectors that hold a set bit.
+"""Triton gradient norm: one launch per dtype (and masking) over every tensor (partial sums of
+squares per chunk: fp32, or float64 where any tensor of the call is float64), then one
+reduction of the partials. Masked: squares of ``t`` where the bit is set, reading only the
+16-byte vectors that hold a set bit.
 No host sync; no host-to-device copy once the tables are cached (see ``multi_tensor``)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..ops.bitmask import as_bitmask
+from ..ops.grad_norm import accumulation_dtype
 from .multi_tensor import (CHUNK, address_table, aligned, block_bits, block_offsets, chunk_table, group_by,
                            load_block, tensor_ptr, this_chunk)
 
@@ -17,9 +19,12 @@ BLOCK = 1024
 
 
 @triton.jit
-def _sum_squares_chunk(x, bits, left, HAS_MASK: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK // 8, 8], dtype=tl.float32)
+def _sum_squares_chunk(x, bits, left, HAS_MASK: tl.constexpr, FP64: tl.constexpr, FULL: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    if FP64:
+        acc = tl.zeros([BLOCK // 8, 8], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK // 8, 8], dtype=tl.float32)
     for j in range(0, CHUNK, BLOCK):
         offs = block_offsets(j, BLOCK)
         valid = offs < left
@@ -29,10 +34,10 @@ def _sum_squares_chunk(x, bits, left, HAS_MASK: tl.constexpr, FULL: tl.constexpr
                 rows = tl.max(bit, axis=1)[:, None] != 0
             else:
                 rows = bit != 0
-            v = tl.load(x + offs, mask=rows, other=0.0).to(tl.float32)
+            v = tl.load(x + offs, mask=rows, other=0.0).to(acc.dtype)
             v = tl.where(bit != 0, v, 0.0)
         else:
-            v = load_block(x + offs, valid, FULL).to(tl.float32)
+            v = load_block(x + offs, valid, FULL).to(acc.dtype)
         acc += v * v
     return tl.sum(tl.sum(acc, axis=1), axis=0)
 
@@ -40,23 +45,25 @@ def _sum_squares_chunk(x, bits, left, HAS_MASK: tl.constexpr, FULL: tl.constexpr
 @triton.jit
 def _sum_squares_kernel(
     chunk_tensor, chunk_start, numel, x_ptrs, bits_ptrs, partial, x_ref, bits_ref,
-    HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, FP64: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """partial[c]: chunk c's sum of squares, in float64 where FP64, else in fp32."""
     c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
     x = tensor_ptr(x_ptrs, t, x_ref, start, ALIGNED)
     bits = x
     if HAS_MASK:
         bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
     if left == CHUNK:
-        total = _sum_squares_chunk(x, bits, left, HAS_MASK, True, CHUNK, BLOCK)
+        total = _sum_squares_chunk(x, bits, left, HAS_MASK, FP64, True, CHUNK, BLOCK)
     else:
-        total = _sum_squares_chunk(x, bits, left, HAS_MASK, False, CHUNK, BLOCK)
+        total = _sum_squares_chunk(x, bits, left, HAS_MASK, FP64, False, CHUNK, BLOCK)
     tl.store(partial + c, total)
 
 
 def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     """Host launcher: same contract as ``grad_norm_torch`` (masks checked by the caller)."""
     device = tensors[0].device
+    dtype = accumulation_dtype(tensors)
     xs = [t.contiguous() for t in tensors]
     bits = [None if m is None else as_bitmask(m).bits for m in masks]
     partials = []
@@ -68,14 +75,15 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
         table = chunk_table([x.numel() for x in group], dev)
         if table.num_chunks == 0:
             continue
-        out = torch.empty(table.num_chunks, dtype=torch.float32, device=dev)
+        out = torch.empty(table.num_chunks, dtype=dtype, device=dev)
         _sum_squares_kernel[(table.num_chunks,)](
             table.chunk_tensor, table.chunk_start, table.numel, address_table(group, dev),
             address_table(group_bits, dev) if masked else table.numel, out, group[0],
             group_bits[0] if masked else group[0],
-            HAS_MASK=masked, ALIGNED=aligned(*group, *group_bits), CHUNK=CHUNK, BLOCK=BLOCK,
+            HAS_MASK=masked, FP64=dtype == torch.float64, ALIGNED=aligned(*group, *group_bits), CHUNK=CHUNK,
+            BLOCK=BLOCK,
         )
         partials.append(out.sum().to(device))
     if not partials:
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros((), dtype=dtype, device=device)
     return torch.stack(partials).sum().sqrt()

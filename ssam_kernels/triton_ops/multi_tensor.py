@@ -34,6 +34,7 @@ counts) is cached.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -115,6 +116,20 @@ def block_slots(bit):
     row_before = tl.cumsum(row_count, axis=0) - row_count
     slot = row_before[:, None] + tl.cumsum(bit, axis=1) - bit
     return bit != 0, slot, row_count > 0, tl.sum(row_count, axis=0)
+
+
+def f64_bits(value: float) -> int:
+    """A host number as the int64 of its float64 bits, for a kernel to read back exactly with
+    :func:`as_f64`: Triton passes a Python float argument as fp32, which would round a float64
+    operand (a scale, a learning rate) before float64 math."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def as_f64(bits):
+    """The float64 whose bits :func:`f64_bits` passed (an i32 argument where they fit in one:
+    widened first)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 def aligned(*tensors) -> bool:

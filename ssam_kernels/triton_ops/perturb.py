@@ -8,6 +8,8 @@ gradients move in whole 16-byte vectors, skipping the vectors without a kept ele
 weight's vector is written back whole (kept elements changed), which the memory system would
 read-modify-write anyway for a partial write. Each compact backup starts on 16 bytes.
 Unmasked tensors are backed up whole. Non-contiguous tensors go through the reference path.
+The update is computed in fp32, or in float64 for float64 weights; a number scale reaches the
+kernel as its float64 bits, so a float64 update reads it unrounded.
 
 Per call, the host copies nothing to the device once the tables of a list are cached (see
 ``multi_tensor``), and the chunk offsets are recomputed on the device from the current bits.
@@ -22,9 +24,10 @@ import triton
 import triton.language as tl
 
 from ..ops.bitmask import as_bitmask
-from ..ops.perturb import PerturbBackup, perturb_torch, restore_torch
-from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned, block_bits, block_offsets, block_slots,
-                           chunk_table, group_by, load_block, split_aligned, store_block, tensor_ptr, this_chunk)
+from ..ops.perturb import PerturbBackup, math_dtype, perturb_torch, restore_torch
+from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
+                           chunk_table, f64_bits, group_by, load_block, split_aligned, store_block, tensor_ptr,
+                           this_chunk)
 
 BLOCK = 1024
 
@@ -50,6 +53,7 @@ def _count_bits_kernel(chunk_tensor, chunk_start, numel, bits_ptrs, counts, bits
 @triton.jit
 def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HAS_MASK: tl.constexpr,
                 FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # PERTURB: the math is in scale's dtype (float64 for float64 weights, else fp32)
     for j in range(0, CHUNK, BLOCK):
         offs = block_offsets(j, BLOCK)
         valid = offs < left
@@ -64,8 +68,8 @@ def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HA
             old = tl.load(w + offs, mask=rows)
             if PERTURB:
                 tl.store(backup + base + slot, old, mask=keep)
-                grad = tl.load(g + offs, mask=rows, other=0.0).to(tl.float32)
-                new = tl.where(keep, (old.to(tl.float32) + scale * grad).to(old.dtype), old)
+                grad = tl.load(g + offs, mask=rows, other=0.0).to(scale.dtype)
+                new = tl.where(keep, (old.to(scale.dtype) + scale * grad).to(old.dtype), old)
             else:
                 new = tl.where(keep, tl.load(backup + base + slot, mask=keep), old)
             tl.store(w + offs, new, mask=rows)
@@ -74,8 +78,8 @@ def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HA
             if PERTURB:
                 old = load_block(w + offs, valid, FULL)
                 store_block(backup + offs, old, valid, FULL)
-                grad = load_block(g + offs, valid, FULL).to(tl.float32)
-                store_block(w + offs, (old.to(tl.float32) + scale * grad).to(old.dtype), valid, FULL)
+                grad = load_block(g + offs, valid, FULL).to(scale.dtype)
+                store_block(w + offs, (old.to(scale.dtype) + scale * grad).to(old.dtype), valid, FULL)
             else:
                 store_block(w + offs, load_block(backup + offs, valid, FULL), valid, FULL)
 
@@ -97,12 +101,13 @@ def backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, b
     return bits, backup, base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])  # one compile whatever the scale's value
 def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, chunk_offset,
-                 scale_ptr, scale_value, w_ref, g_ref, bits_ref,
-                 PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr, ALIGNED: tl.constexpr,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """PERTURB: w[m] -> backup, w[m] += scale * g[m]. Else (restore): backup -> w[m]."""
+                 scale_ptr, scale_bits, w_ref, g_ref, bits_ref,
+                 PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr, FP64: tl.constexpr,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """PERTURB: w[m] -> backup, w[m] += scale * g[m], in float64 where FP64 (float64 weights),
+    else in fp32. Else (restore): backup -> w[m]."""
     c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
     w = tensor_ptr(w_ptrs, t, w_ref, start, ALIGNED)
     g = w
@@ -110,9 +115,11 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
     if PERTURB:
         g = tensor_ptr(g_ptrs, t, g_ref, start, ALIGNED)
         if SCALE_IS_PTR:
-            scale = tl.load(scale_ptr).to(tl.float32)
+            scale = tl.load(scale_ptr)  # the host made it the math dtype
+        elif FP64:
+            scale = as_f64(scale_bits)
         else:
-            scale = scale_value
+            scale = as_f64(scale_bits).to(tl.float32)
     bits, backup, base = backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
                                        HAS_MASK, ALIGNED)
     if left == CHUNK:
@@ -144,17 +151,19 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
     if isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and device.type != "cpu":
         scale = float(scale)  # read on the host (no device sync) rather than copied to the device
     scale_is_ptr = isinstance(scale, torch.Tensor)
-    scale_arg = scale.to(device=device, dtype=torch.float32).reshape(1) if scale_is_ptr else table.numel
-    scale_value = 0.0 if (scale_is_ptr or scale is None) else float(scale)
+    dtype = math_dtype(ws[0].dtype)
+    scale_arg = scale.to(device=device, dtype=dtype).reshape(1) if scale_is_ptr else table.numel
+    scale_bits = f64_bits(0.0 if (scale_is_ptr or scale is None) else scale)
     w_addr = address_table(ws, device)
     operands = ws + (gs if perturb else []) + bits + ([] if has_mask else backups)
     _move_kernel[(table.num_chunks,)](
         table.chunk_tensor, table.chunk_start, table.numel, w_addr,
         address_table(gs, device) if perturb else w_addr,
         address_table(bits, device) if has_mask else w_addr,
-        address_table(backups, device), offsets, scale_arg, scale_value,
+        address_table(backups, device), offsets, scale_arg, scale_bits,
         ws[0], gs[0] if perturb else ws[0], bits[0] if has_mask else ws[0],
-        PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, ALIGNED=aligned(*operands),
+        PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, FP64=dtype == torch.float64,
+        ALIGNED=aligned(*operands),
         CHUNK=CHUNK, BLOCK=BLOCK,
     )
 

@@ -1,7 +1,8 @@
 """Triton restore + SGD step, fused: per element, the weight is the backed-up original where
-the mask is set (else the current value), then ``torch.optim.SGD``'s update runs in fp32 and
-the weight and momentum buffer are written once. One launch per (dtype, masked, has-buffer)
-group; non-contiguous tensors use the reference."""
+the mask is set (else the current value), then ``torch.optim.SGD``'s update runs in fp32 (in
+float64 for float64 weights, the hyper-parameters passed as their float64 bits) and the weight
+and momentum buffer are written once. One launch per (dtype, masked, has-buffer) group;
+non-contiguous tensors use the reference."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import triton.language as tl
 from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
 from ..ops.bitmask import as_bitmask
-from .multi_tensor import (CHUNK, address_table, aligned, block_bits, block_offsets, block_slots, chunk_table,
-                           group_by, load_block, store_block, tensor_ptr, this_chunk)
+from .multi_tensor import (CHUNK, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
+                           chunk_table, f64_bits, group_by, load_block, store_block, tensor_ptr, this_chunk)
 from .perturb import backup_source, chunk_offsets
 
 SGD_BLOCK = 512
@@ -24,6 +25,7 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampen
                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # the math is in the hyper-parameters' dtype: float64 for float64 weights, else fp32
     for j in range(0, CHUNK, BLOCK):
         offs = block_offsets(j, BLOCK)
         valid = offs < left
@@ -31,11 +33,11 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampen
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
             keep, slot, row_any, count = block_slots(bit)
             current = load_block(w + offs, valid, FULL)
-            weight = tl.where(keep, tl.load(backup + base + slot, mask=keep), current).to(tl.float32)
+            weight = tl.where(keep, tl.load(backup + base + slot, mask=keep), current).to(lr.dtype)
             base += count
         else:
-            weight = load_block(backup + offs, valid, FULL).to(tl.float32)
-        d = load_block(g + offs, valid, FULL).to(tl.float32)
+            weight = load_block(backup + offs, valid, FULL).to(lr.dtype)
+        d = load_block(g + offs, valid, FULL).to(lr.dtype)
         if MAXIMIZE:
             d = -d
         if WEIGHT_DECAY:
@@ -44,7 +46,7 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampen
             if NEW_BUFFER:
                 b = d
             else:
-                b = load_block(buf + offs, valid, FULL).to(tl.float32) * momentum + (1 - dampening) * d
+                b = load_block(buf + offs, valid, FULL).to(lr.dtype) * momentum + (1 - dampening) * d
             store_block(buf + offs, b.to(buf.dtype.element_ty), valid, FULL)
             if NESTEROV:
                 d = d + momentum * b
@@ -53,12 +55,20 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampen
         store_block(w + offs, (weight - lr * d).to(w.dtype.element_ty), valid, FULL)
 
 
-@triton.jit
+# one compile whatever the hyper-parameters' values
+@triton.jit(do_not_specialize=["lr_bits", "momentum_bits", "dampening_bits", "weight_decay_bits"])
 def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, backup_ptrs,
-                        chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr, momentum, dampening, weight_decay,
-                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
+                        chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr_bits, momentum_bits, dampening_bits,
+                        weight_decay_bits, HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
                         NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                        FP64: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The hyper-parameters come as float64 bits (``f64_bits``); the math is in float64 where
+    FP64 (float64 weights), else in fp32."""
+    lr, momentum = as_f64(lr_bits), as_f64(momentum_bits)
+    dampening, weight_decay = as_f64(dampening_bits), as_f64(weight_decay_bits)
+    if not FP64:
+        lr, momentum = lr.to(tl.float32), momentum.to(tl.float32)
+        dampening, weight_decay = dampening.to(tl.float32), weight_decay.to(tl.float32)
     c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
     w = tensor_ptr(w_ptrs, t, w_ref, start, ALIGNED)
     g = tensor_ptr(g_ptrs, t, g_ref, start, ALIGNED)
@@ -109,9 +119,10 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
             address_table(bufs, device), address_table(bits, device) if has_mask else w_addr,
             address_table([backup.values[i] for i in idx], device), offsets,
             ws[0], gs[0], bufs[0], bits[0] if has_mask else ws[0],
-            hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
+            f64_bits(hyper["lr"]), f64_bits(hyper["momentum"]), f64_bits(hyper["dampening"]),
+            f64_bits(hyper["weight_decay"]),
             HAS_MASK=has_mask, MOMENTUM=use_momentum, NEW_BUFFER=new_buffer, NESTEROV=hyper["nesterov"],
-            MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0,
+            MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0, FP64=ws[0].dtype == torch.float64,
             ALIGNED=is_aligned and aligned(*bufs), CHUNK=CHUNK,
             # 8 elements per thread (4 in fp64) in 2 warps: the widest vectors without a spill
             # on sm_80 (the compile tier found 4 B spilled at 1024 elements in 4 warps)
