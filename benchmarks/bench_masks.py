@@ -6,9 +6,10 @@ against the official code's algorithms. Target: at least 20x faster.
   concatenated scores and a float mask scattered back. The samples are already stacked on
   the device: the official DataLoader (batch size 1, 4 workers) is left out, which only
   flatters the official side.
-* Fisher, ours: ``SSAMF.update_mask(model, data)``: per-sample gradients with
-  ``torch.func.vmap`` over chunks of samples, then ``ssam_kernels.topk_mask`` (no
-  concatenation, bit-packed mask).
+* Fisher, ours: ``SSAMF.update_mask(model, data)``: per-sample gradients by chunks of
+  samples (``torch.func.vmap`` on GPUs; on CPUs, for Linear / Conv / BatchNorm models, one
+  batched pass with per-layer per-sample weight gradients: see :mod:`ssam.fisher`), then
+  ``ssam_kernels.topk_mask`` (no concatenation, bit-packed mask).
 * SSAM-D, official: drop scores ``(|grad| + 1e-7) * mask`` and random growth scores
   ``(u + 1e-7) * (1 - mask)`` moved to the CPU, concatenated, two ``torch.topk`` and
   scatters there, the float masks copied back per parameter.

@@ -4,10 +4,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SmallConvBN
+from torch import nn
 
+import ssam.fisher
 from ssam.fisher import draw_samples, empirical_fisher
 
 pytestmark = pytest.mark.cpu
+
+METHODS = {"layerwise": ssam.fisher._Layerwise, "vmap": ssam.fisher._Vectorised, "loop": ssam.fisher._Looped}
+
+
+def _use_only(monkeypatch, name: str) -> None:
+    """Only the named per-sample-gradient method runs (no silent fallback: an unsupported
+    model fails the test)."""
+    choose = ssam.fisher._methods
+    monkeypatch.setattr(ssam.fisher, "_methods", lambda *args: [m for m in choose(*args) if type(m) is METHODS[name]])
+
+
+@pytest.fixture(params=list(METHODS))
+def method(request, monkeypatch):
+    _use_only(monkeypatch, request.param)
+    return request.param
 
 
 def _official_loop(model, xs, ys):
@@ -29,7 +46,7 @@ def _data(gen, n=20):
 
 @pytest.mark.parametrize("train_mode", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 7, 32])
-def test_equals_batch_size_one_loop_and_keeps_bn_stats(train_mode, chunk_size, gen):
+def test_equals_batch_size_one_loop_and_keeps_bn_stats(train_mode, chunk_size, method, gen):
     torch.manual_seed(0)
     model = SmallConvBN().train(train_mode)
     with torch.no_grad():  # non-trivial running stats, so eval mode differs from train mode
@@ -47,7 +64,7 @@ def test_equals_batch_size_one_loop_and_keeps_bn_stats(train_mode, chunk_size, g
     assert model.training is train_mode
 
 
-def test_subset_of_parameters_and_batches(gen):
+def test_subset_of_parameters_and_batches(method, gen):
     model = SmallConvBN()
     x, y = _data(gen, 30)
     batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
@@ -95,3 +112,196 @@ def test_errors(gen):
         empirical_fisher(model, list(model.parameters()), 3, 4)
     with pytest.raises(ValueError, match="same leading"):
         empirical_fisher(model, list(model.parameters()), [(x, y[:2])], 4)
+
+
+class _Layers(nn.Module):
+    """The layer variants the per-layer path computes: Conv1d with reflect 'same' padding,
+    strided / dilated / grouped conv, BatchNorm1d on [N, C, T], Linear on [N, T, C], Conv3d
+    with 'same' padding into a BatchNorm3d without affine parameters, a bias-free Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 3, padding="same", padding_mode="reflect")
+        self.b1 = nn.BatchNorm1d(4)
+        self.c2 = nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=2)
+        self.lin = nn.Linear(6, 5)
+        self.c3 = nn.Conv3d(1, 2, 3, padding="same")
+        self.b3 = nn.BatchNorm3d(2, affine=False)
+        self.head = nn.Linear(7, 5, bias=False)
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.b1(self.c1(x))))
+        h = self.lin(h.transpose(1, 2)).mean(1)
+        v = self.b3(self.c3(x[:, :1, :8].reshape(-1, 1, 2, 2, 2))).flatten(1).mean(1, keepdim=True)
+        return self.head(torch.cat([h, v, v], 1))
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_layerwise_layer_variants(train_mode, monkeypatch, gen):
+    _use_only(monkeypatch, "layerwise")
+    model = _Layers().train(train_mode)
+    x, y = torch.randn(9, 3, 12, generator=gen), torch.randint(0, 5, (9,), generator=gen)
+    fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 9, chunk_size=4)
+    for f, e in zip(fisher, _official_loop(model, x, y)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+
+
+class _Tied(nn.Module):
+    def __init__(self, share: str):
+        super().__init__()
+        self.share = share
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 5)
+        if share == "tied":
+            self.c = nn.Linear(8, 8)
+            self.c.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.share == "tied":  # one weight in two layers
+            h = torch.relu(self.c(h))
+        elif self.share == "twice":  # one layer run twice
+            h = torch.relu(self.a(h))
+        elif self.share == "functional":  # a layer's weight used outside it
+            h = torch.relu(F.linear(h, self.a.weight))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("share", ["tied", "twice", "functional"])
+def test_weights_used_twice_fall_back_exactly(share, gen):
+    """The per-layer path cannot square per-use gradients: these models take the next method."""
+    model = _Tied(share)
+    x, y = torch.randn(6, 8, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 6, chunk_size=4)
+    for f, e in zip(fisher, _official_loop(model, x, y)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+
+
+# Distributed shares. The ranks' Fishers add up the same per-sample terms as world_size=1, in
+# another order and from other chunks (so other batched GEMMs and sums): they agree to fp32
+# rounding, ~1e-7 relative per operation over a few dozen operations; rtol=1e-5 leaves room.
+SHARE_TOL = dict(rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("world_size,num_samples", [(2, 12), (3, 10), (4, 25)])
+def test_ranks_of_a_dataset_sum_to_the_whole(world_size, num_samples, gen):
+    model = SmallConvBN()
+    ds = torch.utils.data.TensorDataset(*_data(gen, 20))  # 25 samples: capped at 20
+    whole = empirical_fisher(model, list(model.parameters()), ds, num_samples, generator=torch.Generator().manual_seed(7))
+    parts = [torch.zeros_like(f) for f in whole]
+    for rank in range(world_size):
+        g = torch.Generator().manual_seed(7)  # seeded identically on every rank
+        share = empirical_fisher(model, list(model.parameters()), ds, num_samples, generator=g, chunk_size=3,
+                                 rank=rank, world_size=world_size)
+        for p, f in zip(parts, share):
+            p += f
+    for p, f in zip(parts, whole):
+        torch.testing.assert_close(p, f, **SHARE_TOL)
+
+
+def test_dataset_shares_partition_one_draw(gen):
+    ds = torch.utils.data.TensorDataset(*_data(gen, 30))
+    x, y = draw_samples(ds, 11, torch.Generator().manual_seed(5))
+    for rank in range(3):
+        g = torch.Generator().manual_seed(5)
+        xr, yr = draw_samples(ds, 11, g, rank=rank, world_size=3)
+        assert torch.equal(xr, x[rank::3]) and torch.equal(yr, y[rank::3])
+
+
+@pytest.mark.parametrize("world_size,num_samples", [(2, 12), (3, 10)])
+def test_ranks_of_iterables_sum_to_the_whole(world_size, num_samples, gen):
+    model = SmallConvBN()
+    x, y = _data(gen, 24)
+    whole = empirical_fisher(model, list(model.parameters()), [(x, y)], num_samples)
+    parts = [torch.zeros_like(f) for f in whole]
+    for rank in range(world_size):
+        # rank r's loader shard: every world_size-th sample, in batches of 2, longer than its
+        # share; its share count taken in order makes the union the first num_samples samples
+        xs, ys = x[rank::world_size], y[rank::world_size]
+        shard = [(xs[i : i + 2], ys[i : i + 2]) for i in range(0, xs.shape[0], 2)]
+        share = empirical_fisher(model, list(model.parameters()), shard, num_samples, rank=rank, world_size=world_size)
+        for p, f in zip(parts, share):
+            p += f
+    for p, f in zip(parts, whole):
+        torch.testing.assert_close(p, f, **SHARE_TOL)
+
+
+def test_empty_share_gives_zeros(gen):
+    """num_samples < world_size: the ranks without a sample return zeros (their generator
+    still advances like the others', and their loader is not started)."""
+    model = SmallConvBN()
+    ds = torch.utils.data.TensorDataset(*_data(gen, 20))
+    states = []
+    for rank in range(4):
+        g = torch.Generator().manual_seed(1)
+        fisher = empirical_fisher(model, list(model.parameters()), ds, 2, generator=g, rank=rank, world_size=4)
+        assert all(torch.count_nonzero(f) == 0 for f in fisher) is (rank >= 2)
+        states.append(g.get_state())
+    assert all(torch.equal(s, states[0]) for s in states)
+
+    def unstarted():
+        raise AssertionError("the loader was iterated")
+        yield
+
+    fisher = empirical_fisher(model, list(model.parameters()), unstarted(), 2, rank=3, world_size=4)
+    assert [f.shape for f in fisher] == [p.shape for p in model.parameters()]
+    assert all(f.dtype == torch.float32 and torch.count_nonzero(f) == 0 for f in fisher)
+
+
+@pytest.mark.parametrize("rank,world_size,error,match", [
+    (-1, 2, ValueError, "rank"),
+    (2, 2, ValueError, "rank must be < world_size"),
+    (0, 0, ValueError, "world_size"),
+    (1.0, 2, TypeError, "rank"),
+    (True, 2, TypeError, "rank"),
+    (0, "2", TypeError, "world_size"),
+])
+def test_bad_rank_arguments(rank, world_size, error, match, gen):
+    model = SmallConvBN()
+    x, y = _data(gen, 4)
+    with pytest.raises(error, match=match):
+        empirical_fisher(model, list(model.parameters()), [(x, y)], 4, rank=rank, world_size=world_size)
+    with pytest.raises(error, match=match):
+        draw_samples(torch.utils.data.TensorDataset(x, y), 4, torch.Generator(), rank=rank, world_size=world_size)
+
+
+class _MixesSamples(nn.Module):
+    """Samples meet outside BatchNorm (a batch-mean centring): batched gradients are not the
+    per-sample ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(h - h.mean(0, keepdim=True)))
+
+
+class _Dropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+@pytest.mark.parametrize("model_type,reason", [(_MixesSamples, "interact"), (_Dropout, "random")])
+def test_layerwise_refuses_models_it_cannot_check(model_type, reason, gen):
+    model = model_type()
+    x, y = torch.randn(6, 8, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    names = [n for n, _ in model.named_parameters()]
+    fisher = [torch.zeros_like(p) for p in model.parameters()]
+    layerwise = ssam.fisher._Layerwise.build(model, names, fisher, F.cross_entropy)
+    assert layerwise is not None  # built from the layer types alone; refused when it runs
+    with pytest.raises(ssam.fisher._Unsupported, match=reason):
+        layerwise(x, y)
+    assert all(torch.count_nonzero(f) == 0 for f in fisher)
+
+
+def test_samples_that_meet_outside_batchnorm_get_the_batch_of_one_fisher(gen):
+    model = _MixesSamples()
+    x, y = torch.randn(6, 8, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 6, chunk_size=4)
+    for f, e in zip(fisher, _official_loop(model, x, y)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)

@@ -1,64 +1,93 @@
 """Empirical Fisher: ``F = sum_i (grad_w loss(x_i, y_i))**2`` over single samples.
 
-The official code loops with batch size 1; here each sample's gradient is computed with
-``torch.func.vmap`` over a chunk of samples, the model seeing each sample as a batch of one
-(so BatchNorm in train mode normalises each sample by its own statistics, as in the loop).
+The official code loops with batch size 1. Here the model sees each sample as a batch of one
+(so BatchNorm in train mode normalises each sample by its own statistics, as in the loop), and
+the per-sample gradients come, chunk by chunk, from whichever method is fastest on the device:
+
+* CPU, models whose parameters all sit in ``Linear`` / ``Conv1d-3d`` / ``BatchNorm1d-3d``
+  layers: one batched forward and backward per chunk, BatchNorm in instance-norm form, and
+  each layer's per-sample weight gradients from its input and output gradient
+  (:class:`_Layerwise`), provided the first sample's output in the batch is the one it gets
+  alone (models whose samples meet outside BatchNorm, or with dropout, go on to ``vmap``).
+* Otherwise, and on GPUs: ``torch.func.vmap`` of ``grad`` over the chunk; where ``vmap``
+  cannot trace the model, a loop over the samples.
+
 BatchNorm running statistics are left untouched, and ``.grad`` is not written.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batchnorm import frozen_batchnorm_stats
 
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: torch.nn.Module):
-    """BatchNorm layers in train mode keep normalising by batch statistics but stop updating
-    (and stop reading) their running statistics; restored on exit."""
-    changed = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    for m in changed:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def draw_samples(data, num_samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``num_samples`` ``(x, y)`` pairs, stacked.
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
 
-    ``data`` is a map-style ``Dataset`` (samples drawn at random without replacement with
-    ``generator``, like the official shuffled DataLoader) or an iterable of ``(x, y)`` batches
-    (taken in order until enough samples are collected).
+
+def _check_rank(rank, world_size) -> None:
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+
+
+def draw_samples(
+    data, num_samples: int, generator: torch.Generator, *, rank: int = 0, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of up to ``num_samples`` ``(x, y)`` pairs, stacked.
+
+    ``data`` is a map-style ``Dataset`` (``num_samples`` indices drawn at random without
+    replacement with ``generator``, like the official shuffled DataLoader; rank ``r`` takes
+    ``index[r::world_size]``, so with the same generator state on every rank the shares
+    partition one draw) or an iterable of ``(x, y)`` batches (each rank's own shard, taken in
+    order until ``len(range(rank, num_samples, world_size))`` samples are collected).
+    An empty share (fewer samples than ranks) gives two empty tensors; the generator still
+    advances as on the other ranks.
     """
+    _check_rank(rank, world_size)
     if isinstance(data, torch.utils.data.IterableDataset):
         raise TypeError("data is an IterableDataset; pass a map-style Dataset or an iterable of (x, y) batches (e.g. a DataLoader)")
     if isinstance(data, torch.utils.data.Dataset):
         n = len(data)
         if n == 0:
             raise ValueError("data is an empty Dataset")
-        index = torch.randperm(n, generator=generator)[:num_samples].tolist()
-        batch = torch.utils.data.default_collate([data[i] for i in index])
-        return _as_pair(batch)
+        index = torch.randperm(n, generator=generator)[:num_samples][rank::world_size].tolist()
+        if not index:
+            return torch.empty(0), torch.empty(0)
+        return _as_pair(torch.utils.data.default_collate([data[i] for i in index]))
     try:
         iterator = iter(data)
     except TypeError:
         raise TypeError(f"data must be a Dataset or an iterable of (x, y) batches, got {type(data).__name__}") from None
+    share = len(range(rank, num_samples, world_size))
+    if share == 0:  # don't start the loader
+        return torch.empty(0), torch.empty(0)
     xs, ys, have = [], [], 0
     for batch in iterator:
         x, y = _as_pair(batch)
-        xs.append(x[: num_samples - have])
-        ys.append(y[: num_samples - have])
+        xs.append(x[: share - have])
+        ys.append(y[: share - have])
         have += xs[-1].shape[0]
-        if have >= num_samples:
+        if have >= share:
             break
     if not have:
         raise ValueError("data yielded no samples")
@@ -84,13 +113,22 @@ def empirical_fisher(
     loss_fn: Callable | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int = 32,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[torch.Tensor]:
     """Sum over up to ``num_samples`` samples of the squared per-sample gradient of
     ``loss_fn(model(x[None]), y[None])`` (cross-entropy by default) w.r.t. each of ``params``.
 
     ``params`` must be parameters of ``model``; the others are held constant. Returns fp32
-    tensors shaped like ``params``.
+    tensors shaped like ``params``. ``chunk_size`` samples are processed at once (a memory
+    knob). Under torch.distributed, ``rank`` and ``world_size`` select this rank's share of
+    the samples (see :func:`draw_samples`); the caller sums the results over the ranks. A rank
+    with an empty share returns zeros.
     """
+    _check_int("num_samples", num_samples, 1)
+    _check_int("chunk_size", chunk_size, 1)
+    _check_rank(rank, world_size)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -98,43 +136,342 @@ def empirical_fisher(
     missing = [i for i, p in enumerate(params) if id(p) not in names_by_id]
     if missing:
         raise ValueError(f"optimizer parameters {missing} are not parameters of model")
-    names = [names_by_id[id(p)] for p in params]
     device = params[0].device
-    x_all, y_all = draw_samples(data, num_samples, generator if generator is not None else torch.Generator())
+    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    generator = generator if generator is not None else torch.Generator()
+    x_all, y_all = draw_samples(data, num_samples, generator, rank=rank, world_size=world_size)
+    if x_all.shape[0] == 0:
+        return fisher
     x_all, y_all = x_all.to(device), y_all.to(device)
 
-    constants = {n: t.detach() for n, t in model.named_parameters() if n not in set(names)}
-    constants.update(dict(model.named_buffers()))
-
-    def sample_loss(values, x, y):
-        state = {**constants, **dict(zip(names, values))}
-        out = functional_call(model, state, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
-    values = tuple(p.detach() for p in params)
-    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    methods = _methods(model, [names_by_id[id(p)] for p in params], fisher, loss_fn, device)
     with frozen_batchnorm_stats(model):
         for start in range(0, x_all.shape[0], chunk_size):
             x, y = x_all[start : start + chunk_size], y_all[start : start + chunk_size]
-            try:
-                grads = per_sample(values, x, y)
-            except (RuntimeError, NotImplementedError) as exc:
-                warnings.warn(f"vmap over the model failed ({exc}); computing per-sample gradients in a loop", stacklevel=2)
-                grads = _loop_grads(sample_loss, values, x, y)
-            for f, g in zip(fisher, grads):
-                f.add_(g.float().square().sum(dim=0))
+            methods = _accumulate_chunk(methods, x, y)
     return fisher
 
 
-def _loop_grads(sample_loss, values, x, y) -> list[torch.Tensor]:
-    """Per-sample gradients one sample at a time (for models ``vmap`` cannot trace)."""
-    rows = []
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in values]
-        for i in range(x.shape[0]):
-            rows.append(torch.autograd.grad(sample_loss(leaves, x[i], y[i]), leaves, allow_unused=True))
-    return [
-        torch.stack([r[j] if r[j] is not None else torch.zeros_like(values[j]) for r in rows])
-        for j in range(len(values))
-    ]
+def _methods(model, names, fisher, loss_fn, device) -> list[Callable]:
+    """Ways to add a chunk's squared per-sample gradients to ``fisher``, fastest first.
+
+    ResNet-18 (CIFAR), 128 random 3x32x32 samples, CPU with 2 cores, torch 2.13, medians of
+    3 runs interleaved in one process: batch-1 loop (official) 9.2 s, vmap 16.5 s (its conv
+    weight-gradient rule becomes a convolution with one group per sample, slow on CPU),
+    :class:`_Layerwise` 6.0 s. ViT-tiny (no BatchNorm, attention): vmap 1.3x faster than
+    the loop on CPU. GPUs keep vmap (not measured here).
+    """
+    vectorised = _Vectorised(model, names, fisher, loss_fn)
+    rest = [vectorised, _Looped(vectorised)]
+    if device.type == "cpu":
+        layerwise = _Layerwise.build(model, names, fisher, loss_fn)
+        if layerwise is not None:
+            return [layerwise, *rest]
+    return rest
+
+
+def _accumulate_chunk(methods, x, y) -> list[Callable]:
+    """Run the first method that takes the chunk; returns it and the ones after it, for the
+    next chunk."""
+    while True:
+        try:
+            methods[0](x, y)
+            return methods
+        except _Unsupported:
+            methods = methods[1:]
+
+
+class _Unsupported(Exception):
+    """The model cannot take this method; nothing was accumulated."""
+
+
+class _Vectorised:
+    """``vmap(grad(loss of one sample))`` over a chunk."""
+
+    def __init__(self, model, names, fisher, loss_fn):
+        self.names, self.fisher = names, fisher
+        wanted = set(names)
+        self.constants = {n: t.detach() for n, t in model.named_parameters() if n not in wanted}
+        self.constants.update(dict(model.named_buffers()))
+        self.model, self.loss_fn = model, loss_fn
+        self.values = tuple(dict(model.named_parameters())[n].detach() for n in names)
+        self.per_sample = vmap(grad(self.sample_loss), in_dims=(None, 0, 0), randomness="different")
+
+    def sample_loss(self, values, x, y):
+        state = {**self.constants, **dict(zip(self.names, values))}
+        return self.loss_fn(functional_call(self.model, state, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    def __call__(self, x, y):
+        try:
+            grads = self.per_sample(self.values, x, y)
+        except (RuntimeError, NotImplementedError) as exc:
+            # stacklevel: the caller of empirical_fisher
+            warnings.warn(f"vmap over the model failed ({exc}); computing per-sample gradients in a loop", stacklevel=4)
+            raise _Unsupported from exc
+        for f, g in zip(self.fisher, grads):
+            f.add_(g.float().square().sum(dim=0))
+
+
+class _Looped:
+    """One sample at a time (for models ``vmap`` cannot trace)."""
+
+    def __init__(self, vectorised: _Vectorised):
+        self.v = vectorised
+
+    def __call__(self, x, y):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in self.v.values]
+            for i in range(x.shape[0]):
+                grads = torch.autograd.grad(self.v.sample_loss(leaves, x[i], y[i]), leaves, allow_unused=True)
+                for f, g in zip(self.v.fisher, grads):
+                    if g is not None:
+                        g = g.float()
+                        f.addcmul_(g, g)
+
+
+class _Layerwise:
+    """Per-sample gradients from one batched forward and backward of the chunk (CPU).
+
+    The samples of a batch meet only in BatchNorm, which runs here in instance-norm form (each
+    sample normalised by its own statistics: the batch-of-one semantics), so the batched
+    backward gives every layer its per-sample output gradients ``dy_i``. Each ``Linear`` /
+    ``Conv`` / ``BatchNorm`` layer holding wanted parameters runs a forward of ours that keeps
+    its input (weights detached, so no batch weight gradient is computed) and, when ``dy``
+    arrives, adds ``sum_i g_i**2`` to the Fisher, ``g_i`` from ``dy_i`` and the sample's input.
+    Conv weight gradients go sample by sample (each fits in cache, unlike a [N, *w] stack).
+
+    Assumes layers see the batch in dim 0. Falls back (:class:`_Unsupported`, before anything
+    is accumulated) when a layer runs twice in a forward, a wanted parameter is used outside
+    its layer or shared, the graph reaches a tensor requiring grad that is not ours, a kept
+    input is modified in place, the output is not one row per sample, or, checked on the first
+    chunk, the first sample's output in the batch is not the one it gets alone (samples that
+    meet outside BatchNorm, or a random forward such as dropout's, where this cannot be told).
+    """
+
+    @classmethod
+    def build(cls, model, names, fisher, loss_fn) -> _Layerwise | None:
+        """None unless every wanted parameter is in one supported layer, used there only, and
+        every BatchNorm can be put in per-sample form."""
+        fisher_by_name = dict(zip(names, fisher))
+        # a parameter in two places (tied weights, a shared layer): its per-sample gradients
+        # would have to be summed over the uses before squaring
+        uses = collections.Counter(id(p) for _, m in model.named_modules(remove_duplicate=False)
+                                   for p in m.parameters(recurse=False))
+        targets = {}
+        for prefix, m in model.named_modules():
+            own = {attr: fisher_by_name[_join(prefix, attr)] for attr, p in m.named_parameters(recurse=False)
+                   if _join(prefix, attr) in fisher_by_name}
+            supported = type(m) in _NORMS or (type(m) in (nn.Linear, *_CONVS) and bool(own))
+            if (own or isinstance(m, _BatchNorm)) and (not supported or "forward" in vars(m)):
+                return None
+            if any(uses[id(getattr(m, attr))] > 1 for attr in own):
+                return None
+            if supported:
+                targets[m] = own
+        return cls(model, set(names), targets, loss_fn)
+
+    def __init__(self, model, names, targets, loss_fn):
+        self.model, self.names, self.targets, self.loss_fn = model, names, targets, loss_fn
+        self.independence_checked, self.hooking = False, True
+
+    def __call__(self, x, y):
+        self._start(x.shape[0])
+        wanted = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters() if n in self.names}
+        state = {n: wanted.get(n, p.detach()) for n, p in self.model.named_parameters()}
+        try:
+            with torch.enable_grad():
+                loss = self._loss(state, x, y)
+                if loss.requires_grad:  # else no wanted parameter reaches the loss: all zero
+                    loss.backward()  # into leaves of ours only (checked); the hooks add to the Fisher
+        finally:
+            self._start(0)
+
+    def _start(self, n: int) -> None:
+        """Fresh per-forward records for a batch of ``n``."""
+        self.n, self.called, self.kept, self.ours = n, set(), [], []
+
+    def _loss(self, state, x, y):
+        """Sum of the per-sample losses, after checking that the graph is one we can use."""
+        try:
+            with self._patched():
+                out = functional_call(self.model, state, (x,))
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.n:
+                raise _Unsupported("the output is not one row per sample")
+            loss = sum(self.loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(self.n))
+            self._check(loss)
+            if not self.independence_checked:
+                self._check_samples_independent(state, x, out.detach())
+                self.independence_checked = True
+            return loss
+        except _Unsupported:
+            raise
+        except Exception as exc:  # e.g. a model that cannot take a batch; the next method reports real errors
+            raise _Unsupported(str(exc)) from exc
+
+    def _check_samples_independent(self, state, x, out):
+        """The first sample's output in the batch must be the one it gets alone (the batch of
+        one that defines the Fisher). A model that mixes samples other than through BatchNorm
+        (which runs per sample here) would make every per-sample gradient wrong, so it takes
+        the next method. So does a model with a random forward (dropout), where this check
+        cannot tell: two forwards of the sample alone then differ."""
+        with torch.no_grad():
+            alone = self._forward_alone(state, x[:1])
+            first = out[:1].float()
+            # the batched and single forwards differ only in GEMM blocking: ~1e-6 relative
+            scale = alone.abs().max().item() if alone.numel() else 0.0
+            if torch.allclose(first, alone, rtol=1e-4, atol=1e-4 * scale):
+                return
+            if torch.equal(alone, self._forward_alone(state, x[:1])):
+                raise _Unsupported("the samples of a batch interact in the forward")
+            raise _Unsupported("the forward is random (dropout?); samples cannot be checked for independence")
+
+    def _forward_alone(self, state, x) -> torch.Tensor:
+        records = self.n, self.called, self.kept, self.ours
+        self._start(x.shape[0])
+        self.hooking = False
+        try:
+            with self._patched():
+                out = functional_call(self.model, state, (x,))
+            return out.float()
+        finally:
+            self.hooking = True
+            self.n, self.called, self.kept, self.ours = records
+
+    @contextlib.contextmanager
+    def _patched(self):
+        for m in self.targets:
+            m.forward = functools.partial(self._forward, m)
+        try:
+            yield
+        finally:
+            for m in self.targets:
+                del m.forward
+
+    def _check(self, loss):
+        if any(t._version != v for t, v in self.kept):
+            raise _Unsupported("a layer input was modified in place")
+        ours, seen, stack = {id(t) for t in self.ours}, set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if hasattr(node, "variable") and id(node.variable) not in ours:
+                raise _Unsupported("the graph reaches a tensor requiring grad outside the supported layers")
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def _input(self, x):
+        """``x``, as a leaf of ours when nothing upstream needs a gradient (so the output has
+        a graph node to hook)."""
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+            self.ours.append(x)
+        return x
+
+    def _forward(self, m, x):
+        if m in self.called:
+            raise _Unsupported("a layer runs twice in one forward")
+        if x.dim() < 2 or x.shape[0] != self.n:
+            raise _Unsupported("a layer does not see the batch in dim 0")
+        self.called.add(m)
+        if type(m) in _NORMS:
+            return self._norm(m, x, self.targets[m])
+        x = self._input(x)
+        self.kept.append((x, x._version))
+        if type(m) is nn.Linear:
+            return self._linear(m, x, self.targets[m])
+        return self._conv(m, x, self.targets[m])
+
+    def _hook(self, out, on_grad):
+        # on the node, not the tensor: a later in-place op (ReLU) must not change what arrives
+        if self.hooking:
+            out.grad_fn.register_prehook(lambda grad_outputs: on_grad(grad_outputs[0]))
+
+    def _linear(self, m, x, targets):
+        out = F.linear(x, m.weight.detach(), _detached(m.bias))
+        xd = x.detach()
+
+        def on_grad(dy):
+            if xd.dim() == 2:  # sum_i (dy_i x_i^T)**2 = (dy**2)^T x**2: one GEMM
+                dy2 = dy.float().square()
+                _add(targets, "weight", lambda: dy2.t() @ xd.float().square())
+                _add(targets, "bias", lambda: dy2.sum(0))
+                return
+            if "weight" in targets:
+                for d, a in zip(dy.flatten(1, -2), xd.flatten(1, -2)):
+                    g = (d.t() @ a).float()
+                    targets["weight"].addcmul_(g, g)
+            _add(targets, "bias", lambda: dy.flatten(1, -2).sum(1).float().square().sum(0))
+
+        self._hook(out, on_grad)
+        return out
+
+    def _conv(self, m, x, targets):
+        x, padding = _padded(m, x)
+        w, zeros = m.weight.detach(), [0] * (x.dim() - 2)
+        out = torch.convolution(x, w, _detached(m.bias), m.stride, padding, m.dilation, False, zeros, m.groups)
+        xd = x.detach()
+
+        def on_grad(dy):
+            if "weight" in targets:
+                for i in range(dy.shape[0]):
+                    g = torch.ops.aten.convolution_backward(
+                        dy[i : i + 1], xd[i : i + 1], w, None, m.stride, padding, m.dilation, False, zeros, m.groups,
+                        [False, True, False])[1].float()
+                    targets["weight"].addcmul_(g, g)
+            _add(targets, "bias", lambda: _channel_sums(dy).float().square().sum(0))
+
+        self._hook(out, on_grad)
+        return out
+
+    def _norm(self, m, x, targets):
+        if m.training or m.running_mean is None:  # batch statistics: those of each sample alone
+            if x.dim() < 3:
+                raise _Unsupported("BatchNorm of one value per channel")  # torch's error comes from the next method
+            xhat = F.instance_norm(x, eps=m.eps)
+        else:
+            xhat = F.batch_norm(x, m.running_mean, m.running_var, eps=m.eps)
+        if not m.affine:
+            return xhat
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        if not targets:
+            return xhat * m.weight.detach().view(shape) + m.bias.detach().view(shape)
+        xhat = self._input(xhat)
+        out = xhat * m.weight.detach().view(shape) + m.bias.detach().view(shape)
+        xhat = xhat.detach()
+
+        def on_grad(dy):
+            _add(targets, "weight", lambda: _channel_sums(dy * xhat).float().square().sum(0))
+            _add(targets, "bias", lambda: _channel_sums(dy).float().square().sum(0))
+
+        self._hook(out, on_grad)
+        return out
+
+
+def _add(targets, attr, term: Callable[[], torch.Tensor]) -> None:
+    """``targets[attr] += term()`` when ``attr`` is wanted (``term`` not computed otherwise)."""
+    if attr in targets:
+        targets[attr].add_(term())
+
+
+def _join(prefix: str, attr: str) -> str:
+    return f"{prefix}.{attr}" if prefix else attr
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, *] -> [N, C]."""
+    return t.flatten(2).sum(2) if t.dim() > 2 else t
+
+
+def _padded(m, x):
+    """The input and padding for ``torch.convolution``: padding modes other than zeros and
+    string paddings (possibly asymmetric) are applied to the input, as ``Conv._conv_forward``
+    does."""
+    if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return x, m.padding
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    return F.pad(x, m._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .distributed import all_reduce_sum_, world
-from .fisher import draw_samples, empirical_fisher
+from .fisher import empirical_fisher
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
 
@@ -82,28 +82,12 @@ class SSAMF(SparseSAM):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
-        data, count = self._rank_share(data)
-        if count:
-            fisher = empirical_fisher(model, self.params, data, count, loss_fn, self.generator, self.fisher_chunk_size)
-        else:  # more ranks than samples
-            fisher = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        rank, world_size = world()
+        fisher = empirical_fisher(model, self.params, data, self.num_samples, loss_fn, self.generator,
+                                  self.fisher_chunk_size, rank=rank, world_size=world_size)
         all_reduce_sum_(fisher)  # each rank computed its share of the samples
         self._set_masks(select_mask(fisher, self.structure, self._keep()))
         self.mask_updates += 1
-
-    def _rank_share(self, data):
-        """``(data, num_samples)`` for this rank: everything with one process; under
-        torch.distributed, every ``world_size``-th of the same ``num_samples`` draws from a
-        Dataset (the generators agree), or this rank's share of its own iterable's batches."""
-        rank, world_size = world()
-        if world_size == 1:
-            return data, self.num_samples
-        share = len(range(rank, self.num_samples, world_size))
-        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-            x, y = draw_samples(data, self.num_samples, self.generator)
-            x, y = x[rank::world_size], y[rank::world_size]
-            return [(x, y)], x.shape[0]
-        return data, share
 
     @torch.no_grad()
     def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None, *,
