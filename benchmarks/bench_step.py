@@ -18,8 +18,9 @@ Inputs are synthetic (random images and labels, random hidden states with a squa
 loss), so only the timing means anything; on a GPU every model runs under bf16 autocast.
 Masks are fixed while timing: SSAM-F's from the empirical Fisher on 128 samples, SSAM-D's
 its random initial one. Mask updates are measured by ``ssam-bench masks``. Attention
-projections inside ``nn.MultiheadAttention`` (ViT) and convolutions keep dense autograd, so
-the sparse ascent modes only reach ``nn.Linear`` layers.
+projections inside ``nn.MultiheadAttention`` (ViT) keep dense autograd; convolutions are
+reached by ``exact`` only (row-sparse weight gradient), the other sparse ascent modes reach
+``nn.Linear`` layers only.
 
 Without a GPU the real models are only FLOP-counted (batch 2, GPT-2 at 128 tokens; ratios
 are batch-independent up to attention's share), and the timing runs on tiny models,

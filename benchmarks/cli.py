@@ -40,8 +40,9 @@ OP_BENCHES = {"grad_norm": torch.float32, "sgd_step": torch.float32, "nm_mask": 
 # benchmarks with their own tables (baselines beside the backends), run by `ops` too
 OWN_TABLE_BENCHES = ("perturb", "topk_mask", "ascent_linear")
 SUBCOMMANDS = ("step", "ops", "overhead", "masks")
-GPU_NOTE = ("No GPU here: every timing above is a CPU figure (labelled so, not written to "
-            "benchmarks/results/). GPU figures need a GPU: run `ssam-bench` on an A100/H100.")
+GPU_NOTE = ("No GPU here: the summary gives counted FLOPs only; every timing above is a CPU figure "
+            "(labelled so, not written to benchmarks/results/). GPU figures need a GPU: run `ssam-bench` "
+            "on an A100/H100.")
 
 
 def run_ops(args, device, progress_factory) -> list[dict]:
@@ -77,20 +78,24 @@ def run_subcommand(name: str, args, device, progress_factory) -> list[dict]:
     return rows
 
 
-def summarize(results: dict[str, list[dict]]) -> list[dict]:
-    """A few lines per benchmark: the figures a reader looks for first."""
+def summarize(results: dict[str, list[dict]], timed: bool) -> list[dict]:
+    """A few lines per benchmark: the figures a reader looks for first. ``timed`` False (a
+    CPU run): counted FLOPs only; CPU timings of tiny models are noise as figures of merit,
+    so they stay in the tables printed above, labelled CPU."""
     out = []
     step = results.get("step", [])
+    key = "step_vs_sgd" if timed else "counted_flops_vs_sgd"
+    unit = "x SGD" if timed else "x SGD FLOPs (counted, not timed)"
     for model in dict.fromkeys(r["model"] for r in step):
         rows = [r for r in step if r["model"] == model]
-        key = "step_vs_sgd" if rows[0]["step_vs_sgd"] is not None else "counted_flops_vs_sgd"
-        unit = "x SGD" if key == "step_vs_sgd" else "x SGD FLOPs (counted, not timed)"
         picks = [r for r in rows if r["optimizer"] == "SAM"]
         for sparsity in dict.fromkeys(r["sparsity"] for r in rows if r["sparsity"] is not None):
             picks.append(min((r for r in rows if r["sparsity"] == sparsity), key=lambda r: r[key]))
         for r in picks:
             out.append(dict(benchmark="step", what=f"{model} {r['contender']}" + (" (best)" if r["sparsity"] else ""),
                             figure=f"{r[key]:.2f}{unit}", reference=f"paper {r['paper_flops_vs_sgd']:.2f}x"))
+    if not timed:
+        return out
     for r in results.get("ops", []):
         frac = r.get("copy_fraction") if r.get("copy_fraction") is not None else r.get("matmul_fraction")
         if r.get("impl") in ("triton", "ext", "ours") and frac is not None:
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
         except ValueError as exc:  # bad option values: a message, not a traceback
             raise SystemExit(f"ssam-bench {name}: {exc}") from None
     print("# ssam-bench summary" + ("" if device.type == "cuda" else " (CPU run: not GPU figures)") + "\n")
-    print(markdown_table(summarize(results), SUMMARY_COLUMNS))
+    print(markdown_table(summarize(results, timed=device.type == "cuda"), SUMMARY_COLUMNS))
     target = results_dir(device, args.out)
     if target:
         if plots.have_matplotlib():

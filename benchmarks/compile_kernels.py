@@ -212,8 +212,10 @@ def sweep_calls():
             for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
                 def wgrad(d=dtype, t=tokens, o=out_f, i=in_f, tf32=tf32):
                     with _allow_tf32(tf32):
-                        sk.masked_weight_grad(torch.randn(t, o).to(d), torch.randn(t, i).to(d),
-                                              torch.rand(o, i) < 0.5, backend="triton")
+                        mask = torch.rand(o, i) < 0.5
+                        sk.masked_weight_grad(torch.randn(t, o).to(d), torch.randn(t, i).to(d), mask, backend="triton")
+                        mask[torch.rand(o) < 0.5] = False  # rows without a masked entry: gathered rows
+                        sk.masked_weight_grad(torch.randn(t, o).to(d), torch.randn(t, i).to(d), mask, backend="triton")
                 calls.append((f"masked_weight_grad {dtype} T={tokens} OUT={out_f} IN={in_f} tf32={tf32}", wgrad))
     return calls
 

@@ -10,6 +10,7 @@ extension is missing.
 """
 
 from ._backend import BACKENDS, BackendUnavailableError, auto_backend, backend_info
+from .ops.ascent_conv import ascent_conv
 from .ops.ascent_linear import ascent_linear
 from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask
 from .ops.compress_24 import compress_24, compress_24_cusparselt, decompress_24
@@ -31,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "BitMask",
     "PerturbBackup",
+    "ascent_conv",
     "ascent_linear",
     "auto_backend",
     "backend_info",

@@ -5,9 +5,12 @@ Inside ``with sparse_ascent(masks, mode):`` every ``F.linear`` call whose weight
 :class:`~ssam_kernels.ops.ascent_linear.AscentLinearFunction`; every other op runs as usual.
 Calls made inside another function that dispatches on torch functions itself (the projections
 inside ``nn.MultiheadAttention``, i.e. ``F.multi_head_attention_forward``) are not seen and keep
-dense autograd: their gradients are ordinary ones, which the optimizer masks as usual. In ``"exact"`` mode, parameters whose mask is empty are also
-frozen (``requires_grad=False``) for the duration, so autograd computes neither their gradient
-nor any input gradient below the lowest layer that still needs one. On exit everything is as
+dense autograd: their gradients are ordinary ones, which the optimizer masks as usual. In
+``"exact"`` mode, ``F.conv1d/2d/3d`` calls on masked weights also run
+:class:`~ssam_kernels.ops.ascent_conv.AscentConvFunction` (the weight gradient of the output
+channels holding a masked entry only), and parameters whose mask is empty are frozen
+(``requires_grad=False``) for the duration, so autograd computes neither their gradient nor
+any input gradient below the lowest layer that still needs one. On exit everything is as
 it was. Run the ascent forward *and* backward inside the block; the descent pass outside it.
 
 The interception is a ``TorchFunctionMode``: it catches functional calls too and leaves the
@@ -23,20 +26,26 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._checks import mask_facts
+from .ops.ascent_conv import CONVS, AscentConvFunction, conv_padding
 from .ops.ascent_linear import MODES, AscentConfig, AscentLinearFunction, _check_config
 from .ops.bitmask import BitMask
 from .sparse_gemm import GEMMS
 
 ASCENT_MODES = ("dense",) + MODES
+_CONV_FUNCS = frozenset(CONVS.values())
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
 
 
-def _linear_args(args, kwargs):
-    names = ("input", "weight", "bias")
-    values = list(args) + [None] * (3 - len(args))
+def _call_args(args, kwargs, names, defaults):
+    values = list(args) + list(defaults[len(args):])
     for i, name in enumerate(names):
         if name in kwargs:
             values[i] = kwargs[name]
     return values
+
+
+def _linear_args(args, kwargs):
+    return _call_args(args, kwargs, ("input", "weight", "bias"), (None, None, None))
 
 
 def _is_empty(mask) -> bool:
@@ -53,7 +62,9 @@ class sparse_ascent(TorchFunctionMode):
             parameter (or None: all entries masked). Parameters not in it keep dense autograd.
         mode: ``"dense"`` (no change), ``"exact"``, ``"implicit"``, ``"mvue"`` or
             ``"mvue_dx"`` (see :mod:`ssam_kernels.ops.ascent_linear`). ``"exact"`` yields
-            ``g ⊙ m`` for linear weights and skips parameters with empty masks; it is exact
+            ``g ⊙ m`` for linear and convolution weights, computing their weight gradient
+            only where a row (output feature / channel) holds a masked entry, and skips
+            parameters with empty masks; it is exact
             for a perturbation normalised over the masked gradient only.
         generator: draws the MVUE seeds (None: torch's global generator).
         gemm: ``"auto"``, ``"dense"`` or ``"cusparselt"`` for the 2:4 GEMMs.
@@ -122,7 +133,31 @@ class sparse_ascent(TorchFunctionMode):
                 if config is not None and (weight.requires_grad or x.requires_grad):
                     _check_config(weight, bias, config)
                     return AscentLinearFunction.apply(x, weight, bias, config)
+        if func in _CONV_FUNCS and self.mode == "exact" and torch.is_grad_enabled():
+            out = self._exact_conv(*_call_args(args, kwargs, ("input", "weight", "bias", "stride", "padding",
+                                                               "dilation", "groups"), _CONV_DEFAULTS))
+            if out is not None:
+                return out
         return func(*args, **kwargs)
+
+    def _exact_conv(self, x, weight, bias, stride, padding, dilation, groups):
+        """The row-sparse masked convolution for a masked, trainable weight, or None (plain
+        convolution: an unmasked or frozen weight, an unbatched input, an asymmetric
+        ``"same"`` padding)."""
+        known, mask = self._mask_of(weight)
+        if not known or mask is None or not weight.requires_grad or not isinstance(x, torch.Tensor):
+            return None
+        if x.dim() != weight.dim():
+            return None
+        dims = weight.dim() - 2
+        as_tuple = (lambda v: (v,) * dims if isinstance(v, int) else tuple(v))
+        ints = conv_padding(padding, tuple(weight.shape[2:]), as_tuple(dilation)) if isinstance(padding, str) \
+            else as_tuple(padding)
+        if ints is None:
+            return None
+        bias_known, bias_mask = self._mask_of(bias)
+        return AscentConvFunction.apply(x, weight, bias, mask, bias_mask if bias_known else None, as_tuple(stride),
+                                        ints, as_tuple(dilation), groups)
 
     def __enter__(self):
         if self._frozen:

@@ -124,8 +124,12 @@ def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "# ssam-bench summary (CPU run: not GPU figures)" in out and cli.GPU_NOTE in out
     summary = out[out.index("# ssam-bench summary"):]
-    for bench in ("step", "ops", "overhead", "masks"):
-        assert f"| {bench} |" in summary
+    # off a GPU the summary quotes counted FLOPs only, every model's (tiny ones included)
+    lines = [line for line in summary.splitlines() if line.startswith("| step |")]
+    assert lines and all("x SGD FLOPs (counted, not timed)" in line for line in lines)
+    assert any("tiny_gpt" in line for line in lines)
+    for bench in ("ops", "overhead", "masks"):
+        assert f"| {bench} |" not in summary
     for name in ("step", "ops", "overhead", "masks", "perturb", "topk_mask", "ascent_linear"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["meta"]["kind"] == "cpu"
@@ -173,3 +177,19 @@ def test_readme_section_from_results(tmp_path):
 
 def test_readme_results_section_is_up_to_date():
     assert update_readme.main(["--check"]) == 0
+
+
+def test_summary_quotes_timings_only_from_a_gpu():
+    def row(contender, optimizer, sparsity, timed_ratio, counted):
+        return dict(model="m", contender=contender, optimizer=optimizer, sparsity=sparsity, step_vs_sgd=timed_ratio,
+                    counted_flops_vs_sgd=counted, paper_flops_vs_sgd=1.65 if sparsity else 2.0)
+
+    results = {"step": [row("sgd", "SGD", None, 1.0, 1.0), row("sam", "SAM", None, 1.9, 2.0),
+                        row("ssam-f 50% dense", "SSAM-F", "50%", 1.7, 2.0),
+                        row("ssam-f 50% exact", "SSAM-F", "50%", 1.8, 1.6)],
+               "masks": [dict(model="m", update="u", speedup=30.0, meets_target=True)]}
+    gpu = {r["what"]: r["figure"] for r in cli.summarize(results, timed=True)}
+    assert gpu == {"m sam": "1.90x SGD", "m ssam-f 50% dense (best)": "1.70x SGD", "m u": "30.0x official"}
+    cpu = {r["what"]: r["figure"] for r in cli.summarize(results, timed=False)}
+    assert cpu == {"m sam": "2.00x SGD FLOPs (counted, not timed)",
+                   "m ssam-f 50% exact (best)": "1.60x SGD FLOPs (counted, not timed)"}

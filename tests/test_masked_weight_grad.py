@@ -25,11 +25,19 @@ def _oracle(dy, x, mask):
 @pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float32, torch.float16, torch.bfloat16]))
 @pytest.mark.parametrize("lead,out_f,in_f", SHAPES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_equals_masked_dense_gradient(backend, dtype, lead, out_f, in_f, packed, gen):
+@pytest.mark.parametrize("empty_rows", ["first_half", "scattered", "none"])
+def test_equals_masked_dense_gradient(backend, dtype, lead, out_f, in_f, packed, empty_rows, gen):
     dy = rand(lead + (out_f,), dtype, gen)
     x = rand(lead + (in_f,), dtype, gen)
     mask = rand_mask((out_f, in_f), 0.3, gen)
-    mask[: out_f // 2] = False  # whole empty rows / tiles: skipped, must still come out 0
+    # rows without a masked entry: skipped (a block of them) or gathered around (scattered);
+    # they must still come out 0
+    if empty_rows == "first_half":
+        mask[: out_f // 2] = False
+    elif empty_rows == "scattered":
+        mask[torch.rand(out_f, generator=gen) < 0.6] = False
+    else:
+        mask[:, 0] = True
     out = torch.full((out_f, in_f), float("nan"), dtype=torch.float32)  # poisoned
     res = masked_weight_grad(dy, x, pack_mask(mask) if packed else mask, out=out, backend=backend)
     assert res is out
@@ -86,6 +94,7 @@ def test_cuda_triton_equals_reference(dtype):
     x = rand((4099, 3072 + 8), dtype, gen, "cuda")
     mask = rand_mask((768, 3072 + 8), 0.5, gen, "cuda")
     mask[:300] = False
+    mask[torch.rand(768, generator=gen) < 0.5] = False  # and scattered ones: gathered rows
     out = torch.full(mask.shape, float("nan"), device="cuda")
     masked_weight_grad(dy, x, pack_mask(mask), out=out, backend="triton")
     ref = _oracle(dy, x, mask)

@@ -79,6 +79,23 @@ class BitMask:
             object.__setattr__(self, "_count", cached)
         return cached
 
+    def rows_with_bits(self) -> torch.Tensor:
+        """:func:`masked_rows` of this mask, cached (one host sync the first time)."""
+        cached = self.__dict__.get("_rows")
+        if cached is None:
+            cached = masked_rows(self.to_bool())
+            object.__setattr__(self, "_rows", cached)
+        return cached
+
+
+def masked_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted int64 indices of the rows of a bool ``mask`` viewed ``[shape[0], -1]`` (output
+    features of a Linear weight, output channels of a Conv weight) that hold a set entry:
+    the rows whose weight gradient a masked gradient needs. One host sync."""
+    if mask.dim() == 0:
+        raise ValueError("masked_rows needs a mask with at least 1 dim")
+    return mask.reshape(mask.shape[0], -1).any(1).nonzero().squeeze(1)
+
 
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):

@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks
 from .._backend import lazy, op_backends
-from .bitmask import BitMask
+from .bitmask import BitMask, masked_rows
 
 _BACKENDS = op_backends("masked_weight_grad")
 
@@ -26,7 +26,7 @@ def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tens
     """Reference: ``dYᵀ X`` in the inputs' dtype on the rows that hold a masked entry, masked."""
     keep = _checks.as_bool(mask)
     out.zero_()
-    rows = keep.any(1).nonzero().squeeze(1)
+    rows = mask.rows_with_bits() if isinstance(mask, BitMask) else masked_rows(keep)
     if rows.numel():
         part = dy.index_select(1, rows).t() @ x
         out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out.dtype)

@@ -3,6 +3,12 @@
 One program per ``[BLOCK_O, BLOCK_I]`` tile of ``dW``: it reads the mask bytes that overlap the
 tile straight from the packed mask, skips the GEMM where all are zero, and otherwise runs it
 over the tokens with an fp32 accumulator; the tile is written through the per-element mask.
+
+Where some rows (output features) hold no masked entry, the tiles' rows are gathered: tile
+row-block ``b`` takes rows ``order[b * BLOCK_O : (b + 1) * BLOCK_O]`` of a permutation listing
+the masked rows first, so the masked rows pack into ``ceil(rows / BLOCK_O)`` row-blocks
+wherever they sit (``dW[R] = dY[:, R]ᵀ X``) and the row-blocks past them skip the GEMM and
+write their zeros. Without gathering, scattered masked rows would make every row-block busy.
 """
 
 from __future__ import annotations
@@ -30,13 +36,20 @@ def _tile_has_bits(bits, mask_bytes, rows, c0, OUT, IN, BLOCK_I: tl.constexpr):
 
 
 @triton.jit
-def _masked_wgrad_kernel(dy, x, bits, mask_bytes, out, T, OUT, IN,
+def _masked_wgrad_kernel(dy, x, bits, mask_bytes, out, row_order, masked_rows, T, OUT, IN,
                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+                         PRECISION: tl.constexpr, GATHER: tl.constexpr):
+    slots = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    if GATHER:  # slots past OUT load OUT: out of range, masked like the tail of a plain tile
+        rows = tl.load(row_order + slots, mask=slots < OUT, other=OUT)
+    else:
+        rows = slots
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    if _tile_has_bits(bits, mask_bytes, rows, tl.program_id(1) * BLOCK_I, OUT, IN, BLOCK_I):
+    busy = _tile_has_bits(bits, mask_bytes, rows, tl.program_id(1) * BLOCK_I, OUT, IN, BLOCK_I)
+    if GATHER:  # the row-blocks past the masked rows: exact, where the byte test is conservative
+        busy = busy & (tl.program_id(0) * BLOCK_O < masked_rows)
+    if busy:
         for t0 in range(0, T, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             a = tl.load(dy + tok[None, :].to(tl.int64) * OUT + rows[:, None],
@@ -78,19 +91,35 @@ def _config(gpu: bool, precision: str, dtype: torch.dtype, out_features: int, in
     return GPU_CONFIGS["tensor_core"]
 
 
+def _rows_first(mask) -> tuple[torch.Tensor, int]:
+    """(int32 permutation of the rows listing those with a masked entry first, how many
+    they are); cached on a BitMask (one host sync per mask), computed per call for a bool one."""
+    cached = mask.__dict__.get("_rows_first") if isinstance(mask, BitMask) else None
+    if cached is None:
+        keep = mask.to_bool() if isinstance(mask, BitMask) else mask
+        busy = keep.reshape(keep.shape[0], -1).any(1)
+        rows = busy.nonzero().squeeze(1)
+        cached = torch.cat([rows, (~busy).nonzero().squeeze(1)]).to(torch.int32), rows.numel()
+        if isinstance(mask, BitMask):
+            object.__setattr__(mask, "_rows_first", cached)
+    return cached
+
+
 def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out: torch.Tensor) -> torch.Tensor:
     bits = (mask if isinstance(mask, BitMask) else pack_mask(mask)).bits
     T, OUT = dy.shape
     IN = x.shape[1]
     if out.numel() == 0:
         return out
-    if T == 0:
+    order, masked = _rows_first(mask)
+    if T == 0 or masked == 0:
         return out.zero_()
     # fp32 inputs: TF32 only where torch's own matmuls may use it
     gpu = for_gpu(x)
     precision = "tf32" if (x.dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     bo, bi, bt, warps = _config(gpu, precision, x.dtype, OUT, IN)
     _masked_wgrad_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
-        dy, x, bits, bits.numel(), out, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, PRECISION=precision, num_warps=warps,
+        dy, x, bits, bits.numel(), out, order, masked, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
+        PRECISION=precision, GATHER=masked < OUT, num_warps=warps,
     )
     return out
