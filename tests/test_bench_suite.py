@@ -19,8 +19,11 @@ def test_default_contender_grid():
     specs = bench_step.contenders(set(bench_step.OPTIMIZERS), bench_step.SPARSITIES, None)
     names = [c.name for c in specs]
     assert names[:2] == ["sgd", "sam"] and len(names) == len(set(names))
-    # per SSAM optimizer: dense and exact at 6 sparsities, every mode at 2:4
-    assert len(specs) == 2 + 2 * (6 * 2 + len(ASCENT_MODES))
+    # per SSAM optimizer: dense and exact at 6 sparsities, every mode at 2:4; SSAM-F's budget
+    # structure (exact) at 50/80/90%
+    assert len(specs) == 2 + 2 * (6 * 2 + len(ASCENT_MODES)) + 3
+    assert [c.name for c in specs if c.budget] == ["ssam-f 50% exact budget", "ssam-f 80% exact budget",
+                                                  "ssam-f 90% exact budget"]
     assert {c.mode for c in specs if c.sparsity == "2:4"} == set(ASCENT_MODES)
     every = bench_step.contenders({"ssam-d"}, ("0.9",), ["mvue", "implicit"])
     assert [c.name for c in every] == ["sgd", "ssam-d 90% mvue", "ssam-d 90% implicit"]

@@ -9,7 +9,7 @@ import torch
 import ssam_kernels
 
 from .sparse import SparseSAM, check_positive_int
-from .structure import nm_select, tensor_select, whole_tensor_masks
+from .structure import nm_select, parse_structure, tensor_select, whole_tensor_masks
 
 STRATEGIES = ("gradient", "weight", "random")
 
@@ -88,6 +88,9 @@ class SSAMD(SparseSAM):
         self.growth_strategy = growth_strategy
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.T_start, self.T_end = T_start, T_end
+        if parse_structure(structure).kind == "budget":
+            raise ValueError("structure='budget' is SSAM-F's: its FLOP budget is measured on the model, "
+                             "which SSAMD does not see; use SSAMF")
         super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
                          ascent_backward)
         self._set_masks(self._initial_masks())

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from .distributed import all_reduce_sum_, world
-from .fisher import empirical_fisher
+from .budget import budget_select, measure_costs, paper_flops
+from .fisher import draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
 
@@ -22,7 +23,11 @@ class SSAMF(SparseSAM):
             it is implied (1 - N/M): pass None or that value.
         num_samples: samples in the empirical Fisher (>= 1).
         update_freq: recompute the mask every ``update_freq`` epochs (official convention).
-        structure: ``"unstructured"``, ``"N:M"`` or ``"tensor"`` (see :mod:`ssam.structure`).
+        structure: ``"unstructured"``, ``"N:M"``, ``"tensor"`` or ``"budget"`` (see
+            :mod:`ssam.structure`). ``"budget"``: whole rows at or above a depth, the most
+            Fisher mass whose exact ascent pass costs at most the paper's FLOPs column at this
+            sparsity (:mod:`ssam.budget`); cheaper only with ``ascent_backward="exact"``. The
+            model's FLOPs are measured once, on one sample, at the first :meth:`update_mask`.
         norm: ``"full"`` (paper: ``||g||``) or ``"masked"`` (``||g * m||``).
         seed: seeds the generator that draws Fisher samples from a Dataset (None: from torch's
             global RNG). Its state is in ``state_dict()``.
@@ -64,6 +69,8 @@ class SSAMF(SparseSAM):
                          ascent_backward)
         self._set_masks([torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params])
         self._warned_empty = False
+        self._costs = None  # structure "budget": the model's FLOPs, measured at the first update_mask
+        self.budget_choice = None  # structure "budget": the last BudgetChoice
 
     def _generator_device(self) -> torch.device:
         return torch.device("cpu")  # draws dataset indices
@@ -82,12 +89,38 @@ class SSAMF(SparseSAM):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
+        if self.structure.kind == "budget" and self._costs is None:
+            # before the Fisher draws: a copy of the generator, so the samples stay the same
+            sample, _ = draw_samples(data, 1, _copy_generator(self.generator))
+            self._costs = measure_costs(model, self.params, sample.to(self.params[0].device))
         rank, world_size = world()
         fisher = empirical_fisher(model, self.params, data, self.num_samples, loss_fn, self.generator,
                                   self.fisher_chunk_size, rank=rank, world_size=world_size)
         all_reduce_sum_(fisher)  # each rank computed its share of the samples
-        self._set_masks(select_mask(fisher, self.structure, self._keep()))
+        if self.structure.kind == "budget":
+            masks = self._budget_masks(fisher)
+        else:
+            masks = select_mask(fisher, self.structure, self._keep())
+        self._set_masks(masks)
         self.mask_updates += 1
+
+    def _budget_masks(self, fisher: list[torch.Tensor]) -> list[torch.Tensor]:
+        costs = self._costs
+        target = paper_flops(self.sparsity)
+        choice = budget_select(fisher, costs, self._keep(), (target - 1.0) * costs.sgd)
+        if not any(bool(m.any()) for m in choice.masks):
+            raise ValueError(
+                f"structure='budget' at sparsity {self.sparsity:g}: the paper's FLOPs column ({target:.2f}x SGD) "
+                f"leaves {target - 1:.3f}x SGD for the ascent pass, and no row of this model fits in it "
+                f"(its forward alone costs {costs.forward / costs.sgd:.3f}x SGD); use a lower sparsity"
+            )
+        self.budget_choice = choice
+        return choice.masks
+
+    def ascent_costs(self):
+        """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` measured on the model at
+        the first :meth:`update_mask` (None before it, and for other structures)."""
+        return self._costs
 
     @torch.no_grad()
     def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None, *,
@@ -109,3 +142,9 @@ class SSAMF(SparseSAM):
             self.update_mask(model, train_data)
             self._log_update(logger)
         return loss
+
+
+def _copy_generator(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy

@@ -11,6 +11,8 @@
   the layout whose ``(W ⊙ M)ᵀ`` a sparse tensor core takes in ``ascent_backward="implicit"``.
 * ``"tensor"``: whole tensors, chosen by their mean score, greedily in descending order,
   skipping a tensor that would overshoot the budget of kept entries.
+* ``"budget"`` (SSAM-F): whole rows (output features / channels) at or above a depth, chosen so
+  that the exact ascent pass costs at most the paper's FLOPs column (see :mod:`ssam.budget`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(in|out)\s*)?$")
 
 @dataclass(frozen=True)
 class Structure:
-    kind: str  # "unstructured" | "nm" | "tensor"
+    kind: str  # "unstructured" | "nm" | "tensor" | "budget"
     n: int = 0
     m: int = 0
     along: str = "in"  # nm: the dim the groups run along, "in" (reduction) or "out"
@@ -45,17 +47,17 @@ class Structure:
 
 
 def parse_structure(structure) -> Structure:
-    """``"unstructured"``, ``"tensor"``, or ``"N:M"`` / ``"N:M:out"`` with ``1 <= N < M``."""
+    """``"unstructured"``, ``"tensor"``, ``"budget"``, or ``"N:M"`` / ``"N:M:out"`` with ``1 <= N < M``."""
     if isinstance(structure, Structure):
         return structure
     if not isinstance(structure, str):
         raise TypeError(f"structure must be a string, got {type(structure).__name__}")
-    if structure in ("unstructured", "tensor"):
+    if structure in ("unstructured", "tensor", "budget"):
         return Structure(structure)
     match = _NM.match(structure)
     if not match:
         raise ValueError(
-            f"structure must be 'unstructured', 'tensor', 'N:M' such as '2:4', or 'N:M:out', got {structure!r}"
+            f"structure must be 'unstructured', 'tensor', 'budget', 'N:M' such as '2:4', or 'N:M:out', got {structure!r}"
         )
     n, m = check_nm(int(match.group(1)), int(match.group(2)))
     return Structure("nm", n, m, match.group(3) or "in")
@@ -123,6 +125,8 @@ def select_mask(scores: list[torch.Tensor], structure: Structure, keep: int) -> 
         return ssam_kernels.topk_mask(scores, k=keep)
     if structure.kind == "nm":
         return nm_select(scores, structure)
+    if structure.kind == "budget":
+        raise ValueError("structure 'budget' needs the model's costs: see ssam.budget.budget_select")
     means = torch.stack([s.float().mean() if s.numel() else s.new_tensor(float("-inf")) for s in scores])
     order = torch.argsort(means.cpu(), descending=True, stable=True).tolist()
     return whole_tensor_masks(scores, tensor_select(order, [s.numel() for s in scores], keep))

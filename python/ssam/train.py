@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="convnet (default) or mlp (all-Linear: every --ascent-backward mode applies to every layer)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights NOT perturbed (default 0.5; implied by an N:M structure)")
-    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | N:M:out | tensor")
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | N:M:out | tensor | budget (SSAM-F; exact ascent backward)")
     p.add_argument("--norm", choices=("full", "masked"), default="full", help="perturbation norm (default: full)")
     p.add_argument("--ascent-backward", choices=ASCENT_MODES, default="dense",
                    help="SSAM-F/D: backward of the ascent pass (default: dense; exact needs --norm masked)")

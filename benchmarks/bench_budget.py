@@ -1,0 +1,120 @@
+"""What SSAM-F's compute-aware ``"budget"`` mask gives up for its FLOPs: device-independent
+figures (no timing).
+
+1. Per model and sparsity, from one empirical Fisher: the Fisher mass the budget mask keeps,
+   as a fraction of what the unstructured top-k mask (the paper's) keeps at the same
+   sparsity; the cosine between the two perturbations ``g ⊙ m / ||g ⊙ m||`` for the gradient
+   ``g`` of a batch; the budget mask's density; and its SSAM step FLOPs relative to SGD,
+   estimated by the cost model (which ``tests/test_budget.py`` checks against torch's FLOP
+   counter, and ``ssam-bench step`` counts) beside the paper's column.
+2. Test accuracy of ``ssam-train`` on digits (the conv net): SAM, SSAM-F unstructured and
+   SSAM-F budget with the exact backward, mean and standard deviation over seeds.
+
+Inputs of part 1 are synthetic (``ssam-bench step``'s workloads), so the Fisher is that of an
+untrained model on random data: the figures compare structures, not trained networks.
+
+    python -m ssam_bench.bench_budget [--out benchmarks/results]
+    python -m ssam_bench.bench_budget --quick          # ResNet-18 only, 1 seed, 2 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from ssam_bench.bench_step import CPU_COUNT_GPT, WORKLOADS
+from ssam_bench.common import report
+
+from ssam.budget import budget_select, measure_costs, paper_flops
+from ssam.fisher import empirical_fisher
+from ssam.structure import Structure, select_mask
+from ssam.train import parse_args, train
+from ssam_kernels import keep_count
+
+SPARSITIES = (0.5, 0.8, 0.9)
+MODELS = {"resnet18_cifar": WORKLOADS["resnet18_cifar"], "vit_s16": WORKLOADS["vit_s16"], "gpt2_small": CPU_COUNT_GPT}
+
+
+def structure_rows(name: str, workload, samples: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = workload.build()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = workload.inputs(samples, gen, torch.device("cpu"))
+    fisher = empirical_fisher(model, params, [(xs, ys)], samples, workload.loss, chunk_size=workload.fisher_chunk)
+    costs = measure_costs(model, params, xs[:1])
+    x, y = workload.inputs(workload.count_batch, gen, torch.device("cpu"))
+    grads = torch.autograd.grad(workload.loss(model(x), y), params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    total = sum(p.numel() for p in params)
+    rows = []
+    for s in SPARSITIES:
+        keep = keep_count(total, 1.0 - s)
+        top = select_mask(fisher, Structure("unstructured"), keep)
+        choice = budget_select(fisher, costs, keep, (paper_flops(s) - 1.0) * costs.sgd)
+        mass = lambda masks: sum(float((f * m).sum()) for f, m in zip(fisher, masks))  # noqa: E731
+        both = sum(float((g * g * (a & b)).sum()) for g, a, b in zip(grads, top, choice.masks))
+        norm = lambda masks: sum(float((g * g * m).sum()) for g, m in zip(grads, masks)) ** 0.5  # noqa: E731
+        rows.append(dict(model=name, sparsity=f"{s:.0%}", fisher_mass_vs_topk=mass(choice.masks) / mass(top),
+                         cosine_vs_topk=both / (norm(top) * norm(choice.masks)),
+                         density=sum(int(m.sum()) for m in choice.masks) / total,
+                         step_flops_vs_sgd=1.0 + choice.ascent_flops / costs.sgd, paper_flops_vs_sgd=paper_flops(s),
+                         setup=f"Fisher of {samples} synthetic samples, gradient of a batch of {workload.count_batch}"))
+    return rows
+
+
+ACCURACY_RUNS = {  # label -> ssam-train arguments
+    "SAM": ["--opt", "sam"],
+    "SSAM-F 50% unstructured": ["--opt", "ssamf", "--sparsity", "0.5"],
+    "SSAM-F 50% budget, exact": ["--opt", "ssamf", "--sparsity", "0.5", "--structure", "budget", "--norm", "masked",
+                                 "--ascent-backward", "exact"],
+    "SSAM-F 90% unstructured": ["--opt", "ssamf", "--sparsity", "0.9"],
+    "SSAM-F 90% budget, exact": ["--opt", "ssamf", "--sparsity", "0.9", "--structure", "budget", "--norm", "masked",
+                                 "--ascent-backward", "exact"],
+}
+
+
+def accuracy_rows(epochs: int, seeds: list[int]) -> list[dict]:
+    rows = []
+    for label, extra in ACCURACY_RUNS.items():
+        accs = [train(parse_args(extra + ["--epochs", str(epochs), "--seed", str(seed), "--quiet", "--device", "cpu"]))
+                ["test_accuracy"] for seed in seeds]
+        rows.append(dict(run=label, accuracy=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                         seeds=len(accs), setup=f"ssam-train (digits conv net), {epochs} epochs, 359 test digits"))
+    return rows
+
+
+STRUCTURE_COLUMNS = [("model", "model", ""), ("sparsity", "sparsity", ""),
+                     ("fisher_mass_vs_topk", "Fisher mass / top-k's", ".3f"),
+                     ("cosine_vs_topk", "cosine to top-k's perturbation", ".3f"), ("density", "density", ".4f"),
+                     ("step_flops_vs_sgd", "step FLOPs / SGD", ".3f"), ("paper_flops_vs_sgd", "paper", ".2f"),
+                     ("setup", "setup", "")]
+ACCURACY_COLUMNS = [("run", "run", ""), ("accuracy", "test accuracy", ".4f"), ("std", "std", ".4f"),
+                    ("seeds", "seeds", "d"), ("setup", "setup", "")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=16, help="Fisher samples per model (default 16)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of the accuracy runs")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy runs per configuration (seeds 0..n-1)")
+    p.add_argument("--quick", action="store_true", help="ResNet-18 only, 4 samples, 1 seed, 2 epochs")
+    p.add_argument("--out", default=None, help="write JSON + Markdown here (these figures are device-independent)")
+    args = p.parse_args(argv)
+    models = {"resnet18_cifar": MODELS["resnet18_cifar"]} if args.quick else MODELS
+    samples, epochs, seeds = (4, 2, 1) if args.quick else (args.samples, args.epochs, args.seeds)
+    rows = []
+    for name, workload in models.items():
+        rows += structure_rows(name, workload, samples)
+    report("budget", "SSAM-F's budget mask against the unstructured top-k", rows, STRUCTURE_COLUMNS,
+           torch.device("cpu"), args.out)
+    report("budget_accuracy", "Digits accuracy with the budget mask", accuracy_rows(epochs, list(range(seeds))),
+           ACCURACY_COLUMNS, torch.device("cpu"), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

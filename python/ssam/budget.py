@@ -1,0 +1,268 @@
+"""Compute-aware masks: keep the most score mass under a FLOP budget for the ascent pass.
+
+An element-wise mask saves nothing on dense hardware: the ascent backward still computes every
+row of every weight gradient and every input gradient. What the exact ascent backward
+(``ascent_backward="exact"``) really skips is
+
+* the weight-gradient rows (output features / channels) without a masked entry, and
+* every input gradient below the lowest layer holding a masked entry (nothing there needs it).
+
+So the ``"budget"`` structure chooses whole rows, at or above a depth, so that the ascent pass
+(forward + that backward) costs at most the paper's FLOPs column minus the descent step:
+``(0.3 + 0.7 (1 - s)) x`` an SGD step. Among the depths it keeps the rows with the most score
+mass per FLOP (1-D parameters, whose gradients cost no matmul FLOPs, first), within the
+sparsity's entry count as well.
+
+The costs come from one traced forward (:func:`measure_costs`), followed op by op at the
+aten level: each parameter's position is the first op that reads it, each tensor carries the
+highest position among the parameters it depends on, and each matmul / convolution /
+attention op records its FLOPs (torch's FLOP counter formulas) and the weights it reads.
+Backward FLOPs follow autograd: a weight op's weight gradient and input gradient each cost
+its forward; an op between activations (attention) costs twice its forward (2.5x for fused
+attention). An op's input gradient is needed when its activations depend on a parameter at
+or above the lowest masked one: exact for a chain of layers, and on the safe side where a
+branch depends on unmasked parameters above that depth. Weights the exact backward cannot
+take apart (those inside ``nn.MultiheadAttention``, which keeps dense autograd) count as one
+row: all of their weight gradient or none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .batchnorm import frozen_batchnorm_stats
+
+
+# the paper's Tables 1-3, SSAM's FLOPs relative to SGD, by sparsity
+PAPER_FLOPS = {0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
+
+
+def paper_flops(sparsity: float) -> float:
+    """The paper's FLOPs column for SSAM at ``sparsity``, relative to SGD: the tables' value
+    where they list it (they round below the formula), else ``1 + 0.3 + 0.7 (1 - s)``."""
+    for s, flops in PAPER_FLOPS.items():
+        if abs(sparsity - s) < 1e-9:
+            return flops
+    return 1.3 + 0.7 * (1.0 - sparsity)
+
+
+@dataclass(frozen=True)
+class AscentCosts:
+    """Per-sample FLOPs of a model, from one traced forward (see the module docstring).
+
+    ``forward``: one forward. ``sgd``: one forward and the full backward (an SGD step's
+    FLOPs). Per parameter: ``position`` (the index of the first op reading it; None if the
+    forward never does), ``rows`` and ``row_cost`` (weight-gradient FLOPs of one row; 0 for
+    parameters no matmul reads). Per FLOP-counted op whose activations depend on a parameter:
+    ``op_depths`` (the highest position among those parameters) and ``op_input_grad`` (the
+    FLOPs of its input gradients).
+    """
+
+    forward: float
+    sgd: float
+    position: tuple[int | None, ...]
+    row_cost: tuple[float, ...]
+    op_depths: tuple[int, ...]
+    op_input_grad: tuple[float, ...]
+    rows: tuple[int, ...]  # rows a mask may take apart: shape[0], or 1 where the weight gradient is all or nothing
+
+    def row_view(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like parameter ``i``) as ``[rows, -1]``."""
+        return t.reshape(self.rows[i], -1)
+
+    def input_grads_after(self, position: int) -> float:
+        """FLOPs of the input gradients needed when no parameter below ``position`` is masked:
+        those of the ops whose activations depend on a parameter at or above it."""
+        return sum(f for d, f in zip(self.op_depths, self.op_input_grad) if d >= position)
+
+    def ascent(self, masks: list[torch.Tensor]) -> float:
+        """Estimated FLOPs of an exact ascent pass (forward + backward) under ``masks``."""
+        used = [i for i, m in enumerate(masks) if self.position[i] is not None and bool(m.any())]
+        if not used:
+            return self.forward
+        lowest = min(self.position[i] for i in used)
+        rows = sum(self.row_cost[i] * int(self.row_view(i, masks[i]).any(1).sum()) for i in used)
+        return self.forward + rows + self.input_grads_after(lowest)
+
+
+_ROW_SPARSE_FUNCS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
+
+
+class _RowSparse(TorchFunctionMode):
+    """Records the weights that ``sparse_ascent("exact")`` would see: those passed to
+    ``F.linear`` / ``F.conv*`` at the top level (not inside ``nn.MultiheadAttention``, whose
+    projections keep dense autograd and so a whole weight gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ROW_SPARSE_FUNCS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(weight, torch.Tensor):
+                self.seen.add(id(weight))
+        return func(*args, **kwargs)
+
+
+class _Recorder(TorchDispatchMode):
+    """Follows one forward op by op (aten level). Each parameter's position is the index of
+    the first op that reads it. Each tensor carries the highest position among the parameters
+    it depends on; a FLOP-counted op records its FLOPs, the weights it reads, and that value
+    for its activation inputs (None: they depend on no parameter)."""
+
+    def __init__(self, storages: dict[int, list[int]]):
+        super().__init__()
+        self.storages = storages
+        self.position: dict[int, int] = {}
+        self.depends = WeakTensorKeyDictionary()
+        self.ops: list[tuple[float, list[int], int | None, bool]] = []  # flops, weights, activation depth, attention
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        index, self.count = self.count, self.count + 1
+        reads, depth = [], None
+        for a in tree_flatten((args, kwargs))[0]:
+            if not isinstance(a, torch.Tensor):
+                continue
+            owners = self.storages.get(a.untyped_storage().data_ptr())
+            if owners:
+                reads += owners
+                for i in owners:
+                    self.position.setdefault(i, index)
+                continue
+            d = self.depends.get(a)
+            depth = d if depth is None or (d is not None and d > depth) else depth
+        out = func(*args, **kwargs)
+        highest = max([self.position[i] for i in reads] + ([depth] if depth is not None else []), default=None)
+        if highest is not None:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.depends[t] = max(highest, self.depends.get(t, highest))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            flops = float(formula(*args, **kwargs, out_val=out))
+            self.ops.append((flops, list(dict.fromkeys(reads)), depth, "attention" in func._overloadpacket.__name__))
+        return out
+
+
+def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> AscentCosts:
+    """:class:`AscentCosts` per sample of ``model`` on the batch ``x`` (one forward, no
+    gradient; BatchNorm statistics untouched)."""
+    storages: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        storages.setdefault(p.untyped_storage().data_ptr(), []).append(i)
+    recorder, row_sparse = _Recorder(storages), _RowSparse()
+    with torch.no_grad(), frozen_batchnorm_stats(model), row_sparse, recorder:
+        model(x)
+    n = x.shape[0]
+    weight_flops = [0.0] * len(params)
+    op_depths, op_input_grad = [], []
+    forward = 0.0
+    for flops, reads, depth, attention in recorder.ops:
+        flops /= n
+        forward += flops
+        weights = [i for i in reads if params[i].dim() >= 2]
+        for i in weights:
+            weight_flops[i] += flops
+        if depth is not None:  # its activations need gradients when a parameter at or above depth is masked
+            op_depths.append(depth)
+            # a weight op: dX costs its forward; between activations: a gradient per input
+            # (attention: 5 matmuls against the forward's 2)
+            op_input_grad.append(flops if weights else (2.5 if attention else 2.0) * flops)
+    position = tuple(recorder.position.get(i) for i in range(len(params)))
+    # 1-D parameters: each entry a row of no matmul cost; weights that the exact backward
+    # cannot take apart (not seen as a linear / conv weight): one row, the whole gradient
+    rows = tuple(p.numel() if p.dim() < 2 else p.shape[0] if id(p) in row_sparse.seen else 1 for p in params)
+    row_cost = tuple(weight_flops[i] / rows[i] if rows[i] else 0.0 for i in range(len(params)))
+    sgd = forward + sum(weight_flops) + sum(op_input_grad)  # every input gradient that depends on a parameter
+    return AscentCosts(forward, sgd, position, row_cost, tuple(op_depths), tuple(op_input_grad), rows)
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What :func:`budget_select` chose: the masks, the estimated ascent FLOPs (per sample)
+    and the score mass kept."""
+
+    masks: list[torch.Tensor]
+    ascent_flops: float
+    mass: float
+
+
+def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, ascent_budget: float) -> BudgetChoice:
+    """Whole rows of the highest score mass per FLOP, at or above the depth that leaves the
+    most mass, such that the estimated ascent pass costs at most ``ascent_budget`` FLOPs per
+    sample and at most ``keep`` entries are kept.
+
+    For each candidate depth (a parameter's position), the input gradients of the ops after it
+    are paid first; the rows of the parameters at or above it are then taken greedily by mass
+    per FLOP (rows of no matmul cost first, by mass), skipping any that no longer fits the
+    FLOP or entry budget. The best depth wins; nothing fits: all masks empty.
+    """
+    mass, cost, count, owner, local = [], [], [], [], []
+    for i, s in enumerate(scores):
+        if costs.position[i] is None or s.numel() == 0:
+            continue
+        rows = costs.row_view(i, s.detach()).double().cpu()
+        mass.append(rows.sum(1))
+        cost.append(torch.full((rows.shape[0],), costs.row_cost[i], dtype=torch.float64))
+        count.append(torch.full((rows.shape[0],), rows.shape[1], dtype=torch.float64))
+        owner.append(torch.full((rows.shape[0],), i, dtype=torch.long))
+        local.append(torch.arange(rows.shape[0]))
+    choice = BudgetChoice([torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores], costs.forward, 0.0)
+    if not mass:
+        return choice
+    mass, cost, count, owner, local = (torch.cat(t) for t in (mass, cost, count, owner, local))
+    # one order for every depth: no-FLOP rows by mass, then by mass per FLOP (stable: ties by index)
+    ratio = torch.where(cost > 0, mass / cost.clamp_min(1e-300), torch.full_like(mass, math.inf))
+    order = torch.sort(-mass, stable=True).indices
+    order = order[torch.sort(-ratio[order], stable=True).indices]
+    mass, cost, count, owner, local = (t[order] for t in (mass, cost, count, owner, local))
+    position = torch.tensor([costs.position[i] for i in owner.tolist()], dtype=torch.long)
+    best, best_taken = 0.0, None
+    for depth in sorted(set(position.tolist())):
+        flops = costs.forward + costs.input_grads_after(depth)
+        if flops > ascent_budget:
+            continue
+        taken = _greedy((position >= depth).nonzero().squeeze(1), cost, count, ascent_budget - flops, float(keep))
+        kept = float(mass[taken].sum())
+        if kept > best:
+            best, best_taken = kept, taken
+    if best_taken is None:
+        return choice
+    for i, row in zip(owner[best_taken].tolist(), local[best_taken].tolist()):
+        costs.row_view(i, choice.masks[i])[row] = True
+    return BudgetChoice(choice.masks, costs.ascent(choice.masks), best)
+
+
+def _greedy(candidates: torch.Tensor, cost: torch.Tensor, count: torch.Tensor, flops_left: float,
+            entries_left: float) -> torch.Tensor:
+    """Walk ``candidates`` (indices, in order) and take each whose cost and count still fit."""
+    c, n = cost[candidates], count[candidates]
+    fits = (c.cumsum(0) <= flops_left) & (n.cumsum(0) <= entries_left)
+    stop = int((~fits).nonzero()[0]) if not bool(fits.all()) else len(candidates)
+    taken = [candidates[:stop]]
+    flops_left -= float(c[:stop].sum())
+    entries_left -= float(n[:stop].sum())
+    rest, c, n = candidates[stop:], c[stop:], n[stop:]
+    while rest.numel():  # past the first misfit: the later rows that still fit, in order
+        fit = ((c <= flops_left) & (n <= entries_left)).nonzero()
+        if not fit.numel():
+            break
+        j = int(fit[0])
+        taken.append(rest[j : j + 1])
+        flops_left -= float(c[j])
+        entries_left -= float(n[j])
+        rest, c, n = rest[j + 1 :], c[j + 1 :], n[j + 1 :]
+    return torch.cat(taken)

@@ -1,0 +1,230 @@
+"""The "budget" structure: the cost model against torch's FLOP counter, the selection within
+its budgets, and SSAMF(structure="budget") training with the exact ascent backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import SmallConvBN
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import ssam
+from ssam.budget import AscentCosts, budget_select, measure_costs, paper_flops
+from ssam.models import GPTStack, ViT, resnet18_cifar
+from ssam.structure import parse_structure
+from ssam_kernels import sparse_ascent
+
+
+class _Residual(nn.Module):
+    """Two paths into a sum (a shortcut conv after the main path, as in ResNet), a BatchNorm,
+    and a bare parameter read by a functional matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.short = nn.Conv2d(8, 8, 1)
+        self.head = nn.Parameter(torch.randn(5, 8) * 0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.b(torch.relu(self.bn(self.a(h)))) + self.short(h))
+        return F.linear(h.mean((2, 3)), self.head)
+
+
+MODELS = {
+    "residual": (_Residual, (3, 6, 6)),
+    "convbn": (SmallConvBN, (2, 4, 4)),
+    "vit": (lambda: ViT(img_size=8, patch=4, dim=16, depth=2, heads=2, num_classes=3), (3, 8, 8)),
+    "gpt": (lambda: GPTStack(16, 2, 2), (6, 16)),
+}
+
+
+def _model(name, gen, batch=3):
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    return build(), torch.randn(batch, *shape, generator=gen)
+
+
+def _counted(fn) -> float:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _loss(model, x):
+    return model(x).float().square().mean()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sgd_and_forward_costs_equal_the_flop_counter(name, gen):
+    """The traced costs per sample, times the batch, are torch's counts of a forward and of a
+    forward + backward (the SGD step's matmuls), to the FLOP."""
+    model, x = _model(name, gen)
+    params = list(model.parameters())
+    with sdpa_kernel(SDPBackend.MATH):
+        costs = measure_costs(model, params, x)
+    assert costs.forward * x.shape[0] == _counted(lambda: model(x))
+    assert costs.sgd * x.shape[0] == _counted(lambda: _loss(model, x).backward())
+
+
+def _random_row_masks(model, costs, gen, lowest):
+    """Whole-row masks (as the cost model can take apart) on the parameters at or above the
+    ``lowest``-th distinct position."""
+    positions = sorted({p for p in costs.position if p is not None})
+    depth = positions[lowest]
+    masks = []
+    for i, p in enumerate(model.parameters()):
+        m = torch.zeros(p.shape, dtype=torch.bool)
+        if costs.position[i] is not None and costs.position[i] >= depth:
+            rows = costs.row_view(i, m)
+            rows[torch.rand(rows.shape[0], generator=gen) < 0.5] = True
+        masks.append(m)
+    return masks
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ascent_estimate_equals_the_exact_backward_count(name, gen):
+    """For row masks cut at every depth, the estimated ascent FLOPs equal what the exact mode's
+    forward + backward issues (the residual model's shortcut is the one place the estimate may
+    exceed the count: it is an upper bound there)."""
+    model, x = _model(name, gen)
+    params = list(model.parameters())
+    with sdpa_kernel(SDPBackend.MATH):
+        costs = measure_costs(model, params, x)
+    for lowest in range(len({p for p in costs.position if p is not None})):
+        masks = _random_row_masks(model, costs, gen, lowest)
+        if not any(m.any() for m in masks):
+            continue
+        model.zero_grad(set_to_none=True)
+        with sparse_ascent(dict(zip(params, masks)), "exact"):
+            counted = _counted(lambda: _loss(model, x).backward())
+        estimate = costs.ascent(masks) * x.shape[0]
+        assert counted <= estimate
+        if name != "residual":
+            assert counted == estimate
+
+
+@pytest.mark.cpu
+def test_resnet18_cut_estimate_is_exact_at_block_boundaries(gen):
+    model = resnet18_cifar()
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    params = list(model.parameters())
+    costs = measure_costs(model, params, x)
+    assert costs.sgd * 2 == _counted(lambda: F.cross_entropy(model(x), torch.tensor([1, 2])).backward())
+    fc = [i for i, (n, _) in enumerate(model.named_parameters()) if n.startswith("fc.")]
+    masks = [torch.full(p.shape, i in fc, dtype=torch.bool) for i, p in enumerate(params)]
+    with sparse_ascent(dict(zip(params, masks)), "exact"):
+        counted = _counted(lambda: F.cross_entropy(model(x), torch.tensor([1, 2])).backward())
+    assert costs.ascent(masks) * 2 == counted  # the head alone: forward + its weight gradient
+
+
+def _toy_costs():
+    """Three 2-row weights in a chain (positions 0, 10, 20), forward 100 FLOPs; input
+    gradients: 30 for ops depending on position >= 10, 20 more on >= 20."""
+    return AscentCosts(forward=100.0, sgd=400.0, position=(0, 10, 20), row_cost=(50.0, 20.0, 5.0),
+                       op_depths=(10, 20), op_input_grad=(30.0, 20.0), rows=(2, 2, 2))
+
+
+@pytest.mark.cpu
+def test_selection_takes_the_best_depth_and_rows_within_both_budgets():
+    costs = _toy_costs()
+    scores = [torch.tensor([[9.0, 9.0], [1.0, 0.0]]), torch.tensor([[3.0, 0.0], [2.0, 2.0]]),
+              torch.tensor([[1.0, 0.0], [0.5, 0.0]])]
+    # budget 160: every depth pays 100 + 50 (depth 0 or 10) or 100 + 20 (depth 20) first;
+    # what is left fits param 2's rows only (5 each; param 1's cost 20): mass 1.5 everywhere
+    choice = budget_select(scores, costs, keep=6, ascent_budget=160.0)
+    assert choice.mass == pytest.approx(1.5)
+    assert [m.tolist() for m in choice.masks] == [[[False, False], [False, False]], [[False, False], [False, False]],
+                                                 [[True, True], [True, True]]]
+    assert choice.ascent_flops == 100 + 20 + 10  # the cut is at param 2: 20 of input gradients
+    # budget 250: depth 0 leaves 100 for rows, by mass per FLOP: param 0 row 0 (18/50), param 1
+    # row 1 (4/20) and param 2 row 0 (1/5; the tie by mass), param 1 row 0 (3/20), param 2
+    # row 1 (0.5/5): 50 + 20 + 5 + 20 + 5 = 100, mass 26.5; depth 10 or 20 cannot reach param 0
+    choice = budget_select(scores, costs, keep=12, ascent_budget=250.0)
+    assert choice.mass == pytest.approx(18 + 7 + 1.5)
+    assert choice.masks[0].tolist() == [[True, True], [False, False]]
+    assert choice.ascent_flops == pytest.approx(100 + 50 + 50 + 40 + 10)
+    # the entry count binds: 2 entries -> the best single row within the FLOPs
+    choice = budget_select(scores, costs, keep=2, ascent_budget=250.0)
+    assert choice.mass == pytest.approx(18) and int(sum(m.sum() for m in choice.masks)) == 2
+    # nothing fits: empty masks
+    choice = budget_select(scores, costs, keep=6, ascent_budget=99.0)
+    assert choice.mass == 0 and not any(m.any() for m in choice.masks)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("name", ["residual", "vit", "gpt"])
+def test_ssamf_budget_masks_meet_the_paper_column(name, sparsity, gen):
+    """SSAMF(structure="budget", ascent_backward="exact"): a step's counted FLOPs (ascent +
+    dense descent) are at most the paper's column times SGD's, the density at most 1 - s,
+    and the ascent gradient is the dense one masked."""
+    model, x = _model(name, gen, batch=4)
+    params = list(model.parameters())
+    opt = ssam.SSAMF(params, torch.optim.SGD, rho=0.05, sparsity=sparsity, num_samples=4, update_freq=1,
+                     structure="budget", norm="masked", ascent_backward="exact", seed=0, lr=0.01)
+    with sdpa_kernel(SDPBackend.MATH):
+        opt.update_mask(model, [(x, torch.zeros(4))], loss_fn=lambda out, y: out.float().square().mean())
+    assert 0 < opt.mask_density() <= 1 - sparsity
+    masks = opt.masks()
+    sgd = _counted(lambda: _loss(model, x).backward())
+    model.zero_grad(set_to_none=True)
+    reference = torch.autograd.grad(_loss(model, x), params)
+    with opt.ascent():
+        ascent = _counted(lambda: _loss(model, x).backward())
+    assert (sgd + ascent) / sgd <= paper_flops(sparsity) + 1e-12
+    for p, m, r in zip(params, masks, reference):
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got * m, r * m, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cpu
+def test_budget_errors(gen):
+    model, x = _model("residual", gen)
+    assert parse_structure("budget").kind == "budget"
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.99, num_samples=2, update_freq=1,
+                     structure="budget", norm="masked", ascent_backward="exact", seed=0, lr=0.01)
+    before = opt.masks()
+    with pytest.raises(ValueError, match="no row of this model fits"):
+        opt.update_mask(model, [(x, torch.zeros(3, dtype=torch.long))], loss_fn=lambda out, y: out.square().mean())
+    assert all(torch.equal(a, b) for a, b in zip(before, opt.masks()))
+    with pytest.raises(ValueError, match="SSAM-F's"):
+        ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, structure="budget",
+                   lr=0.01)
+    with pytest.raises(ValueError, match="sparsity is required"):
+        ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=None, num_samples=2, update_freq=1,
+                   structure="budget", lr=0.01)
+
+
+@pytest.mark.cpu
+def test_paper_column():
+    assert [paper_flops(s) for s in (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)] == [1.65, 1.44, 1.36, 1.33, 1.31, 1.30]
+    assert paper_flops(0.6) == pytest.approx(1.3 + 0.7 * 0.4)
+
+
+@pytest.mark.cuda
+def test_fused_attention_costs_on_cuda():
+    """On a GPU, SDPA runs fused (flash / memory-efficient) kernels with their own FLOP
+    formulas (backward 2.5x the forward): the estimate must still equal the count."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; run the cuda tier on a GPU machine")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = GPTStack(64, 2, 2).cuda()
+    x = torch.randn(2, 128, 64, generator=gen).cuda()
+    params = list(model.parameters())
+    costs = measure_costs(model, params, x)
+    with FlopCounterMode(display=False) as counter:
+        _loss(model, x).backward()
+    assert costs.sgd * 2 == counter.get_total_flops()
+    masks = [m.cuda() for m in _random_row_masks(model, costs, gen, 3)]
+    model.zero_grad(set_to_none=True)
+    with sparse_ascent(dict(zip(params, masks)), "exact"), FlopCounterMode(display=False) as counter:
+        _loss(model, x).backward()
+    assert costs.ascent(masks) * 2 == counter.get_total_flops()
