@@ -10,7 +10,9 @@ figures (no timing).
 2. Test accuracy of ``ssam-train`` on digits (the conv net): SAM, SSAM-F unstructured and
    SSAM-F budget with the exact backward, mean and standard deviation over seeds.
 
-Inputs of part 1 are synthetic (``ssam-bench step``'s workloads), so the Fisher is that of an
+Inputs of part 1 are synthetic (``ssam-bench step``'s image workloads; GPT-2 small with a
+1024-word readout and cross-entropy on random next tokens, since the step benchmark's squared
+output puts nearly all the Fisher in the final LayerNorm), so the Fisher is that of an
 untrained model on random data: the figures compare structures, not trained networks.
 
     python -m ssam_bench.bench_budget [--out benchmarks/results]
@@ -24,18 +26,39 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from ssam_bench.bench_step import CPU_COUNT_GPT, WORKLOADS
+from ssam_bench.bench_step import WORKLOADS, Workload
 from ssam_bench.common import report
 
 from ssam.budget import budget_select, measure_costs, paper_flops
 from ssam.fisher import empirical_fisher
+from ssam.models import gpt2_small_stack
 from ssam.structure import Structure, select_mask
 from ssam.train import parse_args, train
 from ssam_kernels import keep_count
 
 SPARSITIES = (0.5, 0.8, 0.9)
-MODELS = {"resnet18_cifar": WORKLOADS["resnet18_cifar"], "vit_s16": WORKLOADS["vit_s16"], "gpt2_small": CPU_COUNT_GPT}
+VOCAB, TOKENS = 1024, 128
+
+
+def _gpt_lm() -> nn.Module:
+    return nn.Sequential(gpt2_small_stack(), nn.Linear(768, VOCAB, bias=False))
+
+
+def _next_tokens(batch, gen, device):
+    x = torch.randn(batch, TOKENS, 768, generator=gen, device=device)
+    return x, torch.randint(0, VOCAB, (batch, TOKENS), generator=gen, device=device)
+
+
+def _lm_loss(out, y):
+    return F.cross_entropy(out.float().flatten(0, 1), y.flatten())
+
+
+MODELS = {"resnet18_cifar": WORKLOADS["resnet18_cifar"], "vit_s16": WORKLOADS["vit_s16"],
+          "gpt2_small_lm": Workload(_gpt_lm, 1, _next_tokens, _lm_loss, count_batch=1, fisher_chunk=4,
+                                    description=f"GPT-2 small blocks + {VOCAB}-word readout, {TOKENS} tokens")}
 
 
 def structure_rows(name: str, workload, samples: int) -> list[dict]:

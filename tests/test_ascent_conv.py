@@ -177,3 +177,23 @@ def test_exact_mode_on_conv_models_yields_the_masked_gradient(model_type, gen):
     with FlopCounterMode(display=False) as dense:
         model(x).square().sum().backward()
     assert count.get_total_flops() < dense.get_total_flops()
+
+
+def test_autocast_runs_the_conv_in_bf16_and_returns_grads_in_the_parameters_dtypes(gen):
+    x, w, b, kwargs = _case(GEOMETRIES[1], gen)
+    mask = _row_mask(w.shape, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ascent_conv(x, w, b, mask, **kwargs)
+        ref_out = F.conv2d(x, w, b, **kwargs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same bf16 convolution
+    dy = torch.randn(out.shape, generator=gen).to(torch.bfloat16)
+    dx, dw, db = torch.autograd.grad(out, (x, w, b), dy)
+    rx, rw, rb = torch.autograd.grad(ref_out, (x, w, b), dy)
+    assert (dx.dtype, dw.dtype, db.dtype) == (torch.float32,) * 3
+    # both from bf16 operands: the row-sparse dW rounds like the dense one (same oneDNN kernel
+    # on fewer channels), to bf16's 2^-8 relative
+    scale = rw.abs().max().item()
+    torch.testing.assert_close(dw, rw * mask, rtol=2**-7, atol=2**-7 * scale)
+    torch.testing.assert_close(dx, rx, rtol=0, atol=0)
+    torch.testing.assert_close(db, rb, rtol=2**-7, atol=2**-7 * rb.abs().max().item())

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .ascent_linear import _autocast_dtype
+from .ascent_linear import autocast_operands
 from .bitmask import BitMask, masked_rows
 from .masked_weight_grad import check_weight_mask
 
@@ -58,11 +58,7 @@ class AscentConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, bias_mask, stride, padding, dilation, groups):
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
-        cast = _autocast_dtype(x.device.type)
-        if cast is not None:  # what autocast's convolution would run: every operand in the autocast dtype
-            x, weight = x.to(cast), weight.to(cast)
-            bias = bias.to(cast) if bias is not None else None
+        x, weight, bias = autocast_operands(ctx, x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = CONVS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight)

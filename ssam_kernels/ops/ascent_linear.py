@@ -86,17 +86,24 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def autocast_operands(ctx, x, weight, bias):
+    """Record the operands' dtypes on ``ctx`` (gradients go back in them, not in the autocast
+    dtype) and return the operands autocast's own linear / convolution would run: all in the
+    autocast dtype where autocast is on."""
+    ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    return x, weight, bias
+
+
 class AscentLinearFunction(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` with the ascent backward of ``config.mode``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, config: AscentConfig):
-        # gradients go back in the parameters' own dtypes, not the autocast dtype
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
-        cast = _autocast_dtype(x.device.type)
-        if cast is not None:  # what autocast's linear would run: every operand in the autocast dtype
-            x, weight = x.to(cast), weight.to(cast)
-            bias = bias.to(cast) if bias is not None else None
+        x, weight, bias = autocast_operands(ctx, x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
