@@ -59,9 +59,10 @@ OPTIMIZERS = ("sgd", "sam", "ssam-f", "ssam-d")
 # modes run by default: a 2:4 mask is the layout the sparse-tensor-core modes need
 DEFAULT_MODES = {"2:4": ASCENT_MODES}
 DEFAULT_UNSTRUCTURED_MODES = ("dense", "exact")
-# SSAM-F's compute-aware mask ("budget"), with the exact backward: where the paper's column
-# leaves room for more than the ascent forward (at 95% and above it does not)
-BUDGET_SPARSITIES = ("0.5", "0.8", "0.9")
+# SSAM-F's compute-aware mask ("budget") with the exact backward, per sparsity with its
+# ascent_fraction: at 95% and above the paper's column is below the cost of a full-batch
+# ascent forward, so the ascent pass there runs on half the batch
+BUDGET_SPARSITIES = {"0.5": 1.0, "0.8": 1.0, "0.9": 1.0, "0.95": 0.5, "0.98": 0.5, "0.99": 0.5}
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ WORKLOADS = {
     "gpt2_small_16k": _gpt(1024, 16, "GPT-2 small blocks, 16 x 1024 tokens"),
 }
 # without a GPU the GPT-2 stack is counted at 128 tokens (one entry is enough: same model)
-CPU_COUNT_GPT = _gpt(128, 1, "GPT-2 small blocks, 1 x 128 tokens (counting)")
+CPU_COUNT_GPT = _gpt(128, 2, "GPT-2 small blocks, 2 x 128 tokens (counting: a sub-batch ascent needs 2)")
 QUICK_WORKLOADS = {
     "tiny_convnet": Workload(DigitsNet, 16, _images((1, 8, 8), 10), _cross_entropy, 16,
                              description="digits conv net, batch 16, 8x8"),
@@ -134,12 +135,21 @@ class Contender:
     sparsity: str | None = None  # a SPARSITIES key
     mode: str | None = None
     budget: bool = False  # SSAM-F's structure="budget" (with mode "exact")
+    ascent_fraction: float = 1.0
 
     @property
     def name(self) -> str:
         if self.sparsity is None:
             return self.optimizer
-        return f"{self.optimizer} {_sparsity_label(self.sparsity)} {self.mode}" + (" budget" if self.budget else "")
+        return f"{self.optimizer} {_sparsity_label(self.sparsity)} {self.mode}" + (" budget" if self.budget else "") + (
+            f" ascent {self.ascent_fraction:.0%}" if self.ascent_fraction < 1.0 else "")
+
+    @property
+    def mode_label(self) -> str | None:
+        if self.mode is None:
+            return None
+        return self.mode + (", budget mask" if self.budget else "") + (
+            f", ascent on {self.ascent_fraction:.0%} of the batch" if self.ascent_fraction < 1.0 else "")
 
     @property
     def paper(self) -> float:
@@ -162,7 +172,7 @@ def contenders(optimizers, sparsities, modes) -> list[Contender]:
             for mode in modes or DEFAULT_MODES.get(s, DEFAULT_UNSTRUCTURED_MODES):
                 out.append(Contender(opt, s, mode))
                 if opt == "ssam-f" and mode == "exact" and s in BUDGET_SPARSITIES:
-                    out.append(Contender(opt, s, mode, budget=True))
+                    out.append(Contender(opt, s, mode, budget=True, ascent_fraction=BUDGET_SPARSITIES[s]))
     return out
 
 
@@ -176,7 +186,8 @@ def build_optimizer(c: Contender, model, workload: Workload, device, fisher_samp
     # implicit runs on sparse tensor cores only with 2:4 groups along W's output dim
     structure = ("2:4:out" if c.mode == "implicit" else "2:4") if nm else "budget" if c.budget else "unstructured"
     common = dict(rho=0.05, sparsity=None if nm else float(c.sparsity), structure=structure,
-                  norm="masked" if c.mode == "exact" else "full", ascent_backward=c.mode, seed=0, **base)
+                  norm="masked" if c.mode == "exact" else "full", ascent_backward=c.mode, seed=0,
+                  ascent_fraction=c.ascent_fraction, **base)
     if c.optimizer == "ssam-d":
         return ssam.SSAMD(model.parameters(), torch.optim.SGD, drop_rate=0.5, T_end=10, **common)
     opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, num_samples=fisher_samples, update_freq=1,
@@ -188,8 +199,9 @@ def build_optimizer(c: Contender, model, workload: Workload, device, fisher_samp
 
 def make_step(model, opt, x, y, loss_fn, autocast: bool) -> Callable[[], None]:
     def closure():
+        xb, yb = opt.batch(x, y) if isinstance(opt, ssam.SAM) else (x, y)  # the ascent pass may take a part
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(xb), yb)
         loss.backward()
         return loss
 
@@ -250,7 +262,7 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             torch.cuda.reset_peak_memory_stats(device)
         step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
         row = dict(model=name, batch=batch, optimizer=c.optimizer.upper(), sparsity=c.sparsity and _sparsity_label(c.sparsity),
-                   mode=c.mode and c.mode + (", budget mask" if c.budget else ""), contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
+                   mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
                    counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
         if timed:
             step()
@@ -299,7 +311,7 @@ def plan(args, device) -> list[tuple[str, Workload, bool, int]]:
         elif not n.startswith("gpt2"):
             out.append((n, WORKLOADS[n], False, WORKLOADS[n].count_batch))
         elif not counted_gpt:  # one count covers the GPT-2 token counts: same model
-            out.append(("gpt2_small_128tok", CPU_COUNT_GPT, False, 1))
+            out.append(("gpt2_small_128tok", CPU_COUNT_GPT, False, CPU_COUNT_GPT.batch))
             counted_gpt = True
     if not cuda and not any(timed for _, _, timed, _ in out):
         out += [(n, w, True, w.batch) for n, w in QUICK_WORKLOADS.items()]

@@ -20,10 +20,11 @@ def test_default_contender_grid():
     names = [c.name for c in specs]
     assert names[:2] == ["sgd", "sam"] and len(names) == len(set(names))
     # per SSAM optimizer: dense and exact at 6 sparsities, every mode at 2:4; SSAM-F's budget
-    # structure (exact) at 50/80/90%
-    assert len(specs) == 2 + 2 * (6 * 2 + len(ASCENT_MODES)) + 3
-    assert [c.name for c in specs if c.budget] == ["ssam-f 50% exact budget", "ssam-f 80% exact budget",
-                                                  "ssam-f 90% exact budget"]
+    # structure (exact) at every unstructured sparsity, on half the batch at 95% and above
+    assert len(specs) == 2 + 2 * (6 * 2 + len(ASCENT_MODES)) + 6
+    assert [c.name for c in specs if c.budget] == [
+        "ssam-f 50% exact budget", "ssam-f 80% exact budget", "ssam-f 90% exact budget",
+        "ssam-f 95% exact budget ascent 50%", "ssam-f 98% exact budget ascent 50%", "ssam-f 99% exact budget ascent 50%"]
     assert {c.mode for c in specs if c.sparsity == "2:4"} == set(ASCENT_MODES)
     every = bench_step.contenders({"ssam-d"}, ("0.9",), ["mvue", "implicit"])
     assert [c.name for c in every] == ["sgd", "ssam-d 90% mvue", "ssam-d 90% implicit"]
@@ -33,7 +34,7 @@ def test_default_contender_grid():
 def test_plan_without_gpu_counts_real_models_and_times_tiny_ones():
     p = cli.parser()
     runs = bench_step.plan(p.parse_args(["step", "--models", "resnet50", "gpt2_small_2k", "gpt2_small_8k"]), CPU)
-    assert [(n, timed, batch) for n, _, timed, batch in runs[:2]] == [("resnet50", False, 2), ("gpt2_small_128tok", False, 1)]
+    assert [(n, timed, batch) for n, _, timed, batch in runs[:2]] == [("resnet50", False, 2), ("gpt2_small_128tok", False, 2)]
     assert [n for n, _, timed, _ in runs[2:] if timed] == list(bench_step.QUICK_WORKLOADS)
     quick = bench_step.plan(p.parse_args(["step", "--quick", "--models", "tiny_gpt"]), CPU)
     assert [(n, timed) for n, _, timed, _ in quick] == [("tiny_gpt", True)]
@@ -54,6 +55,9 @@ def test_step_rows_count_flops_and_time_against_sgd():
         if r["mode"] == "exact":  # never more than SAM; fewer where whole rows are unmasked
             assert r["counted_flops_vs_sgd"] <= 2.0 + 1e-12
     assert rows["ssam-f 99% exact"]["counted_flops_vs_sgd"] < 2.0  # Fisher at 99% leaves rows empty
+    budget = rows["ssam-f 99% exact budget ascent 50%"]  # counted by torch, the ascent on 1 of 2 sequences
+    assert budget["mode"] == "exact, budget mask, ascent on 50% of the batch"
+    assert budget["counted_flops_vs_sgd"] <= 1.30 + 1e-12
     assert rows["ssam-d 99% dense"]["paper_flops_vs_sgd"] == 1.30
 
 

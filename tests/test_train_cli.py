@@ -44,7 +44,7 @@ def test_ascent_backward_modes_train_the_mlp(mode, capsys):
 
 def test_bad_arguments_exit_with_usage():
     for argv in (["--structure", "2-4"], ["--opt", "adam"], ["--epochs", "0"], ["--opt", "sam", "--ascent-backward", "mvue"],
-                 ["--ascent-backward", "sparse"], ["--model", "resnet"]):
+                 ["--ascent-backward", "sparse"], ["--model", "resnet"], ["--opt", "sgd", "--ascent-fraction", "0.5"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert exc.value.code == 2
@@ -55,6 +55,15 @@ def test_inconsistent_sparsity_is_a_clean_error(capsys):
     assert "implies sparsity 0.75" in capsys.readouterr().err
     assert main(["--opt", "ssamd", "--ascent-backward", "exact", "--epochs", "1", "--quiet"]) == 2
     assert "needs norm='masked'" in capsys.readouterr().err
+    assert main(["--opt", "sam", "--ascent-fraction", "1.5", "--epochs", "1", "--quiet"]) == 2
+    assert "ascent_fraction must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opt", ["sam", "ssamf", "ssamd"])
+def test_sub_batch_ascent_trains(opt, capsys):
+    assert main(["--opt", opt, "--ascent-fraction", "0.25", "--epochs", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"test accuracy\s+([\d.]+)%", out).group(1)) > 80.0
 
 
 def test_console_script_installed():

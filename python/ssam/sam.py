@@ -89,6 +89,24 @@ def _no_sync(module):
     return module.no_sync()
 
 
+def _check_fraction(fraction) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"ascent_fraction must be a real number, got {type(fraction).__name__}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"ascent_fraction must be in (0, 1], got {fraction}")
+    return float(fraction)
+
+
+def _describe(x) -> str:
+    return "a 0-dim tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+@contextlib.contextmanager
+def _together(outer, inner):
+    with outer, inner:
+        yield
+
+
 def _flat_params(params: list) -> list[torch.Tensor]:
     out = []
     for item in params:
@@ -110,6 +128,14 @@ class SAM(torch.optim.Optimizer):
             instead of calling ``base_optimizer.step()``; its momentum buffers stay in the base
             optimizer's state. Hooks registered on the base optimizer's ``step`` then do not
             run: pass False to keep them.
+        ascent_fraction: in (0, 1]; the share of the batch whose gradient sets the
+            perturbation (m-sharpness). The closure takes it with :meth:`batch`, which gives
+            the first ``ceil(fraction * n)`` rows inside the ascent pass and the whole batch in
+            the descent pass; the ascent pass then costs that fraction. 1 (the default): the
+            paper's full-batch ascent. With ``first_step``/``second_step``, run the ascent
+            forward/backward inside ``with opt.ascent():`` and take its rows there with
+            ``opt.batch``; ``first_step`` raises a ``RuntimeError`` (weights untouched) when a
+            fraction below 1 was set and the ascent pass did not call ``batch``.
 
     Use either ``loss.backward(); opt.step(closure)`` where ``closure`` recomputes the loss and
     calls ``backward()``, or ``first_step(zero_grad=True)``, a second forward/backward, then
@@ -121,8 +147,9 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
-                 fuse_sgd: bool = True, **base_kwargs):
+                 fuse_sgd: bool = True, ascent_fraction: float = 1.0, **base_kwargs):
         rho = _check_rho(rho)
+        self.ascent_fraction = _check_fraction(ascent_fraction)
         for name, flag in (("adaptive", adaptive), ("fuse_sgd", fuse_sgd)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -146,6 +173,8 @@ class SAM(torch.optim.Optimizer):
         # (inf/NaN in the ascent gradient: nothing was perturbed and nothing will be stepped)
         self._scaler: torch.amp.GradScaler | None = None
         self._skipped = False
+        self._in_ascent = False  # inside the ascent pass: batch() takes the ascent fraction
+        self._ascent_batched = False  # batch() ran in this step's ascent pass
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
@@ -185,7 +214,43 @@ class SAM(torch.optim.Optimizer):
         step, and a perturbation that differs from rank to rank. The descent pass still
         all-reduces, and ``second_step`` returns every rank to the same ``w``, so the weights
         stay identical across ranks."""
-        return _no_sync(no_sync)
+        return _together(self._ascending(), _no_sync(no_sync))
+
+    @contextlib.contextmanager
+    def _ascending(self):
+        if self._in_ascent:
+            raise RuntimeError("the ascent pass is already running (ascent() entered twice)")
+        self._in_ascent = True
+        try:
+            yield
+        finally:
+            self._in_ascent = False
+
+    def batch(self, *tensors: torch.Tensor):
+        """The rows of a batch that the current pass uses: inside the ascent pass with
+        ``ascent_fraction < 1``, the first ``ceil(ascent_fraction * n)`` along dim 0 of each
+        tensor; otherwise the tensors themselves. One tensor in: one out; several: a tuple::
+
+            def closure():
+                xb, yb = opt.batch(x, y)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                return loss
+        """
+        if not tensors:
+            raise TypeError("batch() needs at least one tensor")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                raise TypeError(f"batch() takes tensors with a batch dim; argument {i} is {_describe(t)}")
+        sizes = {t.shape[0] for t in tensors}
+        if len(sizes) > 1:
+            raise ValueError(f"batch() needs tensors of one batch size (dim 0), got {sorted(sizes)}")
+        if self._in_ascent:
+            self._ascent_batched = True
+        if self._in_ascent and self.ascent_fraction < 1.0:
+            rows = max(1, math.ceil(self.ascent_fraction * sizes.pop()))
+            tensors = tuple(t[:rows] for t in tensors)
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
     @property
     def perturbed(self) -> bool:
@@ -214,6 +279,13 @@ class SAM(torch.optim.Optimizer):
         if self._pending is not None:
             raise RuntimeError("first_step() called twice without second_step() in between")
         scaler = _active_scaler(grad_scaler)
+        batched, self._ascent_batched = self._ascent_batched, False
+        if self.ascent_fraction < 1.0 and not batched:
+            # otherwise the option would silently do nothing
+            raise RuntimeError(
+                f"ascent_fraction={self.ascent_fraction:g}, but the ascent pass did not take its rows with "
+                "opt.batch(...) inside opt.ascent() (or inside the closure that step() runs first)"
+            )
         groups = self._with_grads()
         if scaler is not None:
             scaler.unscale_(self.base_optimizer)  # the ascent pass's record; second_step's is under self
@@ -403,7 +475,7 @@ class SAM(torch.optim.Optimizer):
         :meth:`ascent` (or densely)."""
         if any(p.grad is not None for g in self.param_groups for p in g["params"]):
             return
-        with torch.enable_grad(), (contextlib.nullcontext() if dense else self.ascent()):
+        with torch.enable_grad(), (self._ascending() if dense else self.ascent()):
             closure()
 
     def _check_step_args(self, closure, grad_scaler, max_grad_norm):

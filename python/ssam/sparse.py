@@ -3,7 +3,6 @@ state, applied to the perturbation, and the official code's ``step(closure, mode
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -13,7 +12,7 @@ from ssam_kernels import BitMask, keep_count, pack_mask, packed_nbytes
 from ssam_kernels.sparse_ascent import ASCENT_MODES, sparse_ascent
 
 from .distributed import broadcast_, broadcast_seed
-from .sam import SAM
+from .sam import SAM, _together
 from .structure import Structure, parse_structure, resolve_sparsity
 
 _log = logging.getLogger("ssam")
@@ -58,12 +57,6 @@ def log_message(logger, message: str) -> None:
         logger(message)
     else:
         raise TypeError(f"logger must be a logging.Logger, have a .log(msg) method, or be callable; got {type(logger).__name__}")
-
-
-@contextlib.contextmanager
-def _together(outer, inner):
-    with outer, inner:
-        yield
 
 
 class SparseSAM(SAM):

@@ -107,12 +107,15 @@ class SSAMF(SparseSAM):
     def _budget_masks(self, fisher: list[torch.Tensor]) -> list[torch.Tensor]:
         costs = self._costs
         target = paper_flops(self.sparsity)
-        choice = budget_select(fisher, costs, self._keep(), (target - 1.0) * costs.sgd)
+        # the ascent pass runs on ascent_fraction of the batch: its per-sample budget grows by 1/f
+        choice = budget_select(fisher, costs, self._keep(), (target - 1.0) * costs.sgd / self.ascent_fraction)
         if not any(bool(m.any()) for m in choice.masks):
             raise ValueError(
                 f"structure='budget' at sparsity {self.sparsity:g}: the paper's FLOPs column ({target:.2f}x SGD) "
-                f"leaves {target - 1:.3f}x SGD for the ascent pass, and no row of this model fits in it "
-                f"(its forward alone costs {costs.forward / costs.sgd:.3f}x SGD); use a lower sparsity"
+                f"leaves {target - 1:.3f}x SGD for the ascent pass, and no row of this model fits in it with "
+                f"ascent_fraction={self.ascent_fraction:g} (the ascent forward alone costs "
+                f"{self.ascent_fraction * costs.forward / costs.sgd:.3f}x SGD); use a lower sparsity or a smaller "
+                "ascent_fraction"
             )
         self.budget_choice = choice
         return choice.masks

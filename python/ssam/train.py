@@ -4,7 +4,6 @@ or SSAM-D, using the official code's training-loop calling convention. No downlo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 
@@ -44,17 +43,17 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     if args.opt == "sgd":
         return torch.optim.SGD(params, **base)
     if args.opt == "sam":
-        return SAM(params, torch.optim.SGD, rho=args.rho, **base)
+        return SAM(params, torch.optim.SGD, rho=args.rho, ascent_fraction=args.ascent_fraction, **base)
     sparsity = args.sparsity
     if sparsity is None and parse_structure(args.structure).kind != "nm":
         sparsity = 0.5
     if args.opt == "ssamf":
         return SSAMF(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, num_samples=args.num_samples,
                      update_freq=args.update_freq, structure=args.structure, norm=args.norm, seed=args.seed,
-                     ascent_backward=args.ascent_backward, **base)
+                     ascent_backward=args.ascent_backward, ascent_fraction=args.ascent_fraction, **base)
     return SSAMD(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, drop_rate=args.drop_rate,
                  update_freq=args.update_freq, T_end=args.epochs, structure=args.structure, norm=args.norm,
-                 seed=args.seed, ascent_backward=args.ascent_backward, **base)
+                 seed=args.seed, ascent_backward=args.ascent_backward, ascent_fraction=args.ascent_fraction, **base)
 
 
 @torch.no_grad()
@@ -85,12 +84,18 @@ def train(args) -> dict:
             start = time.perf_counter()
 
             def closure():
-                loss = F.cross_entropy(model(x), y)
+                xb, yb = opt.batch(x, y)
+                loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 return loss
 
             opt.zero_grad()
-            with opt.ascent() if isinstance(opt, SAM) else contextlib.nullcontext():
+            if isinstance(opt, SAM):
+                with opt.ascent():  # the ascent pass: on --ascent-fraction of the batch
+                    xb, yb = opt.batch(x, y)
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+            else:
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
             if args.opt == "sgd":
@@ -122,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm", choices=("full", "masked"), default="full", help="perturbation norm (default: full)")
     p.add_argument("--ascent-backward", choices=ASCENT_MODES, default="dense",
                    help="SSAM-F/D: backward of the ascent pass (default: dense; exact needs --norm masked)")
+    p.add_argument("--ascent-fraction", type=float, default=1.0,
+                   help="SAM/SSAM-F/D: share of each batch whose gradient sets the perturbation (default: 1)")
     p.add_argument("--rho", type=float, default=0.05, help="perturbation radius (default: 0.05)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -139,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--epochs and --batch-size must be >= 1")
     if args.ascent_backward != "dense" and args.opt not in ("ssamf", "ssamd"):
         p.error("--ascent-backward applies to --opt ssamf or ssamd")
+    if args.ascent_fraction != 1.0 and args.opt == "sgd":
+        p.error("--ascent-fraction applies to --opt sam, ssamf or ssamd")
     try:
         parse_structure(args.structure)
         torch.device(args.device)
