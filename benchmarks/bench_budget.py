@@ -10,7 +10,7 @@ figures (no timing).
    At 95% and 99% the ascent pass runs on half the batch (``ascent_fraction=0.5``): the
    column is below the cost of a full-batch ascent forward there.
 2. Test accuracy of ``ssam-train`` on digits (the conv net): SGD, SAM (also with the ascent on
-   a part of the batch), SSAM-F unstructured and SSAM-F budget with the exact backward, mean
+   a part of the batch), SSAM-F and SSAM-D unstructured and budget with the exact backward, mean
    and standard deviation over seeds, beside one step's FLOPs relative to SGD's counted by
    torch on the same net and batch.
 
@@ -109,6 +109,8 @@ ACCURACY_RUNS = {  # label -> ssam-train arguments
     "SSAM-F 90% unstructured": ["--opt", "ssamf", "--sparsity", "0.9"],
     "SSAM-F 90% budget, exact": ["--opt", "ssamf", "--sparsity", "0.9", *BUDGET],
     "SSAM-F 99% budget, exact, ascent on 50%": ["--opt", "ssamf", "--sparsity", "0.99", *BUDGET, "--ascent-fraction", "0.5"],
+    "SSAM-D 90% unstructured": ["--opt", "ssamd", "--sparsity", "0.9"],
+    "SSAM-D 90% budget, exact": ["--opt", "ssamd", "--sparsity", "0.9", *BUDGET],
 }
 
 
@@ -120,7 +122,7 @@ def step_flops(extra: list[str]) -> float:
     x, y = train_set.tensors[0][:args.batch_size], train_set.tensors[1][:args.batch_size]
     torch.manual_seed(0)
     model = TRAIN_MODELS[args.model]()
-    opt = build_optimizer(args, model)
+    opt = build_optimizer(args, model, x[:1])
     if isinstance(opt, SSAMF):
         opt.update_mask(model, train_set)
 

@@ -2,8 +2,11 @@
 really costs.
 
 For SGD, SAM, SSAM-F and SSAM-D at sparsity 50/80/90/95/98/99% and 2:4, in each
-``ascent_backward`` mode, and SSAM-F's compute-aware ``"budget"`` mask with the exact
-backward at 50/80/90% (``... exact budget``), on CIFAR ResNet-18 (batch 128),
+``ascent_backward`` mode, and the compute-aware ``"budget"`` mask (SSAM-F's from the
+Fisher, SSAM-D's random rows) with the exact backward at every unstructured sparsity
+(``... exact budget``; at 95% and above with the ascent pass on half the batch,
+``ascent_fraction=0.5``: the paper's column is below a full-batch ascent forward there), on
+CIFAR ResNet-18 (batch 128),
 WideResNet-28-10 (batch 128), ResNet-50 (batch 64, 224x224), ViT-S/16 (batch 64) and the 12
 blocks of GPT-2 small (2k, 8k and 16k tokens). Per contender:
 
@@ -23,7 +26,7 @@ projections inside ``nn.MultiheadAttention`` (ViT) keep dense autograd; convolut
 reached by ``exact`` only (row-sparse weight gradient), the other sparse ascent modes reach
 ``nn.Linear`` layers only.
 
-Without a GPU the real models are only FLOP-counted (batch 2, GPT-2 at 128 tokens; ratios
+Without a GPU the real models are only FLOP-counted (batch 2, GPT-2 at 2 x 128 tokens; ratios
 are batch-independent up to attention's share), and the timing runs on tiny models,
 labelled CPU.
 
@@ -48,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ssam
 from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
+from ssam.budget import measure_costs
 from ssam.models import wide_resnet28_10
 from ssam_bench.common import interleaved_medians, report, standalone_main
 from ssam_kernels import ASCENT_MODES
@@ -59,7 +63,7 @@ OPTIMIZERS = ("sgd", "sam", "ssam-f", "ssam-d")
 # modes run by default: a 2:4 mask is the layout the sparse-tensor-core modes need
 DEFAULT_MODES = {"2:4": ASCENT_MODES}
 DEFAULT_UNSTRUCTURED_MODES = ("dense", "exact")
-# SSAM-F's compute-aware mask ("budget") with the exact backward, per sparsity with its
+# the compute-aware mask ("budget") with the exact backward, per sparsity with its
 # ascent_fraction: at 95% and above the paper's column is below the cost of a full-batch
 # ascent forward, so the ascent pass there runs on half the batch
 BUDGET_SPARSITIES = {"0.5": 1.0, "0.8": 1.0, "0.9": 1.0, "0.95": 0.5, "0.98": 0.5, "0.99": 0.5}
@@ -134,7 +138,7 @@ class Contender:
     optimizer: str  # one of OPTIMIZERS
     sparsity: str | None = None  # a SPARSITIES key
     mode: str | None = None
-    budget: bool = False  # SSAM-F's structure="budget" (with mode "exact")
+    budget: bool = False  # structure="budget" (with mode "exact")
     ascent_fraction: float = 1.0
 
     @property
@@ -163,7 +167,7 @@ def _sparsity_label(s: str) -> str:
 def contenders(optimizers, sparsities, modes) -> list[Contender]:
     """SGD first (the denominator), then SAM, then SSAM-F/-D per sparsity and mode. ``modes``
     None: the default grid (every mode at 2:4, dense and exact elsewhere). Where "exact" runs
-    at a sparsity of BUDGET_SPARSITIES, SSAM-F also runs with its "budget" structure."""
+    at a sparsity of BUDGET_SPARSITIES, the optimizer also runs with the "budget" structure."""
     out = [Contender("sgd")] + ([Contender("sam")] if "sam" in optimizers else [])
     for opt in ("ssam-f", "ssam-d"):
         if opt not in optimizers:
@@ -171,7 +175,7 @@ def contenders(optimizers, sparsities, modes) -> list[Contender]:
         for s in sparsities:
             for mode in modes or DEFAULT_MODES.get(s, DEFAULT_UNSTRUCTURED_MODES):
                 out.append(Contender(opt, s, mode))
-                if opt == "ssam-f" and mode == "exact" and s in BUDGET_SPARSITIES:
+                if mode == "exact" and s in BUDGET_SPARSITIES:
                     out.append(Contender(opt, s, mode, budget=True, ascent_fraction=BUDGET_SPARSITIES[s]))
     return out
 
@@ -189,6 +193,9 @@ def build_optimizer(c: Contender, model, workload: Workload, device, fisher_samp
                   norm="masked" if c.mode == "exact" else "full", ascent_backward=c.mode, seed=0,
                   ascent_fraction=c.ascent_fraction, **base)
     if c.optimizer == "ssam-d":
+        if c.budget:  # SSAM-D does not see the model: its costs come from one sample
+            sample, _ = workload.inputs(1, torch.Generator(device=device).manual_seed(1), device)
+            common["ascent_costs"] = measure_costs(model, list(model.parameters()), sample)
         return ssam.SSAMD(model.parameters(), torch.optim.SGD, drop_rate=0.5, T_end=10, **common)
     opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, num_samples=fisher_samples, update_freq=1,
                      fisher_chunk_size=workload.fisher_chunk, **common)

@@ -159,6 +159,71 @@ def test_selection_takes_the_best_depth_and_rows_within_both_budgets():
 
 
 @pytest.mark.cpu
+def test_selection_keeps_required_rows_and_grows_only_allowed_ones():
+    costs = _toy_costs()
+    scores = [torch.tensor([[9.0, 9.0], [1.0, 0.0]]), torch.tensor([[3.0, 0.0], [2.0, 2.0]]),
+              torch.tensor([[1.0, 0.0], [0.5, 0.0]])]
+    none = [torch.zeros(2, 2, dtype=torch.bool) for _ in range(3)]
+    # param 1's row 0 required: depth 0 or 10 only; at 10 (100 + 30 + 20 paid first, 50
+    # left... budget 200) param 1 row 1 and param 2's rows fit too
+    required = [none[0], torch.tensor([[True, False], [False, False]]), none[2]]
+    choice = budget_select(scores, costs, keep=12, ascent_budget=200.0, required=required)
+    assert choice.masks[1][0].all() and not choice.masks[0].any()
+    assert choice.mass == pytest.approx(3 + 4 + 1.5) and choice.ascent_flops <= 200.0
+    # param 0 row 0 not allowed: depth 0 would only add param 0 row 1 (mass 1 for 50 FLOPs)
+    allowed = [torch.tensor([[False, False], [True, True]]), torch.ones(2, 2, dtype=torch.bool), none[2]]
+    choice = budget_select(scores, costs, keep=12, ascent_budget=250.0, allowed=allowed)
+    assert not choice.masks[0][0].any() and not choice.masks[2].any()
+    # required rows that no depth can pay for: nothing is chosen
+    required = [torch.tensor([[True, False], [True, False]]), none[1], none[2]]
+    choice = budget_select(scores, costs, keep=12, ascent_budget=180.0, required=required)
+    assert not any(m.any() for m in choice.masks)
+
+
+def _row_structured(costs, masks):
+    return all(bool((costs.row_view(i, m).all(1) == costs.row_view(i, m).any(1)).all()) for i, m in enumerate(masks))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("name", ["residual", "gpt"])
+def test_ssamd_budget_masks_stay_in_the_paper_column_through_updates(name, gen):
+    """SSAMD(structure="budget"): the random first mask and every drop/grow update are whole
+    rows within the entry count, a counted step within the paper's column, the dropped rows of
+    the lowest mean |grad|; the ascent gradient is the dense one masked."""
+    model, x = _model(name, gen, batch=4)
+    params = list(model.parameters())
+    costs = measure_costs(model, params, x[:1])
+    opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.9, drop_rate=0.5, T_end=10, structure="budget",
+                     norm="masked", ascent_backward="exact", ascent_costs=costs, seed=0, lr=0.01)
+    assert opt.ascent_costs() is costs
+    sgd = _counted(lambda: _loss(model, x).backward())
+    total = sum(p.numel() for p in params)
+    for epoch in range(3):
+        masks = opt.masks()
+        assert _row_structured(costs, masks) and 0 < opt.mask_density() <= 0.1
+        model.zero_grad(set_to_none=True)
+        reference = torch.autograd.grad(_loss(model, x), params)
+        with opt.ascent():
+            ascent = _counted(lambda: _loss(model, x).backward())
+        assert (sgd + ascent) / sgd <= paper_flops(0.9) + 1e-12
+        for p, m, r in zip(params, masks, reference):
+            got = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got * m, r * m, rtol=1e-5, atol=1e-6)
+        for p, r in zip(params, reference):  # growth by gradient would need them all: set the dense ones
+            p.grad = r.clone()
+        opt.update_mask(epoch)
+        new = opt.masks()
+        live = [(float(costs.row_view(i, p.grad.abs()).mean(1)[k]), i, k) for i, (p, m) in enumerate(zip(params, masks))
+                if costs.position[i] is not None for k in costs.row_view(i, m).any(1).nonzero().squeeze(1).tolist()]
+        drop = int(opt.death_rate(epoch) * len(live))
+        assert drop > 0
+        kept = [(i, k) for _, i, k in sorted(live)[drop:]]
+        assert all(bool(costs.row_view(i, new[i])[k].all()) for i, k in kept)  # survivors stay
+        assert any(not torch.equal(a, b) for a, b in zip(masks, new))  # rows were grown
+        assert sum(int(m.sum()) for m in new) <= int(0.1 * total)
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 @pytest.mark.parametrize("name", ["residual", "vit", "gpt"])
 def test_ssamf_budget_masks_meet_the_paper_column(name, sparsity, gen):
@@ -194,9 +259,19 @@ def test_budget_errors(gen):
     with pytest.raises(ValueError, match="no row of this model fits"):
         opt.update_mask(model, [(x, torch.zeros(3, dtype=torch.long))], loss_fn=lambda out, y: out.square().mean())
     assert all(torch.equal(a, b) for a, b in zip(before, opt.masks()))
-    with pytest.raises(ValueError, match="SSAM-F's"):
-        ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, structure="budget",
-                   lr=0.01)
+    params = list(model.parameters())
+    ssamd = dict(rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, lr=0.01)
+    with pytest.raises(ValueError, match="needs ascent_costs"):
+        ssam.SSAMD(params, torch.optim.SGD, structure="budget", **ssamd)
+    costs = measure_costs(model, params, x[:1])
+    with pytest.raises(ValueError, match="applies to structure='budget' only"):
+        ssam.SSAMD(params, torch.optim.SGD, ascent_costs=costs, **ssamd)
+    with pytest.raises(TypeError, match="ascent_costs must be an ssam.budget.AscentCosts"):
+        ssam.SSAMD(params, torch.optim.SGD, structure="budget", ascent_costs={"sgd": 1.0}, **ssamd)
+    with pytest.raises(ValueError, match="measured on other parameters"):
+        ssam.SSAMD(params[:-1], torch.optim.SGD, structure="budget", ascent_costs=costs, **ssamd)
+    with pytest.raises(ValueError, match="no row of this model fits"):
+        ssam.SSAMD(params, torch.optim.SGD, structure="budget", ascent_costs=costs, **{**ssamd, "sparsity": 0.99})
     with pytest.raises(ValueError, match="sparsity is required"):
         ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=None, num_samples=2, update_freq=1,
                    structure="budget", lr=0.01)

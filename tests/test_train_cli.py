@@ -69,3 +69,12 @@ def test_sub_batch_ascent_trains(opt, capsys):
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "ssam.train", "--help"], capture_output=True, text=True, check=True)
     assert "--structure" in out.stdout and "--sparsity" in out.stdout
+
+
+def test_ssamd_budget_structure_trains(capsys):
+    argv = ["--opt", "ssamd", "--structure", "budget", "--norm", "masked", "--ascent-backward", "exact",
+            "--sparsity", "0.9", "--epochs", "2", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"test accuracy\s+([\d.]+)%", out).group(1)) > 80.0
+    assert 0.0 < float(re.search(r"mask density\s+(\S+)", out).group(1)) <= 0.1

@@ -190,6 +190,35 @@ def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.T
     return AscentCosts(forward, sgd, position, row_cost, tuple(op_depths), tuple(op_input_grad), rows)
 
 
+def ascent_budget(costs: AscentCosts, sparsity: float, ascent_fraction: float = 1.0) -> float:
+    """Per-sample FLOPs the ascent pass may cost so that a step costs the paper's column at
+    ``sparsity``: ``(column - 1) x`` an SGD step, ``1/ascent_fraction`` as much per sample when
+    the ascent pass runs on that fraction of the batch."""
+    return (paper_flops(sparsity) - 1.0) * costs.sgd / ascent_fraction
+
+
+def no_fit_error(costs: AscentCosts, sparsity: float, ascent_fraction: float) -> ValueError:
+    """The error for a budget that no row fits."""
+    target = paper_flops(sparsity)
+    return ValueError(
+        f"structure='budget' at sparsity {sparsity:g}: the paper's FLOPs column ({target:.2f}x SGD) "
+        f"leaves {target - 1:.3f}x SGD for the ascent pass, and no row of this model fits in it with "
+        f"ascent_fraction={ascent_fraction:g} (the ascent forward alone costs "
+        f"{ascent_fraction * costs.forward / costs.sgd:.3f}x SGD); use a lower sparsity or a smaller ascent_fraction"
+    )
+
+
+def check_costs(costs, params: list[torch.Tensor]) -> AscentCosts:
+    """``costs`` measured on ``params`` (the optimizer's, in its order), or a clear error."""
+    if not isinstance(costs, AscentCosts):
+        raise TypeError(f"ascent_costs must be an ssam.budget.AscentCosts (from measure_costs), got {type(costs).__name__}")
+    if len(costs.rows) != len(params) or any(
+            p.numel() % r if r else p.numel() for p, r in zip(params, costs.rows)):
+        raise ValueError(f"ascent_costs was measured on other parameters ({len(costs.rows)} of them): measure it "
+                         f"with measure_costs(model, params, x) on this optimizer's {len(params)} parameters, in order")
+    return costs
+
+
 @dataclass(frozen=True)
 class BudgetChoice:
     """What :func:`budget_select` chose: the masks, the estimated ascent FLOPs (per sample)
@@ -200,7 +229,8 @@ class BudgetChoice:
     mass: float
 
 
-def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, ascent_budget: float) -> BudgetChoice:
+def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, ascent_budget: float, *,
+                  required: list[torch.Tensor] | None = None, allowed: list[torch.Tensor] | None = None) -> BudgetChoice:
     """Whole rows of the highest score mass per FLOP, at or above the depth that leaves the
     most mass, such that the estimated ascent pass costs at most ``ascent_budget`` FLOPs per
     sample and at most ``keep`` entries are kept.
@@ -209,8 +239,14 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
     are paid first; the rows of the parameters at or above it are then taken greedily by mass
     per FLOP (rows of no matmul cost first, by mass), skipping any that no longer fits the
     FLOP or entry budget. The best depth wins; nothing fits: all masks empty.
+
+    ``required`` (masks shaped like the scores): rows holding a True entry are taken before any
+    other, and only depths at or below the lowest of them are tried; a depth where they do not
+    all fit is skipped. ``allowed``: only rows holding a True entry (or required) are taken.
+    SSAM-D's drop/grow uses both: its survivors are required, its growth allowed where nothing
+    was masked before.
     """
-    mass, cost, count, owner, local = [], [], [], [], []
+    mass, cost, count, owner, local, must, may = [], [], [], [], [], [], []
     for i, s in enumerate(scores):
         if costs.position[i] is None or s.numel() == 0:
             continue
@@ -220,24 +256,33 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
         count.append(torch.full((rows.shape[0],), rows.shape[1], dtype=torch.float64))
         owner.append(torch.full((rows.shape[0],), i, dtype=torch.long))
         local.append(torch.arange(rows.shape[0]))
+        for flags, out, default in ((required, must, False), (allowed, may, True)):
+            out.append(torch.full((rows.shape[0],), default) if flags is None else costs.row_view(i, flags[i]).any(1).cpu())
     choice = BudgetChoice([torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores], costs.forward, 0.0)
     if not mass:
         return choice
-    mass, cost, count, owner, local = (torch.cat(t) for t in (mass, cost, count, owner, local))
-    # one order for every depth: no-FLOP rows by mass, then by mass per FLOP (stable: ties by index)
+    mass, cost, count, owner, local, must, may = (torch.cat(t) for t in (mass, cost, count, owner, local, must, may))
+    # one order for every depth: required rows, then no-FLOP rows by mass, then by mass per
+    # FLOP (stable: ties by index)
     ratio = torch.where(cost > 0, mass / cost.clamp_min(1e-300), torch.full_like(mass, math.inf))
     order = torch.sort(-mass, stable=True).indices
     order = order[torch.sort(-ratio[order], stable=True).indices]
-    mass, cost, count, owner, local = (t[order] for t in (mass, cost, count, owner, local))
+    order = order[torch.sort((~must[order]).to(torch.uint8), stable=True).indices]
+    mass, cost, count, owner, local, must, may = (t[order] for t in (mass, cost, count, owner, local, must, may))
     position = torch.tensor([costs.position[i] for i in owner.tolist()], dtype=torch.long)
-    best, best_taken = 0.0, None
+    lowest_required = int(position[must].min()) if bool(must.any()) else math.inf
+    needed = int(must.sum())
+    best, best_taken = -math.inf, None
     for depth in sorted(set(position.tolist())):
         flops = costs.forward + costs.input_grads_after(depth)
-        if flops > ascent_budget:
+        if flops > ascent_budget or depth > lowest_required:
             continue
-        taken = _greedy((position >= depth).nonzero().squeeze(1), cost, count, ascent_budget - flops, float(keep))
+        taken = _greedy(((position >= depth) & (may | must)).nonzero().squeeze(1), cost, count, ascent_budget - flops,
+                        float(keep))
+        if int(must[taken].sum()) < needed:
+            continue
         kept = float(mass[taken].sum())
-        if kept > best:
+        if kept > best and taken.numel():
             best, best_taken = kept, taken
     if best_taken is None:
         return choice

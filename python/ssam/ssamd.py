@@ -8,6 +8,7 @@ import torch
 
 import ssam_kernels
 
+from .budget import AscentCosts, ascent_budget, budget_select, check_costs, no_fit_error
 from .sparse import SparseSAM, check_positive_int
 from .structure import nm_select, parse_structure, tensor_select, whole_tensor_masks
 
@@ -36,16 +37,25 @@ class SSAMD(SparseSAM):
         update_freq: update the mask every ``update_freq`` epochs (official convention).
         T_start, T_end: epochs spanned by the cosine schedule (``T_end``: usually the number
             of epochs; required).
-        structure, norm, ascent_backward: as :class:`ssam.SSAMF`. With ``"exact"`` and
+        structure, norm, ascent_backward: as :class:`ssam.SSAMF`. ``"budget"``: whole rows under
+            the paper's FLOPs column, as in SSAM-F; the first mask is random rows, each update
+            drops and grows whole rows. With ``"exact"`` and
             ``growth_strategy="gradient"``, let ``step(closure)`` run the ascent pass (after
             ``zero_grad()``): on mask-update steps it runs it densely, since growth reads the
             unmasked entries' gradient.
         seed: seeds the generator of the initial mask and of random scores (None: from
             torch's global RNG). Its state is in ``state_dict()``.
+        ascent_costs: structure ``"budget"`` only, and required there: the model's FLOPs,
+            ``ssam.budget.measure_costs(model, params, x[:1])`` on this optimizer's parameters
+            in order (SSAM-D never sees the model).
 
     Exactly ``int((1 - sparsity) * total)`` entries are perturbed at all times (unstructured),
     or exactly N per full group (N:M). Each update drops ``int(death_rate * live)`` entries
     (at most as many as are unmasked) and grows as many among entries unmasked before it.
+    With ``"budget"`` the unit is a row and the FLOP budget the limit: an update drops
+    ``int(death_rate * live rows)`` rows of lowest mean drop score, grows rows unmasked before by
+    growth score per FLOP while the ascent pass fits the paper's column, then re-admits dropped
+    rows where room is left; at most ``int((1 - sparsity) * total)`` entries are perturbed.
     """
 
     def __init__(
@@ -67,6 +77,7 @@ class SSAMD(SparseSAM):
         fuse_sgd: bool = True,
         seed: int | None = None,
         ascent_backward: str = "dense",
+        ascent_costs: AscentCosts | None = None,
         **base_kwargs,
     ):
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
@@ -88,11 +99,16 @@ class SSAMD(SparseSAM):
         self.growth_strategy = growth_strategy
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.T_start, self.T_end = T_start, T_end
-        if parse_structure(structure).kind == "budget":
-            raise ValueError("structure='budget' is SSAM-F's: its FLOP budget is measured on the model, "
-                             "which SSAMD does not see; use SSAMF")
+        budget = parse_structure(structure).kind == "budget"
+        if budget and ascent_costs is None:
+            raise ValueError("structure='budget' needs ascent_costs=ssam.budget.measure_costs(model, params, x[:1]): "
+                             "SSAM-D does not see the model")
+        if not budget and ascent_costs is not None:
+            raise ValueError(f"ascent_costs applies to structure='budget' only, got structure={structure!r}")
         super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
                          ascent_backward)
+        self._costs = check_costs(ascent_costs, self.params) if budget else None
+        self.budget_choice = None  # structure "budget": the last BudgetChoice
         self._set_masks(self._initial_masks())
 
     # --- scores and the schedule -------------------------------------------------------------
@@ -121,6 +137,8 @@ class SSAMD(SparseSAM):
 
     def _initial_masks(self) -> list[torch.Tensor]:
         scores = [self._random(p) for p in self.params]
+        if self.structure.kind == "budget":  # random rows under the FLOP budget
+            return self._budget_rows(scores)
         if self.structure.kind == "nm":
             return nm_select(scores, self.structure)
         if self.structure.kind == "tensor":
@@ -141,6 +159,8 @@ class SSAMD(SparseSAM):
         rate = self.death_rate(epoch)
         if self.structure.kind == "tensor":
             new = self._update_tensors(masks, drop_scores, grow_scores, rate)
+        elif self.structure.kind == "budget":
+            new = self._update_rows(masks, drop_scores, grow_scores, rate)
         else:
             live = sum(int(m.sum()) for m in masks)
             free = sum(m.numel() for m in masks) - live
@@ -178,6 +198,41 @@ class SSAMD(SparseSAM):
         chosen = tensor_select(sorted(free, key=lambda i: -grow_mean[i]), sizes, self._keep(), kept)
         chosen = tensor_select(sorted(dropped, key=lambda i: -drop_mean[i]), sizes, self._keep(), chosen)
         return whole_tensor_masks(masks, chosen)
+
+    def ascent_costs(self) -> AscentCosts | None:
+        """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` given (None otherwise)."""
+        return self._costs
+
+    def _budget_rows(self, scores, required=None, allowed=None) -> list[torch.Tensor]:
+        choice = budget_select(scores, self._costs, self._keep(),
+                               ascent_budget(self._costs, self.sparsity, self.ascent_fraction),
+                               required=required, allowed=allowed)
+        if not any(bool(m.any()) for m in choice.masks):
+            raise no_fit_error(self._costs, self.sparsity, self.ascent_fraction)
+        self.budget_choice = choice
+        return choice.masks
+
+    def _update_rows(self, masks, drop_scores, grow_scores, rate) -> list[torch.Tensor]:
+        """Budget rows: drop ``int(rate * live rows)`` live rows of lowest mean drop score, grow
+        rows unmasked before by growth score per FLOP into the FLOP and entry budget, then
+        re-admit dropped rows (best drop score per FLOP) where room is left."""
+        costs = self._costs
+        means, where = [], []
+        for i, m in enumerate(masks):
+            if costs.position[i] is None or m.numel() == 0:
+                continue
+            live = costs.row_view(i, m).any(1)
+            means.append(costs.row_view(i, drop_scores[i]).float().mean(1)[live].cpu())
+            where += [(i, int(r)) for r in live.nonzero().squeeze(1).tolist()]
+        survivors = [m.clone() for m in masks]
+        if where:
+            means = torch.cat(means)
+            drop = int(rate * len(where))
+            for j in torch.sort(means, stable=True).indices[:drop].tolist():
+                i, r = where[j]
+                costs.row_view(i, survivors[i])[r] = False
+        grown = self._budget_rows(grow_scores, required=survivors, allowed=[~m for m in masks])
+        return self._budget_rows(drop_scores, required=grown, allowed=masks)
 
     # --- official calling convention ---------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .distributed import all_reduce_sum_, world
-from .budget import budget_select, measure_costs, paper_flops
+from .budget import ascent_budget, budget_select, measure_costs, no_fit_error
 from .fisher import draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
@@ -106,17 +106,9 @@ class SSAMF(SparseSAM):
 
     def _budget_masks(self, fisher: list[torch.Tensor]) -> list[torch.Tensor]:
         costs = self._costs
-        target = paper_flops(self.sparsity)
-        # the ascent pass runs on ascent_fraction of the batch: its per-sample budget grows by 1/f
-        choice = budget_select(fisher, costs, self._keep(), (target - 1.0) * costs.sgd / self.ascent_fraction)
+        choice = budget_select(fisher, costs, self._keep(), ascent_budget(costs, self.sparsity, self.ascent_fraction))
         if not any(bool(m.any()) for m in choice.masks):
-            raise ValueError(
-                f"structure='budget' at sparsity {self.sparsity:g}: the paper's FLOPs column ({target:.2f}x SGD) "
-                f"leaves {target - 1:.3f}x SGD for the ascent pass, and no row of this model fits in it with "
-                f"ascent_fraction={self.ascent_fraction:g} (the ascent forward alone costs "
-                f"{self.ascent_fraction * costs.forward / costs.sgd:.3f}x SGD); use a lower sparsity or a smaller "
-                "ascent_fraction"
-            )
+            raise no_fit_error(costs, self.sparsity, self.ascent_fraction)
         self.budget_choice = choice
         return choice.masks
 

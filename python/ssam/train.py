@@ -18,6 +18,7 @@ from .models import DigitsMLP, DigitsNet
 from .sam import SAM
 from .ssamd import SSAMD
 from .ssamf import SSAMF
+from .budget import measure_costs
 from .structure import parse_structure
 
 OPTIMIZERS = ("sgd", "sam", "ssamf", "ssamd")
@@ -37,7 +38,9 @@ def load_digits(seed: int, test_fraction: float = 0.2):
     return torch.utils.data.TensorDataset(x[train], y[train]), torch.utils.data.TensorDataset(x[test], y[test])
 
 
-def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args, model: torch.nn.Module, sample: torch.Tensor | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``args`` name. ``sample``: one input, needed by SSAM-D's budget structure
+    (its FLOPs are measured on it)."""
     base = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     params = model.parameters()
     if args.opt == "sgd":
@@ -51,9 +54,15 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
         return SSAMF(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, num_samples=args.num_samples,
                      update_freq=args.update_freq, structure=args.structure, norm=args.norm, seed=args.seed,
                      ascent_backward=args.ascent_backward, ascent_fraction=args.ascent_fraction, **base)
+    costs = None
+    if parse_structure(args.structure).kind == "budget":
+        if sample is None:
+            raise ValueError("SSAM-D's budget structure needs a sample input to measure the model's FLOPs")
+        costs = measure_costs(model, list(model.parameters()), sample)
     return SSAMD(params, torch.optim.SGD, rho=args.rho, sparsity=sparsity, drop_rate=args.drop_rate,
                  update_freq=args.update_freq, T_end=args.epochs, structure=args.structure, norm=args.norm,
-                 seed=args.seed, ascent_backward=args.ascent_backward, ascent_fraction=args.ascent_fraction, **base)
+                 seed=args.seed, ascent_backward=args.ascent_backward, ascent_fraction=args.ascent_fraction,
+                 ascent_costs=costs, **base)
 
 
 @torch.no_grad()
@@ -72,7 +81,7 @@ def train(args) -> dict:
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     model = MODELS[args.model]().to(device)
-    opt = build_optimizer(args, model)
+    opt = build_optimizer(args, model, train_set.tensors[0][:1].to(device))
     step_times = []
     bar = tqdm(range(args.epochs), desc=args.opt, unit="epoch", disable=args.quiet)
     for epoch in bar:
@@ -123,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="convnet (default) or mlp (all-Linear: every --ascent-backward mode applies to every layer)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights NOT perturbed (default 0.5; implied by an N:M structure)")
-    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | N:M:out | tensor | budget (SSAM-F; exact ascent backward)")
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | N:M:out | tensor | budget (with --norm masked --ascent-backward exact)")
     p.add_argument("--norm", choices=("full", "masked"), default="full", help="perturbation norm (default: full)")
     p.add_argument("--ascent-backward", choices=ASCENT_MODES, default="dense",
                    help="SSAM-F/D: backward of the ascent pass (default: dense; exact needs --norm masked)")
