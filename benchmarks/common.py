@@ -25,11 +25,14 @@ RESULTS = (os.path.join(_HERE, "results") if os.path.exists(os.path.join(_HERE, 
 
 
 def git_commit() -> str:
+    """HEAD's short hash, "-dirty" when tracked code differs from it (results files do not
+    count: a run that writes several of them would otherwise mark its own later ones)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                             cwd=_HERE, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/results"], capture_output=True, text=True,
+                               cwd=_HERE).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
