@@ -130,3 +130,41 @@ def test_a_fraction_the_ascent_pass_did_not_take_is_an_error(kind, mode, gen):
     opt.zero_grad()
     opt.step(_closure(opt, model, x, y))  # the next step, done right, runs
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_failed_ascent_pass_does_not_count_as_batched(gen):
+    """batch() in an ascent pass that then raised must not let the next full-batch ascent pass
+    (outside ascent()) through first_step."""
+    x, y = regression_batch(gen, n=8)
+    model = MLP()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, ascent_fraction=0.5, lr=0.1)
+    with pytest.raises(KeyError), opt.ascent():
+        opt.batch(x, y)
+        raise KeyError("the forward failed")
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()  # the whole batch, outside ascent()
+    with pytest.raises(RuntimeError, match="did not take its rows"):
+        opt.first_step()
+
+
+@pytest.mark.parametrize("fraction,n,rows", [(0.07, 100, 7), (0.3, 10, 3), (0.29, 100, 29), (0.5, 3, 2),
+                                             (0.01, 10, 1), (1 / 3, 9, 3)])
+def test_rows_are_the_fraction_as_written_rounded_up(fraction, n, rows):
+    opt = ssam.SAM(MLP().parameters(), torch.optim.SGD, rho=0.05, ascent_fraction=fraction, lr=0.1)
+    with opt.ascent():
+        assert opt.batch(torch.zeros(n, 2)).shape[0] == rows
+
+
+def test_ssamd_dense_mask_update_pass_takes_the_fraction(gen):
+    """SSAM-D with gradient growth and the exact backward runs its mask-update ascent pass
+    densely: that pass takes the ascent fraction too."""
+    x, y = regression_batch(gen, n=10)
+    model = MLP()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
+                     growth_strategy="gradient", norm="masked", ascent_backward="exact", ascent_fraction=0.3,
+                     seed=0, lr=0.1)
+    opt.zero_grad()
+    opt.step(_closure(opt, model, x, y), epoch=0, batch_idx=0)
+    assert seen == [3, 10] and opt.mask_updates == 1

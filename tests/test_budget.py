@@ -219,8 +219,57 @@ def test_ssamd_budget_masks_stay_in_the_paper_column_through_updates(name, gen):
         assert drop > 0
         kept = [(i, k) for _, i, k in sorted(live)[drop:]]
         assert all(bool(costs.row_view(i, new[i])[k].all()) for i, k in kept)  # survivors stay
-        assert any(not torch.equal(a, b) for a, b in zip(masks, new))  # rows were grown
+        grown = sum(int((costs.row_view(i, n).any(1) & ~costs.row_view(i, m).any(1)).sum())
+                    for i, (m, n) in enumerate(zip(masks, new)))
+        assert grown > 0  # rows unmasked before were grown
         assert sum(int(m.sum()) for m in new) <= int(0.1 * total)
+    masks = opt.masks()  # after the last update: counted again
+    assert _row_structured(costs, masks)
+    model.zero_grad(set_to_none=True)
+    with opt.ascent():
+        ascent = _counted(lambda: _loss(model, x).backward())
+    assert (sgd + ascent) / sgd <= paper_flops(0.9) + 1e-12
+
+
+@pytest.mark.cpu
+def test_ssamd_budget_update_at_drop_rate_one_readmits_rows():
+    """Every row dropped, and none of those unmasked before fits: the update re-admits dropped
+    rows instead of failing."""
+    costs = _toy_costs()
+    params = [torch.nn.Parameter(torch.randn(2, 2)) for _ in range(3)]
+    # sparsity 0.5: the ascent pass may cost 0.65 x 400 = 260 FLOPs and keep 6 entries
+    opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=1.0, T_end=10, structure="budget",
+                     norm="masked", ascent_backward="exact", ascent_costs=costs, seed=0, lr=0.01,
+                     drop_strategy="weight")
+    before = opt.masks()
+    assert costs.ascent(before) <= 0.65 * 400 and 0 < sum(int(m.sum()) for m in before) <= 6
+    for _ in range(3):
+        opt.update_mask(0)  # drop rate 1 at T_start: every live row dropped
+        after = opt.masks()
+        assert _row_structured(costs, after) and any(m.any() for m in after)
+        assert costs.ascent(after) <= 0.65 * 400 and sum(int(m.sum()) for m in after) <= 6
+
+
+@pytest.mark.cpu
+def test_add_param_group_with_the_budget_structure(gen):
+    model, x = _model("residual", gen, batch=4)
+    first, rest = [p for n, p in model.named_parameters() if n != "head"], [model.head]
+    costs = measure_costs(model, first, x[:1])
+    ssamd = ssam.SSAMD(first, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, structure="budget",
+                       norm="masked", ascent_backward="exact", ascent_costs=costs, seed=0, lr=0.01)
+    with pytest.raises(ValueError, match="add_param_group.*ascent_costs"):
+        ssamd.add_param_group({"params": rest})
+    assert len(ssamd.params) == len(first)
+    # SSAM-F measures the costs again, over every parameter, at the next update_mask
+    ssamf = ssam.SSAMF(first, torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=4, update_freq=1,
+                       structure="budget", norm="masked", ascent_backward="exact", seed=0, lr=0.01)
+    loss_fn = lambda out, y: out.float().square().mean()  # noqa: E731
+    ssamf.update_mask(model, [(x, torch.zeros(4))], loss_fn=loss_fn)
+    assert len(ssamf.ascent_costs().rows) == len(first)
+    ssamf.add_param_group({"params": rest})
+    assert ssamf.ascent_costs() is None
+    ssamf.update_mask(model, [(x, torch.zeros(4))], loss_fn=loss_fn)
+    assert len(ssamf.ascent_costs().rows) == len(first) + len(rest)
 
 
 @pytest.mark.cpu

@@ -286,28 +286,35 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
             best, best_taken = kept, taken
     if best_taken is None:
         return choice
-    for i, row in zip(owner[best_taken].tolist(), local[best_taken].tolist()):
-        costs.row_view(i, choice.masks[i])[row] = True
+    set_rows(costs, choice.masks, owner[best_taken], local[best_taken], True)
     return BudgetChoice(choice.masks, costs.ascent(choice.masks), best)
 
 
 def _greedy(candidates: torch.Tensor, cost: torch.Tensor, count: torch.Tensor, flops_left: float,
             entries_left: float) -> torch.Tensor:
-    """Walk ``candidates`` (indices, in order) and take each whose cost and count still fit."""
-    c, n = cost[candidates], count[candidates]
-    fits = (c.cumsum(0) <= flops_left) & (n.cumsum(0) <= entries_left)
-    stop = int((~fits).nonzero()[0]) if not bool(fits.all()) else len(candidates)
-    taken = [candidates[:stop]]
-    flops_left -= float(c[:stop].sum())
-    entries_left -= float(n[:stop].sum())
-    rest, c, n = candidates[stop:], c[stop:], n[stop:]
-    while rest.numel():  # past the first misfit: the later rows that still fit, in order
-        fit = ((c <= flops_left) & (n <= entries_left)).nonzero()
-        if not fit.numel():
+    """Walk ``candidates`` (indices, in order) and take each whose cost and count still fit.
+
+    In vectorised rounds, the same as the walk: the room only shrinks, so a row that does not
+    fit now never will and is dropped; of the rest, the longest prefix that fits is taken.
+    """
+    taken = []
+    rest, c, n = candidates, cost[candidates], count[candidates]
+    while rest.numel():
+        fits = (c <= flops_left) & (n <= entries_left)
+        rest, c, n = rest[fits], c[fits], n[fits]
+        if not rest.numel():
             break
-        j = int(fit[0])
-        taken.append(rest[j : j + 1])
-        flops_left -= float(c[j])
-        entries_left -= float(n[j])
-        rest, c, n = rest[j + 1 :], c[j + 1 :], n[j + 1 :]
-    return torch.cat(taken)
+        prefix = (c.cumsum(0) <= flops_left) & (n.cumsum(0) <= entries_left)
+        stop = len(rest) if bool(prefix.all()) else int((~prefix).nonzero()[0])  # >= 1: the first fits
+        taken.append(rest[:stop])
+        flops_left -= float(c[:stop].sum())
+        entries_left -= float(n[:stop].sum())
+        rest, c, n = rest[stop:], c[stop:], n[stop:]
+    return torch.cat(taken) if taken else candidates[:0]
+
+
+def set_rows(costs: AscentCosts, masks: list[torch.Tensor], owner: torch.Tensor, row: torch.Tensor, value: bool) -> None:
+    """``masks[owner[j]]``'s row ``row[j]`` set to ``value`` for every j: one write per parameter."""
+    for i in torch.unique(owner).tolist():
+        rows = row[owner == i].to(masks[i].device)
+        costs.row_view(i, masks[i])[rows] = value

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from fractions import Fraction
 from typing import Callable, Iterable
 
 import torch
@@ -221,8 +222,12 @@ class SAM(torch.optim.Optimizer):
         if self._in_ascent:
             raise RuntimeError("the ascent pass is already running (ascent() entered twice)")
         self._in_ascent = True
+        self._ascent_batched = False  # this pass's own record
         try:
             yield
+        except BaseException:
+            self._ascent_batched = False  # a failed pass took no rows the next first_step may use
+            raise
         finally:
             self._in_ascent = False
 
@@ -248,7 +253,8 @@ class SAM(torch.optim.Optimizer):
         if self._in_ascent:
             self._ascent_batched = True
         if self._in_ascent and self.ascent_fraction < 1.0:
-            rows = max(1, math.ceil(self.ascent_fraction * sizes.pop()))
+            # the fraction as written (0.07 of 100 rows is 7, not ceil(7.000000000000001) = 8)
+            rows = max(1, math.ceil(Fraction(repr(self.ascent_fraction)) * sizes.pop()))
             tensors = tuple(t[:rows] for t in tensors)
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 

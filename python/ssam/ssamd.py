@@ -8,7 +8,7 @@ import torch
 
 import ssam_kernels
 
-from .budget import AscentCosts, ascent_budget, budget_select, check_costs, no_fit_error
+from .budget import AscentCosts, ascent_budget, budget_select, check_costs, no_fit_error, set_rows
 from .sparse import SparseSAM, check_positive_int
 from .structure import nm_select, parse_structure, tensor_select, whole_tensor_masks
 
@@ -26,7 +26,8 @@ class SSAMD(SparseSAM):
     """Sparse SAM with a dynamic drop/grow mask (SSAM-D).
 
     Args:
-        params, base_optimizer, rho, adaptive, fuse_sgd, **base_kwargs: as :class:`ssam.SAM`.
+        params, base_optimizer, rho, adaptive, fuse_sgd, ascent_fraction, **base_kwargs: as
+            :class:`ssam.SAM`.
         sparsity: fraction not perturbed, in [0, 1) (implied by an ``"N:M"`` structure).
         drop_rate: fraction of the perturbed entries dropped (and regrown) at ``T_start``, in
             [0, 1]; decays to 0 at ``T_end`` by :func:`cosine_death_rate`.
@@ -199,6 +200,15 @@ class SSAMD(SparseSAM):
         chosen = tensor_select(sorted(dropped, key=lambda i: -drop_mean[i]), sizes, self._keep(), chosen)
         return whole_tensor_masks(masks, chosen)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As :meth:`ssam.SAM.add_param_group`; the new parameters start unperturbed and become
+        candidates for growth. Not with the ``"budget"`` structure: its ``ascent_costs`` cover
+        the parameters given at construction only."""
+        if getattr(self, "_costs", None) is not None:
+            raise ValueError("add_param_group() with structure='budget': ascent_costs was measured on the "
+                             "parameters given at construction; build the optimizer with every parameter")
+        super().add_param_group(param_group)
+
     def ascent_costs(self) -> AscentCosts | None:
         """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` given (None otherwise)."""
         return self._costs
@@ -217,21 +227,24 @@ class SSAMD(SparseSAM):
         rows unmasked before by growth score per FLOP into the FLOP and entry budget, then
         re-admit dropped rows (best drop score per FLOP) where room is left."""
         costs = self._costs
-        means, where = [], []
+        means, owner, row = [], [], []
         for i, m in enumerate(masks):
             if costs.position[i] is None or m.numel() == 0:
                 continue
             live = costs.row_view(i, m).any(1)
             means.append(costs.row_view(i, drop_scores[i]).float().mean(1)[live].cpu())
-            where += [(i, int(r)) for r in live.nonzero().squeeze(1).tolist()]
+            row.append(live.nonzero().squeeze(1).cpu())
+            owner.append(torch.full_like(row[-1], i))
         survivors = [m.clone() for m in masks]
-        if where:
-            means = torch.cat(means)
-            drop = int(rate * len(where))
-            for j in torch.sort(means, stable=True).indices[:drop].tolist():
-                i, r = where[j]
-                costs.row_view(i, survivors[i])[r] = False
-        grown = self._budget_rows(grow_scores, required=survivors, allowed=[~m for m in masks])
+        if means:
+            means, owner, row = torch.cat(means), torch.cat(owner), torch.cat(row)
+            dropped = torch.sort(means, stable=True).indices[:int(rate * len(means))]
+            set_rows(costs, survivors, owner[dropped], row[dropped], False)
+        budget = ascent_budget(costs, self.sparsity, self.ascent_fraction)
+        # with every row dropped and no unmasked row fitting, growth is empty: the dropped rows
+        # come back below
+        grown = budget_select(grow_scores, costs, self._keep(), budget, required=survivors,
+                              allowed=[~m for m in masks]).masks
         return self._budget_rows(drop_scores, required=grown, allowed=masks)
 
     # --- official calling convention ---------------------------------------------------------

@@ -18,7 +18,8 @@ class SSAMF(SparseSAM):
     """Sparse SAM with a Fisher-information mask (SSAM-F).
 
     Args:
-        params, base_optimizer, rho, adaptive, fuse_sgd, **base_kwargs: as :class:`ssam.SAM`.
+        params, base_optimizer, rho, adaptive, fuse_sgd, ascent_fraction, **base_kwargs: as
+            :class:`ssam.SAM`.
         sparsity: fraction of entries *not* perturbed, in [0, 1). With an ``"N:M"`` structure
             it is implied (1 - N/M): pass None or that value.
         num_samples: samples in the empirical Fisher (>= 1).
@@ -111,6 +112,14 @@ class SSAMF(SparseSAM):
             raise no_fit_error(costs, self.sparsity, self.ascent_fraction)
         self.budget_choice = choice
         return choice.masks
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As :meth:`ssam.SAM.add_param_group`; the new parameters start unperturbed. With the
+        ``"budget"`` structure the model's costs are measured again at the next
+        :meth:`update_mask`, over every parameter."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_costs"):
+            self._costs = None
 
     def ascent_costs(self):
         """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` measured on the model at
