@@ -1,14 +1,15 @@
-"""What SSAM-F's compute-aware ``"budget"`` mask gives up for its FLOPs: device-independent
+"""What the compute-aware ``"budget"`` mask gives up for its FLOPs: device-independent
 figures (no timing).
 
-1. Per model and sparsity, from one empirical Fisher: the Fisher mass the budget mask keeps,
-   as a fraction of what the unstructured top-k mask (the paper's) keeps at the same
-   sparsity; the cosine between the two perturbations ``g ⊙ m / ||g ⊙ m||`` for the gradient
-   ``g`` of a batch; the budget mask's density; and its SSAM step FLOPs relative to SGD,
-   estimated by the cost model (which ``tests/test_budget.py`` checks against torch's FLOP
-   counter, and ``ssam-bench step`` counts) beside the paper's column.
-   At 95% and 99% the ascent pass runs on half the batch (``ascent_fraction=0.5``): the
-   column is below the cost of a full-batch ascent forward there.
+1. Per model and sparsity, from one empirical Fisher, for the unstructured top-k mask (the
+   paper's), the whole-tensor mask, the 2:4 mask (at 50%) and SSAM-F's budget mask: the
+   Fisher mass each keeps as a fraction of the top-k's; the cosine between its perturbation
+   ``g ⊙ m / ||g ⊙ m||`` and the top-k's for the gradient ``g`` of a batch; its density; and
+   an SSAM step's FLOPs relative to SGD with the exact ascent backward, estimated by the cost
+   model (which ``tests/test_budget.py`` checks against torch's FLOP counter, and
+   ``ssam-bench step`` counts), beside the paper's column. At 95% and 99% the ascent pass
+   runs on half the batch (``ascent_fraction=0.5``): the column is below the cost of a
+   full-batch ascent forward there.
 2. Test accuracy of ``ssam-train`` on digits (the conv net): SGD, SAM (also with the ascent on
    a part of the batch), SSAM-F and SSAM-D unstructured and budget with the exact backward, mean
    and standard deviation over seeds, beside one step's FLOPs relative to SGD's counted by
@@ -37,10 +38,10 @@ from ssam_bench.bench_step import WORKLOADS, Workload, counted_flops
 from ssam_bench.common import report
 
 from ssam import SAM, SSAMF
-from ssam.budget import budget_select, measure_costs, paper_flops
+from ssam.budget import ascent_budget, budget_select, measure_costs, paper_flops
 from ssam.fisher import empirical_fisher
 from ssam.models import gpt2_small_stack
-from ssam.structure import Structure, select_mask
+from ssam.structure import Structure, parse_structure, select_mask
 from ssam.train import MODELS as TRAIN_MODELS
 from ssam.train import build_optimizer, load_digits, parse_args, train
 from ssam_kernels import keep_count
@@ -81,20 +82,31 @@ def structure_rows(name: str, workload, samples: int) -> list[dict]:
     grads = torch.autograd.grad(workload.loss(model(x), y), params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     total = sum(p.numel() for p in params)
+
+    def mass(masks):
+        return sum(float((f * m).sum()) for f, m in zip(fisher, masks))
+
+    def norm(masks):
+        return sum(float((g * g * m).sum()) for g, m in zip(grads, masks)) ** 0.5
+
     rows = []
     for s, fraction in SETTINGS:
         keep = keep_count(total, 1.0 - s)
         top = select_mask(fisher, Structure("unstructured"), keep)
+        structures = {"unstructured (top-k)": top, "tensor": select_mask(fisher, Structure("tensor"), keep)}
+        if s == 0.5:
+            structures["2:4"] = select_mask(fisher, parse_structure("2:4"), keep)
         # the ascent pass on a fraction f of the batch: its per-sample budget is 1/f as large
-        choice = budget_select(fisher, costs, keep, (paper_flops(s) - 1.0) * costs.sgd / fraction)
-        mass = lambda masks: sum(float((f * m).sum()) for f, m in zip(fisher, masks))  # noqa: E731
-        both = sum(float((g * g * (a & b)).sum()) for g, a, b in zip(grads, top, choice.masks))
-        norm = lambda masks: sum(float((g * g * m).sum()) for g, m in zip(grads, masks)) ** 0.5  # noqa: E731
-        rows.append(dict(model=name, sparsity=f"{s:.0%}", ascent_fraction=fraction, fisher_mass_vs_topk=mass(choice.masks) / mass(top),
-                         cosine_vs_topk=both / (norm(top) * norm(choice.masks)),
-                         density=sum(int(m.sum()) for m in choice.masks) / total,
-                         step_flops_vs_sgd=1.0 + fraction * choice.ascent_flops / costs.sgd, paper_flops_vs_sgd=paper_flops(s),
-                         setup=f"Fisher of {samples} synthetic samples, gradient of a batch of {workload.count_batch}"))
+        structures["budget"] = budget_select(fisher, costs, keep, ascent_budget(costs, s, fraction)).masks
+        for structure, masks in structures.items():
+            both = sum(float((g * g * (a & b)).sum()) for g, a, b in zip(grads, top, masks))
+            rows.append(dict(model=name, sparsity=f"{s:.0%}", ascent_fraction=fraction, structure=structure,
+                             fisher_mass_vs_topk=mass(masks) / mass(top),
+                             cosine_vs_topk=both / (norm(top) * norm(masks)) if norm(masks) else 0.0,
+                             density=sum(int(m.sum()) for m in masks) / total,
+                             step_flops_vs_sgd=1.0 + fraction * costs.ascent(masks) / costs.sgd,
+                             paper_flops_vs_sgd=paper_flops(s),
+                             setup=f"Fisher of {samples} synthetic samples, gradient of a batch of {workload.count_batch}"))
     return rows
 
 
@@ -154,9 +166,10 @@ def accuracy_rows(epochs: int, seeds: list[int]) -> list[dict]:
 
 
 STRUCTURE_COLUMNS = [("model", "model", ""), ("sparsity", "sparsity", ""), ("ascent_fraction", "ascent fraction", ".2f"),
+                     ("structure", "structure", ""),
                      ("fisher_mass_vs_topk", "Fisher mass / top-k's", ".3f"),
                      ("cosine_vs_topk", "cosine to top-k's perturbation", ".3f"), ("density", "density", ".4f"),
-                     ("step_flops_vs_sgd", "step FLOPs / SGD", ".3f"), ("paper_flops_vs_sgd", "paper", ".2f"),
+                     ("step_flops_vs_sgd", "step FLOPs / SGD (exact backward)", ".3f"), ("paper_flops_vs_sgd", "paper", ".2f"),
                      ("setup", "setup", "")]
 ACCURACY_COLUMNS = [("run", "run", ""), ("accuracy", "test accuracy", ".4f"), ("std", "std", ".4f"),
                     ("seeds", "seeds", "d"), ("step_flops_vs_sgd", "step FLOPs / SGD (counted)", ".3f"),
@@ -176,7 +189,7 @@ def main(argv=None) -> int:
     rows = []
     for name, workload in models.items():
         rows += structure_rows(name, workload, samples)
-    report("budget", "SSAM-F's budget mask against the unstructured top-k", rows, STRUCTURE_COLUMNS,
+    report("budget", "Mask structures against the unstructured top-k (Fisher mass, perturbation, FLOPs)", rows, STRUCTURE_COLUMNS,
            torch.device("cpu"), args.out)
     report("budget_accuracy", "Digits accuracy with the budget mask", accuracy_rows(epochs, list(range(seeds))),
            ACCURACY_COLUMNS, torch.device("cpu"), args.out)

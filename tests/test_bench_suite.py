@@ -8,7 +8,7 @@ import torch
 
 import ssam
 from ssam.models import DigitsMLP
-from ssam_bench import bench_masks, bench_overhead, bench_step, cli, update_readme
+from ssam_bench import bench_budget, bench_masks, bench_overhead, bench_step, cli, update_readme
 from ssam_kernels import ASCENT_MODES
 
 pytestmark = pytest.mark.cpu
@@ -201,3 +201,29 @@ def test_summary_quotes_timings_only_from_a_gpu():
     cpu = {r["what"]: r["figure"] for r in cli.summarize(results, timed=False)}
     assert cpu == {"m sam": "2.00x SGD FLOPs (counted, not timed)",
                    "m ssam-f 50% exact (best)": "1.60x SGD FLOPs (counted, not timed)"}
+
+
+def test_budget_structure_rows_compare_every_structure_with_the_top_k():
+    rows = bench_budget.structure_rows("tiny_convnet", bench_step.QUICK_WORKLOADS["tiny_convnet"], 8)
+    by = {(r["sparsity"], r["structure"]): r for r in rows}
+    assert len(rows) == 3 * len(bench_budget.SETTINGS) + 1  # top-k, tensor, budget; 2:4 at 50% only
+    for (sparsity, structure), r in by.items():
+        s = float(sparsity.rstrip("%")) / 100
+        if structure.startswith("unstructured"):
+            assert r["fisher_mass_vs_topk"] == pytest.approx(1.0) and r["cosine_vs_topk"] == pytest.approx(1.0)
+        else:
+            assert 0.0 <= r["fisher_mass_vs_topk"] <= 1.0 + 1e-9 and -1e-9 <= r["cosine_vs_topk"] <= 1.0 + 1e-9
+        if structure != "2:4":
+            assert r["density"] <= 1 - s + 1e-9
+        if structure == "budget":  # within the paper's column, by the cost model torch's counter checks
+            assert r["step_flops_vs_sgd"] <= r["paper_flops_vs_sgd"] + 1e-12
+    assert ("50%", "2:4") in by and ("90%", "2:4") not in by
+
+
+def test_budget_accuracy_runs_count_their_step_flops():
+    runs = bench_budget.ACCURACY_RUNS
+    assert bench_budget.step_flops(runs["SGD"]) == 1.0
+    assert bench_budget.step_flops(runs["SAM"]) == pytest.approx(2.0, abs=1e-12)
+    assert bench_budget.step_flops(runs["SAM, ascent on 50% of the batch"]) == pytest.approx(1.5, abs=1e-12)
+    assert bench_budget.step_flops(runs["SSAM-F 90% budget, exact"]) <= 1.36 + 1e-12
+    assert bench_budget.step_flops(runs["SSAM-D 90% budget, exact"]) <= 1.36 + 1e-12
