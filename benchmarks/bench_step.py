@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import ssam
-from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.budget import measure_costs
+from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.models import wide_resnet28_10
 from ssam_bench.common import interleaved_medians, report, standalone_main
 from ssam_kernels import ASCENT_MODES

@@ -11,6 +11,7 @@ import ssam_kernels
 from ssam_kernels import BitMask, keep_count, pack_mask, packed_nbytes
 from ssam_kernels.sparse_ascent import ASCENT_MODES, sparse_ascent
 
+from .budget import AscentCosts, ascent_budget, budget_select, no_fit_error
 from .distributed import broadcast_, broadcast_seed
 from .sam import SAM, _together
 from .structure import Structure, parse_structure, resolve_sparsity
@@ -94,6 +95,8 @@ class SparseSAM(SAM):
         # seeds of the MVUE draws: a CPU generator (drawing a seed is no device sync) with its
         # own stream, so the mode does not change the masks' random draws
         self.ascent_generator = make_generator((seed + 1) % 2**63)
+        self._costs: AscentCosts | None = None  # structure "budget": the model's ascent FLOPs
+        self.budget_choice = None  # structure "budget": the last BudgetChoice
 
     def _generator_device(self) -> torch.device:
         """Where this optimizer's random numbers are drawn."""
@@ -135,6 +138,25 @@ class SparseSAM(SAM):
         # both built (and their arguments checked) now, entered by the caller's ``with``
         return _together(super().ascent(no_sync=no_sync),
                          sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm))
+
+    def ascent_costs(self) -> AscentCosts | None:
+        """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` of the model (SSAM-F
+        measures them at the first ``update_mask``, SSAM-D takes them as ``ascent_costs=``);
+        None before that, and for other structures."""
+        return self._costs
+
+    def _ascent_budget(self) -> float:
+        return ascent_budget(self._costs, self.sparsity, self.ascent_fraction)
+
+    def _budget_masks(self, scores, required=None, allowed=None) -> list[torch.Tensor]:
+        """Structure ``"budget"``: :func:`ssam.budget.budget_select` under this optimizer's
+        budget; a ``ValueError`` (nothing changed) when no row fits."""
+        choice = budget_select(scores, self._costs, self._keep(), self._ascent_budget(), required=required,
+                               allowed=allowed)
+        if not any(bool(m.any()) for m in choice.masks):
+            raise no_fit_error(self._costs, self.sparsity, self.ascent_fraction)
+        self.budget_choice = choice
+        return choice.masks
 
     def _set_masks(self, masks: list[torch.Tensor]) -> None:
         """Replace every mask (new tensors: a pending backup keeps referring to the old ones)."""

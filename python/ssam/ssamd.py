@@ -8,7 +8,7 @@ import torch
 
 import ssam_kernels
 
-from .budget import AscentCosts, ascent_budget, budget_select, check_costs, no_fit_error, set_rows
+from .budget import AscentCosts, budget_select, check_costs, set_rows
 from .sparse import SparseSAM, check_positive_int
 from .structure import nm_select, parse_structure, tensor_select, whole_tensor_masks
 
@@ -109,7 +109,6 @@ class SSAMD(SparseSAM):
         super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
                          ascent_backward)
         self._costs = check_costs(ascent_costs, self.params) if budget else None
-        self.budget_choice = None  # structure "budget": the last BudgetChoice
         self._set_masks(self._initial_masks())
 
     # --- scores and the schedule -------------------------------------------------------------
@@ -139,7 +138,7 @@ class SSAMD(SparseSAM):
     def _initial_masks(self) -> list[torch.Tensor]:
         scores = [self._random(p) for p in self.params]
         if self.structure.kind == "budget":  # random rows under the FLOP budget
-            return self._budget_rows(scores)
+            return self._budget_masks(scores)
         if self.structure.kind == "nm":
             return nm_select(scores, self.structure)
         if self.structure.kind == "tensor":
@@ -209,19 +208,6 @@ class SSAMD(SparseSAM):
                              "parameters given at construction; build the optimizer with every parameter")
         super().add_param_group(param_group)
 
-    def ascent_costs(self) -> AscentCosts | None:
-        """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` given (None otherwise)."""
-        return self._costs
-
-    def _budget_rows(self, scores, required=None, allowed=None) -> list[torch.Tensor]:
-        choice = budget_select(scores, self._costs, self._keep(),
-                               ascent_budget(self._costs, self.sparsity, self.ascent_fraction),
-                               required=required, allowed=allowed)
-        if not any(bool(m.any()) for m in choice.masks):
-            raise no_fit_error(self._costs, self.sparsity, self.ascent_fraction)
-        self.budget_choice = choice
-        return choice.masks
-
     def _update_rows(self, masks, drop_scores, grow_scores, rate) -> list[torch.Tensor]:
         """Budget rows: drop ``int(rate * live rows)`` live rows of lowest mean drop score, grow
         rows unmasked before by growth score per FLOP into the FLOP and entry budget, then
@@ -240,12 +226,11 @@ class SSAMD(SparseSAM):
             means, owner, row = torch.cat(means), torch.cat(owner), torch.cat(row)
             dropped = torch.sort(means, stable=True).indices[:int(rate * len(means))]
             set_rows(costs, survivors, owner[dropped], row[dropped], False)
-        budget = ascent_budget(costs, self.sparsity, self.ascent_fraction)
         # with every row dropped and no unmasked row fitting, growth is empty: the dropped rows
         # come back below
-        grown = budget_select(grow_scores, costs, self._keep(), budget, required=survivors,
+        grown = budget_select(grow_scores, costs, self._keep(), self._ascent_budget(), required=survivors,
                               allowed=[~m for m in masks]).masks
-        return self._budget_rows(drop_scores, required=grown, allowed=masks)
+        return self._budget_masks(drop_scores, required=grown, allowed=masks)
 
     # --- official calling convention ---------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .distributed import all_reduce_sum_, world
-from .budget import ascent_budget, budget_select, measure_costs, no_fit_error
+from .budget import measure_costs
 from .fisher import draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
@@ -70,8 +70,6 @@ class SSAMF(SparseSAM):
                          ascent_backward)
         self._set_masks([torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params])
         self._warned_empty = False
-        self._costs = None  # structure "budget": the model's FLOPs, measured at the first update_mask
-        self.budget_choice = None  # structure "budget": the last BudgetChoice
 
     def _generator_device(self) -> torch.device:
         return torch.device("cpu")  # draws dataset indices
@@ -105,14 +103,6 @@ class SSAMF(SparseSAM):
         self._set_masks(masks)
         self.mask_updates += 1
 
-    def _budget_masks(self, fisher: list[torch.Tensor]) -> list[torch.Tensor]:
-        costs = self._costs
-        choice = budget_select(fisher, costs, self._keep(), ascent_budget(costs, self.sparsity, self.ascent_fraction))
-        if not any(bool(m.any()) for m in choice.masks):
-            raise no_fit_error(costs, self.sparsity, self.ascent_fraction)
-        self.budget_choice = choice
-        return choice.masks
-
     def add_param_group(self, param_group: dict) -> None:
         """As :meth:`ssam.SAM.add_param_group`; the new parameters start unperturbed. With the
         ``"budget"`` structure the model's costs are measured again at the next
@@ -120,11 +110,6 @@ class SSAMF(SparseSAM):
         super().add_param_group(param_group)
         if hasattr(self, "_costs"):
             self._costs = None
-
-    def ascent_costs(self):
-        """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` measured on the model at
-        the first :meth:`update_mask` (None before it, and for other structures)."""
-        return self._costs
 
     @torch.no_grad()
     def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None, *,

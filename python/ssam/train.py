@@ -4,6 +4,7 @@ or SSAM-D, using the official code's training-loop calling convention. No downlo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -14,11 +15,11 @@ from tqdm import tqdm
 import ssam_kernels
 from ssam_kernels import ASCENT_MODES
 
+from .budget import measure_costs
 from .models import DigitsMLP, DigitsNet
 from .sam import SAM
 from .ssamd import SSAMD
 from .ssamf import SSAMF
-from .budget import measure_costs
 from .structure import parse_structure
 
 OPTIMIZERS = ("sgd", "sam", "ssamf", "ssamd")
@@ -93,20 +94,14 @@ def train(args) -> dict:
             start = time.perf_counter()
 
             def closure():
-                xb, yb = opt.batch(x, y)
+                xb, yb = opt.batch(x, y) if isinstance(opt, SAM) else (x, y)  # the ascent pass: --ascent-fraction
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 return loss
 
             opt.zero_grad()
-            if isinstance(opt, SAM):
-                with opt.ascent():  # the ascent pass: on --ascent-fraction of the batch
-                    xb, yb = opt.batch(x, y)
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-            else:
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
+            with opt.ascent() if isinstance(opt, SAM) else contextlib.nullcontext():
+                loss = closure()
             if args.opt == "sgd":
                 opt.step()
             else:  # the official training loop's call
