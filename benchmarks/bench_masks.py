@@ -144,7 +144,7 @@ def run(args, device, progress_factory=None) -> list[dict]:
 
 
 def write(rows, device, out) -> dict:
-    return report("masks", "Mask-update cost: ours vs the official algorithms", rows, COLUMNS, device, out,
+    return report("masks", "Mask-update cost: ours vs the official algorithms", rows, COLUMNS, device, out, merge_on="model",
                   meta_extra=dict(sparsity=SPARSITY, death_rate=DEATH_RATE, num_samples=NUM_SAMPLES, target=TARGET),
                   note=" (synthetic inputs, fp32)")
 

@@ -129,7 +129,7 @@ def run(args, device, progress_factory=None) -> list[dict]:
 
 def write(rows, device, out) -> dict:
     return report("overhead", "Optimizer-side overhead per SSAM step (outside forward/backward)", rows, COLUMNS, device,
-                  out, meta_extra=dict(mask_density=DENSITY, dtype="float32"))
+                  out, meta_extra=dict(mask_density=DENSITY, dtype="float32"), merge_on="params")
 
 
 def main(argv=None) -> int:

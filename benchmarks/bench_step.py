@@ -13,13 +13,15 @@ blocks of GPT-2 small (2k, 8k and 16k tokens). Per contender:
 * ``step / SGD``: median time of ``zero_grad(); step(closure)`` (SGD: forward, backward,
   ``step()``) over an SGD step measured in the same interleaved loop (CUDA events);
 * ``counted FLOPs / SGD``: ``FlopCounterMode`` over one step as it runs here (a cuSPARSELt
-  product counts half the dense one; the exact mode's weight gradient is counted with the
-  reference backend, i.e. the rows that hold a masked entry);
+  product counts half the dense one; the exact mode's masked weight gradient counts the rows
+  that hold a masked entry, whichever backend runs it);
 * the paper's FLOPs column (SAM 2x; SSAM 1.65x at 50% and 2:4 ... 1.30x at 99%);
 * peak memory of the contender alone (model, gradients, optimizer state, activations).
 
 Inputs are synthetic (random images and labels, random hidden states with a squared-output
-loss), so only the timing means anything; on a GPU every model runs under bf16 autocast.
+loss), so only the timing means anything; on a GPU every model runs under bf16 autocast, and
+the convolutional networks (their weights and images) in ``channels_last``, the layout cuDNN's
+convolutions take without converting (the ``layout`` column).
 Masks are fixed while timing: SSAM-F's from the empirical Fisher on 128 samples, SSAM-D's
 its random initial one. Mask updates are measured by ``ssam-bench masks``. Attention
 projections inside ``nn.MultiheadAttention`` (ViT) keep dense autograd; convolutions are
@@ -38,9 +40,7 @@ labelled CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -80,6 +80,14 @@ class Workload:
     count_batch: int  # batch for FLOP counting without a GPU
     fisher_chunk: int = 32
     description: str = ""
+    convolutional: bool = False  # on a GPU: model and images channels_last, as cuDNN prefers
+
+    def layout(self, device: torch.device) -> str | None:
+        """The memory layout of the model's convolutions and images on ``device`` (None: not
+        a convolutional network)."""
+        if not self.convolutional:
+            return None
+        return "channels_last" if device.type == "cuda" else "NCHW"
 
 
 def _images(shape, classes):
@@ -110,11 +118,11 @@ def _gpt(seq: int, batch: int, description: str) -> Workload:
 
 WORKLOADS = {
     "resnet18_cifar": Workload(resnet18_cifar, 128, _images((3, 32, 32), 10), _cross_entropy, 2,
-                               description="ResNet-18 (CIFAR stem), batch 128, 32x32"),
+                               description="ResNet-18 (CIFAR stem), batch 128, 32x32", convolutional=True),
     "wrn28_10": Workload(wide_resnet28_10, 128, _images((3, 32, 32), 10), _cross_entropy, 2, 16,
-                         description="WideResNet-28-10, batch 128, 32x32"),
+                         description="WideResNet-28-10, batch 128, 32x32", convolutional=True),
     "resnet50": Workload(resnet50, 64, _images((3, 224, 224), 1000), _cross_entropy, 2, 8,
-                         description="ResNet-50, batch 64, 224x224"),
+                         description="ResNet-50, batch 64, 224x224", convolutional=True),
     "vit_s16": Workload(vit_small, 64, _images((3, 224, 224), 1000), _cross_entropy, 2, 8,
                         description="ViT-S/16, batch 64, 224x224"),
     "gpt2_small_2k": _gpt(1024, 2, "GPT-2 small blocks, 2 x 1024 tokens"),
@@ -125,7 +133,7 @@ WORKLOADS = {
 CPU_COUNT_GPT = _gpt(128, 2, "GPT-2 small blocks, 2 x 128 tokens (counting: a sub-batch ascent needs 2)")
 QUICK_WORKLOADS = {
     "tiny_convnet": Workload(DigitsNet, 16, _images((1, 8, 8), 10), _cross_entropy, 16,
-                             description="digits conv net, batch 16, 8x8"),
+                             description="digits conv net, batch 16, 8x8", convolutional=True),
     "tiny_vit": Workload(lambda: ViT(32, 8, 64, 2, 2, 10), 8, _images((3, 32, 32), 10), _cross_entropy, 8,
                          description="ViT dim 64 depth 2, batch 8, 32x32"),
     "tiny_gpt": Workload(lambda: GPTStack(64, 2, 2), 2, _tokens(128, 64), _squared_output, 2,
@@ -227,22 +235,8 @@ def _cslt_flops(*args, out_shape=None, **kwargs) -> int:
     return out_shape[0] * out_shape[1] * args[1][0]  # half of 2 m n k: the 2:4 operand's zeros are skipped
 
 
-@contextlib.contextmanager
-def _reference_backend():
-    """The reference backend for counting: Triton GEMMs are invisible to FlopCounterMode."""
-    old = os.environ.get("SSAM_BACKEND")
-    os.environ["SSAM_BACKEND"] = "torch"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SSAM_BACKEND"]
-        else:
-            os.environ["SSAM_BACKEND"] = old
-
-
 def counted_flops(fn) -> int:
-    with _reference_backend(), FlopCounterMode(display=False, custom_mapping={
+    with FlopCounterMode(display=False, custom_mapping={
             torch.ops.aten._cslt_sparse_mm: _cslt_flops}) as counter:
         fn()
     return counter.get_total_flops()
@@ -252,8 +246,11 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                    batch: int, progress=None) -> list[dict]:
     """Rows for one workload. ``timed`` False: FLOP counts only."""
     cuda = device.type == "cuda"
+    layout = workload.layout(device)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     gen = torch.Generator(device=device).manual_seed(0)
     x, y = workload.inputs(batch, gen, device)
+    x = x.contiguous(memory_format=memory_format)
     fisher_samples = 128 if cuda else 4
     steps, rows = {}, []
     for c in specs:
@@ -263,12 +260,13 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
         torch.manual_seed(0)
-        model = workload.build().to(device)
+        model = workload.build().to(device, memory_format=memory_format)
         opt = build_optimizer(c, model, workload, device, fisher_samples)
         if cuda:  # the peak from here on: steps, not the one-off Fisher of SSAM-F's mask
             torch.cuda.reset_peak_memory_stats(device)
         step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
-        row = dict(model=name, batch=batch, optimizer=c.optimizer.upper(), sparsity=c.sparsity and _sparsity_label(c.sparsity),
+        row = dict(model=name, batch=batch, layout=layout, optimizer=c.optimizer.upper(),
+                   sparsity=c.sparsity and _sparsity_label(c.sparsity),
                    mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
                    counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
         if timed:
@@ -296,7 +294,8 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
     return rows
 
 
-COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("optimizer", "optimizer", ""), ("sparsity", "sparsity", ""),
+COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("layout", "layout", ""), ("optimizer", "optimizer", ""),
+           ("sparsity", "sparsity", ""),
            ("mode", "ascent_backward", ""), ("step_ms", "step ms", ".2f"), ("step_vs_sgd", "step / SGD", ".3f"),
            ("counted_flops_vs_sgd", "counted FLOPs / SGD", ".3f"), ("paper_flops_vs_sgd", "paper FLOPs / SGD", ".2f"),
            ("peak_gib", "peak GiB", ".2f")]
@@ -352,7 +351,7 @@ def run(args, device, progress_factory=None) -> list[dict]:
 
 def write(rows, device, out) -> dict:
     cuda = device.type == "cuda"
-    return report("step", "Step time and FLOPs relative to SGD", rows, COLUMNS, device, out,
+    return report("step", "Step time and FLOPs relative to SGD", rows, COLUMNS, device, out, merge_on="model",
                   note=" (synthetic inputs" + (", bf16 autocast)" if cuda else
                                                 "; real models FLOP-counted only, tiny models timed)"))
 

@@ -1,6 +1,6 @@
 """``ssam-bench``: what SSAM really costs on this machine, beside the paper's FLOPs.
 
-    ssam-bench                 # everything
+    ssam-bench                 # everything (on a GPU: longer than a 10-minute slot; see below)
     ssam-bench --quick         # tiny sizes: a smoke run (about 30 s on 2 CPU cores)
     ssam-bench step --models resnet18_cifar --sparsities 0.5 2:4
     ssam-bench ops | overhead | masks
@@ -15,6 +15,11 @@ official algorithms). Without a subcommand all four run. On a GPU each writes
 ``<name>.json`` (rows plus device facts from nvidia-ml-py, versions, commit, date) and
 ``<name>.md`` to ``benchmarks/results/<device>/`` and draws ``step.png`` / ``ops.png``. On a
 CPU the figures are printed, labelled CPU, and written only with ``--out``.
+
+On a GPU the whole suite takes longer than one 10-minute slot (the first H200 run needed eight
+commands of 14 to 129 s for a part of it). ``bash benchmarks/gpu_check.sh --help`` lists parts
+that each finish inside 8 minutes; parts run in separate sessions add up to one results folder
+(the step, overhead and mask tables merge their rows by model).
 """
 
 from __future__ import annotations
@@ -111,6 +116,19 @@ def summarize(results: dict[str, list[dict]], timed: bool) -> list[dict]:
     return out
 
 
+SPLIT_NOTE = ("ssam-bench: the whole suite takes longer than a 10-minute GPU slot. Where time is limited, run it "
+              "in parts: `bash benchmarks/gpu_check.sh --help` lists parts that each finish in 8 minutes on an H200 "
+              "(or pick `ssam-bench step --models M`, `ops`, `overhead`, `masks`); their results add up in one folder.")
+
+
+def split_note(command: str, args, device: torch.device) -> str | None:
+    """What to say before a GPU run of the whole suite: that it does not fit a slot, and how to
+    split it (None for a subcommand, a --quick run or a CPU run)."""
+    if command != "all" or args.quick or device.type != "cuda":
+        return None
+    return SPLIT_NOTE
+
+
 SUMMARY_COLUMNS = [("benchmark", "benchmark", ""), ("what", "what", ""), ("figure", "figure", ""),
                    ("reference", "beside", "")]
 
@@ -163,6 +181,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"ssam-bench: --device {args.device} asked for, but torch sees no CUDA device")
+    note = split_note(command, args, device)
+    if note:
+        print(note, file=sys.stderr)
     progress = functools.partial(tqdm, file=sys.stderr, leave=False, dynamic_ncols=True)
     names = SUBCOMMANDS if command == "all" else (command,)
     results = {}

@@ -24,16 +24,20 @@ RESULTS = (os.path.join(_HERE, "results") if os.path.exists(os.path.join(_HERE, 
            else os.path.join(os.getcwd(), "ssam-bench-results"))
 
 
-def git_commit() -> str:
-    """HEAD's short hash, "-dirty" when tracked code differs from it (results files do not
-    count: a run that writes several of them would otherwise mark its own later ones)."""
+def git_commit(root: str = os.path.dirname(_HERE)) -> str:
+    """HEAD's short hash of the project's own repository at ``root`` (the checkout holding
+    these benchmarks), "-dirty" when tracked code differs from it (results files do not count:
+    a run that writes several of them would otherwise mark its own later ones). "unknown"
+    where ``root`` is not the top of a git work tree: a copy without ``.git`` inside some other
+    repository must not stamp that repository's commit."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=_HERE, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                                ":(top,exclude)benchmarks/results"], capture_output=True, text=True,
-                               cwd=_HERE).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -172,16 +176,48 @@ def results_dir(device: torch.device, out: str | None) -> str | None:
     return os.path.join(RESULTS, device_slug(device)) if device.type == "cuda" else None
 
 
+def merge_rows(path: str, rows: list[dict], meta: dict, key: str) -> list[dict]:
+    """``rows`` (this run's, stamped with its commit and date) after the rows of the results
+    file at ``path`` whose ``key`` value this run did not measure, when that file comes from
+    the same device: parts of a benchmark run in separate sessions (a GPU slot each) add up to
+    one table, each row keeping the stamp of the run that measured it."""
+    stamped = [{**r, "commit": meta["commit"], "date": meta["date"]} for r in rows]
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return stamped
+    if old.get("meta", {}).get("device") != meta["device"]:
+        return stamped
+    fresh = {r.get(key) for r in rows}
+    kept = [{"commit": old["meta"].get("commit", "unknown"), "date": old["meta"].get("date"), **r}
+            for r in old.get("rows", []) if r.get(key) not in fresh]
+    return kept + stamped
+
+
+def runs_note(rows: list[dict]) -> str:
+    """Where merged rows come from more than one run: which (commit, date) pairs."""
+    runs = sorted({(r["commit"], r["date"]) for r in rows if "commit" in r and "date" in r}, key=lambda cd: cd[1] or "")
+    if len(runs) < 2:
+        return ""
+    return (f" Rows from {len(runs)} runs: " + "; ".join(f"commit {c}, {d}" for c, d in runs)
+            + " (each row's own in the JSON).")
+
+
 def report(name: str, title: str, rows: list[dict], columns, device: torch.device, out: str | None,
-           meta_extra: dict | None = None, note: str = "") -> dict:
+           meta_extra: dict | None = None, note: str = "", merge_on: str | None = None) -> dict:
     """Print the Markdown table of a run (labelled CPU off a GPU) and write it where
-    :func:`results_dir` says. Returns the run metadata."""
+    :func:`results_dir` says. ``merge_on``: a row key (e.g. ``"model"``); the written file
+    keeps the earlier rows of this device for the values of it this run did not measure
+    (:func:`merge_rows`). Returns the run metadata."""
     meta = {**run_metadata(device), **(meta_extra or {})}
+    target = results_dir(device, out)
+    if target and merge_on:
+        rows = merge_rows(os.path.join(target, f"{name}.json"), rows, meta, merge_on)
     label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
     md = (f"# {title}{label}\n\n{meta['device']}{note}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {meta['commit']}, {meta['date']}.\n\n{markdown_table(rows, columns)}\n")
+          f"commit {meta['commit']}, {meta['date']}.{runs_note(rows)}\n\n{markdown_table(rows, columns)}\n")
     print(md)
-    target = results_dir(device, out)
     if target:
         print("wrote", *write_results(name, meta, rows, md, target))
     return meta

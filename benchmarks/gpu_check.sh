@@ -1,24 +1,115 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go: build with the CUDA extension (failing loudly if it
-# does not build), run the cuda and interpret test tiers, and run ssam-bench (its result files
-# land in benchmarks/results/<device>/, to be committed; plots can be drawn later with
-# `ssam-bench plot`, since the GPU machines lack matplotlib). Usage, from the repository root:
-#   bash benchmarks/gpu_check.sh [LOG_DIR]
+# The GPU work, in parts that each fit one device slot (a command may run 10 minutes; each part
+# is bounded at 8 minutes by the timeouts of its steps). Every part builds the extension first
+# (about 40 s on an H200, SSAM_BUILD_EXT=1: it fails loudly if the build fails), then runs its
+# steps, each under its own `timeout`, logging to LOG_DIR/<step>.log. Results land in
+# benchmarks/results/<device>/ (step rows merge by model, so the step parts add up to one
+# table) and are copied to LOG_DIR/results/ at the end, to bring back and commit.
+#
+# Usage, from the repository root:  bash benchmarks/gpu_check.sh PART LOG_DIR
+#                                    bash benchmarks/gpu_check.sh --help
+# GPU_CHECK_DRY_RUN=1 prints each step with its timeout instead of running it (the tests sum them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-log=${1:-/tmp/ssam-gpu-check}
+
+usage() {
+  cat <<'EOF'
+usage: bash benchmarks/gpu_check.sh PART LOG_DIR
+
+Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), then:
+
+  build          nothing more: the build and `ssam_kernels.backend_info("cuda")`
+  tests          the cuda test tier, pytest -n 8 (timeout 200 s; 49 s measured on an H200), and the
+                 multi-tensor and masked weight-gradient cuda tests under compute-sanitizer's memcheck
+                 (timeout 120 s; 15 s measured)
+  step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
+                 (timeout 320 s; 15 of these contenders took 31 s on an H200)
+  step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k: SAM, SSAM-F, SSAM-D at
+                 50% and 90%, dense and exact, budget masks (timeout 320 s; SAM + SSAM-F took 129 s)
+  step-24        ssam-bench step on GPT-2 small 8k at 2:4, every ascent mode (timeout 320 s; did not
+                 finish in 50 s on an H200 at 4344f0b)
+  ops            ssam-bench ops (every op, the perturbation cycle, top-k, the 2:4 GEMMs; timeout
+                 180 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small lists (timeout 120 s;
+                 about 40 s measured)
+  masks          ssam-bench masks on ResNet-18 CIFAR and GPT-2 small 2k (timeout 320 s; ResNet-18
+                 took 31 s, GPT-2 did not finish in 30 s at 4344f0b)
+
+A step that times out is reported FAILED with its log; the part goes on with its other steps and
+exits non-zero. `all` runs every part in turn (for a machine without a time limit).
+EOF
+}
+
+parts="build tests step-resnet18 step-large step-24 ops masks"
+if [ "$#" -ne 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  usage
+  [ "$#" -eq 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
+  exit 2
+fi
+part=$1
+log=$2
+case " $parts all " in
+  *" $part "*) ;;
+  *) echo "gpu_check: unknown part '$part'; one of: $parts all" >&2; exit 2 ;;
+esac
 mkdir -p "$log"
+export PYTHONUNBUFFERED=1
 status=0
-run() {  # run a step, keep its log, remember a failure but go on
-  local name=$1; shift
-  echo "== $name: $*"
-  if ! "$@" > "$log/$name.log" 2>&1; then status=1; echo "   FAILED (see $log/$name.log)"; fi
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, go on after a failure
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name (timeout ${limit} s): $*"
+  if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then return; fi
+  timeout --kill-after=10 "$limit" "$@" > "$log/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" -ne 0 ]; then
+    status=1
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "   FAILED: timed out"; else echo "   FAILED: exit $rc"; fi
+    echo "   (see $log/$name.log)"
+  fi
+  echo "   took $((SECONDS - start)) s"
   tail -n 3 "$log/$name.log"
 }
-export PYTHONUNBUFFERED=1
-run build env SSAM_BUILD_EXT=1 python3 -m pip install --no-deps --no-build-isolation -e .
-run cuda-tests python3 -m pytest -m cuda -rs tests
-run interpret-tests env TRITON_INTERPRET=1 python3 -m pytest -m interpret -q tests
-run ssam-bench ssam-bench
-run bench-perturb-bf16 python3 -m ssam_bench.bench_perturb --dtype bfloat16 --out "benchmarks/results/$(python3 -c 'import torch; from ssam_bench.common import device_slug; print(device_slug(torch.device("cuda")))')/bf16"
+
+build() {
+  step build 120 env SSAM_BUILD_EXT=1 python3 -m pip install --no-deps --no-build-isolation -e .
+  step backend-info 30 python3 -c 'import pprint, ssam_kernels; pprint.pprint(ssam_kernels.backend_info("cuda"))'
+}
+
+run_part() {
+  case $1 in
+    build) ;;
+    tests)
+      step cuda-tests 200 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
+      step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_multi_tensor.py tests/test_masked_weight_grad.py ;;
+    step-resnet18)
+      step step-resnet18 320 ssam-bench step --models resnet18_cifar ;;
+    step-large)
+      step step-large 320 ssam-bench step --models wrn28_10 vit_s16 gpt2_small_8k --sparsities 0.5 0.9 \
+        --modes dense exact ;;
+    step-24)
+      step step-24 320 ssam-bench step --models gpt2_small_8k --optimizers ssam-f --sparsities 2:4 ;;
+    ops)
+      step ops 180 ssam-bench ops
+      step overhead 120 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;
+    masks)
+      step masks 320 ssam-bench masks --mask-models resnet18_cifar gpt2_small_2k ;;
+  esac
+}
+
+build
+if [ "$part" = all ]; then
+  for p in $parts; do run_part "$p"; done
+else
+  run_part "$part"
+fi
+
+[ -n "${GPU_CHECK_DRY_RUN:-}" ] && exit 0
+device=$(python3 -c 'import torch; from ssam_bench.common import device_slug; print(device_slug(torch.device("cuda")))' 2>/dev/null)
+if [ -n "$device" ] && [ -d "benchmarks/results/$device" ]; then
+  mkdir -p "$log/results"
+  cp -r "benchmarks/results/$device" "$log/results/"
+  echo "== results copied to $log/results/$device"
+fi
 exit $status

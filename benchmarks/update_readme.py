@@ -67,6 +67,76 @@ def step_table(rows: list[dict]) -> str:
     return markdown_table(table, columns)
 
 
+def _span(values, fmt: str = ".2f") -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def _is_budget(row: dict) -> bool:
+    return "budget" in (row.get("mode") or "")
+
+
+def step_findings(rows: list[dict]) -> list[str]:
+    """Plain statements of the step table: SSAM against SAM, against its counted FLOPs, and
+    the exact mode against dense."""
+    out = []
+    sam = {r["model"]: r["step_vs_sgd"] for r in rows if r["optimizer"] == "SAM" and r.get("step_vs_sgd")}
+    ssam = [r for r in rows if r["sparsity"] is not None and r.get("step_vs_sgd") is not None]
+    compared = [r for r in ssam if r["model"] in sam]
+    if compared:
+        faster = [r for r in compared if r["step_vs_sgd"] < sam[r["model"]]]
+        line = (f"**SSAM against SAM**: slower than SAM in {len(compared) - len(faster)} of the {len(compared)} SSAM "
+                f"configurations measured beside a SAM row")
+        if faster:
+            line += "; faster only in " + ", ".join(
+                f"{r['model']} {r['optimizer']} {r['sparsity']} {r['mode']} ({r['step_vs_sgd']:.2f}x SGD against "
+                f"SAM's {sam[r['model']]:.2f}x)" for r in faster)
+        out.append(line + ".")
+    missing = sorted({r["model"] for r in ssam} - set(sam))
+    if missing:
+        out.append(f"No SAM row was measured for {', '.join(missing)} in this run.")
+    for sparsity in dict.fromkeys(r["sparsity"] for r in ssam if _is_budget(r)):
+        budget = [r for r in ssam if _is_budget(r) and r["sparsity"] == sparsity]
+        out.append(f"**Budget masks at {sparsity}** (counted {_span([r['counted_flops_vs_sgd'] for r in budget])}x "
+                   f"SGD FLOPs): measured {_span([r['step_vs_sgd'] for r in budget])}x SGD's time.")
+    dense = {(r["model"], r["optimizer"], r["sparsity"]): r["step_vs_sgd"] for r in ssam if r["mode"] == "dense"}
+    pairs = [(r["step_vs_sgd"] / dense[k]) for r in ssam if r["mode"] == "exact"
+             for k in [(r["model"], r["optimizer"], r["sparsity"])] if k in dense]
+    if pairs:
+        slower = sum(p > 1 for p in pairs)
+        out.append(f"**exact against dense** (same mask, element-wise): slower in {slower} of {len(pairs)} pairs, "
+                   f"at {_span(pairs)}x dense's step time.")
+    return out
+
+
+def other_findings(runs: dict[str, dict]) -> list[str]:
+    out = []
+    if "overhead" in runs:
+        rows = runs["overhead"]["rows"]
+        ours = {r["params"]: r for r in rows if r["impl"] == "ours"}
+        foreach = {r["params"]: r for r in rows if r["impl"] == "foreach"}
+        both = [k for k in ours if k in foreach]
+        if both:
+            out.append("**Optimizer-side time beyond SGD** (norm, perturbation, restore, step): " + ", ".join(
+                f"{k} {ours[k]['over_sgd_ms']:.2f} ms against {foreach[k]['over_sgd_ms']:.2f} ms for a plain "
+                f"`torch._foreach_*` SAM" for k in both) + ".")
+    if "perturb" in runs:
+        rows = [r for r in runs["perturb"]["rows"] if r["impl"] in ("triton", "ext")]
+        if rows:
+            out.append(f"**Norm + perturb + restore** (Triton and CUDA kernels): {_span([r['copy_fraction'] for r in rows])} "
+                       f"of the measured copy bandwidth, {_span([r['speedup_vs_foreach'] for r in rows])}x the speed of "
+                       f"the `torch._foreach_*` version.")
+    if "ascent_linear" in runs:
+        rows = runs["ascent_linear"]["rows"]
+        out.append(f"**2:4 GEMMs** (cuSPARSELt, ascent-backward shapes): {_span([r['speedup'] for r in rows])}x the "
+                   f"dense GEMM's speed, {_span([r['speedup_total'] for r in rows])}x with the sparsify/compress "
+                   "included; `auto` runs dense.")
+    if "masks" in runs:
+        out.append("**Mask updates**: " + ", ".join(
+            f"{r['model']} {r['update']} {r['speedup']:.1f}x the official algorithm" for r in runs["masks"]["rows"]) + ".")
+    return out
+
+
 def section(root: str = RESULTS) -> str:
     found = latest_gpu_results(root)
     rel = os.path.relpath(root, os.path.dirname(README)).replace(os.sep, "/")
@@ -80,8 +150,14 @@ def section(root: str = RESULTS) -> str:
         )
     folder, runs = found
     meta = max((r["meta"] for r in runs.values()), key=lambda m: m["date"])
+    layouts = sorted({r["layout"] for r in runs.get("step", {}).get("rows", []) if r.get("layout")})
     parts = [f"Latest: **{meta['device']}** (driver {meta.get('driver', '?')}), torch {meta['torch']}, "
-             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date'][:10]}. Synthetic inputs, bf16 autocast."]
+             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date'][:10]}. Synthetic inputs, bf16 autocast"
+             + (f"; convolutional networks in {' and '.join(layouts)} layout" if layouts else "") + "."]
+    findings = step_findings(runs["step"]["rows"]) if "step" in runs else []
+    findings += other_findings(runs)
+    if findings:
+        parts.append("What these results show:\n\n" + "\n".join(f"* {f}" for f in findings))
     if "step" in runs:
         parts.append("Step time relative to an SGD step, measured in the same process (cheapest SSAM-F/SSAM-D "
                      "contender per sparsity, its `ascent_backward` mode in brackets):\n\n"

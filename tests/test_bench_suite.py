@@ -227,3 +227,81 @@ def test_budget_accuracy_runs_count_their_step_flops():
     assert bench_budget.step_flops(runs["SAM, ascent on 50% of the batch"]) == pytest.approx(1.5, abs=1e-12)
     assert bench_budget.step_flops(runs["SSAM-F 90% budget, exact"]) <= 1.36 + 1e-12
     assert bench_budget.step_flops(runs["SSAM-D 90% budget, exact"]) <= 1.36 + 1e-12
+
+
+def test_commit_stamp_comes_from_the_projects_own_repository(tmp_path):
+    """A copy of the project without its ``.git`` inside another repository (as on the first
+    GPU machine) stamps "unknown", not the enclosing repository's commit."""
+    import subprocess
+
+    from ssam_bench.common import git_commit
+
+    def git(cwd, *args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    outer = tmp_path / "outer"
+    (outer / "copy").mkdir(parents=True)
+    git(outer, "init", "-q")
+    (outer / "f").write_text("x")
+    git(outer, "add", "f")
+    git(outer, "commit", "-q", "-m", "outer")
+    assert git_commit(str(outer)) == git(outer, "rev-parse", "--short", "HEAD")
+    assert git_commit(str(outer / "copy")) == "unknown"
+    assert git_commit(str(tmp_path / "nowhere")) == "unknown"
+    git(outer / "copy", "init", "-q")  # the copy's own repository, one commit, then a change
+    (outer / "copy" / "g").write_text("y")
+    git(outer / "copy", "add", "g")
+    git(outer / "copy", "commit", "-q", "-m", "own")
+    assert git_commit(str(outer / "copy")) == git(outer / "copy", "rev-parse", "--short", "HEAD")
+    (outer / "copy" / "g").write_text("z")
+    assert git_commit(str(outer / "copy")).endswith("-dirty")
+
+
+def test_gpu_check_parts_each_fit_one_device_slot(tmp_path):
+    """Every part of benchmarks/gpu_check.sh is bounded by its steps' timeouts at 8 minutes (a
+    device command may run 10, a session has 15 in all), and --help names each part."""
+    import pathlib
+    import re
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    parts = re.search(r'^parts="([^"]+)"', script.read_text(), re.M).group(1).split()
+    assert {"tests", "step-resnet18", "step-large", "step-24", "ops", "masks"} <= set(parts)
+    for part in parts:
+        assert re.search(rf"^  {re.escape(part)}\s", help_text, re.M), f"--help does not describe {part}"
+        dry = subprocess.run(["bash", str(script), part, str(tmp_path / part)], capture_output=True, text=True,
+                             env={**__import__("os").environ, "GPU_CHECK_DRY_RUN": "1"}, check=True).stdout
+        limits = [int(n) for n in re.findall(r"\(timeout (\d+) s\)", dry)]
+        assert len(limits) >= 2 and sum(limits) <= 8 * 60, f"{part}: steps {limits} may take {sum(limits)} s"
+    bad = subprocess.run(["bash", str(script), "no-such-part", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown part" in bad.stderr
+
+
+def test_the_whole_suite_on_a_gpu_says_how_to_split_it():
+    p = cli.parser()
+    cuda = torch.device("cuda")
+    assert "gpu_check.sh" in cli.split_note("all", p.parse_args([]), cuda)
+    assert cli.split_note("all", p.parse_args(["--quick"]), cuda) is None
+    assert cli.split_note("step", p.parse_args(["step"]), cuda) is None
+    assert cli.split_note("all", p.parse_args([]), CPU) is None
+
+
+def test_results_of_parts_merge_by_model(tmp_path):
+    """Step rows written by separate runs (one GPU slot each) add up to one table: a run
+    replaces the rows of the models it measured and keeps the others, each row stamped with the
+    run that measured it; results of another device are not mixed in."""
+    from ssam_bench.common import merge_rows, runs_note, write_results
+
+    first = {"device": "GPU A", "commit": "aaa", "date": "2026-01-01T00:00:00Z"}
+    write_results("step", first, [{"model": "m1", "x": 1}, {"model": "m2", "x": 2}], "", str(tmp_path))
+    second = {"device": "GPU A", "commit": "bbb", "date": "2026-01-02T00:00:00Z"}
+    rows = merge_rows(str(tmp_path / "step.json"), [{"model": "m2", "x": 20}, {"model": "m3", "x": 30}], second, "model")
+    assert [(r["model"], r["x"], r["commit"]) for r in rows] == [("m1", 1, "aaa"), ("m2", 20, "bbb"), ("m3", 30, "bbb")]
+    assert "2 runs" in runs_note(rows) and "commit aaa" in runs_note(rows)
+    other = {"device": "GPU B", "commit": "ccc", "date": "2026-01-03T00:00:00Z"}
+    rows = merge_rows(str(tmp_path / "step.json"), [{"model": "m3", "x": 3}], other, "model")
+    assert [(r["model"], r["commit"]) for r in rows] == [("m3", "ccc")] and runs_note(rows) == ""
+    assert merge_rows(str(tmp_path / "none.json"), [{"model": "m"}], other, "model") == [
+        {"model": "m", "commit": "ccc", "date": "2026-01-03T00:00:00Z"}]

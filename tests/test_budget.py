@@ -4,7 +4,7 @@ its budgets, and SSAMF(structure="budget") training with the exact ascent backwa
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN
+from helpers import TRITON_ON_CPU, SmallConvBN
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -108,6 +108,22 @@ def test_ascent_estimate_equals_the_exact_backward_count(name, gen):
         assert counted <= estimate
         if name != "residual":
             assert counted == estimate
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+def test_ascent_count_is_the_same_when_triton_computes_the_weight_gradient(gen, monkeypatch):
+    """The linears' masked weight gradient in the Triton kernel: FlopCounterMode still counts
+    it (the op carries its FLOP formula), so the estimate still equals the count."""
+    model, x = _model("gpt", gen)
+    params = list(model.parameters())
+    with sdpa_kernel(SDPBackend.MATH):
+        costs = measure_costs(model, params, x)
+    masks = _random_row_masks(model, costs, gen, 1)
+    monkeypatch.setenv("SSAM_BACKEND", "triton")
+    with sparse_ascent(dict(zip(params, masks)), "exact"):
+        counted = _counted(lambda: _loss(model, x).backward())
+    assert counted == costs.ascent(masks) * x.shape[0]
 
 
 @pytest.mark.cpu

@@ -88,6 +88,21 @@ def test_bandwidth_bound_kernels_move_16_byte_vectors(report):
     assert not scalar, "\n".join(scalar)
 
 
+# kernels whose results must equal the reference's bit for bit: each product rounded before its
+# sum (launched with enable_fp_fusion=False, as the extension is built with --fmad=false)
+UNFUSED = {"_move_kernel", "_restore_sgd_kernel"}
+
+
+@needs_triton
+def test_exact_update_kernels_contract_no_fma(report):
+    rows = [r for r in report["rows"] if r["kernel"] in UNFUSED and "error" not in r]
+    assert {r["kernel"] for r in rows} == UNFUSED
+    fused = [f"{r['kernel']} [{r['config']}] {r['target']}: {r['fma']} fma" for r in rows if r["fma"]]
+    assert not fused, "\n".join(fused)
+    # the check can fail: the norm's sum of squares is launched with its FMAs
+    assert any(r["fma"] for r in report["rows"] if r["kernel"] == "_sum_squares_kernel" and "float32" in r["config"])
+
+
 @needs_triton
 def test_gemm_tiles_run_on_tensor_cores(report):
     """wgmma on sm_90 and mma.sync on sm_80 for bf16, fp16 and TF32 tiles; fp32 IEEE stays on FMA."""
@@ -120,7 +135,9 @@ def test_ptx_access_widths_are_parsed():
     assert facts["stores"] == {8: 1}
     assert facts["mma"] == "wgmma"
     assert ck.ptx_facts("mma.sync.aligned.m16n8k16")["mma"] == "mma.sync"
-    assert ck.ptx_facts("fma.rn.f32")["mma"] is None
+    assert ck.ptx_facts("fma.rn.f32 %f1, %f2, %f3, %f4;")["mma"] is None
+    assert ck.ptx_facts("  fma.rn.f32 %f1, %f2, %f3, %f4;\n  @%p1 fma.rn.ftz.f64 %fd1, %fd2, %fd3, %fd4;\n"
+                        "  mad.lo.s32 %r1, %r2, %r3, %r4;")["fma"] == 2
 
 
 def test_descriptors_keep_dtype_and_alignment():

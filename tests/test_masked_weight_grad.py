@@ -57,14 +57,37 @@ def test_out_dtype_and_empty_mask(backend, gen):
     assert bool((zero_tokens == 0).all())
 
 
-@pytest.mark.cpu
-def test_reference_skips_rows_without_masked_entries(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_flop_counter_sees_the_masked_rows(backend, packed, gen):
+    """Every backend runs through one op, ``torch.ops.ssam_kernels.masked_weight_grad``, whose
+    FLOP formula counts the rows that hold a masked entry: a Triton launch is no longer invisible
+    to FlopCounterMode."""
     dy, x = rand((64, 128), generator=gen), rand((64, 256), generator=gen)
     mask = torch.zeros(128, 256, dtype=torch.bool)
-    mask[:32] = rand_mask((32, 256), 0.5, gen)
+    rows = torch.randperm(128, generator=gen)[:32]
+    mask[rows] = rand_mask((32, 256), 0.5, gen)
+    mask[rows, 0] = True
     with FlopCounterMode(display=False) as counter:
-        masked_weight_grad(dy, x, mask, backend="torch")
+        out = masked_weight_grad(dy, x, pack_mask(mask) if packed else mask, backend=backend)
     assert counter.get_total_flops() == 2 * 64 * 32 * 256  # a quarter of the dense 2 * 64 * 128 * 256
+    assert set(counter.get_flop_counts()["Global"]) == {torch.ops.ssam_kernels.masked_weight_grad}
+    torch.testing.assert_close(out.double(), _oracle(dy, x, mask), rtol=1e-5, atol=1e-5 * 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_passes_opcheck(backend, gen):
+    """torch.library's own checks of the op: schema (the ``out`` mutation declared), fake
+    (meta) kernel, autograd registration and AOT tracing, as torch.compile needs them."""
+    from ssam_kernels.ops.bitmask import rows_first
+
+    dy, x = rand((16, 8), generator=gen), rand((16, 12), generator=gen)
+    mask = rand_mask((8, 12), 0.5, gen)
+    mask[3] = False
+    order, masked = rows_first(mask)
+    args = (dy, x, pack_mask(mask).bits, order, masked, torch.empty(8, 12), backend)
+    result = torch.library.opcheck(torch.ops.ssam_kernels.masked_weight_grad.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
 
 
 @pytest.mark.cpu

@@ -15,9 +15,11 @@ from ssam_kernels import pack_mask, sparse_ascent
 
 
 class CountMatmuls(TorchDispatchMode):
-    """Counts the matrix products autograd runs (each mm/addmm/bmm call and its FLOPs)."""
+    """Counts the matrix products autograd runs (each mm/addmm/bmm call, and each masked weight
+    gradient: one op, whichever backend computes it)."""
 
-    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.ssam_kernels.masked_weight_grad.default}
 
     def __init__(self):
         super().__init__()

@@ -87,6 +87,14 @@ class BitMask:
             object.__setattr__(self, "_rows", cached)
         return cached
 
+    def rows_first(self) -> tuple[torch.Tensor, int]:
+        """:func:`rows_first` of this mask, cached (one host sync the first time)."""
+        cached = self.__dict__.get("_rows_first")
+        if cached is None:
+            cached = _order_rows(self.rows_with_bits(), self.shape[0])
+            object.__setattr__(self, "_rows_first", cached)
+        return cached
+
 
 def masked_rows(mask: torch.Tensor) -> torch.Tensor:
     """Sorted int64 indices of the rows of a bool ``mask`` viewed ``[shape[0], -1]`` (output
@@ -95,6 +103,21 @@ def masked_rows(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() == 0:
         raise ValueError("masked_rows needs a mask with at least 1 dim")
     return mask.reshape(mask.shape[0], -1).any(1).nonzero().squeeze(1)
+
+
+def rows_first(mask) -> tuple[torch.Tensor, int]:
+    """(int32 permutation of the rows of a bool or bit mask listing the rows that hold a set
+    entry first, in order, then the others; how many hold one). Cached on a BitMask; one host
+    sync per call for a bool mask."""
+    if isinstance(mask, BitMask):
+        return mask.rows_first()
+    return _order_rows(masked_rows(mask), mask.shape[0])
+
+
+def _order_rows(rows: torch.Tensor, total: int) -> tuple[torch.Tensor, int]:
+    idle = torch.ones(total, dtype=torch.bool, device=rows.device)
+    idle[rows] = False
+    return torch.cat([rows, idle.nonzero().squeeze(1)]).to(torch.int32), rows.numel()
 
 
 def _describe(x) -> str:

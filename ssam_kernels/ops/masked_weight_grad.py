@@ -11,30 +11,53 @@ element-wise mask gives tensor cores nothing to skip inside a tile).
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
 from .._backend import lazy, op_backends
-from .bitmask import BitMask, masked_rows
+from .._library import define
+from .bitmask import BitMask, pack_mask, rows_first, unpack_mask
 
 _BACKENDS = op_backends("masked_weight_grad")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | BitMask,
-                             out: torch.Tensor) -> torch.Tensor:
-    """Reference: ``dYᵀ X`` in the inputs' dtype on the rows that hold a masked entry, masked."""
-    keep = _checks.as_bool(mask)
+def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, row_order: torch.Tensor,
+                             masked_rows: int, out: torch.Tensor) -> None:
+    """Reference: ``dYᵀ X`` in the inputs' dtype on the rows that hold a masked entry
+    (``row_order[:masked_rows]``), masked; zeros elsewhere."""
+    keep = unpack_mask(BitMask(bits, out.shape))
     out.zero_()
-    rows = mask.rows_with_bits() if isinstance(mask, BitMask) else masked_rows(keep)
-    if rows.numel():
+    if masked_rows:
+        rows = row_order[:masked_rows].long()
         part = dy.index_select(1, rows).t() @ x
         out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out.dtype)
-    return out
 
 
 _BACKENDS.register("torch", masked_weight_grad_torch)
 _BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.masked_weight_grad", "masked_weight_grad_triton"))
+
+
+def _kernel(dy, x, bits, row_order, masked_rows, out, backend):
+    _BACKENDS.impls[backend](dy, x, bits, row_order, masked_rows, out)
+
+
+def _fake(dy, x, bits, row_order, masked_rows, out, backend):
+    return None
+
+
+# One op for every backend (``backend`` is already resolved by the public function): the
+# dispatcher, FlopCounterMode and torch.compile see the GEMM whichever kernel runs it.
+_OP = define("masked_weight_grad(Tensor grad_output, Tensor input, Tensor bits, Tensor row_order, int masked_rows, "
+             "Tensor(a!) out, str backend) -> ()", _kernel, _fake)
+
+
+@register_flop_formula(_OP)
+def _flops(dy_shape, x_shape, bits_shape, order_shape, masked_rows, *args, **kwargs) -> int:
+    """The useful FLOPs: ``dW[R] = dY[:, R]ᵀ X`` over the rows ``R`` that hold a masked entry
+    (what the reference computes and the cost model of ``ssam.budget`` counts)."""
+    return 2 * dy_shape[0] * masked_rows * x_shape[1]
 
 
 def check_weight_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> None:
@@ -92,6 +115,10 @@ def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
             )
         if out_dtype is not None and out_dtype != out.dtype:
             raise ValueError(f"out_dtype={out_dtype} but out is {out.dtype}")
+    name = _BACKENDS.resolve(backend, input.device)
     dy = grad_output.reshape(-1, out_features).contiguous()
     x = input.reshape(-1, in_features).contiguous()
-    return _BACKENDS(backend, x.device)(dy, x, mask, out)
+    bits = mask.bits if isinstance(mask, BitMask) else pack_mask(mask).bits
+    order, masked = rows_first(mask)
+    _OP.default(dy, x, bits, order, masked, out, name)
+    return out

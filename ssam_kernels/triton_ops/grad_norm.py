@@ -82,6 +82,7 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
             group_bits[0] if masked else group[0],
             HAS_MASK=masked, FP64=dtype == torch.float64, ALIGNED=aligned(*group, *group_bits), CHUNK=CHUNK,
             BLOCK=BLOCK,
+            enable_fp_fusion=True,  # acc + x * x in one rounding (named: triton 3.10 turns the default off)
         )
         partials.append(out.sum().to(device))
     if not partials:

@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.bitmask import BitMask, pack_mask
 from .tuning import for_gpu
 
 
@@ -91,35 +90,21 @@ def _config(gpu: bool, precision: str, dtype: torch.dtype, out_features: int, in
     return GPU_CONFIGS["tensor_core"]
 
 
-def _rows_first(mask) -> tuple[torch.Tensor, int]:
-    """(int32 permutation of the rows listing those with a masked entry first, how many
-    they are); cached on a BitMask (one host sync per mask), computed per call for a bool one."""
-    cached = mask.__dict__.get("_rows_first") if isinstance(mask, BitMask) else None
-    if cached is None:
-        keep = mask.to_bool() if isinstance(mask, BitMask) else mask
-        busy = keep.reshape(keep.shape[0], -1).any(1)
-        rows = busy.nonzero().squeeze(1)
-        cached = torch.cat([rows, (~busy).nonzero().squeeze(1)]).to(torch.int32), rows.numel()
-        if isinstance(mask, BitMask):
-            object.__setattr__(mask, "_rows_first", cached)
-    return cached
-
-
-def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, mask, out: torch.Tensor) -> torch.Tensor:
-    bits = (mask if isinstance(mask, BitMask) else pack_mask(mask)).bits
+def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, row_order: torch.Tensor,
+                               masked_rows: int, out: torch.Tensor) -> None:
+    """Host launcher: same contract as ``masked_weight_grad_torch``."""
     T, OUT = dy.shape
     IN = x.shape[1]
     if out.numel() == 0:
-        return out
-    order, masked = _rows_first(mask)
-    if T == 0 or masked == 0:
-        return out.zero_()
+        return
+    if T == 0 or masked_rows == 0:
+        out.zero_()
+        return
     # fp32 inputs: TF32 only where torch's own matmuls may use it
     gpu = for_gpu(x)
     precision = "tf32" if (x.dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     bo, bi, bt, warps = _config(gpu, precision, x.dtype, OUT, IN)
     _masked_wgrad_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
-        dy, x, bits, bits.numel(), out, order, masked, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
-        PRECISION=precision, GATHER=masked < OUT, num_warps=warps,
+        dy, x, bits, bits.numel(), out, row_order, masked_rows, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
+        PRECISION=precision, GATHER=masked_rows < OUT, num_warps=warps,
     )
-    return out

@@ -8,8 +8,10 @@ gradients move in whole 16-byte vectors, skipping the vectors without a kept ele
 weight's vector is written back whole (kept elements changed), which the memory system would
 read-modify-write anyway for a partial write. Each compact backup starts on 16 bytes.
 Unmasked tensors are backed up whole. Non-contiguous tensors go through the reference path.
-The update is computed in fp32, or in float64 for float64 weights; a number scale reaches the
-kernel as its float64 bits, so a float64 update reads it unrounded.
+The update is computed in fp32, or in float64 for float64 weights, without FMA contraction
+(``scale * g`` is rounded before the add, as in the reference, so the results are equal bit for
+bit); a number scale reaches the kernel as its float64 bits, so a float64 update reads it
+unrounded.
 
 Per call, the host copies nothing to the device once the tables of a list are cached (see
 ``multi_tensor``), and the chunk offsets are recomputed on the device from the current bits.
@@ -165,6 +167,7 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
         PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, FP64=dtype == torch.float64,
         ALIGNED=aligned(*operands),
         CHUNK=CHUNK, BLOCK=BLOCK,
+        enable_fp_fusion=False,  # round scale * g before the add, as the reference and the ext do
     )
 
 

@@ -1,8 +1,8 @@
 """Triton restore + SGD step, fused: per element, the weight is the backed-up original where
 the mask is set (else the current value), then ``torch.optim.SGD``'s update runs in fp32 (in
-float64 for float64 weights, the hyper-parameters passed as their float64 bits) and the weight
-and momentum buffer are written once. One launch per (dtype, masked, has-buffer) group;
-non-contiguous tensors use the reference."""
+float64 for float64 weights, the hyper-parameters passed as their float64 bits; no FMA
+contraction, as in the extension) and the weight and momentum buffer are written once. One
+launch per (dtype, masked, has-buffer) group; non-contiguous tensors use the reference."""
 
 from __future__ import annotations
 
@@ -124,9 +124,12 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
             HAS_MASK=has_mask, MOMENTUM=use_momentum, NEW_BUFFER=new_buffer, NESTEROV=hyper["nesterov"],
             MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0, FP64=ws[0].dtype == torch.float64,
             ALIGNED=is_aligned and aligned(*bufs), CHUNK=CHUNK,
-            # 8 elements per thread (4 in fp64) in 2 warps: the widest vectors without a spill
-            # on sm_80 (the compile tier found 4 B spilled at 1024 elements in 4 warps)
-            BLOCK=SGD_BLOCK // 2 if ws[0].dtype == torch.float64 else SGD_BLOCK, num_warps=2,
+            # 8 elements per thread (2 in fp64) in 2 warps: the widest vectors without a spill
+            # on sm_80 (the compile tier found 4 B spilled at 1024 elements in 4 warps, and
+            # 16 B in fp64 at 4 per thread once FMAs were off)
+            BLOCK=SGD_BLOCK // 4 if ws[0].dtype == torch.float64 else SGD_BLOCK, num_warps=2,
+            # no FMA contraction: each product rounded before its sum, as in the extension
+            enable_fp_fusion=False,
         )
     if slow:
         sub = PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow])
