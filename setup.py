@@ -2,7 +2,9 @@
 
 The compiled extension ``ssam_kernels._C`` is optional. It is built from ``csrc/*.cpp`` (C++
 CPU ops, CppExtension) plus ``csrc/cuda/*`` when torch has CUDA and a CUDA toolkit is found
-(CUDAExtension; ``TORCH_CUDA_ARCH_LIST`` is respected, default "8.0;9.0+PTX"). Environment:
+(CUDAExtension; ``TORCH_CUDA_ARCH_LIST`` is respected, default "8.0;9.0+PTX"), beside it
+``ssam_kernels._host`` from ``csrc/host/*.cpp`` (a small CPython module for the planned step's
+per-step host work). Environment:
 
 * ``SSAM_BUILD_EXT=0``: never build it; ``=1``: fail the install unless the whole extension
   builds (its CUDA part too, where torch has CUDA); unset: try, fall back to the C++ CPU ops if
@@ -34,6 +36,7 @@ if BUILD_EXT not in ("", "0", "1"):
 # relative to the project root, as setuptools wants them
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT))
 CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT) + glob.glob("csrc/cuda/*.cpp", root_dir=ROOT))
+HOST_SOURCES = sorted(glob.glob("csrc/host/*.cpp", root_dir=ROOT))
 # no FMA contraction: the kernels must round exactly as the references do
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]
@@ -87,17 +90,19 @@ def cuda_home() -> tuple[str | None, list[str]]:
     return None, looked
 
 
-def _extensions(with_cuda: bool):
-    """A fresh ``ssam_kernels._C`` Extension: C++ CPU ops, plus the CUDA ops if ``with_cuda``."""
+def _extensions(with_cuda: bool) -> list:
+    """Fresh Extensions: ``ssam_kernels._C`` (C++ CPU ops, plus the CUDA ops if ``with_cuda``)
+    and ``ssam_kernels._host`` (a CPython module: the planned step's per-step host work)."""
     from torch.utils import cpp_extension
 
+    host = cpp_extension.CppExtension("ssam_kernels._host", HOST_SOURCES, extra_compile_args=list(CXX_FLAGS))
     if not with_cuda:
-        return cpp_extension.CppExtension("ssam_kernels._C", CPU_SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
-                                          extra_compile_args=list(CXX_FLAGS))
-    return cpp_extension.CUDAExtension("ssam_kernels._C", CPU_SOURCES + CUDA_SOURCES,
-                                       include_dirs=[os.path.join(ROOT, "csrc")],
-                                       define_macros=[("SSAM_WITH_CUDA", "1")],
-                                       extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)})
+        return [cpp_extension.CppExtension("ssam_kernels._C", CPU_SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
+                                           extra_compile_args=list(CXX_FLAGS)), host]
+    return [cpp_extension.CUDAExtension("ssam_kernels._C", CPU_SOURCES + CUDA_SOURCES,
+                                        include_dirs=[os.path.join(ROOT, "csrc")],
+                                        define_macros=[("SSAM_WITH_CUDA", "1")],
+                                        extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)}), host]
 
 
 class BuildExt(build_ext):
@@ -151,7 +156,7 @@ class BuildExt(build_ext):
 
     def _build(self, cpp_extension, with_cuda: bool) -> None:
         """One build attempt with a new torch BuildExtension command on a new Extension."""
-        self.extensions = [_extensions(with_cuda)]
+        self.extensions = _extensions(with_cuda)
         self.distribution.ext_modules = self.extensions
         cmd = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)(self.distribution)
         for name in ("build_lib", "build_temp", "inplace", "debug", "force", "parallel", "plat_name"):
@@ -173,7 +178,8 @@ def _extension_setup() -> dict:
         return {}
     from setuptools import Extension
 
-    return {"ext_modules": [Extension("ssam_kernels._C", CPU_SOURCES + CUDA_SOURCES)],
+    return {"ext_modules": [Extension("ssam_kernels._C", CPU_SOURCES + CUDA_SOURCES),
+                            Extension("ssam_kernels._host", HOST_SOURCES)],
             "cmdclass": {"build_ext": BuildExt}}
 
 

@@ -10,7 +10,7 @@
 Subcommands: ``step`` (step time and counted FLOPs relative to SGD, the paper's Tables 1-3),
 ``ops`` (every op on every backend against the copy-bandwidth and matmul ceilings measured in
 the same run), ``overhead`` (optimizer time outside forward/backward: ours vs the official
-loop vs ``torch._foreach_*``), ``masks`` (SSAM-F Fisher and SSAM-D update, ours vs the
+loop vs ``torch._foreach_*``, and the planned step's host time: ``bench_sam_step``), ``masks`` (SSAM-F Fisher and SSAM-D update, ours vs the
 official algorithms). Without a subcommand all four run. On a GPU each writes
 ``<name>.json`` (rows plus device facts from nvidia-ml-py, versions, commit, date) and
 ``<name>.md`` to ``benchmarks/results/<device>/`` and draws ``step.png`` / ``ops.png``. On a
@@ -33,7 +33,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from ssam_bench import bench_masks, bench_overhead, bench_step, plots
+from ssam_bench import bench_masks, bench_overhead, bench_sam_step, bench_step, plots
 from ssam_bench.common import markdown_table, report, results_dir
 from ssam_bench.opbench import COLUMNS as OP_COLUMNS
 from ssam_bench.opbench import Ceilings, run_cases
@@ -80,6 +80,10 @@ def run_subcommand(name: str, args, device, progress_factory) -> list[dict]:
     module = {"step": bench_step, "overhead": bench_overhead, "masks": bench_masks}[name]
     rows = module.run(args, device, progress_factory)
     module.write(rows, device, args.out)
+    if name == "overhead":  # and the planned step's host side (a CPU measurement wherever it runs)
+        host = bench_sam_step.run(args)
+        bench_sam_step.write(host, device, args.out)
+        rows += [dict(r, params=f"{r['tensors']} tensors", host=True) for r in host]
     return rows
 
 
@@ -107,6 +111,8 @@ def summarize(results: dict[str, list[dict]], timed: bool) -> list[dict]:
             out.append(dict(benchmark="ops", what=f"{r['op']} {r.get('config', r.get('params', ''))} [{r['impl']}]",
                             figure=f"{frac:.2f} of ceiling", reference=f"{r['median_ms']:.3f} ms"))
     for r in results.get("overhead", []):
+        if r.get("host"):
+            continue
         if r["impl"] == "ours":
             out.append(dict(benchmark="overhead", what=r["params"], figure=f"{r['x_official']:.1f}x official",
                             reference=f"{r['x_foreach']:.2f}x foreach, {r['median_ms']:.2f} ms"))

@@ -111,19 +111,20 @@ def launch_from_description(desc: dict) -> Launch:
 def recording(into: list):
     """Within the block, Triton launches (of JITFunctions) are appended to ``into`` as
     :class:`Launch` and not run (outputs stay as allocated)."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    original = JITFunction.run
+    originals = (JITFunction.run, InterpretedFunction.run)
 
     def record(self, *args, grid, warmup, **kwargs):
         into.append(Launch(self, args, kwargs))
         return None
 
-    JITFunction.run = record
+    JITFunction.run = InterpretedFunction.run = record  # (under TRITON_INTERPRET=1 kernels are interpreted)
     try:
         yield
     finally:
-        JITFunction.run = original
+        JITFunction.run, InterpretedFunction.run = originals
 
 
 def all_kernels() -> dict[str, object]:
@@ -189,6 +190,22 @@ def sweep_calls():
                     for masks in (None, _masks(ws)):
                         sk.grad_norm(gs, masks, backend="triton")
                 calls.append((f"perturb/restore/sgd/grad_norm w={wd} g={gd} offset={offset}", perturb_cycle))
+    for wd in FLOATS:
+        for offset in (False, True):
+            for masked_norm in (False, True):
+                def planned_step(wd=wd, offset=offset, masked_norm=masked_norm):
+                    ws = _params(wd, offset=offset)
+                    for w in ws:
+                        w.grad = torch.randn(w.shape).to(wd)
+                    masks = [None] + [torch.rand(w.shape) < 0.5 for w in ws[1:]]
+                    plan = sk.SAMStepPlan(ws, masks, groups=[0, 1, 1], masked_norm=masked_norm, backend="triton")
+                    for momentum in (0.0, 0.9):
+                        for _ in range(2):  # new buffers, then existing ones
+                            plan.perturb([0.05, 0.1])
+                            plan.restore_sgd([sk.SGDGroup(lr=0.1, momentum=momentum), sk.SGDGroup(lr=0.1)])
+                    plan.perturb([0.05, 0.1])
+                    plan.restore()
+                calls.append((f"sam_step w={wd} offset={offset} masked_norm={masked_norm}", planned_step))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         calls.append((f"topk_mask {dtype}", lambda d=dtype: sk.topk_mask(_params(d), density=0.1, backend="triton")))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -19,6 +19,7 @@ from .ops.masked_weight_grad import masked_weight_grad
 from .ops.mvue24 import mvue24
 from .ops.nm_mask import nm_mask
 from .ops.perturb import PerturbBackup, perturb_, restore_
+from .ops.sam_step import PlanMismatch, SAMStepPlan, SGDGroup
 from .ops.sgd_step import restore_sgd_step_
 from .ops.topk_mask import keep_count, topk_mask
 from .sparse_ascent import ASCENT_MODES, sparse_ascent
@@ -32,6 +33,9 @@ __all__ = [
     "BackendUnavailableError",
     "BitMask",
     "PerturbBackup",
+    "PlanMismatch",
+    "SAMStepPlan",
+    "SGDGroup",
     "ascent_conv",
     "ascent_linear",
     "auto_backend",

@@ -26,12 +26,13 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 # in 16-byte vectors wherever every tensor starts on 16 bytes (multi-tensor: ALIGNED=True; the
 # others: no pointer marked "@offset" in the configuration).
 VECTOR_KERNELS = {"_count_bits_kernel", "_move_kernel", "_sum_squares_kernel", "_restore_sgd_kernel",
-                  "_histogram_kernel", "_write_kernel", "_compress_kernel", "_decompress_kernel", "_mvue24_kernel"}
+                  "_histogram_kernel", "_write_kernel", "_compress_kernel", "_decompress_kernel", "_mvue24_kernel",
+                  "_norm_kernel", "_perturb_kernel", "_restore_kernel"}
 
 
 # those of them that write their data (not only reductions): 16-byte stores too
 WRITERS = {"_move_kernel", "_restore_sgd_kernel", "_write_kernel", "_compress_kernel", "_decompress_kernel",
-           "_mvue24_kernel"}
+           "_mvue24_kernel", "_perturb_kernel", "_restore_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_bandwidth_bound_kernels_move_16_byte_vectors(report):
 
 # kernels whose results must equal the reference's bit for bit: each product rounded before its
 # sum (launched with enable_fp_fusion=False, as the extension is built with --fmad=false)
-UNFUSED = {"_move_kernel", "_restore_sgd_kernel"}
+UNFUSED = {"_move_kernel", "_restore_sgd_kernel", "_perturb_kernel"}
 
 
 @needs_triton

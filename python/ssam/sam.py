@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 import ssam_kernels
+from ssam_kernels.ops.sam_step import PlanMismatch, SAMStepPlan, SGDGroup, plan_backend
 
 EPS = 1e-7
 
@@ -176,6 +177,11 @@ class SAM(torch.optim.Optimizer):
         self._skipped = False
         self._in_ascent = False  # inside the ascent pass: batch() takes the ascent fraction
         self._ascent_batched = False  # batch() ran in this step's ascent pass
+        # the planned step (ssam_kernels.SAMStepPlan): made on first use, again after
+        # _invalidate_plan(); None where the planned path does not apply
+        self._plan: SAMStepPlan | None = None
+        self._plan_made = False
+        self._plan_buffers_synced = False  # the plan's momentum buffers are the base optimizer's
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
@@ -183,6 +189,7 @@ class SAM(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self._pending is not None:
             raise RuntimeError("add_param_group() between first_step() and second_step()")
+        self._invalidate_plan()
         self.base_optimizer.add_param_group(param_group)
         group = self.base_optimizer.param_groups[-1]
         for key, default in self.defaults.items():
@@ -292,17 +299,33 @@ class SAM(torch.optim.Optimizer):
                 f"ascent_fraction={self.ascent_fraction:g}, but the ascent pass did not take its rows with "
                 "opt.batch(...) inside opt.ascent() (or inside the closure that step() runs first)"
             )
-        groups = self._with_grads()
         if scaler is not None:
+            self._with_grads()
             scaler.unscale_(self.base_optimizer)  # the ascent pass's record; second_step's is under self
             if _found_inf(scaler, self.base_optimizer):
                 self._pending, self._scaler, self._skipped = [], scaler, True
                 if zero_grad:
                     self.zero_grad()
                 return
+        plan = self._step_plan()
+        if plan is not None:
+            try:
+                grads = plan.grad_addresses()
+            except PlanMismatch:
+                self._invalidate_plan()
+                plan = None
+        if plan is not None:
+            if not any(grads):
+                raise ValueError(f"no parameter has a gradient: call loss.backward() before "
+                                 f"{type(self).__name__}.first_step()/step()")
+            plan.perturb([g["rho"] for g in self.param_groups], grads=grads)
+            self._pending, self._scaler, self._skipped = _Planned(plan), scaler, False
+            if zero_grad:
+                self.zero_grad()
+            return
         masked_norm = self._norm_masked()
         norm_inputs, norm_masks, plans = [], [], []
-        for group, params in groups:
+        for group, params in self._with_grads():
             grads = [p.grad for p in params]
             masks = [self._mask(p) for p in params]
             if group["adaptive"]:
@@ -366,12 +389,16 @@ class SAM(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.param_groups for p in g["params"] if p.grad is not None], max_grad_norm
             )
-        if self._can_fuse_sgd():
+        if isinstance(self._pending, _Planned) and self._can_fuse_sgd():
+            pending, self._pending = self._pending, None
+            self._planned_sgd_step(pending.plan)
+        elif not isinstance(self._pending, _Planned) and self._can_fuse_sgd():
             pending, self._pending = self._pending, None
             self._fused_sgd_step(pending)
         else:
             self._restore(self._pending)
             self._pending = None
+            self._plan_buffers_synced = False  # torch's SGD may make or replace momentum buffers
             self.base_optimizer.step()
         self._end_scaler_iteration()
         if zero_grad:
@@ -391,13 +418,15 @@ class SAM(torch.optim.Optimizer):
         known empty perturbation (see ``_unperturbed_backup``)."""
         if not self.fuse_sgd or type(self.base_optimizer) is not torch.optim.SGD:
             return False
-        if not self._fast_fused_sgd(self._pending[0][1][0].device if self._pending and self._pending[0][1] else None):
-            return False
         for group in self.param_groups:
             if group.get("differentiable") or any(
                 isinstance(group[k], bool) or not isinstance(group[k], (int, float)) for k in self._SGD_KEYS
             ):
                 return False
+        if isinstance(self._pending, _Planned):
+            return True
+        if not self._fast_fused_sgd(self._pending[0][1][0].device if self._pending and self._pending[0][1] else None):
+            return False
         perturbed = {id(p) for _, params, _ in self._pending for p in params}
         return all(
             id(p) in perturbed or self._unperturbed_backup(p) is not None
@@ -442,6 +471,51 @@ class SAM(torch.optim.Optimizer):
                 for p, b in zip(ps, buffers):
                     state[p]["momentum_buffer"] = b
 
+    def _planned_sgd_step(self, plan: SAMStepPlan) -> None:
+        """Restore + SGD over the plan (one launch per weight dtype); the momentum buffers the
+        step made join the base optimizer's state, where torch's SGD keeps them."""
+        state = self.base_optimizer.state
+        if not self._plan_buffers_synced:
+            plan.set_buffers([_laid_out_like(state[p].get("momentum_buffer"), p) for p in plan.params])
+            for p, buf in zip(plan.params, plan.buffers):
+                if buf is not None:
+                    state[p]["momentum_buffer"] = buf
+            self._plan_buffers_synced = True
+        made = plan.restore_sgd([SGDGroup.of(g) for g in self.param_groups])
+        for i in made:
+            state[plan.params[i]]["momentum_buffer"] = plan.buffers[i]
+
+    # --- the planned step ---------------------------------------------------------------------
+
+    def _step_plan(self) -> SAMStepPlan | None:
+        """The plan of this optimizer's step (made on first use and after anything it rests on
+        changed), or None where the planned path does not apply: an adaptive group, parameters
+        on several devices or not dense in memory, or no kernel for it on this device (the
+        reference backend is not faster than the per-list ops)."""
+        if self._plan_made:
+            return self._plan
+        self._plan_made, self._plan, self._plan_buffers_synced = True, None, False
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not params or any(g["adaptive"] for g in self.param_groups):
+            return None
+        device = params[0].device
+        backend = plan_backend("auto", device)
+        if backend in (None, "torch") or any(p.device != device for p in params):
+            return None
+        masks = [self._mask(p) for p in params]
+        groups = [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
+        try:
+            self._plan = SAMStepPlan(params, masks, groups=groups, masked_norm=self._norm_masked(), eps=EPS,
+                                     backend=backend)
+        except ValueError:  # a parameter that no permutation makes contiguous
+            return None
+        return self._plan
+
+    def _invalidate_plan(self) -> None:
+        """Something the plan rests on changed (parameters, masks, state): make it anew at the
+        next step."""
+        self._plan, self._plan_made, self._plan_buffers_synced = None, False, False
+
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a ``first_step`` without stepping (e.g. when the second pass failed). A
@@ -453,6 +527,10 @@ class SAM(torch.optim.Optimizer):
 
     @staticmethod
     def _restore(pending) -> None:
+        if isinstance(pending, _Planned):
+            if pending.plan.perturbed:
+                pending.plan.restore()
+            return
         for _, params, backup in reversed(pending):
             ssam_kernels.restore_(params, backup)
 
@@ -530,6 +608,7 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"not a {type(self).__name__} state_dict (needs keys 'sam' and 'base_optimizer')")
         if self._pending is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        self._invalidate_plan()
         super().load_state_dict(state_dict["sam"])
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         # Both loads replace their param_groups lists; share the base optimizer's again.
@@ -547,3 +626,22 @@ def _sub_backup(backup: ssam_kernels.PerturbBackup, index: list[int]) -> ssam_ke
     if len(index) == len(backup.values):
         return backup
     return ssam_kernels.PerturbBackup([backup.values[i] for i in index], [backup.masks[i] for i in index])
+
+
+class _Planned:
+    """The pending state of a first step taken over a plan (the plan holds the backup)."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: SAMStepPlan):
+        self.plan = plan
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _laid_out_like(buf: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+    """A momentum buffer with its parameter's memory layout (a copy where it has another)."""
+    if buf is None or (buf.stride() == p.stride() and buf.dtype == p.dtype and buf.device == p.device):
+        return buf
+    return torch.empty_like(p).copy_(buf)

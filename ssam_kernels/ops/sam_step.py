@@ -1,0 +1,361 @@
+"""A SAM / SSAM step over a fixed list of parameters and masks, planned once: :class:`SAMStepPlan`.
+
+What every step needs is worked out when the plan is made (once per mask update, or when the
+parameters change), and checked then: each tensor's memory order (``channels_last`` weights
+are walked in memory order, their masks permuted to match), the blocks the kernels take and
+the backup slot where each block's kept values go, one flat backup buffer, the device tables
+of addresses. A step then only reads the gradients' addresses, and launches:
+
+* :meth:`SAMStepPlan.perturb`: the norm of the gradient (or of ``g * m``), whose last program
+  writes ``1 / (norm + eps)`` on the device, then ``w[m] += rho * g[m] / (norm + eps)`` with the
+  old ``w[m]`` kept in the backup: 2 launches;
+* :meth:`SAMStepPlan.restore_sgd`: the exact restore fused with ``torch.optim.SGD``'s update, 1
+  launch; or :meth:`SAMStepPlan.restore`, 1 launch.
+
+(Per weight dtype: a model in one dtype, the usual case, takes 3 launches per step.) No host
+sync, no allocation and no Python work per tensor beyond reading each gradient's address; the
+kernels can be captured in a CUDA graph.
+
+A gradient norm that is not finite (an inf or NaN in the ascent gradient) leaves the weights
+unperturbed for that step, decided on the device; :attr:`SAMStepPlan.skipped` counts such steps
+(a device tensor: reading it as a number is the only sync).
+
+The reference backend (``backend="torch"``) does the same with torch ops, a full-size backup and
+``torch.where`` (no host sync either); it runs on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .. import _checks
+from .._backend import BackendUnavailableError, lazy, op_backends
+from .bitmask import BitMask, as_bitmask, pack_mask, unpack_mask
+from .grad_norm import accumulation_dtype
+from .perturb import math_dtype
+from .sgd_step import sgd_update_torch
+
+_BACKENDS = op_backends("sam_step")
+# unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
+_data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
+_grad = operator.attrgetter("grad")
+try:  # the compiled per-step reads (csrc/host/step_host.cpp); optional
+    from .. import _host
+except ImportError:
+    _host = None
+SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+class PlanMismatch(RuntimeError):
+    """The parameters or gradients no longer fit the plan (a parameter was moved or replaced, a
+    gradient has another memory layout than its parameter): make a new plan, or take the step
+    another way."""
+
+
+def storage_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dims under which it is contiguous (its memory order: the
+    identity for a contiguous tensor, (0, 2, 3, 1) for a channels_last 4-D one); None where no
+    permutation makes it contiguous (overlapping or gapped memory)."""
+    if t.is_contiguous():
+        return tuple(range(t.dim()))
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _memory_mask(mask: BitMask, order: tuple[int, ...]) -> BitMask:
+    """``mask`` with its bits in the memory order ``order`` of its tensor."""
+    if order == tuple(range(len(order))):
+        return mask
+    return pack_mask(unpack_mask(mask).permute(order).contiguous())
+
+
+@dataclass(frozen=True)
+class SGDGroup:
+    """``torch.optim.SGD``'s hyper-parameters of one parameter group."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    @classmethod
+    def of(cls, group: dict) -> "SGDGroup":
+        return cls(**{k: group.get(k, False) for k in SGD_KEYS})
+
+    def values(self) -> tuple[float, ...]:
+        return (float(self.lr), float(self.momentum), float(self.dampening), float(self.weight_decay),
+                float(bool(self.nesterov)), float(bool(self.maximize)))
+
+
+def check_sgd_groups(groups, count: int) -> list[SGDGroup]:
+    if not isinstance(groups, (list, tuple)) or len(groups) != count:
+        raise ValueError(f"sgd must be a list of {count} SGDGroup (one per group), got {groups!r}")
+    for i, g in enumerate(groups):
+        if not isinstance(g, SGDGroup):
+            raise TypeError(f"sgd[{i}] must be an SGDGroup, got {type(g).__name__}")
+        for key in SGD_KEYS[:4]:
+            value = getattr(g, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"sgd[{i}].{key} must be a number >= 0, got {value!r}")
+        if g.nesterov and (g.momentum <= 0 or g.dampening != 0):
+            raise ValueError(f"sgd[{i}]: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    return list(groups)
+
+
+class SAMStepPlan:
+    """The plan of a SAM / SSAM step over ``params`` (see the module docstring).
+
+    Args:
+        params: the parameters (tensors with dense memory, all on one device; floating dtypes).
+        masks: None (SAM: every entry perturbed), or one entry per parameter: a bool tensor or
+            :class:`~ssam_kernels.BitMask` shaped like it, or None (all of it).
+        groups: the parameter group of each parameter (ints from 0; default all 0): each group
+            has its own ``rho`` and SGD hyper-parameters.
+        masked_norm: the norm over ``g * m`` (True) or over every gradient (False: the paper).
+        eps: added to the norm before dividing (the paper's 1e-7).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    The plan holds the tensors, not copies: a step reads each parameter's ``.grad`` and writes
+    the parameter in place. A parameter whose memory moved since (``p.data = ...``,
+    ``model.to(...)``) or a gradient laid out unlike its parameter raises :class:`PlanMismatch`
+    before anything is written.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], masks=None, *, groups: Sequence[int] | None = None,
+                 masked_norm: bool = False, eps: float = 1e-7, backend: str = "auto"):
+        params = _checks.tensor_list("params", params)
+        masks = _checks.mask_list(masks, params, "params")
+        device = params[0].device
+        for i, p in enumerate(params):
+            if p.device != device:
+                raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}: a plan takes one device")
+        groups = [0] * len(params) if groups is None else list(groups)
+        if len(groups) != len(params) or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in groups):
+            raise ValueError(f"groups must hold one int >= 0 per parameter ({len(params)}), got {groups!r}")
+        if not isinstance(masked_norm, bool):
+            raise TypeError(f"masked_norm must be a bool, got {type(masked_norm).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        orders = []
+        for i, p in enumerate(params):
+            order = storage_order(p)
+            if order is None:
+                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense in memory: "
+                                 "a plan needs parameters that some permutation of their dims makes contiguous")
+            orders.append(order)
+        self.params = list(params)
+        self.masks = [as_bitmask(m) for m in masks]
+        self.groups = groups
+        self.num_groups = max(groups) + 1
+        self.masked_norm = masked_norm
+        self.eps = float(eps)
+        self.device = device
+        self.backend = _BACKENDS.resolve(backend, device)
+        self._orders = orders
+        self._strides = [p.stride() for p in params]
+        self._all_contiguous = all(o == tuple(range(len(o))) for o in orders)
+        self._addresses = tuple(p.data_ptr() for p in params)
+        self.norm_dtype = accumulation_dtype(params)
+        # on the device: 1 / (norm + eps) (0 when skipped), and [skipped now, skipped in all]
+        self.inv = torch.zeros(1, dtype=self.norm_dtype, device=device)
+        self.flags = torch.zeros(2, dtype=torch.int64, device=device)
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum buffers, once made
+        self.perturbed = False
+        self._sgd = None  # the last hyper-parameters restore_sgd checked
+        self._sgd_given = None
+        self._impl = _BACKENDS.impls[self.backend](self, [_memory_mask(m, o) if m is not None else None
+                                                        for m, o in zip(self.masks, orders)])
+
+    # --- what a step checks -------------------------------------------------------------------
+
+    def grad_addresses(self, *, check_params: bool = True) -> tuple[int, ...]:
+        """Each parameter's gradient address (0: no gradient), after checking that every
+        parameter is where the plan found it (``check_params``) and that each gradient is laid
+        out like its parameter. (Per tensor a few attribute reads: most of a step's host time,
+        done in C by ``ssam_kernels._host`` where it is built, else mapped in Python.)"""
+        params = self.params
+        if _host is not None:  # the same reads in C; None: something does not fit, said below
+            addresses = _host.grad_addresses(params, self._addresses if check_params else None)
+            if addresses is not None:
+                return addresses
+        if check_params and tuple(map(_data_ptr, params)) != self._addresses:
+            raise PlanMismatch("a parameter's memory moved since the plan was made (p.data = ..., model.to(...)): "
+                               "make a new plan")
+        grads = list(map(_grad, params))
+        try:
+            if self._all_contiguous:
+                laid_out = all(map(_is_contiguous, grads))
+            else:
+                laid_out = list(map(_stride, grads)) == self._strides
+            addresses = tuple(map(_data_ptr, grads))
+        except TypeError:  # a parameter without a gradient: the loop below
+            pass
+        else:
+            if laid_out:
+                return addresses
+        out = []
+        for p, g, stride in zip(params, grads, self._strides):
+            if g is None:
+                out.append(0)
+            elif g.stride() != stride:
+                raise PlanMismatch(f"a gradient (shape {tuple(g.shape)}, strides {g.stride()}) is laid out unlike its "
+                                   f"parameter (strides {stride})")
+            else:
+                out.append(g.data_ptr())
+        return tuple(out)
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """How many steps' perturbations were skipped for a gradient norm that was not finite
+        (a 0-dim int64 device tensor: reading it is a host sync)."""
+        return self.flags[1]
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def perturb(self, rho: Sequence[float], *, grads: tuple[int, ...] | None = None) -> None:
+        """``w[m] += rho_group * g[m] / (norm + eps)`` from each parameter's current ``.grad`` (a
+        parameter without one is left as it is), keeping the old values for :meth:`restore`.
+        ``rho``: one number >= 0 per group. ``grads``: what :meth:`grad_addresses` just
+        returned, if the caller has it (read again otherwise)."""
+        if self.perturbed:
+            raise RuntimeError("perturb() called twice without restore() or restore_sgd() in between")
+        rho = _check_rho(rho, self.num_groups)
+        if grads is None:
+            grads = self.grad_addresses()
+        elif not isinstance(grads, tuple) or len(grads) != len(self.params):
+            raise ValueError(f"grads must be the tuple grad_addresses() returned ({len(self.params)} addresses)")
+        with _no_grad():
+            self._impl.perturb(grads, rho)
+        self.perturbed = True
+
+    def restore(self) -> None:
+        """Put back the weights :meth:`perturb` changed, bit for bit."""
+        if not self.perturbed:
+            raise RuntimeError("restore() without a preceding perturb()")
+        with _no_grad():
+            self._impl.restore()
+        self.perturbed = False
+
+    def restore_sgd(self, sgd: Sequence[SGDGroup]) -> list[int]:
+        """:meth:`restore`, then ``torch.optim.SGD``'s step of every parameter with the current
+        ``.grad`` (parameters without one are only restored), ``sgd[group]`` giving each group's
+        hyper-parameters. Momentum buffers are made on a parameter's first step, as torch's SGD
+        does (:attr:`buffers`); returns the indices of the parameters that got one now."""
+        if not self.perturbed:
+            raise RuntimeError("restore_sgd() without a preceding perturb()")
+        if sgd is not self._sgd_given and tuple(sgd) != self._sgd:  # checked once per change
+            self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
+        self._sgd_given = sgd
+        grads = self.grad_addresses(check_params=False)
+        with _no_grad():
+            made = self._impl.restore_sgd(grads, self._sgd)
+        self.perturbed = False
+        return made
+
+    def set_buffers(self, buffers: Sequence[torch.Tensor | None]) -> None:
+        """Momentum buffers to continue from (e.g. the base optimizer's after a resume): each
+        None or shaped and laid out like its parameter."""
+        if len(buffers) != len(self.params):
+            raise ValueError(f"buffers must hold one entry per parameter ({len(self.params)}), got {len(buffers)}")
+        for i, (b, p) in enumerate(zip(buffers, self.params)):
+            if b is not None and (not isinstance(b, torch.Tensor) or b.shape != p.shape or b.device != p.device
+                                  or b.stride() != p.stride() or b.dtype != p.dtype):
+                raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
+        self.buffers = list(buffers)
+        self._impl.buffers_changed()
+
+
+def _no_grad():
+    """``torch.no_grad()``, or nothing where grad mode is already off (the optimizers' steps):
+    the context costs a microsecond per step."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
+def _check_rho(rho, groups: int) -> tuple[float, ...]:
+    if not isinstance(rho, (list, tuple)) or len(rho) != groups:
+        raise ValueError(f"rho must hold one number per group ({groups}), got {rho!r}")
+    for r in rho:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r >= 0):
+            raise ValueError(f"rho must hold finite numbers >= 0, got {rho!r}")
+    return tuple(float(r) for r in rho)
+
+
+class _ReferenceStep:
+    """The plan's steps with torch ops: a full backup of every parameter, ``torch.where`` for
+    the masks and the skip (no host sync), torch's SGD op for op."""
+
+    def __init__(self, plan: SAMStepPlan, memory_masks):
+        self.plan = plan
+        self.keep = [None if m is None else unpack_mask(m) for m in plan.masks]
+        self.backup: list[torch.Tensor] = []
+
+    def perturb(self, grads, rho) -> None:
+        plan = self.plan
+        dtype = plan.norm_dtype
+        parts = []
+        for p, keep, g_addr in zip(plan.params, self.keep, grads):
+            if g_addr == 0:
+                continue
+            g = p.grad.to(dtype)
+            if plan.masked_norm and keep is not None:
+                g = torch.where(keep, g, 0)
+            parts.append(g.square().sum())
+        total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=dtype, device=plan.device)
+        finite = torch.isfinite(total)
+        inv = torch.where(finite, (total.sqrt() + plan.eps).reciprocal(), 0)
+        plan.inv.copy_(inv)
+        plan.flags[0] = (~finite).to(torch.int64)
+        plan.flags[1] += (~finite).to(torch.int64)
+        self.backup = [p.clone() for p in plan.params]
+        for p, keep, g_addr, group in zip(plan.params, self.keep, grads, plan.groups):
+            if g_addr == 0:
+                continue
+            math = math_dtype(p.dtype)
+            scale = (inv * rho[group]).to(math)
+            new = (p.to(math) + scale * p.grad.to(math)).to(p.dtype)
+            move = finite if keep is None else finite & keep
+            p.copy_(torch.where(move, new, p))
+
+    def restore(self) -> None:
+        for p, b in zip(self.plan.params, self.backup):
+            p.copy_(b)
+        self.backup = []
+
+    def restore_sgd(self, grads, sgd) -> list[int]:
+        plan = self.plan
+        self.restore()
+        made = []
+        for i, (p, g_addr, group) in enumerate(zip(plan.params, grads, plan.groups)):
+            if g_addr == 0:
+                continue
+            h = sgd[group]
+            buf = plan.buffers[i] if h.momentum != 0 else None
+            (buf,) = sgd_update_torch([p], [p.grad], [buf], h.lr, h.momentum, h.dampening, h.weight_decay,
+                                      h.nesterov, h.maximize)
+            if h.momentum != 0 and plan.buffers[i] is None:
+                plan.buffers[i] = buf
+                made.append(i)
+        return made
+
+    def buffers_changed(self) -> None:
+        pass
+
+
+_BACKENDS.register("torch", _ReferenceStep)
+_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.sam_step", "TritonStep"))
+
+
+def plan_backend(backend: str, device: torch.device) -> str | None:
+    """The backend a plan would run with, or None where ``backend`` cannot run it here."""
+    try:
+        return _BACKENDS.resolve(backend, device)
+    except BackendUnavailableError:
+        return None

@@ -1,0 +1,436 @@
+"""SAMStepPlan: the planned SAM / SSAM step (norm with the scale on the device, masked
+perturbation with its backup, restore, restore + SGD) against plain-torch oracles, on every
+backend; what a planned optimizer step launches and dispatches; its failure modes."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, TRITON_ON_CPU, rand, rand_mask
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ssam
+from ssam_kernels import SAMStepPlan, SGDGroup
+from ssam_kernels.ops.sam_step import PlanMismatch, storage_order
+
+EPS = 1e-7
+# 1 element, odd 2-D, one block short, two blocks and a tail, channels_last 4-D, 0 elements
+SHAPES = [(1,), (3, 5), (4095,), (2 * 4096 + 3,), (4, 3, 5, 7), (0,)]
+CHANNELS_LAST = 4
+NO_GRAD = 1  # index of the parameter left without a gradient
+
+
+def _params(dtype, gen, *, grads=True):
+    ps = [rand(s, dtype, gen) for s in SHAPES]
+    ps[CHANNELS_LAST] = ps[CHANNELS_LAST].contiguous(memory_format=torch.channels_last)
+    if grads:
+        for i, p in enumerate(ps):
+            if i != NO_GRAD:
+                p.grad = rand(p.shape, dtype, gen).contiguous(memory_format=torch.channels_last if p.dim() == 4
+                                                              else torch.contiguous_format)
+    return ps
+
+
+def _masks(gen):
+    masks = [rand_mask(s, 0.4, gen) for s in SHAPES]
+    masks[0] = None  # unmasked: backed up whole
+    masks[2] = torch.zeros(SHAPES[2], dtype=torch.bool)  # empty: nothing perturbed, no block launched
+    masks[3][:4096] = False  # a block without a kept element beside one with
+    return masks
+
+
+def _oracle_perturbed(params, masks, groups, rho, masked_norm):
+    """w + rho_g * g / (||g (* m)|| + eps), in float64, where masked and with a gradient."""
+    total = 0.0
+    for p, m in zip(params, masks):
+        if p.grad is not None:
+            g = p.grad.double()
+            if masked_norm and m is not None:
+                g = g * m
+            total += float(g.square().sum())
+    inv = 1.0 / (math.sqrt(total) + EPS)
+    out = []
+    for p, m, group in zip(params, masks, groups):
+        if p.grad is None:
+            out.append(p.double())
+            continue
+        new = p.double() + rho[group] * inv * p.grad.double()
+        out.append(new if m is None else torch.where(m, new, p.double()))
+    return out
+
+
+def _clone(params):
+    return [p.detach().clone() for p in params]
+
+
+TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("masked_norm", [False, True])
+def test_perturb_and_restore_against_the_oracle(backend, dtype, masked_norm, gen):
+    params = _params(dtype, gen)
+    masks = _masks(gen)
+    groups = [0, 1, 0, 1, 0, 1]
+    rho = [0.05, 0.2]
+    original = _clone(params)
+    plan = SAMStepPlan(params, masks, groups=groups, masked_norm=masked_norm, backend=backend)
+    want = _oracle_perturbed(params, masks, groups, rho, masked_norm)
+    plan.perturb(rho)
+    for p, w, o in zip(params, want, original):
+        assert p.dtype == dtype and p.stride() == o.stride()
+        torch.testing.assert_close(p.double(), w, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
+    for i, m in enumerate(masks):  # outside the mask, and without a gradient: untouched, bit for bit
+        if m is not None:
+            assert torch.equal(params[i][~m], original[i][~m])
+    assert torch.equal(params[NO_GRAD], original[NO_GRAD])
+    norm = 1.0 / float(plan.inv) - EPS
+    total = sum(float((p.grad.double() * (m if masked_norm and m is not None else 1)).square().sum())
+                for p, m in zip(params, masks) if p.grad is not None)
+    assert norm == pytest.approx(math.sqrt(total), rel=1e-5 if dtype != torch.float64 else 1e-12)
+    with torch.no_grad():
+        for p, m in zip(params, masks):  # poison what restore must put back
+            p[torch.ones_like(p, dtype=torch.bool) if m is None else m] = float("nan")
+    plan.restore()
+    for p, o in zip(params, original):
+        assert torch.equal(p, o) and p.stride() == o.stride()
+    assert int(plan.skipped) == 0
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("masked_norm", [False, True])
+def test_triton_perturbation_is_the_references_bit_for_bit(masked_norm, gen):
+    """Same norm formula (reciprocal(sqrt(sum) + eps) * rho, unfused products): the fp32
+    perturbation of the Triton kernels equals the reference backend's wherever the norms agree."""
+    state = gen.get_state()
+    results = []
+    for backend in ("torch", "triton"):
+        gen.set_state(state)
+        params, masks = _params(torch.float32, gen), _masks(gen)
+        plan = SAMStepPlan(params, masks, groups=[0, 1, 0, 1, 0, 1], masked_norm=masked_norm, backend=backend)
+        plan.perturb([0.05, 0.2])
+        results.append((plan.inv.clone(), _clone(params)))
+    (inv_a, a), (inv_b, b) = results
+    if torch.equal(inv_a, inv_b):  # sums in another order may differ in the last bit
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    else:
+        torch.testing.assert_close(inv_a, inv_b, rtol=1e-6, atol=0)
+
+
+def _sgd_reference(params, sgd_groups, groups, steps_grads):
+    """torch.optim.SGD over the same weights and gradients (one optimizer per group)."""
+    refs = [p.detach().clone() for p in params]
+    opts = []
+    for k, h in enumerate(sgd_groups):
+        mine = [r for r, g in zip(refs, groups) if g == k]
+        opts.append(torch.optim.SGD(mine, lr=h.lr, momentum=h.momentum, dampening=h.dampening,
+                                    weight_decay=h.weight_decay, nesterov=h.nesterov, maximize=h.maximize))
+    for grads in steps_grads:
+        for r, g in zip(refs, grads):
+            r.grad = None if g is None else g.clone()
+        for o in opts:
+            o.step()
+    return refs, opts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
+    """Two steps: the buffers start on each tensor's first step with a gradient (the one left
+    without a gradient at step 1 starts at step 2), dampening, nesterov, maximize, weight decay
+    and a group without momentum, against torch.optim.SGD."""
+    params = _params(dtype, gen)
+    masks = _masks(gen)
+    groups = [0, 1, 2, 1, 0, 2]
+    sgd = [SGDGroup(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+           SGDGroup(lr=0.05, momentum=0.8, nesterov=True, maximize=True),
+           SGDGroup(lr=0.2)]
+    plan = SAMStepPlan(params, masks, groups=groups, backend=backend)
+    start = _clone(params)
+    history, made = [], []
+    for step in range(2):
+        plan.perturb([0.05, 0.1, 0.0])
+        for i, p in enumerate(params):  # the descent gradients
+            p.grad = None if (step == 0 and i == NO_GRAD) else rand(p.shape, dtype, gen).contiguous(
+                memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+        history.append([None if p.grad is None else p.grad.clone() for p in params])
+        made.append(plan.restore_sgd(sgd))
+    assert made == [[0, 3, 4], [1]]  # group 2 has no momentum: no buffers there
+    refs, opts = _sgd_reference(start, sgd, groups, history)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p, r, **tol)
+        assert p.stride() == r.stride()
+    states = {id(r): o.state[r] for o in opts for r in o.param_groups[0]["params"]}
+    for i, (buf, r) in enumerate(zip(plan.buffers, refs)):
+        ref_buf = states[id(r)].get("momentum_buffer")
+        assert (buf is None) == (ref_buf is None), i
+        if buf is not None:
+            torch.testing.assert_close(buf, ref_buf, **tol)
+            assert buf.stride() == params[i].stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_ascent_gradient_perturbs_nothing(backend, gen):
+    """An inf in the ascent gradient: the norm is not finite, so no weight moves (decided on the
+    device, no host sync), the skip is counted, and the SGD step after it still runs."""
+    params, masks = _params(torch.float32, gen), _masks(gen)
+    plan = SAMStepPlan(params, masks, backend=backend)
+    before = _clone(params)
+    params[3].grad[7] = float("inf")
+    plan.perturb([0.05])
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    assert int(plan.skipped) == 1 and float(plan.inv) == 0.0
+    plan.restore()
+    for p in params:
+        if p.grad is not None:
+            p.grad.nan_to_num_(posinf=0.0)
+    plan.perturb([0.05])
+    assert int(plan.skipped) == 1 and float(plan.inv) > 0
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    plan.restore_sgd([SGDGroup(lr=0.1)])
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(backend, gen):
+    params, masks = _params(torch.float32, gen), _masks(gen)
+    plan = SAMStepPlan(params, masks, backend=backend)
+    before = _clone(params)
+    params[2].grad = rand((4095 * 2,), generator=gen)[::2]  # strided: laid out unlike its parameter
+    with pytest.raises(PlanMismatch, match="laid out unlike"):
+        plan.perturb([0.05])
+    params[2].grad = rand(SHAPES[2], generator=gen)
+    params[CHANNELS_LAST].grad = params[CHANNELS_LAST].grad.contiguous()  # NCHW gradient, channels_last weight
+    with pytest.raises(PlanMismatch, match="laid out unlike"):
+        plan.perturb([0.05])
+    params[CHANNELS_LAST].grad = params[CHANNELS_LAST].grad.contiguous(memory_format=torch.channels_last)
+    params[0].data = params[0].data.clone()  # as model.to(...) does
+    with pytest.raises(PlanMismatch, match="moved"):
+        plan.perturb([0.05])
+    assert not plan.perturbed
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.cpu
+def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
+    """ssam_kernels._host (C) and the Python fallback read the same addresses, and both refuse a
+    moved parameter and a mislaid gradient (the C one by returning None: Python says which)."""
+    from ssam_kernels.ops import sam_step
+
+    if sam_step._host is None:
+        if os.environ.get("SSAM_BUILD_EXT") == "1":
+            pytest.fail("ssam_kernels._host was not built (SSAM_BUILD_EXT=1)")
+        pytest.skip("ssam_kernels._host not built")
+    params = _params(torch.float32, gen)
+    plan = SAMStepPlan(params, backend="torch")
+    fast = plan.grad_addresses()
+    assert fast[NO_GRAD] == 0 and fast[0] == params[0].grad.data_ptr()
+    assert sam_step._host.grad_addresses(plan.params, None) == fast
+    monkeypatch.setattr(sam_step, "_host", None)
+    assert plan.grad_addresses() == fast
+    monkeypatch.undo()
+    params[CHANNELS_LAST].grad = params[CHANNELS_LAST].grad.contiguous()
+    assert sam_step._host.grad_addresses(plan.params, plan._addresses) is None
+    params[CHANNELS_LAST].grad = None
+    params[3].data = params[3].data.clone()
+    assert sam_step._host.grad_addresses(plan.params, plan._addresses) is None
+    assert sam_step._host.grad_addresses(plan.params, None) is not None
+    with pytest.raises(TypeError, match=r"params\[1\] is not a tensor"):
+        sam_step._host.grad_addresses([params[0], 3], None)
+
+
+@pytest.mark.cpu
+def test_bad_input_names_what_is_wrong(gen):
+    params = _params(torch.float32, gen)
+    with pytest.raises(ValueError, match=r"params\[1\].*not dense"):
+        SAMStepPlan([params[0], rand((6, 4), generator=gen)[:, ::2]])
+    with pytest.raises(ValueError, match="one device"):
+        SAMStepPlan([params[0], torch.zeros(3, device="meta")])
+    with pytest.raises(ValueError, match="groups must hold one int"):
+        SAMStepPlan(params, groups=[0, 1])
+    with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point"):
+        SAMStepPlan([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"masks\[1\] has shape"):
+        SAMStepPlan(params, [None, torch.zeros(2, dtype=torch.bool)] + [None] * 4)
+    plan = SAMStepPlan(params, groups=[0, 1, 0, 1, 0, 1], backend="torch")
+    with pytest.raises(ValueError, match="rho must hold one number per group"):
+        plan.perturb([0.05])
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        plan.perturb([0.05, -1.0])
+    with pytest.raises(RuntimeError, match="without a preceding perturb"):
+        plan.restore()
+    plan.perturb([0.05, 0.05])
+    with pytest.raises(RuntimeError, match="called twice"):
+        plan.perturb([0.05, 0.05])
+    with pytest.raises(TypeError, match=r"sgd\[1\] must be an SGDGroup"):
+        plan.restore_sgd([SGDGroup(lr=0.1), {"lr": 0.1}])
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        plan.restore_sgd([SGDGroup(lr=0.1), SGDGroup(lr=0.1, nesterov=True)])
+    with pytest.raises(ValueError, match=r"sgd\[0\].lr must be a number >= 0"):
+        plan.restore_sgd([SGDGroup(lr=-1.0), SGDGroup(lr=0.1)])
+    plan.restore()
+
+
+@pytest.mark.cpu
+def test_storage_order():
+    x = torch.zeros(2, 3, 4, 5)
+    assert storage_order(x) == (0, 1, 2, 3)
+    assert storage_order(x.contiguous(memory_format=torch.channels_last)) == (0, 2, 3, 1)
+    assert storage_order(x.transpose(0, 1)) == (1, 0, 2, 3)
+    assert storage_order(x[:, :, ::2]) is None
+    assert storage_order(torch.zeros(3).expand(4, 3)) is None
+
+
+# --- what a planned optimizer step costs on the host ------------------------------------------
+
+SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.item.default,
+           torch.ops.aten.masked_select.default}
+
+
+class OpCounter(TorchDispatchMode):
+    """The dispatcher ops a block of code runs, and those that wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncing = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if func in SYNCING or bool_index:
+            self.syncing.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class LaunchCounter:
+    """The Triton kernels launched in a block (by name), compiled or interpreted; they run, out
+    of sight of dispatch modes (the interpreter's own torch calls are not the step's ops)."""
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self.names, self.saved = [], []
+        for cls in (JITFunction, InterpretedFunction):
+            original = cls.run
+
+            def run(fn, *args, _original=original, **kwargs):
+                self.names.append(fn.fn.__name__)
+                with torch._C._DisableTorchDispatch():
+                    return _original(fn, *args, **kwargs)
+
+            self.saved.append((cls, original))
+            cls.run = run
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in self.saved:
+            cls.run = original
+
+
+def _model(width):
+    layers = []
+    for _ in range(width):
+        layers += [torch.nn.Linear(4, 4), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("kind", ["SAM", "SSAMF"])
+def test_a_planned_step_launches_three_kernels_whatever_the_number_of_tensors(kind, monkeypatch):
+    """SAM and SSAM-F with fused SGD on a GPU's choices (Triton): the norm, the perturbation,
+    the restore + SGD: 3 launches, and the same dispatcher ops, for 8 tensors or 64, none of
+    them a host sync. (The launches are recorded, not run.)"""
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    monkeypatch.setenv("SSAM_BACKEND", "triton")
+    counts = {}
+    for width in (4, 32):
+        torch.manual_seed(0)
+        model = _model(width)
+        params = list(model.parameters())
+        if kind == "SAM":
+            opt = ssam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        else:
+            opt = ssam.SSAMF(params, torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=1, update_freq=1,
+                             lr=0.1, momentum=0.9)
+            opt._set_masks([torch.rand(p.shape) < 0.5 for p in params])  # as update_mask would
+            opt.mask_updates += 1
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.first_step()
+        opt.second_step()  # the plan is made here, and the momentum buffers
+        for p in params:
+            p.grad = torch.ones_like(p)
+        grads = [p.grad for p in params]
+        with LaunchCounter() as launches, OpCounter() as ops:
+            opt.first_step()
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.second_step()
+        assert opt._plan is not None
+        assert launches.names == ["_norm_kernel", "_perturb_kernel", "_restore_sgd_kernel"]
+        assert ops.syncing == []
+        counts[width] = len(ops.ops)
+    assert counts[4] == counts[32] <= 4, counts
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["SAM", "SSAMF"])
+def test_a_whole_step_captured_in_a_cuda_graph_replays_to_eager_weights(kind):
+    """Both passes and the optimizer step (fixed mask) in one CUDA graph: replaying it gives
+    the weights of the same steps run eagerly."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; run the cuda tier on a GPU machine")
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 10, generator=gen).cuda() for _ in range(3)]
+    ys = [torch.randn(16, 4, generator=gen).cuda() for _ in range(3)]
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
+        params = list(model.parameters())
+        if kind == "SAM":
+            opt = ssam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
+        else:
+            opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.0, T_end=1, seed=0,
+                             lr=0.05, momentum=0.9)
+        return model, opt
+
+    def step(model, opt, x, y):
+        opt.zero_grad(set_to_none=False)
+        F.mse_loss(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.mse_loss(model(x), y).backward()
+        opt.second_step()
+
+    eager_model, eager_opt = build()
+    for i in range(3):
+        step(eager_model, eager_opt, xs[i], ys[i])
+    model, opt = build()
+    x_static, y_static = xs[0].clone(), ys[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the plan, the buffers and the tables are made here
+        step(model, opt, x_static, y_static)
+    torch.cuda.current_stream().wait_stream(side)
+    assert opt._plan is not None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt, x_static, y_static)
+    for i in (1, 2):
+        x_static.copy_(xs[i])
+        y_static.copy_(ys[i])
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
