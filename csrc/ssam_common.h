@@ -14,6 +14,7 @@
 namespace ssam {
 
 constexpr int64_t kMaxGroup = 32;  // largest M of an N:M selection
+constexpr int64_t kPlanBlock = 8192;  // elements per block of a planned step's tables (ext backend)
 
 constexpr double kInfinity = std::numeric_limits<double>::infinity();
 

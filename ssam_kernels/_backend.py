@@ -138,6 +138,7 @@ class OpBackends:
     name: str
     impls: dict[str, Callable] = field(default_factory=dict)
     devices: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    ext_op: str | None = None  # the ssam:: op whose kernels decide where ``ext`` runs (default: name)
 
     def register(self, backend: str, fn: Callable, devices: tuple[str, ...] | None = None) -> None:
         if backend not in BACKENDS[1:]:
@@ -152,7 +153,7 @@ class OpBackends:
         if devs is None and backend == "triton":  # GPUs, or CPU tensors under the interpreter
             return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
         if devs is None and backend == "ext":  # what the build registered (a CPU-only build has no CUDA kernels)
-            return extension_has_kernel(self.name, device_type)
+            return extension_has_kernel(self.ext_op or self.name, device_type)
         return devs is None or device_type in devs
 
     def resolve(self, backend: str, device: torch.device) -> str:
@@ -195,10 +196,11 @@ class OpBackends:
 _REGISTRY: dict[str, OpBackends] = {}
 
 
-def op_backends(name: str) -> OpBackends:
-    """The (shared) backend table of op ``name``; created on first use."""
+def op_backends(name: str, ext_op: str | None = None) -> OpBackends:
+    """The (shared) backend table of op ``name``; created on first use. ``ext_op``: the
+    extension's op whose kernels decide where the ``ext`` backend runs, where it is not ``name``."""
     if name not in _REGISTRY:
-        _REGISTRY[name] = OpBackends(name)
+        _REGISTRY[name] = OpBackends(name, ext_op=ext_op)
     return _REGISTRY[name]
 
 

@@ -10,8 +10,10 @@ from .ops.bitmask import as_bitmask, packed_nbytes
 from .ops.grad_norm import accumulation_dtype, grad_norm_torch
 from .ops.nm_mask import nm_mask_torch
 from .ops.perturb import PerturbBackup, perturb_torch, restore_torch
+from .ops.sam_step_tables import KernelStep
 
 MAX_GROUP = 32  # kMaxGroup in csrc/ssam_common.h
+PLAN_BLOCK = 8192  # kPlanBlock in csrc/ssam_common.h
 
 _ops = torch.ops.ssam
 
@@ -61,6 +63,33 @@ def decompress_24_ext(values, meta):
     return _ops.decompress_24(values, meta)
 
 
+class ExtStep(KernelStep):
+    """The extension's kernels of a :class:`~ssam_kernels.SAMStepPlan` (``torch.ops.ssam.plan_*``:
+    C++ on CPU tensors, CUDA on CUDA ones), on blocks of ``kPlanBlock`` elements."""
+
+    def block_size(self, dtype: torch.dtype) -> int:
+        return PLAN_BLOCK
+
+    def launch_norm(self, part, g_ptrs, g_aligned, first) -> None:
+        plan = self.plan
+        _ops.plan_norm(part.norm_rows, part.blk_tensor, part.blk_start, part.numel, g_ptrs,
+                       part.bits_ptrs if plan.masked_norm else None, part.dtype, self.partial, self.counter, plan.inv,
+                       plan.flags, first, self.norm_programs, plan.eps)
+
+    def launch_perturb(self, part, g_ptrs, g_aligned, tensor_rho) -> None:
+        plan = self.plan
+        _ops.plan_perturb(part.kept, part.blk_tensor, part.blk_start, part.blk_base, part.numel, part.w_ptrs, g_ptrs,
+                          part.bits_ptrs, part.backup, plan.inv, plan.flags, tensor_rho)
+
+    def launch_restore(self, part) -> None:
+        _ops.plan_restore(part.kept, part.blk_tensor, part.blk_start, part.blk_base, part.numel, part.w_ptrs,
+                          part.bits_ptrs, part.backup)
+
+    def launch_restore_sgd(self, part, g_ptrs, g_aligned, hyper, fresh, momentum) -> None:
+        _ops.plan_restore_sgd(part.all, part.blk_tensor, part.blk_start, part.blk_base, part.numel, part.w_ptrs, g_ptrs,
+                              part.buf_ptrs, part.bits_ptrs, part.backup, part.tensor_group, hyper, fresh)
+
+
 # --- fake implementations: output metadata only, for torch.compile and opcheck ----------------
 
 @torch.library.register_fake("ssam::pack_mask")
@@ -102,3 +131,7 @@ def _compress_24_fake(x, check=True):
 @torch.library.register_fake("ssam::decompress_24")
 def _decompress_24_fake(values, meta):
     return values.new_empty((values.shape[0], values.shape[1] * 2))
+
+
+for _name in ("plan_norm", "plan_perturb", "plan_restore", "plan_restore_sgd"):  # write through addresses: nothing
+    torch.library.register_fake(f"ssam::{_name}")(lambda *args, **kwargs: None)

@@ -9,6 +9,7 @@ from ssam_kernels import (BitMask, grad_norm, pack_mask, packed_nbytes, perturb_
                           topk_mask)
 
 pytest.importorskip("triton")
+from ssam_kernels import _device_tables as device_tables  # noqa: E402
 from ssam_kernels.triton_ops import multi_tensor as mt  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -92,7 +93,7 @@ def test_lru_is_bounded_and_keeps_the_recently_used(cache):
 @pytest.mark.cpu
 def test_entries_a_capture_uses_are_never_evicted(cache, monkeypatch):
     capturing = [False]
-    monkeypatch.setattr(mt, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(device_tables, "_capturing", lambda device: capturing[0])
     ts = [torch.zeros(4), torch.zeros(9)]
     before = mt.address_table(ts, CPU)  # made outside the capture: valid everywhere
     capturing[0] = True

@@ -228,19 +228,30 @@ def test_fused_sgd_with_a_parameter_idle_in_the_second_pass(gen):
     assert "momentum_buffer" not in opt.base_optimizer.state[bias]
 
 
-def test_no_fused_sgd_without_a_kernel_for_it(gen):
-    """On CPU restore_sgd_step_ has only its reference (a loop over tensors, slower than
-    restore_ + torch's SGD): the second step then calls the base optimizer."""
+def test_no_fused_sgd_without_a_kernel_for_it(gen, monkeypatch):
+    """With the reference backend, restore_sgd_step_ is a loop over tensors, slower than
+    restore_ + torch's SGD: the second step then calls the base optimizer. A planned step (a
+    kernel backend: the extension on CPU) fuses the restore and the SGD step in one kernel."""
     import ssam_kernels
+    from helpers import EXT_BUILT
 
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
     model = _model()
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
     assert ssam_kernels.auto_backend("restore_sgd_step_", "cpu") == "torch"
-    assert ssam_kernels.backend_info("cpu")["ops"]["restore_sgd_step_"]["auto"] == "torch"
     calls = []
     opt.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))
     _sam_steps(opt, model, [regression_batch(gen)])
-    assert calls == [1]
+    assert calls == [1] and opt._plan is None
+    if not EXT_BUILT:
+        return
+    monkeypatch.setenv("SSAM_BACKEND", "ext")
+    model = _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    calls = []
+    opt.base_optimizer.register_step_post_hook(lambda *a: calls.append(1))
+    _sam_steps(opt, model, [regression_batch(gen)])
+    assert calls == [] and opt._plan is not None and opt._plan.backend == "ext"
 
 
 @pytest.mark.parametrize("fuse_sgd", [True, False])

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, TRITON_ON_CPU, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, TRITON_ON_CPU, rand, rand_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssam
@@ -68,7 +68,7 @@ def _clone(params):
 TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.float64: 1e-12}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("masked_norm", [False, True])
 def test_perturb_and_restore_against_the_oracle(backend, dtype, masked_norm, gen):
@@ -138,12 +138,12 @@ def _sgd_reference(params, sgd_groups, groups, steps_grads):
     return refs, opts
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
     """Two steps: the buffers start on each tensor's first step with a gradient (the one left
     without a gradient at step 1 starts at step 2), dampening, nesterov, maximize, weight decay
-    and a group without momentum, against torch.optim.SGD."""
+    and a group without momentum, against torch.optim.SGD on the CPU, bit for bit."""
     params = _params(dtype, gen)
     masks = _masks(gen)
     groups = [0, 1, 2, 1, 0, 2]
@@ -162,20 +162,17 @@ def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
         made.append(plan.restore_sgd(sgd))
     assert made == [[0, 3, 4], [1]]  # group 2 has no momentum: no buffers there
     refs, opts = _sgd_reference(start, sgd, groups, history)
-    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
-    for p, r in zip(params, refs):
-        torch.testing.assert_close(p, r, **tol)
-        assert p.stride() == r.stride()
+    for p, r in zip(params, refs):  # bit for bit: a fused multiply-add exactly where torch's SGD has one
+        assert torch.equal(p, r) and p.stride() == r.stride()
     states = {id(r): o.state[r] for o in opts for r in o.param_groups[0]["params"]}
     for i, (buf, r) in enumerate(zip(plan.buffers, refs)):
         ref_buf = states[id(r)].get("momentum_buffer")
         assert (buf is None) == (ref_buf is None), i
         if buf is not None:
-            torch.testing.assert_close(buf, ref_buf, **tol)
-            assert buf.stride() == params[i].stride()
+            assert torch.equal(buf, ref_buf) and buf.stride() == params[i].stride()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_a_non_finite_ascent_gradient_perturbs_nothing(backend, gen):
     """An inf in the ascent gradient: the norm is not finite, so no weight moves (decided on the
     device, no host sync), the skip is counted, and the SGD step after it still runs."""
@@ -198,7 +195,7 @@ def test_a_non_finite_ascent_gradient_perturbs_nothing(backend, gen):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(backend, gen):
     params, masks = _params(torch.float32, gen), _masks(gen)
     plan = SAMStepPlan(params, masks, backend=backend)
@@ -385,6 +382,50 @@ def test_a_planned_step_launches_three_kernels_whatever_the_number_of_tensors(ki
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
+    """Each kernel backend on CUDA tensors against the reference backend on the same values on
+    the CPU: two steps (perturb, restore_sgd), then a perturbation, a restore and a skipped step."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; run the cuda tier on a GPU machine")
+    from ssam_kernels._backend import extension_error, extension_has_kernel
+
+    if backend == "ext" and (extension_error() is not None or not extension_has_kernel("plan_norm", "cuda")):
+        pytest.fail("ssam_kernels._C has no CUDA kernels: build with SSAM_BUILD_EXT=1 on the GPU machine")
+    gen = torch.Generator().manual_seed(3)
+    host = _params(dtype, gen)
+    masks = _masks(gen)
+    dev = [p.cuda() for p in host]
+    for p, q in zip(host, dev):
+        q.grad = None if p.grad is None else p.grad.cuda()
+    groups, sgd = [0, 1, 0, 1, 0, 1], [SGDGroup(lr=0.1, momentum=0.9, weight_decay=1e-2),
+                                       SGDGroup(lr=0.05, momentum=0.8, nesterov=True)]
+    plans = [SAMStepPlan(host, masks, groups=groups, masked_norm=True, backend="torch"),
+             SAMStepPlan(dev, [None if m is None else m.cuda() for m in masks], groups=groups, masked_norm=True,
+                         backend=backend)]
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14),
+           torch.bfloat16: dict(rtol=2**-7, atol=2**-7 * 1e-2)}[dtype]
+    for _ in range(2):
+        for plan in plans:
+            plan.perturb([0.05, 0.1])
+        for a, b in zip(host, dev):
+            torch.testing.assert_close(b.cpu(), a, **tol)
+        for plan in plans:
+            plan.restore_sgd(sgd)
+        for a, b in zip(host, dev):
+            torch.testing.assert_close(b.cpu(), a, **tol)
+    before = [b.clone() for b in dev]
+    plans[1].perturb([0.05, 0.1])
+    plans[1].restore()
+    assert all(torch.equal(a, b) for a, b in zip(before, dev))
+    dev[3].grad[0] = float("nan")
+    plans[1].perturb([0.05, 0.1])
+    assert all(torch.equal(a, b) for a, b in zip(before, dev)) and int(plans[1].skipped) == 1
+    plans[1].restore()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["SAM", "SSAMF"])
 def test_a_whole_step_captured_in_a_cuda_graph_replays_to_eager_weights(kind):
     """Both passes and the optimizer step (fixed mask) in one CUDA graph: replaying it gives
@@ -434,3 +475,30 @@ def test_a_whole_step_captured_in_a_cuda_graph_replays_to_eager_weights(kind):
     torch.cuda.synchronize()
     for a, b in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cpu
+def test_the_optimizer_counts_skipped_steps_across_plans(gen, monkeypatch):
+    from helpers import EXT_BUILT
+
+    if not EXT_BUILT:
+        pytest.skip("ssam_kernels._C not built")
+    monkeypatch.setenv("SSAM_BACKEND", "ext")
+    model = _model(2)
+    x = torch.randn(8, 4, generator=gen)
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=1, update_freq=1,
+                     lr=0.1)
+    opt._set_masks([torch.rand(p.shape, generator=gen) < 0.5 for p in opt.params])
+    opt.mask_updates += 1
+    for bad in (True, False, True):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if bad:
+            model[0].weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.first_step(zero_grad=True)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) == bad
+        model(x).square().mean().backward()
+        opt.second_step()
+        opt._set_masks([torch.rand(p.shape, generator=gen) < 0.5 for p in opt.params])  # a new plan each step
+    assert opt.skipped_steps() == 2

@@ -306,6 +306,174 @@ __global__ void decompress_24_kernel(const T* values, const int16_t* meta, T* de
   }
 }
 
+// ---- the planned step ----------------------------------------------------------------------
+
+static_assert(kPlanBlock == kChunk, "a plan's block is one chunk: one 32-bit mask word per thread");
+
+struct PlanBlock {
+  int64_t row, k, start, n, end;
+};
+
+__device__ __forceinline__ PlanBlock plan_block(const PlanBlocks& t) {
+  PlanBlock b;
+  b.row = t.blocks[blockIdx.x];
+  b.k = t.blk_tensor[b.row];
+  b.start = t.blk_start[b.row];
+  b.n = t.numel[b.k];
+  b.end = b.start + kChunk < b.n ? b.start + kChunk : b.n;
+  return b;
+}
+
+// f(i, kept, slot) for every element i of the block this thread takes: kept = its mask bit (true
+// where the tensor has no mask), slot = its place in the backup (from `base`: the kept elements
+// before it). Unmasked: coalesced order; masked: one mask word per warp (see ChunkMask).
+template <typename F>
+__device__ void walk_block(const uint8_t* bits, const PlanBlock& b, int64_t base, F&& f) {
+  if (bits == nullptr) {
+#pragma unroll 8  // (fully unrolled, the double SGD step spills on sm_90)
+    for (int j = 0; j < kChunk / kThreads; ++j) {
+      const int64_t i = b.start + threadIdx.x + static_cast<int64_t>(kThreads) * j;
+      if (i < b.end) f(i, true, base + (i - b.start));
+    }
+    return;
+  }
+  __shared__ uint32_t words[kWordsPerChunk];
+  __shared__ int64_t word_slot[kWordsPerChunk];
+  ChunkMask mask{words};
+  mask.load(bits, b.start, b.n);
+  word_slot[threadIdx.x] = base + block_exclusive_scan(__popc(words[threadIdx.x]));
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const uint32_t below = (1u << lane) - 1u;
+#pragma unroll 8
+  for (int j = 0; j < kChunk / kThreads; ++j) {
+    const int q = mask.word_index(j);
+    const uint32_t word = mask.words[q];
+    const int64_t i = b.start + 32 * static_cast<int64_t>(q) + lane;
+    if (i < b.end) f(i, ((word >> lane) & 1u) != 0, word_slot[q] + __popc(word & below));
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    plan_norm_kernel(PlanBlocks t, const int64_t* g_ptrs, const int64_t* bits_ptrs, A* partial, int32_t* counter,
+                     A* inv, int64_t* flags, int64_t first, int64_t programs, A eps) {
+  const PlanBlock b = plan_block(t);
+  const T* g = tensor<const T>(g_ptrs, b.k);
+  A acc = 0;
+  if (g != nullptr) {  // uniform per block
+    const uint8_t* bits = bits_ptrs ? tensor<const uint8_t>(bits_ptrs, b.k) : nullptr;
+    walk_block(bits, b, 0, [&](int64_t i, bool kept, int64_t) {
+      if (kept) {
+        const A v = to_c<A>(g[i]);
+        acc += v * v;
+      }
+    });
+  }
+  acc = block_sum(acc);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partial[first + blockIdx.x] = acc;
+    __threadfence();  // the partial before the count (release)
+    last = atomicAdd(counter, 1) == programs - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the others' partials after the count (acquire)
+  A total = 0;  // a fixed order: the same sum whichever block is last
+  for (int64_t i = threadIdx.x; i < programs; i += kThreads) total += __ldcg(partial + i);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    const bool finite = isfinite(total);
+    inv[0] = finite ? A(1) / (sqrt(total) + eps) : A(0);
+    flags[0] = finite ? 0 : 1;
+    flags[1] += finite ? 0 : 1;
+    atomicExch(counter, 0);  // ready for the next step, and for a graph replay
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    plan_perturb_kernel(PlanBlocks t, const int64_t* w_ptrs, const int64_t* g_ptrs, const int64_t* bits_ptrs,
+                        T* backup, const A* inv, const int64_t* flags, const double* rho) {
+  using C = typename MathOf<T>::type;
+  const PlanBlock b = plan_block(t);
+  T* w = tensor<T>(w_ptrs, b.k);
+  const T* g = tensor<const T>(g_ptrs, b.k);
+  // reciprocal(norm + eps) * rho in the norm's type, then the math type, as torch computes it
+  const C scale = static_cast<C>(inv[0] * static_cast<A>(rho[b.k]));
+  const bool move = flags[0] == 0 && g != nullptr;
+  walk_block(tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row], [&](int64_t i, bool kept, int64_t slot) {
+    if (!kept) return;
+    const T old = w[i];
+    backup[slot] = old;
+    if (move) {
+      const C step = scale * to_c<C>(g[i]);  // rounded before the add, as the reference does
+      w[i] = from_c<T>(to_c<C>(old) + step);
+    }
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    plan_restore_kernel(PlanBlocks t, const int64_t* w_ptrs, const int64_t* bits_ptrs, const T* backup) {
+  const PlanBlock b = plan_block(t);
+  T* w = tensor<T>(w_ptrs, b.k);
+  walk_block(tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row], [&](int64_t i, bool kept, int64_t slot) {
+    if (kept) w[i] = backup[slot];
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    plan_restore_sgd_kernel(PlanBlocks t, const int64_t* w_ptrs, const int64_t* g_ptrs, const int64_t* buf_ptrs,
+                            const int64_t* bits_ptrs, const T* backup, const int32_t* group, const double* hyper,
+                            const int8_t* fresh) {
+  using C = typename MathOf<T>::type;
+  const PlanBlock b = plan_block(t);
+  T* w = tensor<T>(w_ptrs, b.k);
+  const T* g = tensor<const T>(g_ptrs, b.k);
+  T* buf = buf_ptrs ? tensor<T>(buf_ptrs, b.k) : nullptr;
+  const double* h = hyper + 6 * group[b.k];
+  // torch's alphas: -lr, momentum, 1 - dampening (computed in double), weight_decay
+  const C neg_lr = static_cast<C>(-h[0]), momentum = static_cast<C>(h[1]), undamped = static_cast<C>(1 - h[2]);
+  const C weight_decay = static_cast<C>(h[3]);
+  const bool nesterov = h[4] != 0, maximize = h[5] != 0, start_buf = fresh[b.k] != 0;
+  const bool use_buf = momentum != C(0) && buf != nullptr;
+  walk_block(tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row], [&](int64_t i, bool kept, int64_t slot) {
+    const T weight = kept ? backup[slot] : w[i];
+    if (g == nullptr) {  // no gradient: torch's SGD leaves the tensor alone; put it back only
+      if (kept) w[i] = weight;
+      return;
+    }
+    // torch's SGD op for op: each add(..., alpha=a) one fused multiply-add, every other op
+    // rounded (--fmad=false)
+    const C x = to_c<C>(weight);
+    C d = to_c<C>(g[i]);
+    if (maximize) d = -d;
+    if (weight_decay != C(0)) d = fma(x, weight_decay, d);
+    if (use_buf) {
+      const C m = start_buf ? d : fma(d, undamped, to_c<C>(buf[i]) * momentum);
+      buf[i] = from_c<T>(m);
+      d = nesterov ? fma(m, momentum, d) : m;
+    }
+    w[i] = from_c<T>(fma(d, neg_lr, x));
+  });
+}
+
+template <typename A>
+cudaError_t plan_norm_in(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, A* partial,
+                         int32_t* counter, A* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
+                         cudaStream_t stream) {
+  if (t.num_blocks == 0) return cudaGetLastError();
+  return dispatch(g, [&](auto v) {
+    using T = decltype(v);
+    plan_norm_kernel<T, A><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
+        t, g_ptrs, bits_ptrs, partial, counter, inv, flags, first, programs, static_cast<A>(eps));
+    return cudaGetLastError();
+  });
+}
+
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 // sum_squares with the accumulator A (float, or double for a float64 norm)
@@ -356,6 +524,59 @@ cudaError_t restore(const ChunkTable& t, Dtype w, const int64_t* w_ptrs, const i
     using T = decltype(wv);
     return launch(t, Move<T, T, false>{w_ptrs, nullptr, bits_ptrs, backup_ptrs, backup_numel, chunk_offset, Scale{}},
                   stream);
+  });
+}
+
+cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, float* partial,
+                      int32_t* counter, float* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
+                      cudaStream_t stream) {
+  return plan_norm_in(t, g, g_ptrs, bits_ptrs, partial, counter, inv, flags, first, programs, eps, stream);
+}
+
+cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, double* partial,
+                      int32_t* counter, double* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
+                      cudaStream_t stream) {
+  return plan_norm_in(t, g, g_ptrs, bits_ptrs, partial, counter, inv, flags, first, programs, eps, stream);
+}
+
+cudaError_t plan_perturb(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
+                         const int64_t* bits_ptrs, void* backup, const void* inv, bool inv64, const int64_t* flags,
+                         const double* rho, cudaStream_t stream) {
+  if (t.num_blocks == 0) return cudaGetLastError();
+  return dispatch(w, [&](auto v) {
+    using T = decltype(v);
+    const unsigned grid = static_cast<unsigned>(t.num_blocks);
+    if (inv64) {
+      plan_perturb_kernel<T, double><<<grid, kThreads, 0, stream>>>(
+          t, w_ptrs, g_ptrs, bits_ptrs, static_cast<T*>(backup), static_cast<const double*>(inv), flags, rho);
+    } else {
+      plan_perturb_kernel<T, float><<<grid, kThreads, 0, stream>>>(
+          t, w_ptrs, g_ptrs, bits_ptrs, static_cast<T*>(backup), static_cast<const float*>(inv), flags, rho);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t plan_restore(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* bits_ptrs,
+                         const void* backup, cudaStream_t stream) {
+  if (t.num_blocks == 0) return cudaGetLastError();
+  return dispatch(w, [&](auto v) {
+    using T = decltype(v);
+    plan_restore_kernel<T><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
+        t, w_ptrs, bits_ptrs, static_cast<const T*>(backup));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t plan_restore_sgd(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
+                             const int64_t* buf_ptrs, const int64_t* bits_ptrs, const void* backup,
+                             const int32_t* group, const double* hyper, const int8_t* fresh, cudaStream_t stream) {
+  if (t.num_blocks == 0) return cudaGetLastError();
+  return dispatch(w, [&](auto v) {
+    using T = decltype(v);
+    plan_restore_sgd_kernel<T><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
+        t, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, static_cast<const T*>(backup), group, hyper, fresh);
+    return cudaGetLastError();
   });
 }
 

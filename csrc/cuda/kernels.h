@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../ssam_common.h"
+
 namespace ssam {
 namespace cuda {
 
@@ -68,6 +70,50 @@ cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta,
                         int64_t cols, cudaStream_t stream);
 cudaError_t decompress_24(Dtype x, const void* values, const int16_t* meta, void* dense, int64_t rows, int64_t cols,
                           cudaStream_t stream);
+
+// ---- the planned SAM step (ssam_kernels.SAMStepPlan; the C++ CPU twins in csrc/sam_step.cpp) ----
+
+// The tables of a plan: block row blocks[b] (b < num_blocks) covers elements
+// [blk_start[row], +kPlanBlock) of tensor blk_tensor[row], its first kept element going to slot
+// blk_base[row] of the flat backup. One CUDA block per block row.
+struct PlanBlocks {
+  const int32_t* blocks;
+  const int32_t* blk_tensor;
+  const int64_t* blk_start;
+  const int64_t* blk_base;
+  const int64_t* numel;
+  int64_t num_blocks;
+};
+
+// partial[first + b]: block b's sum of squares of the gradient (0 where g_ptrs[k] is 0; only
+// the kept elements where bits_ptrs is non-null and bits_ptrs[k] is not 0), in A (float or
+// double). The last block of `programs` (over the step's launches, counted on `counter`) sums
+// the partials in order, writes inv[0] = 1 / (sqrt(sum) + eps) (0 if the sum is not finite),
+// flags[0] = not finite, flags[1] += not finite, and resets the counter.
+cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, float* partial,
+                      int32_t* counter, float* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
+                      cudaStream_t stream);
+cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, double* partial,
+                      int32_t* counter, double* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
+                      cudaStream_t stream);
+
+// w[m] -> backup, and unless flags[0] or the tensor has no gradient, w[m] += (inv * rho[k]) * g[m]
+// (the scale rounded in inv's type, then the math in fp32, double for double weights).
+// inv64: inv points at a double (else a float).
+cudaError_t plan_perturb(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
+                         const int64_t* bits_ptrs, void* backup, const void* inv, bool inv64, const int64_t* flags,
+                         const double* rho, cudaStream_t stream);
+
+// backup -> w[m], bit for bit.
+cudaError_t plan_restore(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* bits_ptrs,
+                         const void* backup, cudaStream_t stream);
+
+// The restore, then torch.optim.SGD's step with hyper[6 * group[k]] = (lr, momentum, dampening,
+// weight_decay, nesterov, maximize) where the tensor has a gradient; a momentum buffer whose
+// fresh[k] flag is set starts from the direction.
+cudaError_t plan_restore_sgd(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
+                             const int64_t* buf_ptrs, const int64_t* bits_ptrs, const void* backup,
+                             const int32_t* group, const double* hyper, const int8_t* fresh, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ssam

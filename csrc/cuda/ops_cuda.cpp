@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../plan_tables.h"
 #include "../ssam_common.h"
 #include "kernels.h"
 
@@ -427,6 +428,98 @@ void restore_cuda(at::TensorList params, at::TensorList backups, const c10::List
   move_cuda(false, params, {}, masks, backups, nullptr);
 }
 
+// ---- the planned step (tables checked in plan_tables.h; the kernels in kernels.cu) ------------
+
+cuda::PlanBlocks plan_blocks(const PlanTables& t) {
+  return cuda::PlanBlocks{t.blocks, t.blk_tensor, t.blk_start, t.blk_base, t.numel, t.num_blocks};
+}
+
+Dtype plan_dtype(at::ScalarType dtype, const char* what) {
+  switch (dtype) {
+    case at::kFloat: return Dtype::F32;
+    case at::kDouble: return Dtype::F64;
+    case at::kHalf: return Dtype::F16;
+    case at::kBFloat16: return Dtype::BF16;
+    default: TORCH_CHECK(false, what, ": CUDA kernels take float64, float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void plan_norm_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                    const at::Tensor& numel, const at::Tensor& g_ptrs, const c10::optional<at::Tensor>& bits_ptrs,
+                    at::ScalarType dtype, at::Tensor partial, at::Tensor counter, at::Tensor inv, at::Tensor flags,
+                    int64_t first, int64_t programs, double eps) {
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, c10::nullopt, numel, "plan_norm");
+  check_norm_state(partial, counter, inv, flags, first, programs, t.num_blocks, "plan_norm");
+  TORCH_CHECK(partial.device() == numel.device(), "plan_norm: the norm's state must be on the tables' device");
+  const int64_t* g = table_of(g_ptrs, numel.numel(), "g_ptrs", "plan_norm");
+  const int64_t* bits = bits_ptrs.has_value() ? table_of(*bits_ptrs, numel.numel(), "bits_ptrs", "plan_norm") : nullptr;
+  c10::DeviceGuard guard(numel.device());
+  const auto stream = current_stream(numel.device());
+  const Dtype d = plan_dtype(dtype, "plan_norm");
+  if (partial.scalar_type() == at::kDouble) {
+    check_launch(cuda::plan_norm(plan_blocks(t), d, g, bits, partial.data_ptr<double>(), counter.data_ptr<int32_t>(),
+                                 inv.data_ptr<double>(), flags.data_ptr<int64_t>(), first, programs, eps, stream),
+                 "plan_norm");
+  } else {
+    check_launch(cuda::plan_norm(plan_blocks(t), d, g, bits, partial.data_ptr<float>(), counter.data_ptr<int32_t>(),
+                                 inv.data_ptr<float>(), flags.data_ptr<int64_t>(), first, programs, eps, stream),
+                 "plan_norm");
+  }
+}
+
+void plan_perturb_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                       const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
+                       const at::Tensor& g_ptrs, const at::Tensor& bits_ptrs, at::Tensor backup, const at::Tensor& inv,
+                       const at::Tensor& flags, const at::Tensor& tensor_rho) {
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_perturb");
+  const int64_t n = numel.numel();
+  check_perturb_state(backup, inv, flags, tensor_rho, n, "plan_perturb");
+  TORCH_CHECK(backup.device() == numel.device(), "plan_perturb: the backup must be on the tables' device");
+  c10::DeviceGuard guard(numel.device());
+  check_launch(cuda::plan_perturb(plan_blocks(t), dtype_of(backup, "plan_perturb"),
+                                  table_of(w_ptrs, n, "w_ptrs", "plan_perturb"),
+                                  table_of(g_ptrs, n, "g_ptrs", "plan_perturb"),
+                                  table_of(bits_ptrs, n, "bits_ptrs", "plan_perturb"), backup.data_ptr(),
+                                  inv.data_ptr(), inv.scalar_type() == at::kDouble, flags.data_ptr<int64_t>(),
+                                  tensor_rho.data_ptr<double>(), current_stream(numel.device())),
+               "plan_perturb");
+}
+
+void plan_restore_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                       const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
+                       const at::Tensor& bits_ptrs, const at::Tensor& backup) {
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_restore");
+  const int64_t n = numel.numel();
+  check_backup_buffer(backup, "plan_restore");
+  TORCH_CHECK(backup.device() == numel.device(), "plan_restore: the backup must be on the tables' device");
+  c10::DeviceGuard guard(numel.device());
+  check_launch(cuda::plan_restore(plan_blocks(t), dtype_of(backup, "plan_restore"),
+                                  table_of(w_ptrs, n, "w_ptrs", "plan_restore"),
+                                  table_of(bits_ptrs, n, "bits_ptrs", "plan_restore"), backup.data_ptr(),
+                                  current_stream(numel.device())),
+               "plan_restore");
+}
+
+void plan_restore_sgd_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                           const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
+                           const at::Tensor& g_ptrs, const at::Tensor& buf_ptrs, const at::Tensor& bits_ptrs,
+                           const at::Tensor& backup, const at::Tensor& tensor_group, const at::Tensor& hyper,
+                           const at::Tensor& fresh) {
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_restore_sgd");
+  const int64_t n = numel.numel();
+  check_backup_buffer(backup, "plan_restore_sgd");
+  TORCH_CHECK(backup.device() == numel.device(), "plan_restore_sgd: the backup must be on the tables' device");
+  const SgdTables s = sgd_tables(tensor_group, hyper, fresh, n, "plan_restore_sgd");
+  c10::DeviceGuard guard(numel.device());
+  check_launch(cuda::plan_restore_sgd(plan_blocks(t), dtype_of(backup, "plan_restore_sgd"),
+                                      table_of(w_ptrs, n, "w_ptrs", "plan_restore_sgd"),
+                                      table_of(g_ptrs, n, "g_ptrs", "plan_restore_sgd"),
+                                      table_of(buf_ptrs, n, "buf_ptrs", "plan_restore_sgd"),
+                                      table_of(bits_ptrs, n, "bits_ptrs", "plan_restore_sgd"), backup.data_ptr(),
+                                      s.group, s.hyper, s.fresh, current_stream(numel.device())),
+               "plan_restore_sgd");
+}
+
 at::Tensor nm_mask_cuda(const at::Tensor& scores, int64_t n, int64_t m, bool magnitude) {
   TORCH_CHECK(scores.dim() >= 1 && 1 <= n && n < m && m <= kMaxGroup, "nm_mask: need 1 <= n < m <= ", kMaxGroup,
               " and scores of at least one dimension, got n=", n, ", m=", m, ", scores of shape ", scores.sizes());
@@ -498,6 +591,10 @@ TORCH_LIBRARY_IMPL(ssam, CUDA, m) {
   m.impl("nm_mask", &nm_mask_cuda);
   m.impl("compress_24", &compress_24_cuda);
   m.impl("decompress_24", &decompress_24_cuda);
+  m.impl("plan_norm", &plan_norm_cuda);
+  m.impl("plan_perturb", &plan_perturb_cuda);
+  m.impl("plan_restore", &plan_restore_cuda);
+  m.impl("plan_restore_sgd", &plan_restore_sgd_cuda);
 }
 
 }  // namespace ssam

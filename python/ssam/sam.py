@@ -126,10 +126,13 @@ class SAM(torch.optim.Optimizer):
         rho: radius of the perturbation (>= 0). ``rho=0`` follows the base optimizer exactly.
         adaptive: ASAM's scale-invariant perturbation ``e = rho * w^2 g / ||w g||``.
         fuse_sgd: when the base optimizer is plain ``torch.optim.SGD``, ``second_step`` does
-            the restore and the SGD update in one pass (``ssam_kernels.restore_sgd_step_``)
-            instead of calling ``base_optimizer.step()``; its momentum buffers stay in the base
-            optimizer's state. Hooks registered on the base optimizer's ``step`` then do not
-            run: pass False to keep them.
+            the restore and the SGD update in one pass (the planned step's kernel, or
+            ``ssam_kernels.restore_sgd_step_``) instead of calling ``base_optimizer.step()``;
+            its momentum buffers stay in the base optimizer's state. Hooks registered on the
+            base optimizer's ``step`` then do not run: pass False to keep them.
+
+    Steps run over an ``ssam_kernels.SAMStepPlan`` (3 launches, no host sync) wherever a kernel
+    backend runs one for these parameters; otherwise over the per-list ops.
         ascent_fraction: in (0, 1]; the share of the batch whose gradient sets the
             perturbation (m-sharpness). The closure takes it with :meth:`batch`, which gives
             the first ``ceil(fraction * n)`` rows inside the ascent pass and the whole batch in
@@ -181,6 +184,7 @@ class SAM(torch.optim.Optimizer):
         # _invalidate_plan(); None where the planned path does not apply
         self._plan: SAMStepPlan | None = None
         self._plan_made = False
+        self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._plan_buffers_synced = False  # the plan's momentum buffers are the base optimizer's
 
     def add_param_group(self, param_group: dict) -> None:
@@ -423,7 +427,7 @@ class SAM(torch.optim.Optimizer):
                 isinstance(group[k], bool) or not isinstance(group[k], (int, float)) for k in self._SGD_KEYS
             ):
                 return False
-        if isinstance(self._pending, _Planned):
+        if isinstance(self._pending, _Planned):  # the plan's backend has the fused kernel
             return True
         if not self._fast_fused_sgd(self._pending[0][1][0].device if self._pending and self._pending[0][1] else None):
             return False
@@ -513,8 +517,19 @@ class SAM(torch.optim.Optimizer):
 
     def _invalidate_plan(self) -> None:
         """Something the plan rests on changed (parameters, masks, state): make it anew at the
-        next step."""
+        next step (its count of skipped steps carried over, on the device)."""
+        if self._plan is not None:
+            count = self._plan.skipped
+            self._skips_before = count.clone() if self._skips_before is None else self._skips_before + count
         self._plan, self._plan_made, self._plan_buffers_synced = None, False, False
+
+    def skipped_steps(self) -> int:
+        """How many steps had an ascent gradient whose norm was not finite (an inf or NaN) and so
+        perturbed nothing, on the planned path (the device decides; reading the count is a host
+        sync). The per-list path (see :meth:`first_step`) does not detect them: use a
+        ``GradScaler`` there."""
+        total = 0 if self._skips_before is None else int(self._skips_before)
+        return total + (0 if self._plan is None else int(self._plan.skipped))
 
     @torch.no_grad()
     def restore(self) -> None:

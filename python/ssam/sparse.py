@@ -166,6 +166,7 @@ class SparseSAM(SAM):
         packed = {p: pack_mask(m.to(p.device)) for p, m in zip(self.params, masks)}
         broadcast_([m.bits for m in packed.values()])  # under torch.distributed: rank 0's masks
         self._masks = packed
+        self._invalidate_plan()  # the next step plans with these masks (a pending one keeps its own)
 
     def add_param_group(self, param_group: dict) -> None:
         """New parameters start unperturbed (empty mask) until the next ``update_mask``."""
@@ -173,6 +174,7 @@ class SparseSAM(SAM):
         if hasattr(self, "_masks"):
             for p in self.param_groups[-1]["params"]:
                 self._masks[p] = pack_mask(torch.zeros(p.shape, dtype=torch.bool, device=p.device))
+            self._invalidate_plan()
 
     def get_mask(self, p: torch.Tensor) -> torch.Tensor:
         """The mask of parameter ``p`` as a bool tensor shaped like ``p``."""
@@ -218,6 +220,7 @@ class SparseSAM(SAM):
             if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != packed_nbytes(p.numel()):
                 raise ValueError(f"state_dict mask {i} does not fit a parameter of shape {tuple(p.shape)}")
         self._masks = {p: BitMask(bits.to(p.device).contiguous(), p.shape) for p, bits in zip(params, masks)}
+        self._invalidate_plan()
         self.mask_updates = int(state["mask_updates"])
         self.generator.set_state(state["generator"].cpu())
         if "ascent_generator" in state:

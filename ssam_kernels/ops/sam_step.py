@@ -41,7 +41,7 @@ from .grad_norm import accumulation_dtype
 from .perturb import math_dtype
 from .sgd_step import sgd_update_torch
 
-_BACKENDS = op_backends("sam_step")
+_BACKENDS = op_backends("sam_step", ext_op="plan_norm")
 # unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
 _data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
 _grad = operator.attrgetter("grad")
@@ -351,6 +351,7 @@ class _ReferenceStep:
 
 _BACKENDS.register("torch", _ReferenceStep)
 _BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.sam_step", "TritonStep"))
+_BACKENDS.register("ext", lazy("ssam_kernels.ext_ops", "ExtStep"))
 
 
 def plan_backend(backend: str, device: torch.device) -> str | None:

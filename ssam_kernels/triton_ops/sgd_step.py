@@ -1,7 +1,9 @@
 """Triton restore + SGD step, fused: per element, the weight is the backed-up original where
 the mask is set (else the current value), then ``torch.optim.SGD``'s update runs in fp32 (in
-float64 for float64 weights, the hyper-parameters passed as their float64 bits; no FMA
-contraction, as in the extension) and the weight and momentum buffer are written once. One
+float64 for float64 weights, the hyper-parameters passed as their float64 bits; a fused
+multiply-add exactly where torch's SGD has one, its ``add(..., alpha=a)``, and no contraction
+elsewhere, so fp32 and float64 steps equal torch's) and the weight and momentum buffer are
+written once. One
 launch per (dtype, masked, has-buffer) group; non-contiguous tensors use the reference."""
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ SGD_BLOCK = 512
 
 
 @triton.jit
-def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay,
+def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamped, weight_decay,
                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -40,19 +42,21 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampen
         d = load_block(g + offs, valid, FULL).to(lr.dtype)
         if MAXIMIZE:
             d = -d
+        # torch's SGD op for op: each add(..., alpha=a) one fused multiply-add, every other op
+        # rounded (the kernel is compiled without contraction)
         if WEIGHT_DECAY:
-            d = d + weight_decay * weight
+            d = tl.fma(weight, weight_decay, d)
         if MOMENTUM:
             if NEW_BUFFER:
                 b = d
             else:
-                b = load_block(buf + offs, valid, FULL).to(lr.dtype) * momentum + (1 - dampening) * d
+                b = tl.fma(d, undamped, load_block(buf + offs, valid, FULL).to(lr.dtype) * momentum)
             store_block(buf + offs, b.to(buf.dtype.element_ty), valid, FULL)
             if NESTEROV:
-                d = d + momentum * b
+                d = tl.fma(b, momentum, d)
             else:
                 d = b
-        store_block(w + offs, (weight - lr * d).to(w.dtype.element_ty), valid, FULL)
+        store_block(w + offs, tl.fma(d, -lr, weight).to(w.dtype.element_ty), valid, FULL)
 
 
 # one compile whatever the hyper-parameters' values
@@ -65,10 +69,10 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
     """The hyper-parameters come as float64 bits (``f64_bits``); the math is in float64 where
     FP64 (float64 weights), else in fp32."""
     lr, momentum = as_f64(lr_bits), as_f64(momentum_bits)
-    dampening, weight_decay = as_f64(dampening_bits), as_f64(weight_decay_bits)
+    undamped, weight_decay = 1 - as_f64(dampening_bits), as_f64(weight_decay_bits)  # torch's alpha=1 - dampening
     if not FP64:
         lr, momentum = lr.to(tl.float32), momentum.to(tl.float32)
-        dampening, weight_decay = dampening.to(tl.float32), weight_decay.to(tl.float32)
+        undamped, weight_decay = undamped.to(tl.float32), weight_decay.to(tl.float32)
     c, t, start, left = this_chunk(chunk_tensor, chunk_start, numel, CHUNK)
     w = tensor_ptr(w_ptrs, t, w_ref, start, ALIGNED)
     g = tensor_ptr(g_ptrs, t, g_ref, start, ALIGNED)
@@ -78,10 +82,10 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
     bits, backup, base = backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
                                        HAS_MASK, ALIGNED)
     if left == CHUNK:
-        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay, HAS_MASK,
+        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamped, weight_decay, HAS_MASK,
                            MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, True, CHUNK, BLOCK)
     else:
-        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, dampening, weight_decay, HAS_MASK,
+        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamped, weight_decay, HAS_MASK,
                            MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, False, CHUNK, BLOCK)
 
 
@@ -128,7 +132,7 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
             # on sm_80 (the compile tier found 4 B spilled at 1024 elements in 4 warps, and
             # 16 B in fp64 at 4 per thread once FMAs were off)
             BLOCK=SGD_BLOCK // 4 if ws[0].dtype == torch.float64 else SGD_BLOCK, num_warps=2,
-            # no FMA contraction: each product rounded before its sum, as in the extension
+            # no FMA contraction: the explicit fused multiply-adds are torch's own
             enable_fp_fusion=False,
         )
     if slow:

@@ -1,0 +1,279 @@
+"""The host side of the planned step's kernel backends (Triton, the extension): the tables a
+plan makes once, and the per-step work around the launches. See ``ssam_kernels.ops.sam_step``.
+
+Per weight dtype a :class:`Part`: every block of ``block`` elements of its tensors (in memory
+order) gets a row: its tensor, first element, and backup slot of its first kept element (from
+per-block set-bit counts: one host sync, at plan time); the rows with a kept element are listed
+apart (the perturbation and the restore take only them). One int64 buffer holds every table, and
+one flat buffer the backup (each tensor's part of it starting on 16 bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+
+from .._device_tables import CACHE, _place
+
+_POPCOUNT = {}
+
+
+def _block_counts(bits: torch.Tensor, numel: int, block: int) -> torch.Tensor:
+    """Set bits of each ``block``-element block of a packed mask (int64, on the mask's device)."""
+    key = (bits.device.type, bits.device.index)
+    if key not in _POPCOUNT:
+        _POPCOUNT[key] = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64, device=bits.device)
+    per_block = block // 8
+    blocks = -(-numel // block)
+    padded = torch.zeros(blocks * per_block, dtype=torch.uint8, device=bits.device)
+    padded[: bits.numel()] = bits
+    return _POPCOUNT[key][padded.long()].view(blocks, per_block).sum(1)
+
+
+def _aligned_length(n: int, dtype: torch.dtype) -> int:
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return -(-n // step) * step
+
+
+class Part:
+    """The tensors of one weight dtype: their tables (made once) and flat backup."""
+
+    def __init__(self, plan, index: list[int], masks: list, block: int):
+        params = [plan.params[i] for i in index]
+        device = plan.device
+        self.index = index
+        self.dtype = params[0].dtype
+        self.ref = params[0]
+        self.block = block
+        numels = [p.numel() for p in params]
+        bits = [None if m is None else m.bits for m in masks]
+        self.bits = [b for b in bits if b is not None]  # kept alive: the kernels read their addresses
+        self.bits_ref = self.bits[0] if self.bits else torch.zeros(16, dtype=torch.uint8, device=device)
+        counts = [None if b is None else _block_counts(b, n, block).cpu().tolist() for b, n in zip(bits, numels)]
+        blk_tensor, blk_start, blk_base, kept_blocks = [], [], [], []
+        offset = 0
+        for t, (n, c) in enumerate(zip(numels, counts)):
+            before = 0
+            for b in range(-(-n // block)):
+                if c is None or c[b]:
+                    kept_blocks.append(len(blk_tensor))
+                blk_tensor.append(t)
+                blk_start.append(b * block)
+                blk_base.append(offset + (b * block if c is None else before))
+                before += 0 if c is None else c[b]
+            offset += _aligned_length(n if c is None else before, self.dtype)
+        self.backup = torch.empty(offset, dtype=self.dtype, device=device)
+        self.blocks = len(blk_tensor)
+        self.kept_blocks = len(kept_blocks)
+        self.norm_blocks = self.kept_blocks if plan.masked_norm else self.blocks
+        self.aligned = all(p.data_ptr() % 16 == 0 for p in params) and all(b.data_ptr() % 16 == 0 for b in self.bits)
+        # one int64 copy: blk_start | blk_base | numel | w_ptrs | bits_ptrs | rows of int32 pairs
+        i64 = [blk_start, blk_base, numels, [p.data_ptr() for p in params], [0 if b is None else b.data_ptr() for b in bits]]
+        i32 = [blk_tensor, kept_blocks, list(range(self.blocks)), [plan.groups[i] for i in index]]
+        host, views = _pack_tables(i64, i32)
+        table = host.to(device)
+        (self.blk_start, self.blk_base, self.numel, self.w_ptrs, self.bits_ptrs,
+         self.blk_tensor, self.kept, self.all, self.tensor_group) = (v(table) for v in views)
+        self.norm_rows = self.kept if plan.masked_norm else self.all
+        self.buf_ptrs = torch.zeros(len(index), dtype=torch.int64, device=device)  # none until made
+        self.fresh = [True] * len(index)  # momentum buffer not started yet (torch's SGD: buf = d)
+        self.any_fresh = True
+        self.spare: dict[int, torch.Tensor] = {}  # buffers made ahead for tensors not stepped yet
+
+
+def _pack_tables(i64: list[list[int]], i32: list[list[int]]):
+    """One host int64 tensor holding the lists (each section 16-byte aligned), and per list a
+    function giving its view in a copy of that tensor."""
+    at, sections = 0, []
+    for values in i64:
+        sections.append((at, len(values), torch.int64))
+        at += -(-len(values) // 2) * 2
+    for values in i32:
+        sections.append((at, len(values), torch.int32))
+        at += -(-len(values) // 4) * 2
+    host = torch.zeros(max(at, 2), dtype=torch.int64)
+    for (start, n, dtype), values in zip(sections, i64 + i32):
+        if n:
+            host[start:].view(dtype)[:n] = torch.tensor(values, dtype=dtype)
+    return host, [lambda buf, s=s, n=n, d=d: buf[s:].view(d)[:n] for s, n, d in sections]
+
+
+class KernelStep:
+    """The host side of a kernel backend of :class:`~ssam_kernels.SAMStepPlan`: one part per
+    weight dtype, its tables, the per-step tables (gradient addresses, rho, hyper-parameters,
+    momentum flags: the last of each remembered, so a steady step looks nothing up), and the
+    momentum buffers. A backend supplies ``block_size(dtype)`` and the four launches."""
+
+    def block_size(self, dtype: torch.dtype) -> int:
+        raise NotImplementedError
+
+    def __init__(self, plan, memory_masks):
+        self.plan = plan
+        self.cache = CACHE
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(plan.params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        self.parts = [Part(plan, idx, [memory_masks[i] for i in idx], self.block_size(plan.params[idx[0]].dtype))
+                      for idx in by_dtype.values()]
+        self.norm_programs = sum(part.norm_blocks for part in self.parts)
+        self.partial = torch.empty(max(self.norm_programs, 1), dtype=plan.norm_dtype, device=plan.device)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=plan.device)
+        self.device, self.place = _place(plan.device)
+        self.memo: dict[str, tuple] = {}
+
+    def _table(self, kind: str, key: tuple, make=None, dtype=torch.int64) -> torch.Tensor:
+        """The device table of ``key`` (``make()`` its values; default the key itself), from the
+        shared content-keyed cache; the last one of each kind is remembered here, so a step whose
+        tables did not change makes no cache lookup (on CUDA: for the same stream)."""
+        stream = _stream_id(self.device)
+        last = self.memo.get(kind)
+        if last is not None and last[0] == key and last[1] == stream:
+            return last[2]
+        table = self.cache.get((kind, key) + self.place, self.device,
+                               lambda: (torch.tensor(key if make is None else make(), dtype=dtype), lambda buf: buf))
+        self.memo[kind] = (key, stream, table)
+        return table
+
+    def _grad_tables(self, grads: tuple[int, ...], kind: str) -> list[tuple[torch.Tensor, bool]]:
+        """Per part: the device table of its gradients' addresses, and whether all start on 16
+        bytes (remembered with the last addresses of each kind: one check per change)."""
+        last = self.memo.get(kind + "+")
+        if last is not None and last[0] == grads:
+            keys = last[1]
+        else:
+            keys = [(grads, _aligned16(grads))] if len(self.parts) == 1 else [
+                (mine, _aligned16(mine)) for mine in (tuple(grads[i] for i in part.index) for part in self.parts)]
+            self.memo[kind + "+"] = (grads, keys)
+        return [(self._table(f"{kind}{n}", key), aligned) for n, (key, aligned) in enumerate(keys)]
+
+    def perturb(self, grads, rho) -> None:
+        plan = self.plan
+        tables = self._grad_tables(grads, "ascent")
+        rho_tables = self._rho_tables(rho)
+        if self.norm_programs == 0:  # no gradient entry counts: the norm is 0
+            plan.inv.fill_(1.0 / (0.0 + plan.eps) if plan.eps else 0.0)
+            plan.flags[0].zero_()
+        first = 0
+        for part, (g_ptrs, g_aligned) in zip(self.parts, tables):
+            if part.norm_blocks:
+                self.launch_norm(part, g_ptrs, g_aligned, first)
+            first += part.norm_blocks
+        for part, (g_ptrs, g_aligned), tensor_rho in zip(self.parts, tables, rho_tables):
+            if part.kept_blocks:
+                self.launch_perturb(part, g_ptrs, g_aligned, tensor_rho)
+
+    def _rho_tables(self, rho: tuple[float, ...]) -> list[torch.Tensor]:
+        """Per part, each tensor's rho (float64, on the device): views of one table."""
+        last = self.memo.get("rho+")
+        if last is not None and last[0] == rho and last[1] == _stream_id(self.device):
+            return last[2]
+        plan = self.plan
+        per_tensor = tuple(rho[plan.groups[i]] for part in self.parts for i in part.index)  # the table's content
+        table = self._table("rho", per_tensor, dtype=torch.float64)
+        views, at = [], 0
+        for part in self.parts:
+            views.append(table[at: at + len(part.index)])
+            at += len(part.index)
+        self.memo["rho+"] = (rho, _stream_id(self.device), views)
+        return views
+
+    def restore(self) -> None:
+        for part in self.parts:
+            if part.kept_blocks:
+                self.launch_restore(part)
+
+    def restore_sgd(self, grads, sgd) -> list[int]:
+        plan = self.plan
+        tables = self._grad_tables(grads, "descent")
+        hyper = self._table("hyper", sgd, lambda: [v for h in sgd for v in h.values()], torch.float64)
+        momentum = any(h.momentum != 0 for h in sgd)
+        made = []
+        for part, (g_ptrs, g_aligned) in zip(self.parts, tables):
+            fresh = self._fresh_flags(part, grads, sgd) if momentum else self._no_fresh(part)
+            if part.blocks:
+                self.launch_restore_sgd(part, g_ptrs, g_aligned, hyper, fresh, momentum)
+            if momentum:
+                made += self._started(part, grads, sgd)
+        return made
+
+    # --- the launches (one per part) ---------------------------------------------------------
+
+    def launch_norm(self, part: "Part", g_ptrs: torch.Tensor, g_aligned: bool, first: int) -> None:
+        """partial[first + i] for the part's norm blocks; the step's last block writes plan.inv."""
+        raise NotImplementedError
+
+    def launch_perturb(self, part: "Part", g_ptrs: torch.Tensor, g_aligned: bool, tensor_rho: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def launch_restore(self, part: "Part") -> None:
+        raise NotImplementedError
+
+    def launch_restore_sgd(self, part: "Part", g_ptrs: torch.Tensor, g_aligned: bool, hyper: torch.Tensor,
+                           fresh: torch.Tensor, momentum: bool) -> None:
+        raise NotImplementedError
+
+    # --- momentum buffers: made on a tensor's first step, as torch's SGD does ------------------
+
+    def _no_fresh(self, part: "Part") -> torch.Tensor:
+        return self._table(f"fresh{id(part)}", (0,) * len(part.index), dtype=torch.int8)
+
+    def _fresh_flags(self, part: "Part", grads, sgd) -> torch.Tensor:
+        plan = self.plan
+        if not part.any_fresh:
+            return self._no_fresh(part)
+        missing = [t for t, i in enumerate(part.index) if plan.buffers[i] is None and t not in part.spare
+                   and sgd[plan.groups[i]].momentum != 0]
+        if missing:  # one allocation for every tensor still without a buffer
+            params = [plan.params[part.index[t]] for t in missing]
+            flat = torch.zeros(sum(_aligned_length(p.numel(), p.dtype) for p in params), dtype=part.dtype,
+                               device=plan.device)
+            at = 0
+            for t, p in zip(missing, params):
+                part.spare[t] = flat.as_strided(p.shape, p.stride(), at)
+                at += _aligned_length(p.numel(), p.dtype)
+            self._buffer_table(part)
+        return self._table(f"fresh{id(part)}", tuple(int(f) for f in part.fresh), dtype=torch.int8)
+
+    def _buffer_table(self, part: "Part") -> None:
+        plan = self.plan
+        ptrs = []
+        for t, i in enumerate(part.index):
+            buf = plan.buffers[i] if plan.buffers[i] is not None else part.spare.get(t)
+            ptrs.append(0 if buf is None else buf.data_ptr())
+        part.buf_ptrs = torch.tensor(ptrs, dtype=torch.int64).to(plan.device)
+        part.aligned = part.aligned and all(a % 16 == 0 for a in ptrs)
+
+    def _started(self, part: "Part", grads, sgd) -> list[int]:
+        """Mark the tensors whose buffer this step started; hand their buffers to the plan."""
+        plan = self.plan
+        made = []
+        if not part.any_fresh:
+            return made
+        for t, i in enumerate(part.index):
+            if part.fresh[t] and grads[i] != 0 and sgd[plan.groups[i]].momentum != 0:
+                part.fresh[t] = False
+                if plan.buffers[i] is None:
+                    plan.buffers[i] = part.spare.pop(t)
+                made.append(i)
+        part.any_fresh = any(part.fresh)
+        return made
+
+    def buffers_changed(self) -> None:
+        for part in self.parts:
+            part.spare.clear()
+            part.fresh = [self.plan.buffers[i] is None for i in part.index]
+            part.any_fresh = any(part.fresh)
+            self._buffer_table(part)
+
+
+def _aligned16(addresses: tuple[int, ...]) -> bool:
+    return functools.reduce(operator.or_, addresses, 0) % 16 == 0
+
+
+def _stream_id(device: torch.device) -> int:
+    """The current stream of ``device`` (CUDA; 0 elsewhere), cheaply."""
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index)
