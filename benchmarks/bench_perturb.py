@@ -5,6 +5,8 @@ medium list) at mask density 0.5, one cycle ``grad_norm -> perturb_ -> restore_`
 
 * ``ours``: ``ssam_kernels`` with ``backend="auto"`` (Triton on a GPU) and a bit-packed mask;
 * ``torch``, ``triton``, ``ext``: the same ops on each backend that runs here;
+* ``plan triton``, ``plan ext``: the same cycle as the optimizers run it, over an
+  ``ssam_kernels.SAMStepPlan`` (norm + perturbation in 2 launches, restore in 1);
 * ``foreach``: ``torch._foreach_*`` with float masks (a good hand-written PyTorch baseline);
 * ``official``: the official code's per-parameter loop (``e = g * scale * mask``, ``p += e``,
   ``p -= e``, float mask and float ``e`` per parameter).
@@ -100,9 +102,23 @@ def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
             for p, e_w in zip(params, saved):
                 p.sub_(e_w)
 
+    for p, g in zip(params, grads):
+        p.grad = g  # the planned step reads .grad
+
+    def planned(backend):
+        plan = sk.SAMStepPlan(params, bit_masks, backend=backend)
+
+        def run():
+            plan.perturb([rho])
+            plan.restore()
+        return run
+
     fns = {"ours": ours("auto"), "torch": ours("torch"), "foreach": foreach, "official": official}
     for backend in native_backends(device, lambda b: sk.grad_norm(grads[:1], backend=b))[1:]:
         fns[backend] = ours(backend)  # every other backend that runs here, beside auto's choice
+    for backend in ("triton", "ext"):  # the planned step (the optimizers' path), natively only
+        if sk.ops.sam_step.plan_backend(backend, device) == backend and (backend != "triton" or device.type == "cuda"):
+            fns[f"plan {backend}"] = planned(backend)
     times = interleaved_medians(fns, device, warmup=3, reps=reps)
     numel = sum(p.numel() for p in params)
     kept = sum(m.count_int() for m in bit_masks)
@@ -114,7 +130,8 @@ def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
              backend=sk.backend_info(device)["ops"]["perturb_"]["auto"] if impl == "ours" else impl,
              median_ms=t * 1e3, gbps=nbytes / t / 1e9, speedup_vs_official=times["official"] / t,
              speedup_vs_foreach=times["foreach"] / t,
-             extra_bytes_per_param=ours_mem if impl in ("ours", "torch", "triton", "ext") else 2.0 * size)
+             extra_bytes_per_param=ours_mem if impl in ("ours", "torch", "triton", "ext") or impl.startswith("plan")
+             else 2.0 * size)
         for impl, t in times.items()
     ]
 
