@@ -1,7 +1,7 @@
 """``ssam-bench``: what SSAM really costs on this machine, beside the paper's FLOPs.
 
     ssam-bench                 # everything (on a GPU: longer than a 10-minute slot; see below)
-    ssam-bench --quick         # tiny sizes: a smoke run (about 30 s on 2 CPU cores)
+    ssam-bench --quick         # tiny sizes: a smoke run (21-31 s on an idle 2-core CPU)
     ssam-bench step --models resnet18_cifar --sparsities 0.5 2:4
     ssam-bench ops | overhead | masks
     ssam-bench plot DIR        # redraw the plots of a results folder

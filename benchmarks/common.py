@@ -204,6 +204,43 @@ def runs_note(rows: list[dict]) -> str:
             + " (each row's own in the JSON).")
 
 
+# One line per results table: what its columns mean and which direction is better.
+LEGENDS = {
+    "step": "step / SGD: median step time over an SGD step's, timed in the same loop (lower is better; SAM costs "
+            "about 2x); counted FLOPs / SGD: FlopCounterMode over one step; paper FLOPs / SGD: the paper's column; "
+            "peak GiB: the contender's peak memory (lower is better).",
+    "overhead": "median ms: first_step + second_step with gradients present, no forward/backward; ms beyond SGD: "
+                "that minus SGD alone (lower is better); x official, x foreach: how many times faster than the "
+                "official loop and a torch._foreach_* SAM (above 1: ours is faster).",
+    "masks": "official ms, ours ms: one mask update (lower is better); x official: official / ours (higher is "
+             "better); ≥ 20x: whether the 20x target is met.",
+    "perturb": "median ms: grad_norm + perturb_ + restore_ once (lower is better); GB/s: the bytes the cycle must "
+               "move over its time; of copy BW: that over the copy bandwidth measured in this run (1.0 is the "
+               "ceiling; higher is better); x official, x foreach: speed relative to those (higher is better); "
+               "extra B/param: optimizer memory per parameter, mask + backup (lower is better).",
+    "sam_step": "host us: median CPU time of first_step + second_step with the kernels not run (lower is better); "
+                "launches: Triton kernels per step; dispatcher ops: torch ops per step; syncs: those among them "
+                "that wait for the device (0 wanted).",
+    "ops": "median ms (lower is better); GB/s and of copy BW: bytes the op must move, over its time and over the "
+           "measured copy bandwidth; TFLOP/s and of matmul peak: the same for GEMMs (1.0 is the ceiling; higher is "
+           "better); x torch ref: speed over the reference backend (higher is better).",
+    "topk_mask": "median ms (lower is better); x torch.topk: speed over torch.topk on the concatenated scores "
+                 "(higher is better); exact k: whether exactly k entries are kept.",
+    "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better); x dense: "
+                     "dense time / 2:4 time (above 1: the sparse GEMM wins; 2 is the sparse tensor cores' peak); "
+                     "all in: with the sparsify and compress steps.",
+    "ascent_quality": "cosine: between each mode's perturbation and the exact one (1 is identical; higher is "
+                      "better); accuracy: digits test accuracy (higher is better), mean and std over runs.",
+    "budget": "Fisher mass / top-k's: the mask's share of the unstructured top-k's Fisher mass (higher is better); "
+              "cosine: to the top-k's perturbation (higher is better); step FLOPs / SGD with the exact backward "
+              "(lower is better) beside the paper's column.",
+    "budget_accuracy": "test accuracy: digits, mean and std over seeds (higher is better); step FLOPs / SGD: counted "
+                       "(lower is better).",
+    "flops": "counted / SGD: a step's FLOPs over SGD's, FlopCounterMode (lower is better); paper: the paper's column; "
+             "paper model: the paper's assumption applied to the counted forward/backward split.",
+}
+
+
 def report(name: str, title: str, rows: list[dict], columns, device: torch.device, out: str | None,
            meta_extra: dict | None = None, note: str = "", merge_on: str | None = None) -> dict:
     """Print the Markdown table of a run (labelled CPU off a GPU) and write it where
@@ -215,8 +252,9 @@ def report(name: str, title: str, rows: list[dict], columns, device: torch.devic
     if target and merge_on:
         rows = merge_rows(os.path.join(target, f"{name}.json"), rows, meta, merge_on)
     label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
+    legend = f"{LEGENDS[name]}\n\n" if name in LEGENDS else ""
     md = (f"# {title}{label}\n\n{meta['device']}{note}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {meta['commit']}, {meta['date']}.{runs_note(rows)}\n\n{markdown_table(rows, columns)}\n")
+          f"commit {meta['commit']}, {meta['date']}.{runs_note(rows)}\n\n{legend}{markdown_table(rows, columns)}\n")
     print(md)
     if target:
         print("wrote", *write_results(name, meta, rows, md, target))

@@ -62,9 +62,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def gen():
-    """A CPU generator with a fresh seed per test, printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"generator seed: {seed}")
+    """A CPU generator with a fresh seed per test, printed so a failure can be replayed:
+    ``SSAM_TEST_SEED=<seed> pytest <test>`` runs it with that seed (tests seed torch's global
+    generator themselves where they use it)."""
+    replay = os.environ.get("SSAM_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+    print(f"generator seed: {seed} (replay: SSAM_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
 
 

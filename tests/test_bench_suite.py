@@ -305,3 +305,19 @@ def test_results_of_parts_merge_by_model(tmp_path):
     assert [(r["model"], r["commit"]) for r in rows] == [("m3", "ccc")] and runs_note(rows) == ""
     assert merge_rows(str(tmp_path / "none.json"), [{"model": "m"}], other, "model") == [
         {"model": "m", "commit": "ccc", "date": "2026-01-03T00:00:00Z"}]
+
+
+def test_every_results_table_says_what_its_columns_mean():
+    """Each table a benchmark writes has a legend line: its columns and which way is better."""
+    import pathlib
+    import re
+
+    from ssam_bench.common import LEGENDS
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    names = set()
+    for path in root.glob("*.py"):
+        names |= set(re.findall(r'report\(\s*"(\w+)"', path.read_text()))
+    names |= {"ops", "perturb", "topk_mask", "ascent_linear"}  # reported under a variable name
+    assert names and names <= set(LEGENDS), sorted(names - set(LEGENDS))
+    assert all("better" in LEGENDS[n] or n in ("flops",) for n in names)

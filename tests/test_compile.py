@@ -80,9 +80,15 @@ def test_no_kernel_spills(report):
 
 
 @needs_triton
+# (kernel, configuration part) launched one element per thread: restore_sgd_step_'s float64
+# variant, whose two-per-thread tiles spill on sm_80 under triton 3.6 (8-byte accesses are whole
+# elements there)
+ONE_PER_THREAD = [("_restore_sgd_kernel", "FP64=True HAS_MASK")]
+
+
 def test_bandwidth_bound_kernels_move_16_byte_vectors(report):
     rows = [r for r in report["rows"] if r["kernel"] in VECTOR_KERNELS and "ALIGNED=False" not in r["config"]
-            and "@" not in r["config"]]
+            and "@" not in r["config"] and not any(r["kernel"] == k and part in r["config"] for k, part in ONE_PER_THREAD)]
     assert {r["kernel"] for r in rows} == VECTOR_KERNELS
     scalar = [f"{r['kernel']} [{r['config']}] {r['target']}: loads {r['loads']}, stores {r['stores']}" for r in rows
               if "16" not in r["loads"] or (r["kernel"] in WRITERS and "16" not in r["stores"])]

@@ -291,3 +291,4 @@ def test_rho_zero_on_a_float64_model_is_exactly_sgd(sparse, backend, fuse_sgd, g
         base.step()
     for p, q in zip(model.parameters(), plain.parameters()):
         assert p.dtype == torch.float64 and torch.equal(p, q)
+

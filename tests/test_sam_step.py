@@ -162,14 +162,35 @@ def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
         made.append(plan.restore_sgd(sgd))
     assert made == [[0, 3, 4], [1]]  # group 2 has no momentum: no buffers there
     refs, opts = _sgd_reference(start, sgd, groups, history)
-    for p, r in zip(params, refs):  # bit for bit: a fused multiply-add exactly where torch's SGD has one
-        assert torch.equal(p, r) and p.stride() == r.stride()
+    # bit for bit: a fused multiply-add exactly where torch's SGD has one (triton 3.6's interpreter
+    # rounds tl.fma's product: within an ulp there; compiled kernels fuse)
+    exact = backend != "triton" or _interpreter_fma_is_fused()
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=2 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p, r, **tol)
+        assert p.stride() == r.stride()
     states = {id(r): o.state[r] for o in opts for r in o.param_groups[0]["params"]}
     for i, (buf, r) in enumerate(zip(plan.buffers, refs)):
         ref_buf = states[id(r)].get("momentum_buffer")
         assert (buf is None) == (ref_buf is None), i
         if buf is not None:
-            assert torch.equal(buf, ref_buf) and buf.stride() == params[i].stride()
+            torch.testing.assert_close(buf, ref_buf, **tol)
+            assert buf.stride() == params[i].stride()
+
+
+def _interpreter_fma_is_fused() -> bool:
+    """Whether Triton's CPU interpreter computes tl.fma with one rounding (3.9 does, 3.6 not)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(a, b, c, out):
+        tl.store(out, tl.fma(tl.load(a), tl.load(b), tl.load(c)))
+
+    a, b = torch.tensor([1.0 + 2**-23]), torch.tensor([1.0 - 2**-23])
+    c, out = torch.tensor([-1.0]), torch.empty(1)
+    probe[(1,)](a, b, c, out)
+    return float(out) == -(2**-46)  # the exact a * b + c; rounding a * b first gives 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)

@@ -181,3 +181,23 @@ def test_add_param_group_starts_unperturbed_then_joins_updates(gen):
         _backward(model, gen)
         opt.update_mask(epoch)
         assert int(_flat_masks(opt).sum()) == live
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "tensor"])
+def test_frozen_parameters_get_no_mask_entries(structure, gen):
+    """A requires_grad=False parameter is never perturbed: no entry at construction nor after
+    updates, the count taken over the others, and the user told once."""
+    torch.manual_seed(0)
+    model = MLP(din=12, hidden=16, dout=4)
+    model.net[0].weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="do not require grad") as record:
+        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=None if ":" in structure else 0.5,
+                         structure=structure, drop_rate=0.5, T_end=10, lr=0.05, seed=3)
+        for epoch in range(3):
+            _backward(model, gen)
+            opt.update_mask(epoch)
+            assert not opt.get_mask(model.net[0].weight).any()
+    assert len([w for w in record if "require grad" in str(w.message)]) == 1
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if structure == "unstructured":
+        assert int(_flat_masks(opt).sum()) == int(0.5 * trainable)

@@ -147,3 +147,15 @@ def test_update_mask_leaves_model_alone(gen):
     opt.update_mask(model, data)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_parameters_get_no_fisher_mask_entries(gen):
+    model, opt, data = _setup(gen)
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    with pytest.warns(UserWarning, match="do not require grad"):
+        opt.update_mask(model, data)
+    assert not opt.get_mask(frozen).any()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = sum(int(opt.get_mask(p).sum()) for p in model.parameters())
+    assert kept == int((1 - opt.sparsity) * trainable)

@@ -178,11 +178,40 @@ def test_frozen_batchnorm_stats_bad_input():
 @pytest.mark.cpu
 @pytest.mark.parametrize("mode", ["exact", "mvue"])
 def test_float64_layers_in_a_sparse_ascent_mode_are_refused_before_any_perturbation(mode, gen):
+    """At construction, naming the parameter; and, for a model made float64 after it, in the
+    layer's backward before anything is perturbed."""
     x, y = regression_batch(gen, n=16)
     torch.manual_seed(0)
-    model = MLP().double()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(16, 10\)\) is float64"):
+        make_optimizer("SSAMD", mode, MLP().double())
+    model = MLP()
     opt = make_optimizer("SSAMD", mode, model)
+    model.double()  # in place: the optimizer's parameters, now float64
     weights = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
         opt.step(lambda: F.mse_loss(model(x.double()), y.double()).backward())
     assert not opt.perturbed and all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize(("backend", "kind", "mode"),
+                         backend_configs(keep=lambda b, k, m: m in ("dense", "exact")))
+def test_a_non_finite_ascent_gradient_perturbs_nothing(kind, mode, backend, monkeypatch, gen):
+    """One inf in the ascent gradient, no GradScaler: no weight moves in the first step (on the
+    planned and the per-list path alike, no sync), the skip is counted, and the descent step
+    still trains; SGD alone with the same inf would corrupt one entry, SAM must not corrupt all."""
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.ascent():
+        F.mse_loss(model(x), y).backward()
+    # an entry the perturbation reads (inside the mask: a masked norm ignores the others)
+    p = next(p for p in model.parameters() if p.grad is not None and (kind == "SAM" or opt.get_mask(p).any()))
+    at = 0 if kind == "SAM" else int(opt.get_mask(p).view(-1).nonzero()[0])
+    p.grad.view(-1)[at] = float("inf")
+    opt.first_step(zero_grad=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    F.mse_loss(model(x), y).backward()
+    opt.second_step()
+    assert opt.skipped_steps() == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -70,6 +70,8 @@ def draw_samples(
         n = len(data)
         if n == 0:
             raise ValueError("data is an empty Dataset")
+        if n < num_samples:
+            _warn_short(n, num_samples)
         index = torch.randperm(n, generator=generator)[:num_samples][rank::world_size].tolist()
         if not index:
             return torch.empty(0), torch.empty(0)
@@ -91,7 +93,15 @@ def draw_samples(
             break
     if not have:
         raise ValueError("data yielded no samples")
+    if have < share:
+        _warn_short(have if world_size == 1 else None, num_samples)
     return torch.cat(xs), torch.cat(ys)
+
+
+def _warn_short(have: int | None, wanted: int) -> None:
+    got = "fewer" if have is None else str(have)
+    warnings.warn(f"update_mask: data holds {got} samples, num_samples is {wanted}: the Fisher is estimated from "
+                  "what there is", stacklevel=4)
 
 
 def _as_pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,9 +323,12 @@ class _Layerwise:
         one that defines the Fisher). A model that mixes samples other than through BatchNorm
         (which runs per sample here) would make every per-sample gradient wrong, so it takes
         the next method. So does a model with a random forward (dropout), where this check
-        cannot tell: two forwards of the sample alone then differ."""
+        cannot tell: a forward that draws from torch's generators."""
         with torch.no_grad():
+            before = _rng_states(x.device)
             alone = self._forward_alone(state, x[:1])
+            if not all(torch.equal(a, b) for a, b in zip(before, _rng_states(x.device))):  # it drew numbers
+                raise _Unsupported("the forward is random (dropout?); samples cannot be checked for independence")
             first = out[:1].float()
             # the batched and single forwards differ only in GEMM blocking: ~1e-6 relative
             scale = alone.abs().max().item() if alone.numel() else 0.0
@@ -475,3 +488,11 @@ def _padded(m, x):
         return x, m.padding
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
     return F.pad(x, m._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The generators a forward on ``device`` would draw from (torch's CPU one, and the device's)."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states

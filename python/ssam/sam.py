@@ -109,6 +109,17 @@ def _together(outer, inner):
         yield
 
 
+def _check_params(groups: list[dict]) -> None:
+    """Every parameter is a floating tensor with data (checked here, not at the first step)."""
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            where = f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)})"
+            if not p.is_floating_point():
+                raise TypeError(f"{where} is {p.dtype}: SAM perturbs floating-point parameters only")
+            if p.device.type == "meta":
+                raise ValueError(f"{where} is on the meta device (no data): move the model to a real device first")
+
+
 def _flat_params(params: list) -> list[torch.Tensor]:
     out = []
     for item in params:
@@ -164,6 +175,7 @@ class SAM(torch.optim.Optimizer):
         if not params:
             raise ValueError("params is empty")
         base = _build_base(params, base_optimizer, base_kwargs)
+        _check_params(base.param_groups)
         super().__init__(base.param_groups, dict(rho=rho, adaptive=adaptive))
         self.base_optimizer = base
         self.fuse_sgd = fuse_sgd
@@ -185,6 +197,7 @@ class SAM(torch.optim.Optimizer):
         self._plan: SAMStepPlan | None = None
         self._plan_made = False
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
+        self._skips_unplanned = None  # and by steps over the per-list ops (device)
         self._plan_buffers_synced = False  # the plan's momentum buffers are the base optimizer's
 
     def add_param_group(self, param_group: dict) -> None:
@@ -341,10 +354,16 @@ class SAM(torch.optim.Optimizer):
             norm_masks += masks if masked_norm else [None] * len(params)
             plans.append((group, params, directions, masks))
         norm = ssam_kernels.grad_norm(norm_inputs, norm_masks)
+        # an inf or NaN in the ascent gradient perturbs nothing, decided on the device (no sync):
+        # a zero scale, and zero directions (0 * inf would be NaN); counted for skipped_steps()
+        finite = torch.isfinite(norm)
+        self._skips_unplanned = (~finite).long() + (0 if self._skips_unplanned is None else self._skips_unplanned)
         pending = []
         try:
             for group, params, directions, masks in plans:
-                scale = group["rho"] / (norm + EPS)
+                scale = torch.where(finite, group["rho"] / (norm + EPS), 0.0)
+                directions = [torch.where(finite, d, torch.zeros((), dtype=d.dtype, device=d.device))
+                              for d in directions]
                 pending.append((group, params, ssam_kernels.perturb_(params, directions, masks, scale)))
         except BaseException:
             self._restore(pending)
@@ -525,11 +544,11 @@ class SAM(torch.optim.Optimizer):
 
     def skipped_steps(self) -> int:
         """How many steps had an ascent gradient whose norm was not finite (an inf or NaN) and so
-        perturbed nothing, on the planned path (the device decides; reading the count is a host
-        sync). The per-list path (see :meth:`first_step`) does not detect them: use a
-        ``GradScaler`` there."""
-        total = 0 if self._skips_before is None else int(self._skips_before)
-        return total + (0 if self._plan is None else int(self._plan.skipped))
+        perturbed nothing (the device decides, without a host sync; reading this count is one).
+        The descent step still runs (with a ``GradScaler``, an inf skips the whole step instead,
+        and is not counted here)."""
+        counts = [self._skips_before, self._skips_unplanned, None if self._plan is None else self._plan.skipped]
+        return sum(int(c) for c in counts if c is not None)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -4,6 +4,7 @@ state, applied to the perturbation, and the official code's ``step(closure, mode
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -85,6 +86,14 @@ class SparseSAM(SAM):
         self.structure: Structure = parse_structure(structure)
         self.sparsity: float = resolve_sparsity(sparsity, self.structure)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, fuse_sgd=fuse_sgd, **base_kwargs)
+        if ascent_backward != "dense":
+            for g, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p.dtype == torch.float64:
+                        raise TypeError(
+                            f"ascent_backward={ascent_backward!r} takes float32, float16 and bfloat16 layers: "
+                            f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is float64; use "
+                            "ascent_backward='dense' for float64 models")
         self.norm = norm
         self.mask_updates = 0
         # persistent BitMask objects: kernels cache per-mask facts (set-bit counts) on them
@@ -95,6 +104,7 @@ class SparseSAM(SAM):
         # seeds of the MVUE draws: a CPU generator (drawing a seed is no device sync) with its
         # own stream, so the mode does not change the masks' random draws
         self.ascent_generator = make_generator((seed + 1) % 2**63)
+        self._warned_frozen = False
         self._costs: AscentCosts | None = None  # structure "budget": the model's ascent FLOPs
         self.budget_choice = None  # structure "budget": the last BudgetChoice
 
@@ -109,8 +119,31 @@ class SparseSAM(SAM):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _keep(self) -> int:
-        """How many entries an unstructured or tensor mask keeps: ``int((1 - s) * total)``."""
-        return keep_count(sum(p.numel() for p in self.params), 1.0 - self.sparsity)
+        """How many entries an unstructured or tensor mask keeps: ``int((1 - s) * total)`` over
+        the parameters that can be perturbed."""
+        return keep_count(sum(p.numel() for p in self.params if p.requires_grad), 1.0 - self.sparsity)
+
+    def _perturbable(self) -> list[bool]:
+        """Which parameters can be perturbed: those that require a gradient. The others get no
+        mask entry, and the density is taken over the rest (said once, as a warning)."""
+        flags = [p.requires_grad for p in self.params]
+        if not all(flags) and not self._warned_frozen:
+            frozen = [tuple(p.shape) for p, f in zip(self.params, flags) if not f]
+            warnings.warn(f"{type(self).__name__}: {len(frozen)} parameter(s) do not require grad (shapes "
+                          f"{frozen[:4]}{' ...' if len(frozen) > 4 else ''}): they get no mask entries, and the "
+                          f"density {1 - self.sparsity:g} is taken over the other parameters", stacklevel=3)
+            self._warned_frozen = True
+        return flags
+
+    @staticmethod
+    def _restricted(scores: list[torch.Tensor], flags: list[bool]) -> list[torch.Tensor]:
+        """Scores with -inf on the parameters that cannot be perturbed (a top-k takes them last)."""
+        return [s if f else torch.full_like(s, float("-inf"), dtype=torch.float32) for s, f in zip(scores, flags)]
+
+    @staticmethod
+    def _excluded(masks: list[torch.Tensor], flags: list[bool]) -> list[torch.Tensor]:
+        """Masks emptied on the parameters that cannot be perturbed."""
+        return [m if f else torch.zeros_like(m) for m, f in zip(masks, flags)]
 
     def _mask(self, p: torch.Tensor) -> BitMask:
         return self._masks[p]

@@ -136,16 +136,17 @@ class SSAMD(SparseSAM):
     # --- masks -------------------------------------------------------------------------------
 
     def _initial_masks(self) -> list[torch.Tensor]:
+        flags = self._perturbable()
         scores = [self._random(p) for p in self.params]
         if self.structure.kind == "budget":  # random rows under the FLOP budget
-            return self._budget_masks(scores)
+            return self._excluded(self._budget_masks([s * f for s, f in zip(scores, flags)]), flags)
         if self.structure.kind == "nm":
-            return nm_select(scores, self.structure)
+            return self._excluded(nm_select(scores, self.structure), flags)
         if self.structure.kind == "tensor":
-            sizes = [p.numel() for p in self.params]
+            sizes = [p.numel() if f else 0 for p, f in zip(self.params, flags)]
             order = torch.randperm(len(sizes), generator=self.generator, device=self.generator.device).tolist()
-            return whole_tensor_masks(self.params, tensor_select(order, sizes, self._keep()))
-        return ssam_kernels.topk_mask(scores, k=self._keep())
+            return whole_tensor_masks(self.params, tensor_select([i for i in order if flags[i]], sizes, self._keep()))
+        return ssam_kernels.topk_mask(self._restricted(scores, flags), k=self._keep())
 
     @torch.no_grad()
     def update_mask(self, epoch: float) -> None:
@@ -153,9 +154,12 @@ class SSAMD(SparseSAM):
         many among the unperturbed ones (highest growth score)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
             raise TypeError(f"epoch must be a number, got {type(epoch).__name__}")
-        masks = self.masks()
+        flags = self._perturbable()
+        before = self.masks()
+        count = sum(int(m.sum()) for m in before)  # kept through updates
+        masks = self._excluded(before, flags)  # (a parameter frozen since holds no entry)
         drop_scores = self._scores(self.drop_strategy)
-        grow_scores = self._scores(self.growth_strategy)
+        grow_scores = self._restricted(self._scores(self.growth_strategy), flags)
         rate = self.death_rate(epoch)
         if self.structure.kind == "tensor":
             new = self._update_tensors(masks, drop_scores, grow_scores, rate)
@@ -163,15 +167,16 @@ class SSAMD(SparseSAM):
             new = self._update_rows(masks, drop_scores, grow_scores, rate)
         else:
             live = sum(int(m.sum()) for m in masks)
-            free = sum(m.numel() for m in masks) - live
+            free = sum(m.numel() for m, f in zip(masks, flags) if f) - live
             drop = min(int(rate * live), free)
             survivors = ssam_kernels.topk_mask(_only(drop_scores, masks), k=live - drop)
             if self.structure.kind == "nm":
                 new = self._refill_groups(masks, survivors, grow_scores)
-            else:
-                grown = ssam_kernels.topk_mask(_only(grow_scores, [~m for m in masks]), k=drop)
+            else:  # back to the count (entries of a parameter frozen since come back elsewhere)
+                grow = min(count - (live - drop), free)
+                grown = ssam_kernels.topk_mask(_only(grow_scores, [~m for m in masks]), k=grow)
                 new = [s | g for s, g in zip(survivors, grown)]
-        self._set_masks(new)
+        self._set_masks(self._excluded(new, flags))
         self.mask_updates += 1
 
     def _refill_groups(self, masks, survivors, grow_scores) -> list[torch.Tensor]:

@@ -96,11 +96,12 @@ class SSAMF(SparseSAM):
         fisher = empirical_fisher(model, self.params, data, self.num_samples, loss_fn, self.generator,
                                   self.fisher_chunk_size, rank=rank, world_size=world_size)
         all_reduce_sum_(fisher)  # each rank computed its share of the samples
+        flags = self._perturbable()
         if self.structure.kind == "budget":
-            masks = self._budget_masks(fisher)
+            masks = self._budget_masks([f if ok else torch.zeros_like(f) for f, ok in zip(fisher, flags)])
         else:
-            masks = select_mask(fisher, self.structure, self._keep())
-        self._set_masks(masks)
+            masks = select_mask(self._restricted(fisher, flags), self.structure, self._keep())
+        self._set_masks(self._excluded(masks, flags))
         self.mask_updates += 1
 
     def add_param_group(self, param_group: dict) -> None:

@@ -104,6 +104,9 @@ def check_conv_args(x, weight, bias, mask, bias_mask, stride, padding, dilation,
     (ValueError for an asymmetric ``"same"``, which :func:`conv_padding` cannot express)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (3, 4, 5) or not weight.is_floating_point():
         raise TypeError(f"weight must be a 3-D, 4-D or 5-D floating tensor (a Conv1d/2d/3d weight), got {_checks._kind(weight)}")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"ascent_conv: the exact mode takes float16/bfloat16/float32 layers; this layer's weight "
+                        f"(shape {tuple(weight.shape)}) is {weight.dtype}")
     dims = weight.dim() - 2
     if not isinstance(x, torch.Tensor) or x.dim() != dims + 2:
         raise ValueError(f"x must be a batched {dims + 2}-D tensor [N, C, ...] for a {dims}-D convolution, "

@@ -161,6 +161,9 @@ def _check_config(weight: torch.Tensor, bias, config: AscentConfig) -> None:
         raise TypeError(f"config must be an AscentConfig, got {type(config).__name__}")
     if config.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"ascent_linear: mode {config.mode!r} takes float16/bfloat16/float32 layers; this layer's "
+                        f"weight (shape {tuple(weight.shape)}) is {weight.dtype}")
     if config.gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {config.gemm!r}")
     if config.mode in ("exact", "implicit"):

@@ -118,6 +118,7 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
         bits = [masks[i].bits for i in idx] if has_mask else []
         offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
         w_addr = address_table(ws, device)
+        fp64 = ws[0].dtype == torch.float64
         _restore_sgd_kernel[(table.num_chunks,)](
             table.chunk_tensor, table.chunk_start, table.numel, w_addr, address_table(gs, device),
             address_table(bufs, device), address_table(bits, device) if has_mask else w_addr,
@@ -128,10 +129,11 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
             HAS_MASK=has_mask, MOMENTUM=use_momentum, NEW_BUFFER=new_buffer, NESTEROV=hyper["nesterov"],
             MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0, FP64=ws[0].dtype == torch.float64,
             ALIGNED=is_aligned and aligned(*bufs), CHUNK=CHUNK,
-            # 8 elements per thread (2 in fp64) in 2 warps: the widest vectors without a spill
-            # on sm_80 (the compile tier found 4 B spilled at 1024 elements in 4 warps, and
-            # 16 B in fp64 at 4 per thread once FMAs were off)
-            BLOCK=SGD_BLOCK // 4 if ws[0].dtype == torch.float64 else SGD_BLOCK, num_warps=2,
+            # 8 elements per thread in 2 warps (1 in fp64, in 8 warps): the widest vectors
+            # without a spill on sm_80 and sm_90 under triton 3.6 and 3.9 (the compile tier found
+            # 4 B spilled at 1024 elements in 4 warps, and fp64 spills at 2 or 4 per thread
+            # once FMAs were off)
+            BLOCK=SGD_BLOCK // 2 if fp64 else SGD_BLOCK, num_warps=8 if fp64 else 2,
             # no FMA contraction: the explicit fused multiply-adds are torch's own
             enable_fp_fusion=False,
         )
