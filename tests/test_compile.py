@@ -79,13 +79,13 @@ def test_no_kernel_spills(report):
     assert not spills, "\n".join(spills)
 
 
-@needs_triton
 # (kernel, configuration part) launched one element per thread: restore_sgd_step_'s float64
 # variant, whose two-per-thread tiles spill on sm_80 under triton 3.6 (8-byte accesses are whole
 # elements there)
 ONE_PER_THREAD = [("_restore_sgd_kernel", "FP64=True HAS_MASK")]
 
 
+@needs_triton
 def test_bandwidth_bound_kernels_move_16_byte_vectors(report):
     rows = [r for r in report["rows"] if r["kernel"] in VECTOR_KERNELS and "ALIGNED=False" not in r["config"]
             and "@" not in r["config"] and not any(r["kernel"] == k and part in r["config"] for k, part in ONE_PER_THREAD)]

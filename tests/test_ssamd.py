@@ -201,3 +201,20 @@ def test_frozen_parameters_get_no_mask_entries(structure, gen):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if structure == "unstructured":
         assert int(_flat_masks(opt).sum()) == int(0.5 * trainable)
+
+
+def test_a_parameter_the_model_never_uses_loses_its_entries_at_the_first_update(gen):
+    """The first random mask cannot know which parameters the model uses; the first update does
+    (no gradient after a full backward): their entries go to the others, the count is kept."""
+    torch.manual_seed(0)
+    model = MLP(din=12, hidden=16, dout=4)
+    unused = torch.nn.Linear(8, 8)
+    params = list(model.parameters()) + list(unused.parameters())
+    opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.1, sparsity=0.5, drop_rate=0.5, T_end=10, lr=0.05, seed=3)
+    live = int(_flat_masks(opt).sum())
+    assert opt.get_mask(unused.weight).any()
+    _backward(model, gen)
+    with pytest.warns(UserWarning, match="got no gradient"):
+        opt.update_mask(0)
+    assert not opt.get_mask(unused.weight).any() and not opt.get_mask(unused.bias).any()
+    assert int(_flat_masks(opt).sum()) == live

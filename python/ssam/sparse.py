@@ -105,6 +105,7 @@ class SparseSAM(SAM):
         # own stream, so the mode does not change the masks' random draws
         self.ascent_generator = make_generator((seed + 1) % 2**63)
         self._warned_frozen = False
+        self._warned_idle = False  # SSAM-D: parameters that got no gradient, said once
         self._costs: AscentCosts | None = None  # structure "budget": the model's ascent FLOPs
         self.budget_choice = None  # structure "budget": the last BudgetChoice
 

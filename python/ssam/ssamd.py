@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -155,6 +156,18 @@ class SSAMD(SparseSAM):
         if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
             raise TypeError(f"epoch must be a number, got {type(epoch).__name__}")
         flags = self._perturbable()
+        if self.ascent_backward != "exact" and any(p.grad is not None for p in self.params):
+            # a parameter without a gradient after a full backward is unused by the model: its
+            # entries would perturb nothing (exact skips the empty-mask ones, so it cannot tell)
+            idle = [f and p.grad is None for f, p in zip(flags, self.params)]
+            if any(idle):
+                if not self._warned_idle:
+                    shapes = [tuple(p.shape) for p, i in zip(self.params, idle) if i]
+                    warnings.warn(f"SSAMD.update_mask: {len(shapes)} parameter(s) got no gradient (shapes "
+                                  f"{shapes[:4]}{' ...' if len(shapes) > 4 else ''}): unused by the model, they lose "
+                                  "their mask entries to the others", stacklevel=2)
+                    self._warned_idle = True
+                flags = [f and not i for f, i in zip(flags, idle)]
         before = self.masks()
         count = sum(int(m.sum()) for m in before)  # kept through updates
         masks = self._excluded(before, flags)  # (a parameter frozen since holds no entry)
