@@ -27,6 +27,8 @@ def _record_interpreted_launches() -> None:
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
+        if not self.fn.__module__.startswith("ssam_kernels."):  # a test's own probe kernel
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
         try:
             RECORDED_LAUNCHES.setdefault(json.dumps(describe_launch(self, args, kwargs), sort_keys=True))
         except TypeError as exc:
