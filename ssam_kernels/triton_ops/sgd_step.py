@@ -132,8 +132,11 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
             # 8 elements per thread in 2 warps (1 in fp64, in 8 warps): the widest vectors
             # without a spill on sm_80 and sm_90 under triton 3.6 and 3.9 (the compile tier found
             # 4 B spilled at 1024 elements in 4 warps, and fp64 spills at 2 or 4 per thread
-            # once FMAs were off)
+            # once FMAs were off). In fp64, sm_80's ptxas aims at 32 registers on its own and
+            # spilled 8 B (maximize + momentum + weight decay); a 64-register budget leaves it
+            # 20-55 without a spill
             BLOCK=SGD_BLOCK // 2 if fp64 else SGD_BLOCK, num_warps=8 if fp64 else 2,
+            **({"maxnreg": 64} if fp64 else {}),
             # no FMA contraction: the explicit fused multiply-adds are torch's own
             enable_fp_fusion=False,
         )
