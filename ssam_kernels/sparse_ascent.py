@@ -6,12 +6,17 @@ Inside ``with sparse_ascent(masks, mode):`` every ``F.linear`` call whose weight
 Calls made inside another function that dispatches on torch functions itself (the projections
 inside ``nn.MultiheadAttention``, i.e. ``F.multi_head_attention_forward``) are not seen and keep
 dense autograd: their gradients are ordinary ones, which the optimizer masks as usual. In
-``"exact"`` mode, ``F.conv1d/2d/3d`` calls on masked weights also run
-:class:`~ssam_kernels.ops.ascent_conv.AscentConvFunction` (the weight gradient of the output
-channels holding a masked entry only), and parameters whose mask is empty are frozen
-(``requires_grad=False``) for the duration, so autograd computes neither their gradient nor
-any input gradient below the lowest layer that still needs one. On exit everything is as
-it was. Run the ascent forward *and* backward inside the block; the descent pass outside it.
+``"exact"`` mode only work is removed, never added: a layer whose every row (output feature /
+channel) holds a masked entry runs plain autograd, and one with rows to skip computes its weight
+gradient for the rows holding a masked entry only (one product on views of a contiguous range
+of rows, zeros padded around it; gathered where the rows are scattered), for ``F.linear`` and
+``F.conv1d/2d/3d`` alike; parameters whose mask is empty are frozen (``requires_grad=False``)
+for the duration, so autograd computes neither their gradient nor any input gradient below
+the lowest layer that still needs one. Gradients are exact on every masked entry and zero on
+skipped rows; inside computed rows they are not masked (the optimizer's masked norm and
+perturbation read only the masked entries: masking there would be an op for nothing). On exit
+everything is as it was. Run the ascent forward *and* backward inside the block; the descent
+pass outside it.
 
 The interception is a ``TorchFunctionMode``: it catches functional calls too and leaves the
 modules untouched, for about a microsecond of Python per torch call made inside the block.
@@ -28,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from ._checks import mask_facts
 from .ops.ascent_conv import CONVS, AscentConvFunction, conv_padding
 from .ops.ascent_linear import MODES, AscentConfig, AscentLinearFunction, _check_config
-from .ops.bitmask import BitMask
+from .ops.bitmask import BitMask, row_span
 from .sparse_gemm import GEMMS
 
 ASCENT_MODES = ("dense",) + MODES
@@ -48,6 +53,20 @@ def _linear_args(args, kwargs):
     return _call_args(args, kwargs, ("input", "weight", "bias"), (None, None, None))
 
 
+def _check_dtype(op: str, weight: torch.Tensor) -> None:
+    """The exact mode's dtypes, on every masked layer (those run by plain autograd too: one
+    contract whatever the mask holds)."""
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: mode 'exact' takes float16/bfloat16/float32 layers; this layer's weight "
+                        f"(shape {tuple(weight.shape)}) is {weight.dtype}")
+
+
+def _every_row(mask) -> bool:
+    """Whether every row (output feature / channel) of the mask holds a set entry: the exact
+    backward then has no weight-gradient row to skip. Cached on a BitMask."""
+    return row_span(mask)[2] == mask.shape[0]
+
+
 def _is_empty(mask) -> bool:
     if isinstance(mask, BitMask):
         return mask.count_int() == 0
@@ -61,11 +80,11 @@ class sparse_ascent(TorchFunctionMode):
         masks: ``{parameter: mask}``, each mask a bool tensor or BitMask shaped like its
             parameter (or None: all entries masked). Parameters not in it keep dense autograd.
         mode: ``"dense"`` (no change), ``"exact"``, ``"implicit"``, ``"mvue"`` or
-            ``"mvue_dx"`` (see :mod:`ssam_kernels.ops.ascent_linear`). ``"exact"`` yields
-            ``g ⊙ m`` for linear and convolution weights, computing their weight gradient
-            only where a row (output feature / channel) holds a masked entry, and skips
-            parameters with empty masks; it is exact
-            for a perturbation normalised over the masked gradient only.
+            ``"mvue_dx"`` (see :mod:`ssam_kernels.ops.ascent_linear`). ``"exact"``
+            computes the linear and convolution weight gradients only for the rows (output
+            features / channels) holding a masked entry, exact on every masked entry, and
+            skips parameters with empty masks (module docstring); it is exact for a
+            perturbation normalised over the masked gradient only.
         generator: draws the MVUE seeds (None: torch's global generator).
         gemm: ``"auto"``, ``"dense"`` or ``"cusparselt"`` for the 2:4 GEMMs.
         backend: ``ssam_kernels`` backend of the masked weight gradient and the MVUE draws.
@@ -116,13 +135,14 @@ class sparse_ascent(TorchFunctionMode):
         if self.mode == "exact":
             if not weight.requires_grad:  # frozen: empty mask (or frozen by the user)
                 return None
-            if mask is None:  # all entries: the dense gradient is g ⊙ m
+            _check_dtype("ascent_linear", weight)
+            if mask is None or _every_row(mask):  # nothing to skip: plain autograd
                 return None
         if mask is None and self.mode == "implicit":  # all entries: W ⊙ M = W (the MVUE modes read no mask)
             mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
         bias_known, bias_mask = self._mask_of(bias)
         return AscentConfig(self.mode, mask, bias_mask if bias_known else None, self._generator, self._gemm,
-                            self._backend)
+                            self._backend, masked=self.mode != "exact")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -147,7 +167,10 @@ class sparse_ascent(TorchFunctionMode):
         known, mask = self._mask_of(weight)
         if not known or mask is None or not weight.requires_grad or not isinstance(x, torch.Tensor):
             return None
-        if x.dim() != weight.dim():
+        _check_dtype("ascent_conv", weight)
+        # nothing to skip (every output channel needed, or grouped: slicing channels would
+        # break the groups): plain autograd
+        if x.dim() != weight.dim() or groups != 1 or _every_row(mask):
             return None
         dims = weight.dim() - 2
         as_tuple = (lambda v: (v,) * dims if isinstance(v, int) else tuple(v))
@@ -155,9 +178,8 @@ class sparse_ascent(TorchFunctionMode):
             else as_tuple(padding)
         if ints is None:
             return None
-        bias_known, bias_mask = self._mask_of(bias)
-        return AscentConvFunction.apply(x, weight, bias, mask, bias_mask if bias_known else None, as_tuple(stride),
-                                        ints, as_tuple(dilation), groups)
+        return AscentConvFunction.apply(x, weight, bias, mask, None, as_tuple(stride), ints, as_tuple(dilation),
+                                        groups, False)
 
     def __enter__(self):
         if self._frozen:

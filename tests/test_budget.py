@@ -196,6 +196,48 @@ def test_selection_keeps_required_rows_and_grows_only_allowed_ones():
     assert not any(m.any() for m in choice.masks)
 
 
+def _ranges(n_rows, k):
+    return [list(range(s, s + k)) for s in range(n_rows - k + 1)]
+
+
+@pytest.mark.cpu
+def test_rows_taken_in_a_weight_become_its_best_contiguous_range(gen):
+    """Per weight, the rows taken become the range of as many rows holding the most mass (one
+    product on views in the exact backward, no gather): the same FLOPs and entries; where
+    required and allowed rows leave no such range, the rows stay as taken."""
+    rows = 9
+    costs = AscentCosts(forward=100.0, sgd=400.0, position=(0, 10), row_cost=(5.0, 0.0),
+                        op_depths=(10,), op_input_grad=(10.0,), rows=(rows, rows))
+    for _ in range(20):
+        scores = [torch.rand(rows, 3, generator=gen), torch.rand(rows, generator=gen)]
+        choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4)
+        taken = choice.masks[0].any(1).nonzero().squeeze(1).tolist()
+        assert len(taken) == 4 and taken == list(range(taken[0], taken[0] + 4))  # 4 rows fit: one range
+        row_mass = scores[0].double().sum(1)
+        best = max(float(row_mass[r].sum()) for r in _ranges(rows, 4))
+        assert float(row_mass[taken].sum()) == pytest.approx(best)
+        assert choice.masks[0][taken].all()  # whole rows
+        assert choice.ascent_flops == pytest.approx(100 + 10 + 5 * 4)
+        # the 1-D parameter (rows of no matmul cost): all taken, as they were
+        assert choice.masks[1].all()
+        assert choice.mass == pytest.approx(best + float(scores[1].sum()))
+    # a required row: the best range holding it
+    scores = [torch.tensor([5.0, 5, 5, 5, 0, 0, 0, 1, 1]).unsqueeze(1).repeat(1, 3), torch.zeros(rows)]
+    required = [torch.zeros(rows, 3, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)]
+    required[0][8, 0] = True
+    choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4, required=required)
+    assert choice.masks[0].any(1).nonzero().squeeze(1).tolist() == [5, 6, 7, 8]
+    # required rows 8 apart with 4 rows taken: no range holds them; kept as taken
+    required[0][0, 0] = True
+    choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4, required=required)
+    assert choice.masks[0].any(1).nonzero().squeeze(1).tolist() == [0, 1, 2, 8]
+    # a row not allowed in the middle: the best range beside it
+    allowed = [torch.ones(rows, 3, dtype=torch.bool), torch.ones(rows, dtype=torch.bool)]
+    allowed[0][2] = False
+    choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4, allowed=allowed)
+    assert choice.masks[0].any(1).nonzero().squeeze(1).tolist() == [3, 4, 5, 6]
+
+
 def _row_structured(costs, masks):
     return all(bool((costs.row_view(i, m).all(1) == costs.row_view(i, m).any(1)).all()) for i, m in enumerate(masks))
 

@@ -1,5 +1,6 @@
 """The ascent modes on whole models and through the optimizers."""
 
+import collections
 import copy
 
 import pytest
@@ -7,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from helpers import BACKENDS, MLP, make_closure, rand_mask, regression_batch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import ssam
+from ssam.models import resnet18_cifar
 from ssam.models.vit import ViT
 from ssam_kernels import pack_mask, sparse_ascent
 
@@ -286,3 +290,64 @@ def test_packed_and_bool_masks_agree(gen):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the dispatcher ops that run a kernel (views launch nothing), by name, and keeps
+    every op seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func)
+        if not func.is_view:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+_GEMM_NAMES = ("mm", "conv", "attention", "masked_weight_grad", "cslt")
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("structure", ["budget", "unstructured", "2:4"])
+@pytest.mark.parametrize("model_name", ["resnet18", "vit"])
+def test_exact_ascent_costs_no_more_ops_than_dense(model_name, structure, gen):
+    """Issue 23's checks, with SSAM-F's own masks: the exact ascent forward + backward runs at
+    most dense's ops plus 2 per weight with rows to skip (2:4 masks skip none: the very ops of
+    dense autograd), none of ``index_select``, ``index_put_``, ``zeros_like`` for budget masks
+    (whole rows in a contiguous range: views), and FLOP counting sees every GEMM it runs."""
+    torch.manual_seed(0)
+    if model_name == "resnet18":
+        model, size = resnet18_cifar(), 32
+    else:
+        model, size = ViT(img_size=16, patch=4, dim=32, depth=2, heads=2, num_classes=10), 16
+    x, y = torch.randn(2, 3, size, size, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5 if structure != "budget" else 0.9,
+                     num_samples=4, update_freq=1, structure=structure, norm="masked", ascent_backward="exact", seed=0,
+                     lr=0.1)
+    opt.update_mask(model, torch.utils.data.TensorDataset(x.repeat(2, 1, 1, 1), y.repeat(2)))
+    masks = dict(zip(opt.params, opt.masks()))
+    partial = [p for p, m in masks.items() if p.dim() > 1 and 0 < int(m.reshape(m.shape[0], -1).any(1).sum()) < p.shape[0]]
+    counts = {}
+    for mode in ("dense", "exact"):
+        with sparse_ascent(dict(opt._masks), mode):  # warm: a mask's row facts are read once, then cached
+            F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        # attention in its math form: torch's FLOP counter has no formula for the CPU flash
+        # kernel (torch's op, not one this project launches)
+        with sdpa_kernel(SDPBackend.MATH), sparse_ascent(dict(opt._masks), mode), CountOps() as ops:
+            F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        counts[mode] = ops
+    dense, exact = counts["dense"].counts, counts["exact"].counts
+    assert sum(exact.values()) <= sum(dense.values()) + 2 * len(partial), (exact - dense)
+    if structure == "2:4":
+        assert not partial and exact == dense
+    if structure == "budget":
+        assert partial  # rows skipped somewhere
+        assert not {"index_select", "index_put_", "zeros_like", "index", "nonzero"} & set(exact)
+    gemms = {f.overloadpacket for f in counts["exact"].seen if any(n in f.overloadpacket.__name__ for n in _GEMM_NAMES)}
+    assert gemms and gemms <= set(flop_registry), gemms - set(flop_registry)

@@ -4,14 +4,16 @@ An element-wise mask saves nothing on dense hardware: the ascent backward still 
 row of every weight gradient and every input gradient. What the exact ascent backward
 (``ascent_backward="exact"``) really skips is
 
-* the weight-gradient rows (output features / channels) without a masked entry, and
+* the weight-gradient rows (output features / channels) without a masked entry (outside the
+  span of those with one, where that span is barely wider: it is computed on views), and
 * every input gradient below the lowest layer holding a masked entry (nothing there needs it).
 
 So the ``"budget"`` structure chooses whole rows, at or above a depth, so that the ascent pass
 (forward + that backward) costs at most the paper's FLOPs column minus the descent step:
 ``(0.3 + 0.7 (1 - s)) x`` an SGD step. Among the depths it keeps the rows with the most score
 mass per FLOP (1-D parameters, whose gradients cost no matmul FLOPs, first), within the
-sparsity's entry count as well.
+sparsity's entry count as well; in each weight, as a contiguous range of rows, which the exact
+backward computes on views of its operands (no gather, no scatter).
 
 The costs come from one traced forward (:func:`measure_costs`), followed op by op at the
 aten level: each parameter's position is the first op that reads it, each tensor carries the
@@ -38,6 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from ssam_kernels.ops.bitmask import computed_rows
 
 from .batchnorm import frozen_batchnorm_stats
 
@@ -90,8 +94,16 @@ class AscentCosts:
         if not used:
             return self.forward
         lowest = min(self.position[i] for i in used)
-        rows = sum(self.row_cost[i] * int(self.row_view(i, masks[i]).any(1).sum()) for i in used)
+        rows = sum(self.row_cost[i] * _rows_computed(self.row_view(i, masks[i]).any(1)) for i in used)
         return self.forward + rows + self.input_grads_after(lowest)
+
+
+def _rows_computed(needed: torch.Tensor) -> int:
+    """How many weight-gradient rows the exact backward computes for the rows ``needed``: the
+    span where it computes the span (:func:`ssam_kernels.ops.bitmask.computed_rows`)."""
+    rows = needed.nonzero().squeeze(1).tolist()
+    span = computed_rows(rows[0], rows[-1] + 1, len(rows)) if rows else None
+    return span[1] - span[0] if span else len(rows)
 
 
 _ROW_SPARSE_FUNCS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
@@ -238,7 +250,10 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
     For each candidate depth (a parameter's position), the input gradients of the ops after it
     are paid first; the rows of the parameters at or above it are then taken greedily by mass
     per FLOP (rows of no matmul cost first, by mass), skipping any that no longer fits the
-    FLOP or entry budget. The best depth wins; nothing fits: all masks empty.
+    FLOP or entry budget. The best depth wins; nothing fits: all masks empty. In each weight
+    the rows taken then become the contiguous range of as many rows holding the most mass (the
+    exact backward computes a range on views, without gathering the output gradient): the
+    same FLOPs and entries, somewhat less mass.
 
     ``required`` (masks shaped like the scores): rows holding a True entry are taken before any
     other, and only depths at or below the lowest of them are tried; a depth where they do not
@@ -247,6 +262,7 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
     was masked before.
     """
     mass, cost, count, owner, local, must, may = [], [], [], [], [], [], []
+    per_param = {}  # i -> (row mass, required rows, allowed rows): for the ranges
     for i, s in enumerate(scores):
         if costs.position[i] is None or s.numel() == 0:
             continue
@@ -258,6 +274,7 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
         local.append(torch.arange(rows.shape[0]))
         for flags, out, default in ((required, must, False), (allowed, may, True)):
             out.append(torch.full((rows.shape[0],), default) if flags is None else costs.row_view(i, flags[i]).any(1).cpu())
+        per_param[i] = (mass[-1], must[-1], may[-1])
     choice = BudgetChoice([torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores], costs.forward, 0.0)
     if not mass:
         return choice
@@ -286,8 +303,45 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
             best, best_taken = kept, taken
     if best_taken is None:
         return choice
-    set_rows(costs, choice.masks, owner[best_taken], local[best_taken], True)
-    return BudgetChoice(choice.masks, costs.ascent(choice.masks), best)
+    rows = _as_ranges(costs, per_param, owner[best_taken], local[best_taken])
+    kept = 0.0
+    for i, r in rows.items():
+        costs.row_view(i, choice.masks[i])[r.to(choice.masks[i].device)] = True
+        kept += float(per_param[i][0][r].sum())
+    return BudgetChoice(choice.masks, costs.ascent(choice.masks), kept)
+
+
+def _as_ranges(costs: AscentCosts, per_param: dict, owner: torch.Tensor, row: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The rows taken, per parameter; in each weight (a parameter whose rows cost FLOPs), as
+    many rows as taken moved to the contiguous range of them holding the most mass among the
+    ranges that hold every required row and only allowed ones (kept as taken where none does).
+    The FLOPs and entries are those of the rows taken; the exact backward computes a range on
+    views of its operands, where scattered rows cost a gather of the output gradient."""
+    out = {}
+    for i in torch.unique(owner).tolist():
+        taken = row[owner == i]
+        out[i] = taken
+        k = taken.numel()
+        mass, must, may = per_param[i]
+        n = mass.numel()
+        if costs.row_cost[i] == 0 or k == n:
+            continue
+        starts = torch.arange(n - k + 1)
+        window_mass = _window_sums(mass, k)
+        ok = _window_sums((~(may | must)).double(), k) == 0
+        if bool(must.any()):
+            required = must.nonzero().squeeze(1)
+            ok &= (starts <= int(required[0])) & (starts + k > int(required[-1]))
+        if bool(ok.any()):
+            start = int(torch.where(ok, window_mass, torch.full_like(window_mass, -math.inf)).argmax())
+            out[i] = torch.arange(start, start + k)
+    return out
+
+
+def _window_sums(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums of every ``k`` consecutive entries (``len(values) - k + 1`` of them)."""
+    prefix = torch.cat([values.new_zeros(1), values.double().cumsum(0)])
+    return prefix[k:] - prefix[:-k]
 
 
 def _greedy(candidates: torch.Tensor, cost: torch.Tensor, count: torch.Tensor, flops_left: float,

@@ -5,10 +5,13 @@ The forward is ``F.conv{1,2,3}d``'s (autocast honoured). The backward returns
 
 * ``dW = (dense dW) ⊙ M``, computed only for the output channels ``R`` whose mask row holds a
   set entry: ``convolution_backward(dY[:, R], X, W[R])``, so its FLOPs are ``|R| / out`` of the
-  dense weight gradient's. Grouped convolutions (``groups > 1``) compute ``dW`` densely and
-  mask it: slicing output channels would break the groups.
-* ``dX`` as dense autograd does (only when something below needs it);
-* ``db = (Σ dY) ⊙ m_b``.
+  dense weight gradient's. Where ``R`` is a contiguous range (what budget masks choose), or
+  scattered over a span barely wider (``SPAN_SLACK``), the span is computed on views
+  (``narrow``) and zero-padded around (one ``constant_pad_nd``); wider scattered rows are
+  gathered. Grouped convolutions (``groups > 1``)
+  compute ``dW`` densely and mask it: slicing output channels would break the groups.
+* ``dX`` and ``db = (Σ dY) ⊙ m_b`` as dense autograd computes them, in the same call
+  (only where needed).
 
 This is the convolution half of ``ascent_backward="exact"`` (the linear half is
 :mod:`~ssam_kernels.ops.ascent_linear`): exact for a perturbation normalised over the masked
@@ -22,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .ascent_linear import autocast_operands
-from .bitmask import BitMask, masked_rows
+from .ascent_linear import autocast_operands, pad_rows
+from .bitmask import BitMask, computed_rows, masked_rows, row_span
 from .masked_weight_grad import check_weight_mask
 
 CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -54,16 +57,22 @@ def _masked(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 class AscentConvFunction(torch.autograd.Function):
     """``F.conv{d}d(x, weight, bias, stride, padding, dilation, groups)`` with the exact masked
-    ascent backward (module docstring). ``padding`` is a tuple of ints."""
+    ascent backward (module docstring). ``padding`` is a tuple of ints.
+
+    ``masked=False`` (what ``sparse_ascent``'s exact mode runs): the weight gradient of the
+    rows holding a masked entry is left unmasked inside those rows, and the bias gradient
+    unmasked: the optimizer's masked norm and perturbation read only masked entries, so the
+    masking would be work for nothing."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, bias_mask, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, mask, bias_mask, stride, padding, dilation, groups, masked=True):
         x, weight, bias = autocast_operands(ctx, x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = CONVS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight)
         ctx.masks = (mask, bias_mask)
         ctx.geometry = (stride, padding, dilation, groups)
+        ctx.masked = masked
         return out
 
     @staticmethod
@@ -74,29 +83,37 @@ class AscentConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         common = (list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
         dy = dy.to(w.dtype)
-        rows = None
-        if need_w and groups == 1:
-            rows = mask.rows_with_bits() if isinstance(mask, BitMask) else masked_rows(mask)
+        out_channels = w.shape[0]
+        first, end, count = row_span(mask) if need_w and groups == 1 else (0, out_channels, out_channels)
         # every output channel's dW needed (or grouped): one call, as dense autograd makes
-        dense_w = need_w and (rows is None or rows.numel() == w.shape[0])
+        dense_w = need_w and count == out_channels
         dx = dw = db = None
-        if need_x or dense_w:
-            dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, *common, [need_x, dense_w, False])
+        if need_x or dense_w or need_b:
+            dx, dw, db = torch.ops.aten.convolution_backward(dy, x, w, [out_channels] if need_b else None, *common,
+                                                             [need_x, dense_w, need_b])
         if dense_w:
-            dw = _masked(dw, _checks.as_bool(mask))
-        elif need_w:  # only the channels holding a masked entry
+            if ctx.masked:
+                dw = _masked(dw, _checks.as_bool(mask))
+        elif need_w and count == 0:
             dw = torch.zeros_like(w)
-            if rows.numel():
-                part = torch.ops.aten.convolution_backward(dy.index_select(1, rows), x, w.index_select(0, rows), None,
-                                                           *common, [False, True, False])[1]
-                dw[rows] = _masked(part, _checks.as_bool(mask)[rows])
-        if need_b:
-            db = dy.sum([d for d in range(dy.dim()) if d != 1])
-            if bias_mask is not None:
-                db = db * _checks.as_bool(bias_mask).to(db.dtype)
+        elif need_w and computed_rows(first, end, count):  # a range of channels: views in, one call, one pad
+            span = end - first
+            part = torch.ops.aten.convolution_backward(dy.narrow(1, first, span), x, w.narrow(0, first, span), None,
+                                                       *common, [False, True, False])[1]
+            if ctx.masked:
+                part = _masked(part, _checks.as_bool(mask).narrow(0, first, span))
+            dw = pad_rows(part, first, out_channels)
+        elif need_w:  # scattered channels: gathered
+            rows = mask.rows_with_bits() if isinstance(mask, BitMask) else masked_rows(mask)
+            dw = torch.zeros_like(w)
+            part = torch.ops.aten.convolution_backward(dy.index_select(1, rows), x, w.index_select(0, rows), None,
+                                                       *common, [False, True, False])[1]
+            dw[rows] = _masked(part, _checks.as_bool(mask)[rows]) if ctx.masked else part
+        if need_b and bias_mask is not None and ctx.masked:
+            db = db * _checks.as_bool(bias_mask).to(db.dtype)
         dtypes = ctx.dtypes
         return (None if dx is None else dx.to(dtypes[0]), None if dw is None else dw.to(dtypes[1]),
-                None if db is None else db.to(dtypes[2]), None, None, None, None, None, None)
+                None if db is None else db.to(dtypes[2]), None, None, None, None, None, None, None)
 
 
 def check_conv_args(x, weight, bias, mask, bias_mask, stride, padding, dilation, groups):

@@ -2,8 +2,9 @@
 
 The forward is ``F.linear``'s (autocast honoured). Only the backward differs, by ``mode``:
 
-* ``"exact"``: ``dW = (dYᵀ X) ⊙ M`` by :func:`masked_weight_grad`, which skips the rows /
-  tiles without a masked entry; ``dX = dY W`` (only when something below needs it);
+* ``"exact"``: ``dW = (dYᵀ X) ⊙ M``, skipping the rows without a masked entry: where those
+  holding one are a contiguous range (or nearly: ``SPAN_SLACK``), one product on a view of
+  ``dY`` zero-padded around it, else :func:`masked_weight_grad`; ``dX = dY W`` (only when something below needs it);
   ``db = (Σ dY) ⊙ m_b``. Equals dense autograd's gradient times the mask.
 * ``"implicit"``: the input gradient flows through the masked weight, ``dX = dY (W ⊙ M)``;
   where ``M`` is 2:4 along the output dim, ``(W ⊙ M)ᵀ`` is the 2:4 operand of a sparse GEMM
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sparse_gemm import GEMMS, sparse_mm_24
-from .bitmask import BitMask
+from .bitmask import BitMask, computed_rows, row_span
 from .masked_weight_grad import check_weight_mask, masked_weight_grad
 from .mvue24 import mvue24
 
@@ -42,6 +43,7 @@ class AscentConfig:
     generator: torch.Generator | None = None  # mvue: seeds of the draws
     gemm: str = "auto"
     backend: str = "auto"  # of masked_weight_grad and mvue24
+    masked: bool = True  # exact: mask the gradients (False: rows without a masked entry skipped, nothing masked)
 
 
 def _bool(mask) -> torch.Tensor:
@@ -78,6 +80,13 @@ def mvue_last_dim(a: torch.Tensor, generator: torch.Generator | None, backend: s
 
 def _pad_rows(b: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(b, (0, 0, 0, rows - b.shape[0])) if rows > b.shape[0] else b
+
+
+def pad_rows(part: torch.Tensor, first: int, rows: int) -> torch.Tensor:
+    """``part`` (rows ``[first, first + len(part))`` of a ``rows``-row tensor) in a tensor of
+    ``rows`` rows, zeros elsewhere: one ``constant_pad_nd``, no zero-fill then scatter."""
+    pad = [0, 0] * (part.dim() - 1) + [first, rows - first - part.shape[0]]
+    return F.pad(part, pad)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -121,7 +130,15 @@ class AscentLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         dx = dw = db = None
         if cfg.mode == "exact":
-            if need_w:
+            first, end, count = row_span(cfg.mask) if need_w else (0, 0, 0)
+            if need_w and computed_rows(first, end, count) and (count < out_f or not cfg.masked):
+                # a range of rows (or all of them, unmasked): a plain product on a view of dY
+                # (cuBLAS reads it with its leading dimension), no gather, one pad
+                part = dy2.narrow(1, first, end - first).t() @ x2
+                if cfg.masked:
+                    part = torch.where(_bool(cfg.mask).narrow(0, first, end - first), part, 0)
+                dw = pad_rows(part, first, out_f)
+            elif need_w:
                 dw = masked_weight_grad(dy2, x2, cfg.mask, out_dtype=dtypes[1], backend=cfg.backend)
             if need_x:
                 dx = dy2 @ w
@@ -146,7 +163,7 @@ class AscentLinearFunction(torch.autograd.Function):
                     dx = dy2 @ w
         if need_b:
             db = dy2.sum(0)
-            if cfg.mode == "exact" and cfg.bias_mask is not None:
+            if cfg.mode == "exact" and cfg.bias_mask is not None and cfg.masked:
                 db = db * _bool(cfg.bias_mask).to(db.dtype)
         return (
             None if dx is None else dx.reshape(*dy.shape[:-1], in_f).to(dtypes[0]),

@@ -96,6 +96,40 @@ class BitMask:
         return cached
 
 
+def row_span(mask) -> tuple[int, int, int]:
+    """``(first, end, count)`` of the rows of a bool or bit mask (viewed ``[shape[0], -1]``)
+    that hold a set entry: they are the contiguous range ``[first, end)`` exactly where
+    ``end - first == count``; ``(0, 0, 0)`` where no row holds one. Cached on a BitMask; one
+    host sync per call for a bool mask."""
+    if isinstance(mask, BitMask):
+        cached = mask.__dict__.get("_row_span")
+        if cached is None:
+            cached = _span(mask.rows_with_bits())
+            object.__setattr__(mask, "_row_span", cached)
+        return cached
+    return _span(masked_rows(mask))
+
+
+# Scattered rows whose span holds at most 1/SPAN_SLACK more rows than they do are computed as
+# the whole span (on views: no gather of the output gradient, no scatter of the result); wider
+# spans are gathered.
+SPAN_SLACK = 8
+
+
+def computed_rows(first: int, end: int, count: int) -> tuple[int, int] | None:
+    """The range of rows a row-sparse weight gradient computes for the rows holding a set
+    entry (:func:`row_span`'s ``first, end, count``): the span where they fill it or nearly
+    (``SPAN_SLACK``), else None (they are gathered)."""
+    return (first, end) if (end - first) * SPAN_SLACK <= count * (SPAN_SLACK + 1) else None
+
+
+def _span(rows: torch.Tensor) -> tuple[int, int, int]:
+    if rows.numel() == 0:
+        return 0, 0, 0
+    first, last = rows[[0, -1]].tolist()
+    return first, last + 1, rows.numel()
+
+
 def masked_rows(mask: torch.Tensor) -> torch.Tensor:
     """Sorted int64 indices of the rows of a bool ``mask`` viewed ``[shape[0], -1]`` (output
     features of a Linear weight, output channels of a Conv weight) that hold a set entry:
