@@ -139,6 +139,7 @@ class OpBackends:
     impls: dict[str, Callable] = field(default_factory=dict)
     devices: dict[str, frozenset[str] | None] = field(default_factory=dict)
     ext_op: str | None = None  # the ssam:: op whose kernels decide where ``ext`` runs (default: name)
+    auto_order: dict[str, tuple[str, ...]] | None = None  # this op's own AUTO_ORDER entries, where it differs
 
     def register(self, backend: str, fn: Callable, devices: tuple[str, ...] | None = None) -> None:
         if backend not in BACKENDS[1:]:
@@ -167,7 +168,8 @@ class OpBackends:
                     raise ValueError(f"{ENV_VAR}={env!r} is not one of {BACKENDS}")
                 if self._usable(env, device.type):
                     return env
-            for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            order = (self.auto_order or {}).get(device.type) or AUTO_ORDER.get(device.type, ("torch",))
+            for cand in order:
                 if self._usable(cand, device.type):
                     return cand
             return "torch"
@@ -196,11 +198,13 @@ class OpBackends:
 _REGISTRY: dict[str, OpBackends] = {}
 
 
-def op_backends(name: str, ext_op: str | None = None) -> OpBackends:
+def op_backends(name: str, ext_op: str | None = None,
+                auto_order: dict[str, tuple[str, ...]] | None = None) -> OpBackends:
     """The (shared) backend table of op ``name``; created on first use. ``ext_op``: the
-    extension's op whose kernels decide where the ``ext`` backend runs, where it is not ``name``."""
+    extension's op whose kernels decide where the ``ext`` backend runs, where it is not ``name``.
+    ``auto_order``: per device type, this op's preference where it is not :data:`AUTO_ORDER`'s."""
     if name not in _REGISTRY:
-        _REGISTRY[name] = OpBackends(name, ext_op=ext_op)
+        _REGISTRY[name] = OpBackends(name, ext_op=ext_op, auto_order=auto_order)
     return _REGISTRY[name]
 
 

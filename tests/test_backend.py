@@ -114,3 +114,17 @@ def test_auto_backend_matches_backend_info_and_rejects_unknown_ops():
         assert ssam_kernels.auto_backend(op, "cpu") == facts["auto"]
     with pytest.raises(ValueError, match="op must be one of"):
         ssam_kernels.auto_backend("no_such_op", "cpu")
+
+
+def test_an_op_may_order_auto_itself(monkeypatch):
+    """masked_weight_grad's auto on CUDA is cuBLAS (torch) until its Triton kernel measures
+    faster; the other ops keep AUTO_ORDER; an explicit backend still runs Triton."""
+    monkeypatch.setattr(ssam_kernels._backend, "_runtime_available", lambda b: True)
+    table = ssam_kernels._backend._REGISTRY
+    assert table["masked_weight_grad"].resolve("auto", torch.device("cuda")) == "torch"
+    assert table["masked_weight_grad"].resolve("triton", torch.device("cuda")) == "triton"
+    assert table["grad_norm"].resolve("auto", torch.device("cuda")) == "triton"
+    op = OpBackends("demo", auto_order={"cuda": ("torch", "triton")})
+    op.register("torch", lambda: "torch")
+    op.register("triton", lambda: "triton", devices=("cuda",))
+    assert op.resolve("auto", torch.device("cuda")) == "torch"

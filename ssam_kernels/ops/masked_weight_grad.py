@@ -18,7 +18,11 @@ from .._backend import lazy, op_backends
 from .._library import define
 from .bitmask import BitMask, pack_mask, rows_first, unpack_mask
 
-_BACKENDS = op_backends("masked_weight_grad")
+# auto on CUDA: cuBLAS on the gathered rows until the Triton kernel measures faster. Its tiles
+# were never tuned (no split-K, gathered dY loads, the mask read in the epilogue), and the
+# exact ascent that ran it was slower than dense on the H200 (GPT-2 small 8k: 102.7 against
+# 75.0 ms, gpu-results/h200-2026-12-04).
+_BACKENDS = op_backends("masked_weight_grad", auto_order={"cuda": ("torch", "triton")})
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
