@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 log = logging.getLogger("ssam_kernels")
 
@@ -44,6 +45,21 @@ def cusparselt_unsupported(a: torch.Tensor, b: torch.Tensor) -> str | None:
     if m % 16 or k % 16 or n % 8:
         return f"shape [{m}, {k}] @ [{k}, {n}]: cuSPARSELt needs m, k multiples of 16 and n of 8"
     return None
+
+
+def _cslt_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``torch._cslt_sparse_mm(compressed A, B)``: the products of A's kept half
+    (2:4), ``m * k * n`` (a dense ``[m, k] @ [k, n]`` counts twice that). ``k`` is B's rows; ``m``
+    and ``n`` come from the result (``[n, m]`` with ``transpose_result``), since the compressed
+    A is a flat buffer."""
+    k = b_shape[0]
+    return out_shape[0] * out_shape[1] * k
+
+
+# torch's FLOP counter has no formula for the sparse GEMM: without one, FlopCounterMode (and the
+# FLOP columns of ssam-bench) would not see it
+if torch.ops.aten._cslt_sparse_mm not in flop_registry:
+    register_flop_formula(torch.ops.aten._cslt_sparse_mm)(_cslt_flops)
 
 
 def _dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

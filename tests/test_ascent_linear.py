@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import BACKENDS, rand, rand_mask
+from torch.utils.flop_counter import FlopCounterMode
 
 from ssam_kernels import ascent_linear, mvue24, pack_mask, sparse_mm_24
 from ssam_kernels.ops.ascent_linear import is_24_along_out, mvue_last_dim
@@ -138,6 +139,19 @@ def test_sparse_mm_24_dense_path_and_checks(gen):
         sparse_mm_24(a, b.t())
 
 
+@pytest.mark.cpu
+def test_the_sparse_gemm_is_flop_counted():
+    """torch has no FLOP formula for cuSPARSELt's GEMM; the package registers one: the kept
+    half of a dense [m, k] @ [k, n] (m * k * n), m and n read from the result."""
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry[torch.ops.aten._cslt_sparse_mm]
+    compressed = torch.empty(768 * 4096 // 2 * 9 // 8, dtype=torch.float16)  # a flat buffer, no shape of A
+    b, out = torch.empty(4096, 1024, dtype=torch.float16), torch.empty(768, 1024, dtype=torch.float16)
+    assert formula(compressed, b, out_val=out) == 768 * 4096 * 1024
+    assert formula(compressed, b, transpose_result=True, out_val=out.t()) == 768 * 4096 * 1024
+
+
 # --- sparse tensor cores ---------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -149,7 +163,9 @@ def test_cusparselt_equals_dense(dtype):
     a = mvue24(rand((768, 4096), dtype, gen, "cuda"), seed=1)
     for b in (rand((4096, 1024), dtype, gen, "cuda"), rand((1024, 4096), dtype, gen, "cuda").t()):
         ref = (a.double() @ b.double())
-        out = sparse_mm_24(a, b, gemm="cusparselt")
+        with FlopCounterMode(display=False) as flops:
+            out = sparse_mm_24(a, b, gemm="cusparselt")
+        assert flops.get_total_flops() == 768 * 4096 * b.shape[1]  # the kept half, counted
         # each output sums 2048 kept products in fp32 and rounds once to the dtype
         tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * ref.abs().max().item()
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
