@@ -3,13 +3,15 @@ backup and exact restore, N:M and global top-k mask selection, 2:4 compression, 
 sparsification, and cheaper ascent backwards (``sparse_ascent``: exact masked weight gradients,
 implicit and MVUE 2:4 gradients on sparse tensor cores).
 
-Every op has a plain-PyTorch reference (``backend="torch"``); faster backends register beside
-it and ``backend="auto"`` (the default) picks one, preferring ``SSAM_BACKEND`` where set. ``backend_info()`` says
-which backend runs each op. Importing this package never fails because Triton or the compiled
+Every op is one dispatcher op (``torch.ops.ssam_kernels.<op>``) with a plain-PyTorch reference
+(``backend="torch"``) and faster kernels beside it, per device; ``backend="auto"`` (the default)
+picks one, preferring ``SSAM_BACKEND`` where set. ``backend_info()`` says which backend runs
+each op. Importing this package never fails because Triton or the compiled
 extension is missing.
 """
 
-from ._backend import BACKENDS, BackendUnavailableError, auto_backend, backend_info
+from ._backend import BACKENDS, BackendUnavailableError
+from ._library import auto_backend, backend_info
 from .ops.ascent_conv import ascent_conv
 from .ops.ascent_linear import ascent_linear
 from .ops.bitmask import BitMask, pack_mask, packed_nbytes, unpack_mask

@@ -1,9 +1,10 @@
 """Backend selection: which implementation of an op runs for a given call.
 
 Every op has a plain-PyTorch ``torch`` implementation (the reference). Faster backends
-(``triton`` kernels, the compiled extension ``ext``) register themselves per op in the op's
-module. ``auto`` picks the first registered backend, in :data:`AUTO_ORDER` for the tensors'
-device type, whose runtime is importable. ``SSAM_BACKEND`` names a preferred backend for every
+(``triton`` kernels, the compiled extension ``ext``) sit beside it in the op's table
+(:class:`OpBackends`, held by the op's dispatcher kernels: see :mod:`ssam_kernels._library`).
+``auto`` picks the first backend, in :data:`AUTO_ORDER` for the tensors' device type (or the
+op's own order), whose runtime is importable. ``SSAM_BACKEND`` names a preferred backend for every
 call that passes ``backend="auto"``: used for each op it implements on that device, the others
 fall back to the ``auto`` order. An explicit ``backend=`` is strict: it runs or raises.
 """
@@ -193,43 +194,3 @@ class OpBackends:
 
     def __call__(self, backend: str, device: torch.device) -> Callable:
         return self.impls[self.resolve(backend, device)]
-
-
-_REGISTRY: dict[str, OpBackends] = {}
-
-
-def op_backends(name: str, ext_op: str | None = None,
-                auto_order: dict[str, tuple[str, ...]] | None = None) -> OpBackends:
-    """The (shared) backend table of op ``name``; created on first use. ``ext_op``: the
-    extension's op whose kernels decide where the ``ext`` backend runs, where it is not ``name``.
-    ``auto_order``: per device type, this op's preference where it is not :data:`AUTO_ORDER`'s."""
-    if name not in _REGISTRY:
-        _REGISTRY[name] = OpBackends(name, ext_op=ext_op, auto_order=auto_order)
-    return _REGISTRY[name]
-
-
-def auto_backend(op: str, device: str | torch.device = "cpu") -> str:
-    """The backend ``backend="auto"`` runs op ``op`` with on ``device`` (what
-    :func:`backend_info` reports for it, without building the whole report)."""
-    if op not in _REGISTRY:
-        raise ValueError(f"op must be one of {sorted(_REGISTRY)}, got {op!r}")
-    return _REGISTRY[op].resolve("auto", torch.device(device))
-
-
-def backend_info(device: str | torch.device = "cpu") -> dict:
-    """What is installed and which backend each op runs with ``backend="auto"`` on ``device``."""
-    device = torch.device(device)
-    return {
-        "device": str(device),
-        "env_override": os.environ.get(ENV_VAR) or None,
-        "triton": triton_version(),
-        "extension": extension_error() is None,
-        "extension_error": extension_error(),
-        "ops": {
-            name: {
-                "implemented": sorted(op.impls),
-                "auto": auto_backend(name, device),
-            }
-            for name, op in sorted(_REGISTRY.items())
-        },
-    }

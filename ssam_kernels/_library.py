@@ -1,29 +1,108 @@
-"""``torch.ops.ssam_kernels``: the ops this package defines from Python, so that the
-dispatcher, ``FlopCounterMode`` and ``torch.compile`` see them as ops rather than as opaque
-Python calls (a Triton launch is invisible to all three).
+"""``torch.ops.ssam_kernels``: one dispatcher op per public op, whichever kernel runs it.
 
-Defined with ``torch.library.Library`` (a schema, one kernel per dispatch key, a ``Meta``
-kernel for fake tensors) rather than ``torch.library.custom_op``: the call costs about 2.5 us
-instead of about 20 us on the host, which matters for ops called once per layer per step.
-The compiled extension's C++ ops live in their own namespace, ``torch.ops.ssam``.
+Each op (:class:`Op`) is defined once, with a schema whose last argument is ``str backend``
+(``"auto"``, or the override the public function's ``backend=`` passes on), and registered
+per device: its ``CPU`` and ``CUDA`` kernels choose among the implementations that run on that
+device (the reference ``torch``, the ``triton`` kernels, the compiled extension's ``ext``
+kernels, in :data:`~ssam_kernels._backend.AUTO_ORDER` or the op's own order), and a fake
+implementation gives output metadata for fake tensors (``torch.compile``, ``opcheck``). So
+the dispatcher, ``torch.compile`` and ``FlopCounterMode`` see one op, whatever kernel computes
+it (a Triton launch or a Python call is invisible to all three), and a GEMM carries its FLOP
+formula.
+
+Defined with ``torch.library.Library`` (a schema, one kernel per dispatch key) rather than
+``torch.library.custom_op``: the call costs about 2.5 us instead of about 20 us on the host,
+which matters for ops called once per layer per step. The compiled extension's C++ ops live in
+their own namespace, ``torch.ops.ssam``; the ``ext`` implementations call them.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable
 
 import torch
 
+from ._backend import ENV_VAR, OpBackends, extension_error, triton_version
+
 NAMESPACE = "ssam_kernels"
 LIB = torch.library.Library(NAMESPACE, "DEF")
 
+# every backend table, by op name: the dispatcher ops, and the SAM step plan's kernel set
+TABLES: dict[str, OpBackends] = {}
 
-def define(schema: str, kernel: Callable, fake: Callable) -> torch._ops.OpOverloadPacket:
-    """Define ``ssam_kernels::<schema>`` with ``kernel`` for CPU and CUDA tensors and ``fake``
-    for meta / fake tensors; returns ``torch.ops.ssam_kernels.<name>``."""
-    name = schema.split("(", 1)[0]
-    LIB.define(schema)
-    for key in ("CPU", "CUDA"):
-        LIB.impl(name, kernel, key)
-    LIB.impl(name, fake, "Meta")
-    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+class Op:
+    """``torch.ops.ssam_kernels.<name>`` with its implementations per backend.
+
+    Args:
+        schema: the op's schema, ending in ``str backend``.
+        impls: backend name -> implementation (``lazy`` ones import on first call).
+        fake: the fake (meta) implementation, given the schema's arguments but ``backend``.
+        adapt: ``adapt(impl, *args)`` calls an implementation with the schema's arguments
+            (without ``backend``), converting them to what implementations take (bit masks
+            back to :class:`~ssam_kernels.BitMask`, ...); default: ``impl(*args)``.
+        devices: backend -> device types it runs on, where not the backend's default.
+        auto_order: per device type, this op's ``auto`` preference where it is not
+            ``AUTO_ORDER``'s.
+        ext_op: the ``ssam::`` op whose kernels decide where ``ext`` runs (default: ``name``).
+    """
+
+    def __init__(self, schema: str, impls: dict[str, Callable], *, fake: Callable, adapt: Callable | None = None,
+                 devices: dict[str, tuple[str, ...]] | None = None,
+                 auto_order: dict[str, tuple[str, ...]] | None = None, ext_op: str | None = None):
+        self.name = schema.split("(", 1)[0]
+        self.backends = OpBackends(self.name, ext_op=ext_op, auto_order=auto_order)
+        for backend, fn in impls.items():
+            self.backends.register(backend, fn, (devices or {}).get(backend))
+        self._adapt = adapt or (lambda impl, *args: impl(*args))
+        LIB.define(schema)
+        for key in ("CPU", "CUDA"):  # the device decides which kernels may run
+            LIB.impl(self.name, functools.partial(self._kernel, torch.device(key.lower())), key)
+        torch.library.register_fake(f"{NAMESPACE}::{self.name}", lambda *args: fake(*args[:-1]), lib=LIB)
+        self.overload = getattr(getattr(torch.ops, NAMESPACE), self.name).default
+        TABLES[self.name] = self.backends
+
+    def _kernel(self, device: torch.device, *args):
+        *args, backend = args
+        return self._adapt(self.backends(backend, device), *args)
+
+    def resolve(self, backend: str, device: torch.device) -> str:
+        """The backend that runs this op for tensors on ``device`` (``backend`` checked)."""
+        return self.backends.resolve(backend, device)
+
+    def __call__(self, *args, backend: str = "auto"):
+        """The op on checked arguments; ``backend`` is checked here, before any dispatch."""
+        if not isinstance(backend, str):
+            raise ValueError(f"backend must be a str, got {backend!r}")
+        return self.overload(*args, backend)
+
+
+def backend_table(name: str, **kwargs) -> OpBackends:
+    """A backend table that is not a dispatcher op (the SAM step plan picks a kernel set once
+    per plan, not per call), listed by :func:`backend_info` beside the ops."""
+    TABLES[name] = OpBackends(name, **kwargs)
+    return TABLES[name]
+
+
+def auto_backend(op: str, device: str | torch.device = "cpu") -> str:
+    """The backend ``backend="auto"`` runs op ``op`` with on ``device`` (what
+    :func:`backend_info` reports for it, without building the whole report)."""
+    if op not in TABLES:
+        raise ValueError(f"op must be one of {sorted(TABLES)}, got {op!r}")
+    return TABLES[op].resolve("auto", torch.device(device))
+
+
+def backend_info(device: str | torch.device = "cpu") -> dict:
+    """What is installed and which backend each op runs with ``backend="auto"`` on ``device``."""
+    device = torch.device(device)
+    return {
+        "device": str(device),
+        "env_override": os.environ.get(ENV_VAR) or None,
+        "triton": triton_version(),
+        "extension": extension_error() is None,
+        "extension_error": extension_error(),
+        "ops": {name: {"implemented": sorted(table.impls), "auto": auto_backend(name, device)}
+                for name, table in sorted(TABLES.items())},
+    }

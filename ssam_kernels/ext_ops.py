@@ -1,6 +1,7 @@
-"""Host side of the compiled extension ``torch.ops.ssam.*``: the ``ext`` backend's launchers
-(argument conversion; same contracts as the references) and the fake (meta) implementations
-that let ``torch.compile`` trace the ops. Imported once the library has loaded."""
+"""Host side of the compiled extension ``torch.ops.ssam.*``: the ``ext`` implementations that
+the ``torch.ops.ssam_kernels`` ops' kernels call (argument conversion; same contracts as the
+references), the SAM step plan's ``ext`` kernel set, and the fake (meta) implementations of the
+C++ ops. Imported once the library has loaded."""
 
 from __future__ import annotations
 
@@ -30,16 +31,14 @@ def grad_norm_ext(tensors, masks):
     return _ops.grad_norm(tensors, bits).to(tensors[0].device)
 
 
-def perturb_ext(params, grads, masks, scale) -> PerturbBackup:
+def perturb_ext(params, grads, masks, scale, values) -> None:
     masks = [as_bitmask(m) for m in masks]
     if not _one_device_contiguous(params):
-        return perturb_torch(params, grads, masks, scale)
+        return perturb_torch(params, grads, masks, scale, values)
     # a number stays on the host (the CUDA op reads it there: no copy to the device, no wait),
     # as a float64, which float64 params take unrounded
     scale_t = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
-    values = [torch.empty_like(w) if m is None else w.new_empty((m.count_int(),)) for w, m in zip(params, masks)]
     _ops.perturb_(params, grads, [None if m is None else m.bits for m in masks], values, scale_t)
-    return PerturbBackup(values, masks)
 
 
 def restore_ext(params, backup: PerturbBackup) -> None:

@@ -120,7 +120,7 @@ def test_an_op_may_order_auto_itself(monkeypatch):
     """masked_weight_grad's auto on CUDA is cuBLAS (torch) until its Triton kernel measures
     faster; the other ops keep AUTO_ORDER; an explicit backend still runs Triton."""
     monkeypatch.setattr(ssam_kernels._backend, "_runtime_available", lambda b: True)
-    table = ssam_kernels._backend._REGISTRY
+    table = ssam_kernels._library.TABLES
     assert table["masked_weight_grad"].resolve("auto", torch.device("cuda")) == "torch"
     assert table["masked_weight_grad"].resolve("triton", torch.device("cuda")) == "triton"
     assert table["grad_norm"].resolve("auto", torch.device("cuda")) == "triton"

@@ -188,3 +188,23 @@ def as_bitmask(mask) -> BitMask | None:
     if mask is None or isinstance(mask, BitMask):
         return mask
     return pack_mask(mask)
+
+
+def mask_args(masks) -> list[torch.Tensor | None]:
+    """Mask entries (None, bool tensor or BitMask) as a dispatcher op takes them (``Tensor?[]``):
+    a BitMask as its ``bits`` (uint8), the others as they are."""
+    return [m.bits if isinstance(m, BitMask) else m for m in masks]
+
+
+def masks_from_args(args, refs, counts=None) -> list:
+    """The inverse of :func:`mask_args` inside an op: ``bits`` back to a BitMask shaped like
+    its ``refs[i]``, with its set-bit count where ``counts[i] >= 0`` (known to the caller, so
+    the kernels need no host sync to read it)."""
+    out = []
+    for i, (m, r) in enumerate(zip(args, refs)):
+        if m is not None and m.dtype == torch.uint8:
+            m = BitMask(m, r.shape)
+            if counts is not None and counts[i] >= 0:
+                object.__setattr__(m, "_count", counts[i])
+        out.append(m)
+    return out

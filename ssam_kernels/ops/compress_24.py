@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import BackendUnavailableError, lazy, op_backends
-
-_COMPRESS = op_backends("compress_24")
-_DECOMPRESS = op_backends("decompress_24")
+from .._backend import BackendUnavailableError, lazy
+from .._library import Op
 
 DTYPES = (torch.float16, torch.bfloat16)
 ROW_ALIGN = 32
@@ -88,12 +86,21 @@ def decompress_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
     return dense.reshape(rows, half * 2)
 
 
-_COMPRESS.register("torch", compress_24_torch)
-_DECOMPRESS.register("torch", decompress_24_torch)
-_COMPRESS.register("triton", lazy("ssam_kernels.triton_ops.compress_24", "compress_24_triton"))
-_COMPRESS.register("ext", lazy("ssam_kernels.ext_ops", "compress_24_ext"))
-_DECOMPRESS.register("triton", lazy("ssam_kernels.triton_ops.compress_24", "decompress_24_triton"))
-_DECOMPRESS.register("ext", lazy("ssam_kernels.ext_ops", "decompress_24_ext"))
+def _compress_fake(x, check):
+    rows, cols = x.shape
+    return x.new_empty((rows, cols // 2)), x.new_empty((rows, cols // META_COLS_PER_ELEMENT), dtype=torch.int16)
+
+
+COMPRESS_24 = Op("compress_24(Tensor x, bool check, str backend) -> (Tensor, Tensor)",
+                 {"torch": compress_24_torch,
+                  "triton": lazy("ssam_kernels.triton_ops.compress_24", "compress_24_triton"),
+                  "ext": lazy("ssam_kernels.ext_ops", "compress_24_ext")},
+                 fake=_compress_fake, adapt=lambda impl, x, check: tuple(impl(x, check)))
+DECOMPRESS_24 = Op("decompress_24(Tensor values, Tensor meta, str backend) -> Tensor",
+                   {"torch": decompress_24_torch,
+                    "triton": lazy("ssam_kernels.triton_ops.compress_24", "decompress_24_triton"),
+                    "ext": lazy("ssam_kernels.ext_ops", "decompress_24_ext")},
+                   fake=lambda values, meta: values.new_empty((values.shape[0], values.shape[1] * 2)))
 
 
 def _check_matrix(name: str, t, dtypes) -> None:
@@ -124,7 +131,7 @@ def compress_24(x: torch.Tensor, *, check: bool = True, backend: str = "auto") -
             f"x has shape {tuple(x.shape)}; the CUTLASS layout needs rows % {ROW_ALIGN} == 0 "
             f"and cols % {COL_ALIGN} == 0"
         )
-    return _COMPRESS(backend, x.device)(x.contiguous(), check)
+    return COMPRESS_24(x.contiguous(), check, backend=backend)
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -139,7 +146,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "a
         raise ValueError(f"meta has shape {tuple(meta.shape)}; values of shape {tuple(values.shape)} needs {expected}")
     if meta.device != values.device:
         raise ValueError(f"meta is on {meta.device}, values on {values.device}")
-    return _DECOMPRESS(backend, values.device)(values.contiguous(), meta.contiguous())
+    return DECOMPRESS_24(values.contiguous(), meta.contiguous(), backend=backend)
 
 
 def compress_24_cusparselt(x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import lazy, op_backends
-
-_BACKENDS = op_backends("grad_norm")
+from .._backend import BackendUnavailableError, lazy
+from .._library import Op
+from .bitmask import mask_args, masks_from_args
 
 
 def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -30,9 +30,15 @@ def grad_norm_torch(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     return torch.stack(parts).sum().sqrt()
 
 
-_BACKENDS.register("torch", grad_norm_torch)
-_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.grad_norm", "grad_norm_triton"))
-_BACKENDS.register("ext", lazy("ssam_kernels.ext_ops", "grad_norm_ext"))
+def _fake(tensors, masks):
+    return tensors[0].new_empty((), dtype=accumulation_dtype(tensors))
+
+
+GRAD_NORM = Op("grad_norm(Tensor[] tensors, Tensor?[] masks, str backend) -> Tensor",
+               {"torch": grad_norm_torch,
+                "triton": lazy("ssam_kernels.triton_ops.grad_norm", "grad_norm_triton"),
+                "ext": lazy("ssam_kernels.ext_ops", "grad_norm_ext")},
+               fake=_fake, adapt=lambda impl, tensors, masks: impl(tensors, masks_from_args(masks, tensors)))
 
 
 def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
@@ -52,4 +58,12 @@ def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
     """
     tensors = _checks.tensor_list("tensors", tensors)
     masks = _checks.mask_list(masks, tensors, "tensors")
-    return _BACKENDS(backend, tensors[0].device)(tensors, masks)
+    if any(t.device != tensors[0].device for t in tensors):
+        # the dispatcher would pick one device's kernels for all; the reference reduces each
+        # tensor on its own device
+        if backend not in ("auto", "torch"):
+            GRAD_NORM.resolve(backend, tensors[0].device)  # a bad name still says so
+            raise BackendUnavailableError(f"backend={backend!r}: the tensors span several devices; "
+                                          "only the reference ('torch') reduces across devices")
+        return grad_norm_torch(tensors, masks)
+    return GRAD_NORM(tensors, mask_args(masks), backend=backend)

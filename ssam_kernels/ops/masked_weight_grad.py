@@ -14,15 +14,10 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
-from .._backend import lazy, op_backends
-from .._library import define
+from .._backend import lazy
+from .._library import Op
 from .bitmask import BitMask, pack_mask, rows_first, unpack_mask
 
-# auto on CUDA: cuBLAS on the gathered rows until the Triton kernel measures faster. Its tiles
-# were never tuned (no split-K, gathered dY loads, the mask read in the epilogue), and the
-# exact ascent that ran it was slower than dense on the H200 (GPT-2 small 8k: 102.7 against
-# 75.0 ms, gpu-results/h200-2026-12-04).
-_BACKENDS = op_backends("masked_weight_grad", auto_order={"cuda": ("torch", "triton")})
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -39,25 +34,19 @@ def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tens
         out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out.dtype)
 
 
-_BACKENDS.register("torch", masked_weight_grad_torch)
-_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.masked_weight_grad", "masked_weight_grad_triton"))
+# auto on CUDA: cuBLAS on the gathered rows until the Triton kernel measures faster. Its tiles
+# were never tuned (no split-K, gathered dY loads, the mask read in the epilogue), and the
+# exact ascent that ran it was slower than dense on the H200 (GPT-2 small 8k: 102.7 against
+# 75.0 ms, gpu-results/h200-2026-12-04).
+MASKED_WEIGHT_GRAD = Op(
+    "masked_weight_grad(Tensor grad_output, Tensor input, Tensor bits, Tensor row_order, int masked_rows, "
+    "Tensor(a!) out, str backend) -> ()",
+    {"torch": masked_weight_grad_torch,
+     "triton": lazy("ssam_kernels.triton_ops.masked_weight_grad", "masked_weight_grad_triton")},
+    fake=lambda *args: None, auto_order={"cuda": ("torch", "triton")})
 
 
-def _kernel(dy, x, bits, row_order, masked_rows, out, backend):
-    _BACKENDS.impls[backend](dy, x, bits, row_order, masked_rows, out)
-
-
-def _fake(dy, x, bits, row_order, masked_rows, out, backend):
-    return None
-
-
-# One op for every backend (``backend`` is already resolved by the public function): the
-# dispatcher, FlopCounterMode and torch.compile see the GEMM whichever kernel runs it.
-_OP = define("masked_weight_grad(Tensor grad_output, Tensor input, Tensor bits, Tensor row_order, int masked_rows, "
-             "Tensor(a!) out, str backend) -> ()", _kernel, _fake)
-
-
-@register_flop_formula(_OP)
+@register_flop_formula(torch.ops.ssam_kernels.masked_weight_grad)
 def _flops(dy_shape, x_shape, bits_shape, order_shape, masked_rows, *args, **kwargs) -> int:
     """The useful FLOPs: ``dW[R] = dY[:, R]ᵀ X`` over the rows ``R`` that hold a masked entry
     (what the reference computes and the cost model of ``ssam.budget`` counts)."""
@@ -119,10 +108,9 @@ def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
             )
         if out_dtype is not None and out_dtype != out.dtype:
             raise ValueError(f"out_dtype={out_dtype} but out is {out.dtype}")
-    name = _BACKENDS.resolve(backend, input.device)
     dy = grad_output.reshape(-1, out_features).contiguous()
     x = input.reshape(-1, in_features).contiguous()
     bits = mask.bits if isinstance(mask, BitMask) else pack_mask(mask).bits
     order, masked = rows_first(mask)
-    _OP.default(dy, x, bits, order, masked, out, name)
+    MASKED_WEIGHT_GRAD(dy, x, bits, order, masked, out, backend=backend)
     return out

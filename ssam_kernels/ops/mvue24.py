@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import lazy, op_backends
-
-_BACKENDS = op_backends("mvue24")
+from .._backend import lazy
+from .._library import Op
 
 
 def _ordered_sum(a: torch.Tensor) -> torch.Tensor:
@@ -70,8 +69,9 @@ def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | Non
     return out.to(x.dtype).reshape(x.shape)
 
 
-_BACKENDS.register("torch", mvue24_torch)
-_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.mvue24", "mvue24_triton"))
+MVUE24 = Op("mvue24(Tensor x, Tensor? uniforms, int? seed, str backend) -> Tensor",
+            {"torch": mvue24_torch, "triton": lazy("ssam_kernels.triton_ops.mvue24", "mvue24_triton")},
+            fake=lambda x, uniforms, seed: torch.empty_like(x))
 
 
 def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor | None = None,
@@ -102,4 +102,4 @@ def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor |
                 f"got {tuple(uniforms.shape)} on {uniforms.device}"
             )
         uniforms = uniforms.contiguous()
-    return _BACKENDS(backend, x.device)(x.contiguous(), uniforms, seed)
+    return MVUE24(x.contiguous(), uniforms, seed, backend=backend)

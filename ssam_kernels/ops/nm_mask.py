@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import lazy, op_backends
-
-_BACKENDS = op_backends("nm_mask")
+from .._backend import lazy
+from .._library import Op
 
 
 def _nan_lowest(x: torch.Tensor) -> torch.Tensor:
@@ -33,12 +32,14 @@ def nm_mask_torch(scores: torch.Tensor, n: int, m: int, magnitude: bool) -> torc
     groups = rows.view(rows.shape[0], -1, m)
     order = torch.argsort(groups, dim=-1, descending=True, stable=True)[..., :n]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
-    return keep.view(rows.shape[0], -1)[:, :last].reshape(shape)
+    return keep.view(rows.shape[0], -1)[:, :last].reshape(shape).contiguous()
 
 
-_BACKENDS.register("torch", nm_mask_torch)
-_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.nm_mask", "nm_mask_triton"))
-_BACKENDS.register("ext", lazy("ssam_kernels.ext_ops", "nm_mask_ext"))
+NM_MASK = Op("nm_mask(Tensor scores, int n, int m, bool magnitude, str backend) -> Tensor",
+             {"torch": nm_mask_torch,
+              "triton": lazy("ssam_kernels.triton_ops.nm_mask", "nm_mask_triton"),
+              "ext": lazy("ssam_kernels.ext_ops", "nm_mask_ext")},
+             fake=lambda scores, n, m, magnitude: torch.empty_like(scores, dtype=torch.bool))
 
 
 def check_nm(n, m) -> tuple[int, int]:
@@ -67,4 +68,4 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, *, magnitude: bool = True, bac
     n, m = check_nm(n, m)
     if not isinstance(magnitude, bool):
         raise TypeError(f"magnitude must be a bool, got {type(magnitude).__name__}")
-    return _BACKENDS(backend, scores.device)(scores, n, m, magnitude)
+    return NM_MASK(scores, n, m, magnitude, backend=backend)

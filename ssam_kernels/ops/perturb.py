@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks
-from .._backend import lazy, op_backends
-from .bitmask import BitMask
-
-_PERTURB = op_backends("perturb_")
-_RESTORE = op_backends("restore_")
+from .._backend import lazy
+from .._library import Op
+from .bitmask import BitMask, mask_args, masks_from_args
 
 
 @dataclass
@@ -47,18 +45,47 @@ def _perturbed(w: torch.Tensor, g: torch.Tensor, scale) -> torch.Tensor:
     return (w.to(dtype) + scale * g.to(dtype)).to(w.dtype)
 
 
-def perturb_torch(params, grads, masks, scale) -> PerturbBackup:
-    values = []
-    for w, g, m in zip(params, grads, masks):
+def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (the
+    kernels' vector width)."""
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    padded = [(n + step - 1) // step * step for n in counts]
+    flat = torch.empty(sum(padded), dtype=dtype, device=device)
+    out, at = [], 0
+    for n, p in zip(counts, padded):
+        out.append(flat[at: at + n])
+        at += p
+    return out
+
+
+def backup_buffers(params, counts: list[int]) -> list[torch.Tensor]:
+    """Where ``perturb_`` keeps the original values: a tensor like the param where it has no
+    mask (``counts[i] < 0``); else ``counts[i]`` values, the masked params of one dtype and
+    device sharing one allocation, each 16-byte aligned."""
+    out: list = [None] * len(params)
+    masked: dict = {}
+    for i, (w, c) in enumerate(zip(params, counts)):
+        if c < 0:
+            out[i] = torch.empty_like(w, memory_format=torch.contiguous_format)
+        else:
+            masked.setdefault((w.dtype, w.device), []).append(i)
+    for (dtype, device), idx in masked.items():
+        for i, v in zip(idx, split_aligned([counts[i] for i in idx], dtype, device)):
+            out[i] = v
+    return out
+
+
+def perturb_torch(params, grads, masks, scale, values) -> None:
+    """Reference: ``values[i]`` (allocated by the caller) gets the original ``w[m]``."""
+    for w, g, m, v in zip(params, grads, masks, values):
         if m is None:
-            values.append(w.clone())
+            v.copy_(w)
             w.copy_(_perturbed(w, g, scale))
         else:
             keep = _checks.as_bool(m)
             original = w[keep]
-            values.append(original)
+            v.copy_(original)
             w[keep] = _perturbed(original, g[keep], scale)
-    return PerturbBackup(values, list(masks))
 
 
 def restore_torch(params, backup: PerturbBackup) -> None:
@@ -69,12 +96,50 @@ def restore_torch(params, backup: PerturbBackup) -> None:
             w[_checks.as_bool(m)] = v
 
 
-_PERTURB.register("torch", perturb_torch)
-_RESTORE.register("torch", restore_torch)
-_PERTURB.register("triton", lazy("ssam_kernels.triton_ops.perturb", "perturb_triton"))
-_PERTURB.register("ext", lazy("ssam_kernels.ext_ops", "perturb_ext"))
-_RESTORE.register("triton", lazy("ssam_kernels.triton_ops.perturb", "restore_triton"))
-_RESTORE.register("ext", lazy("ssam_kernels.ext_ops", "restore_ext"))
+def _masks_counted(masks, params, values) -> list:
+    # a masked backup holds one value per set bit: the BitMasks come with their counts, so no
+    # kernel reads them back (a host sync)
+    return masks_from_args(masks, params, [-1 if m is None else v.numel() for m, v in zip(masks, values)])
+
+
+# The backup's buffers come from the caller (sized by the masks' counts, which a BitMask
+# caches), so neither the kernels nor the fake need a host sync, and the op returns nothing
+# (what torch.compile's functionalization of a mutating op takes). The scale is a number (read
+# on the host at the call) or a tensor on the params' device.
+PERTURB = Op("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] masks, Tensor(b!)[] values, float scale, "
+             "Tensor? scale_tensor, str backend) -> ()",
+             {"torch": perturb_torch,
+              "triton": lazy("ssam_kernels.triton_ops.perturb", "perturb_triton"),
+              "ext": lazy("ssam_kernels.ext_ops", "perturb_ext")},
+             fake=lambda *args: None,
+             adapt=lambda impl, params, grads, masks, values, scale, scale_tensor: impl(
+                 params, grads, _masks_counted(masks, params, values), scale if scale_tensor is None else scale_tensor,
+                 values))
+RESTORE = Op("restore_(Tensor(a!)[] params, Tensor[] values, Tensor?[] masks, str backend) -> ()",
+             {"torch": restore_torch,
+              "triton": lazy("ssam_kernels.triton_ops.perturb", "restore_triton"),
+              "ext": lazy("ssam_kernels.ext_ops", "restore_ext")},
+             fake=lambda params, values, masks: None,
+             adapt=lambda impl, params, values, masks: impl(
+                 params, PerturbBackup(values, _masks_counted(masks, params, values))))
+
+
+def mask_counts(masks) -> list[int]:
+    """Set entries per mask (-1 for None): a BitMask's cached count, a bool mask's sum (one host
+    sync each)."""
+    return [-1 if m is None else m.count_int() if isinstance(m, BitMask) else int(m.sum()) for m in masks]
+
+
+def scale_args(scale, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """``(number, None)`` for a number or a CPU tensor (read on the host now, no device sync),
+    ``(0.0, tensor)`` for a tensor on the params' ``device`` (read there by the kernels)."""
+    if not isinstance(scale, torch.Tensor):
+        return float(scale), None
+    if scale.device.type == "cpu":
+        return float(scale), None
+    if scale.device != device:
+        raise ValueError(f"scale is on {scale.device}; give a number, a CPU tensor or a tensor on {device}")
+    return 0.0, scale.reshape(())
 
 
 def check_writable(params: list[torch.Tensor]) -> None:
@@ -110,7 +175,9 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     masks = _checks.mask_list(masks, params, "params")
     scale = _checks.scalar("scale", scale)
     check_writable(params)
-    return _PERTURB(backend, params[0].device)(params, grads, masks, scale)
+    values = backup_buffers(params, mask_counts(masks))
+    PERTURB(params, grads, mask_args(masks), values, *scale_args(scale, params[0].device), backend=backend)
+    return PerturbBackup(values, masks)
 
 
 def check_backup(params: list[torch.Tensor], backup) -> None:
@@ -138,4 +205,4 @@ def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
     params = _checks.tensor_list("params", params)
     check_backup(params, backup)
     check_writable(params)
-    _RESTORE(backend, params[0].device)(params, backup)
+    RESTORE(params, backup.values, mask_args(backup.masks), backend=backend)

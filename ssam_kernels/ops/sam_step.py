@@ -35,13 +35,16 @@ from typing import Sequence
 import torch
 
 from .. import _checks
-from .._backend import BackendUnavailableError, lazy, op_backends
+from .._backend import BackendUnavailableError, lazy
+from .._library import backend_table
 from .bitmask import BitMask, as_bitmask, pack_mask, unpack_mask
 from .grad_norm import accumulation_dtype
 from .perturb import math_dtype
 from .sgd_step import sgd_update_torch
 
-_BACKENDS = op_backends("sam_step", ext_op="plan_norm")
+# a kernel set chosen once per plan (its kernels: the ext backend's are the torch.ops.ssam.plan_*
+# ops, the Triton ones launched from TritonStep)
+_BACKENDS = backend_table("sam_step", ext_op="plan_norm")
 # unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
 _data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
 _grad = operator.attrgetter("grad")

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import lazy, op_backends
+from .._backend import lazy
+from .._library import Op
+from .bitmask import mask_args, masks_from_args
 from .perturb import PerturbBackup, check_writable, check_backup, restore_torch
-
-_BACKENDS = op_backends("restore_sgd_step_")
 
 
 def sgd_update_torch(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -31,13 +31,36 @@ def sgd_update_torch(params, grads, momentum_buffers, lr, momentum, dampening, w
     return out
 
 
-def restore_sgd_step_torch(params, grads, momentum_buffers, backup, hyper):
+def restore_sgd_step_torch(params, grads, buffers, backup, hyper, fresh) -> None:
+    """Reference. With momentum, ``buffers[i]`` is the buffer, updated in place, or (where
+    ``fresh[i]``) a new one the caller allocated, which gets the step's direction."""
     restore_torch(params, backup)
-    return sgd_update_torch(params, grads, momentum_buffers, **hyper)
+    if hyper["momentum"] == 0:
+        sgd_update_torch(params, grads, [None] * len(params), **hyper)
+        return
+    made = sgd_update_torch(params, grads, [None if new else b for b, new in zip(buffers, fresh)], **hyper)
+    for b, m, new in zip(buffers, made, fresh):
+        if new:
+            b.copy_(m)
 
 
-_BACKENDS.register("torch", restore_sgd_step_torch)
-_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.sgd_step", "restore_sgd_step_triton"))
+def _run(impl, params, grads, buffers, fresh, values, masks, lr, momentum, dampening, weight_decay, nesterov,
+         maximize):
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize)
+    counts = [-1 if m is None else v.numel() for m, v in zip(masks, values)]
+    impl(params, grads, list(buffers), PerturbBackup(values, masks_from_args(masks, params, counts)), hyper, list(fresh))
+
+
+# The buffers come from the caller, new ones allocated there (``fresh``): the op returns nothing
+# (what torch.compile's functionalization of a mutating op takes). Without momentum both
+# lists are empty.
+RESTORE_SGD_STEP = Op(
+    "restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] fresh, "
+    "Tensor[] values, Tensor?[] masks, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+    "bool maximize, str backend) -> ()",
+    {"torch": restore_sgd_step_torch, "triton": lazy("ssam_kernels.triton_ops.sgd_step", "restore_sgd_step_triton")},
+    fake=lambda *args: None, adapt=_run)
 
 
 def _real(name: str, value, low: float = 0.0) -> float:
@@ -72,4 +95,12 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     check_backup(params, backup)
     check_writable(params)
-    return _BACKENDS(backend, params[0].device)(params, grads, list(momentum_buffers), backup, hyper)
+    if hyper["momentum"] == 0:
+        buffers, fresh = [], []
+    else:  # torch's SGD keeps a buffer in its grad's dtype and layout (a clone of the direction)
+        fresh = [b is None for b in momentum_buffers]
+        buffers = [torch.empty_like(g) if b is None else b for b, g in zip(momentum_buffers, grads)]
+    RESTORE_SGD_STEP(params, grads, buffers, fresh, backup.values, mask_args(backup.masks), hyper["lr"],
+                     hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"], hyper["maximize"],
+                     backend=backend)
+    return buffers if buffers else [None] * len(params)

@@ -13,9 +13,8 @@ import math
 import torch
 
 from .. import _checks
-from .._backend import lazy, op_backends
-
-_BACKENDS = op_backends("topk_mask")
+from .._backend import BackendUnavailableError, lazy
+from .._library import Op
 
 
 def topk_mask_torch(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -37,13 +36,15 @@ def topk_mask_torch(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         keep = above | (tied & (torch.cumsum(tied, 0) <= room))
     out, start = [], 0
     for s in scores:
-        out.append(keep[start : start + s.numel()].reshape(s.shape).to(s.device))
+        # a tensor of its own per score tensor (views of one buffer would alias each other)
+        out.append(keep[start : start + s.numel()].reshape(s.shape).to(s.device, copy=True))
         start += s.numel()
     return out
 
 
-_BACKENDS.register("torch", topk_mask_torch)
-_BACKENDS.register("triton", lazy("ssam_kernels.triton_ops.topk_mask", "topk_mask_triton"))
+TOPK_MASK = Op("topk_mask(Tensor[] scores, int k, str backend) -> Tensor[]",
+               {"torch": topk_mask_torch, "triton": lazy("ssam_kernels.triton_ops.topk_mask", "topk_mask_triton")},
+               fake=lambda scores, k: [torch.empty_like(s, dtype=torch.bool) for s in scores])
 
 
 def keep_count(total: int, density: float) -> int:
@@ -72,4 +73,11 @@ def topk_mask(scores, density: float | None = None, *, k: int | None = None, bac
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     elif not 0 <= k <= total:
         raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
-    return _BACKENDS(backend, scores[0].device)(scores, k)
+    if any(s.device != scores[0].device for s in scores):
+        # the dispatcher would pick one device's kernels for all; the reference ranks across devices
+        if backend not in ("auto", "torch"):
+            TOPK_MASK.resolve(backend, scores[0].device)  # a bad name still says so
+            raise BackendUnavailableError(f"backend={backend!r}: the scores span several devices; "
+                                          "only the reference ('torch') ranks across devices")
+        return topk_mask_torch(scores, k)
+    return TOPK_MASK(scores, k, backend=backend)

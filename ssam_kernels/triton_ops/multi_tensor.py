@@ -137,18 +137,6 @@ def aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes."""
-    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    padded = [(n + step - 1) // step * step for n in counts]
-    flat = torch.empty(sum(padded), dtype=dtype, device=device)
-    out, at = [], 0
-    for n, p in zip(counts, padded):
-        out.append(flat[at: at + n])
-        at += p
-    return out
-
-
 @dataclass(frozen=True, eq=False)
 class ChunkTable:
     """Device tables of one list of tensor sizes (views of one cached device buffer: treat as

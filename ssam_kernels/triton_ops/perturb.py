@@ -28,7 +28,7 @@ import triton.language as tl
 from ..ops.bitmask import as_bitmask
 from ..ops.perturb import PerturbBackup, math_dtype, perturb_torch, restore_torch
 from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
-                           chunk_table, f64_bits, group_by, load_block, split_aligned, store_block, tensor_ptr,
+                           chunk_table, f64_bits, group_by, load_block, store_block, tensor_ptr,
                            this_chunk)
 
 BLOCK = 1024
@@ -171,33 +171,23 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
     )
 
 
-def perturb_triton(params, grads, masks, scale) -> PerturbBackup:
+def perturb_triton(params, grads, masks, scale, values) -> None:
     """Host launcher: same contract as ``perturb_torch`` (inputs checked by the caller)."""
     masks = [as_bitmask(m) for m in masks]
-    values: list = [None] * len(params)
-    fast = [i for i, w in enumerate(params) if w.is_contiguous()]
-    slow = [i for i, w in enumerate(params) if not w.is_contiguous()]
+    fast = [i for i, w in enumerate(params) if w.is_contiguous() and values[i].is_contiguous()]
+    slow = sorted(set(range(len(params))) - set(fast))
     contiguous_grads = {i: grads[i].contiguous() for i in fast}
     # one launch per dtypes and masking; tensors off 16 bytes go to a launch without vectors
     keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None,
-             aligned(params[i], contiguous_grads[i], *([masks[i].bits] if masks[i] is not None else [])))
+             aligned(params[i], contiguous_grads[i], values[i], *([masks[i].bits] if masks[i] is not None else [])))
             for i in fast]
     for (_, _, has_mask, _), idx in group_by(keys, fast).items():
         ws = [params[i] for i in idx]
-        gs = [contiguous_grads[i] for i in idx]
-        ms = [masks[i] for i in idx]
-        if has_mask:
-            backups = split_aligned([m.count_int() for m in ms], ws[0].dtype, ws[0].device)
-        else:
-            backups = [torch.empty_like(w) for w in ws]
-        _launch(True, ws, gs, ms if has_mask else [None] * len(ws), backups, scale)
-        for i, b in zip(idx, backups):
-            values[i] = b
+        _launch(True, ws, [contiguous_grads[i] for i in idx], [masks[i] for i in idx] if has_mask else [None] * len(ws),
+                [values[i] for i in idx], scale)
     if slow:
-        ref = perturb_torch([params[i] for i in slow], [grads[i] for i in slow], [masks[i] for i in slow], scale)
-        for i, v in zip(slow, ref.values):
-            values[i] = v
-    return PerturbBackup(values, masks)
+        perturb_torch([params[i] for i in slow], [grads[i] for i in slow], [masks[i] for i in slow], scale,
+                      [values[i] for i in slow])
 
 
 def restore_triton(params, backup: PerturbBackup) -> None:

@@ -89,26 +89,23 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
                            MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, False, CHUNK, BLOCK)
 
 
-def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBackup, hyper) -> list:
+def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper, fresh) -> None:
+    """Host launcher: same contract as ``restore_sgd_step_torch``."""
     masks = [as_bitmask(m) for m in backup.masks]
-    buffers = list(momentum_buffers)
     use_momentum = hyper["momentum"] != 0
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()
-            and (buffers[i] is None or buffers[i].is_contiguous())]
+            and (not use_momentum or buffers[i].is_contiguous())]
     slow = sorted(set(range(len(params))) - set(fast))
     contiguous_grads = {i: grads[i].contiguous() for i in fast}
     # one launch per dtypes, masking and buffer state; tensors off 16 bytes go to a launch
-    # without vectors (new buffers are allocated aligned)
-    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None, use_momentum and buffers[i] is None,
+    # without vectors
+    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None, use_momentum and fresh[i],
              aligned(params[i], contiguous_grads[i], masks[i].bits if masks[i] is not None else backup.values[i],
-                     *([buffers[i]] if use_momentum and buffers[i] is not None else [])))
+                     *([buffers[i]] if use_momentum else [])))
             for i in fast]
     for (_, _, has_mask, new_buffer, is_aligned), idx in group_by(keys, fast).items():
         ws = [params[i] for i in idx]
         gs = [contiguous_grads[i] for i in idx]
-        if use_momentum and new_buffer:
-            for i in idx:  # torch's SGD keeps buffers in the grad's dtype (a clone of it)
-                buffers[i] = torch.empty_like(grads[i], memory_format=torch.contiguous_format)
         bufs = [buffers[i] for i in idx] if use_momentum else ws
         device = ws[0].device
         numels = [w.numel() for w in ws]
@@ -142,8 +139,6 @@ def restore_sgd_step_triton(params, grads, momentum_buffers, backup: PerturbBack
         )
     if slow:
         sub = PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow])
-        out = restore_sgd_step_torch([params[i] for i in slow], [grads[i] for i in slow],
-                                     [buffers[i] for i in slow], sub, hyper)
-        for i, b in zip(slow, out):
-            buffers[i] = b
-    return buffers if use_momentum else [None] * len(params)
+        restore_sgd_step_torch([params[i] for i in slow], [grads[i] for i in slow],
+                               [buffers[i] for i in slow] if use_momentum else [], sub, hyper,
+                               [fresh[i] for i in slow] if use_momentum else [])

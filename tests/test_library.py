@@ -1,0 +1,134 @@
+"""One identity per op: every public op is ``torch.ops.ssam_kernels.<op>``, with CPU and CUDA
+kernels that pick among its backends, a fake implementation, torch.library's own checks
+(schema and its mutations, fake tensors, autograd registration, AOT tracing) passing on each
+backend, and the dispatcher, ``torch.compile`` and ``FlopCounterMode`` seeing one op whichever
+kernel computes it."""
+
+import pytest
+import torch
+from helpers import BACKENDS_WITH_EXT, rand, rand_mask
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import ssam_kernels as sk
+from ssam_kernels._library import TABLES
+
+OPS = ["grad_norm", "perturb_", "restore_", "restore_sgd_step_", "nm_mask", "topk_mask", "compress_24",
+       "decompress_24", "mvue24", "masked_weight_grad"]
+
+
+def _samples(gen) -> dict:
+    """Schema arguments (without ``backend``) per op."""
+    ws = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    gs = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    mask = sk.pack_mask(rand_mask((37,), generator=gen))
+    values = [ws[0][mask.to_bool()].clone(), ws[1].clone()]
+    w24 = rand((64, 64), torch.float16, gen)
+    x24 = w24 * sk.nm_mask(w24, 2, 4, backend="torch")
+    packed, meta = sk.compress_24(x24, backend="torch")
+    dy, x = rand((16, 8), generator=gen), rand((16, 12), generator=gen)
+    wmask = rand_mask((8, 12), 0.5, gen)
+    order, masked = sk.ops.bitmask.rows_first(wmask)
+    return {
+        "grad_norm": (gs, [mask.bits, None]),
+        "perturb_": ([w.clone() for w in ws], gs, [mask.bits, None], sk.ops.perturb.backup_buffers(ws, [mask.count_int(), -1]),
+                     0.1, None),
+        "restore_": ([w.clone() for w in ws], values, [mask.bits, None]),
+        "restore_sgd_step_": ([w.clone() for w in ws], gs, [torch.empty(37), torch.zeros(5, 16)], [True, False], values,
+                              [mask.bits, None], 0.1, 0.9, 0.0, 0.01, False, False),
+        "nm_mask": (rand((6, 13), generator=gen), 2, 4, True),
+        "topk_mask": ([rand((7, 3), generator=gen), rand((11,), generator=gen)], 9),
+        "compress_24": (x24, True),
+        "decompress_24": (packed, meta),
+        "mvue24": (rand((6, 16), generator=gen), None, 5),
+        "masked_weight_grad": (dy, x, sk.pack_mask(wmask).bits, order, masked, torch.empty(8, 12)),
+    }
+
+
+def _op(name):
+    return getattr(torch.ops.ssam_kernels, name).default
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("name", OPS)
+def test_every_public_op_is_one_dispatcher_op(name):
+    qualname = f"ssam_kernels::{name}"
+    for key in ("CPU", "CUDA", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (name, key)
+    assert name in TABLES and "torch" in TABLES[name].impls
+    assert _op(name)._schema.arguments[-1].name == "backend"
+    assert set(OPS) | {"sam_step"} == set(TABLES)  # no op outside the list (a new one gets its checks here)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, backend, gen):
+    if backend not in TABLES[name].impls:
+        pytest.skip(f"{name} has no {backend!r} implementation (see backend_info())")
+    result = torch.library.opcheck(_op(name), (*_samples(gen)[name], backend))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.cpu
+def test_the_dispatcher_sees_one_op_whichever_kernel_runs(gen):
+    """The reference's aten ops, the C++ kernel and a Triton launch alike are one
+    ``ssam_kernels`` op to a dispatch mode (what torch.compile and profilers key on)."""
+    t = [rand((100,), generator=gen), rand((3, 5), generator=gen)]
+    for backend in ("torch", sk.auto_backend("grad_norm")):
+        with _Ops() as seen:
+            sk.grad_norm(t, backend=backend)
+        assert seen.ops == [torch.ops.ssam_kernels.grad_norm.default], backend
+
+
+@pytest.mark.cpu
+def test_a_step_traces_whole_under_torch_compile(gen):
+    """norm, perturb, restore in one graph (fullgraph: no break at any op)."""
+    ws = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    gs = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    mask = sk.pack_mask(rand_mask((37,), generator=gen))
+    originals = [w.clone() for w in ws]
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def cycle(ws, gs, bits):
+        norm = torch.ops.ssam_kernels.grad_norm(gs, [bits, None], "auto")
+        values = [torch.empty(mask.count_int()), torch.empty(5, 16)]
+        torch.ops.ssam_kernels.perturb_(ws, gs, [bits, None], values, 0.0, (0.05 / norm).to(ws[0].dtype), "auto")
+        moved = [w.clone() for w in ws]
+        torch.ops.ssam_kernels.restore_(ws, values, [bits, None], "auto")
+        return norm, moved
+
+    norm, moved = cycle(ws, gs, mask.bits)
+    torch.testing.assert_close(norm, sk.grad_norm(gs, [mask, None], backend="torch"))
+    assert all(torch.equal(a, b) for a, b in zip(ws, originals))  # restored exactly
+    assert not torch.equal(moved[1], originals[1])  # and perturbed in between
+
+
+@pytest.mark.cpu
+def test_flop_counting_sees_the_gemm_op_whichever_backend(gen):
+    dy, x = rand((16, 8), generator=gen), rand((16, 12), generator=gen)
+    mask = rand_mask((8, 12), 0.5, gen)
+    mask[:3] = False
+    rows = int(mask.any(1).sum())
+    with FlopCounterMode(display=False) as counter:
+        sk.masked_weight_grad(dy, x, mask, backend="torch")
+    assert counter.get_total_flops() == 2 * 16 * rows * 12
+
+
+@pytest.mark.cpu
+def test_a_bad_backend_is_refused_before_or_at_dispatch():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sk.nm_mask(torch.randn(8), 2, 4, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be a str"):
+        sk.nm_mask(torch.randn(8), 2, 4, backend=None)
+    with pytest.raises(sk.BackendUnavailableError, match="no 'ext' implementation"):
+        sk.mvue24(torch.randn(8), seed=1, backend="ext")
