@@ -19,9 +19,10 @@ usage: bash benchmarks/gpu_check.sh PART LOG_DIR
 Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), then:
 
   build          nothing more: the build and `ssam_kernels.backend_info("cuda")`
-  tests          the cuda test tier, pytest -n 8 (timeout 200 s; 49 s measured on an H200), and the
-                 multi-tensor and masked weight-gradient cuda tests under compute-sanitizer's memcheck
-                 (timeout 120 s; 15 s measured)
+  tests          the cuda test tier, pytest -n 8 (timeout 180 s; 49 s measured on an H200 before the
+                 training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
+                 memcheck) under compute-sanitizer's memcheck (timeout 140 s; the multi-tensor and
+                 masked weight-gradient ones took 15 s)
   step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
                  (timeout 320 s; 15 of these contenders took 31 s on an H200)
   step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k: SAM, SSAM-F, SSAM-D at
@@ -80,9 +81,9 @@ run_part() {
   case $1 in
     build) ;;
     tests)
-      step cuda-tests 200 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
-      step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_multi_tensor.py tests/test_masked_weight_grad.py ;;
+      step cuda-tests 180 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
+      step memcheck 140 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -m "cuda and memcheck" -q -p no:cacheprovider tests ;;
     step-resnet18)
       step step-resnet18 320 ssam-bench step --models resnet18_cifar ;;
     step-large)

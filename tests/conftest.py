@@ -54,8 +54,8 @@ def pytest_collection_modifyitems(config, items):
 
         if extension_error() is not None:
             raise pytest.UsageError(f"SSAM_BUILD_EXT=1 but ssam_kernels._C does not load: {extension_error()}")
-    if torch.cuda.is_available():
-        return
+    if torch.cuda.is_available() or os.environ.get("SSAM_TEST_CUDA_DEVICE", "cuda") != "cuda":
+        return  # a GPU, or a dry run of the cuda tier on another device (SSAM_TEST_CUDA_DEVICE)
     skip = pytest.mark.skip(reason="no CUDA device here; run the cuda tier on a GPU machine")
     for item in items:
         if item.get_closest_marker("cuda") is not None:

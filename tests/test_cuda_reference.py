@@ -16,6 +16,7 @@ pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("SSAM_TEST_CUDA_DEVICE", "cuda")
 
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_ops_match_cpu(dtype, gen):
     shapes = [(1,), (3, 5), (4095,), (10**6 + 3,)]
@@ -39,6 +40,7 @@ def test_ops_match_cpu(dtype, gen):
     assert torch.equal(sk.nm_mask(s2.to(DEVICE), 2, 4).cpu(), sk.nm_mask(s2, 2, 4))
 
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compress_24_matches_cpu(dtype, gen):
     w = rand((128, 256), dtype, gen)
@@ -89,6 +91,7 @@ def _ext_cuda():
 
 # both round scale*g before the add, as the reference does (Triton launched with
 # enable_fp_fusion=False, the extension built with --fmad=false): bit for bit
+@pytest.mark.memcheck
 @pytest.mark.parametrize("backend", ["triton", "ext"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_norm_perturb_restore(backend, dtype, gen):
@@ -119,6 +122,7 @@ def test_norm_perturb_restore(backend, dtype, gen):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
 def test_float64_norm_and_perturbation_are_float64(backend, gen):
     """Float64 params on the device: the norm accumulates in float64 and the perturbation is
@@ -151,6 +155,7 @@ def test_float64_norm_and_perturbation_are_float64(backend, gen):
     assert all(torch.equal(a, o) for a, o in zip(wd, originals))
 
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_triton_masks_and_mvue(dtype, gen):
     scores = [rand(s, dtype, gen, DEVICE) for s in [(1,), (4095,), (10**6 + 3,), (64, 33)]]
@@ -173,6 +178,7 @@ def test_triton_masks_and_mvue(dtype, gen):
     assert bool(((sk.mvue24(x, seed=5, backend="triton").reshape(-1, 4) != 0).sum(-1) <= 2).all())
 
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("backend", ["triton", "ext"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compress_24_kernels(dtype, backend, gen):
@@ -197,6 +203,7 @@ def test_cusparselt_compress_multiplies_like_dense(dtype, gen):
     torch.testing.assert_close(out.float(), (a.float() @ b.float()), rtol=2e-2, atol=2e-1)
 
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_triton_fused_sgd_step(dtype, gen):
     shapes = [(5,), (4095,), (10**6 + 3,)]
@@ -246,6 +253,7 @@ def test_optimizer_step_triton_matches_reference_backend(gen, monkeypatch):
 
 # --- the compiled extension's CUDA kernels ----------------------------------------------------
 
+@pytest.mark.memcheck
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_ext_cuda_masks(dtype, gen):
     _ext_cuda()

@@ -110,6 +110,7 @@ def test_bad_input():
 
 
 @pytest.mark.cuda
+@pytest.mark.memcheck
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_triton_equals_reference(dtype):
     gen = torch.Generator().manual_seed(5)

@@ -189,6 +189,7 @@ def test_results_stay_right_over_repeated_calls(persistent, gen):
 
 
 @pytest.mark.cuda
+@pytest.mark.memcheck
 def test_a_captured_graph_keeps_its_tables(monkeypatch, gen):
     # Warm up eagerly (tables cached, kernels compiled), capture grad_norm + restore_, churn the
     # LRU, replay: the graph's tables were moved out of the LRU and still hold their data.

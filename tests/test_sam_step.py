@@ -403,6 +403,7 @@ def test_a_planned_step_launches_three_kernels_whatever_the_number_of_tensors(ki
 
 
 @pytest.mark.cuda
+@pytest.mark.memcheck
 @pytest.mark.parametrize("backend", ["triton", "ext"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
@@ -447,6 +448,7 @@ def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.memcheck
 @pytest.mark.parametrize("kind", ["SAM", "SSAMF"])
 def test_a_whole_step_captured_in_a_cuda_graph_replays_to_eager_weights(kind):
     """Both passes and the optimizer step (fixed mask) in one CUDA graph: replaying it gives
