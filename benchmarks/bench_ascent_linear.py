@@ -8,9 +8,11 @@ sparse (``A`` is the 2:4 operand, its contraction dim is the 2:4 one):
 * ``dX`` (``mvue_dx``): ``MVUE(dY) [T, out] @ W [out, in]``
 * ``dX`` (``implicit``): ``(W ⊙ M)ᵀ [in, out] @ dYᵀ [out, T]``
 
-Each row: the dense GEMM, the cuSPARSELt GEMM on an already compressed operand, and the
-sparse path as the backward pays for it (MVUE draw or masking, ``torch._cslt_compress``,
-GEMM), as median times and dense-equivalent TFLOP/s (``2 m n k`` over the time), beside the
+Each row: the dense GEMM, the cuSPARSELt GEMM on an already compressed operand in its tuned
+configuration (:func:`ssam_kernels.sparse_gemm.tune`: cuSPARSELt's default and searched
+algorithm, each with and without ``transpose_result``; every configuration tried is listed with
+its rate against dense), and the sparse path as the backward pays for it (MVUE draw or masking,
+``torch._cslt_compress``, GEMM), as median times and dense-equivalent TFLOP/s (``2 m n k`` over the time), beside the
 dense bf16 matmul rate measured in the same run. Shapes: ViT-B/16 and GPT-2-small layers
 (d = 768, MLP 3072, QKV 2304) at 8k-32k tokens.
 
@@ -29,7 +31,7 @@ import torch
 from ssam_bench.common import interleaved_medians, matmul_ceiling, report
 
 import ssam_kernels as sk
-from ssam_kernels.sparse_gemm import cusparselt_unsupported
+from ssam_kernels.sparse_gemm import cslt_mm, cusparselt_unsupported, tune, tuned_config
 
 # (name, in, out): the distinct linear shapes of ViT-B/16 and GPT-2 small (both d = 768)
 LAYERS = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_fc1", 768, 3072), ("mlp_fc2", 3072, 768)]
@@ -61,20 +63,27 @@ def bench(layer, tokens, device, dtype, reps, ceiling, gen) -> list[dict]:
         a24 = sparsify()
         why = cusparselt_unsupported(a24, b)
         fns = {"dense": lambda: a @ b}
+        trials, best = {}, None
         if why is None:
+            trials = tune(a24, b)  # every configuration tried, timed once; the fastest kept
+            best = tuned_config(a24, b)
             packed = torch._cslt_compress(a24)
-            fns["sparse gemm"] = lambda: torch._cslt_sparse_mm(packed, b)
-            fns["sparse + sparsify + compress"] = lambda: torch._cslt_sparse_mm(torch._cslt_compress(sparsify()), b)
+            fns["sparse gemm"] = lambda: cslt_mm(packed, b, best)
+            fns["sparse + sparsify + compress"] = lambda: cslt_mm(torch._cslt_compress(sparsify()), b, best)
         times = interleaved_medians(fns, device, warmup=3, reps=reps)
         row = dict(layer=name, shape=f"{layer_out}x{layer_in}", tokens=tokens, dtype=str(dtype).split(".")[-1],
                    product=product, gemm_mnk=f"{m}x{n}x{k}", dense_ms=times["dense"] * 1e3,
                    dense_tflops=flops / times["dense"] / 1e12, ceiling_tflops=ceiling / 1e12,
                    sparse_ms=None, sparse_tflops=None, speedup=None, total_ms=None, speedup_total=None,
-                   note=why or "")
+                   config=None, configs=None, note=why or "")
         if why is None:
             sparse, total = times["sparse gemm"], times["sparse + sparsify + compress"]
+            # each configuration's GEMM against the dense one timed beside it (2x: the sparse
+            # tensor cores' peak over dense)
+            tried = {label: trials["dense"] / ms for label, ms in trials.items() if label not in ("dense", "compress")}
             row.update(sparse_ms=sparse * 1e3, sparse_tflops=flops / sparse / 1e12, speedup=times["dense"] / sparse,
-                       total_ms=total * 1e3, speedup_total=times["dense"] / total)
+                       total_ms=total * 1e3, speedup_total=times["dense"] / total, config=best.label(),
+                       configs=", ".join(f"{label} {x:.2f}x" for label, x in tried.items()))
             if times["dense"] / total < 1:
                 row["note"] = "sparse path slower than dense: auto runs dense here"
         rows.append(row)
@@ -84,7 +93,8 @@ def bench(layer, tokens, device, dtype, reps, ceiling, gen) -> list[dict]:
 COLUMNS = [("layer", "layer", ""), ("shape", "W", ""), ("tokens", "tokens", "d"), ("dtype", "dtype", ""),
            ("product", "product", ""), ("dense_ms", "dense ms", ".3f"), ("dense_tflops", "dense TFLOP/s", ".0f"),
            ("sparse_ms", "2:4 GEMM ms", ".3f"), ("speedup", "x dense", ".2f"), ("total_ms", "2:4 + sparsify/compress ms", ".3f"),
-           ("speedup_total", "x dense (all in)", ".2f"), ("note", "note", "")]
+           ("speedup_total", "x dense (all in)", ".2f"), ("config", "config", ""),
+           ("configs", "each config tried (x dense; 2x is the peak)", ""), ("note", "note", "")]
 
 
 def run(args, device) -> tuple[list[dict], dict, str]:

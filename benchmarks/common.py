@@ -228,7 +228,9 @@ LEGENDS = {
                  "(higher is better); exact k: whether exactly k entries are kept.",
     "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better); x dense: "
                      "dense time / 2:4 time (above 1: the sparse GEMM wins; 2 is the sparse tensor cores' peak); "
-                     "all in: with the sparsify and compress steps.",
+                     "all in: with the sparsify and compress steps; config: the cuSPARSELt configuration kept "
+                     "(alg N: its algorithm; T: the result written transposed), each config tried: its GEMM "
+                     "against the dense one.",
     "ascent_quality": "cosine: between each mode's perturbation and the exact one (1 is identical; higher is "
                       "better); accuracy: digits test accuracy (higher is better), mean and std over runs.",
     "budget": "Fisher mass / top-k's: the mask's share of the unstructured top-k's Fisher mass (higher is better); "

@@ -4,14 +4,19 @@
 four along ``k`` (the contraction dimension, as sparse tensor cores need). cuSPARSELt needs
 ``m`` and ``k`` multiples of 16 and ``B``'s ``n`` a multiple of 8; PyTorch's CUTLASS sparse ops
 run only on compute capability 8.x, so cuSPARSELt (``torch._cslt_sparse_mm``, sm_80 and sm_90)
-is the one sparse path. ``gemm="auto"`` measures both paths once per shape (compression
-included) and keeps the faster: on GPUs where the sparse GEMM loses to the dense one (older
-cuSPARSELt on Hopper), auto runs dense. Shapes cuSPARSELt rejects run dense, with one log line.
+is the one sparse path. Its configuration is tuned once per shape, dtype and layout: the
+algorithm cuSPARSELt's own search picks (``torch._cslt_sparse_mm_search``) beside its default,
+each with the result written as is or transposed (``transpose_result``), all timed. ``gemm="auto"``
+keeps the fastest of them where it beats the dense GEMM with the compression included, else
+runs dense (on the H200 at 4344f0b, the untuned GEMM ran at 0.11-0.38x dense). Every time
+measured stays readable (:func:`gemm_trials`), for ``bench_ascent_linear``. Shapes
+cuSPARSELt rejects run dense, with one log line.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula
@@ -21,8 +26,26 @@ log = logging.getLogger("ssam_kernels")
 GEMMS = ("auto", "dense", "cusparselt")
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
-_CHOICE: dict[tuple, str] = {}  # measured auto choice per (device, dtype, shapes, layout)
+_CHOICE: dict[tuple, tuple[str, "CsltConfig | None"]] = {}  # measured auto choice per _key
+_CONFIG: dict[tuple, "CsltConfig"] = {}  # cuSPARSELt's configuration per _key (searched, or measured best)
+_TRIALS: dict[tuple, dict[str, float]] = {}  # every time measured per _key, in ms
 _LOGGED: set[tuple] = set()
+
+
+@dataclass(frozen=True)
+class CsltConfig:
+    """How ``torch._cslt_sparse_mm`` runs: cuSPARSELt's algorithm, and whether it writes the
+    result transposed (``[n, m]``, returned as its ``[m, n]`` view)."""
+
+    alg_id: int = 0
+    transpose_result: bool = False
+
+    def label(self) -> str:
+        return f"alg {self.alg_id}" + (" T" if self.transpose_result else "")
+
+
+def _key(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    return a.device.index, a.dtype, tuple(a.shape), tuple(b.shape), b.stride()
 
 
 def log_once(key: tuple, message: str) -> None:
@@ -66,9 +89,28 @@ def _dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def cslt_mm(packed: torch.Tensor, b: torch.Tensor, config: CsltConfig) -> torch.Tensor:
+    """``A @ b`` from A compressed by ``torch._cslt_compress``, as ``config`` says."""
+    out = torch._cslt_sparse_mm(packed, b, alg_id=config.alg_id, transpose_result=config.transpose_result)
+    return out.t() if config.transpose_result else out
+
+
+def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple) -> CsltConfig:
+    """cuSPARSELt's own algorithm search for this shape (once per key; its default where the
+    search fails)."""
+    if key not in _CONFIG:
+        try:
+            _CONFIG[key] = CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
+        except RuntimeError as exc:  # an older cuSPARSELt, a shape the search rejects
+            log_once(("search",) + key, f"sparse_mm_24: cuSPARSELt's algorithm search failed ({exc}); default algorithm")
+            _CONFIG[key] = CsltConfig()
+    return _CONFIG[key]
+
+
 def _cusparselt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # compressed every call: A changes every step (weights, or a fresh MVUE draw)
-    return torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), b)
+    packed = torch._cslt_compress(a.contiguous())
+    return cslt_mm(packed, b, _searched(packed, b, _key(a, b)))
 
 
 def _median_ms(fn, reps: int = 7) -> float:
@@ -84,15 +126,48 @@ def _median_ms(fn, reps: int = 7) -> float:
     return sorted(times)[reps // 2]
 
 
+def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Time, once per shape, dtype and layout (cached): the dense GEMM, the compression, and
+    the sparse GEMM in every configuration tried (the default and the searched algorithm, each
+    with and without ``transpose_result``); keep the fastest configuration for this shape.
+    Returns the times in ms by label (``"dense"``, ``"compress"``, ``"alg 0"``, ``"alg 3 T"``...)."""
+    key = _key(a, b)
+    if key not in _TRIALS:
+        packed = torch._cslt_compress(a.contiguous())
+        configs = dict.fromkeys([CsltConfig(), _searched(packed, b, key)])
+        configs = [CsltConfig(c.alg_id, t) for c in configs for t in (False, True)]
+        trials = {"dense": _median_ms(lambda: _dense(a, b)),
+                  "compress": _median_ms(lambda: torch._cslt_compress(a.contiguous()))}
+        for config in configs:
+            trials[config.label()] = _median_ms(lambda c=config: cslt_mm(packed, b, c))
+        _CONFIG[key] = min(configs, key=lambda c: trials[c.label()])
+        _TRIALS[key] = trials
+    return dict(_TRIALS[key])
+
+
+def tuned_config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
+    """The configuration :func:`tune` kept for this shape (tuning it first if needed)."""
+    tune(a, b)
+    return _CONFIG[_key(a, b)]
+
+
+def gemm_trials() -> dict[tuple, dict[str, float]]:
+    """Every shape tuned so far: ``(device index, dtype, a's shape, b's shape, b's strides)`` ->
+    the times :func:`tune` measured."""
+    return {k: dict(v) for k, v in _TRIALS.items()}
+
+
 def _auto_choice(a: torch.Tensor, b: torch.Tensor) -> str:
-    key = (a.device.index, a.dtype, tuple(a.shape), tuple(b.shape), b.stride())
+    key = _key(a, b)
     if key not in _CHOICE:
-        dense_ms = _median_ms(lambda: _dense(a, b))
-        sparse_ms = _median_ms(lambda: _cusparselt(a, b))
-        _CHOICE[key] = "cusparselt" if sparse_ms < dense_ms else "dense"
-        log.info("sparse_mm_24 %s @ %s %s: cuSPARSELt %.3f ms (compression included), dense %.3f ms -> %s",
-                 tuple(a.shape), tuple(b.shape), str(a.dtype).split(".")[-1], sparse_ms, dense_ms, _CHOICE[key])
-    return _CHOICE[key]
+        trials = tune(a, b)
+        best = _CONFIG[key]
+        sparse_ms = trials[best.label()] + trials["compress"]
+        _CHOICE[key] = ("cusparselt" if sparse_ms < trials["dense"] else "dense", best)
+        log.info("sparse_mm_24 %s @ %s %s: cuSPARSELt %.3f ms (%s, compression included), dense %.3f ms -> %s",
+                 tuple(a.shape), tuple(b.shape), str(a.dtype).split(".")[-1], sparse_ms, best.label(),
+                 trials["dense"], _CHOICE[key][0])
+    return _CHOICE[key][0]
 
 
 def resolve_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
@@ -113,7 +188,8 @@ def resolve_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check: bool = True) -> torch.Tensor:
-    """``a @ b`` where ``a`` (``[m, k]``) is 2:4-sparse along ``k``.
+    """``a @ b`` where ``a`` (``[m, k]``) is 2:4-sparse along ``k``. On cuSPARSELt the result may
+    be the ``[m, n]`` view of a ``[n, m]`` tensor (where writing it transposed was faster).
 
     Args:
         gemm: ``"auto"`` (measured per shape, see the module docstring), ``"dense"`` or

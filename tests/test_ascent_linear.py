@@ -191,3 +191,29 @@ def test_cuda_sparse_paths_equal_their_dense_references(mode):
     for sparse, dense in zip(grads["cusparselt"], grads["dense"]):
         scale = dense.float().abs().max().item()
         torch.testing.assert_close(sparse.float(), dense.float(), rtol=0, atol=2e-2 * scale)
+
+
+@pytest.mark.cuda
+def test_cusparselt_configurations_are_tuned_and_each_multiplies_right():
+    """tune() times the dense GEMM, the compression and every cuSPARSELt configuration tried
+    (default and searched algorithm, result written as is or transposed), keeps the fastest;
+    each configuration computes the product."""
+    from ssam_kernels.sparse_gemm import CsltConfig, cslt_mm, tune, tuned_config
+
+    if not torch.backends.cusparselt.is_available():
+        pytest.fail("this CUDA torch has no cuSPARSELt; the sparse path cannot be tested")
+    gen = torch.Generator().manual_seed(5)
+    a = mvue24(rand((768, 3072), torch.bfloat16, gen, "cuda"), seed=1)
+    b = rand((3072, 1024), torch.bfloat16, gen, "cuda")
+    trials = tune(a, b)
+    assert {"dense", "compress", "alg 0", "alg 0 T"} <= set(trials) and all(ms > 0 for ms in trials.values())
+    best = tuned_config(a, b)
+    configs = {label: ms for label, ms in trials.items() if label not in ("dense", "compress")}
+    assert best.label() == min(configs, key=configs.get)
+    packed = torch._cslt_compress(a)
+    ref = a.double() @ b.double()
+    tol = 1.6e-2 * ref.abs().max().item()  # 1536 kept products summed in fp32, rounded once to bf16
+    for config in {CsltConfig(), CsltConfig(0, True), best}:
+        out = cslt_mm(packed, b, config)
+        assert out.shape == (768, 1024)
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)

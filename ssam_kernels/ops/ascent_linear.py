@@ -154,7 +154,8 @@ class AscentLinearFunction(torch.autograd.Function):
         else:
             if need_w:  # MVUE along the tokens: the contraction dim of dYᵀ X
                 est = mvue_last_dim(dy2.t(), cfg.generator, cfg.backend)
-                dw = sparse_mm_24(est, _pad_rows(x2, est.shape[1]), gemm=cfg.gemm, check=False)
+                # a weight gradient in its weight's layout (cuSPARSELt may write the product transposed)
+                dw = sparse_mm_24(est, _pad_rows(x2, est.shape[1]), gemm=cfg.gemm, check=False).contiguous()
             if need_x:
                 if cfg.mode == "mvue_dx":  # MVUE along the output dim: the contraction dim of dY W
                     est = mvue_last_dim(dy2, cfg.generator, cfg.backend)
