@@ -180,3 +180,27 @@ def test_float64_scale_for_narrower_params_is_read_in_fp32(dtype, backend, gen):
     with torch.no_grad():
         perturb_(ws, gs, ms, scale, backend=backend)
     assert all(torch.equal(w, e) for w, e in zip(ws, expected))
+
+
+@pytest.mark.cpu
+def test_backups_are_allocated_by_the_call_aligned_and_of_their_own(gen):
+    """perturb_ allocates the backup before the op runs (the op mutates and returns nothing):
+    masked values of one dtype share one allocation, each starting on 16 bytes (the kernels'
+    vectors); an unmasked tensor's backup is a contiguous tensor of its own."""
+    ws = [rand((37,), generator=gen), rand((5, 16), generator=gen), rand((9,), generator=gen),
+          rand((4, 3), torch.float16, gen), rand((6, 4), generator=gen).t()]
+    gs = [rand(w.shape, w.dtype, gen) for w in ws]
+    ms = [pack_mask(rand_mask(w.shape, generator=gen)) for w in ws]
+    ms[1] = None
+    originals = [w.clone() for w in ws]
+    with torch.no_grad():
+        backup = perturb_(ws, gs, ms, 0.1, backend="torch")
+    values = backup.values
+    assert all(v.data_ptr() % 16 == 0 for v in values)
+    assert values[0].untyped_storage().data_ptr() == values[2].untyped_storage().data_ptr()  # one fp32 allocation
+    assert values[3].untyped_storage().data_ptr() != values[0].untyped_storage().data_ptr()  # fp16: its own
+    assert values[1].shape == ws[1].shape and values[1].is_contiguous()
+    assert backup.masks == ms  # the caller's mask objects (their cached facts kept)
+    with torch.no_grad():
+        restore_(ws, backup, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(ws, originals))

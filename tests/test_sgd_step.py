@@ -116,3 +116,22 @@ def test_errors(gen):
             restore_sgd_step_(w, [torch.ones(4)], [torch.ones(3)], backup, lr=0.1, momentum=0.9)
         with pytest.raises(TypeError, match="PerturbBackup"):
             restore_sgd_step_(w, [torch.ones(4)], [None], None, lr=0.1)
+
+
+@pytest.mark.cpu
+def test_a_new_momentum_buffer_is_made_like_torchs(gen):
+    """A None buffer becomes a new one, allocated by the call in the grad's dtype and layout (as
+    torch's SGD clones the direction), holding the direction; existing buffers are updated in
+    place and returned as themselves."""
+    w = rand((4, 3, 2, 2), generator=gen).to(memory_format=torch.channels_last)
+    g = rand((4, 3, 2, 2), generator=gen).to(memory_format=torch.channels_last)
+    v, b = rand((7,), generator=gen), rand((7,), generator=gen)
+    gv = rand((7,), generator=gen)
+    with torch.no_grad():
+        backup = perturb_([w, v], [g, gv], None, 0.0, backend="torch")
+        out = restore_sgd_step_([w, v], [g, gv], [None, b], backup, lr=0.1, momentum=0.9, backend="torch")
+    assert out[1] is b
+    assert out[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(out[0], g)
+    with torch.no_grad():
+        backup = perturb_([w], [g], None, 0.0, backend="torch")
+        assert restore_sgd_step_([w], [g], [None], backup, lr=0.1, backend="torch") == [None]  # no momentum
