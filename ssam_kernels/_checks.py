@@ -76,6 +76,11 @@ def as_bool(mask: torch.Tensor | BitMask) -> torch.Tensor:
     return unpack_mask(mask) if isinstance(mask, BitMask) else mask
 
 
+def spans_devices(tensors) -> bool:
+    """Whether a list of tensors lies on more than one device."""
+    return any(t.device != tensors[0].device for t in tensors)
+
+
 def scalar(name: str, value) -> float | torch.Tensor:
     """A Python real or a 0-dim floating tensor (kept on its device to avoid a host sync)."""
     if isinstance(value, bool):

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ._backend import ENV_VAR, OpBackends, extension_error, triton_version
+from ._backend import ENV_VAR, BackendUnavailableError, OpBackends, extension_error, triton_version
 
 NAMESPACE = "ssam_kernels"
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -58,8 +58,10 @@ class Op:
             self.backends.register(backend, fn, (devices or {}).get(backend))
         self._adapt = adapt or (lambda impl, *args: impl(*args))
         LIB.define(schema)
-        for key in ("CPU", "CUDA"):  # the device decides which kernels may run
-            LIB.impl(self.name, functools.partial(self._kernel, torch.device(key.lower())), key)
+        # the device decides which kernels may run; other devices get the reference
+        for key, device in (("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps"), ("XPU", "xpu"),
+                            ("PrivateUse1", "privateuseone")):
+            LIB.impl(self.name, functools.partial(self._kernel, torch.device(device)), key)
         torch.library.register_fake(f"{NAMESPACE}::{self.name}", lambda *args: fake(*args[:-1]), lib=LIB)
         self.overload = getattr(getattr(torch.ops, NAMESPACE), self.name).default
         TABLES[self.name] = self.backends
@@ -67,6 +69,15 @@ class Op:
     def _kernel(self, device: torch.device, *args):
         *args, backend = args
         return self._adapt(self.backends(backend, device), *args)
+
+    def across_devices(self, backend: str, device: torch.device) -> Callable:
+        """The reference implementation, for tensor lists that span devices: the dispatcher would
+        run one device's kernels on all of them. An explicit other backend is refused."""
+        if backend not in ("auto", "torch"):
+            self.resolve(backend, device)  # a bad name still says so
+            raise BackendUnavailableError(f"backend={backend!r} cannot run {self.name} on tensors that span several "
+                                          "devices; only the reference ('torch') does")
+        return self.backends.impls["torch"]
 
     def resolve(self, backend: str, device: torch.device) -> str:
         """The backend that runs this op for tensors on ``device`` (``backend`` checked)."""

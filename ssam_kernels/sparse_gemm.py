@@ -101,7 +101,7 @@ def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple) -> CsltConfig:
     if key not in _CONFIG:
         try:
             _CONFIG[key] = CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
-        except RuntimeError as exc:  # an older cuSPARSELt, a shape the search rejects
+        except (RuntimeError, AttributeError) as exc:  # a cuSPARSELt or torch without it, a shape it rejects
             log_once(("search",) + key, f"sparse_mm_24: cuSPARSELt's algorithm search failed ({exc}); default algorithm")
             _CONFIG[key] = CsltConfig()
     return _CONFIG[key]
@@ -129,7 +129,8 @@ def _median_ms(fn, reps: int = 7) -> float:
 def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Time, once per shape, dtype and layout (cached): the dense GEMM, the compression, and
     the sparse GEMM in every configuration tried (the default and the searched algorithm, each
-    with and without ``transpose_result``); keep the fastest configuration for this shape.
+    with and without ``transpose_result``; one that cuSPARSELt refuses is skipped, with a log
+    line); keep the fastest configuration for this shape.
     Returns the times in ms by label (``"dense"``, ``"compress"``, ``"alg 0"``, ``"alg 3 T"``...)."""
     key = _key(a, b)
     if key not in _TRIALS:
@@ -138,9 +139,16 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         configs = [CsltConfig(c.alg_id, t) for c in configs for t in (False, True)]
         trials = {"dense": _median_ms(lambda: _dense(a, b)),
                   "compress": _median_ms(lambda: torch._cslt_compress(a.contiguous()))}
+        timed = []
         for config in configs:
-            trials[config.label()] = _median_ms(lambda c=config: cslt_mm(packed, b, c))
-        _CONFIG[key] = min(configs, key=lambda c: trials[c.label()])
+            try:
+                trials[config.label()] = _median_ms(lambda c=config: cslt_mm(packed, b, c))
+                timed.append(config)
+            except RuntimeError as exc:  # an algorithm id out of range for the transposed layout...
+                if config == CsltConfig():
+                    raise  # the default configuration is what every other path runs
+                log_once(("config", config) + key, f"sparse_mm_24: cuSPARSELt {config.label()} failed ({exc}); skipped")
+        _CONFIG[key] = min(timed, key=lambda c: trials[c.label()])
         _TRIALS[key] = trials
     return dict(_TRIALS[key])
 

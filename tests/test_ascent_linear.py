@@ -206,14 +206,15 @@ def test_cusparselt_configurations_are_tuned_and_each_multiplies_right():
     a = mvue24(rand((768, 3072), torch.bfloat16, gen, "cuda"), seed=1)
     b = rand((3072, 1024), torch.bfloat16, gen, "cuda")
     trials = tune(a, b)
-    assert {"dense", "compress", "alg 0", "alg 0 T"} <= set(trials) and all(ms > 0 for ms in trials.values())
+    assert {"dense", "compress", "alg 0"} <= set(trials) and all(ms > 0 for ms in trials.values())
     best = tuned_config(a, b)
     configs = {label: ms for label, ms in trials.items() if label not in ("dense", "compress")}
     assert best.label() == min(configs, key=configs.get)
     packed = torch._cslt_compress(a)
     ref = a.double() @ b.double()
     tol = 1.6e-2 * ref.abs().max().item()  # 1536 kept products summed in fp32, rounded once to bf16
-    for config in {CsltConfig(), CsltConfig(0, True), best}:
+    tried = {CsltConfig(int(label.split()[1]), label.endswith(" T")) for label in configs}
+    for config in tried | {best}:
         out = cslt_mm(packed, b, config)
         assert out.shape == (768, 1024)
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)

@@ -53,7 +53,7 @@ def _op(name):
 @pytest.mark.parametrize("name", OPS)
 def test_every_public_op_is_one_dispatcher_op(name):
     qualname = f"ssam_kernels::{name}"
-    for key in ("CPU", "CUDA", "Meta"):
+    for key in ("CPU", "CUDA", "Meta", "MPS", "XPU", "PrivateUse1"):  # other devices: the reference
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (name, key)
     assert name in TABLES and "torch" in TABLES[name].impls
     assert _op(name)._schema.arguments[-1].name == "backend"

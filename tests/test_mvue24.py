@@ -3,7 +3,7 @@ import torch
 from helpers import BACKENDS, backend_dtypes, rand
 
 from ssam_kernels import mvue24
-from ssam_kernels.ops.mvue24 import inclusion_probabilities
+from ssam_kernels.ops.mvue24 import inclusion_probabilities, mvue24_torch
 
 GROUPS = torch.tensor([
     [1.0, -2.0, 3.0, 0.5],     # no cap
@@ -113,3 +113,15 @@ def test_errors():
         mvue24(x.double(), seed=0)
     with pytest.raises(TypeError, match="seed must be an int"):
         mvue24(x, seed=1.5)
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+        mvue24(x, seed=2**64)
+
+
+@pytest.mark.cpu
+def test_every_seed_torch_takes_draws_its_stream():
+    """The op's schema carries a signed 64-bit int: a seed at or above 2**63 still draws what
+    torch.Generator().manual_seed(seed) draws (as its negative twin does)."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    big = 2**64 - 5
+    assert torch.equal(mvue24(x, seed=big, backend="torch"), mvue24_torch(x, None, big))
+    assert torch.equal(mvue24(x, seed=big, backend="torch"), mvue24(x, seed=-5, backend="torch"))

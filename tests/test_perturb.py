@@ -204,3 +204,32 @@ def test_backups_are_allocated_by_the_call_aligned_and_of_their_own(gen):
     with torch.no_grad():
         restore_(ws, backup, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+
+
+@pytest.mark.cpu
+def test_a_bool_masks_backup_is_packed_so_restore_reads_no_count(gen):
+    """perturb_ keeps bool masks as bit masks with their counts: restore_ then syncs nothing to
+    check the backup, and a bool mask the caller changes afterwards cannot misplace it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    ws = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    ms = [rand_mask(w.shape, generator=gen) for w in ws]
+    originals = [w.clone() for w in ws]
+    with torch.no_grad():
+        backup = perturb_(ws, [rand(w.shape, generator=gen) for w in ws], ms, 0.1)
+        assert all(b.count_int() == int(m.sum()) for b, m in zip(backup.masks, ms))
+        for m in ms:
+            m.fill_(True)  # the caller reuses its mask tensors
+        with Syncs() as syncs:
+            restore_(ws, backup)
+    assert syncs.n == 0
+    assert all(torch.equal(a, b) for a, b in zip(ws, originals))

@@ -43,7 +43,7 @@ class AscentConfig:
     generator: torch.Generator | None = None  # mvue: seeds of the draws
     gemm: str = "auto"
     backend: str = "auto"  # of masked_weight_grad and mvue24
-    masked: bool = True  # exact: mask the gradients (False: rows without a masked entry skipped, nothing masked)
+    masked: bool = True  # exact: mask the gradients (False: only rows outside the span computed are zero)
 
 
 def _bool(mask) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import BackendUnavailableError, lazy
+from .._backend import lazy
 from .._library import Op
 from .bitmask import mask_args, masks_from_args
 
@@ -58,12 +58,6 @@ def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
     """
     tensors = _checks.tensor_list("tensors", tensors)
     masks = _checks.mask_list(masks, tensors, "tensors")
-    if any(t.device != tensors[0].device for t in tensors):
-        # the dispatcher would pick one device's kernels for all; the reference reduces each
-        # tensor on its own device
-        if backend not in ("auto", "torch"):
-            GRAD_NORM.resolve(backend, tensors[0].device)  # a bad name still says so
-            raise BackendUnavailableError(f"backend={backend!r}: the tensors span several devices; "
-                                          "only the reference ('torch') reduces across devices")
-        return grad_norm_torch(tensors, masks)
+    if _checks.spans_devices(tensors):  # the reference reduces each tensor on its own device
+        return GRAD_NORM.across_devices(backend, tensors[0].device)(tensors, masks)
     return GRAD_NORM(tensors, mask_args(masks), backend=backend)

@@ -69,9 +69,12 @@ def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | Non
     return out.to(x.dtype).reshape(x.shape)
 
 
+# the schema's int is signed 64-bit: a seed in [2**63, 2**64) travels as its negative twin
+# (the same generator state: torch seeds with the value mod 2**64) and comes back as given
 MVUE24 = Op("mvue24(Tensor x, Tensor? uniforms, int? seed, str backend) -> Tensor",
             {"torch": mvue24_torch, "triton": lazy("ssam_kernels.triton_ops.mvue24", "mvue24_triton")},
-            fake=lambda x, uniforms, seed: torch.empty_like(x))
+            fake=lambda x, uniforms, seed: torch.empty_like(x),
+            adapt=lambda impl, x, uniforms, seed: impl(x, uniforms, None if seed is None else seed % 2**64))
 
 
 def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor | None = None,
@@ -93,6 +96,9 @@ def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor |
     if uniforms is None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), as torch.Generator.manual_seed takes, got {seed}")
+        seed = seed - 2**64 if seed >= 2**63 else seed
     else:
         if not isinstance(uniforms, torch.Tensor) or not uniforms.is_floating_point():
             raise TypeError(f"uniforms must be a floating tensor, got {_checks._kind(uniforms)}")

@@ -15,7 +15,7 @@ import torch
 from .. import _checks
 from .._backend import lazy
 from .._library import Op
-from .bitmask import BitMask, mask_args, masks_from_args
+from .bitmask import BitMask, mask_args, masks_from_args, pack_mask
 
 
 @dataclass
@@ -124,6 +124,11 @@ RESTORE = Op("restore_(Tensor(a!)[] params, Tensor[] values, Tensor?[] masks, st
                  params, PerturbBackup(values, _masks_counted(masks, params, values))))
 
 
+def _counted(mask: BitMask, count: int) -> BitMask:
+    object.__setattr__(mask, "_count", count)  # BitMask's own cache of its set-bit count
+    return mask
+
+
 def mask_counts(masks) -> list[int]:
     """Set entries per mask (-1 for None): a BitMask's cached count, a bool mask's sum (one host
     sync each)."""
@@ -175,9 +180,16 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     masks = _checks.mask_list(masks, params, "params")
     scale = _checks.scalar("scale", scale)
     check_writable(params)
-    values = backup_buffers(params, mask_counts(masks))
-    PERTURB(params, grads, mask_args(masks), values, *scale_args(scale, params[0].device), backend=backend)
-    return PerturbBackup(values, masks)
+    counts = mask_counts(masks)
+    values = backup_buffers(params, counts)
+    if _checks.spans_devices(params):
+        PERTURB.across_devices(backend, params[0].device)(params, grads, masks, scale, values)
+    else:
+        PERTURB(params, grads, mask_args(masks), values, *scale_args(scale, params[0].device), backend=backend)
+    # bit masks with their counts: restore_ reads no count back (a host sync), and a bool mask
+    # the caller changes afterwards cannot misplace the restore
+    return PerturbBackup(values, [m if m is None or isinstance(m, BitMask) else _counted(pack_mask(m), c)
+                                  for m, c in zip(masks, counts)])
 
 
 def check_backup(params: list[torch.Tensor], backup) -> None:
@@ -205,4 +217,7 @@ def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
     params = _checks.tensor_list("params", params)
     check_backup(params, backup)
     check_writable(params)
-    RESTORE(params, backup.values, mask_args(backup.masks), backend=backend)
+    if _checks.spans_devices(params):
+        RESTORE.across_devices(backend, params[0].device)(params, backup)
+    else:
+        RESTORE(params, backup.values, mask_args(backup.masks), backend=backend)

@@ -100,7 +100,10 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
     else:  # torch's SGD keeps a buffer in its grad's dtype and layout (a clone of the direction)
         fresh = [b is None for b in momentum_buffers]
         buffers = [torch.empty_like(g) if b is None else b for b, g in zip(momentum_buffers, grads)]
-    RESTORE_SGD_STEP(params, grads, buffers, fresh, backup.values, mask_args(backup.masks), hyper["lr"],
-                     hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"], hyper["maximize"],
-                     backend=backend)
+    if _checks.spans_devices(params):
+        RESTORE_SGD_STEP.across_devices(backend, params[0].device)(params, grads, buffers, backup, hyper, fresh)
+    else:
+        RESTORE_SGD_STEP(params, grads, buffers, fresh, backup.values, mask_args(backup.masks), hyper["lr"],
+                         hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"],
+                         hyper["maximize"], backend=backend)
     return buffers if buffers else [None] * len(params)

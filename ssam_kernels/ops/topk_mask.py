@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _checks
-from .._backend import BackendUnavailableError, lazy
+from .._backend import lazy
 from .._library import Op
 
 
@@ -73,11 +73,6 @@ def topk_mask(scores, density: float | None = None, *, k: int | None = None, bac
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     elif not 0 <= k <= total:
         raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
-    if any(s.device != scores[0].device for s in scores):
-        # the dispatcher would pick one device's kernels for all; the reference ranks across devices
-        if backend not in ("auto", "torch"):
-            TOPK_MASK.resolve(backend, scores[0].device)  # a bad name still says so
-            raise BackendUnavailableError(f"backend={backend!r}: the scores span several devices; "
-                                          "only the reference ('torch') ranks across devices")
-        return topk_mask_torch(scores, k)
+    if _checks.spans_devices(scores):  # the reference ranks across devices
+        return TOPK_MASK.across_devices(backend, scores[0].device)(scores, k)
     return TOPK_MASK(scores, k, backend=backend)
