@@ -93,10 +93,9 @@ def _closure(model, opt, x, y, dtype, scaler, poison=None):
     return closure
 
 
-def _train(device, backend, monkeypatch, kind, mode, gen_state, *, dtype=torch.float32, scaler=False,
-           structure="unstructured", masks=None, steps=STEPS, channels_last=False, compile_model=False, **kw):
-    """``steps`` SAM-style steps on ``device`` with ``backend`` (``"auto"`` or ``"torch"``);
-    returns the weights before and after (on the CPU), the masks and the optimizer."""
+def _setup(device, backend, monkeypatch, gen_state, channels_last=False):
+    """``backend`` (``"auto"`` or ``"torch"``) chosen for what follows, and the seeded net with
+    the batch drawn from ``gen_state``, on ``device``."""
     if backend == "auto":
         monkeypatch.delenv("SSAM_BACKEND", raising=False)
     else:
@@ -109,7 +108,14 @@ def _train(device, backend, monkeypatch, kind, mode, gen_state, *, dtype=torch.f
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    model, x, y = model.to(device), x.to(device), y.to(device)
+    return model.to(device), x.to(device), y.to(device)
+
+
+def _train(device, backend, monkeypatch, kind, mode, gen_state, *, dtype=torch.float32, scaler=False,
+           structure="unstructured", masks=None, steps=STEPS, channels_last=False, compile_model=False, **kw):
+    """``steps`` SAM-style steps on ``device`` with ``backend`` (``"auto"`` or ``"torch"``);
+    returns the weights before and after (on the CPU), the masks and the optimizer."""
+    model, x, y = _setup(device, backend, monkeypatch, gen_state, channels_last)
     opt = _optimizer(kind, mode, model, x, y, structure, **kw)
     if masks is not None:  # the CPU run's masks (see the module docstring)
         opt._set_masks([m.to(device) for m in masks])
@@ -217,16 +223,7 @@ def test_clipping_and_accumulation_match_the_cpu_reference(monkeypatch, gen):
     state = gen.get_state()
     results = []
     for device, backend in ((torch.device("cpu"), "torch"), (DEVICE, "auto")):
-        if backend == "auto":
-            monkeypatch.delenv("SSAM_BACKEND", raising=False)
-        else:
-            monkeypatch.setenv("SSAM_BACKEND", backend)
-        g = torch.Generator().manual_seed(0)
-        g.set_state(state)
-        x, y = _batch(g)
-        torch.manual_seed(0)
-        model = Net().to(device)
-        x, y = x.to(device), y.to(device)
+        model, x, y = _setup(device, backend, monkeypatch, state)
         opt = _optimizer("SSAMF", "exact", model, x, y)
         if results:
             opt._set_masks([m.to(device) for m in results[0][1]])
@@ -278,16 +275,7 @@ def test_ssamd_drop_grow_updates_match_the_reference_backend(monkeypatch, gen):
     state = gen.get_state()
     runs = []
     for backend in ("torch", "auto"):
-        if backend == "auto":
-            monkeypatch.delenv("SSAM_BACKEND", raising=False)
-        else:
-            monkeypatch.setenv("SSAM_BACKEND", backend)
-        g = torch.Generator().manual_seed(0)
-        g.set_state(state)
-        x, y = _batch(g)
-        torch.manual_seed(0)
-        model = Net().to(DEVICE)
-        x, y = x.to(DEVICE), y.to(DEVICE)
+        model, x, y = _setup(DEVICE, backend, monkeypatch, state)
         opt = _optimizer("SSAMD", "dense", model, x, y)
         masks = []
         for epoch in range(3):

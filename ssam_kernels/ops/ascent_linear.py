@@ -55,11 +55,7 @@ def is_24_along_out(mask) -> bool:
     two set entries in each column: then ``(W ⊙ M)ᵀ`` is 2:4 along its last dim. Cached on
     a BitMask (immutable by contract)."""
     if isinstance(mask, BitMask):
-        cached = mask.__dict__.get("_24_along_out")
-        if cached is None:
-            cached = is_24_along_out(mask.to_bool())
-            object.__setattr__(mask, "_24_along_out", cached)
-        return cached
+        return mask.memo("_24_along_out", lambda: is_24_along_out(mask.to_bool()))
     rows = mask.shape[0]
     return rows % 4 == 0 and bool((mask.reshape(rows // 4, 4, -1).sum(1) <= 2).all())
 

@@ -70,30 +70,24 @@ class BitMask:
         """Number of set bits, as a 0-dim int64 tensor on the mask's device (no host sync)."""
         return _popcount(self.bits.device)[self.bits.long()].sum()
 
-    def count_int(self) -> int:
-        """Number of set bits as a Python int: one host sync, then cached (a BitMask is
+    def memo(self, key: str, compute):
+        """``compute()``, computed once per mask and kept on it under ``key`` (a BitMask is
         immutable by contract: do not write to ``bits`` after creating it)."""
-        cached = self.__dict__.get("_count")
-        if cached is None:
-            cached = int(self.count())
-            object.__setattr__(self, "_count", cached)
-        return cached
+        if key not in self.__dict__:
+            object.__setattr__(self, key, compute())
+        return self.__dict__[key]
+
+    def count_int(self) -> int:
+        """Number of set bits as a Python int: one host sync, then cached."""
+        return self.memo("_count", lambda: int(self.count()))
 
     def rows_with_bits(self) -> torch.Tensor:
         """:func:`masked_rows` of this mask, cached (one host sync the first time)."""
-        cached = self.__dict__.get("_rows")
-        if cached is None:
-            cached = masked_rows(self.to_bool())
-            object.__setattr__(self, "_rows", cached)
-        return cached
+        return self.memo("_rows", lambda: masked_rows(self.to_bool()))
 
     def rows_first(self) -> tuple[torch.Tensor, int]:
         """:func:`rows_first` of this mask, cached (one host sync the first time)."""
-        cached = self.__dict__.get("_rows_first")
-        if cached is None:
-            cached = _order_rows(self.rows_with_bits(), self.shape[0])
-            object.__setattr__(self, "_rows_first", cached)
-        return cached
+        return self.memo("_rows_first", lambda: _order_rows(self.rows_with_bits(), self.shape[0]))
 
 
 def row_span(mask) -> tuple[int, int, int]:
@@ -102,11 +96,7 @@ def row_span(mask) -> tuple[int, int, int]:
     ``end - first == count``; ``(0, 0, 0)`` where no row holds one. Cached on a BitMask; one
     host sync per call for a bool mask."""
     if isinstance(mask, BitMask):
-        cached = mask.__dict__.get("_row_span")
-        if cached is None:
-            cached = _span(mask.rows_with_bits())
-            object.__setattr__(mask, "_row_span", cached)
-        return cached
+        return mask.memo("_row_span", lambda: _span(mask.rows_with_bits()))
     return _span(masked_rows(mask))
 
 
@@ -205,6 +195,6 @@ def masks_from_args(args, refs, counts=None) -> list:
         if m is not None and m.dtype == torch.uint8:
             m = BitMask(m, r.shape)
             if counts is not None and counts[i] >= 0:
-                object.__setattr__(m, "_count", counts[i])
+                m.memo("_count", lambda c=counts[i]: c)  # known: count_int() reads no count back
         out.append(m)
     return out

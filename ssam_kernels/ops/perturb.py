@@ -125,7 +125,7 @@ RESTORE = Op("restore_(Tensor(a!)[] params, Tensor[] values, Tensor?[] masks, st
 
 
 def _counted(mask: BitMask, count: int) -> BitMask:
-    object.__setattr__(mask, "_count", count)  # BitMask's own cache of its set-bit count
+    mask.memo("_count", lambda: count)  # known: count_int() reads no count back
     return mask
 
 
