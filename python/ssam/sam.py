@@ -141,9 +141,6 @@ class SAM(torch.optim.Optimizer):
             ``ssam_kernels.restore_sgd_step_``) instead of calling ``base_optimizer.step()``;
             its momentum buffers stay in the base optimizer's state. Hooks registered on the
             base optimizer's ``step`` then do not run: pass False to keep them.
-
-    Steps run over an ``ssam_kernels.SAMStepPlan`` (3 launches, no host sync) wherever a kernel
-    backend runs one for these parameters; otherwise over the per-list ops.
         ascent_fraction: in (0, 1]; the share of the batch whose gradient sets the
             perturbation (m-sharpness). The closure takes it with :meth:`batch`, which gives
             the first ``ceil(fraction * n)`` rows inside the ascent pass and the whole batch in
@@ -156,6 +153,9 @@ class SAM(torch.optim.Optimizer):
     Use either ``loss.backward(); opt.step(closure)`` where ``closure`` recomputes the loss and
     calls ``backward()``, or ``first_step(zero_grad=True)``, a second forward/backward, then
     ``second_step()``. ``param_groups`` is the base optimizer's, so schedulers work on either.
+
+    Steps run over an ``ssam_kernels.SAMStepPlan`` (3 launches, no host sync) wherever a kernel
+    backend runs one for these parameters; otherwise over the per-list ops.
 
     Mixed precision: with fp16 and a ``torch.amp.GradScaler``, call ``scaler.scale(loss).backward()``
     in both passes and pass ``grad_scaler=scaler`` to both steps (or to ``step``); they unscale,
