@@ -24,7 +24,7 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
 _POPCOUNT = {}
 
 
-def _popcount(device: torch.device) -> torch.Tensor:
+def popcount_table(device: torch.device) -> torch.Tensor:
     key = (device.type, device.index)
     if key not in _POPCOUNT:
         _POPCOUNT[key] = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64).to(device)
@@ -68,7 +68,7 @@ class BitMask:
 
     def count(self) -> torch.Tensor:
         """Number of set bits, as a 0-dim int64 tensor on the mask's device (no host sync)."""
-        return _popcount(self.bits.device)[self.bits.long()].sum()
+        return popcount_table(self.bits.device)[self.bits.long()].sum()
 
     def memo(self, key: str, compute):
         """``compute()``, computed once per mask and kept on it under ``key`` (a BitMask is

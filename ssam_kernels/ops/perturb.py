@@ -45,11 +45,15 @@ def _perturbed(w: torch.Tensor, g: torch.Tensor, scale) -> torch.Tensor:
     return (w.to(dtype) + scale * g.to(dtype)).to(w.dtype)
 
 
-def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (the
-    kernels' vector width)."""
+def aligned_length(n: int, dtype: torch.dtype) -> int:
+    """``n`` rounded up to the elements of ``dtype`` in 16 bytes (the kernels' vector width)."""
     step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    padded = [(n + step - 1) // step * step for n in counts]
+    return -(-n // step) * step
+
+
+def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes."""
+    padded = [aligned_length(n, dtype) for n in counts]
     flat = torch.empty(sum(padded), dtype=dtype, device=device)
     out, at = [], 0
     for n, p in zip(counts, padded):

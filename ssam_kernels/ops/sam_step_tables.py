@@ -16,25 +16,17 @@ import operator
 import torch
 
 from .._device_tables import CACHE, _place
-
-_POPCOUNT = {}
+from .bitmask import popcount_table
+from .perturb import aligned_length
 
 
 def _block_counts(bits: torch.Tensor, numel: int, block: int) -> torch.Tensor:
     """Set bits of each ``block``-element block of a packed mask (int64, on the mask's device)."""
-    key = (bits.device.type, bits.device.index)
-    if key not in _POPCOUNT:
-        _POPCOUNT[key] = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64, device=bits.device)
     per_block = block // 8
     blocks = -(-numel // block)
     padded = torch.zeros(blocks * per_block, dtype=torch.uint8, device=bits.device)
     padded[: bits.numel()] = bits
-    return _POPCOUNT[key][padded.long()].view(blocks, per_block).sum(1)
-
-
-def _aligned_length(n: int, dtype: torch.dtype) -> int:
-    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    return -(-n // step) * step
+    return popcount_table(bits.device)[padded.long()].view(blocks, per_block).sum(1)
 
 
 class Part:
@@ -63,7 +55,7 @@ class Part:
                 blk_start.append(b * block)
                 blk_base.append(offset + (b * block if c is None else before))
                 before += 0 if c is None else c[b]
-            offset += _aligned_length(n if c is None else before, self.dtype)
+            offset += aligned_length(n if c is None else before, self.dtype)
         self.backup = torch.empty(offset, dtype=self.dtype, device=device)
         self.blocks = len(blk_tensor)
         self.kept_blocks = len(kept_blocks)
@@ -227,12 +219,12 @@ class KernelStep:
                    and sgd[plan.groups[i]].momentum != 0]
         if missing:  # one allocation for every tensor still without a buffer
             params = [plan.params[part.index[t]] for t in missing]
-            flat = torch.zeros(sum(_aligned_length(p.numel(), p.dtype) for p in params), dtype=part.dtype,
+            flat = torch.zeros(sum(aligned_length(p.numel(), p.dtype) for p in params), dtype=part.dtype,
                                device=plan.device)
             at = 0
             for t, p in zip(missing, params):
                 part.spare[t] = flat.as_strided(p.shape, p.stride(), at)
-                at += _aligned_length(p.numel(), p.dtype)
+                at += aligned_length(p.numel(), p.dtype)
             self._buffer_table(part)
         return self._table(f"fresh{id(part)}", tuple(int(f) for f in part.fresh), dtype=torch.int8)
 
