@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI: build the whole extension (C++ CPU ops + CUDA ops) against a CUDA build of torch, on a
-# machine without a GPU: compile, link, load, every ssam::* op has a CUDA and a CPU kernel, no
-# unresolved symbol (ldd -r), the build tests and the extension's CPU tests pass under that
+# machine without a GPU: compile, link, load, every ssam::* op has a CUDA and a CPU kernel, the
+# planned cuSPARSELt ops open the cuSPARSELt that torch's wheel brings and bind every function,
+# no unresolved symbol (ldd -r), the build tests and the extension's CPU tests pass under that
 # torch, and the CPU-only fallback of setup.py works when the CUDA part fails to compile.
 # Runs in a throw-away venv on a copy of the tree, so the main install is untouched.
 # Usage, from the repository root: bash .ci/cuda_ext.sh  (CUDA_TORCH overrides the torch pin)
@@ -56,6 +57,19 @@ for op in ops:
     assert cuda == (expect == "cuda"), f"{op}: CUDA kernel {'missing' if expect == 'cuda' else 'present'}"
 print(f"ci/cuda_ext: {len(ops)} ssam ops load under torch {torch.__version__}, each with a CPU kernel "
       f"and {'a' if expect == 'cuda' else 'no'} CUDA kernel")
+# the planned cuSPARSELt ops: CUDA kernels, and cuSPARSELt opened and every function bound
+# (dlopen needs no GPU: this is the library a GPU machine runs)
+cslt = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("ssam_cslt::"))
+if expect == "cuda":
+    from ssam_kernels.sparse_gemm import planned_unavailable
+
+    assert cslt == ["ssam_cslt::compress", "ssam_cslt::load", "ssam_cslt::mm", "ssam_cslt::search"], cslt
+    for op in ("compress", "mm", "search"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ssam_cslt::{op}", "CUDA"), op
+    assert planned_unavailable() is None, planned_unavailable()
+    print("ci/cuda_ext: planned cuSPARSELt", ".".join(map(str, torch.ops.ssam_cslt.load(""))), "opened and bound")
+else:
+    assert not cslt, cslt
 EOF
   )
 }

@@ -9,10 +9,11 @@ sparse (``A`` is the 2:4 operand, its contraction dim is the 2:4 one):
 * ``dX`` (``implicit``): ``(W ⊙ M)ᵀ [in, out] @ dYᵀ [out, T]``
 
 Each row: the dense GEMM, the cuSPARSELt GEMM on an already compressed operand in its tuned
-configuration (:func:`ssam_kernels.sparse_gemm.tune`: cuSPARSELt's default and searched
-algorithm, each with and without ``transpose_result``; every configuration tried is listed with
-its rate against dense), and the sparse path as the backward pays for it (MVUE draw or masking,
-``torch._cslt_compress``, GEMM), as median times and dense-equivalent TFLOP/s (``2 m n k`` over the time), beside the
+configuration (:func:`ssam_kernels.sparse_gemm.tune`: through torch's ``_cslt_*`` ops, which
+make cuSPARSELt's plan on every call, and through the extension's kept plans ("planned"); on
+each, cuSPARSELt's default and searched algorithm, each with and without ``transpose_result``;
+every configuration tried is listed with its rate against dense), and the sparse path as the
+backward pays for it (MVUE draw or masking, compression on the configuration's path, GEMM), as median times and dense-equivalent TFLOP/s (``2 m n k`` over the time), beside the
 dense bf16 matmul rate measured in the same run. Shapes: ViT-B/16 and GPT-2-small layers
 (d = 768, MLP 3072, QKV 2304) at 8k-32k tokens.
 
@@ -31,7 +32,7 @@ import torch
 from ssam_bench.common import interleaved_medians, matmul_ceiling, report
 
 import ssam_kernels as sk
-from ssam_kernels.sparse_gemm import cslt_mm, cusparselt_unsupported, tune, tuned_config
+from ssam_kernels.sparse_gemm import compress, cslt_mm, cusparselt_unsupported, planned_unavailable, tune, tuned_config
 
 # (name, in, out): the distinct linear shapes of ViT-B/16 and GPT-2 small (both d = 768)
 LAYERS = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_fc1", 768, 3072), ("mlp_fc2", 3072, 768)]
@@ -67,9 +68,9 @@ def bench(layer, tokens, device, dtype, reps, ceiling, gen) -> list[dict]:
         if why is None:
             trials = tune(a24, b)  # every configuration tried, timed once; the fastest kept
             best = tuned_config(a24, b)
-            packed = torch._cslt_compress(a24)
+            packed = compress(a24, best)
             fns["sparse gemm"] = lambda: cslt_mm(packed, b, best)
-            fns["sparse + sparsify + compress"] = lambda: cslt_mm(torch._cslt_compress(sparsify()), b, best)
+            fns["sparse + sparsify + compress"] = lambda: cslt_mm(compress(sparsify(), best), b, best)
         times = interleaved_medians(fns, device, warmup=3, reps=reps)
         row = dict(layer=name, shape=f"{layer_out}x{layer_in}", tokens=tokens, dtype=str(dtype).split(".")[-1],
                    product=product, gemm_mnk=f"{m}x{n}x{k}", dense_ms=times["dense"] * 1e3,
@@ -80,7 +81,8 @@ def bench(layer, tokens, device, dtype, reps, ceiling, gen) -> list[dict]:
             sparse, total = times["sparse gemm"], times["sparse + sparsify + compress"]
             # each configuration's GEMM against the dense one timed beside it (2x: the sparse
             # tensor cores' peak over dense)
-            tried = {label: trials["dense"] / ms for label, ms in trials.items() if label not in ("dense", "compress")}
+            tried = {label: trials["dense"] / ms for label, ms in trials.items()
+                     if label not in ("dense", "compress", "planned compress")}
             row.update(sparse_ms=sparse * 1e3, sparse_tflops=flops / sparse / 1e12, speedup=times["dense"] / sparse,
                        total_ms=total * 1e3, speedup_total=times["dense"] / total, config=best.label(),
                        configs=", ".join(f"{label} {x:.2f}x" for label, x in tried.items()))
@@ -109,7 +111,8 @@ def run(args, device) -> tuple[list[dict], dict, str]:
             for t in tokens:
                 rows += bench(layer, t, device, dtype, reps, ceilings[str(dtype)], gen)
     return rows, {"matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
-                  "cusparselt": torch.backends.cusparselt.is_available()}, ""
+                  "cusparselt": torch.backends.cusparselt.is_available(),
+                  "planned_cusparselt": planned_unavailable() or "available"}, ""
 
 
 TITLE = "Ascent-backward GEMMs: dense vs 2:4 sparse"

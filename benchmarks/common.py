@@ -229,7 +229,8 @@ LEGENDS = {
     "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better); x dense: "
                      "dense time / 2:4 time (above 1: the sparse GEMM wins; 2 is the sparse tensor cores' peak); "
                      "all in: with the sparsify and compress steps; config: the cuSPARSELt configuration kept "
-                     "(alg N: its algorithm; T: the result written transposed), each config tried: its GEMM "
+                     "(planned: through the extension's kept cuSPARSELt plans, else torch's _cslt ops; alg N: its algorithm; "
+                     "split-k N: the contraction split N ways; T: the result written transposed), each config tried: its GEMM "
                      "against the dense one.",
     "ascent_quality": "cosine: between each mode's perturbation and the exact one (1 is identical; higher is "
                       "better); accuracy: digits test accuracy (higher is better), mean and std over runs.",

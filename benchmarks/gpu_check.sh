@@ -29,6 +29,9 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
                  50% and 90%, dense and exact, budget masks (timeout 320 s; SAM + SSAM-F took 129 s)
   step-24        ssam-bench step on GPT-2 small 8k at 2:4, every ascent mode (timeout 320 s; did not
                  finish in 50 s on an H200 at 4344f0b)
+  sparse24       the 2:4 sparse GEMMs alone: their cuda tests (the planned cuSPARSELt path included;
+                 timeout 90 s) and the ascent-backward GEMM table, bench_ascent_linear (timeout 240 s;
+                 not timed alone yet)
   ops            ssam-bench ops (every op, the perturbation cycle, top-k, the 2:4 GEMMs; timeout
                  180 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small lists (timeout 120 s;
                  about 40 s measured)
@@ -40,7 +43,7 @@ exits non-zero. `all` runs every part in turn (for a machine without a time limi
 EOF
 }
 
-parts="build tests step-resnet18 step-large step-24 ops masks"
+parts="build tests step-resnet18 step-large step-24 sparse24 ops masks"
 if [ "$#" -ne 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   usage
   [ "$#" -eq 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
@@ -91,6 +94,9 @@ run_part() {
         --modes dense exact ;;
     step-24)
       step step-24 320 ssam-bench step --models gpt2_small_8k --optimizers ssam-f --sparsities 2:4 ;;
+    sparse24)
+      step sparse24-tests 90 python3 -m pytest -m cuda -rfEs -q -p no:cacheprovider tests/test_ascent_linear.py
+      step ascent-linear 240 python3 -m ssam_bench.bench_ascent_linear ;;
     ops)
       step ops 180 ssam-bench ops
       step overhead 120 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;

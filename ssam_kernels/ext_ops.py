@@ -134,3 +134,22 @@ def _decompress_24_fake(values, meta):
 
 for _name in ("plan_norm", "plan_perturb", "plan_restore", "plan_restore_sgd"):  # write through addresses: nothing
     torch.library.register_fake(f"ssam::{_name}")(lambda *args, **kwargs: None)
+
+
+# the planned cuSPARSELt ops (csrc/cuda/cusparselt.cpp) exist in a build with the CUDA part
+if "ssam_cslt::mm" in torch._C._dispatch_get_all_op_names():
+    from torch.utils.flop_counter import register_flop_formula
+
+    from .sparse_gemm import cslt_flops
+
+    register_flop_formula(torch.ops.ssam_cslt.mm)(cslt_flops)  # what torch._cslt_sparse_mm counts
+
+    @torch.library.register_fake("ssam_cslt::compress")
+    def _(a):
+        return a.new_empty(a.numel() * 9 // 16)  # the kept half and 2 bits per kept value
+
+    @torch.library.register_fake("ssam_cslt::mm")
+    def _(packed, b, alg_id, split_k, split_k_mode, transpose_result):
+        k, n = b.shape
+        m = packed.numel() * 16 // (9 * k)
+        return b.new_empty((n, m) if transpose_result else (m, n))

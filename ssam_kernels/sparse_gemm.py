@@ -3,20 +3,25 @@
 ``A`` is a dense-stored ``[m, k]`` fp16/bf16 matrix with at most two nonzeros in every group of
 four along ``k`` (the contraction dimension, as sparse tensor cores need). cuSPARSELt needs
 ``m`` and ``k`` multiples of 16 and ``B``'s ``n`` a multiple of 8; PyTorch's CUTLASS sparse ops
-run only on compute capability 8.x, so cuSPARSELt (``torch._cslt_sparse_mm``, sm_80 and sm_90)
-is the one sparse path. Its configuration is tuned once per shape, dtype and layout: the
-algorithm cuSPARSELt's own search picks (``torch._cslt_sparse_mm_search``) beside its default,
-each with the result written as is or transposed (``transpose_result``), all timed. ``gemm="auto"``
-keeps the fastest of them where it beats the dense GEMM with the compression included, else
-runs dense (on the H200 at 4344f0b, the untuned GEMM ran at 0.11-0.38x dense). Every time
-measured stays readable (:func:`gemm_trials`), for ``bench_ascent_linear``. Shapes
-cuSPARSELt rejects run dense, with one log line.
+run only on compute capability 8.x, so cuSPARSELt (sm_80 and sm_90) is the one sparse path.
+
+It is reached two ways: torch's ``torch._cslt_compress`` / ``torch._cslt_sparse_mm``, which make
+and destroy cuSPARSELt's descriptors and plan on every call (on the H200 at 4344f0b that host work
+made every 2:4 GEMM of the ascent backward take 0.6-0.9 ms whatever its size, 0.11-0.38x dense),
+and the extension's ``torch.ops.ssam_cslt`` ops (``csrc/cuda/cusparselt.cpp``), which keep them
+per shape, dtype, layout and configuration ("planned" below). Each shape is tuned once: on each
+path, cuSPARSELt's default algorithm and the one its own search picks (with its split-k on the
+planned path), each with the result written as is or transposed (``transpose_result``), all
+timed beside the dense GEMM and the compressions. ``gemm="auto"`` keeps the fastest where it beats
+the dense GEMM with its compression included, else runs dense. Every time measured stays
+readable (:func:`gemm_trials`), for ``bench_ascent_linear``. Shapes cuSPARSELt rejects run
+dense, with one log line.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula
@@ -27,21 +32,31 @@ GEMMS = ("auto", "dense", "cusparselt")
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 _CHOICE: dict[tuple, tuple[str, "CsltConfig | None"]] = {}  # measured auto choice per _key
-_CONFIG: dict[tuple, "CsltConfig"] = {}  # cuSPARSELt's configuration per _key (searched, or measured best)
+_CONFIG: dict[tuple, "CsltConfig"] = {}  # the measured best configuration per _key
+_SEARCHED: dict[tuple, "CsltConfig"] = {}  # cuSPARSELt's searched configuration per _key and path
 _TRIALS: dict[tuple, dict[str, float]] = {}  # every time measured per _key, in ms
+_TRIED: dict[tuple, dict[str, "CsltConfig"]] = {}  # the configurations timed per _key, by label
 _LOGGED: set[tuple] = set()
 
 
 @dataclass(frozen=True)
 class CsltConfig:
-    """How ``torch._cslt_sparse_mm`` runs: cuSPARSELt's algorithm, and whether it writes the
-    result transposed (``[n, m]``, returned as its ``[m, n]`` view)."""
+    """How a cuSPARSELt product runs: through the extension's kept plans (``planned``) or
+    ``torch._cslt_sparse_mm``; cuSPARSELt's algorithm, split-k (1: none) and split-k mode (-1:
+    cuSPARSELt's choice); whether it writes the result transposed (``[n, m]``, returned as its
+    ``[m, n]`` view)."""
 
     alg_id: int = 0
     transpose_result: bool = False
+    split_k: int = 1
+    split_k_mode: int = -1
+    planned: bool = False
 
     def label(self) -> str:
-        return f"alg {self.alg_id}" + (" T" if self.transpose_result else "")
+        text = ("planned " if self.planned else "") + f"alg {self.alg_id}"
+        if self.split_k != 1:
+            text += f" split-k {self.split_k}" + (f" mode {self.split_k_mode}" if self.split_k_mode > 0 else "")
+        return text + (" T" if self.transpose_result else "")
 
 
 def _key(a: torch.Tensor, b: torch.Tensor) -> tuple:
@@ -70,7 +85,7 @@ def cusparselt_unsupported(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
-def _cslt_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+def cslt_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of ``torch._cslt_sparse_mm(compressed A, B)``: the products of A's kept half
     (2:4), ``m * k * n`` (a dense ``[m, k] @ [k, n]`` counts twice that). ``k`` is B's rows; ``m``
     and ``n`` come from the result (``[n, m]`` with ``transpose_result``), since the compressed
@@ -82,35 +97,109 @@ def _cslt_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 # torch's FLOP counter has no formula for the sparse GEMM: without one, FlopCounterMode (and the
 # FLOP columns of ssam-bench) would not see it
 if torch.ops.aten._cslt_sparse_mm not in flop_registry:
-    register_flop_formula(torch.ops.aten._cslt_sparse_mm)(_cslt_flops)
+    register_flop_formula(torch.ops.aten._cslt_sparse_mm)(cslt_flops)
 
 
 def _dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+_PLANNED: list = []  # [why the planned path cannot run here, or None], once known
+
+
+def planned_unavailable() -> str | None:
+    """Why the extension's planned cuSPARSELt ops (``torch.ops.ssam_cslt``) cannot run in this
+    process, or None. Opens cuSPARSELt on first use: the library torch's CUDA build loaded, else
+    one from the ``nvidia`` wheels (``nvidia-cusparselt``)."""
+    if not _PLANNED:
+        _PLANNED.append(_open_planned())
+    return _PLANNED[0]
+
+
+def _open_planned() -> str | None:
+    from ._backend import extension_error
+
+    if extension_error() is not None:
+        return f"the extension did not load ({extension_error()})"
+    if "ssam_cslt::mm" not in torch._C._dispatch_get_all_op_names():
+        return "the extension was built without its CUDA part"
+    tried = []
+    for path in ("", *_wheel_libraries()):
+        try:
+            version = torch.ops.ssam_cslt.load(path)
+        except RuntimeError as exc:
+            tried.append(str(exc).splitlines()[0])
+            continue
+        log.info("sparse_mm_24: planned cuSPARSELt %s from %s", ".".join(map(str, version)), path or "libcusparseLt.so.0")
+        return None
+    return "; ".join(tried)
+
+
+def _wheel_libraries() -> list[str]:
+    """libcusparseLt.so.0 in the installed ``nvidia`` wheels (``nvidia/cusparselt/lib`` or
+    ``nvidia/cu*/lib``)."""
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec is not None and spec.submodule_search_locations else []
+    return sorted({path for root in roots for pattern in ("cusparselt/lib", "cu*/lib")
+                   for path in glob.glob(os.path.join(root, pattern, "libcusparseLt.so.0"))})
+
+
+def compress(a: torch.Tensor, config: CsltConfig) -> torch.Tensor:
+    """``a`` (2:4 along its last dim) compressed for :func:`cslt_mm` on ``config``'s path."""
+    a = a.contiguous()
+    return torch.ops.ssam_cslt.compress(a) if config.planned else torch._cslt_compress(a)
+
+
 def cslt_mm(packed: torch.Tensor, b: torch.Tensor, config: CsltConfig) -> torch.Tensor:
-    """``A @ b`` from A compressed by ``torch._cslt_compress``, as ``config`` says."""
-    out = torch._cslt_sparse_mm(packed, b, alg_id=config.alg_id, transpose_result=config.transpose_result)
+    """``A @ b`` from A compressed by :func:`compress`, as ``config`` says."""
+    if config.planned:
+        out = torch.ops.ssam_cslt.mm(packed, b, config.alg_id, config.split_k, config.split_k_mode,
+                                     config.transpose_result)
+    elif config.split_k != 1:
+        out = torch._cslt_sparse_mm(packed, b, alg_id=config.alg_id, transpose_result=config.transpose_result,
+                                    split_k=config.split_k, split_k_mode=config.split_k_mode)
+    else:
+        out = torch._cslt_sparse_mm(packed, b, alg_id=config.alg_id, transpose_result=config.transpose_result)
     return out.t() if config.transpose_result else out
 
 
-def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple) -> CsltConfig:
-    """cuSPARSELt's own algorithm search for this shape (once per key; its default where the
+def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple, planned: bool) -> CsltConfig:
+    """cuSPARSELt's own search for this shape on one path (once per key; its default where the
     search fails)."""
-    if key not in _CONFIG:
+    search_key = key + (planned,)
+    if search_key not in _SEARCHED:
         try:
-            _CONFIG[key] = CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
+            if planned:
+                alg, split_k, mode, _ = torch.ops.ssam_cslt.search(packed, b, False)
+                _SEARCHED[search_key] = CsltConfig(alg, False, split_k, mode if split_k != 1 else -1, planned=True)
+            else:
+                _SEARCHED[search_key] = CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
         except (RuntimeError, AttributeError) as exc:  # a cuSPARSELt or torch without it, a shape it rejects
-            log_once(("search",) + key, f"sparse_mm_24: cuSPARSELt's algorithm search failed ({exc}); default algorithm")
-            _CONFIG[key] = CsltConfig()
+            log_once(("search", planned) + key,
+                     f"sparse_mm_24: cuSPARSELt's algorithm search failed ({exc}); default algorithm")
+            _SEARCHED[search_key] = CsltConfig(planned=planned)
+    return _SEARCHED[search_key]
+
+
+def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
+    """The configuration a product of this shape runs: the tuned one, else the searched one on
+    the planned path where it can run, else on torch's."""
+    key = _key(a, b)
+    if key not in _CONFIG:
+        planned = planned_unavailable() is None
+        config = CsltConfig(planned=planned)
+        return _searched(compress(a, config), b, key, planned)
     return _CONFIG[key]
 
 
 def _cusparselt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # compressed every call: A changes every step (weights, or a fresh MVUE draw)
-    packed = torch._cslt_compress(a.contiguous())
-    return cslt_mm(packed, b, _searched(packed, b, _key(a, b)))
+    config = _config(a, b)
+    return cslt_mm(compress(a, config), b, config)
 
 
 def _median_ms(fn, reps: int = 7) -> float:
@@ -127,30 +216,55 @@ def _median_ms(fn, reps: int = 7) -> float:
 
 
 def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """Time, once per shape, dtype and layout (cached): the dense GEMM, the compression, and
-    the sparse GEMM in every configuration tried (the default and the searched algorithm, each
-    with and without ``transpose_result``; one that cuSPARSELt refuses is skipped, with a log
-    line); keep the fastest configuration for this shape.
-    Returns the times in ms by label (``"dense"``, ``"compress"``, ``"alg 0"``, ``"alg 3 T"``...)."""
+    """Time, once per shape, dtype and layout (cached): the dense GEMM, each path's compression
+    (``"compress"``: torch's, ``"planned compress"``), and the sparse GEMM in every configuration
+    tried (on each path, the default and the searched algorithm, each with and without
+    ``transpose_result``; one that cuSPARSELt refuses is skipped, with a log line); keep the
+    configuration whose GEMM plus its path's compression is fastest (``A`` is compressed on
+    every call). Returns the times in ms by label (``"dense"``,
+    ``"compress"``, ``"alg 0"``, ``"planned alg 3 split-k 2 T"``...); :func:`tuned_configs` maps
+    the labels of the configurations to them."""
     key = _key(a, b)
     if key not in _TRIALS:
-        packed = torch._cslt_compress(a.contiguous())
-        configs = dict.fromkeys([CsltConfig(), _searched(packed, b, key)])
-        configs = [CsltConfig(c.alg_id, t) for c in configs for t in (False, True)]
-        trials = {"dense": _median_ms(lambda: _dense(a, b)),
-                  "compress": _median_ms(lambda: torch._cslt_compress(a.contiguous()))}
-        timed = []
-        for config in configs:
+        trials = {"dense": _median_ms(lambda: _dense(a, b))}
+        configs: dict[str, CsltConfig] = {}
+        paths = [False] + ([True] if planned_unavailable() is None else [])
+        for planned in paths:
+            default = CsltConfig(planned=planned)
             try:
-                trials[config.label()] = _median_ms(lambda c=config: cslt_mm(packed, b, c))
-                timed.append(config)
-            except RuntimeError as exc:  # an algorithm id out of range for the transposed layout...
-                if config == CsltConfig():
-                    raise  # the default configuration is what every other path runs
-                log_once(("config", config) + key, f"sparse_mm_24: cuSPARSELt {config.label()} failed ({exc}); skipped")
-        _CONFIG[key] = min(timed, key=lambda c: trials[c.label()])
+                packed = compress(a, default)
+                trials["planned compress" if planned else "compress"] = _median_ms(lambda c=default: compress(a, c))
+            except RuntimeError as exc:
+                if not planned:
+                    raise
+                log_once(("planned compress",) + key, f"sparse_mm_24: planned cuSPARSELt compression failed ({exc}); "
+                         "torch's path only")
+                continue
+            for found in dict.fromkeys([default, _searched(packed, b, key, planned)]):
+                for transpose in (False, True):
+                    config = replace(found, transpose_result=transpose)
+                    try:
+                        trials[config.label()] = _median_ms(lambda c=config, p=packed: cslt_mm(p, b, c))
+                        configs[config.label()] = config
+                    except RuntimeError as exc:  # an algorithm id out of range for the transposed layout...
+                        if config == CsltConfig():
+                            raise  # torch's default configuration is what every other path falls back to
+                        log_once(("config", config) + key,
+                                 f"sparse_mm_24: cuSPARSELt {config.label()} failed ({exc}); skipped")
+        _CONFIG[key] = min(configs.values(), key=lambda c: trials[c.label()] + _compress_ms(trials, c))
         _TRIALS[key] = trials
+        _TRIED[key] = configs
     return dict(_TRIALS[key])
+
+
+def _compress_ms(trials: dict[str, float], config: CsltConfig) -> float:
+    return trials["planned compress" if config.planned else "compress"]
+
+
+def tuned_configs(a: torch.Tensor, b: torch.Tensor) -> dict[str, CsltConfig]:
+    """Every configuration :func:`tune` timed for this shape, by label (tuning it first if needed)."""
+    tune(a, b)
+    return dict(_TRIED[_key(a, b)])
 
 
 def tuned_config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
@@ -170,7 +284,7 @@ def _auto_choice(a: torch.Tensor, b: torch.Tensor) -> str:
     if key not in _CHOICE:
         trials = tune(a, b)
         best = _CONFIG[key]
-        sparse_ms = trials[best.label()] + trials["compress"]
+        sparse_ms = trials[best.label()] + _compress_ms(trials, best)
         _CHOICE[key] = ("cusparselt" if sparse_ms < trials["dense"] else "dense", best)
         log.info("sparse_mm_24 %s @ %s %s: cuSPARSELt %.3f ms (%s, compression included), dense %.3f ms -> %s",
                  tuple(a.shape), tuple(b.shape), str(a.dtype).split(".")[-1], sparse_ms, best.label(),

@@ -152,6 +152,64 @@ def test_the_sparse_gemm_is_flop_counted():
     assert formula(compressed, b, transpose_result=True, out_val=out.t()) == 768 * 4096 * 1024
 
 
+def _fake_cusparselt(monkeypatch, gemm_ms, compress_ms, dense_ms, planned=True, refuse=()):
+    """sparse_gemm's tuning on a fake clock: each fake kernel advances it by its cost, so the
+    selection logic runs here (the real times come from the cuda tier and bench_ascent_linear)."""
+    import ssam_kernels.sparse_gemm as g
+
+    clock = [0.0]
+
+    def spend(ms):
+        clock[0] += ms
+
+    def median_ms(fn):
+        start = clock[0]
+        fn()
+        return clock[0] - start
+
+    def mm(packed, b, config):
+        if config.label() in refuse:
+            raise RuntimeError("cuSPARSELt refused the configuration")
+        spend(gemm_ms(config))
+
+    for name in ("_TRIALS", "_CONFIG", "_TRIED", "_CHOICE", "_SEARCHED"):
+        monkeypatch.setattr(g, name, {})
+    monkeypatch.setattr(g, "_median_ms", median_ms)
+    monkeypatch.setattr(g, "_dense", lambda a, b: spend(dense_ms))
+    monkeypatch.setattr(g, "compress", lambda a, config: spend(compress_ms[config.planned]))
+    monkeypatch.setattr(g, "cslt_mm", mm)
+    monkeypatch.setattr(g, "_searched", lambda packed, b, key, p: g.CsltConfig(3, False, 2 if p else 1, 1 if p else -1, p))
+    monkeypatch.setattr(g, "planned_unavailable", lambda: None if planned else "no extension here")
+    return g
+
+
+@pytest.mark.cpu
+def test_tuning_keeps_the_fastest_gemm_with_its_compression_and_auto_runs_dense_unless_it_wins(monkeypatch):
+    a, b = torch.zeros(32, 64, dtype=torch.float16), torch.zeros(64, 16, dtype=torch.float16)
+
+    def gemm_ms(c):  # the planned path's searched, transposed configuration is the fastest GEMM
+        return (0.30 if c.planned else 0.80) - 0.05 * c.transpose_result - 0.1 * (c.alg_id == 3)
+
+    g = _fake_cusparselt(monkeypatch, gemm_ms, {False: 0.5, True: 0.02}, 1.0, refuse=("alg 3 T",))
+    trials = g.tune(a, b)
+    labels = {"alg 0", "alg 0 T", "alg 3", "planned alg 0", "planned alg 0 T", "planned alg 3 split-k 2 mode 1",
+              "planned alg 3 split-k 2 mode 1 T"}
+    assert set(trials) == labels | {"dense", "compress", "planned compress"}  # the refused one skipped
+    assert set(g.tuned_configs(a, b)) == labels
+    assert g.tuned_config(a, b) == g.CsltConfig(3, True, 2, 1, planned=True)
+    assert trials["planned alg 3 split-k 2 mode 1 T"] == pytest.approx(0.15)
+    assert g.resolve_gemm("auto", a, b) == "dense"  # these CPU tensors never reach cuSPARSELt
+    assert g._auto_choice(a, b) == "cusparselt"  # 0.15 + 0.02 against dense 1.0
+
+    # a faster GEMM loses to one whose compression is cheaper: the sum decides
+    g = _fake_cusparselt(monkeypatch, lambda c: 0.2 if not c.planned else 0.35, {False: 0.5, True: 0.02}, 1.0)
+    assert g.tuned_config(a, b).planned
+    # torch's path alone where the planned one cannot run; dense where sparse + compress is slower
+    g = _fake_cusparselt(monkeypatch, lambda c: 0.7, {False: 0.5, True: 0.02}, 1.0, planned=False)
+    assert not any(c.planned for c in g.tuned_configs(a, b).values()) and "planned compress" not in g.tune(a, b)
+    assert g._auto_choice(a, b) == "dense"  # 0.7 + 0.5 against 1.0
+
+
 # --- sparse tensor cores ---------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -195,10 +253,11 @@ def test_cuda_sparse_paths_equal_their_dense_references(mode):
 
 @pytest.mark.cuda
 def test_cusparselt_configurations_are_tuned_and_each_multiplies_right():
-    """tune() times the dense GEMM, the compression and every cuSPARSELt configuration tried
-    (default and searched algorithm, result written as is or transposed), keeps the fastest;
-    each configuration computes the product."""
-    from ssam_kernels.sparse_gemm import CsltConfig, cslt_mm, tune, tuned_config
+    """tune() times the dense GEMM, each path's compression and every cuSPARSELt configuration
+    tried (on torch's path and the planned one: default and searched algorithm, result written
+    as is or transposed), keeps the fastest GEMM + compression; each configuration computes the
+    product."""
+    from ssam_kernels.sparse_gemm import compress, cslt_mm, planned_unavailable, tune, tuned_config, tuned_configs
 
     if not torch.backends.cusparselt.is_available():
         pytest.fail("this CUDA torch has no cuSPARSELt; the sparse path cannot be tested")
@@ -206,15 +265,52 @@ def test_cusparselt_configurations_are_tuned_and_each_multiplies_right():
     a = mvue24(rand((768, 3072), torch.bfloat16, gen, "cuda"), seed=1)
     b = rand((3072, 1024), torch.bfloat16, gen, "cuda")
     trials = tune(a, b)
-    assert {"dense", "compress", "alg 0"} <= set(trials) and all(ms > 0 for ms in trials.values())
+    configs = tuned_configs(a, b)
+    assert {"dense", "compress", "alg 0", "alg 0 T"} <= set(trials) and all(ms > 0 for ms in trials.values())
+    planned = planned_unavailable() is None
+    assert ("planned compress" in trials) == planned and ("planned alg 0" in configs) == planned
+    assert set(trials) == {"dense", "compress", "planned compress"} & set(trials) | set(configs)
     best = tuned_config(a, b)
-    configs = {label: ms for label, ms in trials.items() if label not in ("dense", "compress")}
-    assert best.label() == min(configs, key=configs.get)
-    packed = torch._cslt_compress(a)
+    path_ms = {label: ms + trials["planned compress" if c.planned else "compress"]
+               for label, ms in trials.items() if (c := configs.get(label)) is not None}
+    assert best.label() == min(path_ms, key=path_ms.get)
     ref = a.double() @ b.double()
     tol = 1.6e-2 * ref.abs().max().item()  # 1536 kept products summed in fp32, rounded once to bf16
-    tried = {CsltConfig(int(label.split()[1]), label.endswith(" T")) for label in configs}
-    for config in tried | {best}:
-        out = cslt_mm(packed, b, config)
+    for config in configs.values():
+        out = cslt_mm(compress(a, config), b, config)
         assert out.shape == (768, 1024)
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_planned_cusparselt_multiplies_right_on_every_layout_and_reuses_its_plans(dtype):
+    """The extension's cuSPARSELt ops (descriptors and plans kept per shape): cuSPARSELt opens
+    on a CUDA machine with the extension built; each B layout (row-major, the transpose of a
+    row-major tensor, a strided slice), result as is or transposed, default and searched
+    algorithm: the product within the dtype's rounding; a second call (the kept plan) on torch's
+    compression of the same operand gives the same bits (without split-k, whose partial sums
+    may meet in another order)."""
+    from ssam_kernels.sparse_gemm import CsltConfig, compress, cslt_mm, planned_unavailable
+
+    why = planned_unavailable()
+    assert why is None, f"the planned cuSPARSELt path cannot run: {why}"
+    gen = torch.Generator().manual_seed(9)
+    a = mvue24(rand((256, 512), dtype, gen, "cuda"), seed=2)
+    packed = torch._cslt_compress(a)  # the planned GEMM reads torch's format too
+    alg, split_k, mode, max_alg = torch.ops.ssam_cslt.search(packed, rand((512, 64), dtype, gen, "cuda"), False)
+    assert 0 <= alg <= max(max_alg, 0) and split_k >= 1
+    searched = CsltConfig(alg, False, split_k, mode if split_k != 1 else -1, planned=True)
+    wide = rand((512, 192), dtype, gen, "cuda")
+    for b in (rand((512, 64), dtype, gen, "cuda"), rand((64, 512), dtype, gen, "cuda").t(), wide[:, 8:72]):
+        ref = a.double() @ b.double()
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * ref.abs().max().item()
+        for config in (CsltConfig(planned=True), CsltConfig(transpose_result=True, planned=True), searched):
+            first = cslt_mm(compress(a, config), b, config)
+            torch.testing.assert_close(first.double(), ref, rtol=0, atol=tol)
+            again = cslt_mm(packed, b, config)
+            assert torch.equal(again, first) if config.split_k == 1 else torch.allclose(again, first, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        torch.ops.ssam_cslt.compress(a[:, :24].contiguous()[:40])
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        torch.ops.ssam_cslt.compress(a.float())
