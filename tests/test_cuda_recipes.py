@@ -300,3 +300,26 @@ def test_channels_last_and_compiled_models_match_the_cpu_reference(variant, monk
     ref, dev = _pair(monkeypatch, gen, "SSAMF", "exact", **kw)
     for a, b in zip(ref[1], dev[1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fisher_on_the_device_is_the_cpu_one_from_per_layer_gradients(monkeypatch, gen):
+    """SSAM-F's Fisher on the device: the per-layer method (on a GPU its per-sample weight
+    gradients batched, one grouped convolution per layer), equal to the CPU's up to fp32
+    summation order."""
+    import ssam.fisher
+
+    chosen = []
+    methods = ssam.fisher._methods
+    monkeypatch.setattr(ssam.fisher, "_methods", lambda *args: chosen.append(methods(*args)) or chosen[-1])
+    torch.manual_seed(0)
+    model = Net()
+    x, y = _batch(gen, 24)
+    ref = ssam.fisher.empirical_fisher(model, list(model.parameters()), [(x, y)], 24, chunk_size=16)
+    model.to(DEVICE)
+    fisher = ssam.fisher.empirical_fisher(model, list(model.parameters()), [(x.to(DEVICE), y.to(DEVICE))], 24,
+                                          chunk_size=16)
+    layerwise = chosen[-1][0]
+    assert type(layerwise) is ssam.fisher._Layerwise and layerwise.batched == (DEVICE.type != "cpu")
+    assert layerwise.independence_checked  # it ran (no fallback to vmap)
+    for f, r in zip(fisher, ref):
+        torch.testing.assert_close(f.cpu(), r, rtol=1e-4, atol=1e-6 * r.abs().max().item())

@@ -136,14 +136,44 @@ class _Layers(nn.Module):
         return self.head(torch.cat([h, v, v], 1))
 
 
+def _use_layerwise(monkeypatch, batched: bool) -> None:
+    """Only the per-layer method, its per-sample products sample by sample (CPU's way) or
+    batched (GPU's way: one grouped convolution / bmm per group of samples)."""
+    def methods(model, names, fisher, loss_fn, device):
+        layerwise = ssam.fisher._Layerwise.build(model, names, fisher, loss_fn, batched=batched)
+        assert layerwise is not None
+        return [layerwise]
+
+    monkeypatch.setattr(ssam.fisher, "_methods", methods)
+
+
 @pytest.mark.parametrize("train_mode", [True, False])
-def test_layerwise_layer_variants(train_mode, monkeypatch, gen):
-    _use_only(monkeypatch, "layerwise")
+@pytest.mark.parametrize("batched", [False, True])
+def test_layerwise_layer_variants(train_mode, batched, monkeypatch, gen):
+    _use_layerwise(monkeypatch, batched)
+    # batched: at most 3 samples' gradients of the largest layer stacked, so chunks split in groups
+    monkeypatch.setattr(ssam.fisher, "STACK_ELEMENTS", 3 * 6 * 2 * 3)
     model = _Layers().train(train_mode)
     x, y = torch.randn(9, 3, 12, generator=gen), torch.randint(0, 5, (9,), generator=gen)
     fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 9, chunk_size=4)
     for f, e in zip(fisher, _official_loop(model, x, y)):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+
+
+def test_batched_layerwise_equals_the_official_loop_on_a_resnet_block(monkeypatch, gen):
+    """The GPU's way (grouped per-sample convolutions, strided and 1x1 shortcut convs,
+    BatchNorm in train mode) against the batch-of-one loop."""
+    from ssam.models import resnet18_cifar
+
+    _use_layerwise(monkeypatch, True)
+    torch.manual_seed(0)
+    model = resnet18_cifar(num_classes=10)
+    model.layers = model.layers[:3]  # the first stage and a strided block with its 1x1 shortcut
+    model.fc = nn.Linear(128, 10)
+    x, y = torch.randn(6, 3, 16, 16, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 6, chunk_size=4)
+    for f, e in zip(fisher, _official_loop(model, x, y)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6 * e.abs().max().item())
 
 
 class _Tied(nn.Module):

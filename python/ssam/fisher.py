@@ -4,13 +4,15 @@ The official code loops with batch size 1. Here the model sees each sample as a 
 (so BatchNorm in train mode normalises each sample by its own statistics, as in the loop), and
 the per-sample gradients come, chunk by chunk, from whichever method is fastest on the device:
 
-* CPU, models whose parameters all sit in ``Linear`` / ``Conv1d-3d`` / ``BatchNorm1d-3d``
-  layers: one batched forward and backward per chunk, BatchNorm in instance-norm form, and
-  each layer's per-sample weight gradients from its input and output gradient
+* Models whose parameters all sit in ``Linear`` / ``Conv1d-3d`` / ``BatchNorm1d-3d`` layers:
+  one batched forward and backward per chunk, BatchNorm in instance-norm form, and each
+  layer's per-sample weight gradients from its input and output gradient
   (:class:`_Layerwise`), provided the first sample's output in the batch is the one it gets
   alone (models whose samples meet outside BatchNorm, or with dropout, go on to ``vmap``).
-* Otherwise, and on GPUs: ``torch.func.vmap`` of ``grad`` over the chunk; where ``vmap``
-  cannot trace the model, a loop over the samples.
+  On a CPU a convolution's per-sample weight gradients are taken sample by sample; on a GPU
+  all of a chunk's at once, as one grouped convolution (one group per sample).
+* Otherwise: ``torch.func.vmap`` of ``grad`` over the chunk; where ``vmap`` cannot trace the
+  model, a loop over the samples.
 
 BatchNorm running statistics are left untouched, and ``.grad`` is not written.
 """
@@ -169,15 +171,14 @@ def _methods(model, names, fisher, loss_fn, device) -> list[Callable]:
     3 runs interleaved in one process: batch-1 loop (official) 9.2 s, vmap 16.5 s (its conv
     weight-gradient rule becomes a convolution with one group per sample, slow on CPU),
     :class:`_Layerwise` 6.0 s. ViT-tiny (no BatchNorm, attention): vmap 1.3x faster than
-    the loop on CPU. GPUs keep vmap (not measured here).
+    the loop on CPU. On the H200 (4344f0b), vmap took 142 ms against the official loop's 1179
+    ms; :class:`_Layerwise` on a GPU (its grouped per-sample convolutions: vmap's rule, without
+    vmap's per-op batching around it) is not timed yet (``ssam-bench masks`` times it).
     """
     vectorised = _Vectorised(model, names, fisher, loss_fn)
     rest = [vectorised, _Looped(vectorised)]
-    if device.type == "cpu":
-        layerwise = _Layerwise.build(model, names, fisher, loss_fn)
-        if layerwise is not None:
-            return [layerwise, *rest]
-    return rest
+    layerwise = _Layerwise.build(model, names, fisher, loss_fn, batched=device.type != "cpu")
+    return rest if layerwise is None else [layerwise, *rest]
 
 
 def _accumulate_chunk(methods, x, y) -> list[Callable]:
@@ -240,7 +241,7 @@ class _Looped:
 
 
 class _Layerwise:
-    """Per-sample gradients from one batched forward and backward of the chunk (CPU).
+    """Per-sample gradients from one batched forward and backward of the chunk.
 
     The samples of a batch meet only in BatchNorm, which runs here in instance-norm form (each
     sample normalised by its own statistics: the batch-of-one semantics), so the batched
@@ -248,7 +249,10 @@ class _Layerwise:
     ``Conv`` / ``BatchNorm`` layer holding wanted parameters runs a forward of ours that keeps
     its input (weights detached, so no batch weight gradient is computed) and, when ``dy``
     arrives, adds ``sum_i g_i**2`` to the Fisher, ``g_i`` from ``dy_i`` and the sample's input.
-    Conv weight gradients go sample by sample (each fits in cache, unlike a [N, *w] stack).
+    Per-sample conv (and sequence-linear) weight gradients go sample by sample where
+    ``batched`` is False (CPU: each fits in cache, unlike a [N, *w] stack), else as one grouped
+    convolution (one ``bmm``) per group of samples whose stack holds at most
+    :data:`STACK_ELEMENTS` values.
 
     Assumes layers see the batch in dim 0. Falls back (:class:`_Unsupported`, before anything
     is accumulated) when a layer runs twice in a forward, a wanted parameter is used outside
@@ -259,7 +263,7 @@ class _Layerwise:
     """
 
     @classmethod
-    def build(cls, model, names, fisher, loss_fn) -> _Layerwise | None:
+    def build(cls, model, names, fisher, loss_fn, batched: bool = False) -> _Layerwise | None:
         """None unless every wanted parameter is in one supported layer, used there only, and
         every BatchNorm can be put in per-sample form."""
         fisher_by_name = dict(zip(names, fisher))
@@ -278,10 +282,11 @@ class _Layerwise:
                 return None
             if supported:
                 targets[m] = own
-        return cls(model, set(names), targets, loss_fn)
+        return cls(model, set(names), targets, loss_fn, batched)
 
-    def __init__(self, model, names, targets, loss_fn):
+    def __init__(self, model, names, targets, loss_fn, batched: bool = False):
         self.model, self.names, self.targets, self.loss_fn = model, names, targets, loss_fn
+        self.batched = batched
         self.independence_checked, self.hooking = False, True
 
     def __call__(self, x, y):
@@ -410,7 +415,12 @@ class _Layerwise:
                 _add(targets, "weight", lambda: dy2.t() @ xd.float().square())
                 _add(targets, "bias", lambda: dy2.sum(0))
                 return
-            if "weight" in targets:
+            if "weight" in targets and self.batched:
+                dys, xs = dy.flatten(1, -2), xd.flatten(1, -2)
+                for part in _sample_groups(dy.shape[0], targets["weight"].numel()):
+                    g = torch.bmm(dys[part].transpose(1, 2), xs[part]).float()
+                    targets["weight"].add_(g.square().sum(0))
+            elif "weight" in targets:
                 for d, a in zip(dy.flatten(1, -2), xd.flatten(1, -2)):
                     g = (d.t() @ a).float()
                     targets["weight"].addcmul_(g, g)
@@ -426,7 +436,11 @@ class _Layerwise:
         xd = x.detach()
 
         def on_grad(dy):
-            if "weight" in targets:
+            if "weight" in targets and self.batched:
+                for part in _sample_groups(dy.shape[0], w.numel()):
+                    g = _grouped_weight_grads(m, dy[part], xd[part], w, padding).float()
+                    targets["weight"].add_(g.square().sum(0))
+            elif "weight" in targets:
                 for i in range(dy.shape[0]):
                     g = torch.ops.aten.convolution_backward(
                         dy[i : i + 1], xd[i : i + 1], w, None, m.stride, padding, m.dilation, False, zeros, m.groups,
@@ -459,6 +473,28 @@ class _Layerwise:
 
         self._hook(out, on_grad)
         return out
+
+
+STACK_ELEMENTS = 2**26  # per-sample gradients stacked at once (256 MiB in fp32)
+
+
+def _sample_groups(n: int, per_sample: int) -> list[slice]:
+    """``range(n)`` in slices whose stacks of ``per_sample``-element gradients fit :data:`STACK_ELEMENTS`."""
+    step = max(1, STACK_ELEMENTS // max(per_sample, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _grouped_weight_grads(m, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding) -> torch.Tensor:
+    """Each sample's weight gradient of conv ``m``, ``[n, *w.shape]``, from one convolution
+    backward: the samples side by side in the channels, one group per sample (and per group of
+    ``m``), as ``vmap``'s batching rule does."""
+    n, groups = dy.shape[0], m.groups
+    zeros = [0] * (x.dim() - 2)
+    stacked = w.new_empty((n * w.shape[0], *w.shape[1:]))  # the grouped weight's shape; its values are not read
+    grads = torch.ops.aten.convolution_backward(
+        dy.reshape(1, -1, *dy.shape[2:]), x.reshape(1, -1, *x.shape[2:]), stacked, None, m.stride, padding,
+        m.dilation, False, zeros, n * groups, [False, True, False])[1]
+    return grads.view(n, *w.shape)
 
 
 def _add(targets, attr, term: Callable[[], torch.Tensor]) -> None:
