@@ -7,9 +7,12 @@ against the official code's algorithms. Target: at least 20x faster.
   the device: the official DataLoader (batch size 1, 4 workers) is left out, which only
   flatters the official side.
 * Fisher, ours: ``SSAMF.update_mask(model, data)``: per-sample gradients by chunks of
-  samples (``torch.func.vmap`` on GPUs; on CPUs, for Linear / Conv / BatchNorm models, one
-  batched pass with per-layer per-sample weight gradients: see :mod:`ssam.fisher`), then
+  samples (for Linear / Conv / BatchNorm models, one batched pass with per-layer per-sample
+  weight gradients; else ``torch.func.vmap``: see :mod:`ssam.fisher`), then
   ``ssam_kernels.topk_mask`` (no concatenation, bit-packed mask).
+* Fisher scores alone, by way of taking the per-sample gradients (``empirical_fisher(...,
+  method=...)``: the per-layer one where it takes the model, and ``vmap``), against the
+  official mask (whose top-k is a few ms of it): which way ``auto`` should try first.
 * SSAM-D, official: drop scores ``(|grad| + 1e-7) * mask`` and random growth scores
   ``(u + 1e-7) * (1 - mask)`` moved to the CPU, concatenated, two ``torch.topk`` and
   scatters there, the float masks copied back per parameter.
@@ -35,6 +38,7 @@ from ssam_bench.common import interleaved_medians, report, standalone_main, with
 
 SPARSITY = 0.5
 DEATH_RATE = 0.5
+FISHER_METHODS = ("layerwise", "vmap")  # timed alone too (the official column: its whole mask)
 NUM_SAMPLES = 128
 TARGET = 20.0
 # the GPT-2 stack has one model; one token count is enough here
@@ -113,10 +117,23 @@ def bench_model(name: str, workload: Workload, device, reps: int, num_samples: i
         "ssam-d official": lambda: official_ssamd_update(params, float_masks, DEATH_RATE, SPARSITY),
         "ssam-d ours": lambda: ours_d.update_mask(0),
     }
+    updates = [("fisher", f"SSAM-F Fisher mask, {num_samples} samples"), ("ssam-d", "SSAM-D drop/grow")]
+    for method in FISHER_METHODS:  # the Fisher scores alone, each way of taking per-sample gradients
+        def scores(method=method):
+            ssam.empirical_fisher(model, params, [(xs, ys)], num_samples, workload.loss,
+                                  chunk_size=workload.fisher_chunk, method=method)
+        try:
+            scores()
+        except ValueError:  # this way cannot take the model (the per-layer one: LayerNorm, tied weights...)
+            continue
+        fns[f"scores {method} ours"] = scores
+        updates.append((f"scores {method}", f"Fisher scores alone, {method}"))
     times = interleaved_medians(fns, device, warmup=1, reps=reps)
+    for update, _ in updates[2:]:  # against the official Fisher mask (its top-k included)
+        times[f"{update} official"] = times["fisher official"]
     numel = sum(p.numel() for p in params)
     rows = []
-    for update, what in (("fisher", f"SSAM-F Fisher mask, {num_samples} samples"), ("ssam-d", "SSAM-D drop/grow")):
+    for update, what in updates:
         official, ours = times[f"{update} official"], times[f"{update} ours"]
         rows.append(dict(model=name, params_m=numel / 1e6, update=what, official_ms=official * 1e3, ours_ms=ours * 1e3,
                          speedup=official / ours, meets_target=official / ours >= TARGET))

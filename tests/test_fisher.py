@@ -337,3 +337,45 @@ def test_samples_that_meet_outside_batchnorm_get_the_batch_of_one_fisher(gen):
     fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 6, chunk_size=4)
     for f, e in zip(fisher, _official_loop(model, x, y)):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+
+
+class _ItemInForward(nn.Module):
+    """LayerNorm (not a per-layer layer) and a host read in the forward, which vmap cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.norm(x)) * (2.0 if x.sum().item() > 0 else 1.0)
+
+
+def test_method_picks_one_way_or_says_why_it_cannot(gen):
+    model = SmallConvBN()
+    x, y = _data(gen, 8)
+    params = list(model.parameters())
+    expected = _official_loop(model, x, y)
+    for name in ssam.fisher.METHODS:
+        fisher = empirical_fisher(model, params, [(x, y)], 8, chunk_size=3, method=name)
+        for f, e in zip(fisher, expected):
+            torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+        empirical_fisher(model, params, [(x, y)], 8, method="batched")
+    tied = _Tied("tied")
+    xt, yt = torch.randn(4, 8, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    with pytest.raises(ValueError, match="method='layerwise' cannot take this model"):
+        empirical_fisher(tied, list(tied.parameters()), [(xt, yt)], 4, method="layerwise")
+    dropout = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 5))
+    with pytest.raises(ValueError, match="method='layerwise' cannot take this model: the forward is random"):
+        empirical_fisher(dropout, list(dropout.parameters()), [(xt, yt)], 4, method="layerwise")
+
+
+def test_auto_warns_when_vmap_fails_and_loops(gen):
+    model = _ItemInForward()
+    x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    with pytest.raises(ValueError, match="method='vmap' cannot take this model: vmap over the model failed"):
+        empirical_fisher(model, list(model.parameters()), [(x, y)], 5, method="vmap")
+    with pytest.warns(UserWarning, match="vmap over the model failed .*computing per-sample gradients in a loop"):
+        fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 5)
+    for f, e in zip(fisher, _official_loop(model, x, y)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)

@@ -128,6 +128,7 @@ def empirical_fisher(
     *,
     rank: int = 0,
     world_size: int = 1,
+    method: str = "auto",
 ) -> list[torch.Tensor]:
     """Sum over up to ``num_samples`` samples of the squared per-sample gradient of
     ``loss_fn(model(x[None]), y[None])`` (cross-entropy by default) w.r.t. each of ``params``.
@@ -136,8 +137,12 @@ def empirical_fisher(
     tensors shaped like ``params``. ``chunk_size`` samples are processed at once (a memory
     knob). Under torch.distributed, ``rank`` and ``world_size`` select this rank's share of
     the samples (see :func:`draw_samples`); the caller sums the results over the ranks. A rank
-    with an empty share returns zeros.
+    with an empty share returns zeros. ``method``: how the per-sample gradients are taken,
+    ``"auto"`` (the module docstring's order, each falling back to the next where it cannot take
+    the model), or one of :data:`METHODS` alone (``ValueError`` where it cannot take the model).
     """
+    if method not in ("auto", *METHODS):
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     _check_int("num_samples", num_samples, 1)
     _check_int("chunk_size", chunk_size, 1)
     _check_rank(rank, world_size)
@@ -157,10 +162,15 @@ def empirical_fisher(
     x_all, y_all = x_all.to(device), y_all.to(device)
 
     methods = _methods(model, [names_by_id[id(p)] for p in params], fisher, loss_fn, device)
+    if method != "auto":
+        methods = [m for m in methods if _METHOD_NAMES[type(m)] == method]
+        if not methods:
+            raise ValueError(f"method={method!r} cannot take this model (a parameter outside Linear / Conv / "
+                             "BatchNorm layers, or one used twice)")
     with frozen_batchnorm_stats(model):
         for start in range(0, x_all.shape[0], chunk_size):
             x, y = x_all[start : start + chunk_size], y_all[start : start + chunk_size]
-            methods = _accumulate_chunk(methods, x, y)
+            methods = _accumulate_chunk(methods, x, y, method)
     return fisher
 
 
@@ -181,14 +191,18 @@ def _methods(model, names, fisher, loss_fn, device) -> list[Callable]:
     return rest if layerwise is None else [layerwise, *rest]
 
 
-def _accumulate_chunk(methods, x, y) -> list[Callable]:
+def _accumulate_chunk(methods, x, y, method: str = "auto") -> list[Callable]:
     """Run the first method that takes the chunk; returns it and the ones after it, for the
-    next chunk."""
+    next chunk. A method asked for by name (not ``"auto"``) has no fallback."""
     while True:
         try:
             methods[0](x, y)
             return methods
-        except _Unsupported:
+        except _Unsupported as exc:
+            if method != "auto":
+                raise ValueError(f"method={method!r} cannot take this model: {exc}") from None
+            if isinstance(methods[0], _Vectorised):  # stacklevel: the caller of empirical_fisher
+                warnings.warn(f"{exc}; computing per-sample gradients in a loop", stacklevel=3)
             methods = methods[1:]
 
 
@@ -216,9 +230,7 @@ class _Vectorised:
         try:
             grads = self.per_sample(self.values, x, y)
         except (RuntimeError, NotImplementedError) as exc:
-            # stacklevel: the caller of empirical_fisher
-            warnings.warn(f"vmap over the model failed ({exc}); computing per-sample gradients in a loop", stacklevel=4)
-            raise _Unsupported from exc
+            raise _Unsupported(f"vmap over the model failed ({exc})") from exc
         for f, g in zip(self.fisher, grads):
             f.add_(g.float().square().sum(dim=0))
 
@@ -524,6 +536,10 @@ def _padded(m, x):
         return x, m.padding
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
     return F.pad(x, m._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+
+
+METHODS = ("layerwise", "vmap", "loop")
+_METHOD_NAMES = {_Layerwise: "layerwise", _Vectorised: "vmap", _Looped: "loop"}
 
 
 def _rng_states(device: torch.device) -> list[torch.Tensor]:
