@@ -21,6 +21,7 @@ dense, with one log line.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -189,17 +190,41 @@ def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
     """The configuration a product of this shape runs: the tuned one, else the searched one on
     the planned path where it can run, else on torch's."""
     key = _key(a, b)
-    if key not in _CONFIG:
-        planned = planned_unavailable() is None
-        config = CsltConfig(planned=planned)
-        return _searched(compress(a, config), b, key, planned)
-    return _CONFIG[key]
+    if key in _CONFIG:
+        return _CONFIG[key]
+    planned = planned_unavailable() is None
+    found = _SEARCHED.get(key + (planned,))
+    return found if found is not None else _searched(compress(a, CsltConfig(planned=planned)), b, key, planned)
 
 
-def _cusparselt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # compressed every call: A changes every step (weights, or a fresh MVUE draw)
+def _cusparselt(a: torch.Tensor, b: torch.Tensor, keep: tuple | None = None) -> torch.Tensor:
     config = _config(a, b)
-    return cslt_mm(compress(a, config), b, config)
+    return cslt_mm(_compressed(a, config, keep), b, config)
+
+
+# compressed operands kept for reuse (sparse_mm_24's ``keep``): (id of the source, id of the
+# companion, path, dtype, shape) -> (weak reference to the source, the companion (held, so its
+# id stays its own), the versions, the compressed operand); an entry leaves when its source is
+# freed, and is replaced when a version moves
+_KEPT: dict[tuple, tuple] = {}
+
+
+def _versions(version: int, companion) -> tuple:
+    return version, companion._version if isinstance(companion, torch.Tensor) else None
+
+
+def _compressed(a: torch.Tensor, config: CsltConfig, keep: tuple | None) -> torch.Tensor:
+    if keep is None:  # A changes with every call (a fresh MVUE draw)
+        return compress(a, config)
+    source, version, companion = keep
+    slot = (id(source), id(companion), config.planned, a.dtype, tuple(a.shape))
+    versions = _versions(version, companion)
+    entry = _KEPT.get(slot)
+    if entry is not None and entry[0]() is source and entry[1] is companion and entry[2] == versions:
+        return entry[3]
+    packed = compress(a, config)
+    _KEPT[slot] = (weakref.ref(source, lambda _, slot=slot: _KEPT.pop(slot, None)), companion, versions, packed)
+    return packed
 
 
 def _median_ms(fn, reps: int = 7) -> float:
@@ -309,7 +334,8 @@ def resolve_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
     return "cusparselt" if gemm == "cusparselt" else _auto_choice(a, b)
 
 
-def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check: bool = True) -> torch.Tensor:
+def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check: bool = True,
+                 keep: tuple | None = None) -> torch.Tensor:
     """``a @ b`` where ``a`` (``[m, k]``) is 2:4-sparse along ``k``. On cuSPARSELt the result may
     be the ``[m, n]`` view of a ``[n, m]`` tensor (where writing it transposed was faster).
 
@@ -319,7 +345,16 @@ def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check:
         check: verify that ``a`` is 2:4 along ``k`` (one pass over ``a`` and a host sync;
             cuSPARSELt would silently drop extra nonzeros). Callers that built ``a`` 2:4 pass
             False.
+        keep: ``(source, version, companion)`` when ``a`` is a function of the tensor ``source``
+            as it was at ``source._version == version`` and of the object ``companion`` (e.g. a
+            mask; a tensor one at its current version) alone: ``a``'s compressed form is kept and
+            reused by later calls with the same source, version and companion (``W ⊙ M`` across
+            the micro-batches of one step: the optimizer's in-place update moves ``W``'s
+            version). None: compressed on every call.
     """
+    if keep is not None and not (isinstance(keep, tuple) and len(keep) == 3 and isinstance(keep[0], torch.Tensor)
+                                 and isinstance(keep[1], int)):
+        raise TypeError(f"keep must be None or a (source tensor, version int, companion) tuple, got {keep!r}")
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
@@ -332,4 +367,4 @@ def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check:
     if check and bool(((a.reshape(-1, 4) != 0).sum(-1) > 2).any()):
         raise ValueError("a is not 2:4 sparse along its last dim (a group of 4 holds more than 2 nonzeros)")
     path = resolve_gemm(gemm, a, b)
-    return _cusparselt(a, b) if path == "cusparselt" else _dense(a, b)
+    return _cusparselt(a, b, keep) if path == "cusparselt" else _dense(a, b)

@@ -252,6 +252,38 @@ def test_cuda_sparse_paths_equal_their_dense_references(mode):
 
 
 @pytest.mark.cuda
+def test_implicit_mode_compresses_its_masked_weight_once_per_weight_version(monkeypatch):
+    """Micro-batches of one step reuse (W ⊙ M)'s compressed form; the optimizer's in-place
+    update (a new version of W) makes it anew; the input gradients stay right."""
+    import ssam_kernels.sparse_gemm as g
+
+    if not torch.backends.cusparselt.is_available():
+        pytest.fail("this CUDA torch has no cuSPARSELt; the sparse path cannot be tested")
+    gen = torch.Generator().manual_seed(6)
+    w = rand((64, 32), torch.bfloat16, gen, "cuda").requires_grad_(True)
+    mask = nm_select([torch.randn(w.shape, generator=gen)], parse_structure("2:4:out"))[0].cuda()
+    xs = [rand((2, 48, 32), torch.bfloat16, gen, "cuda").requires_grad_(True) for _ in range(3)]
+    dy = rand((2, 48, 64), torch.bfloat16, gen, "cuda")
+    made, real = [], g.compress
+    monkeypatch.setattr(g, "compress", lambda a, config: made.append(config) or real(a, config))
+
+    def dx(x):
+        (grad,) = torch.autograd.grad(ascent_linear(x, w, None, "implicit", mask=mask, gemm="cusparselt"), x, dy)
+        ref = dy.double() @ (w.detach().double() * mask)
+        torch.testing.assert_close(grad.double(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+    dx(xs[0])  # the first call also searches cuSPARSELt's configuration
+    before = len(made)
+    dx(xs[1])
+    dx(xs[2])
+    assert len(made) == before  # kept
+    with torch.no_grad():
+        w.add_(0.5)
+    dx(xs[0])
+    assert len(made) == before + 1
+
+
+@pytest.mark.cuda
 def test_cusparselt_configurations_are_tuned_and_each_multiplies_right():
     """tune() times the dense GEMM, each path's compression and every cuSPARSELt configuration
     tried (on torch's path and the planned one: default and searched algorithm, result written
@@ -314,3 +346,39 @@ def test_planned_cusparselt_multiplies_right_on_every_layout_and_reuses_its_plan
         torch.ops.ssam_cslt.compress(a[:, :24].contiguous()[:40])
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         torch.ops.ssam_cslt.compress(a.float())
+
+@pytest.mark.cpu
+def test_a_kept_compressed_operand_is_reused_until_its_source_or_companion_changes(monkeypatch):
+    import gc
+
+    import ssam_kernels.sparse_gemm as g
+
+    made = []
+    monkeypatch.setattr(g, "compress", lambda a, config: made.append(a.clone()) or made[-1])
+    monkeypatch.setattr(g, "_KEPT", {})
+    w = torch.randn(32, 16)
+    mask = pack_mask(torch.rand(32, 16) < 0.5)
+    config = g.CsltConfig()
+
+    def compressed(source, companion=mask):
+        return g._compressed((source * 2).t().contiguous(), config, (source, source._version, companion))
+
+    first = compressed(w)
+    assert compressed(w) is first and len(made) == 1  # same weight, version and mask: kept
+    w.add_(1.0)  # the optimizer's step moves the version
+    assert not torch.equal(compressed(w), first) and len(made) == 2
+    assert compressed(w) is made[-1] and len(made) == 2
+    compressed(w, pack_mask(torch.rand(32, 16) < 0.5))  # another mask: compressed anew
+    assert len(made) == 3
+    bool_mask = torch.rand(32, 16) < 0.5
+    compressed(w, bool_mask)
+    bool_mask[0, 0] = ~bool_mask[0, 0]  # a tensor companion changed in place
+    compressed(w, bool_mask)
+    assert len(made) == 5
+    assert g._compressed(w.t().contiguous(), config, None) is made[-1] and len(made) == 6  # keep=None: every call
+    slots = len(g._KEPT)
+    del w
+    gc.collect()
+    assert len(g._KEPT) == slots - 3  # a freed source's entries leave
+    with pytest.raises(TypeError, match="keep must be None or a"):
+        sparse_mm_24(torch.zeros(16, 16), torch.zeros(16, 8), check=False, keep=(1, 2, 3))

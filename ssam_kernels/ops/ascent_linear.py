@@ -7,8 +7,9 @@ The forward is ``F.linear``'s (autocast honoured). Only the backward differs, by
   ``dY`` zero-padded around it, else :func:`masked_weight_grad`; ``dX = dY W`` (only when something below needs it);
   ``db = (Σ dY) ⊙ m_b``. Equals dense autograd's gradient times the mask.
 * ``"implicit"``: the input gradient flows through the masked weight, ``dX = dY (W ⊙ M)``;
-  where ``M`` is 2:4 along the output dim, ``(W ⊙ M)ᵀ`` is the 2:4 operand of a sparse GEMM
-  (compressed in the backward, once per step, since ``W`` changes every step). ``dW`` dense.
+  where ``M`` is 2:4 along the output dim, ``(W ⊙ M)ᵀ`` is the 2:4 operand of a sparse GEMM,
+  compressed in the backward once per weight version (``W`` changes every step; further calls
+  in a step, e.g. micro-batches, reuse it). ``dW`` dense.
 * ``"mvue"``: ``dW ≈ MVUE24(dYᵀ) X`` (2:4 along the tokens) on a sparse GEMM; ``dX`` exact.
 * ``"mvue_dx"``: as ``"mvue"``, and also ``dX ≈ MVUE24(dY) W`` (2:4 along the output dim).
 
@@ -108,6 +109,8 @@ class AscentLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, config: AscentConfig):
+        # implicit: W ⊙ M's compressed form is reused while this weight is unchanged
+        ctx.source = (weight, weight._version) if config.mode == "implicit" else None
         x, weight, bias = autocast_operands(ctx, x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(x, weight, bias)
@@ -143,8 +146,9 @@ class AscentLinearFunction(torch.autograd.Function):
                 dw = dy2.t() @ x2
             if need_x:
                 wm = w * _bool(cfg.mask).to(w.dtype)
-                if is_24_along_out(cfg.mask):  # (W ⊙ M)ᵀ is the 2:4 operand
-                    dx = sparse_mm_24(wm.t().contiguous(), dy2.t(), gemm=cfg.gemm, check=False).t()
+                if is_24_along_out(cfg.mask):  # (W ⊙ M)ᵀ is the 2:4 operand, kept compressed for the next call
+                    dx = sparse_mm_24(wm.t().contiguous(), dy2.t(), gemm=cfg.gemm, check=False,
+                                      keep=(*ctx.source, cfg.mask)).t()
                 else:
                     dx = dy2 @ wm
         else:
