@@ -202,10 +202,10 @@ def _cusparselt(a: torch.Tensor, b: torch.Tensor, keep: tuple | None = None) -> 
     return cslt_mm(_compressed(a, config, keep), b, config)
 
 
-# compressed operands kept for reuse (sparse_mm_24's ``keep``): (id of the source, id of the
-# companion, path, dtype, shape) -> (weak reference to the source, the companion (held, so its
-# id stays its own), the versions, the compressed operand); an entry leaves when its source is
-# freed, and is replaced when a version moves
+# compressed operands kept for reuse (sparse_mm_24's ``keep``): (id of the source, path, dtype,
+# shape) -> (weak reference to the source, the companion, the versions, the compressed operand):
+# one per source and shape, replaced when the companion or a version changes (a new mask, an
+# optimizer step), gone when the source is freed
 _KEPT: dict[tuple, tuple] = {}
 
 
@@ -217,7 +217,7 @@ def _compressed(a: torch.Tensor, config: CsltConfig, keep: tuple | None) -> torc
     if keep is None:  # A changes with every call (a fresh MVUE draw)
         return compress(a, config)
     source, version, companion = keep
-    slot = (id(source), id(companion), config.planned, a.dtype, tuple(a.shape))
+    slot = (id(source), config.planned, a.dtype, tuple(a.shape))
     versions = _versions(version, companion)
     entry = _KEPT.get(slot)
     if entry is not None and entry[0]() is source and entry[1] is companion and entry[2] == versions:

@@ -370,15 +370,17 @@ def test_a_kept_compressed_operand_is_reused_until_its_source_or_companion_chang
     assert compressed(w) is made[-1] and len(made) == 2
     compressed(w, pack_mask(torch.rand(32, 16) < 0.5))  # another mask: compressed anew
     assert len(made) == 3
+    compressed(w)  # and the first mask again: anew (one entry per weight)
+    assert len(made) == 4
     bool_mask = torch.rand(32, 16) < 0.5
     compressed(w, bool_mask)
     bool_mask[0, 0] = ~bool_mask[0, 0]  # a tensor companion changed in place
     compressed(w, bool_mask)
-    assert len(made) == 5
-    assert g._compressed(w.t().contiguous(), config, None) is made[-1] and len(made) == 6  # keep=None: every call
-    slots = len(g._KEPT)
+    assert len(made) == 6
+    assert g._compressed(w.t().contiguous(), config, None) is made[-1] and len(made) == 7  # keep=None: every call
+    assert len(g._KEPT) == 1  # one entry per source and shape: a new mask or version replaces it
     del w
     gc.collect()
-    assert len(g._KEPT) == slots - 3  # a freed source's entries leave
+    assert not g._KEPT  # a freed source's entry leaves
     with pytest.raises(TypeError, match="keep must be None or a"):
         sparse_mm_24(torch.zeros(16, 16), torch.zeros(16, 8), check=False, keep=(1, 2, 3))

@@ -11,9 +11,9 @@
 // cusparseLtSpMMACompress2) on the current stream, so it can also be captured in a CUDA graph.
 //
 // cuSPARSELt is opened at run time (dlopen, see cusparselt_abi.h): the extension builds without
-// its headers and loads without the library; `load` says why it cannot run. Handles, descriptors
-// and plans live as long as the process: destroying them at thread exit could run after the
-// CUDA context is gone.
+// its headers and loads without the library; `load` says why it cannot run. Kept handles,
+// descriptors and plans are never destroyed through cuSPARSELt (their memory goes with their
+// thread): destroying them at thread or process exit could run after the CUDA context is gone.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
