@@ -37,13 +37,16 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
                  about 40 s measured)
   masks          ssam-bench masks on ResNet-18 CIFAR and GPT-2 small 2k (timeout 320 s; ResNet-18
                  took 31 s, GPT-2 did not finish in 30 s at 4344f0b)
+  profile        where the step time goes (torch.profiler, profile_step): SGD, SAM, SSAM-F 50% dense /
+                 exact / exact budget, 90% exact budget on ResNet-18 CIFAR and WRN-28-10 (timeout
+                 300 s; not timed yet); the text is the log
 
 A step that times out is reported FAILED with its log; the part goes on with its other steps and
 exits non-zero. `all` runs every part in turn (for a machine without a time limit).
 EOF
 }
 
-parts="build tests step-resnet18 step-large step-24 sparse24 ops masks"
+parts="build tests step-resnet18 step-large step-24 sparse24 ops masks profile"
 if [ "$#" -ne 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   usage
   [ "$#" -eq 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
@@ -102,6 +105,8 @@ run_part() {
       step overhead 120 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;
     masks)
       step masks 320 ssam-bench masks --mask-models resnet18_cifar gpt2_small_2k ;;
+    profile)
+      step profile 300 python3 -m ssam_bench.profile_step --models resnet18_cifar wrn28_10 ;;
   esac
 }
 

@@ -2,6 +2,7 @@
 end to end off a GPU (labelled CPU), and the README's results section is regenerated."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -321,3 +322,22 @@ def test_every_results_table_says_what_its_columns_mean():
     names |= {"ops", "perturb", "topk_mask", "ascent_linear"}  # reported under a variable name
     assert names and names <= set(LEGENDS), sorted(names - set(LEGENDS))
     assert all("better" in LEGENDS[n] or n in ("flops",) for n in names)
+
+
+def test_the_step_profile_says_where_each_contenders_time_goes(capsys):
+    """profile_step on the tiny convnet (CPU): one block per contender with its wall time, the
+    op (kernel) time and count per step, the top ops, and the host ops; labelled a CPU run."""
+    from ssam_bench import profile_step
+
+    assert profile_step.main(["--quick", "--top", "4", "--contenders", "sgd", "ssam-f 50% exact budget"]) == 0
+    out = capsys.readouterr().out
+    assert "# tiny_convnet, batch 16, cpu (CPU run: not GPU figures)" in out
+    blocks = [b for b in out.split("=== ")[1:]]
+    assert [b.split(":")[0] for b in blocks] == ["sgd", "ssam-f 50% exact budget"]
+    for block in blocks:
+        lines = block.strip().splitlines()
+        assert re.match(r".*: wall [\d.]+ ms/step, CPU op \(no GPU here\) time [\d.]+ ms/step, \d+ aten ops/step$",
+                        lines[0])
+        assert len([line for line in lines if re.match(r"\s+[\d.]+ ms\s+x\s+[\d.]+\s+aten::", line)]) == 4
+        assert lines[-1].startswith("  top host ops (self ms/step): ")
+    assert "Optimizer.step#SSAMF.step" in blocks[1] and "SSAMF" not in blocks[0]
