@@ -6,8 +6,8 @@ four along ``k`` (the contraction dimension, as sparse tensor cores need). cuSPA
 run only on compute capability 8.x, so cuSPARSELt (sm_80 and sm_90) is the one sparse path.
 
 It is reached two ways: torch's ``torch._cslt_compress`` / ``torch._cslt_sparse_mm``, which make
-and destroy cuSPARSELt's descriptors and plan on every call (on the H200 at 4344f0b that host work
-made every 2:4 GEMM of the ascent backward take 0.6-0.9 ms whatever its size, 0.11-0.38x dense),
+and destroy cuSPARSELt's descriptors and plan on every call (on the H200 at 4344f0b every 2:4 GEMM
+of the ascent backward took 0.56-1.18 ms whatever its size, 0.11-0.38x dense: per-call host work),
 and the extension's ``torch.ops.ssam_cslt`` ops (``csrc/cuda/cusparselt.cpp``), which keep them
 per shape, dtype, layout and configuration ("planned" below). Each shape is tuned once: on each
 path, cuSPARSELt's default algorithm and the one its own search picks (with its split-k on the
