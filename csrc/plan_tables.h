@@ -106,4 +106,94 @@ inline SgdTables sgd_tables(const at::Tensor& tensor_group, const at::Tensor& hy
   return SgdTables{tensor_group.data_ptr<int32_t>(), hyper.data_ptr<double>(), fresh.data_ptr<int8_t>()};
 }
 
+// Each planned op's arguments checked, for both glues (csrc/sam_step.cpp on CPU,
+// cuda/ops_cuda.cpp on CUDA): the tables, the per-tensor address tables, the state, and that
+// the state lives on the tables' device.
+
+struct NormArgs {
+  PlanTables t;
+  const int64_t* g;     // per tensor: its gradient (0: none)
+  const int64_t* bits;  // per tensor: its mask bits (0: all); null: the full norm
+};
+
+inline NormArgs norm_args(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                          const at::Tensor& numel, const at::Tensor& g_ptrs,
+                          const c10::optional<at::Tensor>& bits_ptrs, const at::Tensor& partial,
+                          const at::Tensor& counter, const at::Tensor& inv, const at::Tensor& flags, int64_t first,
+                          int64_t programs) {
+  const char* what = "plan_norm";
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, c10::nullopt, numel, what);
+  check_norm_state(partial, counter, inv, flags, first, programs, t.num_blocks, what);
+  TORCH_CHECK(partial.device() == numel.device(), what, ": the norm's state must be on the tables' device");
+  const int64_t n = numel.numel();
+  return NormArgs{t, table_of(g_ptrs, n, "g_ptrs", what),
+                  bits_ptrs.has_value() ? table_of(*bits_ptrs, n, "bits_ptrs", what) : nullptr};
+}
+
+struct PerturbArgs {
+  PlanTables t;
+  const int64_t* w;     // per tensor: its weights
+  const int64_t* g;     // its gradient (0: none)
+  const int64_t* bits;  // its mask bits (0: all)
+};
+
+inline PerturbArgs perturb_args(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                                const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
+                                const at::Tensor& g_ptrs, const at::Tensor& bits_ptrs, const at::Tensor& backup,
+                                const at::Tensor& inv, const at::Tensor& flags, const at::Tensor& tensor_rho) {
+  const char* what = "plan_perturb";
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, what);
+  const int64_t n = numel.numel();
+  check_perturb_state(backup, inv, flags, tensor_rho, n, what);
+  TORCH_CHECK(backup.device() == numel.device(), what, ": the backup must be on the tables' device");
+  return PerturbArgs{t, table_of(w_ptrs, n, "w_ptrs", what), table_of(g_ptrs, n, "g_ptrs", what),
+                     table_of(bits_ptrs, n, "bits_ptrs", what)};
+}
+
+struct RestoreArgs {
+  PlanTables t;
+  const int64_t* w;
+  const int64_t* bits;
+};
+
+inline RestoreArgs restore_args(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
+                                const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
+                                const at::Tensor& bits_ptrs, const at::Tensor& backup) {
+  const char* what = "plan_restore";
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, what);
+  const int64_t n = numel.numel();
+  check_backup_buffer(backup, what);
+  TORCH_CHECK(backup.device() == numel.device(), what, ": the backup must be on the tables' device");
+  return RestoreArgs{t, table_of(w_ptrs, n, "w_ptrs", what), table_of(bits_ptrs, n, "bits_ptrs", what)};
+}
+
+struct RestoreSgdArgs {
+  PlanTables t;
+  const int64_t* w;
+  const int64_t* g;
+  const int64_t* buf;  // per tensor: its momentum buffer (0: none)
+  const int64_t* bits;
+  SgdTables s;
+};
+
+inline RestoreSgdArgs restore_sgd_args(const at::Tensor& blocks, const at::Tensor& blk_tensor,
+                                       const at::Tensor& blk_start, const at::Tensor& blk_base,
+                                       const at::Tensor& numel, const at::Tensor& w_ptrs, const at::Tensor& g_ptrs,
+                                       const at::Tensor& buf_ptrs, const at::Tensor& bits_ptrs,
+                                       const at::Tensor& backup, const at::Tensor& tensor_group,
+                                       const at::Tensor& hyper, const at::Tensor& fresh) {
+  const char* what = "plan_restore_sgd";
+  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, what);
+  const int64_t n = numel.numel();
+  check_backup_buffer(backup, what);
+  TORCH_CHECK(backup.device() == numel.device() && hyper.device() == numel.device(), what,
+              ": the backup and the SGD tables must be on the tables' device");
+  return RestoreSgdArgs{t,
+                        table_of(w_ptrs, n, "w_ptrs", what),
+                        table_of(g_ptrs, n, "g_ptrs", what),
+                        table_of(buf_ptrs, n, "buf_ptrs", what),
+                        table_of(bits_ptrs, n, "bits_ptrs", what),
+                        sgd_tables(tensor_group, hyper, fresh, n, what)};
+}
+
 }  // namespace ssam

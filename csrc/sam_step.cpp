@@ -76,16 +76,14 @@ void plan_norm_cpu(const at::Tensor& blocks, const at::Tensor& blk_tensor, const
                    const at::Tensor& numel, const at::Tensor& g_ptrs, const c10::optional<at::Tensor>& bits_ptrs,
                    at::ScalarType dtype, at::Tensor partial, at::Tensor counter, at::Tensor inv, at::Tensor flags,
                    int64_t first, int64_t programs, double eps) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, c10::nullopt, numel, "plan_norm");
-  check_norm_state(partial, counter, inv, flags, first, programs, t.num_blocks, "plan_norm");
-  const int64_t* bits = bits_ptrs.has_value() ? table_of(*bits_ptrs, numel.numel(), "bits_ptrs", "plan_norm") : nullptr;
-  const int64_t* g = table_of(g_ptrs, numel.numel(), "g_ptrs", "plan_norm");
+  const NormArgs a = norm_args(blocks, blk_tensor, blk_start, numel, g_ptrs, bits_ptrs, partial, counter, inv, flags,
+                               first, programs);
   if (partial.scalar_type() == at::kDouble) {
-    norm_as<double>(t, dtype, g, bits, partial.data_ptr<double>(), inv.data_ptr<double>(), flags.data_ptr<int64_t>(),
-                    first, programs, eps);
+    norm_as<double>(a.t, dtype, a.g, a.bits, partial.data_ptr<double>(), inv.data_ptr<double>(),
+                    flags.data_ptr<int64_t>(), first, programs, eps);
   } else {
-    norm_as<float>(t, dtype, g, bits, partial.data_ptr<float>(), inv.data_ptr<float>(), flags.data_ptr<int64_t>(),
-                   first, programs, eps);
+    norm_as<float>(a.t, dtype, a.g, a.bits, partial.data_ptr<float>(), inv.data_ptr<float>(),
+                   flags.data_ptr<int64_t>(), first, programs, eps);
   }
 }
 
@@ -106,12 +104,10 @@ void plan_perturb_cpu(const at::Tensor& blocks, const at::Tensor& blk_tensor, co
                       const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
                       const at::Tensor& g_ptrs, const at::Tensor& bits_ptrs, at::Tensor backup, const at::Tensor& inv,
                       const at::Tensor& flags, const at::Tensor& tensor_rho) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_perturb");
-  const int64_t n = numel.numel();
-  const int64_t* w_at = table_of(w_ptrs, n, "w_ptrs", "plan_perturb");
-  const int64_t* g_at = table_of(g_ptrs, n, "g_ptrs", "plan_perturb");
-  const int64_t* b_at = table_of(bits_ptrs, n, "bits_ptrs", "plan_perturb");
-  check_perturb_state(backup, inv, flags, tensor_rho, n, "plan_perturb");
+  const PerturbArgs a = perturb_args(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_ptrs, bits_ptrs, backup,
+                                     inv, flags, tensor_rho);
+  const PlanTables& t = a.t;
+  const int64_t *w_at = a.w, *g_at = a.g, *b_at = a.bits;
   const bool move = flags.data_ptr<int64_t>()[0] == 0;
   const double* rho = tensor_rho.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, backup.scalar_type(), "plan_perturb_cpu", [&] {
@@ -139,11 +135,9 @@ void plan_perturb_cpu(const at::Tensor& blocks, const at::Tensor& blk_tensor, co
 void plan_restore_cpu(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
                       const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
                       const at::Tensor& bits_ptrs, const at::Tensor& backup) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_restore");
-  const int64_t n = numel.numel();
-  const int64_t* w_at = table_of(w_ptrs, n, "w_ptrs", "plan_restore");
-  const int64_t* b_at = table_of(bits_ptrs, n, "bits_ptrs", "plan_restore");
-  check_backup_buffer(backup, "plan_restore");
+  const RestoreArgs a = restore_args(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, bits_ptrs, backup);
+  const PlanTables& t = a.t;
+  const int64_t *w_at = a.w, *b_at = a.bits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, backup.scalar_type(), "plan_restore_cpu", [&] {
     const scalar_t* saved = backup.data_ptr<scalar_t>();
     for_each_block(t, [&](int64_t, int64_t c, int64_t k, int64_t start, int64_t end) {
@@ -160,14 +154,11 @@ void plan_restore_sgd_cpu(const at::Tensor& blocks, const at::Tensor& blk_tensor
                           const at::Tensor& g_ptrs, const at::Tensor& buf_ptrs, const at::Tensor& bits_ptrs,
                           const at::Tensor& backup, const at::Tensor& tensor_group, const at::Tensor& hyper,
                           const at::Tensor& fresh) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_restore_sgd");
-  const int64_t n = numel.numel();
-  const int64_t* w_at = table_of(w_ptrs, n, "w_ptrs", "plan_restore_sgd");
-  const int64_t* g_at = table_of(g_ptrs, n, "g_ptrs", "plan_restore_sgd");
-  const int64_t* m_at = table_of(buf_ptrs, n, "buf_ptrs", "plan_restore_sgd");
-  const int64_t* b_at = table_of(bits_ptrs, n, "bits_ptrs", "plan_restore_sgd");
-  check_backup_buffer(backup, "plan_restore_sgd");
-  const SgdTables s = sgd_tables(tensor_group, hyper, fresh, n, "plan_restore_sgd");
+  const RestoreSgdArgs a = restore_sgd_args(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_ptrs, buf_ptrs,
+                                            bits_ptrs, backup, tensor_group, hyper, fresh);
+  const PlanTables& t = a.t;
+  const SgdTables& s = a.s;
+  const int64_t *w_at = a.w, *g_at = a.g, *m_at = a.buf, *b_at = a.bits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, backup.scalar_type(), "plan_restore_sgd_cpu", [&] {
     using C = math_t<scalar_t>;
     const scalar_t* saved = backup.data_ptr<scalar_t>();

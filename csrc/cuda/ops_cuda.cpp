@@ -448,21 +448,20 @@ void plan_norm_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, cons
                     const at::Tensor& numel, const at::Tensor& g_ptrs, const c10::optional<at::Tensor>& bits_ptrs,
                     at::ScalarType dtype, at::Tensor partial, at::Tensor counter, at::Tensor inv, at::Tensor flags,
                     int64_t first, int64_t programs, double eps) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, c10::nullopt, numel, "plan_norm");
-  check_norm_state(partial, counter, inv, flags, first, programs, t.num_blocks, "plan_norm");
-  TORCH_CHECK(partial.device() == numel.device(), "plan_norm: the norm's state must be on the tables' device");
-  const int64_t* g = table_of(g_ptrs, numel.numel(), "g_ptrs", "plan_norm");
-  const int64_t* bits = bits_ptrs.has_value() ? table_of(*bits_ptrs, numel.numel(), "bits_ptrs", "plan_norm") : nullptr;
+  const NormArgs a = norm_args(blocks, blk_tensor, blk_start, numel, g_ptrs, bits_ptrs, partial, counter, inv, flags,
+                               first, programs);
   c10::DeviceGuard guard(numel.device());
   const auto stream = current_stream(numel.device());
   const Dtype d = plan_dtype(dtype, "plan_norm");
   if (partial.scalar_type() == at::kDouble) {
-    check_launch(cuda::plan_norm(plan_blocks(t), d, g, bits, partial.data_ptr<double>(), counter.data_ptr<int32_t>(),
-                                 inv.data_ptr<double>(), flags.data_ptr<int64_t>(), first, programs, eps, stream),
+    check_launch(cuda::plan_norm(plan_blocks(a.t), d, a.g, a.bits, partial.data_ptr<double>(),
+                                 counter.data_ptr<int32_t>(), inv.data_ptr<double>(), flags.data_ptr<int64_t>(), first,
+                                 programs, eps, stream),
                  "plan_norm");
   } else {
-    check_launch(cuda::plan_norm(plan_blocks(t), d, g, bits, partial.data_ptr<float>(), counter.data_ptr<int32_t>(),
-                                 inv.data_ptr<float>(), flags.data_ptr<int64_t>(), first, programs, eps, stream),
+    check_launch(cuda::plan_norm(plan_blocks(a.t), d, a.g, a.bits, partial.data_ptr<float>(),
+                                 counter.data_ptr<int32_t>(), inv.data_ptr<float>(), flags.data_ptr<int64_t>(), first,
+                                 programs, eps, stream),
                  "plan_norm");
   }
 }
@@ -471,31 +470,22 @@ void plan_perturb_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, c
                        const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
                        const at::Tensor& g_ptrs, const at::Tensor& bits_ptrs, at::Tensor backup, const at::Tensor& inv,
                        const at::Tensor& flags, const at::Tensor& tensor_rho) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_perturb");
-  const int64_t n = numel.numel();
-  check_perturb_state(backup, inv, flags, tensor_rho, n, "plan_perturb");
-  TORCH_CHECK(backup.device() == numel.device(), "plan_perturb: the backup must be on the tables' device");
+  const PerturbArgs a = perturb_args(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_ptrs, bits_ptrs, backup,
+                                     inv, flags, tensor_rho);
   c10::DeviceGuard guard(numel.device());
-  check_launch(cuda::plan_perturb(plan_blocks(t), dtype_of(backup, "plan_perturb"),
-                                  table_of(w_ptrs, n, "w_ptrs", "plan_perturb"),
-                                  table_of(g_ptrs, n, "g_ptrs", "plan_perturb"),
-                                  table_of(bits_ptrs, n, "bits_ptrs", "plan_perturb"), backup.data_ptr(),
-                                  inv.data_ptr(), inv.scalar_type() == at::kDouble, flags.data_ptr<int64_t>(),
-                                  tensor_rho.data_ptr<double>(), current_stream(numel.device())),
+  check_launch(cuda::plan_perturb(plan_blocks(a.t), dtype_of(backup, "plan_perturb"), a.w, a.g, a.bits,
+                                  backup.data_ptr(), inv.data_ptr(), inv.scalar_type() == at::kDouble,
+                                  flags.data_ptr<int64_t>(), tensor_rho.data_ptr<double>(),
+                                  current_stream(numel.device())),
                "plan_perturb");
 }
 
 void plan_restore_cuda(const at::Tensor& blocks, const at::Tensor& blk_tensor, const at::Tensor& blk_start,
                        const at::Tensor& blk_base, const at::Tensor& numel, const at::Tensor& w_ptrs,
                        const at::Tensor& bits_ptrs, const at::Tensor& backup) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_restore");
-  const int64_t n = numel.numel();
-  check_backup_buffer(backup, "plan_restore");
-  TORCH_CHECK(backup.device() == numel.device(), "plan_restore: the backup must be on the tables' device");
+  const RestoreArgs a = restore_args(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, bits_ptrs, backup);
   c10::DeviceGuard guard(numel.device());
-  check_launch(cuda::plan_restore(plan_blocks(t), dtype_of(backup, "plan_restore"),
-                                  table_of(w_ptrs, n, "w_ptrs", "plan_restore"),
-                                  table_of(bits_ptrs, n, "bits_ptrs", "plan_restore"), backup.data_ptr(),
+  check_launch(cuda::plan_restore(plan_blocks(a.t), dtype_of(backup, "plan_restore"), a.w, a.bits, backup.data_ptr(),
                                   current_stream(numel.device())),
                "plan_restore");
 }
@@ -505,18 +495,12 @@ void plan_restore_sgd_cuda(const at::Tensor& blocks, const at::Tensor& blk_tenso
                            const at::Tensor& g_ptrs, const at::Tensor& buf_ptrs, const at::Tensor& bits_ptrs,
                            const at::Tensor& backup, const at::Tensor& tensor_group, const at::Tensor& hyper,
                            const at::Tensor& fresh) {
-  const PlanTables t = plan_tables(blocks, blk_tensor, blk_start, blk_base, numel, "plan_restore_sgd");
-  const int64_t n = numel.numel();
-  check_backup_buffer(backup, "plan_restore_sgd");
-  TORCH_CHECK(backup.device() == numel.device(), "plan_restore_sgd: the backup must be on the tables' device");
-  const SgdTables s = sgd_tables(tensor_group, hyper, fresh, n, "plan_restore_sgd");
+  const RestoreSgdArgs a = restore_sgd_args(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_ptrs, buf_ptrs,
+                                            bits_ptrs, backup, tensor_group, hyper, fresh);
   c10::DeviceGuard guard(numel.device());
-  check_launch(cuda::plan_restore_sgd(plan_blocks(t), dtype_of(backup, "plan_restore_sgd"),
-                                      table_of(w_ptrs, n, "w_ptrs", "plan_restore_sgd"),
-                                      table_of(g_ptrs, n, "g_ptrs", "plan_restore_sgd"),
-                                      table_of(buf_ptrs, n, "buf_ptrs", "plan_restore_sgd"),
-                                      table_of(bits_ptrs, n, "bits_ptrs", "plan_restore_sgd"), backup.data_ptr(),
-                                      s.group, s.hyper, s.fresh, current_stream(numel.device())),
+  check_launch(cuda::plan_restore_sgd(plan_blocks(a.t), dtype_of(backup, "plan_restore_sgd"), a.w, a.g, a.buf, a.bits,
+                                      backup.data_ptr(), a.s.group, a.s.hyper, a.s.fresh,
+                                      current_stream(numel.device())),
                "plan_restore_sgd");
 }
 
