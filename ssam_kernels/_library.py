@@ -64,11 +64,21 @@ class Op:
             LIB.impl(self.name, functools.partial(self._kernel, torch.device(device)), key)
         torch.library.register_fake(f"{NAMESPACE}::{self.name}", lambda *args: fake(*args[:-1]), lib=LIB)
         self.overload = getattr(getattr(torch.ops, NAMESPACE), self.name).default
+        # the arguments the op writes (Tensor(a!) in the schema)
+        self._mutated = [i for i, a in enumerate(self.overload._schema.arguments)
+                         if a.alias_info is not None and a.alias_info.is_write]
         TABLES[self.name] = self.backends
 
     def _kernel(self, device: torch.device, *args):
         *args, backend = args
-        return self._adapt(self.backends(backend, device), *args)
+        out = self._adapt(self.backends(backend, device), *args)
+        for i in self._mutated:
+            # a kernel writing through addresses (Triton, the extension) is invisible to autograd's
+            # version counters: bump them as torch's in-place ops do, so a tensor saved for a
+            # backward and modified here is caught, and caches keyed on versions see the change
+            written = args[i] if isinstance(args[i], (list, tuple)) else [args[i]]
+            torch._C._increment_version([t for t in written if t is not None])
+        return out
 
     def across_devices(self, backend: str, device: torch.device) -> Callable:
         """The reference implementation, for tensor lists that span devices: the dispatcher would

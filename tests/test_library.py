@@ -69,6 +69,37 @@ def test_opcheck(name, backend, gen):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("name", ["perturb_", "restore_", "restore_sgd_step_"])
+def test_a_mutating_op_moves_the_version_counters_of_what_it_writes(name, backend, gen):
+    """Kernels writing through addresses are invisible to autograd; the op bumps the version
+    counter of every tensor its schema writes (``Tensor(a!)``), as torch's in-place ops do."""
+    if backend not in TABLES[name].impls:
+        pytest.skip(f"{name} has no {backend!r} implementation (see backend_info())")
+    args = _samples(gen)[name]
+    arguments = _op(name)._schema.arguments
+    written = [i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
+    assert written and all(isinstance(args[i], list) for i in written)
+    before = {i: [t._version for t in args[i]] for i in written}
+    _op(name)(*args, backend)
+    for i in written:
+        assert all(t._version > v for t, v in zip(args[i], before[i])), arguments[i].name
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=pytest.mark.skipif(
+    "ext" not in TABLES["perturb_"].impls or not sk.backend_info()["extension"], reason="ssam_kernels._C not built"))])
+def test_autograd_catches_a_saved_weight_that_perturb_wrote(backend):
+    w = torch.randn(10, requires_grad=True)
+    loss = (w * w).sum()  # saves w for the backward
+    with torch.no_grad():
+        backup = sk.perturb_([w], [torch.randn(10)], None, 0.1, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.no_grad():
+        sk.restore_([w], backup, backend=backend)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -194,6 +194,32 @@ def _interpreter_fma_is_fused() -> bool:
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_each_step_moves_the_version_counters_of_what_it_writes(backend, gen):
+    """The kernels write through addresses; the plan bumps the parameters' version counters as
+    torch's in-place ops do: a weight saved for a backward and perturbed is caught by autograd,
+    and a cache keyed on a weight's version (sparse_mm_24's keep) sees the SGD step."""
+    params, masks = _params(torch.float32, gen), _masks(gen)
+    plan = SAMStepPlan(params, masks, backend=backend)
+    versions = [p._version for p in params]
+    plan.perturb([0.05])
+    assert all(p._version > v for p, v in zip(params, versions))
+    versions = [p._version for p in params]
+    plan.restore()
+    assert all(p._version > v for p, v in zip(params, versions))
+    plan.perturb([0.05])
+    versions = [p._version for p in params]
+    plan.restore_sgd([SGDGroup(lr=0.1, momentum=0.9)])
+    assert all(p._version > v for p, v in zip(params, versions))
+    w = params[1]
+    saved = w.detach().requires_grad_(True)
+    loss = (saved * saved).sum()  # saves the weight's storage for the backward
+    plan.perturb([0.05])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    plan.restore()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_a_non_finite_ascent_gradient_perturbs_nothing(backend, gen):
     """An inf in the ascent gradient: the norm is not finite, so no weight moves (decided on the
     device, no host sync), the skip is counted, and the SGD step after it still runs."""
@@ -240,7 +266,8 @@ def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(bac
 @pytest.mark.cpu
 def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
     """ssam_kernels._host (C) and the Python fallback read the same addresses, and both refuse a
-    moved parameter and a mislaid gradient (the C one by returning None: Python says which)."""
+    moved parameter and a mislaid gradient (the C one by returning None: Python says which); its
+    version-counter loop moves them as torch's does."""
     from ssam_kernels.ops import sam_step
 
     if sam_step._host is None:
@@ -263,6 +290,17 @@ def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
     assert sam_step._host.grad_addresses(plan.params, None) is not None
     with pytest.raises(TypeError, match=r"params\[1\] is not a tensor"):
         sam_step._host.grad_addresses([params[0], 3], None)
+    # version counters: the C loop moves each one as torch's does; inference tensors have none
+    assert sam_step._bump is sam_step._host.bump_versions
+    versions = [p._version for p in params]
+    sam_step._host.bump_versions(params)
+    torch._C._increment_version(params)
+    assert [p._version for p in params] == [v + 2 for v in versions]
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+    sam_step._host.bump_versions([frozen])
+    with pytest.raises(TypeError, match=r"tensors\[1\] is not a tensor"):
+        sam_step._host.bump_versions([params[0], 3])
 
 
 @pytest.mark.cpu

@@ -1,4 +1,5 @@
-// ssam_kernels._host: the per-step host work of a planned step (ssam_kernels/ops/sam_step.py) in C.
+// ssam_kernels._host: the per-step host work of a planned step (ssam_kernels/ops/sam_step.py) in C:
+// reading the gradients' addresses and moving the written parameters' version counters.
 //
 // A step must read every parameter's gradient address and check that the parameter has not
 // moved and the gradient is laid out like it. In Python that is four attribute reads per tensor
@@ -68,9 +69,32 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
   return out;
 }
 
+// bump_versions(tensors: list[Tensor]) -> None
+// Each tensor's version counter moved on, as an in-place torch op moves it (the step's kernels
+// write through addresses, which autograd cannot see); tensors made in inference mode have none
+// and are left alone, as torch.autograd.graph.increment_version does. A few ns per tensor, where
+// torch._C._increment_version takes about 90.
+PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
+  PyObject* tensors = nullptr;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &tensors)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(tensors, i);
+    if (!THPVariable_Check(item)) {
+      PyErr_Format(PyExc_TypeError, "bump_versions: tensors[%zd] is not a tensor", i);
+      return nullptr;
+    }
+    const at::Tensor& t = THPVariable_Unpack(item);
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"grad_addresses", grad_addresses, METH_VARARGS,
      "grad_addresses(params, expected) -> tuple of the gradients' addresses (0: none), or None on a mismatch"},
+    {"bump_versions", bump_versions, METH_VARARGS,
+     "bump_versions(tensors) -> None: each tensor's version counter moved on, as an in-place op does"},
     {nullptr, nullptr, 0, nullptr},
 };
 
