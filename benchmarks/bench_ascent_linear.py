@@ -24,12 +24,13 @@ dense bf16 matmul rate measured in the same run. Shapes: ViT-B/16 and GPT-2-smal
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import io
 import sys
 
 import torch
 
-from ssam_bench.common import interleaved_medians, matmul_ceiling, report
+from ssam_bench.common import interleaved_medians, matmul_ceiling, report, results_dir
 
 import ssam_kernels as sk
 from ssam_kernels.sparse_gemm import compress, cslt_mm, cusparselt_unsupported, planned_unavailable, tune, tuned_config
@@ -99,20 +100,35 @@ COLUMNS = [("layer", "layer", ""), ("shape", "W", ""), ("tokens", "tokens", "d")
            ("configs", "each config tried (x dense; 2x is the peak)", ""), ("note", "note", "")]
 
 
-def run(args, device) -> tuple[list[dict], dict, str]:
+def work_items(quick: bool) -> list[tuple[torch.dtype, tuple, int]]:
+    """(dtype, layer, tokens) in run order: what the targets name first (bf16, the MLP shapes,
+    the most tokens), so a run cut short by its time limit has measured those."""
+    if quick:
+        return [(torch.bfloat16, LAYERS[2], 1024)]
+    mlp_first = LAYERS[2:] + LAYERS[:2]
+    return [(dtype, layer, t) for dtype in (torch.bfloat16, torch.float16) for layer in mlp_first
+            for t in sorted(TOKENS, reverse=True)]
+
+
+def run(args, device, checkpoint=None) -> tuple[list[dict], dict, str]:
+    """The rows in table order. ``checkpoint(rows, meta)``, where given, is called after each
+    (dtype, layer, tokens) with what is measured so far."""
     gen = torch.Generator(device=device).manual_seed(0)
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
-    layers, tokens = (LAYERS[2:3], [1024]) if args.quick else (LAYERS, TOKENS)
     reps = 3 if args.quick else 20
     rows, ceilings = [], {}
-    for dtype in dtypes:
-        ceilings[str(dtype)] = matmul_ceiling(device, dtype, 1024 if args.quick else 8192)
-        for layer in layers:
-            for t in tokens:
-                rows += bench(layer, t, device, dtype, reps, ceilings[str(dtype)], gen)
-    return rows, {"matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
-                  "cusparselt": torch.backends.cusparselt.is_available(),
-                  "planned_cusparselt": planned_unavailable() or "available"}, ""
+    meta = {"cusparselt": torch.backends.cusparselt.is_available(),
+            "planned_cusparselt": planned_unavailable() or "available"}
+    layer_order = {name: i for i, (name, _, _) in enumerate(LAYERS)}
+    dtype_order = {"bfloat16": 0, "float16": 1}
+    for dtype, layer, t in work_items(args.quick):
+        if str(dtype) not in ceilings:
+            ceilings[str(dtype)] = matmul_ceiling(device, dtype, 1024 if args.quick else 8192)
+        rows += bench(layer, t, device, dtype, reps, ceilings[str(dtype)], gen)
+        rows.sort(key=lambda r: (dtype_order.get(r["dtype"], 2), layer_order[r["layer"]], r["tokens"]))
+        meta["matmul_ceiling_tflops"] = {k: v / 1e12 for k, v in ceilings.items()}
+        if checkpoint is not None:
+            checkpoint(rows, meta)
+    return rows, meta, ""
 
 
 TITLE = "Ascent-backward GEMMs: dense vs 2:4 sparse"
@@ -125,7 +141,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    rows, meta, note = run(args, device)
+
+    def checkpoint(rows, meta):  # written as it goes: a run stopped by a time limit keeps its rows
+        with contextlib.redirect_stdout(io.StringIO()):
+            report("ascent_linear", TITLE + " (partial: the run goes on)", rows, COLUMNS, device, args.out,
+                   meta_extra=meta)
+
+    rows, meta, note = run(args, device, checkpoint if results_dir(device, args.out) else None)
     report("ascent_linear", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
     return 0
 

@@ -63,14 +63,23 @@ def run_ops(args, device, progress_factory) -> list[dict]:
     report("ops", "Ops vs the device's ceilings", rows, OP_COLUMNS, device, args.out, meta_extra=ceilings.meta(),
            note=f", copy {ceilings.copy_bytes_per_s / 1e9:.0f} GB/s and {ceilings.matmul_dtype} matmul "
                 f"{ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s measured in this run")
-    for name in OWN_TABLE_BENCHES:
-        module = importlib.import_module(f"ssam_bench.bench_{name}")
-        sub = argparse.Namespace(quick=args.quick, lists=None, dtype="float32", scores=None)
-        own_rows, meta, note = module.run(sub, device)
-        report(name, module.TITLE, own_rows, module.COLUMNS, device, args.out, meta_extra=meta, note=note)
-        bar.update(1)
-        rows += [dict(r, op=name) for r in own_rows]
+    rows += run_own_tables(args, device, bar)
     bar.close()
+    return rows
+
+
+def run_own_tables(args, device, bar) -> list[dict]:
+    """The benchmarks of :data:`OWN_TABLE_BENCHES` but those in ``args.skip``, each writing its
+    own table; their rows, labelled by op."""
+    rows = []
+    for name in OWN_TABLE_BENCHES:
+        if name not in (getattr(args, "skip", None) or ()):
+            module = importlib.import_module(f"ssam_bench.bench_{name}")
+            sub = argparse.Namespace(quick=args.quick, lists=None, dtype="float32", scores=None)
+            own_rows, meta, note = module.run(sub, device)
+            report(name, module.TITLE, own_rows, module.COLUMNS, device, args.out, meta_extra=meta, note=note)
+            rows += [dict(r, op=name) for r in own_rows]
+        bar.update(1)
     return rows
 
 
@@ -161,7 +170,10 @@ def parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=module.__doc__.split("\n\n")[0].replace("\n", " "))
         _common(q)
         module.add_arguments(q)
-    _common(sub.add_parser("ops", help="every op on every backend against the measured ceilings"))
+    ops = sub.add_parser("ops", help="every op on every backend against the measured ceilings")
+    _common(ops)
+    ops.add_argument("--skip", nargs="+", choices=OWN_TABLE_BENCHES, default=[],
+                     help="leave out these tables (e.g. ascent_linear, which gpu_check.sh's sparse24 part runs alone)")
     plot = sub.add_parser("plot", help="redraw step.png / ops.png from a results folder's JSON")
     plot.add_argument("folder")
     readme = sub.add_parser("readme", help="rewrite README.md's results section from the committed results")

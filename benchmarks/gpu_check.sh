@@ -25,16 +25,18 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
                  masked weight-gradient ones took 15 s)
   step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
                  (timeout 320 s; 15 of these contenders took 31 s on an H200)
-  step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k: SAM, SSAM-F, SSAM-D at
-                 50% and 90%, dense and exact, budget masks (timeout 320 s; SAM + SSAM-F took 129 s)
+  step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k, one command each (timeout
+                 110 s each, so a slow model costs only its own rows): SAM, SSAM-F, SSAM-D at 50% and
+                 90%, dense and exact, budget masks (SAM + SSAM-F on the three took 129 s)
   step-24        ssam-bench step on GPT-2 small 8k at 2:4, every ascent mode (timeout 320 s; did not
                  finish in 50 s on an H200 at 4344f0b)
   sparse24       the 2:4 sparse GEMMs alone: their cuda tests (the planned cuSPARSELt path included;
                  timeout 90 s) and the ascent-backward GEMM table, bench_ascent_linear (timeout 240 s;
-                 not timed alone yet)
-  ops            ssam-bench ops (every op, the perturbation cycle, top-k, the 2:4 GEMMs; timeout
-                 180 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small lists (timeout 120 s;
-                 about 40 s measured)
+                 not timed alone yet; it writes its rows after each shape, bf16 MLP shapes first, so
+                 a timeout keeps what it measured)
+  ops            ssam-bench ops (every op, the perturbation cycle, top-k; the 2:4 GEMM table is
+                 sparse24's; timeout 180 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small
+                 lists (timeout 120 s; about 40 s measured)
   masks          ssam-bench masks on ResNet-18 CIFAR and GPT-2 small 2k (timeout 320 s; ResNet-18
                  took 31 s, GPT-2 did not finish in 30 s at 4344f0b)
   profile        where the step time goes (torch.profiler, profile_step): SGD, SAM, SSAM-F 50% dense /
@@ -92,16 +94,17 @@ run_part() {
         python3 -m pytest -m "cuda and memcheck" -q -p no:cacheprovider tests ;;
     step-resnet18)
       step step-resnet18 320 ssam-bench step --models resnet18_cifar ;;
-    step-large)
-      step step-large 320 ssam-bench step --models wrn28_10 vit_s16 gpt2_small_8k --sparsities 0.5 0.9 \
-        --modes dense exact ;;
+    step-large)  # one command per model: each writes its rows (merged by model), whatever the next does
+      for model in wrn28_10 vit_s16 gpt2_small_8k; do
+        step "step-$model" 110 ssam-bench step --models "$model" --sparsities 0.5 0.9 --modes dense exact
+      done ;;
     step-24)
       step step-24 320 ssam-bench step --models gpt2_small_8k --optimizers ssam-f --sparsities 2:4 ;;
     sparse24)
       step sparse24-tests 90 python3 -m pytest -m cuda -rfEs -q -p no:cacheprovider tests/test_ascent_linear.py
       step ascent-linear 240 python3 -m ssam_bench.bench_ascent_linear ;;
     ops)
-      step ops 180 ssam-bench ops
+      step ops 180 ssam-bench ops --skip ascent_linear
       step overhead 120 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;
     masks)
       step masks 320 ssam-bench masks --mask-models resnet18_cifar gpt2_small_2k ;;

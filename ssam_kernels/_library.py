@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from ._backend import ENV_VAR, BackendUnavailableError, OpBackends, extension_error, triton_version
+from ._host_loops import bump_versions
 
 NAMESPACE = "ssam_kernels"
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -77,7 +78,7 @@ class Op:
             # version counters: bump them as torch's in-place ops do, so a tensor saved for a
             # backward and modified here is caught, and caches keyed on versions see the change
             written = args[i] if isinstance(args[i], (list, tuple)) else [args[i]]
-            torch._C._increment_version([t for t in written if t is not None])
+            bump_versions([t for t in written if t is not None])
         return out
 
     def across_devices(self, backend: str, device: torch.device) -> Callable:

@@ -39,6 +39,30 @@ def test_bench_ascent_linear_quick_cpu_runs_dense_only(capsys):
     assert "cuSPARSELt runs on CUDA" in out  # the sparse columns say why they are empty
 
 
+def test_bench_ascent_linear_writes_as_it_goes_targets_first(tmp_path, monkeypatch):
+    """A GPU part has a time limit: the rows are written after each shape (a run cut short keeps
+    what it measured), the shapes the targets name first (bf16 MLP layers, most tokens)."""
+    import json
+
+    from ssam_bench import bench_ascent_linear as bench
+
+    items = bench.work_items(quick=False)
+    assert [(i[0], i[1][0], i[2]) for i in items[:2]] == [(torch.bfloat16, "mlp_fc1", 32768),
+                                                         (torch.bfloat16, "mlp_fc1", 16384)]
+    assert len(items) == len(set(items)) == 2 * len(bench.LAYERS) * len(bench.TOKENS)
+    seen = []
+    monkeypatch.setattr(bench, "work_items", lambda quick: [(torch.float32, bench.LAYERS[3], 64),
+                                                           (torch.float32, bench.LAYERS[1], 32)])
+    monkeypatch.setattr(bench, "matmul_ceiling", lambda *a: 1e12)  # not the 8192-wide matmul, on a CPU
+    monkeypatch.setattr(bench, "report", lambda name, title, rows, *a, **k: seen.append((title, len(rows))))
+    assert bench.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert seen == [(bench.TITLE + " (partial: the run goes on)", 3), (bench.TITLE + " (partial: the run goes on)", 6),
+                    (bench.TITLE, 6)]
+    rows, _, _ = bench.run(type("Args", (), {"quick": False})(), torch.device("cpu"))
+    assert [r["layer"] for r in rows] == ["attn_out"] * 3 + ["mlp_fc2"] * 3  # table order, not run order
+    json.dumps(rows)
+
+
 @pytest.mark.parametrize("name", ["grad_norm", "nm_mask", "compress_24", "masked_weight_grad"])
 def test_op_bench_implementations_agree(name):
     """Every implementation a microbenchmark times computes the same thing (so the timings

@@ -147,6 +147,27 @@ def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
     assert (tmp_path / "step.png").stat().st_size > 0 and (tmp_path / "ops.png").stat().st_size > 0
 
 
+def test_cli_ops_skips_the_tables_it_is_told_to(monkeypatch):
+    """gpu_check.sh's ops part leaves the 2:4 GEMM table to the sparse24 part (`--skip`)."""
+    import types
+
+    ran, ticks = [], []
+    stub = {name: types.SimpleNamespace(run=lambda args, device, name=name: ([{"x": name}], {}, ""), TITLE=name,
+                                        COLUMNS=[]) for name in cli.OWN_TABLE_BENCHES}
+    monkeypatch.setattr(cli.importlib, "import_module", lambda module: stub[module.rsplit("bench_", 1)[1]])
+    monkeypatch.setattr(cli, "report", lambda name, *a, **k: ran.append(name))
+    bar = types.SimpleNamespace(update=ticks.append)
+    args = cli.parser().parse_args(["ops", "--skip", "ascent_linear"])
+    rows = cli.run_own_tables(args, CPU, bar)
+    assert ran == [n for n in cli.OWN_TABLE_BENCHES if n != "ascent_linear"] and len(ticks) == 3
+    assert [r["op"] for r in rows] == ran
+    ran.clear()
+    cli.run_own_tables(cli.parser().parse_args(["ops"]), CPU, bar)
+    assert ran == list(cli.OWN_TABLE_BENCHES)
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["ops", "--skip", "step"])
+
+
 def test_cli_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["step", "--sparsities", "0.7"])

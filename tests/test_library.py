@@ -4,9 +4,11 @@ kernels that pick among its backends, a fake implementation, torch.library's own
 backend, and the dispatcher, ``torch.compile`` and ``FlopCounterMode`` seeing one op whichever
 kernel computes it."""
 
+import os
+
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, rand, rand_mask
+from helpers import BACKENDS, BACKENDS_WITH_EXT, rand, rand_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -163,3 +165,129 @@ def test_a_bad_backend_is_refused_before_or_at_dispatch():
         sk.nm_mask(torch.randn(8), 2, 4, backend=None)
     with pytest.raises(sk.BackendUnavailableError, match="no 'ext' implementation"):
         sk.mvue24(torch.randn(8), seed=1, backend="ext")
+
+
+def _raw_operands(gen, dtype=torch.float32):
+    """Good raw-op operands: a masked tensor (37 elements, packed bits) and an unmasked one."""
+    ws = [rand((37,), dtype, gen), rand((5, 16), dtype, gen)]
+    gs = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    mask = sk.pack_mask(rand_mask((37,), generator=gen))
+    return ws, gs, mask, sk.ops.perturb.backup_buffers(ws, [mask.count_int(), -1])
+
+
+def _bad_raw_calls(gen):
+    """(what is wrong, call) pairs: each call hands a raw op operands its kernels would index
+    outside of, and each must raise before anything is written."""
+    ws, gs, mask, values = _raw_operands(gen)
+    bits = [mask.bits, None]
+    P, R, S = (torch.ops.ssam_kernels.perturb_, torch.ops.ssam_kernels.restore_,
+               torch.ops.ssam_kernels.restore_sgd_step_)
+    count = mask.count_int()
+
+    def sgd_backend(b):
+        return "auto" if b == "ext" else b  # restore_sgd_step_ has no extension kernel
+
+    return [
+        ("grads has 1 entries", lambda b: P(ws, gs[:1], bits, values, 0.1, None, b)),
+        (r"grads\[1\] has 79 elements", lambda b: P(ws, [gs[0], gs[1].flatten()[:79]], bits, values, 0.1, None, b)),
+        (r"grads\[0\] must be a floating-point", lambda b: P(ws, [gs[0].int(), gs[1]], bits, values, 0.1, None, b)),
+        (r"values\[1\] holds 79 values; params\[1\] is unmasked",
+         lambda b: P(ws, gs, bits, [values[0], torch.empty(79)], 0.1, None, b)),
+        (r"values\[0\] is torch.float64", lambda b: P(ws, gs, bits, [values[0].double(), values[1]], 0.1, None, b)),
+        (r"values\[0\] must be 1-D", lambda b: P(ws, gs, bits, [torch.empty(38), values[1]], 0.1, None, b)),
+        (r"masks\[0\] must be the 5 contiguous bytes",
+         lambda b: P(ws, gs, [mask.bits[:4], None], values, 0.1, None, b)),
+        (r"masks\[0\] must be the 5 contiguous bytes",
+         lambda b: P(ws, gs, [torch.zeros(10, dtype=torch.uint8)[::2], None], values, 0.1, None, b)),
+        (r"masks\[0\] has 36 elements", lambda b: P(ws, gs, [torch.ones(36, dtype=torch.bool), None],
+                                                    [torch.empty(36), values[1]], 0.1, None, b)),
+        (r"masks\[1\] must be None, a bool tensor or uint8", lambda b: P(ws, gs, [mask.bits, torch.ones(5, 16)],
+                                                                        [values[0], torch.empty(5)], 0.1, None, b)),
+        ("scale_tensor must be one floating-point value",
+         lambda b: P(ws, gs, bits, values, 0.0, torch.ones(2), b)),
+        (r"params\[0\] must be a floating-point", lambda b: P([torch.zeros(37, dtype=torch.int32), ws[1]], gs, bits,
+                                                              values, 0.1, None, b)),
+        ("masks has 1 entries", lambda b: R(ws, values, bits[:1], b)),
+        (r"values\[1\] holds 81 values; params\[1\] is unmasked",
+         lambda b: R(ws, [torch.empty(count), torch.empty(81)], bits, b)),
+        (r"momentum_buffers\[1\] has 5 elements",
+         lambda b: S(ws, gs, [torch.empty(37), torch.zeros(5)], [True, False], values, bits, 0.1, 0.9, 0.0, 0.0,
+                     False, False, sgd_backend(b))),
+        ("fresh has 1 entries",
+         lambda b: S(ws, gs, [torch.empty(37), torch.zeros(5, 16)], [True], values, bits, 0.1, 0.9, 0.0, 0.0, False,
+                     False, sgd_backend(b))),
+    ], ws
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("host_loop", ["c", "python"])
+def test_raw_list_ops_refuse_operands_their_kernels_would_overrun(gen, backend, host_loop, monkeypatch):
+    """Called directly, perturb_, restore_ and restore_sgd_step_ check what their kernels index
+    by (in C where ssam_kernels._host is built, else in Python: the same rules and messages)."""
+    from ssam_kernels import _host_loops
+
+    if host_loop == "python":
+        monkeypatch.setattr(_host_loops, "_host", None)
+    elif _host_loops._host is None:
+        pytest.skip("ssam_kernels._host not built")
+    calls, ws = _bad_raw_calls(gen)
+    before = [w.clone() for w in ws]
+    for what, call in calls:
+        with pytest.raises((ValueError, TypeError), match=what):
+            call(backend)
+        assert all(torch.equal(a, b) for a, b in zip(ws, before)), what  # nothing written
+
+
+_CUDA_DEVICE = os.environ.get("SSAM_TEST_CUDA_DEVICE", "cuda")
+# (backend, device): Triton interpreted on CPU; on a GPU, Triton's and the CUDA extension's kernels
+_BOUND_CASES = [pytest.param("triton", "cpu", marks=BACKENDS[1].marks, id="triton-interpreted")] + [
+    pytest.param(b, _CUDA_DEVICE, marks=[pytest.mark.cuda, pytest.mark.memcheck], id=f"{b}-cuda")
+    for b in ("triton", "ext")]
+
+
+@pytest.mark.parametrize("op", ["perturb_", "restore_", "restore_sgd_step_"])
+@pytest.mark.parametrize("backend,device", _BOUND_CASES)
+def test_raw_list_op_kernels_never_touch_a_backup_past_its_end(gen, op, backend, device):
+    """A masked backup smaller than its mask's count (which the op cannot know without reading
+    the device) is neither written nor read past its end by the Triton kernels: the values after
+    it, poisoned, stay as they were, and the positions without a slot are left alone, so perturb_
+    then restore_ still gives the weights back bit for bit. The extension refuses it."""
+    if backend == "ext" and op == "restore_sgd_step_":
+        backend = "triton"  # no extension kernel for it: auto's cuda choice
+    ws = [rand((3 * 8192 + 77,), generator=gen, device=device)]  # several chunks and a tail
+    gs = [rand(ws[0].shape, generator=gen, device=device)]
+    mask = sk.pack_mask(rand_mask(ws[0].shape, generator=gen, device=device))
+    count = mask.count_int()
+    short = count // 2  # the backup holds the first half of the masked values only
+    room = torch.full((count + 64,), 1234.5, device=device)
+    values = [room[:short]]
+    original = ws[0].clone()
+    first = torch.nonzero(mask.to_bool()).flatten()[:short]  # the positions with a slot
+    ops = torch.ops.ssam_kernels
+    if backend == "ext":  # the extension counts the bits (on CUDA once per mask version) and refuses
+        with pytest.raises(RuntimeError, match="holds"):
+            if op == "perturb_":
+                ops.perturb_(ws, gs, [mask.bits], values, 0.25, None, backend)
+            else:
+                ops.restore_(ws, values, [mask.bits], backend)
+        assert torch.equal(ws[0], original) and torch.all(room[short:] == 1234.5)
+        return
+    if op == "perturb_":
+        ops.perturb_(ws, gs, [mask.bits], values, 0.25, None, backend)
+        assert torch.equal(values[0], original[first])
+        expect = original.clone()
+        expect[first] = (original[first] + 0.25 * gs[0][first])
+        assert torch.equal(ws[0], expect)  # no slot, no perturbation
+        ops.restore_(ws, values, [mask.bits], backend)
+        assert torch.equal(ws[0], original)
+    else:
+        values[0].copy_(rand((short,), generator=gen, device=device))
+        expect = original.clone()
+        expect[first] = values[0]
+        if op == "restore_":
+            ops.restore_(ws, values, [mask.bits], backend)
+            assert torch.equal(ws[0], expect)
+        else:
+            ops.restore_sgd_step_(ws, gs, [], [], values, [mask.bits], 0.5, 0.0, 0.0, 0.0, False, False, backend)
+            assert torch.equal(ws[0], expect - 0.5 * gs[0])  # torch's SGD: one fused multiply-add in fp32
+    assert torch.all(room[short:] == 1234.5)

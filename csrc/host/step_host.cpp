@@ -1,5 +1,6 @@
-// ssam_kernels._host: the per-step host work of a planned step (ssam_kernels/ops/sam_step.py) in C:
-// reading the gradients' addresses and moving the written parameters' version counters.
+// ssam_kernels._host: per-tensor host loops in C (wrapped by ssam_kernels/_host_loops.py): the per-step
+// host work of a planned step (ssam_kernels/ops/sam_step.py), reading the gradients' addresses and
+// moving the written parameters' version counters, and the check of the list ops' operands.
 //
 // A step must read every parameter's gradient address and check that the parameter has not
 // moved and the gradient is laid out like it. In Python that is four attribute reads per tensor
@@ -90,15 +91,72 @@ PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+bool tensor_at(PyObject* list, Py_ssize_t i, const at::Tensor** out) {
+  PyObject* item = PyList_GET_ITEM(list, i);
+  if (!THPVariable_Check(item)) return false;
+  *out = &THPVariable_Unpack(item);
+  return true;
+}
+
+// operands_misfit(params, shaped, values, masks) -> int
+// The first index whose operands the list ops (perturb_, restore_, restore_sgd_step_) cannot take
+// as they are, or -1; the caller (ssam_kernels/_host_loops.py, which holds the rules and the
+// messages) checked the lists' lengths and says what does not fit. params[i]: floating, on
+// params[0]'s device; every shaped[j][i]: floating, as many elements, same device; values[i]: the
+// param's dtype and device, all of it (no mask) or 1-D and at most as many (a mask); masks[i]: None,
+// a bool tensor of as many elements or contiguous uint8 bits, one byte per 8 elements, same device.
+PyObject* operands_misfit(PyObject* /*self*/, PyObject* args) {
+  PyObject *params = nullptr, *shaped = nullptr, *values = nullptr, *masks = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyList_Type, &params, &PyList_Type, &shaped, &PyList_Type, &values,
+                        &PyList_Type, &masks))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  const Py_ssize_t lists = PyList_GET_SIZE(shaped);
+  for (Py_ssize_t j = 0; j < lists; ++j) {
+    PyObject* list = PyList_GET_ITEM(shaped, j);
+    if (!PyList_Check(list) || PyList_GET_SIZE(list) != n) return PyLong_FromLong(0);
+  }
+  if (PyList_GET_SIZE(values) != n || PyList_GET_SIZE(masks) != n) return PyLong_FromLong(0);
+  c10::Device device(c10::kCPU);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* w = nullptr;
+    const at::Tensor* v = nullptr;
+    if (!tensor_at(params, i, &w) || !tensor_at(values, i, &v)) return PyLong_FromSsize_t(i);
+    if (i == 0) device = w->device();
+    const int64_t numel = w->numel();
+    if (!w->is_floating_point() || w->device() != device) return PyLong_FromSsize_t(i);
+    for (Py_ssize_t j = 0; j < lists; ++j) {
+      const at::Tensor* s = nullptr;
+      if (!tensor_at(PyList_GET_ITEM(shaped, j), i, &s) || !s->is_floating_point() || s->numel() != numel ||
+          s->device() != device)
+        return PyLong_FromSsize_t(i);
+    }
+    if (v->scalar_type() != w->scalar_type() || v->device() != device) return PyLong_FromSsize_t(i);
+    PyObject* item = PyList_GET_ITEM(masks, i);
+    if (item == Py_None) {
+      if (v->numel() != numel) return PyLong_FromSsize_t(i);
+      continue;
+    }
+    if (!THPVariable_Check(item)) return PyLong_FromSsize_t(i);
+    const at::Tensor& m = THPVariable_Unpack(item);
+    const bool bits = m.scalar_type() == at::kByte && m.numel() == (numel + 7) / 8 && m.is_contiguous();
+    const bool flags = m.scalar_type() == at::kBool && m.numel() == numel;
+    if (!(bits || flags) || m.device() != device || v->dim() != 1 || v->numel() > numel) return PyLong_FromSsize_t(i);
+  }
+  return PyLong_FromLong(-1);
+}
+
 PyMethodDef methods[] = {
     {"grad_addresses", grad_addresses, METH_VARARGS,
      "grad_addresses(params, expected) -> tuple of the gradients' addresses (0: none), or None on a mismatch"},
     {"bump_versions", bump_versions, METH_VARARGS,
      "bump_versions(tensors) -> None: each tensor's version counter moved on, as an in-place op does"},
+    {"operands_misfit", operands_misfit, METH_VARARGS,
+     "operands_misfit(params, shaped, values, masks) -> the first index the list ops cannot take, or -1"},
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "The planned SAM step's per-step host work, in C.", -1, methods};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "Per-tensor host loops in C: the planned step's per-step work, the list ops' checks.", -1, methods};
 
 }  // namespace
 

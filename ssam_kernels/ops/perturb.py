@@ -14,6 +14,7 @@ import torch
 
 from .. import _checks
 from .._backend import lazy
+from .._host_loops import check_list_operands
 from .._library import Op
 from .bitmask import BitMask, mask_args, masks_from_args, pack_mask
 
@@ -106,26 +107,39 @@ def _masks_counted(masks, params, values) -> list:
     return masks_from_args(masks, params, [-1 if m is None else v.numel() for m, v in zip(masks, values)])
 
 
+def _perturb(impl, params, grads, masks, values, scale, scale_tensor):
+    check_list_operands("perturb_", params, {"grads": grads}, values, masks)
+    if scale_tensor is not None and (scale_tensor.numel() != 1 or not scale_tensor.is_floating_point()
+                                     or scale_tensor.device != params[0].device):
+        raise ValueError(f"perturb_: scale_tensor must be one floating-point value on {params[0].device}, got "
+                         f"{scale_tensor.numel()} {scale_tensor.dtype} on {scale_tensor.device}")
+    impl(params, grads, _masks_counted(masks, params, values), scale if scale_tensor is None else scale_tensor,
+         values)
+
+
+def _restore(impl, params, values, masks):
+    check_list_operands("restore_", params, {}, values, masks)
+    impl(params, PerturbBackup(values, _masks_counted(masks, params, values)))
+
+
 # The backup's buffers come from the caller (sized by the masks' counts, which a BitMask
 # caches), so neither the kernels nor the fake need a host sync, and the op returns nothing
 # (what torch.compile's functionalization of a mutating op takes). The scale is a number (read
-# on the host at the call) or a tensor on the params' device.
+# on the host at the call) or a tensor on the params' device. The op checks what its kernels
+# index by (sizes, dtypes, devices; in C, a few ns per tensor), but not that a masked backup
+# holds exactly one value per set bit, which only the device knows: the kernels touch no slot
+# past its end.
 PERTURB = Op("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] masks, Tensor(b!)[] values, float scale, "
              "Tensor? scale_tensor, str backend) -> ()",
              {"torch": perturb_torch,
               "triton": lazy("ssam_kernels.triton_ops.perturb", "perturb_triton"),
               "ext": lazy("ssam_kernels.ext_ops", "perturb_ext")},
-             fake=lambda *args: None,
-             adapt=lambda impl, params, grads, masks, values, scale, scale_tensor: impl(
-                 params, grads, _masks_counted(masks, params, values), scale if scale_tensor is None else scale_tensor,
-                 values))
+             fake=lambda *args: None, adapt=_perturb)
 RESTORE = Op("restore_(Tensor(a!)[] params, Tensor[] values, Tensor?[] masks, str backend) -> ()",
              {"torch": restore_torch,
               "triton": lazy("ssam_kernels.triton_ops.perturb", "restore_triton"),
               "ext": lazy("ssam_kernels.ext_ops", "restore_ext")},
-             fake=lambda params, values, masks: None,
-             adapt=lambda impl, params, values, masks: impl(
-                 params, PerturbBackup(values, _masks_counted(masks, params, values))))
+             fake=lambda params, values, masks: None, adapt=_restore)
 
 
 def _counted(mask: BitMask, count: int) -> BitMask:

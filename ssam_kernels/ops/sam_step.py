@@ -49,10 +49,7 @@ _BACKENDS = backend_table("sam_step", ext_op="plan_norm")
 # unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
 _data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
 _grad = operator.attrgetter("grad")
-try:  # the compiled per-step reads (csrc/host/step_host.cpp); optional
-    from .. import _host
-except ImportError:
-    _host = None
+from .._host_loops import _host, bump_versions  # _host: the compiled per-step reads, or None
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
 
@@ -238,7 +235,7 @@ class SAMStepPlan:
             raise ValueError(f"grads must be the tuple grad_addresses() returned ({len(self.params)} addresses)")
         with _no_grad():
             self._impl.perturb(grads, rho)
-        _bump(self.params)  # the kernels write through addresses: tell autograd's version counters
+        bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters
         self.perturbed = True
 
     def restore(self) -> None:
@@ -247,7 +244,7 @@ class SAMStepPlan:
             raise RuntimeError("restore() without a preceding perturb()")
         with _no_grad():
             self._impl.restore()
-        _bump(self.params)
+        bump_versions(self.params)
         self.perturbed = False
 
     def restore_sgd(self, sgd: Sequence[SGDGroup]) -> list[int]:
@@ -263,7 +260,7 @@ class SAMStepPlan:
         grads = self.grad_addresses(check_params=False)
         with _no_grad():
             made = self._impl.restore_sgd(grads, self._sgd)
-        _bump(self.params)  # (not the momentum buffers: optimizer state, which no graph saves)
+        bump_versions(self.params)  # (not the momentum buffers: optimizer state, which no graph saves)
         self.perturbed = False
         return made
 
@@ -278,11 +275,6 @@ class SAMStepPlan:
                 raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
         self.buffers = list(buffers)
         self._impl.buffers_changed()
-
-
-# bump each tensor's version counter, as torch's in-place ops do: one C call for the list (the
-# compiled host module's loop where it is built, ~90 ns per tensor less than torch's)
-_bump = _host.bump_versions if _host is not None else torch._C._increment_version
 
 
 def _no_grad():

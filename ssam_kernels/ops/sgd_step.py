@@ -8,6 +8,7 @@ import torch
 
 from .. import _checks
 from .._backend import lazy
+from .._host_loops import check_list_operands
 from .._library import Op
 from .bitmask import mask_args, masks_from_args
 from .perturb import PerturbBackup, check_writable, check_backup, restore_torch
@@ -48,13 +49,19 @@ def _run(impl, params, grads, buffers, fresh, values, masks, lr, momentum, dampe
          maximize):
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                  maximize=maximize)
+    shaped = {"grads": grads}
+    if momentum != 0 or buffers or fresh:
+        if len(fresh) != len(params):
+            raise ValueError(f"restore_sgd_step_: fresh has {len(fresh)} entries but params has {len(params)}")
+        shaped["momentum_buffers"] = buffers
+    check_list_operands("restore_sgd_step_", params, shaped, values, masks)
     counts = [-1 if m is None else v.numel() for m, v in zip(masks, values)]
     impl(params, grads, list(buffers), PerturbBackup(values, masks_from_args(masks, params, counts)), hyper, list(fresh))
 
 
 # The buffers come from the caller, new ones allocated there (``fresh``): the op returns nothing
 # (what torch.compile's functionalization of a mutating op takes). Without momentum both
-# lists are empty.
+# lists are empty. Checked as perturb_'s operands are (see PERTURB).
 RESTORE_SGD_STEP = Op(
     "restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] fresh, "
     "Tensor[] values, Tensor?[] masks, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "

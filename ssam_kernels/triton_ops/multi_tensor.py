@@ -206,6 +206,15 @@ def address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
     return _CACHE.get(key, device, lambda: (torch.tensor(ptrs, dtype=torch.int64), lambda buf: buf))
 
 
+def size_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 ``numel()`` of each tensor, on ``device`` (cached by the sizes): a kernel's bound
+    on what it may touch in each tensor of a list whose sizes it cannot otherwise know."""
+    sizes = tuple(t.numel() for t in tensors)
+    device, place = _place(device)
+    key = ("sizes", sizes) + place
+    return _CACHE.get(key, device, lambda: (torch.tensor(sizes, dtype=torch.int64), lambda buf: buf))
+
+
 def group_by(keys: list, indices=None) -> dict:
     """Indices grouped by key, in first-seen order (one launch per group)."""
     groups: dict = {}

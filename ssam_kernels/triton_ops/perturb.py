@@ -28,7 +28,7 @@ import triton.language as tl
 from ..ops.bitmask import as_bitmask
 from ..ops.perturb import PerturbBackup, math_dtype, perturb_torch, restore_torch
 from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
-                           chunk_table, f64_bits, group_by, load_block, store_block, tensor_ptr,
+                           chunk_table, f64_bits, group_by, load_block, size_table, store_block, tensor_ptr,
                            this_chunk)
 
 BLOCK = 1024
@@ -53,7 +53,7 @@ def _count_bits_kernel(chunk_tensor, chunk_start, numel, bits_ptrs, counts, bits
 
 
 @triton.jit
-def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HAS_MASK: tl.constexpr,
+def _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB: tl.constexpr, HAS_MASK: tl.constexpr,
                 FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # PERTURB: the math is in scale's dtype (float64 for float64 weights, else fp32)
     for j in range(0, CHUNK, BLOCK):
@@ -62,6 +62,7 @@ def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HA
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
             keep, slot, row_any, count = block_slots(bit)
+            keep = keep & (base + slot < capacity)  # a backup too small for its mask: left alone past its end
             # whole rows where any element is kept (vector accesses), single elements in a tail
             if FULL:
                 rows = row_any[:, None]
@@ -87,24 +88,28 @@ def _move_chunk(w, g, bits, backup, base, scale, left, PERTURB: tl.constexpr, HA
 
 
 @triton.jit
-def backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
+def backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w, w_ref, bits_ref,
                   HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr):
-    """(mask bits of the chunk, backup pointer, slot base) of chunk ``c`` of tensor ``t``.
-    Masked: the compact backup, whose values for this chunk start at its offset. Unmasked: the
-    whole-tensor backup at the chunk's start (``bits`` is a placeholder)."""
+    """(mask bits of the chunk, backup pointer, slot base, backup capacity) of chunk ``c`` of
+    tensor ``t``. Masked: the compact backup, whose values for this chunk start at its offset,
+    and its size (no slot at or past it is touched: a caller of the raw op may size it wrong,
+    which no check can see without reading the mask's count back). Unmasked: the whole-tensor
+    backup at the chunk's start (``bits`` is a placeholder; its size was checked on the host)."""
     if HAS_MASK:
         bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
         backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
         base = tl.load(chunk_offset + c)
+        capacity = tl.load(backup_numel + t)
     else:
         bits = w
         backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
         base = 0
-    return bits, backup, base
+        capacity = 0
+    return bits, backup, base, capacity
 
 
 @triton.jit(do_not_specialize=["scale_bits"])  # one compile whatever the scale's value
-def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, chunk_offset,
+def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, backup_ptrs, backup_numel, chunk_offset,
                  scale_ptr, scale_bits, w_ref, g_ref, bits_ref,
                  PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_IS_PTR: tl.constexpr, FP64: tl.constexpr,
                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -122,12 +127,12 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
             scale = as_f64(scale_bits)
         else:
             scale = as_f64(scale_bits).to(tl.float32)
-    bits, backup, base = backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
-                                       HAS_MASK, ALIGNED)
+    bits, backup, base, capacity = backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w,
+                                                 w_ref, bits_ref, HAS_MASK, ALIGNED)
     if left == CHUNK:
-        _move_chunk(w, g, bits, backup, base, scale, left, PERTURB, HAS_MASK, True, CHUNK, BLOCK)
+        _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB, HAS_MASK, True, CHUNK, BLOCK)
     else:
-        _move_chunk(w, g, bits, backup, base, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
+        _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
 
 
 def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.Tensor:
@@ -162,7 +167,8 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
         table.chunk_tensor, table.chunk_start, table.numel, w_addr,
         address_table(gs, device) if perturb else w_addr,
         address_table(bits, device) if has_mask else w_addr,
-        address_table(backups, device), offsets, scale_arg, scale_bits,
+        address_table(backups, device), size_table(backups, device) if has_mask else table.numel, offsets,
+        scale_arg, scale_bits,
         ws[0], gs[0] if perturb else ws[0], bits[0] if has_mask else ws[0],
         PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, FP64=dtype == torch.float64,
         ALIGNED=aligned(*operands),

@@ -16,14 +16,15 @@ from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
 from ..ops.bitmask import as_bitmask
 from .multi_tensor import (CHUNK, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
-                           chunk_table, f64_bits, group_by, load_block, store_block, tensor_ptr, this_chunk)
+                           chunk_table, f64_bits, group_by, load_block, size_table, store_block, tensor_ptr,
+                           this_chunk)
 from .perturb import backup_source, chunk_offsets
 
 SGD_BLOCK = 512
 
 
 @triton.jit
-def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamped, weight_decay,
+def _restore_sgd_chunk(w, g, buf, bits, backup, base, capacity, left, lr, momentum, undamped, weight_decay,
                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -34,6 +35,7 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamp
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
             keep, slot, row_any, count = block_slots(bit)
+            keep = keep & (base + slot < capacity)  # never read past the backup (see backup_source)
             current = load_block(w + offs, valid, FULL)
             weight = tl.where(keep, tl.load(backup + base + slot, mask=keep), current).to(lr.dtype)
             base += count
@@ -62,10 +64,11 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamp
 # one compile whatever the hyper-parameters' values
 @triton.jit(do_not_specialize=["lr_bits", "momentum_bits", "dampening_bits", "weight_decay_bits"])
 def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, backup_ptrs,
-                        chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr_bits, momentum_bits, dampening_bits,
-                        weight_decay_bits, HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
-                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                        FP64: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                        backup_numel, chunk_offset, w_ref, g_ref, buf_ref, bits_ref, lr_bits, momentum_bits,
+                        dampening_bits, weight_decay_bits, HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr,
+                        NEW_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                        WEIGHT_DECAY: tl.constexpr, FP64: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """The hyper-parameters come as float64 bits (``f64_bits``); the math is in float64 where
     FP64 (float64 weights), else in fp32."""
     lr, momentum = as_f64(lr_bits), as_f64(momentum_bits)
@@ -79,14 +82,14 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
     buf = w
     if MOMENTUM:
         buf = tensor_ptr(buf_ptrs, t, buf_ref, start, ALIGNED)
-    bits, backup, base = backup_source(bits_ptrs, backup_ptrs, chunk_offset, c, t, start, w, w_ref, bits_ref,
-                                       HAS_MASK, ALIGNED)
+    bits, backup, base, capacity = backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w,
+                                                 w_ref, bits_ref, HAS_MASK, ALIGNED)
     if left == CHUNK:
-        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamped, weight_decay, HAS_MASK,
-                           MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, True, CHUNK, BLOCK)
+        _restore_sgd_chunk(w, g, buf, bits, backup, base, capacity, left, lr, momentum, undamped, weight_decay,
+                           HAS_MASK, MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, True, CHUNK, BLOCK)
     else:
-        _restore_sgd_chunk(w, g, buf, bits, backup, base, left, lr, momentum, undamped, weight_decay, HAS_MASK,
-                           MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, False, CHUNK, BLOCK)
+        _restore_sgd_chunk(w, g, buf, bits, backup, base, capacity, left, lr, momentum, undamped, weight_decay,
+                           HAS_MASK, MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, False, CHUNK, BLOCK)
 
 
 def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper, fresh) -> None:
@@ -113,13 +116,14 @@ def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper
         if table.num_chunks == 0:
             continue
         bits = [masks[i].bits for i in idx] if has_mask else []
+        values = [backup.values[i] for i in idx]
         offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
         w_addr = address_table(ws, device)
         fp64 = ws[0].dtype == torch.float64
         _restore_sgd_kernel[(table.num_chunks,)](
             table.chunk_tensor, table.chunk_start, table.numel, w_addr, address_table(gs, device),
             address_table(bufs, device), address_table(bits, device) if has_mask else w_addr,
-            address_table([backup.values[i] for i in idx], device), offsets,
+            address_table(values, device), size_table(values, device) if has_mask else table.numel, offsets,
             ws[0], gs[0], bufs[0], bits[0] if has_mask else ws[0],
             f64_bits(hyper["lr"]), f64_bits(hyper["momentum"]), f64_bits(hyper["dampening"]),
             f64_bits(hyper["weight_decay"]),

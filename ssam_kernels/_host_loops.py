@@ -1,0 +1,100 @@
+"""Per-tensor host loops: in C where ``ssam_kernels._host`` is built (``csrc/host/step_host.cpp``),
+in Python otherwise. A Python loop costs about a microsecond per tensor (attribute reads), which a
+model with hundreds of tensors pays on every call; the C loop costs nanoseconds.
+
+* :func:`bump_versions`: the version counters of tensors a kernel wrote through their addresses
+  (invisible to autograd and to caches keyed on versions), moved as torch's in-place ops move them.
+* :func:`check_list_operands`: what the list ops (``perturb_``, ``restore_``,
+  ``restore_sgd_step_``) index by, checked inside the op, so a direct
+  ``torch.ops.ssam_kernels`` call gets a ``ValueError`` rather than a kernel reading or writing
+  outside a tensor. (A masked backup's size is the mask's set-bit count, which only the device
+  knows: the kernels bound their slots by the backup's size instead.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # optional: the fallbacks below do the same in Python
+    from . import _host
+except ImportError:
+    _host = None
+
+
+def bump_versions(tensors: list[torch.Tensor]) -> None:
+    """Each tensor's version counter moved on, as an in-place torch op moves it."""
+    if _host is not None:
+        _host.bump_versions(tensors)
+    else:
+        torch._C._increment_version(tensors)
+
+
+def check_list_operands(op: str, params, shaped: dict, values, masks) -> None:
+    """``ValueError``/``TypeError`` naming the first operand of list op ``op`` that does not fit.
+
+    Every list has one entry per param. ``params[i]``: floating, all on one device;
+    ``shaped[name][i]`` (gradients, momentum buffers): floating, as many elements, same device;
+    ``values[i]`` (the backup): the param's dtype and device, all of it where ``masks[i]`` is
+    None, else 1-D with at most as many values as the tensor has elements; ``masks[i]``: None, a
+    bool tensor of as many elements, or contiguous uint8 bits (one byte per 8 elements).
+    """
+    params, values, masks = list(params), list(values), list(masks)
+    names, lists = list(shaped), [list(v) for v in shaped.values()]
+    for name, entries in [*zip(names, lists), ("values", values), ("masks", masks)]:
+        if len(entries) != len(params):
+            raise ValueError(f"{op}: {name} has {len(entries)} entries but params has {len(params)}")
+    start = 0
+    if _host is not None:
+        start = _host.operands_misfit(params, lists, values, masks)
+        if start < 0:
+            return
+    for i in range(start, len(params)):
+        _check_one(op, i, params, dict(zip(names, lists)), values, masks)
+    if _host is not None:  # the C loop and this one disagree: a bug here, not in the caller
+        raise RuntimeError(f"{op}: ssam_kernels._host refused the operands of tensor {start}, the Python check did not")
+
+
+def _check_one(op: str, i: int, params, shaped: dict, values, masks) -> None:
+    def tensor(name: str, t) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+        return t
+
+    w = tensor("params", params[i])
+    device = tensor("params", params[0]).device
+    n = w.numel()
+    if not w.is_floating_point():
+        raise TypeError(f"{op}: params[{i}] must be a floating-point tensor, got {w.dtype}")
+    if w.device != device:
+        raise ValueError(f"{op}: params[{i}] is on {w.device}, params[0] on {device}: one device per call")
+    for name, entries in shaped.items():
+        s = tensor(name, entries[i])
+        if not s.is_floating_point():
+            raise TypeError(f"{op}: {name}[{i}] must be a floating-point tensor, got {s.dtype}")
+        if s.numel() != n or s.device != device:
+            raise ValueError(f"{op}: {name}[{i}] has {s.numel()} elements on {s.device}; params[{i}] has {n} "
+                             f"on {device}")
+    v = tensor("values", values[i])
+    if v.dtype != w.dtype or v.device != device:
+        raise ValueError(f"{op}: values[{i}] is {v.dtype} on {v.device}; params[{i}] is {w.dtype} on {device}")
+    m = masks[i]
+    if m is None:
+        if v.numel() != n:
+            raise ValueError(f"{op}: values[{i}] holds {v.numel()} values; params[{i}] is unmasked, so it needs all "
+                             f"{n}")
+        return
+    m = tensor("masks", m)
+    if m.dtype == torch.uint8:
+        if m.numel() != (n + 7) // 8 or not m.is_contiguous():
+            raise ValueError(f"{op}: masks[{i}] must be the {(n + 7) // 8} contiguous bytes of params[{i}]'s packed "
+                             f"bits, got {m.numel()} (contiguous: {m.is_contiguous()})")
+    elif m.dtype == torch.bool:
+        if m.numel() != n:
+            raise ValueError(f"{op}: masks[{i}] has {m.numel()} elements, params[{i}] has {n}")
+    else:
+        raise TypeError(f"{op}: masks[{i}] must be None, a bool tensor or uint8 packed bits, got {m.dtype}")
+    if m.device != device:
+        raise ValueError(f"{op}: masks[{i}] is on {m.device}, params[{i}] on {device}")
+    if v.dim() != 1 or v.numel() > n:
+        raise ValueError(f"{op}: values[{i}] must be 1-D with one value per set bit of masks[{i}] (at most {n}), "
+                         f"got shape {tuple(v.shape)}")
