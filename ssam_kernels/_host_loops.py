@@ -39,6 +39,8 @@ def check_list_operands(op: str, params, shaped: dict, values, masks) -> None:
     bool tensor of as many elements, or contiguous uint8 bits (one byte per 8 elements).
     """
     params, values, masks = list(params), list(values), list(masks)
+    if not params:
+        raise ValueError(f"{op}: params must not be empty")
     names, lists = list(shaped), [list(v) for v in shaped.values()]
     for name, entries in [*zip(names, lists), ("values", values), ("masks", masks)]:
         if len(entries) != len(params):

@@ -21,6 +21,7 @@ dense, with one log line.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from dataclasses import dataclass, replace
 
@@ -117,9 +118,14 @@ def planned_unavailable() -> str | None:
     return _PLANNED[0]
 
 
+PLANNED_ENV = "SSAM_CUSPARSELT_PLANNED"  # "0": torch's _cslt ops only (a switch for a misbehaving plan path)
+
+
 def _open_planned() -> str | None:
     from ._backend import extension_error
 
+    if os.environ.get(PLANNED_ENV, "1") == "0":
+        return f"turned off ({PLANNED_ENV}=0)"
     if extension_error() is not None:
         return f"the extension did not load ({extension_error()})"
     if "ssam_cslt::mm" not in torch._C._dispatch_get_all_op_names():

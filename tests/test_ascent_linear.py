@@ -184,6 +184,21 @@ def _fake_cusparselt(monkeypatch, gemm_ms, compress_ms, dense_ms, planned=True, 
 
 
 @pytest.mark.cpu
+def test_the_planned_cusparselt_path_can_be_turned_off(monkeypatch):
+    """SSAM_CUSPARSELT_PLANNED=0 leaves torch's _cslt ops alone (read once per process), and the
+    reason says so, whatever else would have stopped the planned path."""
+    from ssam_kernels import sparse_gemm as g
+
+    monkeypatch.setattr(g, "_PLANNED", [])
+    monkeypatch.setenv(g.PLANNED_ENV, "0")
+    assert g.planned_unavailable() == "turned off (SSAM_CUSPARSELT_PLANNED=0)"
+    monkeypatch.setenv(g.PLANNED_ENV, "1")
+    assert g.planned_unavailable() == "turned off (SSAM_CUSPARSELT_PLANNED=0)"  # decided once
+    monkeypatch.setattr(g, "_PLANNED", [])
+    assert g.planned_unavailable() != "turned off (SSAM_CUSPARSELT_PLANNED=0)"
+
+
+@pytest.mark.cpu
 def test_tuning_keeps_the_fastest_gemm_with_its_compression_and_auto_runs_dense_unless_it_wins(monkeypatch):
     a, b = torch.zeros(32, 64, dtype=torch.float16), torch.zeros(64, 16, dtype=torch.float16)
 

@@ -208,6 +208,8 @@ def _bad_raw_calls(gen):
         (r"params\[0\] must be a floating-point", lambda b: P([torch.zeros(37, dtype=torch.int32), ws[1]], gs, bits,
                                                               values, 0.1, None, b)),
         ("masks has 1 entries", lambda b: R(ws, values, bits[:1], b)),
+        # (with no tensor at all the dispatcher itself refuses: it has no device to dispatch on)
+        ("params must not be empty", lambda b: P([], [], [], [], 0.0, torch.ones(()), b)),
         (r"values\[1\] holds 81 values; params\[1\] is unmasked",
          lambda b: R(ws, [torch.empty(count), torch.empty(81)], bits, b)),
         (r"momentum_buffers\[1\] has 5 elements",

@@ -53,16 +53,18 @@ def _count_bits_kernel(chunk_tensor, chunk_start, numel, bits_ptrs, counts, bits
 
 
 @triton.jit
-def _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB: tl.constexpr, HAS_MASK: tl.constexpr,
+def _move_chunk(w, g, bits, backup, room, scale, left, PERTURB: tl.constexpr, HAS_MASK: tl.constexpr,
                 FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # PERTURB: the math is in scale's dtype (float64 for float64 weights, else fp32)
+    # PERTURB: the math is in scale's dtype (float64 for float64 weights, else fp32). Masked:
+    # ``used`` slots of the chunk's backup are taken by the blocks before
+    used = 0
     for j in range(0, CHUNK, BLOCK):
         offs = block_offsets(j, BLOCK)
         valid = offs < left
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
             keep, slot, row_any, count = block_slots(bit)
-            keep = keep & (base + slot < capacity)  # a backup too small for its mask: left alone past its end
+            keep = keep & (used + slot < room)  # a backup too small for its mask: left alone past its end
             # whole rows where any element is kept (vector accesses), single elements in a tail
             if FULL:
                 rows = row_any[:, None]
@@ -70,13 +72,13 @@ def _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB: tl.con
                 rows = row_any[:, None] & valid
             old = tl.load(w + offs, mask=rows)
             if PERTURB:
-                tl.store(backup + base + slot, old, mask=keep)
+                tl.store(backup + used + slot, old, mask=keep)
                 grad = tl.load(g + offs, mask=rows, other=0.0).to(scale.dtype)
                 new = tl.where(keep, (old.to(scale.dtype) + scale * grad).to(old.dtype), old)
             else:
-                new = tl.where(keep, tl.load(backup + base + slot, mask=keep), old)
+                new = tl.where(keep, tl.load(backup + used + slot, mask=keep), old)
             tl.store(w + offs, new, mask=rows)
-            base += count
+            used += count
         else:
             if PERTURB:
                 old = load_block(w + offs, valid, FULL)
@@ -89,23 +91,23 @@ def _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB: tl.con
 
 @triton.jit
 def backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w, w_ref, bits_ref,
-                  HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr):
-    """(mask bits of the chunk, backup pointer, slot base, backup capacity) of chunk ``c`` of
-    tensor ``t``. Masked: the compact backup, whose values for this chunk start at its offset,
-    and its size (no slot at or past it is touched: a caller of the raw op may size it wrong,
-    which no check can see without reading the mask's count back). Unmasked: the whole-tensor
-    backup at the chunk's start (``bits`` is a placeholder; its size was checked on the host)."""
+                  HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+    """(mask bits of the chunk, backup pointer, room) of chunk ``c`` of tensor ``t``. Masked: the
+    compact backup at this chunk's first slot (its offset), and how many slots the backup has
+    from there (at most CHUNK, int32): no slot past the backup's end is touched, since a caller of
+    the raw op may size it wrong, which no check sees without reading the mask's count back.
+    Unmasked: the whole-tensor backup at the chunk's start (``bits`` is a placeholder; its size
+    was checked on the host)."""
     if HAS_MASK:
         bits = tensor_ptr(bits_ptrs, t, bits_ref, start // 8, ALIGNED)
-        backup = tensor_ptr(backup_ptrs, t, w_ref, 0, False)
         base = tl.load(chunk_offset + c)
-        capacity = tl.load(backup_numel + t)
+        backup = tensor_ptr(backup_ptrs, t, w_ref, base, False)
+        room = tl.minimum(tl.maximum(tl.load(backup_numel + t) - base, 0), CHUNK).to(tl.int32)
     else:
         bits = w
         backup = tensor_ptr(backup_ptrs, t, w_ref, start, ALIGNED)
-        base = 0
-        capacity = 0
-    return bits, backup, base, capacity
+        room = CHUNK
+    return bits, backup, room
 
 
 @triton.jit(do_not_specialize=["scale_bits"])  # one compile whatever the scale's value
@@ -127,12 +129,12 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
             scale = as_f64(scale_bits)
         else:
             scale = as_f64(scale_bits).to(tl.float32)
-    bits, backup, base, capacity = backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w,
-                                                 w_ref, bits_ref, HAS_MASK, ALIGNED)
+    bits, backup, room = backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w, w_ref,
+                                       bits_ref, HAS_MASK, ALIGNED, CHUNK)
     if left == CHUNK:
-        _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB, HAS_MASK, True, CHUNK, BLOCK)
+        _move_chunk(w, g, bits, backup, room, scale, left, PERTURB, HAS_MASK, True, CHUNK, BLOCK)
     else:
-        _move_chunk(w, g, bits, backup, base, capacity, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
+        _move_chunk(w, g, bits, backup, room, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
 
 
 def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.Tensor:
@@ -172,7 +174,9 @@ def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
         ws[0], gs[0] if perturb else ws[0], bits[0] if has_mask else ws[0],
         PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, FP64=dtype == torch.float64,
         ALIGNED=aligned(*operands),
-        CHUNK=CHUNK, BLOCK=BLOCK,
+        # float64 weights in half blocks: a whole block spilled 4 B on sm_90 (masked restore, off
+        # 16 bytes) once the backup's bound was added
+        CHUNK=CHUNK, BLOCK=BLOCK // 2 if ws[0].dtype == torch.float64 else BLOCK,
         enable_fp_fusion=False,  # round scale * g before the add, as the reference and the ext do
     )
 

@@ -24,21 +24,23 @@ SGD_BLOCK = 512
 
 
 @triton.jit
-def _restore_sgd_chunk(w, g, buf, bits, backup, base, capacity, left, lr, momentum, undamped, weight_decay,
+def _restore_sgd_chunk(w, g, buf, bits, backup, room, left, lr, momentum, undamped, weight_decay,
                        HAS_MASK: tl.constexpr, MOMENTUM: tl.constexpr, NEW_BUFFER: tl.constexpr,
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # the math is in the hyper-parameters' dtype: float64 for float64 weights, else fp32
+    # the math is in the hyper-parameters' dtype: float64 for float64 weights, else fp32. Masked:
+    # ``used`` slots of the chunk's backup are taken by the blocks before
+    used = 0
     for j in range(0, CHUNK, BLOCK):
         offs = block_offsets(j, BLOCK)
         valid = offs < left
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
             keep, slot, row_any, count = block_slots(bit)
-            keep = keep & (base + slot < capacity)  # never read past the backup (see backup_source)
+            keep = keep & (used + slot < room)  # never read past the backup (see backup_source)
             current = load_block(w + offs, valid, FULL)
-            weight = tl.where(keep, tl.load(backup + base + slot, mask=keep), current).to(lr.dtype)
-            base += count
+            weight = tl.where(keep, tl.load(backup + used + slot, mask=keep), current).to(lr.dtype)
+            used += count
         else:
             weight = load_block(backup + offs, valid, FULL).to(lr.dtype)
         d = load_block(g + offs, valid, FULL).to(lr.dtype)
@@ -82,13 +84,13 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
     buf = w
     if MOMENTUM:
         buf = tensor_ptr(buf_ptrs, t, buf_ref, start, ALIGNED)
-    bits, backup, base, capacity = backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w,
-                                                 w_ref, bits_ref, HAS_MASK, ALIGNED)
+    bits, backup, room = backup_source(bits_ptrs, backup_ptrs, backup_numel, chunk_offset, c, t, start, w, w_ref,
+                                       bits_ref, HAS_MASK, ALIGNED, CHUNK)
     if left == CHUNK:
-        _restore_sgd_chunk(w, g, buf, bits, backup, base, capacity, left, lr, momentum, undamped, weight_decay,
+        _restore_sgd_chunk(w, g, buf, bits, backup, room, left, lr, momentum, undamped, weight_decay,
                            HAS_MASK, MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, True, CHUNK, BLOCK)
     else:
-        _restore_sgd_chunk(w, g, buf, bits, backup, base, capacity, left, lr, momentum, undamped, weight_decay,
+        _restore_sgd_chunk(w, g, buf, bits, backup, room, left, lr, momentum, undamped, weight_decay,
                            HAS_MASK, MOMENTUM, NEW_BUFFER, NESTEROV, MAXIMIZE, WEIGHT_DECAY, False, CHUNK, BLOCK)
 
 
