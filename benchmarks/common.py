@@ -90,12 +90,18 @@ def write_results(name: str, meta: dict, rows: list[dict], markdown: str, out_di
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{name}.json")
     md_path = os.path.join(out_dir, f"{name}.md")
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        f.write("\n")
-    with open(md_path, "w") as f:
-        f.write(markdown + "\n")
+    _replace(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    _replace(md_path, markdown + "\n")
     return json_path, md_path
+
+
+def _replace(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all (a benchmark stopped by its time limit while writing
+    leaves the previous file, never half of one)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def device_slug(device: torch.device) -> str:

@@ -19,6 +19,11 @@ usage: bash benchmarks/gpu_check.sh PART LOG_DIR
 Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), then:
 
   build          nothing more: the build and `ssam_kernels.backend_info("cuda")`
+  first          a first look at everything in one slot, for a session with one GPU call: the cuda
+                 tier (timeout 120 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
+                 MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
+                 overhead on the ResNet-18 and GPT-2 small lists (50 s), and SAM / SSAM-F at 50% and
+                 90%, dense and exact, on ResNet-18 CIFAR (90 s)
   tests          the cuda test tier, pytest -n 8 (timeout 180 s; 49 s measured on an H200 before the
                  training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
                  memcheck) under compute-sanitizer's memcheck (timeout 140 s; the multi-tensor and
@@ -50,7 +55,7 @@ part in turn (for a machine without a time limit).
 EOF
 }
 
-parts="build tests step-resnet18 step-large step-24 sparse24 ops masks profile"
+parts="build first tests step-resnet18 step-large step-24 sparse24 ops masks profile"
 if [ "$#" -ne 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   usage
   [ "$#" -eq 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
@@ -104,6 +109,12 @@ build() {
 run_part() {
   case $1 in
     build) ;;
+    first)
+      step cuda-tests 120 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
+      step ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
+      step overhead 50 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k
+      step step-resnet18 90 ssam-bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
+        --modes dense exact ;;
     tests)
       step cuda-tests 180 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
       step memcheck 140 compute-sanitizer --tool memcheck --error-exitcode 1 \

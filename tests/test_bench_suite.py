@@ -147,6 +147,29 @@ def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
     assert (tmp_path / "step.png").stat().st_size > 0 and (tmp_path / "ops.png").stat().st_size > 0
 
 
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A part's benchmark may be stopped by its time limit while writing: the new text goes to
+    a file beside the result and is moved over it whole, so the previous result stays intact
+    until then."""
+    from ssam_bench import common
+
+    common.write_results("t", {"run": 1}, [{"x": 1}], "# one", str(tmp_path))
+
+    def killed(src, dst):  # the kill arrives after the new text is written, before the move
+        assert json.loads(open(src).read()).get("rows") == [{"x": 2}]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_results("t", {"run": 2}, [{"x": 2}], "# two", str(tmp_path))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == [{"x": 1}]
+    assert (tmp_path / "t.md").read_text() == "# one\n"
+    common.write_results("t", {"run": 3}, [{"x": 3}], "# three", str(tmp_path))
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == [{"x": 3}]
+    assert (tmp_path / "t.md").read_text() == "# three\n"
+
+
 def test_cli_ops_skips_the_tables_it_is_told_to(monkeypatch):
     """gpu_check.sh's ops part leaves the 2:4 GEMM table to the sparse24 part (`--skip`)."""
     import types
