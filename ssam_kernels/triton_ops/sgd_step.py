@@ -29,18 +29,18 @@ def _restore_sgd_chunk(w, g, buf, bits, backup, room, left, lr, momentum, undamp
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # the math is in the hyper-parameters' dtype: float64 for float64 weights, else fp32. Masked:
-    # ``used`` slots of the chunk's backup are taken by the blocks before
-    used = 0
+    # ``backup`` and ``room`` move past the slots each block takes (see perturb's _move_chunk)
     for j in range(0, CHUNK, BLOCK):
         offs = block_offsets(j, BLOCK)
         valid = offs < left
         if HAS_MASK:
             bit = block_bits(bits, j, offs, left, FULL, BLOCK)
             keep, slot, row_any, count = block_slots(bit)
-            keep = keep & (used + slot < room)  # never read past the backup (see backup_source)
+            keep = keep & (slot < room)  # never read past the backup (see backup_source)
             current = load_block(w + offs, valid, FULL)
-            weight = tl.where(keep, tl.load(backup + used + slot, mask=keep), current).to(lr.dtype)
-            used += count
+            weight = tl.where(keep, tl.load(backup + slot, mask=keep), current).to(lr.dtype)
+            backup += count
+            room -= count
         else:
             weight = load_block(backup + offs, valid, FULL).to(lr.dtype)
         d = load_block(g + offs, valid, FULL).to(lr.dtype)
