@@ -347,7 +347,9 @@ def run(args, device, progress_factory=None) -> list[dict]:
 
 def write(rows, device, out) -> dict:
     cuda = device.type == "cuda"
-    return report("step", "Step time and FLOPs relative to SGD", rows, COLUMNS, device, out, merge_on="model",
+    # merged by contender: a part that measures some of a model's contenders keeps the others'
+    return report("step", "Step time and FLOPs relative to SGD", rows, COLUMNS, device, out,
+                  merge_on=("model", "contender"),
                   note=" (synthetic inputs" + (", bf16 autocast)" if cuda else
                                                 "; real models FLOP-counted only, tiny models timed)"))
 

@@ -98,10 +98,16 @@ def write_results(name: str, meta: dict, rows: list[dict], markdown: str, out_di
 def _replace(path: str, text: str) -> None:
     """Write ``path`` whole or not at all (a benchmark stopped by its time limit while writing
     leaves the previous file, never half of one)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")  # hidden, and ignored by git
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def device_slug(device: torch.device) -> str:
@@ -182,11 +188,16 @@ def results_dir(device: torch.device, out: str | None) -> str | None:
     return os.path.join(RESULTS, device_slug(device)) if device.type == "cuda" else None
 
 
-def merge_rows(path: str, rows: list[dict], meta: dict, key: str) -> list[dict]:
+def merge_rows(path: str, rows: list[dict], meta: dict, key: str | tuple[str, ...]) -> list[dict]:
     """``rows`` (this run's, stamped with its commit and date) after the rows of the results
-    file at ``path`` whose ``key`` value this run did not measure, when that file comes from
-    the same device: parts of a benchmark run in separate sessions (a GPU slot each) add up to
-    one table, each row keeping the stamp of the run that measured it."""
+    file at ``path`` whose ``key`` value (a row key, or a tuple of them) this run did not measure,
+    when that file comes from the same device: parts of a benchmark run in separate sessions (a
+    GPU slot each) add up to one table, each row keeping the stamp of the run that measured it."""
+    keys = (key,) if isinstance(key, str) else tuple(key)
+
+    def ident(r: dict) -> tuple:
+        return tuple(r.get(k) for k in keys)
+
     stamped = [{**r, "commit": meta["commit"], "date": meta["date"]} for r in rows]
     try:
         with open(path) as f:
@@ -195,9 +206,9 @@ def merge_rows(path: str, rows: list[dict], meta: dict, key: str) -> list[dict]:
         return stamped
     if old.get("meta", {}).get("device") != meta["device"]:
         return stamped
-    fresh = {r.get(key) for r in rows}
+    fresh = {ident(r) for r in rows}
     kept = [{"commit": old["meta"].get("commit", "unknown"), "date": old["meta"].get("date"), **r}
-            for r in old.get("rows", []) if r.get(key) not in fresh]
+            for r in old.get("rows", []) if ident(r) not in fresh]
     return kept + stamped
 
 
@@ -251,11 +262,11 @@ LEGENDS = {
 
 
 def report(name: str, title: str, rows: list[dict], columns, device: torch.device, out: str | None,
-           meta_extra: dict | None = None, note: str = "", merge_on: str | None = None) -> dict:
+           meta_extra: dict | None = None, note: str = "", merge_on: str | tuple[str, ...] | None = None) -> dict:
     """Print the Markdown table of a run (labelled CPU off a GPU) and write it where
-    :func:`results_dir` says. ``merge_on``: a row key (e.g. ``"model"``); the written file
-    keeps the earlier rows of this device for the values of it this run did not measure
-    (:func:`merge_rows`). Returns the run metadata."""
+    :func:`results_dir` says. ``merge_on``: a row key (e.g. ``"model"``) or a tuple of them; the
+    written file keeps the earlier rows of this device for the values of it this run did not
+    measure (:func:`merge_rows`). Returns the run metadata."""
     meta = {**run_metadata(device), **(meta_extra or {})}
     target = results_dir(device, out)
     if target and merge_on:

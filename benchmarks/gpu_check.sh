@@ -23,7 +23,9 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
                  tier (timeout 120 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
                  MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
                  overhead on the ResNet-18 and GPT-2 small lists (50 s), and SAM / SSAM-F at 50% and
-                 90%, dense and exact, on ResNet-18 CIFAR (90 s)
+                 90%, dense and exact, on ResNet-18 CIFAR (90 s). Its rows merge into the results
+                 files (by model and contender; by shape for the GEMM table), replacing only those
+                 it measured; `all` leaves it out (the other parts cover it)
   tests          the cuda test tier, pytest -n 8 (timeout 180 s; 49 s measured on an H200 before the
                  training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
                  memcheck) under compute-sanitizer's memcheck (timeout 140 s; the multi-tensor and
@@ -49,7 +51,8 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
                  300 s; not timed yet); the text is the log
 
 The 2:4 benchmarks (sparse24's table, step-24) run again with SSAM_CUSPARSELT_PLANNED=0 (torch's
-cuSPARSELt path only) if they crash, inside the same timeout. A step that times out is reported
+cuSPARSELt path only) if they crash, inside the same timeout; the step is reported FAILED even when
+the rerun succeeds (exit 3; its log says CRASH). A step that times out is reported
 FAILED with its log; the part goes on with its other steps and exits non-zero. `all` runs every
 part in turn (for a machine without a time limit).
 EOF
@@ -88,14 +91,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, g
 }
 
 # run a command; if it dies by a signal (a crash, e.g. in the planned cuSPARSELt path, not yet run
-# on a GPU), say so and run it again on torch's cuSPARSELt path only, so its table still lands
+# on a GPU), say so and run it again on torch's cuSPARSELt path only, so its table still lands; the
+# step fails either way (exit 3 when the rerun succeeds), so the crash is not hidden
 unplanned_after_crash() {
   "$@"
   local rc=$?
   if [ "$rc" -gt 128 ] && [ "$rc" -ne 137 ]; then
-    echo "gpu_check: exit $rc (killed by signal $((rc - 128))): again with SSAM_CUSPARSELT_PLANNED=0"
-    SSAM_CUSPARSELT_PLANNED=0 "$@"
-    rc=$?
+    echo "gpu_check: CRASH: exit $rc (signal $((rc - 128))); again with SSAM_CUSPARSELT_PLANNED=0"
+    SSAM_CUSPARSELT_PLANNED=0 "$@" && rc=3 || rc=$?
   fi
   return $rc
 }
@@ -110,10 +113,10 @@ run_part() {
   case $1 in
     build) ;;
     first)
-      step cuda-tests 120 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
-      step ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
-      step overhead 50 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k
-      step step-resnet18 90 ssam-bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
+      step first-cuda-tests 120 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
+      step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
+      step first-overhead 50 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k
+      step first-step-resnet18 90 ssam-bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
         --modes dense exact ;;
     tests)
       step cuda-tests 180 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
@@ -143,7 +146,7 @@ run_part() {
 
 build
 if [ "$part" = all ]; then
-  for p in $parts; do run_part "$p"; done
+  for p in $parts; do [ "$p" = first ] || run_part "$p"; done  # `first` is a subset of the others
 else
   run_part "$part"
 fi

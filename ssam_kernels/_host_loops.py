@@ -19,6 +19,11 @@ try:  # optional: the fallbacks below do the same in Python
     from . import _host
 except ImportError:
     _host = None
+if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses")):
+    _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
+
+# what the list ops' kernels take (float8 and other floating dtypes are refused)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def bump_versions(tensors: list[torch.Tensor]) -> None:
@@ -36,7 +41,8 @@ def check_list_operands(op: str, params, shaped: dict, values, masks) -> None:
     ``shaped[name][i]`` (gradients, momentum buffers): floating, as many elements, same device;
     ``values[i]`` (the backup): the param's dtype and device, all of it where ``masks[i]`` is
     None, else 1-D with at most as many values as the tensor has elements; ``masks[i]``: None, a
-    bool tensor of as many elements, or contiguous uint8 bits (one byte per 8 elements).
+    bool tensor of as many elements, or 1-D contiguous uint8 bits (one byte per 8 elements).
+    Floating means one of :data:`FLOAT_DTYPES`.
     """
     params, values, masks = list(params), list(values), list(masks)
     if not params:
@@ -45,15 +51,16 @@ def check_list_operands(op: str, params, shaped: dict, values, masks) -> None:
     for name, entries in [*zip(names, lists), ("values", values), ("masks", masks)]:
         if len(entries) != len(params):
             raise ValueError(f"{op}: {name} has {len(entries)} entries but params has {len(params)}")
-    start = 0
-    if _host is not None:
-        start = _host.operands_misfit(params, lists, values, masks)
-        if start < 0:
-            return
-    for i in range(start, len(params)):
-        _check_one(op, i, params, dict(zip(names, lists)), values, masks)
-    if _host is not None:  # the C loop and this one disagree: a bug here, not in the caller
-        raise RuntimeError(f"{op}: ssam_kernels._host refused the operands of tensor {start}, the Python check did not")
+    shaped = dict(zip(names, lists))
+    if _host is None:
+        for i in range(len(params)):
+            _check_one(op, i, params, shaped, values, masks)
+        return
+    first = _host.operands_misfit(params, lists, values, masks)
+    if first >= 0:
+        _check_one(op, first, params, shaped, values, masks)  # raises, saying what does not fit
+        # the C loop and this one disagree: a bug here, not in the caller
+        raise RuntimeError(f"{op}: ssam_kernels._host refused the operands of tensor {first}, the Python check did not")
 
 
 def _check_one(op: str, i: int, params, shaped: dict, values, masks) -> None:
@@ -65,14 +72,14 @@ def _check_one(op: str, i: int, params, shaped: dict, values, masks) -> None:
     w = tensor("params", params[i])
     device = tensor("params", params[0]).device
     n = w.numel()
-    if not w.is_floating_point():
-        raise TypeError(f"{op}: params[{i}] must be a floating-point tensor, got {w.dtype}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: params[{i}] must be a floating-point tensor {FLOAT_DTYPES}, got {w.dtype}")
     if w.device != device:
         raise ValueError(f"{op}: params[{i}] is on {w.device}, params[0] on {device}: one device per call")
     for name, entries in shaped.items():
         s = tensor(name, entries[i])
-        if not s.is_floating_point():
-            raise TypeError(f"{op}: {name}[{i}] must be a floating-point tensor, got {s.dtype}")
+        if s.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name}[{i}] must be a floating-point tensor {FLOAT_DTYPES}, got {s.dtype}")
         if s.numel() != n or s.device != device:
             raise ValueError(f"{op}: {name}[{i}] has {s.numel()} elements on {s.device}; params[{i}] has {n} "
                              f"on {device}")
@@ -87,9 +94,9 @@ def _check_one(op: str, i: int, params, shaped: dict, values, masks) -> None:
         return
     m = tensor("masks", m)
     if m.dtype == torch.uint8:
-        if m.numel() != (n + 7) // 8 or not m.is_contiguous():
-            raise ValueError(f"{op}: masks[{i}] must be the {(n + 7) // 8} contiguous bytes of params[{i}]'s packed "
-                             f"bits, got {m.numel()} (contiguous: {m.is_contiguous()})")
+        if m.dim() != 1 or m.numel() != (n + 7) // 8 or not m.is_contiguous():
+            raise ValueError(f"{op}: masks[{i}] must be the {(n + 7) // 8} contiguous bytes (1-D) of params[{i}]'s "
+                             f"packed bits, got shape {tuple(m.shape)} (contiguous: {m.is_contiguous()})")
     elif m.dtype == torch.bool:
         if m.numel() != n:
             raise ValueError(f"{op}: masks[{i}] has {m.numel()} elements, params[{i}] has {n}")
@@ -97,6 +104,8 @@ def _check_one(op: str, i: int, params, shaped: dict, values, masks) -> None:
         raise TypeError(f"{op}: masks[{i}] must be None, a bool tensor or uint8 packed bits, got {m.dtype}")
     if m.device != device:
         raise ValueError(f"{op}: masks[{i}] is on {m.device}, params[{i}] on {device}")
-    if v.dim() != 1 or v.numel() > n:
-        raise ValueError(f"{op}: values[{i}] must be 1-D with one value per set bit of masks[{i}] (at most {n}), "
-                         f"got shape {tuple(v.shape)}")
+    if v.dim() != 1:
+        raise ValueError(f"{op}: values[{i}] must be 1-D (one value per set bit of masks[{i}]), got shape "
+                         f"{tuple(v.shape)}")
+    if v.numel() > n:
+        raise ValueError(f"{op}: values[{i}] holds {v.numel()} values, more than params[{i}]'s {n} elements")

@@ -165,6 +165,7 @@ def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == [{"x": 1}]
     assert (tmp_path / "t.md").read_text() == "# one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.md"]  # the interrupted write removed
     common.write_results("t", {"run": 3}, [{"x": 3}], "# three", str(tmp_path))
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == [{"x": 3}]
     assert (tmp_path / "t.md").read_text() == "# three\n"
@@ -348,6 +349,12 @@ def test_results_of_parts_merge_by_model(tmp_path):
     other = {"device": "GPU B", "commit": "ccc", "date": "2026-01-03T00:00:00Z"}
     rows = merge_rows(str(tmp_path / "step.json"), [{"model": "m3", "x": 3}], other, "model")
     assert [(r["model"], r["commit"]) for r in rows] == [("m3", "ccc")] and runs_note(rows) == ""
+    # keyed by several columns (step: model and contender), a part replaces only the rows it measured
+    third = {"device": "GPU B", "commit": "ddd", "date": "2026-01-04T00:00:00Z"}
+    write_results("step", other, [{"model": "m3", "c": "sgd", "x": 1}, {"model": "m3", "c": "sam", "x": 2}], "",
+                  str(tmp_path))
+    rows = merge_rows(str(tmp_path / "step.json"), [{"model": "m3", "c": "sgd", "x": 10}], third, ("model", "c"))
+    assert [(r["c"], r["x"], r["commit"]) for r in rows] == [("sam", 2, "ccc"), ("sgd", 10, "ddd")]
     assert merge_rows(str(tmp_path / "none.json"), [{"model": "m"}], other, "model") == [
         {"model": "m", "commit": "ccc", "date": "2026-01-03T00:00:00Z"}]
 

@@ -194,7 +194,11 @@ def _bad_raw_calls(gen):
         (r"values\[1\] holds 79 values; params\[1\] is unmasked",
          lambda b: P(ws, gs, bits, [values[0], torch.empty(79)], 0.1, None, b)),
         (r"values\[0\] is torch.float64", lambda b: P(ws, gs, bits, [values[0].double(), values[1]], 0.1, None, b)),
-        (r"values\[0\] must be 1-D", lambda b: P(ws, gs, bits, [torch.empty(38), values[1]], 0.1, None, b)),
+        (r"values\[0\] holds 38 values, more than", lambda b: P(ws, gs, bits, [torch.empty(38), values[1]], 0.1, None,
+                                                                  b)),
+        (r"values\[0\] must be 1-D", lambda b: P(ws, gs, bits, [torch.empty(2, 3), values[1]], 0.1, None, b)),
+        (r"masks\[0\] must be the 5 contiguous bytes \(1-D\)",
+         lambda b: P(ws, gs, [mask.bits.reshape(1, 5), None], values, 0.1, None, b)),
         (r"masks\[0\] must be the 5 contiguous bytes",
          lambda b: P(ws, gs, [mask.bits[:4], None], values, 0.1, None, b)),
         (r"masks\[0\] must be the 5 contiguous bytes",
@@ -293,3 +297,28 @@ def test_raw_list_op_kernels_never_touch_a_backup_past_its_end(gen, op, backend,
             ops.restore_sgd_step_(ws, gs, [], [], values, [mask.bits], 0.5, 0.0, 0.0, 0.0, False, False, backend)
             assert torch.equal(ws[0], expect - 0.5 * gs[0])  # torch's SGD: one fused multiply-add in fp32
     assert torch.all(room[short:] == 1234.5)
+
+
+@pytest.mark.cpu
+def test_an_older_host_module_build_falls_back_to_the_python_loops(monkeypatch):
+    """A source tree whose ssam_kernels._host predates a loop (not rebuilt) must not break the
+    ops: the wrapper uses the Python loops instead of failing on the missing function."""
+    import importlib
+    import sys
+    import types
+
+    from ssam_kernels import _host_loops
+
+    old_build = types.ModuleType("ssam_kernels._host")
+    old_build.bump_versions = old_build.grad_addresses = lambda *a: None  # no operands_misfit
+    monkeypatch.setitem(sys.modules, "ssam_kernels._host", old_build)
+    monkeypatch.setattr(sk, "_host", old_build, raising=False)
+    try:
+        importlib.reload(_host_loops)
+        assert _host_loops._host is None
+        w = torch.zeros(3)
+        with pytest.raises(ValueError, match=r"grads\[0\] has 2 elements"):
+            torch.ops.ssam_kernels.perturb_([w], [torch.zeros(2)], [None], [torch.zeros(3)], 0.1, None, "auto")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_host_loops)

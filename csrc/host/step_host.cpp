@@ -10,6 +10,7 @@
 // the same in Python.
 
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -21,6 +22,7 @@ namespace {
 // its expected address (checked where expected is not None) or a gradient's strides differ from
 // its parameter's: the caller then finds out which, and says so, in Python.
 PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
   PyObject* params = nullptr;
   PyObject* expected = nullptr;
   if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &params, &expected)) return nullptr;
@@ -68,6 +70,7 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
     PyTuple_SET_ITEM(out, i, value);
   }
   return out;
+  END_HANDLE_TH_ERRORS
 }
 
 // bump_versions(tensors: list[Tensor]) -> None
@@ -76,6 +79,7 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
 // and are left alone, as torch.autograd.graph.increment_version does. A few ns per tensor, where
 // torch._C._increment_version takes about 90.
 PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
   PyObject* tensors = nullptr;
   if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &tensors)) return nullptr;
   const Py_ssize_t n = PyList_GET_SIZE(tensors);
@@ -89,6 +93,13 @@ PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
     if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   }
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// the dtypes the list ops' kernels take (ssam_kernels/_host_loops.py FLOAT_DTYPES)
+bool floating(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
 }
 
 bool tensor_at(PyObject* list, Py_ssize_t i, const at::Tensor** out) {
@@ -104,8 +115,9 @@ bool tensor_at(PyObject* list, Py_ssize_t i, const at::Tensor** out) {
 // messages) checked the lists' lengths and says what does not fit. params[i]: floating, on
 // params[0]'s device; every shaped[j][i]: floating, as many elements, same device; values[i]: the
 // param's dtype and device, all of it (no mask) or 1-D and at most as many (a mask); masks[i]: None,
-// a bool tensor of as many elements or contiguous uint8 bits, one byte per 8 elements, same device.
+// a bool tensor of as many elements or 1-D contiguous uint8 bits, one byte per 8 elements, same device.
 PyObject* operands_misfit(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS  // a C++ exception (a tensor method throwing) becomes a Python one, never an abort
   PyObject *params = nullptr, *shaped = nullptr, *values = nullptr, *masks = nullptr;
   if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyList_Type, &params, &PyList_Type, &shaped, &PyList_Type, &values,
                         &PyList_Type, &masks))
@@ -124,10 +136,10 @@ PyObject* operands_misfit(PyObject* /*self*/, PyObject* args) {
     if (!tensor_at(params, i, &w) || !tensor_at(values, i, &v)) return PyLong_FromSsize_t(i);
     if (i == 0) device = w->device();
     const int64_t numel = w->numel();
-    if (!w->is_floating_point() || w->device() != device) return PyLong_FromSsize_t(i);
+    if (!floating(*w) || w->device() != device) return PyLong_FromSsize_t(i);
     for (Py_ssize_t j = 0; j < lists; ++j) {
       const at::Tensor* s = nullptr;
-      if (!tensor_at(PyList_GET_ITEM(shaped, j), i, &s) || !s->is_floating_point() || s->numel() != numel ||
+      if (!tensor_at(PyList_GET_ITEM(shaped, j), i, &s) || !floating(*s) || s->numel() != numel ||
           s->device() != device)
         return PyLong_FromSsize_t(i);
     }
@@ -139,11 +151,13 @@ PyObject* operands_misfit(PyObject* /*self*/, PyObject* args) {
     }
     if (!THPVariable_Check(item)) return PyLong_FromSsize_t(i);
     const at::Tensor& m = THPVariable_Unpack(item);
-    const bool bits = m.scalar_type() == at::kByte && m.numel() == (numel + 7) / 8 && m.is_contiguous();
+    const bool bits =
+        m.scalar_type() == at::kByte && m.dim() == 1 && m.numel() == (numel + 7) / 8 && m.is_contiguous();
     const bool flags = m.scalar_type() == at::kBool && m.numel() == numel;
     if (!(bits || flags) || m.device() != device || v->dim() != 1 || v->numel() > numel) return PyLong_FromSsize_t(i);
   }
   return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef methods[] = {
