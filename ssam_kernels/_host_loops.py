@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import FLOAT_DTYPES  # what the list ops' kernels take (float8 and others refused)
+
 try:  # optional: the fallbacks below do the same in Python
     from . import _host
 except ImportError:
     _host = None
 if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
-
-# what the list ops' kernels take (float8 and other floating dtypes are refused)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def bump_versions(tensors: list[torch.Tensor]) -> None:
@@ -42,7 +41,7 @@ def check_list_operands(op: str, params, shaped: dict, values, masks) -> None:
     ``values[i]`` (the backup): the param's dtype and device, all of it where ``masks[i]`` is
     None, else 1-D with at most as many values as the tensor has elements; ``masks[i]``: None, a
     bool tensor of as many elements, or 1-D contiguous uint8 bits (one byte per 8 elements).
-    Floating means one of :data:`FLOAT_DTYPES`.
+    Floating means one of ``_checks.FLOAT_DTYPES``.
     """
     params, values, masks = list(params), list(values), list(masks)
     if not params:

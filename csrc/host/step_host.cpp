@@ -96,7 +96,7 @@ PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// the dtypes the list ops' kernels take (ssam_kernels/_host_loops.py FLOAT_DTYPES)
+// the dtypes the list ops' kernels take (ssam_kernels/_checks.py FLOAT_DTYPES)
 bool floating(const at::Tensor& t) {
   const auto s = t.scalar_type();
   return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
