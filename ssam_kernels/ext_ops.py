@@ -146,10 +146,13 @@ if "ssam_cslt::mm" in torch._C._dispatch_get_all_op_names():
 
     @torch.library.register_fake("ssam_cslt::compress")
     def _(a):
-        return a.new_empty(a.numel() * 9 // 16)  # the kept half and 2 bits per kept value
+        # [m, the kept half and 2 bits per kept value]: cuSPARSELt's size except for small
+        # operands, which it pads (known only on the device; the fake's shape is for tracing)
+        m, k = a.shape
+        return a.new_empty((m, -(-k * 9 // 16)))
 
     @torch.library.register_fake("ssam_cslt::mm")
     def _(packed, b, alg_id, split_k, split_k_mode, transpose_result):
         k, n = b.shape
-        m = packed.numel() * 16 // (9 * k)
+        m = packed.shape[0] if packed.dim() == 2 else packed.numel() * 16 // (9 * k)  # 1-D: torch < 2.10
         return b.new_empty((n, m) if transpose_result else (m, n))

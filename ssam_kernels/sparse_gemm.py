@@ -200,7 +200,18 @@ def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
         return _CONFIG[key]
     planned = planned_unavailable() is None
     found = _SEARCHED.get(key + (planned,))
-    return found if found is not None else _searched(compress(a, CsltConfig(planned=planned)), b, key, planned)
+    if found is not None:
+        return found
+    try:
+        packed = compress(a, CsltConfig(planned=planned))
+    except RuntimeError as exc:  # cuSPARSELt refused this operand on the planned path: torch's, from now on
+        if not planned:
+            raise
+        log_once(("planned compress",) + key, f"sparse_mm_24: planned cuSPARSELt compression failed ({exc}); "
+                 "torch's path for this shape")
+        _SEARCHED[key + (True,)] = found = _searched(compress(a, CsltConfig()), b, key, False)
+        return found
+    return _searched(packed, b, key, planned)
 
 
 def _cusparselt(a: torch.Tensor, b: torch.Tensor, keep: tuple | None = None) -> torch.Tensor:

@@ -345,11 +345,13 @@ def test_planned_cusparselt_multiplies_right_on_every_layout_and_reuses_its_plan
     gen = torch.Generator().manual_seed(9)
     a = mvue24(rand((256, 512), dtype, gen, "cuda"), seed=2)
     packed = torch._cslt_compress(a)  # the planned GEMM reads torch's format too
-    alg, split_k, mode, max_alg = torch.ops.ssam_cslt.search(packed, rand((512, 64), dtype, gen, "cuda"), False)
-    assert 0 <= alg <= max(max_alg, 0) and split_k >= 1
-    searched = CsltConfig(alg, False, split_k, mode if split_k != 1 else -1, planned=True)
+    assert compress(a, CsltConfig(planned=True)).shape[0] == packed.shape[0] == 256  # torch >= 2.10's layout: [m, ...]
     wide = rand((512, 192), dtype, gen, "cuda")
     for b in (rand((512, 64), dtype, gen, "cuda"), rand((64, 512), dtype, gen, "cuda").t(), wide[:, 8:72]):
+        # searched per B layout: an algorithm id's range depends on it
+        alg, split_k, mode, max_alg = torch.ops.ssam_cslt.search(packed, b, False)
+        assert 0 <= alg <= max(max_alg, 0) and split_k >= 1
+        searched = CsltConfig(alg, False, split_k, mode if split_k != 1 else -1, planned=True)
         ref = a.double() @ b.double()
         tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * ref.abs().max().item()
         for config in (CsltConfig(planned=True), CsltConfig(transpose_result=True, planned=True), searched):
@@ -359,6 +361,8 @@ def test_planned_cusparselt_multiplies_right_on_every_layout_and_reuses_its_plan
             assert torch.equal(again, first) if config.split_k == 1 else torch.allclose(again, first, rtol=0, atol=tol)
     with pytest.raises(ValueError, match="multiples of 16"):
         torch.ops.ssam_cslt.compress(a[:, :24].contiguous()[:40])
+    with pytest.raises(ValueError, match="cuSPARSELt reads"):  # fewer bytes than a compressed [256, 512] operand
+        torch.ops.ssam_cslt.mm(packed[:, :8].contiguous(), rand((512, 64), dtype, gen, "cuda"), 0, 1, -1, False)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         torch.ops.ssam_cslt.compress(a.float())
 

@@ -140,10 +140,9 @@ cudaDataType value_type(const at::Tensor& t, const char* what) {
   return CUDA_R_16F;  // not reached
 }
 
-// A compressed 2:4 operand of [m, k] 16-bit values takes m * k * 9 / 16 elements of its dtype
-// (the kept half plus 2 bits of position per kept value), as torch._cslt_compress allocates it;
-// cusparselt_compress checks cuSPARSELt's own size against it.
-int64_t compressed_numel(int64_t m, int64_t k) { return m * k * 9 / 16; }
+// The 1-D form older torch's _cslt_compress returned (before 2.10) held m * k * 9 / 16 elements:
+// the kept half plus 2 bits of position per kept value. Read back only to find m.
+int64_t legacy_compressed_numel(int64_t m, int64_t k) { return m * k * 9 / 16; }
 
 struct Compression {
   MatDescr descr;
@@ -191,7 +190,22 @@ void init_sparse_descr(const Handle& h, MatDescr* descr, int64_t m, int64_t k, c
         "structured descriptor init");
 }
 
-// a (dense-stored [m, k], 2:4 along k, row-major) -> its compressed form for `mm`
+// The descriptor and sizes of a compressed [m, k] operand of this type (made once per shape).
+Compression& compression(DeviceState& st, at::ScalarType dtype, cudaDataType type, int64_t m, int64_t k) {
+  auto& entry = st.compressions[{static_cast<int>(dtype), m, k}];
+  if (!entry) {
+    auto fresh = std::make_unique<Compression>();
+    init_sparse_descr(st.handle, &fresh->descr, m, k, type);
+    check(api().SpMMACompressedSize2(&st.handle, &fresh->descr, &fresh->size, &fresh->buffer), "compressed size");
+    entry = std::move(fresh);
+  }
+  return *entry;
+}
+
+// a (dense-stored [m, k], 2:4 along k, row-major) -> its compressed form for `mm`: the bytes
+// cuSPARSELt asks for (more than the kept half and its metadata for small operands, which it
+// pads), as [m, ceil(bytes / (m * element size))] elements of a's dtype: torch's _cslt_compress
+// layout since torch 2.10, whose m is size(0)
 at::Tensor cslt_compress(const at::Tensor& a_in) {
   check_operand(a_in, "a");
   const cudaDataType type = value_type(a_in, "compress");
@@ -200,19 +214,11 @@ at::Tensor cslt_compress(const at::Tensor& a_in) {
   TORCH_CHECK_VALUE(m % 16 == 0 && k % 16 == 0, "compress: a's shape must be multiples of 16, got [", m, ", ", k, "]");
   c10::DeviceGuard guard(a.device());
   DeviceState& st = state(a.device());
-  auto& entry = st.compressions[{static_cast<int>(a.scalar_type()), m, k}];
-  if (!entry) {
-    auto fresh = std::make_unique<Compression>();
-    init_sparse_descr(st.handle, &fresh->descr, m, k, type);
-    check(api().SpMMACompressedSize2(&st.handle, &fresh->descr, &fresh->size, &fresh->buffer), "compressed size");
-    TORCH_CHECK(fresh->size <= static_cast<size_t>(compressed_numel(m, k) * a.element_size()),
-                "cuSPARSELt asks ", fresh->size, " bytes for a compressed [", m, ", ", k, "] operand, more than the ",
-                compressed_numel(m, k) * a.element_size(), " this extension allocates");
-    entry = std::move(fresh);
-  }
-  auto out = at::empty({compressed_numel(m, k)}, a.options());
-  auto buffer = at::empty({static_cast<int64_t>(entry->buffer) + 1}, a.options().dtype(at::kByte));
-  check(api().SpMMACompress2(&st.handle, &entry->descr, 1, cslt::kOpNonTranspose, a.data_ptr(), out.data_ptr(),
+  const Compression& entry = compression(st, a.scalar_type(), type, m, k);
+  const int64_t row_bytes = m * a.element_size();
+  auto out = at::empty({m, (static_cast<int64_t>(entry.size) + row_bytes - 1) / row_bytes}, a.options());
+  auto buffer = at::empty({static_cast<int64_t>(entry.buffer) + 1}, a.options().dtype(at::kByte));
+  check(api().SpMMACompress2(&st.handle, &entry.descr, 1, cslt::kOpNonTranspose, a.data_ptr(), out.data_ptr(),
                              buffer.data_ptr(), current_stream(a.device())),
         "compress");
   return out;
@@ -224,21 +230,42 @@ struct Operands {
   bool b_transposed;
 };
 
+// packed: compress's output or torch._cslt_compress's ([m, ...] since torch 2.10, 1-D before),
+// contiguous; its size is checked against cuSPARSELt's for [m, k] by checked_operands
 Operands operands(const at::Tensor& packed, const at::Tensor& b_in) {
   check_operand(b_in, "b");
-  TORCH_CHECK_VALUE(packed.is_cuda() && packed.dim() == 1 && packed.device() == b_in.device() &&
-                        packed.scalar_type() == b_in.scalar_type(),
-                    "packed must be the 1-D output of compress, on b's device and in b's dtype");
+  TORCH_CHECK_VALUE(packed.is_cuda() && (packed.dim() == 1 || packed.dim() == 2) && packed.is_contiguous() &&
+                        packed.device() == b_in.device() && packed.scalar_type() == b_in.scalar_type(),
+                    "packed must be a compressed operand (compress's or torch._cslt_compress's output), on b's device "
+                    "and in b's dtype");
   // B row-major as it is, or the transpose of a row-major tensor (read with opB = T)
   const bool transposed = !b_in.is_contiguous() && b_in.t().is_contiguous();
   const at::Tensor b = (transposed || b_in.is_contiguous()) ? b_in : b_in.contiguous();
   const int64_t k = b.size(0), n = b.size(1);
-  TORCH_CHECK_VALUE(k > 0 && packed.numel() * 16 % (9 * k) == 0, "packed holds ", packed.numel(),
-                    " elements, not a compressed [m, ", k, "] operand");
-  const int64_t m = packed.numel() * 16 / (9 * k);
-  TORCH_CHECK_VALUE(m % 16 == 0 && k % 16 == 0 && n % 8 == 0, "cuSPARSELt needs m, k multiples of 16 and n of 8, got m ",
-                    m, ", k ", k, ", n ", n);
+  int64_t m = 0;
+  if (packed.dim() == 2) {
+    m = packed.size(0);
+  } else {
+    TORCH_CHECK_VALUE(k > 0 && packed.numel() * 16 % (9 * k) == 0, "packed holds ", packed.numel(),
+                      " elements, not a compressed [m, ", k, "] operand");
+    m = packed.numel() * 16 / (9 * k);
+    TORCH_CHECK_VALUE(legacy_compressed_numel(m, k) == packed.numel(), "packed holds ", packed.numel(),
+                      " elements, not a compressed [m, ", k, "] operand");
+  }
+  TORCH_CHECK_VALUE(m > 0 && m % 16 == 0 && k % 16 == 0 && n % 8 == 0,
+                    "cuSPARSELt needs m, k multiples of 16 and n of 8, got m ", m, ", k ", k, ", n ", n);
   return {b, m, k, n, transposed};
+}
+
+// operands(), with packed holding at least the bytes cuSPARSELt reads for a compressed [m, k]
+// operand (a 1-D operand of older torch, or any other tensor, may not)
+Operands checked_operands(DeviceState& st, const at::Tensor& packed, const at::Tensor& b_in, cudaDataType type) {
+  Operands o = operands(packed, b_in);
+  const Compression& c = compression(st, o.b.scalar_type(), type, o.m, o.k);
+  TORCH_CHECK_VALUE(static_cast<size_t>(packed.numel() * packed.element_size()) >= c.size, "packed holds ",
+                    packed.numel() * packed.element_size(), " bytes; cuSPARSELt reads ", c.size,
+                    " for a compressed [", o.m, ", ", o.k, "] operand");
+  return o;
 }
 
 // descriptors, algorithm (id, split-k and its mode where set) and plan of one product
@@ -291,12 +318,13 @@ at::Tensor run(const Handle& h, MatmulPlan& p, const at::Tensor& packed, const O
 // (split_k 1 and mode -1: cuSPARSELt's defaults)
 at::Tensor cslt_mm(const at::Tensor& packed, const at::Tensor& b_in, int64_t alg_id, int64_t split_k,
                    int64_t split_k_mode, bool transpose_result) {
-  const Operands o = operands(packed, b_in);
-  const cudaDataType type = value_type(o.b, "mm");
+  check_operand(b_in, "b");
+  const cudaDataType type = value_type(b_in, "mm");
   TORCH_CHECK_VALUE(alg_id >= 0 && split_k >= 1, "mm: alg_id must be >= 0 and split_k >= 1, got ", alg_id, ", ",
                     split_k);
-  c10::DeviceGuard guard(o.b.device());
-  DeviceState& st = state(o.b.device());
+  c10::DeviceGuard guard(b_in.device());
+  DeviceState& st = state(b_in.device());
+  const Operands o = checked_operands(st, packed, b_in, type);
   auto& entry = st.plans[MatmulKey{static_cast<int>(o.b.scalar_type()), o.m, o.k, o.n, o.b_transposed,
                                    transpose_result, alg_id, split_k, split_k_mode}];
   if (!entry) {
@@ -310,10 +338,11 @@ at::Tensor cslt_mm(const at::Tensor& packed, const at::Tensor& b_in, int64_t alg
 // cuSPARSELt's own search over its algorithms and split-k for this product (runs it several
 // times): [alg_id, split_k, split_k_mode, the largest alg_id it has]
 std::vector<int64_t> cslt_search(const at::Tensor& packed, const at::Tensor& b_in, bool transpose_result) {
-  const Operands o = operands(packed, b_in);
-  const cudaDataType type = value_type(o.b, "search");
-  c10::DeviceGuard guard(o.b.device());
-  DeviceState& st = state(o.b.device());
+  check_operand(b_in, "b");
+  const cudaDataType type = value_type(b_in, "search");
+  c10::DeviceGuard guard(b_in.device());
+  DeviceState& st = state(b_in.device());
+  const Operands o = checked_operands(st, packed, b_in, type);
   MatmulPlan p;
   init_plan(st.handle, &p, o, type, transpose_result, 0, 1, -1);
   run(st.handle, p, packed, o, transpose_result, true);

@@ -26,7 +26,9 @@ using MatmulDescr = Opaque;
 using AlgSelection = Opaque;
 using Plan = Opaque;
 
-constexpr int kMinVersion[2] = {0, 6};  // major, minor
+// 0.8: the first with cusparseLtGetErrorString and cusparseLtMatmulAlgSelectionDestroy (and a fixed
+// host alignment of the algorithm selection object)
+constexpr int kMinVersion[2] = {0, 8};  // major, minor
 
 constexpr int kSuccess = 0;                               // cusparseStatus_t
 constexpr int kOpNonTranspose = 0, kOpTranspose = 1;      // cusparseOperation_t
