@@ -29,7 +29,8 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
   tests          the cuda test tier, pytest -n 8 (timeout 180 s; 49 s measured on an H200 before the
                  training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
                  memcheck) under compute-sanitizer's memcheck (timeout 140 s; the multi-tensor and
-                 masked weight-gradient ones took 15 s)
+                 masked weight-gradient ones took 15 s). compute-sanitizer refuses the GPU of a
+                 gVisor machine (nvidia-h200 was one): run this part on nvidia-h100-x1
   step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
                  (timeout 320 s; 15 of these contenders took 31 s on an H200)
   step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k, one command each (timeout
@@ -121,7 +122,11 @@ run_part() {
     tests)
       step cuda-tests 180 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
       step memcheck 140 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python3 -m pytest -m "cuda and memcheck" -q -p no:cacheprovider tests ;;
+        python3 -m pytest -m "cuda and memcheck" -q -p no:cacheprovider tests
+      if grep -q "Device not supported" "$log/memcheck.log" 2>/dev/null; then
+        echo "   memcheck: compute-sanitizer cannot use this machine's GPU (it refuses it under gVisor); run" \
+          "this part on a Firecracker machine (nvidia-h100-x1 ran it on 2026-11-04)"
+      fi ;;
     step-resnet18)
       step step-resnet18 320 ssam-bench step --models resnet18_cifar ;;
     step-large)  # one command per model: each writes its rows (merged by model), whatever the next does

@@ -8,6 +8,11 @@ that copy on the device (an event, no host sync). The cache is a small LRU (:dat
 entries), except that an entry used while the current CUDA stream is capturing a graph is never
 evicted (the graph keeps reading its address); an entry first made during a capture holds data
 only once that graph replays, so it is kept for that graph and never handed out again.
+
+A table built during a capture is copied from pinned memory set aside before it
+(:class:`CaptureArena`), not from a new ``pin_memory()``: torch's pinned-memory allocator queries
+CUDA events when it allocates, which a capture in the default (global) mode refuses in torch
+builds without pytorch#167507.
 """
 
 from __future__ import annotations
@@ -18,6 +23,34 @@ from collections import OrderedDict
 import torch
 
 CACHE_SIZE = 256  # LRU entries (tables) kept; each is a few bytes per tensor or chunk
+ARENA_BYTES = 4 << 20  # pinned bytes set aside for the tables captures build (a step's are ~20 B per 8k elements)
+
+
+class CaptureArena:
+    """Pinned host memory reserved outside any capture, handed out in 16-byte-aligned pieces to
+    the tables a capture builds and never taken back (a captured graph reads its tables' host
+    copies again at every replay, for as long as it lives)."""
+
+    def __init__(self, nbytes: int = ARENA_BYTES):
+        self.nbytes = nbytes
+        self.block: torch.Tensor | None = None
+        self.used = 0
+
+    def reserve(self, pin: bool = True) -> None:
+        """Set the memory aside (once; outside a capture)."""
+        if self.block is None:
+            self.block = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def copy(self, host: torch.Tensor) -> torch.Tensor | None:
+        """``host`` (contiguous) copied into the arena, or None where it has no room left."""
+        start = -(-self.used // 16) * 16
+        end = start + host.numel() * host.element_size()
+        if self.block is None or end > self.nbytes:
+            return None
+        out = self.block[start:end].view(host.dtype).view(host.shape)
+        out.copy_(host)
+        self.used = end
+        return out
 
 
 class _Entry:
@@ -41,6 +74,7 @@ class DeviceTableCache:
         self.captured: dict = {}  # key -> entry a capture used (made before it: valid everywhere)
         self.made_in_capture: list = []  # entries made during a capture: kept, never handed out again
         self.misses = 0  # tables built (on CUDA, one host-to-device copy each; tests read it)
+        self.arena = CaptureArena()  # the pinned sources of tables built during captures
         self.lock = threading.Lock()  # launchers may run in several threads (one per device)
 
     def clear(self) -> None:
@@ -78,7 +112,13 @@ class DeviceTableCache:
             # the entry is never freed)
             return entry.value
         host, make = build()
-        if cuda:
+        if cuda and capturing:
+            # from the memory set aside before the capture; where it is full (or was never set
+            # aside), a pin_memory(), which newer torch allows there
+            pinned = self.arena.copy(host.contiguous())
+            host = pinned if pinned is not None else host.pin_memory()
+        elif cuda:
+            self.arena.reserve()  # for a capture that may follow
             host = host.pin_memory()
         self.misses += 1
         buffer = host.to(device, non_blocking=True)

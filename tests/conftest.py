@@ -62,6 +62,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _exact_cuda_math(request):
+    """In the cuda tier, fp32 on the device means fp32: no TF32 (cuDNN's default for
+    convolutions rounds their inputs to 10 bits, against CPU results compared at 1e-4), and
+    cuDNN's deterministic algorithms (tests replay a run and compare the bits)."""
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"), \
+        (torch.backends.cudnn, "deterministic")
+    saved = [getattr(obj, name) for obj, name in flags]
+    for (obj, name), value in zip(flags, (False, False, True)):
+        setattr(obj, name, value)
+    yield
+    for (obj, name), value in zip(flags, saved):
+        setattr(obj, name, value)
+
+
 @pytest.fixture
 def gen():
     """A CPU generator with a fresh seed per test, printed so a failure can be replayed:

@@ -45,15 +45,6 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(h.flatten(1))))
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 on the device means fp32: TF32 convolutions (cuDNN's default) round to 10 bits."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _batch(gen, n=16):
     return torch.randn(n, 3, 6, 6, generator=gen), torch.randint(0, 5, (n,), generator=gen)
 

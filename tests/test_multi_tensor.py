@@ -188,6 +188,48 @@ def test_results_stay_right_over_repeated_calls(persistent, gen):
             ref_bufs = [b.clone() for b in ref_bufs]
 
 
+@pytest.mark.cpu
+def test_the_capture_arena_hands_out_aligned_pieces_it_never_takes_back():
+    arena = device_tables.CaptureArena(nbytes=64)
+    assert arena.copy(torch.arange(3)) is None  # not set aside yet: the caller pins instead
+    arena.reserve(pin=False)
+    block = arena.block
+    arena.reserve(pin=False)
+    assert arena.block is block  # once
+    a = arena.copy(torch.arange(3, dtype=torch.int64))  # bytes 0-24
+    b = arena.copy(torch.tensor([[7, 8]], dtype=torch.int32))  # 32-40, shaped as given
+    assert a.tolist() == [0, 1, 2] and b.tolist() == [[7, 8]] and b.dtype == torch.int32
+    assert b.data_ptr() - a.data_ptr() == 32 and a.data_ptr() == block.data_ptr()
+    assert arena.copy(torch.zeros(4, dtype=torch.int64)) is None  # 48 + 32 > 64: no room
+    c = arena.copy(torch.ones(2, dtype=torch.int64))  # 48-64: fits exactly
+    assert c.tolist() == [1, 1] and a.tolist() == [0, 1, 2] and b.tolist() == [[7, 8]]  # nothing overwritten
+    assert arena.copy(torch.zeros(1, dtype=torch.int8)) is None
+
+
+@pytest.mark.cuda
+def test_tables_first_made_in_a_capture_come_from_pinned_memory_set_aside_before(monkeypatch, gen):
+    """A capture that builds tables (tensors the cache has not seen, as a captured training step's
+    new gradients are) copies them from the arena reserved at the first eager miss, not from a
+    pin_memory() inside the capture; the graph replays right."""
+    cache = mt.DeviceTableCache(maxsize=8)
+    monkeypatch.setattr(mt, "_CACHE", cache)
+    grad_norm([rand((10,), generator=gen, device="cuda")], backend="triton")  # compiles; sets the arena aside
+    assert cache.arena.block is not None and cache.arena.block.is_pinned() and cache.arena.used == 0
+    gs = [rand(s, generator=gen, device="cuda") for s in [(3, 5), (mt.CHUNK + 100,), (4095,)]]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        norm = grad_norm(gs, backend="triton")
+    assert cache.made_in_capture and cache.arena.used > 0
+    for _ in range(2):
+        for g in gs:
+            g.copy_(rand(g.shape, generator=gen, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(norm.double(), torch.cat([g.double().flatten() for g in gs]).norm(), rtol=1e-6,
+                                   atol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.memcheck
 def test_a_captured_graph_keeps_its_tables(monkeypatch, gen):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS_WITH_EXT, TRITON_ON_CPU, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, TRITON_ON_CPU, backend_dtypes, rand, rand_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssam
@@ -20,6 +20,7 @@ EPS = 1e-7
 SHAPES = [(1,), (3, 5), (4095,), (2 * 4096 + 3,), (4, 3, 5, 7), (0,)]
 CHANNELS_LAST = 4
 NO_GRAD = 1  # index of the parameter left without a gradient
+KERNEL_BACKENDS = [p for p in BACKENDS_WITH_EXT if p.values[0] != "torch"]
 
 
 def _params(dtype, gen, *, grads=True):
@@ -446,13 +447,65 @@ def test_a_planned_step_launches_three_kernels_whatever_the_number_of_tensors(ki
     assert counts[4] == counts[32] <= 4, (counts, names)
 
 
+def _steps_against_the_reference(dev, masks, backend, steps=2):
+    """``steps`` planned steps (perturb, restore_sgd) of ``dev`` (any device) with ``backend``
+    beside the reference backend's on CPU copies, compared after each perturb and each step.
+    fp32 / float64: the reference on the same dtype (1e-5 / 1e-12). fp16 / bf16: the kernels
+    compute in fp32 and round once when they store (weights, momentum buffers), where torch's
+    SGD rounds after every op; so the reference runs on fp32 copies and its weights and buffers
+    are rounded to the dtype after each step, as the kernels store them: then the two differ by
+    the rounding of one fp32 result at most (a norm summed in another order), one ulp.
+    Returns the two plans (device, reference)."""
+    dtype = dev[0].dtype
+    low = dtype in (torch.float16, torch.bfloat16)
+    host = [p.detach().to("cpu", torch.float32 if low else dtype, copy=True) for p in dev]
+    for h, p in zip(host, dev):
+        h.grad = None if p.grad is None else p.grad.to("cpu", h.dtype, copy=True)
+    groups, sgd = [0, 1, 0, 1, 0, 1], [SGDGroup(lr=0.1, momentum=0.9, weight_decay=1e-2),
+                                       SGDGroup(lr=0.05, momentum=0.8, nesterov=True)]
+    reference = SAMStepPlan(host, [None if m is None else m.cpu() for m in masks], groups=groups, masked_norm=True,
+                            backend="torch")
+    plan = SAMStepPlan(dev, masks, groups=groups, masked_norm=True, backend=backend)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14)}.get(
+        dtype, dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3))
+
+    def compare(what):
+        for i, (h, p) in enumerate(zip(host + reference.buffers, dev + plan.buffers)):
+            assert (h is None) == (p is None), (what, i)
+            if h is not None:
+                torch.testing.assert_close(p.cpu(), h.to(dtype), **tol, msg=lambda m: f"{what}, tensor {i}: {m}")
+
+    for step in range(steps):
+        plan.perturb([0.05, 0.1])
+        reference.perturb([0.05, 0.1])
+        compare(f"step {step}: perturbed")
+        plan.restore_sgd(sgd)
+        reference.restore_sgd(sgd)
+        if low:
+            with torch.no_grad():
+                for t in host + reference.buffers:
+                    if t is not None:
+                        t.copy_(t.to(dtype))
+        compare(f"step {step}: after SGD")
+    return plan, reference
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float16, torch.bfloat16], KERNEL_BACKENDS))
+def test_low_precision_steps_round_once_from_fp32(backend, dtype, gen):
+    """fp16 / bf16 weights: each step equals the fp32 step rounded once to the dtype (the
+    weights and the momentum buffers), within an ulp, three steps in a row (the reference
+    backend rounds after every op, as torch's SGD does; Triton's bf16 runs in the cuda tier)."""
+    _steps_against_the_reference(_params(dtype, gen), _masks(gen), backend, steps=3)
+
+
 @pytest.mark.cuda
 @pytest.mark.memcheck
 @pytest.mark.parametrize("backend", ["triton", "ext"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
     """Each kernel backend on CUDA tensors against the reference backend on the same values on
-    the CPU: two steps (perturb, restore_sgd), then a perturbation, a restore and a skipped step."""
+    the CPU (``_steps_against_the_reference``): two steps, then a perturbation, a restore and
+    a skipped step."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here; run the cuda tier on a GPU machine")
     from ssam_kernels._backend import extension_error, extension_has_kernel
@@ -465,30 +518,15 @@ def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
     dev = [p.cuda() for p in host]
     for p, q in zip(host, dev):
         q.grad = None if p.grad is None else p.grad.cuda()
-    groups, sgd = [0, 1, 0, 1, 0, 1], [SGDGroup(lr=0.1, momentum=0.9, weight_decay=1e-2),
-                                       SGDGroup(lr=0.05, momentum=0.8, nesterov=True)]
-    plans = [SAMStepPlan(host, masks, groups=groups, masked_norm=True, backend="torch"),
-             SAMStepPlan(dev, [None if m is None else m.cuda() for m in masks], groups=groups, masked_norm=True,
-                         backend=backend)]
-    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14),
-           torch.bfloat16: dict(rtol=2**-7, atol=2**-7 * 1e-2)}[dtype]
-    for _ in range(2):
-        for plan in plans:
-            plan.perturb([0.05, 0.1])
-        for a, b in zip(host, dev):
-            torch.testing.assert_close(b.cpu(), a, **tol)
-        for plan in plans:
-            plan.restore_sgd(sgd)
-        for a, b in zip(host, dev):
-            torch.testing.assert_close(b.cpu(), a, **tol)
+    plan, _ = _steps_against_the_reference(dev, [None if m is None else m.cuda() for m in masks], backend)
     before = [b.clone() for b in dev]
-    plans[1].perturb([0.05, 0.1])
-    plans[1].restore()
+    plan.perturb([0.05, 0.1])
+    plan.restore()
     assert all(torch.equal(a, b) for a, b in zip(before, dev))
-    dev[3].grad[0] = float("nan")
-    plans[1].perturb([0.05, 0.1])
-    assert all(torch.equal(a, b) for a, b in zip(before, dev)) and int(plans[1].skipped) == 1
-    plans[1].restore()
+    dev[0].grad[0] = float("nan")  # (tensor 0 is unmasked: the masked norm reads it)
+    plan.perturb([0.05, 0.1])
+    assert all(torch.equal(a, b) for a, b in zip(before, dev)) and int(plan.skipped) == 1
+    plan.restore()
 
 
 @pytest.mark.cuda
@@ -569,3 +607,37 @@ def test_the_optimizer_counts_skipped_steps_across_plans(gen, monkeypatch):
         opt.second_step()
         opt._set_masks([torch.rand(p.shape, generator=gen) < 0.5 for p in opt.params])  # a new plan each step
     assert opt.skipped_steps() == 2
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_norm_launch_that_fails_part_way_leaves_the_next_step_right(backend, monkeypatch, gen):
+    """The norm's last block (of the step's last norm launch) writes the scale and resets the
+    blocks' counter. A failure between two parts' launches (a compile error of the second
+    dtype's kernel, an interrupt) must not leave the first part's count for the next step,
+    whose last block would then come early, from partial sums not all written."""
+    params = [rand((5000,), torch.float32, gen), rand((3000,), torch.float64, gen)]  # two parts
+    for p in params:
+        p.grad = rand(p.shape, p.dtype, gen)
+    reference = [p.detach().clone() for p in params]
+    for r, p in zip(reference, params):
+        r.grad = p.grad.clone()
+    plan = SAMStepPlan(params, [None, None], backend=backend)
+    oracle = SAMStepPlan(reference, [None, None], backend="torch")
+    launch = type(plan._impl).launch_norm
+    calls = []
+
+    def fail_second(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return launch(self, *args)
+
+    monkeypatch.setattr(type(plan._impl), "launch_norm", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        plan.perturb([0.1])
+    assert len(plan._impl.parts) == 2 and len(calls) == 2 and not plan.perturbed
+    monkeypatch.setattr(type(plan._impl), "launch_norm", launch)
+    plan.perturb([0.1])
+    oracle.perturb([0.1])
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)

@@ -135,3 +135,25 @@ def test_a_new_momentum_buffer_is_made_like_torchs(gen):
     with torch.no_grad():
         backup = perturb_([w], [g], None, 0.0, backend="torch")
         assert restore_sgd_step_([w], [g], [None], backup, lr=0.1, backend="torch") == [None]  # no momentum
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_momentum_buffers_of_several_dtypes_in_one_call(backend, gen):
+    """fp32 weights whose momentum buffers are fp16 and fp32 in turn (a state loaded from
+    elsewhere): each buffer is read and written in its own dtype (a launch that took the first
+    buffer's dtype for all would read the others as garbage and write past the narrower ones)."""
+    ws, gs, ms, _ = _inputs(torch.float32, gen, False)
+    bufs = [rand(s, torch.float16 if i % 2 == 0 else torch.float32, gen) for i, s in enumerate(SHAPES)]
+    ref_w, ref_b = [w.clone() for w in ws], [b.to(torch.float32, copy=True) for b in bufs]
+    g2 = [rand(s, torch.float32, gen) for s in SHAPES]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    with torch.no_grad():
+        backup = perturb_(ws, gs, ms, 0.3, backend="torch")
+        ref_backup = perturb_(ref_w, gs, ms, 0.3, backend="torch")
+        out = restore_sgd_step_(ws, g2, bufs, backup, backend=backend, **hyper)
+        ref = restore_sgd_step_(ref_w, g2, ref_b, ref_backup, backend="torch", **hyper)
+    for i, (w, r, b, rb) in enumerate(zip(ws, ref_w, out, ref)):
+        assert b.dtype == bufs[i].dtype and b.data_ptr() == bufs[i].data_ptr()  # updated in place
+        tol = dict(rtol=torch.finfo(b.dtype).eps, atol=1e-3 if b.dtype == torch.float16 else 1e-6)
+        torch.testing.assert_close(b, rb.to(b.dtype), **tol)
+        torch.testing.assert_close(w, r, rtol=1e-5, atol=1e-3)

@@ -147,11 +147,17 @@ class KernelStep:
         if self.norm_programs == 0:  # no gradient entry counts: the norm is 0
             plan.inv.fill_(1.0 / (0.0 + plan.eps) if plan.eps else 0.0)
             plan.flags[0].zero_()
-        first = 0
-        for part, (g_ptrs, g_aligned) in zip(self.parts, tables):
-            if part.norm_blocks:
-                self.launch_norm(part, g_ptrs, g_aligned, first)
-            first += part.norm_blocks
+        first, launched = 0, False
+        try:
+            for part, (g_ptrs, g_aligned) in zip(self.parts, tables):
+                if part.norm_blocks:
+                    self.launch_norm(part, g_ptrs, g_aligned, first)
+                    launched = True
+                first += part.norm_blocks
+        except BaseException:
+            if launched:  # the step's last norm block never ran: its counter would start the next step part-way
+                self.counter.zero_()
+            raise
         for part, (g_ptrs, g_aligned), tensor_rho in zip(self.parts, tables, rho_tables):
             if part.kept_blocks:
                 self.launch_perturb(part, g_ptrs, g_aligned, tensor_rho)

@@ -15,9 +15,10 @@ import triton.language as tl
 from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
 from ..ops.bitmask import as_bitmask
-from .multi_tensor import (CHUNK, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
-                           chunk_table, f64_bits, group_by, load_block, size_table, store_block, tensor_ptr,
-                           this_chunk)
+from .._host_loops import data_ptrs
+from .multi_tensor import (CHUNK, address_table, aligned_at, as_f64, block_bits, block_offsets, block_slots,
+                           chunk_table, f64_bits, group_by, load_block, operands_at, size_table, store_block,
+                           tensor_ptr, this_chunk)
 from .perturb import backup_source, chunk_offsets
 
 SGD_BLOCK = 512
@@ -101,37 +102,40 @@ def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()
             and (not use_momentum or buffers[i].is_contiguous())]
     slow = sorted(set(range(len(params))) - set(fast))
-    contiguous_grads = {i: grads[i].contiguous() for i in fast}
+    ws = [params[i] for i in fast]
+    tensors = {"w": ws, "g": [grads[i].contiguous() for i in fast],
+               "buf": [buffers[i] for i in fast] if use_momentum else ws,
+               "bits": [None if masks[i] is None else masks[i].bits for i in fast],
+               "backup": [backup.values[i] for i in fast]}
+    ptrs = {name: data_ptrs(ts) for name, ts in tensors.items()}
     # one launch per dtypes, masking and buffer state; tensors off 16 bytes go to a launch
-    # without vectors
-    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None, use_momentum and fresh[i],
-             aligned(params[i], contiguous_grads[i], masks[i].bits if masks[i] is not None else backup.values[i],
-                     *([buffers[i]] if use_momentum else [])))
-            for i in fast]
-    for (_, _, has_mask, new_buffer, is_aligned), idx in group_by(keys, fast).items():
-        ws = [params[i] for i in idx]
-        gs = [contiguous_grads[i] for i in idx]
-        bufs = [buffers[i] for i in idx] if use_momentum else ws
+    # without vectors (a masked backup is read one slot at a time: its address does not decide them)
+    vector_ptrs = [b or v for b, v in zip(ptrs["bits"], ptrs["backup"])]
+    # (the buffers' dtype too: a launch reads every buffer as its first one's type)
+    keys = [(w.dtype, g.dtype, buf.dtype, b is not None, use_momentum and fresh[i], a) for w, g, buf, b, i, a in
+            zip(ws, tensors["g"], tensors["buf"], tensors["bits"], fast,
+                aligned_at(ptrs["w"], ptrs["g"], ptrs["buf"], vector_ptrs))]
+    for (_, _, _, has_mask, new_buffer, is_aligned), idx in group_by(keys).items():
+        ops = operands_at(tensors, ptrs, idx, has_mask)
+        (ws, w_ptrs), (gs, g_ptrs), (bufs, buf_ptrs), (bits, bits_ptrs), (values, value_ptrs) = ops.values()
         device = ws[0].device
-        numels = [w.numel() for w in ws]
-        table = chunk_table(numels, device)
+        table = chunk_table([w.numel() for w in ws], device)
         if table.num_chunks == 0:
             continue
-        bits = [masks[i].bits for i in idx] if has_mask else []
-        values = [backup.values[i] for i in idx]
-        offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
-        w_addr = address_table(ws, device)
+        offsets = chunk_offsets(table, bits, device, bits_ptrs, is_aligned) if has_mask else table.numel
+        w_addr = address_table(ws, device, w_ptrs)
         fp64 = ws[0].dtype == torch.float64
         _restore_sgd_kernel[(table.num_chunks,)](
-            table.chunk_tensor, table.chunk_start, table.numel, w_addr, address_table(gs, device),
-            address_table(bufs, device), address_table(bits, device) if has_mask else w_addr,
-            address_table(values, device), size_table(values, device) if has_mask else table.numel, offsets,
+            table.chunk_tensor, table.chunk_start, table.numel, w_addr, address_table(gs, device, g_ptrs),
+            address_table(bufs, device, buf_ptrs), address_table(bits, device, bits_ptrs) if has_mask else w_addr,
+            address_table(values, device, value_ptrs), size_table(values, device) if has_mask else table.numel,
+            offsets,
             ws[0], gs[0], bufs[0], bits[0] if has_mask else ws[0],
             f64_bits(hyper["lr"]), f64_bits(hyper["momentum"]), f64_bits(hyper["dampening"]),
             f64_bits(hyper["weight_decay"]),
             HAS_MASK=has_mask, MOMENTUM=use_momentum, NEW_BUFFER=new_buffer, NESTEROV=hyper["nesterov"],
             MAXIMIZE=hyper["maximize"], WEIGHT_DECAY=hyper["weight_decay"] != 0, FP64=ws[0].dtype == torch.float64,
-            ALIGNED=is_aligned and aligned(*bufs), CHUNK=CHUNK,
+            ALIGNED=is_aligned, CHUNK=CHUNK,
             # 8 elements per thread in 2 warps (1 in fp64, in 8 warps): the widest vectors
             # without a spill on sm_80 and sm_90 under triton 3.6 and 3.9 (the compile tier found
             # 4 B spilled at 1024 elements in 4 warps, and fp64 spills at 2 or 4 per thread
