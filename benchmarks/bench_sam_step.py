@@ -9,6 +9,10 @@ Per step (``first_step()`` + ``second_step()``, gradients present, the plan made
   before any kernel runs, Triton's own launch path excluded;
 * ``launches``: Triton kernel launches; ``ops``: dispatcher ops (a ``TorchDispatchMode``
   counter), and ``syncs`` among them (``_local_scalar_dense``, ``nonzero``, boolean indexing...);
+* the ``list ops`` rows time what a frontend built on the public ops pays per step: the norm,
+  ``perturb_`` and ``restore_sgd_step_`` (``ssam_kernels.grad_norm`` etc., each call checked and
+  dispatched on its own, no plan), Triton launches recorded as above (their one sync is
+  ``perturb_`` reading the scale, a CPU tensor here, on the host: a scale on the GPU is read there);
 * the ``foreach`` rows time ``ssam_bench.bench_overhead.foreach_step`` (norm, scale, mask,
   perturb, restore, ``torch.optim.SGD(foreach=True)``) on the same lists: on a CPU these run
   CPU kernels on 64-element tensors, a lower bound of their host work, not a GPU figure.
@@ -114,6 +118,39 @@ def ours_row(kind: str, n: int, reps: int) -> dict:
     return dict(impl=f"ours {kind}", tensors=n, host_us=host, launches=counted, ops=len(ops.names), syncs=len(syncs))
 
 
+def list_ops_row(kind: str, n: int, reps: int) -> dict:
+    """Norm, ``perturb_`` and ``restore_sgd_step_`` through the public list ops over ``n``
+    tensors (SSAM-F: a BitMask per tensor, as the optimizer keeps them), Triton launches
+    recorded (not run)."""
+    import ssam_kernels
+    from ssam_bench.compile_kernels import gpu_launch_choices, recording
+    from ssam_kernels.ops.bitmask import pack_mask
+
+    params = _params(n, torch.Generator().manual_seed(0))
+    grads = [p.grad for p in params]
+    weights = [p.detach() for p in params]
+    gen = torch.Generator().manual_seed(1)
+    masks = None if kind == "SAM" else [pack_mask(torch.rand(NUMEL, generator=gen) < 0.5) for _ in params]
+    buffers = [torch.zeros(NUMEL) for _ in params]
+    launches: list = []
+
+    def step():
+        norm = ssam_kernels.grad_norm(grads, masks, backend="triton")
+        backup = ssam_kernels.perturb_(weights, grads, masks, 0.05 / (norm + 1e-12), backend="triton")
+        ssam_kernels.restore_sgd_step_(weights, grads, buffers, backup, backend="triton", **SGD)
+
+    with gpu_launch_choices(), recording(launches):
+        step()
+        launches.clear()
+        with _Ops() as ops:
+            step()
+        counted = len(launches)
+        host = _median_us(step, reps)
+    syncs = [name for name in ops.names if name in SYNCING or name == "index (bool)"]
+    return dict(impl=f"list ops {kind}", tensors=n, host_us=host, launches=counted, ops=len(ops.names),
+                syncs=len(syncs))
+
+
 def foreach_row(n: int, reps: int) -> dict:
     params = _params(n, torch.Generator().manual_seed(0))
     masks = [torch.ones(NUMEL) for _ in params]
@@ -129,7 +166,8 @@ def run(args, device=None, progress_factory=None) -> list[dict]:
     reps = 100 if getattr(args, "quick", False) else 1000
     rows = []
     for n in TENSORS:
-        rows += [ours_row("SAM", n, reps), ours_row("SSAM-F", n, reps), foreach_row(n, reps)]
+        rows += [ours_row("SAM", n, reps), ours_row("SSAM-F", n, reps), list_ops_row("SAM", n, reps),
+                 list_ops_row("SSAM-F", n, reps), foreach_row(n, reps)]
     return rows
 
 

@@ -6,9 +6,8 @@ from typing import Sequence
 
 import torch
 
+from ._host_loops import FLOAT_DTYPES, c_fit, unexplained_misfit
 from .ops.bitmask import BitMask, unpack_mask
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _kind(x) -> str:
@@ -22,11 +21,15 @@ def tensor_list(name: str, tensors, *, floating: bool = True, allow_empty: bool 
     out = list(tensors)
     if not out and not allow_empty:
         raise ValueError(f"{name} must not be empty")
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-        if floating and t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}[{i}] must be a floating-point tensor ({FLOAT_DTYPES}), got {t.dtype}")
+    fit = c_fit("tensors_misfit", out, floating, None)
+    if not fit:
+        for i, t in enumerate(out):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+            if floating and t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name}[{i}] must be a floating-point tensor ({FLOAT_DTYPES}), got {t.dtype}")
+        if fit is False:
+            raise unexplained_misfit(name)
     return out
 
 
@@ -34,11 +37,16 @@ def same_shapes(name: str, tensors: list[torch.Tensor], ref_name: str, refs: lis
     """Each ``tensors[i]`` has the shape and device of ``refs[i]``, and the lists match in length."""
     if len(tensors) != len(refs):
         raise ValueError(f"{name} has {len(tensors)} entries but {ref_name} has {len(refs)}")
+    fit = c_fit("tensors_misfit", list(tensors), False, list(refs))
+    if fit:
+        return
     for i, (t, r) in enumerate(zip(tensors, refs)):
         if t.shape != r.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {ref_name}[{i}] has {tuple(r.shape)}")
         if t.device != r.device:
             raise ValueError(f"{name}[{i}] is on {t.device}, {ref_name}[{i}] is on {r.device}")
+    if fit is False:
+        raise unexplained_misfit(name)
 
 
 def mask_facts(name: str, mask, *, none_ok: bool = False) -> tuple[torch.Size, torch.device]:
@@ -60,6 +68,9 @@ def mask_list(masks, refs: list[torch.Tensor], ref_name: str) -> list[torch.Tens
     masks = list(masks)
     if len(masks) != len(refs):
         raise ValueError(f"masks has {len(masks)} entries but {ref_name} has {len(refs)}")
+    fit = c_fit("masks_misfit", masks, list(refs), BitMask)
+    if fit:
+        return masks
     for i, (m, r) in enumerate(zip(masks, refs)):
         if m is None:
             continue
@@ -68,6 +79,8 @@ def mask_list(masks, refs: list[torch.Tensor], ref_name: str) -> list[torch.Tens
             raise ValueError(f"masks[{i}] has shape {tuple(shape)}, {ref_name}[{i}] has {tuple(r.shape)}")
         if device != r.device:
             raise ValueError(f"masks[{i}] is on {device}, {ref_name}[{i}] is on {r.device}")
+    if fit is False:
+        raise unexplained_misfit("masks")
     return masks
 
 

@@ -4,6 +4,12 @@ model with hundreds of tensors pays on every call; the C loop costs nanoseconds.
 
 * :func:`bump_versions`: the version counters of tensors a kernel wrote through their addresses
   (invisible to autograd and to caches keyed on versions), moved as torch's in-place ops move them.
+* :func:`data_ptrs`: the data addresses of a list of tensors, for the multi-tensor launchers'
+  address tables and alignment tests.
+* :func:`c_fit`: the per-tensor checks of the public ops' arguments (``_checks.tensor_list``,
+  ``same_shapes``, ``mask_list``, ``perturb.check_backup``) and of the mask bits an op rebuilds
+  BitMasks from (``bitmask.masks_from_args``) find the first entry that does not fit in C; their
+  Python loops then say what is wrong with it (the rules and messages live there).
 * :func:`check_list_operands`: what the list ops (``perturb_``, ``restore_``,
   ``restore_sgd_step_``) index by, checked inside the op, so a direct
   ``torch.ops.ssam_kernels`` call gets a ``ValueError`` rather than a kernel reading or writing
@@ -15,13 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES  # what the list ops' kernels take (float8 and others refused)
+# the dtypes the list ops' kernels take (float8 and others refused), and so every public op's
+# floating-point tensors (``_checks`` re-exports it); csrc/host/step_host.cpp floating() is the same
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 try:  # optional: the fallbacks below do the same in Python
     from . import _host
 except ImportError:
     _host = None
-if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses")):
+if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses",
+                                                            "data_ptrs", "tensors_misfit", "masks_misfit",
+                                                            "bits_misfit", "backup_misfit")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 
@@ -31,6 +41,28 @@ def bump_versions(tensors: list[torch.Tensor]) -> None:
         _host.bump_versions(tensors)
     else:
         torch._C._increment_version(tensors)
+
+
+def data_ptrs(tensors: list) -> tuple[int, ...]:
+    """``data_ptr()`` of each tensor, 0 for None."""
+    if _host is not None:
+        return _host.data_ptrs(tensors if type(tensors) is list else list(tensors))
+    return tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+
+def c_fit(loop: str, *args) -> bool | None:
+    """Whether the C loop ``loop`` of ``ssam_kernels._host`` (``tensors_misfit``,
+    ``masks_misfit``, ``bits_misfit``, ``backup_misfit``) finds every entry fitting; None where the module is
+    not built. On False the caller runs its Python loop, which says what does not fit, and
+    raises :func:`unexplained_misfit` if that loop finds nothing."""
+    if _host is None:
+        return None
+    return getattr(_host, loop)(*args) < 0
+
+
+def unexplained_misfit(what: str) -> RuntimeError:
+    """The C loop refused an entry the Python rules accept: a bug here, not in the caller."""
+    return RuntimeError(f"{what}: ssam_kernels._host refused an entry that the Python check accepts")
 
 
 def check_list_operands(op: str, params, shaped: dict, values, masks) -> None:

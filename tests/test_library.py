@@ -322,3 +322,75 @@ def test_an_older_host_module_build_falls_back_to_the_python_loops(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(_host_loops)
+
+
+def _public_check_cases():
+    """(what, call) pairs: each public argument check on one bad input (the message expected
+    names it), and on good inputs (None expected)."""
+    from ssam_kernels import _checks
+    from ssam_kernels.ops.bitmask import masks_from_args
+    from ssam_kernels.ops.perturb import PerturbBackup, check_backup
+
+    ws = [torch.zeros(4), torch.zeros(2, 3)]
+    meta = torch.empty(2, 3, device="meta")
+    bits = [sk.pack_mask(torch.tensor([True, False, True, True])), sk.pack_mask(torch.ones(2, 3, dtype=torch.bool))]
+    good_backup = PerturbBackup([torch.zeros(3), torch.zeros(6)], bits)
+    return [
+        (None, lambda: _checks.tensor_list("params", ws)),
+        (None, lambda: _checks.tensor_list("idx", [torch.zeros(2, dtype=torch.long)], floating=False)),
+        (r"params\[1\] must be a tensor, got int", lambda: _checks.tensor_list("params", [ws[0], 3])),
+        (r"params\[1\] must be a floating-point", lambda: _checks.tensor_list("params", [ws[0], torch.zeros(2).long()])),
+        (None, lambda: _checks.same_shapes("grads", [torch.ones(4), torch.ones(2, 3)], "params", ws)),
+        (r"grads\[1\] has shape \(3, 2\), params\[1\] has \(2, 3\)",
+         lambda: _checks.same_shapes("grads", [torch.ones(4), torch.ones(3, 2)], "params", ws)),
+        (r"grads\[1\] is on meta, params\[1\] is on cpu", lambda: _checks.same_shapes("grads", [ws[0], meta], "params", ws)),
+        (None, lambda: _checks.mask_list([None, torch.ones(2, 3, dtype=torch.bool)], ws, "params")),
+        (None, lambda: _checks.mask_list(bits, ws, "params")),
+        (r"masks\[1\] has shape \(3, 2\), params\[1\] has \(2, 3\)",
+         lambda: _checks.mask_list([None, torch.ones(3, 2, dtype=torch.bool)], ws, "params")),
+        (r"masks\[0\] has shape \(2, 2\), params\[0\] has \(4,\)",
+         lambda: _checks.mask_list([sk.pack_mask(torch.ones(2, 2, dtype=torch.bool)), None], ws, "params")),
+        (r"masks\[1\] is on meta", lambda: _checks.mask_list([None, torch.ones(2, 3, dtype=torch.bool, device="meta")],
+                                                            ws, "params")),
+        (r"masks\[1\] is on meta", lambda: _checks.mask_list([None, sk.BitMask(torch.zeros(1, dtype=torch.uint8,
+                                                                                            device="meta"), (2, 3))],
+                                                            ws, "params")),
+        (r"masks\[0\] must be a bool tensor, a BitMask or None, got a torch.float32 tensor",
+         lambda: _checks.mask_list([torch.ones(4), None], ws, "params")),
+        (r"masks\[1\] must be a bool tensor, a BitMask or None, got int", lambda: _checks.mask_list([None, 1], ws, "params")),
+        (None, lambda: check_backup(ws, good_backup)),
+        (r"backup.values\[1\] must be a tensor", lambda: check_backup(ws, PerturbBackup([torch.zeros(3), 6], bits))),
+        (r"backup.values\[0\] is torch.float64", lambda: check_backup(ws, PerturbBackup(
+            [torch.zeros(3, dtype=torch.float64), torch.zeros(6)], bits))),
+        (r"backup.values\[1\] has shape \(6,\), params\[1\] has \(2, 3\)",
+         lambda: check_backup(ws, PerturbBackup([torch.zeros(3), torch.zeros(6)], [bits[0], None]))),
+        (r"backup.values\[1\] must be 1-D", lambda: check_backup(ws, PerturbBackup([torch.zeros(3), torch.zeros(2, 3)],
+                                                                                   bits))),
+        (r"backup.values\[0\] holds 4 values but masks\[0\] selects 3",
+         lambda: check_backup(ws, PerturbBackup([torch.zeros(4), torch.zeros(6)], bits))),
+        (None, lambda: masks_from_args([bits[0].bits, None], ws)),
+        (r"BitMask.bits has 2 bytes; a mask of shape \(4,\) needs 1",
+         lambda: masks_from_args([torch.zeros(2, dtype=torch.uint8), None], ws)),
+        (r"BitMask.bits must be a contiguous 1-D tensor",
+         lambda: masks_from_args([None, torch.zeros(1, 1, dtype=torch.uint8)], ws)),
+    ]
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("host_loop", ["c", "python"])
+def test_public_argument_checks_say_the_same_from_the_c_loops_and_python(host_loop, monkeypatch):
+    """The public ops' per-tensor argument checks (tensor lists, shapes, masks, backups, mask
+    bits) find a misfit in C where ssam_kernels._host is built and explain it in Python: the
+    same accepted inputs and the same errors as the Python loops alone."""
+    from ssam_kernels import _host_loops
+
+    if host_loop == "python":
+        monkeypatch.setattr(_host_loops, "_host", None)
+    elif _host_loops._host is None:
+        pytest.skip("ssam_kernels._host not built")
+    for what, call in _public_check_cases():
+        if what is None:
+            call()
+        else:
+            with pytest.raises((ValueError, TypeError), match=what):
+                call()

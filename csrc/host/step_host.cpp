@@ -1,6 +1,7 @@
 // ssam_kernels._host: per-tensor host loops in C (wrapped by ssam_kernels/_host_loops.py): the per-step
 // host work of a planned step (ssam_kernels/ops/sam_step.py), reading the gradients' addresses and
-// moving the written parameters' version counters, and the check of the list ops' operands.
+// moving the written parameters' version counters, the list ops' operand checks and address reads, and
+// the per-tensor checks of the public ops' arguments.
 //
 // A step must read every parameter's gradient address and check that the parameter has not
 // moved and the gradient is laid out like it. In Python that is four attribute reads per tensor
@@ -96,6 +97,39 @@ PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// data_ptrs(tensors: list[Tensor | None]) -> tuple[int]
+// Each tensor's data address (0 for None): what the multi-tensor launchers put in their address
+// tables and test for 16-byte alignment, in tens of ns per tensor where Python's data_ptr() loop
+// takes a few hundred.
+PyObject* data_ptrs(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* tensors = nullptr;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &tensors)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  PyObject* out = PyTuple_New(n);
+  if (out == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(tensors, i);
+    long long address = 0;
+    if (item != Py_None) {
+      if (!THPVariable_Check(item)) {
+        Py_DECREF(out);
+        PyErr_Format(PyExc_TypeError, "data_ptrs: tensors[%zd] is not a tensor or None", i);
+        return nullptr;
+      }
+      address = static_cast<long long>(reinterpret_cast<intptr_t>(THPVariable_Unpack(item).data_ptr()));
+    }
+    PyObject* value = PyLong_FromLongLong(address);
+    if (value == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, i, value);
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
 // the dtypes the list ops' kernels take (ssam_kernels/_checks.py FLOAT_DTYPES)
 bool floating(const at::Tensor& t) {
   const auto s = t.scalar_type();
@@ -160,17 +194,162 @@ PyObject* operands_misfit(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// Whether a tensor's sizes are exactly the ints of a shape tuple (a torch.Size).
+bool sizes_equal(const at::Tensor& t, PyObject* shape) {
+  if (!PyTuple_Check(shape)) return false;
+  const auto sizes = t.sizes();
+  if (PyTuple_GET_SIZE(shape) != static_cast<Py_ssize_t>(sizes.size())) return false;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    PyObject* item = PyTuple_GET_ITEM(shape, static_cast<Py_ssize_t>(d));
+    if (!PyLong_Check(item)) return false;
+    const long long s = PyLong_AsLongLong(item);
+    if (s == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    if (s != sizes[d]) return false;
+  }
+  return true;
+}
+
+// tensors_misfit(tensors: list, floating: bool, refs: list | None) -> int
+// The first index of a public op's tensor list that is not a tensor, (floating) not of a float
+// dtype, or (refs) not shaped like refs[i] on its device; -1 where all fit. The caller
+// (ssam_kernels/_checks.py) holds the rules and the messages: it explains the index in Python.
+PyObject* tensors_misfit(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *tensors = nullptr, *refs = nullptr;
+  int floating_only = 0;
+  if (!PyArg_ParseTuple(args, "O!pO", &PyList_Type, &tensors, &floating_only, &refs)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  const bool shaped = refs != Py_None;
+  if (shaped && (!PyList_Check(refs) || PyList_GET_SIZE(refs) != n)) return PyLong_FromLong(0);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* t = nullptr;
+    if (!tensor_at(tensors, i, &t) || (floating_only && !floating(*t))) return PyLong_FromSsize_t(i);
+    if (shaped) {
+      const at::Tensor* r = nullptr;
+      if (!tensor_at(refs, i, &r) || t->sizes() != r->sizes() || t->device() != r->device())
+        return PyLong_FromSsize_t(i);
+    }
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
+// masks_misfit(masks: list, refs: list[Tensor], bitmask_type: type) -> int
+// The first index of a public op's mask list whose entry is neither None, a bool tensor shaped
+// like refs[i] on its device, nor a bitmask_type instance (ssam_kernels.BitMask, whose bits its
+// constructor checked against its shape) of refs[i]'s shape with its bits on refs[i]'s device;
+// -1 where all fit. Explained in Python (ssam_kernels/_checks.py mask_list).
+PyObject* masks_misfit(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *masks = nullptr, *refs = nullptr, *bitmask_type = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &masks, &PyList_Type, &refs, &PyType_Type, &bitmask_type))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(masks);
+  if (PyList_GET_SIZE(refs) != n) return PyLong_FromLong(0);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(masks, i);
+    if (item == Py_None) continue;
+    const at::Tensor* r = nullptr;
+    if (!tensor_at(refs, i, &r)) return PyLong_FromSsize_t(i);
+    if (THPVariable_Check(item)) {
+      const at::Tensor& m = THPVariable_Unpack(item);
+      if (m.scalar_type() != at::kBool || m.sizes() != r->sizes() || m.device() != r->device())
+        return PyLong_FromSsize_t(i);
+      continue;
+    }
+    const int is_bitmask =
+        Py_TYPE(item) == reinterpret_cast<PyTypeObject*>(bitmask_type) ? 1 : PyObject_IsInstance(item, bitmask_type);
+    if (is_bitmask < 0) return nullptr;
+    if (!is_bitmask) return PyLong_FromSsize_t(i);
+    static PyObject* const shape_name = PyUnicode_InternFromString("shape");
+    static PyObject* const bits_name = PyUnicode_InternFromString("bits");
+    if (shape_name == nullptr || bits_name == nullptr) return nullptr;
+    PyObject* shape = PyObject_GetAttr(item, shape_name);
+    if (shape == nullptr) return nullptr;
+    const bool same_shape = sizes_equal(*r, shape);
+    Py_DECREF(shape);
+    PyObject* bits = PyObject_GetAttr(item, bits_name);
+    if (bits == nullptr) return nullptr;
+    const bool same_device = THPVariable_Check(bits) && THPVariable_Unpack(bits).device() == r->device();
+    Py_DECREF(bits);
+    if (!same_shape || !same_device) return PyLong_FromSsize_t(i);
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
+// bits_misfit(masks: list, refs: list[Tensor]) -> int
+// The first index whose entry is a uint8 tensor that is not the packed bits of a mask shaped like
+// refs[i] (1-D, contiguous, one byte per 8 elements: what ssam_kernels.BitMask's constructor
+// checks); other entries are skipped; -1 where all fit. An op rebuilding BitMasks from the bits it
+// was passed (ssam_kernels/ops/bitmask.py masks_from_args) checks them all here at once.
+PyObject* bits_misfit(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *masks = nullptr, *refs = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &masks, &PyList_Type, &refs)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(masks);
+  if (PyList_GET_SIZE(refs) != n) return PyLong_FromLong(0);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(masks, i);
+    if (!THPVariable_Check(item)) continue;
+    const at::Tensor& m = THPVariable_Unpack(item);
+    if (m.scalar_type() != at::kByte) continue;
+    const at::Tensor* r = nullptr;
+    if (!tensor_at(refs, i, &r) || m.dim() != 1 || !m.is_contiguous() || m.numel() != (r->numel() + 7) / 8)
+      return PyLong_FromSsize_t(i);
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
+// backup_misfit(params: list[Tensor], values: list, counts: list[int]) -> int
+// The first index whose backup value does not fit what restore_ reads back: values[i] of
+// params[i]'s dtype and device, shaped like it where counts[i] < 0 (an unmasked tensor), else
+// 1-D with exactly counts[i] values (the mask's set bits); -1 where all fit. Explained in Python
+// (ssam_kernels/ops/perturb.py check_backup).
+PyObject* backup_misfit(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *params = nullptr, *values = nullptr, *counts = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &params, &PyList_Type, &values, &PyList_Type, &counts))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  if (PyList_GET_SIZE(values) != n || PyList_GET_SIZE(counts) != n) return PyLong_FromLong(0);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* w = nullptr;
+    const at::Tensor* v = nullptr;
+    if (!tensor_at(params, i, &w) || !tensor_at(values, i, &v)) return PyLong_FromSsize_t(i);
+    const long long count = PyLong_AsLongLong(PyList_GET_ITEM(counts, i));
+    if (count == -1 && PyErr_Occurred()) return nullptr;
+    if (v->scalar_type() != w->scalar_type() || v->device() != w->device()) return PyLong_FromSsize_t(i);
+    if (count < 0 ? v->sizes() != w->sizes() : (v->dim() != 1 || v->numel() != count)) return PyLong_FromSsize_t(i);
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"grad_addresses", grad_addresses, METH_VARARGS,
      "grad_addresses(params, expected) -> tuple of the gradients' addresses (0: none), or None on a mismatch"},
     {"bump_versions", bump_versions, METH_VARARGS,
      "bump_versions(tensors) -> None: each tensor's version counter moved on, as an in-place op does"},
+    {"data_ptrs", data_ptrs, METH_VARARGS, "data_ptrs(tensors) -> tuple of each tensor's data address (0 for None)"},
     {"operands_misfit", operands_misfit, METH_VARARGS,
      "operands_misfit(params, shaped, values, masks) -> the first index the list ops cannot take, or -1"},
+    {"tensors_misfit", tensors_misfit, METH_VARARGS,
+     "tensors_misfit(tensors, floating, refs) -> the first index not a (floating) tensor shaped like refs[i], or -1"},
+    {"masks_misfit", masks_misfit, METH_VARARGS,
+     "masks_misfit(masks, refs, bitmask_type) -> the first index not None or a mask shaped like refs[i], or -1"},
+    {"bits_misfit", bits_misfit, METH_VARARGS,
+     "bits_misfit(masks, refs) -> the first index whose uint8 entry is not refs[i]'s packed mask bits, or -1"},
+    {"backup_misfit", backup_misfit, METH_VARARGS,
+     "backup_misfit(params, values, counts) -> the first index whose backup value does not fit, or -1"},
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "Per-tensor host loops in C: the planned step's per-step work, the list ops' checks.", -1, methods};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "Per-tensor host loops in C: the planned step's per-step work, the list ops' checks and addresses.", -1, methods};
 
 }  // namespace
 

@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks
 from .._backend import lazy
-from .._host_loops import check_list_operands
+from .._host_loops import c_fit, check_list_operands, unexplained_misfit
 from .._library import Op
 from .bitmask import BitMask, mask_args, masks_from_args, pack_mask
 
@@ -48,19 +48,17 @@ def _perturbed(w: torch.Tensor, g: torch.Tensor, scale) -> torch.Tensor:
 
 def aligned_length(n: int, dtype: torch.dtype) -> int:
     """``n`` rounded up to the elements of ``dtype`` in 16 bytes (the kernels' vector width)."""
-    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    step = max(1, 16 // dtype.itemsize)
     return -(-n // step) * step
 
 
 def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Tensors of these lengths carved out of one allocation, each starting on 16 bytes."""
-    padded = [aligned_length(n, dtype) for n in counts]
-    flat = torch.empty(sum(padded), dtype=dtype, device=device)
-    out, at = [], 0
-    for n, p in zip(counts, padded):
-        out.append(flat[at: at + n])
-        at += p
-    return out
+    step = max(1, 16 // dtype.itemsize)
+    pieces = []  # each tensor, then its padding to the next 16 bytes: one split makes every view
+    for n in counts:
+        pieces += (n, -n % step)
+    return torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)[::2]
 
 
 def backup_buffers(params, counts: list[int]) -> list[torch.Tensor]:
@@ -166,8 +164,10 @@ def scale_args(scale, device: torch.device) -> tuple[float, torch.Tensor | None]
 
 
 def check_writable(params: list[torch.Tensor]) -> None:
+    if not torch.is_grad_enabled():
+        return
     for i, w in enumerate(params):
-        if w.requires_grad and torch.is_grad_enabled():
+        if w.requires_grad:
             raise RuntimeError(
                 f"params[{i}] requires grad and grad mode is on; call under torch.no_grad()"
             )
@@ -217,7 +217,12 @@ def check_backup(params: list[torch.Tensor], backup) -> None:
     masks = _checks.mask_list(backup.masks, params, "params")
     if len(backup.values) != len(params):
         raise ValueError(f"backup holds {len(backup.values)} tensors but params has {len(params)}")
+    fit = c_fit("backup_misfit", params, list(backup.values), mask_counts(masks))
+    if fit:
+        return
     for i, (w, v, m) in enumerate(zip(params, backup.values, masks)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"backup.values[{i}] must be a tensor, got {type(v).__name__}")
         if v.dtype != w.dtype or v.device != w.device:
             raise ValueError(f"backup.values[{i}] is {v.dtype} on {v.device}; params[{i}] is {w.dtype} on {w.device}")
         if m is None and v.shape != w.shape:
@@ -228,6 +233,8 @@ def check_backup(params: list[torch.Tensor], backup) -> None:
             count = m.count_int() if isinstance(m, BitMask) else int(m.sum())
             if v.numel() != count:
                 raise ValueError(f"backup.values[{i}] holds {v.numel()} values but masks[{i}] selects {count}")
+    if fit is False:
+        raise unexplained_misfit("backup")
 
 
 def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:

@@ -12,7 +12,8 @@ import triton.language as tl
 
 from ..ops.bitmask import as_bitmask
 from ..ops.grad_norm import accumulation_dtype
-from .multi_tensor import (CHUNK, address_table, aligned, block_bits, block_offsets, chunk_table, group_by,
+from .._host_loops import data_ptrs
+from .multi_tensor import (CHUNK, address_table, aligned_at, block_bits, block_offsets, chunk_table, group_by,
                            load_block, tensor_ptr, this_chunk)
 
 BLOCK = 1024
@@ -66,10 +67,11 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     dtype = accumulation_dtype(tensors)
     xs = [t.contiguous() for t in tensors]
     bits = [None if m is None else as_bitmask(m).bits for m in masks]
+    x_ptrs, bits_ptrs = data_ptrs(xs), data_ptrs(bits)
     partials = []
     # one launch per dtype, device and masking; tensors off 16 bytes go to a launch without vectors
-    keys = [(x.dtype, x.device, b is not None, aligned(x, *([] if b is None else [b]))) for x, b in zip(xs, bits)]
-    for (_, dev, masked, _), idx in group_by(keys).items():
+    keys = [(x.dtype, x.device, b is not None, a) for x, b, a in zip(xs, bits, aligned_at(x_ptrs, bits_ptrs))]
+    for (_, dev, masked, is_aligned), idx in group_by(keys).items():
         group = [xs[i] for i in idx]
         group_bits = [bits[i] for i in idx] if masked else []
         table = chunk_table([x.numel() for x in group], dev)
@@ -77,10 +79,10 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
             continue
         out = torch.empty(table.num_chunks, dtype=dtype, device=dev)
         _sum_squares_kernel[(table.num_chunks,)](
-            table.chunk_tensor, table.chunk_start, table.numel, address_table(group, dev),
-            address_table(group_bits, dev) if masked else table.numel, out, group[0],
+            table.chunk_tensor, table.chunk_start, table.numel, address_table(group, dev, [x_ptrs[i] for i in idx]),
+            address_table(group_bits, dev, [bits_ptrs[i] for i in idx]) if masked else table.numel, out, group[0],
             group_bits[0] if masked else group[0],
-            HAS_MASK=masked, FP64=dtype == torch.float64, ALIGNED=aligned(*group, *group_bits), CHUNK=CHUNK,
+            HAS_MASK=masked, FP64=dtype == torch.float64, ALIGNED=is_aligned, CHUNK=CHUNK,
             BLOCK=BLOCK,
             enable_fp_fusion=True,  # acc + x * x in one rounding (named: triton 3.10 turns the default off)
         )

@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 
 import torch
 import triton
 import triton.language as tl
 
 from .._device_tables import DeviceTableCache, _place
+from .._host_loops import data_ptrs
 
 CHUNK = 8192  # elements per program; a multiple of every BLOCK used with it
 
@@ -137,6 +140,13 @@ def aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def aligned_at(*ptr_lists) -> list[bool]:
+    """Per index ``i``: whether every operand's address ``ptr_lists[j][i]`` (from
+    :func:`~ssam_kernels._host_loops.data_ptrs`; 0 where an operand has no tensor) is on 16
+    bytes. The addresses are read once per operand list and reused for its address tables."""
+    return [not (reduce(or_, ps) & 15) for ps in zip(*ptr_lists)]
+
+
 @dataclass(frozen=True, eq=False)
 class ChunkTable:
     """Device tables of one list of tensor sizes (views of one cached device buffer: treat as
@@ -197,10 +207,11 @@ def chunk_table(numels: list[int], device: torch.device, chunk: int = CHUNK) -> 
     return _CACHE.get(key, device, build)
 
 
-def address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def address_table(tensors: list[torch.Tensor], device: torch.device, ptrs=None) -> torch.Tensor:
     """int64 ``data_ptr()`` of each tensor (which must be contiguous), on ``device`` (cached
-    by the addresses: see the module docstring)."""
-    ptrs = tuple(t.data_ptr() for t in tensors)
+    by the addresses: see the module docstring). ``ptrs``: those addresses, where the caller
+    already read them."""
+    ptrs = data_ptrs(tensors) if ptrs is None else tuple(ptrs)
     device, place = _place(device)
     key = ("addresses", ptrs) + place
     return _CACHE.get(key, device, lambda: (torch.tensor(ptrs, dtype=torch.int64), lambda buf: buf))
@@ -213,6 +224,14 @@ def size_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     device, place = _place(device)
     key = ("sizes", sizes) + place
     return _CACHE.get(key, device, lambda: (torch.tensor(sizes, dtype=torch.int64), lambda buf: buf))
+
+
+def operands_at(tensors: dict, ptrs: dict, idx: list[int], masked: bool) -> dict:
+    """Per operand of a launch group: ``(tensors, addresses)`` at the group's indices ``idx``
+    (``tensors`` and ``ptrs``: per operand name, one entry per index of the call); the
+    ``bits`` operand empty where the group is not ``masked``."""
+    return {name: ([], []) if name == "bits" and not masked else ([ts[i] for i in idx], [ptrs[name][i] for i in idx])
+            for name, ts in tensors.items()}
 
 
 def group_by(keys: list, indices=None) -> dict:

@@ -27,9 +27,10 @@ import triton.language as tl
 
 from ..ops.bitmask import as_bitmask
 from ..ops.perturb import PerturbBackup, math_dtype, perturb_torch, restore_torch
-from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned, as_f64, block_bits, block_offsets, block_slots,
-                           chunk_table, f64_bits, group_by, load_block, size_table, store_block, tensor_ptr,
-                           this_chunk)
+from .._host_loops import data_ptrs
+from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned_at, as_f64, block_bits, block_offsets,
+                           block_slots, chunk_table, f64_bits, group_by, load_block, operands_at, size_table,
+                           store_block, tensor_ptr, this_chunk)
 
 BLOCK = 1024
 
@@ -139,43 +140,47 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
         _move_chunk(w, g, bits, backup, room, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
 
 
-def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device) -> torch.Tensor:
-    """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor)."""
+def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device, bits_ptrs, bits_aligned: bool) -> torch.Tensor:
+    """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor).
+    ``bits_ptrs``: the bits' addresses; ``bits_aligned``: whether all are on 16 bytes."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
-                                           address_table(bits, device), counts, bits[0], ALIGNED=aligned(*bits),
-                                           CHUNK=CHUNK, num_warps=2)  # 16 mask bytes per thread
+                                           address_table(bits, device, bits_ptrs), counts, bits[0],
+                                           ALIGNED=bits_aligned, CHUNK=CHUNK, num_warps=2)  # 16 mask bytes per thread
     before = torch.cumsum(counts, 0) - counts
     return before - before[table.chunk_first]
 
 
-def _launch(perturb: bool, ws, gs, masks, backups, scale) -> None:
-    """One group: every ``ws[i]`` contiguous, same dtypes; ``masks`` all None or all BitMask."""
+def _launch(perturb: bool, ops: dict, scale, is_aligned: bool) -> None:
+    """One group. ``ops``: per operand (``w``, ``g``, ``bits``, ``backup``) its tensors and
+    their addresses, ``(tensors, ptrs)`` (:func:`operands_at`); every ``w`` contiguous, same
+    dtypes; no ``bits`` where the group is unmasked. ``is_aligned``: every operand the kernel
+    reads in vectors starts on 16 bytes."""
+    (ws, w_ptrs), (gs, g_ptrs), (bits, bits_ptrs), (backups, backup_ptrs) = (
+        ops["w"], ops["g"], ops["bits"], ops["backup"])
     device = ws[0].device
     numels = [w.numel() for w in ws]
     table = chunk_table(numels, device)
     if table.num_chunks == 0:
         return
-    has_mask = masks[0] is not None
-    bits = [m.bits for m in masks] if has_mask else []
-    offsets = chunk_offsets(table, bits, device) if has_mask else table.numel
+    has_mask = bool(bits)
+    offsets = chunk_offsets(table, bits, device, bits_ptrs, is_aligned) if has_mask else table.numel
     if isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and device.type != "cpu":
         scale = float(scale)  # read on the host (no device sync) rather than copied to the device
     scale_is_ptr = isinstance(scale, torch.Tensor)
     dtype = math_dtype(ws[0].dtype)
     scale_arg = scale.to(device=device, dtype=dtype).reshape(1) if scale_is_ptr else table.numel
     scale_bits = f64_bits(0.0 if (scale_is_ptr or scale is None) else scale)
-    w_addr = address_table(ws, device)
-    operands = ws + (gs if perturb else []) + bits + ([] if has_mask else backups)
+    w_addr = address_table(ws, device, w_ptrs)
     _move_kernel[(table.num_chunks,)](
         table.chunk_tensor, table.chunk_start, table.numel, w_addr,
-        address_table(gs, device) if perturb else w_addr,
-        address_table(bits, device) if has_mask else w_addr,
-        address_table(backups, device), size_table(backups, device) if has_mask else table.numel, offsets,
-        scale_arg, scale_bits,
+        address_table(gs, device, g_ptrs) if perturb else w_addr,
+        address_table(bits, device, bits_ptrs) if has_mask else w_addr,
+        address_table(backups, device, backup_ptrs), size_table(backups, device) if has_mask else table.numel,
+        offsets, scale_arg, scale_bits,
         ws[0], gs[0] if perturb else ws[0], bits[0] if has_mask else ws[0],
         PERTURB=perturb, HAS_MASK=has_mask, SCALE_IS_PTR=scale_is_ptr, FP64=dtype == torch.float64,
-        ALIGNED=aligned(*operands),
+        ALIGNED=is_aligned,
         # float64 weights in half blocks: a whole block spilled 4 B on sm_90 (masked restore, off
         # 16 bytes) once the backup's bound was added
         CHUNK=CHUNK, BLOCK=BLOCK // 2 if ws[0].dtype == torch.float64 else BLOCK,
@@ -188,15 +193,16 @@ def perturb_triton(params, grads, masks, scale, values) -> None:
     masks = [as_bitmask(m) for m in masks]
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and values[i].is_contiguous()]
     slow = sorted(set(range(len(params))) - set(fast))
-    contiguous_grads = {i: grads[i].contiguous() for i in fast}
+    tensors = {"w": [params[i] for i in fast], "g": [grads[i].contiguous() for i in fast],
+               "bits": [None if masks[i] is None else masks[i].bits for i in fast], "backup": [values[i] for i in fast]}
+    ptrs = {name: data_ptrs(ts) for name, ts in tensors.items()}
     # one launch per dtypes and masking; tensors off 16 bytes go to a launch without vectors
-    keys = [(params[i].dtype, grads[i].dtype, masks[i] is not None,
-             aligned(params[i], contiguous_grads[i], values[i], *([masks[i].bits] if masks[i] is not None else [])))
-            for i in fast]
-    for (_, _, has_mask, _), idx in group_by(keys, fast).items():
-        ws = [params[i] for i in idx]
-        _launch(True, ws, [contiguous_grads[i] for i in idx], [masks[i] for i in idx] if has_mask else [None] * len(ws),
-                [values[i] for i in idx], scale)
+    # (a masked backup is written one slot at a time: its address does not decide them)
+    vector_ptrs = [b or v for b, v in zip(ptrs["bits"], ptrs["backup"])]
+    keys = [(w.dtype, g.dtype, b is not None, a) for w, g, b, a in
+            zip(tensors["w"], tensors["g"], tensors["bits"], aligned_at(ptrs["w"], ptrs["g"], vector_ptrs))]
+    for (_, _, has_mask, is_aligned), idx in group_by(keys).items():
+        _launch(True, operands_at(tensors, ptrs, idx, has_mask), scale, is_aligned)
     if slow:
         perturb_torch([params[i] for i in slow], [grads[i] for i in slow], [masks[i] for i in slow], scale,
                       [values[i] for i in slow])
@@ -206,10 +212,13 @@ def restore_triton(params, backup: PerturbBackup) -> None:
     masks = [as_bitmask(m) for m in backup.masks]
     fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()]
     slow = sorted(set(range(len(params))) - set(fast))
-    keys = [(params[i].dtype, masks[i] is not None,
-             aligned(params[i], masks[i].bits if masks[i] is not None else backup.values[i])) for i in fast]
-    for (_, has_mask, _), idx in group_by(keys, fast).items():
-        ws = [params[i] for i in idx]
-        _launch(False, ws, ws, [masks[i] for i in idx], [backup.values[i] for i in idx], None)
+    ws = [params[i] for i in fast]
+    tensors = {"w": ws, "g": ws, "bits": [None if masks[i] is None else masks[i].bits for i in fast],
+               "backup": [backup.values[i] for i in fast]}
+    ptrs = {name: data_ptrs(ts) for name, ts in tensors.items()}
+    vector_ptrs = [b or v for b, v in zip(ptrs["bits"], ptrs["backup"])]
+    keys = [(w.dtype, b is not None, a) for w, b, a in zip(ws, tensors["bits"], aligned_at(ptrs["w"], vector_ptrs))]
+    for (_, has_mask, is_aligned), idx in group_by(keys).items():
+        _launch(False, operands_at(tensors, ptrs, idx, has_mask), None, is_aligned)
     if slow:
         restore_torch([params[i] for i in slow], PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow]))
