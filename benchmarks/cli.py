@@ -90,7 +90,7 @@ def run_subcommand(name: str, args, device, progress_factory) -> list[dict]:
     rows = module.run(args, device, progress_factory)
     module.write(rows, device, args.out)
     if name == "overhead":  # and the planned step's host side (a CPU measurement wherever it runs)
-        host = bench_sam_step.run(args)
+        host = bench_sam_step.run(args, device)
         bench_sam_step.write(host, device, args.out)
         rows += [dict(r, params=f"{r['tensors']} tensors", host=True) for r in host]
     return rows

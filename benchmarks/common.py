@@ -29,7 +29,12 @@ def git_commit(root: str = os.path.dirname(_HERE)) -> str:
     these benchmarks), "-dirty" when tracked code differs from it (results files do not count:
     a run that writes several of them would otherwise mark its own later ones). "unknown"
     where ``root`` is not the top of a git work tree: a copy without ``.git`` inside some other
-    repository must not stamp that repository's commit."""
+    repository must not stamp that repository's commit. ``SSAM_COMMIT`` names it where the
+    copy has no ``.git`` at all (a GPU machine given the working tree: set it when starting
+    the run there)."""
+    given = os.environ.get("SSAM_COMMIT", "").strip()
+    if given:
+        return given
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, check=True).stdout.strip()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work, in parts that each fit one device slot (a command may run 10 minutes; each part
 # is bounded at 8 minutes by the timeouts of its steps). Every part builds the extension first
-# (about 40 s on an H200, SSAM_BUILD_EXT=1: it fails loudly if the build fails), then runs its
+# (about 40 s on an H200, SSAM_BUILD_EXT=1, sm_90: it fails loudly if the build fails), then runs its
 # steps, each under its own `timeout`, logging to LOG_DIR/<step>.log. Results land in
 # benchmarks/results/<device>/ (step rows merge by model, so the step parts add up to one
 # table) and are copied to LOG_DIR/results/ at the end, to bring back and commit.
@@ -9,6 +9,8 @@
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh PART LOG_DIR
 #                                    bash benchmarks/gpu_check.sh --help
 # GPU_CHECK_DRY_RUN=1 prints each step with its timeout instead of running it (the tests sum them).
+# A copy without .git (the device machine's) stamps results "unknown": name the commit with
+# SSAM_COMMIT=$(git rev-parse --short HEAD) in the command that starts the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,21 +18,22 @@ usage() {
   cat <<'EOF'
 usage: bash benchmarks/gpu_check.sh PART LOG_DIR
 
-Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), then:
+Each part builds the extension for sm_90 (timeout 90 s; 32-44 s measured on an H200), then:
 
   build          nothing more: the build and `ssam_kernels.backend_info("cuda")`
   first          a first look at everything in one slot, for a session with one GPU call: the cuda
-                 tier (timeout 120 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
+                 tier (timeout 150 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
                  MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
                  overhead on the ResNet-18 and GPT-2 small lists (50 s), and SAM / SSAM-F at 50% and
                  90%, dense and exact, on ResNet-18 CIFAR (90 s). Its rows merge into the results
                  files (by model and contender; by shape for the GEMM table), replacing only those
                  it measured; `all` leaves it out (the other parts cover it)
-  tests          the cuda test tier, pytest -n 8 (timeout 180 s; 49 s measured on an H200 before the
+  tests          the cuda test tier, pytest -n 8 (timeout 160 s; 49 s measured on an H200 before the
                  training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
-                 memcheck) under compute-sanitizer's memcheck (timeout 140 s; the multi-tensor and
-                 masked weight-gradient ones took 15 s). compute-sanitizer refuses the GPU of a
-                 gVisor machine (nvidia-h200 was one): run this part on nvidia-h100-x1
+                 memcheck) under compute-sanitizer's memcheck (timeout 200 s; 4 of them took 7.6 s
+                 at 4344f0b, 45 are marked now, CUDA graph captures among them). compute-sanitizer
+                 refuses the GPU of a gVisor machine (nvidia-h200 was one): run this part on
+                 nvidia-h100-x1
   step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
                  (timeout 320 s; 15 of these contenders took 31 s on an H200)
   step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k, one command each (timeout
@@ -45,8 +48,8 @@ Each part builds the extension (timeout 120 s; 32-44 s measured on an H200), the
   ops            ssam-bench ops (every op, the perturbation cycle, top-k; the 2:4 GEMM table is
                  sparse24's; timeout 180 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small
                  lists (timeout 120 s; about 40 s measured)
-  masks          ssam-bench masks on ResNet-18 CIFAR and GPT-2 small 2k (timeout 320 s; ResNet-18
-                 took 31 s, GPT-2 did not finish in 30 s at 4344f0b)
+  masks          ssam-bench masks on ResNet-18 CIFAR and GPT-2 small 2k, one command each (timeout
+                 160 s each; ResNet-18 took 31 s, GPT-2 did not finish in 30 s at 4344f0b)
   profile        where the step time goes (torch.profiler, profile_step): SGD, SAM, SSAM-F 50% dense /
                  exact / exact budget, 90% exact budget on ResNet-18 CIFAR and WRN-28-10 (timeout
                  300 s; not timed yet); the text is the log
@@ -73,6 +76,7 @@ case " $parts all " in
 esac
 mkdir -p "$log"
 export PYTHONUNBUFFERED=1
+bench="python3 -m ssam_bench.cli"  # (not the console script: its folder may not be on PATH)
 status=0
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, go on after a failure
@@ -92,21 +96,29 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, g
 }
 
 # run a command; if it dies by a signal (a crash, e.g. in the planned cuSPARSELt path, not yet run
-# on a GPU), say so and run it again on torch's cuSPARSELt path only, so its table still lands; the
-# step fails either way (exit 3 when the rerun succeeds), so the crash is not hidden
+# on a GPU) or fails with a CUDA error or a cuSPARSELt failure in its output (a sticky CUDA error
+# ends the process with exit 1), say so and run it again on torch's cuSPARSELt path only, so its
+# table still lands; the step fails either way (exit 3 when the rerun succeeds), so the crash is
+# not hidden
 unplanned_after_crash() {
-  "$@"
-  local rc=$?
-  if [ "$rc" -gt 128 ] && [ "$rc" -ne 137 ]; then
-    echo "gpu_check: CRASH: exit $rc (signal $((rc - 128))); again with SSAM_CUSPARSELT_PLANNED=0"
+  local out rc
+  out=$(mktemp)
+  "$@" 2>&1 | tee "$out"
+  rc=${PIPESTATUS[0]}
+  if { [ "$rc" -gt 128 ] && [ "$rc" -ne 137 ]; } ||
+     { [ "$rc" -ne 0 ] && grep -qE "CUDA error|illegal memory access|cuSPARSELt .* failed" "$out"; }; then
+    echo "gpu_check: CRASH: exit $rc; again with SSAM_CUSPARSELT_PLANNED=0"
     SSAM_CUSPARSELT_PLANNED=0 "$@" && rc=3 || rc=$?
   fi
+  rm -f "$out"
   return $rc
 }
 export -f unplanned_after_crash
 
 build() {
-  step build 120 env SSAM_BUILD_EXT=1 python3 -m pip install --no-deps --no-build-isolation -e .
+  # sm_90 only, 16 jobs: the configuration the H200 build was timed in (the default also builds sm_80)
+  step build 90 env SSAM_BUILD_EXT=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    python3 -m pip install --no-deps --no-build-isolation -e .
   step backend-info 30 python3 -c 'import pprint, ssam_kernels; pprint.pprint(ssam_kernels.backend_info("cuda"))'
 }
 
@@ -114,36 +126,38 @@ run_part() {
   case $1 in
     build) ;;
     first)
-      step first-cuda-tests 120 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
+      step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 -p no:cacheprovider tests
       step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
-      step first-overhead 50 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k
-      step first-step-resnet18 90 ssam-bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
+      step first-overhead 50 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
+      step first-step-resnet18 90 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
         --modes dense exact ;;
     tests)
-      step cuda-tests 180 python3 -m pytest -m cuda -rfEs -q -n 8 -p no:cacheprovider tests
-      step memcheck 140 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python3 -m pytest -m "cuda and memcheck" -q -p no:cacheprovider tests
+      step cuda-tests 160 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 -p no:cacheprovider tests
+      step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -m "cuda and memcheck" -rfEs -v -p no:cacheprovider tests
       if grep -q "Device not supported" "$log/memcheck.log" 2>/dev/null; then
         echo "   memcheck: compute-sanitizer cannot use this machine's GPU (it refuses it under gVisor); run" \
           "this part on a Firecracker machine (nvidia-h100-x1 ran it on 2026-11-04)"
       fi ;;
     step-resnet18)
-      step step-resnet18 320 ssam-bench step --models resnet18_cifar ;;
+      step step-resnet18 320 $bench step --models resnet18_cifar ;;
     step-large)  # one command per model: each writes its rows (merged by model), whatever the next does
       for model in wrn28_10 vit_s16 gpt2_small_8k; do
-        step "step-$model" 110 ssam-bench step --models "$model" --sparsities 0.5 0.9 --modes dense exact
+        step "step-$model" 110 $bench step --models "$model" --sparsities 0.5 0.9 --modes dense exact
       done ;;
     step-24)
       step step-24 320 bash -c 'unplanned_after_crash "$@"' _ \
-        ssam-bench step --models gpt2_small_8k --optimizers ssam-f --sparsities 2:4 ;;
+        $bench step --models gpt2_small_8k --optimizers ssam-f --sparsities 2:4 ;;
     sparse24)
       step sparse24-tests 90 python3 -m pytest -m cuda -rfEs -q -p no:cacheprovider tests/test_ascent_linear.py
       step ascent-linear 240 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear ;;
     ops)
-      step ops 180 ssam-bench ops --skip ascent_linear
-      step overhead 120 ssam-bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;
+      step ops 180 $bench ops --skip ascent_linear
+      step overhead 120 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;
     masks)
-      step masks 320 ssam-bench masks --mask-models resnet18_cifar gpt2_small_2k ;;
+      for model in resnet18_cifar gpt2_small_2k; do  # one command each: rows merge by model
+        step "masks-$model" 160 $bench masks --mask-models "$model"
+      done ;;
     profile)
       step profile 300 python3 -m ssam_bench.profile_step --models resnet18_cifar wrn28_10 ;;
   esac

@@ -37,9 +37,11 @@ class CaptureArena:
         self.used = 0
 
     def reserve(self, pin: bool = True) -> None:
-        """Set the memory aside (once; outside a capture)."""
-        if self.block is None:
+        """Set the memory aside (outside a capture): once, and again once half of it is taken
+        (the tables made from the old block keep it alive)."""
+        if self.block is None or self.used > self.nbytes // 2:
             self.block = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+            self.used = 0
 
     def copy(self, host: torch.Tensor) -> torch.Tensor | None:
         """``host`` (contiguous) copied into the arena, or None where it has no room left."""

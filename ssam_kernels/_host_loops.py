@@ -50,14 +50,25 @@ def data_ptrs(tensors: list) -> tuple[int, ...]:
     return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
 
+def c_loops() -> bool:
+    """Whether the C check loops run here: ``ssam_kernels._host`` is built, and this is not
+    torch.compile tracing (Dynamo traces the Python rules, not a C function)."""
+    return _host is not None and not torch.compiler.is_compiling()
+
+
 def c_fit(loop: str, *args) -> bool | None:
     """Whether the C loop ``loop`` of ``ssam_kernels._host`` (``tensors_misfit``,
-    ``masks_misfit``, ``bits_misfit``, ``backup_misfit``) finds every entry fitting; None where the module is
-    not built. On False the caller runs its Python loop, which says what does not fit, and
-    raises :func:`unexplained_misfit` if that loop finds nothing."""
-    if _host is None:
+    ``masks_misfit``, ``bits_misfit``, ``backup_misfit``) finds every entry fitting; None where
+    it does not run (:func:`c_loops`) or cannot read an entry (a nested tensor's or a traced
+    tensor's symbolic sizes). On False the caller runs its Python loop, which says what does
+    not fit, and raises :func:`unexplained_misfit` if that loop finds nothing; on None the
+    Python loop alone decides."""
+    if not c_loops():
         return None
-    return getattr(_host, loop)(*args) < 0
+    try:
+        return getattr(_host, loop)(*args) < 0
+    except RuntimeError:  # sizes() / numel() refused by the tensor: Python's rules decide
+        return None
 
 
 def unexplained_misfit(what: str) -> RuntimeError:

@@ -205,7 +205,7 @@ def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
     try:
         packed = compress(a, CsltConfig(planned=planned))
     except RuntimeError as exc:  # cuSPARSELt refused this operand on the planned path: torch's, from now on
-        if not planned:
+        if not planned or isinstance(exc, torch.OutOfMemoryError):  # (memory runs short for a while, not for good)
             raise
         log_once(("planned compress",) + key, f"sparse_mm_24: planned cuSPARSELt compression failed ({exc}); "
                  "torch's path for this shape")
@@ -276,7 +276,7 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
             try:
                 packed = compress(a, default)
                 trials["planned compress" if planned else "compress"] = _median_ms(lambda c=default: compress(a, c))
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:  # (the extension's ops raise ValueError for operands they refuse)
                 if not planned:
                     raise
                 log_once(("planned compress",) + key, f"sparse_mm_24: planned cuSPARSELt compression failed ({exc}); "
@@ -288,7 +288,7 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
                     try:
                         trials[config.label()] = _median_ms(lambda c=config, p=packed: cslt_mm(p, b, c))
                         configs[config.label()] = config
-                    except RuntimeError as exc:  # an algorithm id out of range for the transposed layout...
+                    except (RuntimeError, ValueError) as exc:  # an algorithm id out of range for the transposed layout...
                         if config == CsltConfig():
                             raise  # torch's default configuration is what every other path falls back to
                         log_once(("config", config) + key,

@@ -275,12 +275,15 @@ def test_budget_accuracy_runs_count_their_step_flops():
     assert bench_budget.step_flops(runs["SSAM-D 90% budget, exact"]) <= 1.36 + 1e-12
 
 
-def test_commit_stamp_comes_from_the_projects_own_repository(tmp_path):
+def test_commit_stamp_comes_from_the_projects_own_repository(tmp_path, monkeypatch):
     """A copy of the project without its ``.git`` inside another repository (as on the first
-    GPU machine) stamps "unknown", not the enclosing repository's commit."""
+    GPU machine) stamps "unknown", not the enclosing repository's commit, unless SSAM_COMMIT
+    names it."""
     import subprocess
 
     from ssam_bench.common import git_commit
+
+    monkeypatch.delenv("SSAM_COMMIT", raising=False)
 
     def git(cwd, *args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
@@ -302,6 +305,8 @@ def test_commit_stamp_comes_from_the_projects_own_repository(tmp_path):
     assert git_commit(str(outer / "copy")) == git(outer / "copy", "rev-parse", "--short", "HEAD")
     (outer / "copy" / "g").write_text("z")
     assert git_commit(str(outer / "copy")).endswith("-dirty")
+    monkeypatch.setenv("SSAM_COMMIT", "abc1234")
+    assert git_commit(str(tmp_path / "nowhere")) == "abc1234"
 
 
 def test_gpu_check_parts_each_fit_one_device_slot(tmp_path):
@@ -392,3 +397,28 @@ def test_the_step_profile_says_where_each_contenders_time_goes(capsys):
         assert len([line for line in lines if re.match(r"\s+[\d.]+ ms\s+x\s+[\d.]+\s+aten::", line)]) == 4
         assert lines[-1].startswith("  top host ops (self ms/step): ")
     assert "Optimizer.step#SSAMF.step" in blocks[1] and "SSAMF" not in blocks[0]
+
+
+@pytest.mark.parametrize("first_run,expect_rc,reran", [
+    ('kill -SEGV $$', 3, True),  # a crash: rerun without the planned path, the step still fails
+    ('echo "RuntimeError: CUDA error: an illegal memory access was encountered"; exit 1', 3, True),  # sticky
+    ('echo "ValueError: no such model"; exit 1', 1, False),  # an ordinary failure: no rerun
+    ('echo fine', 0, False),
+])
+def test_gpu_check_reruns_a_crashed_2_4_benchmark_on_torchs_cusparselt_path(first_run, expect_rc, reran):
+    """gpu_check's unplanned_after_crash: a 2:4 benchmark that crashes (a signal, or a CUDA error
+    in its output) runs again with SSAM_CUSPARSELT_PLANNED=0 so its table lands, and the step
+    still fails (3); other failures and successes pass through."""
+    import pathlib
+    import re
+    import subprocess
+
+    script = (pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh").read_text()
+    function = re.search(r"^unplanned_after_crash\(\) \{.*?^\}", script, re.M | re.S).group(0)
+    command = f'if [ -n "${{SSAM_CUSPARSELT_PLANNED:-}}" ]; then echo "rerun with $SSAM_CUSPARSELT_PLANNED"; ' \
+              f'exit 0; fi; {first_run}'
+    out = subprocess.run(["bash", "-c", f'{function}\nunplanned_after_crash bash -c \'{command}\'; echo "rc=$?"'],
+                         capture_output=True, text=True, env={k: v for k, v in __import__("os").environ.items()
+                                                              if k != "SSAM_CUSPARSELT_PLANNED"}).stdout
+    assert f"rc={expect_rc}" in out, out
+    assert ("rerun with 0" in out) == reran and ("CRASH" in out) == reran, out

@@ -147,6 +147,20 @@ def test_a_step_traces_whole_under_torch_compile(gen):
 
 
 @pytest.mark.cpu
+def test_public_functions_trace_whole_under_torch_compile(gen):
+    """The public functions' argument checks run as Python under torch.compile (Dynamo cannot
+    trace ssam_kernels._host's C loops, which check them in eager mode): no graph break."""
+    gs = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    mask = sk.pack_mask(rand_mask((37,), generator=gen))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def norm(gs, mask):
+        return sk.grad_norm(gs, [mask, None])
+
+    torch.testing.assert_close(norm(gs, mask), sk.grad_norm(gs, [mask, None], backend="torch"))
+
+
+@pytest.mark.cpu
 def test_flop_counting_sees_the_gemm_op_whichever_backend(gen):
     dy, x = rand((16, 8), generator=gen), rand((16, 12), generator=gen)
     mask = rand_mask((8, 12), 0.5, gen)
@@ -324,6 +338,13 @@ def test_an_older_host_module_build_falls_back_to_the_python_loops(monkeypatch):
         importlib.reload(_host_loops)
 
 
+def _list_shaped(mask):
+    """``mask`` with its shape as a list (what BitMask's constructor would have made a torch.Size)."""
+    out = sk.BitMask.__new__(sk.BitMask)
+    out.__dict__.update(bits=mask.bits, shape=list(mask.shape))
+    return out
+
+
 def _public_check_cases():
     """(what, call) pairs: each public argument check on one bad input (the message expected
     names it), and on good inputs (None expected)."""
@@ -369,6 +390,13 @@ def _public_check_cases():
         (r"backup.values\[0\] holds 4 values but masks\[0\] selects 3",
          lambda: check_backup(ws, PerturbBackup([torch.zeros(4), torch.zeros(6)], bits))),
         (None, lambda: masks_from_args([bits[0].bits, None], ws)),
+        (r"masks has 1 entries but the tensors it masks 2", lambda: masks_from_args([bits[0].bits], ws)),
+        (r"masks has 2 entries but the tensors it masks 2 \(and 1 counts\)",
+         lambda: masks_from_args([bits[0].bits, None], ws, [3])),
+        (None, lambda: _checks.mask_list([_list_shaped(bits[0]), None], ws, "params")),  # a shape given as a list
+        (r"grads\[0\] has shape", lambda: _checks.same_shapes(  # sizes C cannot read: Python decides
+            "grads", [torch.nested.nested_tensor([torch.zeros(3), torch.zeros(2)], layout=torch.jagged)], "params",
+            [torch.zeros(2, 3)])),
         (r"BitMask.bits has 2 bytes; a mask of shape \(4,\) needs 1",
          lambda: masks_from_args([torch.zeros(2, dtype=torch.uint8), None], ws)),
         (r"BitMask.bits must be a contiguous 1-D tensor",

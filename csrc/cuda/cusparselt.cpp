@@ -211,7 +211,8 @@ at::Tensor cslt_compress(const at::Tensor& a_in) {
   const cudaDataType type = value_type(a_in, "compress");
   const at::Tensor a = a_in.contiguous();
   const int64_t m = a.size(0), k = a.size(1);
-  TORCH_CHECK_VALUE(m % 16 == 0 && k % 16 == 0, "compress: a's shape must be multiples of 16, got [", m, ", ", k, "]");
+  TORCH_CHECK_VALUE(m > 0 && k > 0 && m % 16 == 0 && k % 16 == 0,
+                    "compress: a's shape must be positive multiples of 16, got [", m, ", ", k, "]");
   c10::DeviceGuard guard(a.device());
   DeviceState& st = state(a.device());
   const Compression& entry = compression(st, a.scalar_type(), type, m, k);

@@ -13,6 +13,7 @@
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <cstdint>
 
@@ -33,44 +34,31 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "grad_addresses: expected must be None or a tuple of one address per parameter");
     return nullptr;
   }
-  PyObject* out = PyTuple_New(n);
-  if (out == nullptr) return nullptr;
+  THPObjectPtr out(PyTuple_New(n));  // released on every exit, a C++ exception's included
+  if (!out) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(params, i);
     if (!THPVariable_Check(item)) {
-      Py_DECREF(out);
       PyErr_Format(PyExc_TypeError, "grad_addresses: params[%zd] is not a tensor", i);
       return nullptr;
     }
     const at::Tensor& t = THPVariable_Unpack(item);
     if (check) {
       const long long want = PyLong_AsLongLong(PyTuple_GET_ITEM(expected, i));
-      if (want == -1 && PyErr_Occurred()) {
-        Py_DECREF(out);
-        return nullptr;
-      }
-      if (reinterpret_cast<intptr_t>(t.data_ptr()) != static_cast<intptr_t>(want)) {
-        Py_DECREF(out);
-        Py_RETURN_NONE;
-      }
+      if (want == -1 && PyErr_Occurred()) return nullptr;
+      if (reinterpret_cast<intptr_t>(t.data_ptr()) != static_cast<intptr_t>(want)) Py_RETURN_NONE;
     }
     const at::Tensor& g = t.grad();
     long long address = 0;
     if (g.defined()) {
-      if (!g.strides().equals(t.strides()) || g.sizes() != t.sizes()) {
-        Py_DECREF(out);
-        Py_RETURN_NONE;
-      }
+      if (!g.strides().equals(t.strides()) || g.sizes() != t.sizes()) Py_RETURN_NONE;
       address = static_cast<long long>(reinterpret_cast<intptr_t>(g.data_ptr()));
     }
     PyObject* value = PyLong_FromLongLong(address);
-    if (value == nullptr) {
-      Py_DECREF(out);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(out, i, value);
+    if (value == nullptr) return nullptr;
+    PyTuple_SET_ITEM(out.get(), i, value);
   }
-  return out;
+  return out.release();
   END_HANDLE_TH_ERRORS
 }
 
@@ -106,27 +94,23 @@ PyObject* data_ptrs(PyObject* /*self*/, PyObject* args) {
   PyObject* tensors = nullptr;
   if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &tensors)) return nullptr;
   const Py_ssize_t n = PyList_GET_SIZE(tensors);
-  PyObject* out = PyTuple_New(n);
-  if (out == nullptr) return nullptr;
+  THPObjectPtr out(PyTuple_New(n));  // released on every exit, a C++ exception's included
+  if (!out) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(tensors, i);
     long long address = 0;
     if (item != Py_None) {
       if (!THPVariable_Check(item)) {
-        Py_DECREF(out);
         PyErr_Format(PyExc_TypeError, "data_ptrs: tensors[%zd] is not a tensor or None", i);
         return nullptr;
       }
       address = static_cast<long long>(reinterpret_cast<intptr_t>(THPVariable_Unpack(item).data_ptr()));
     }
     PyObject* value = PyLong_FromLongLong(address);
-    if (value == nullptr) {
-      Py_DECREF(out);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(out, i, value);
+    if (value == nullptr) return nullptr;
+    PyTuple_SET_ITEM(out.get(), i, value);
   }
-  return out;
+  return out.release();
   END_HANDLE_TH_ERRORS
 }
 
@@ -194,13 +178,14 @@ PyObject* operands_misfit(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// Whether a tensor's sizes are exactly the ints of a shape tuple (a torch.Size).
+// Whether a tensor's sizes are exactly the ints of a shape (a torch.Size, or any tuple or list of
+// ints, as torch.Size() takes); false for anything else (the caller's Python check then decides).
 bool sizes_equal(const at::Tensor& t, PyObject* shape) {
-  if (!PyTuple_Check(shape)) return false;
+  if (!PyTuple_Check(shape) && !PyList_Check(shape)) return false;
   const auto sizes = t.sizes();
-  if (PyTuple_GET_SIZE(shape) != static_cast<Py_ssize_t>(sizes.size())) return false;
+  if (PySequence_Fast_GET_SIZE(shape) != static_cast<Py_ssize_t>(sizes.size())) return false;
   for (size_t d = 0; d < sizes.size(); ++d) {
-    PyObject* item = PyTuple_GET_ITEM(shape, static_cast<Py_ssize_t>(d));
+    PyObject* item = PySequence_Fast_GET_ITEM(shape, static_cast<Py_ssize_t>(d));
     if (!PyLong_Check(item)) return false;
     const long long s = PyLong_AsLongLong(item);
     if (s == -1 && PyErr_Occurred()) {

@@ -194,8 +194,11 @@ def masks_from_args(args, refs, counts=None) -> list:
     the kernels need no host sync to read it). The bits are checked as BitMask's constructor
     checks them, all at once in C where ``ssam_kernels._host`` is built (a third of a
     microsecond per mask instead of two)."""
-    args = list(args)
-    fast = c_fit("bits_misfit", args, list(refs))
+    args, refs = list(args), list(refs)
+    if len(args) != len(refs) or (counts is not None and len(counts) != len(args)):
+        raise ValueError(f"masks has {len(args)} entries but the tensors it masks {len(refs)}"
+                         + ("" if counts is None else f" (and {len(counts)} counts)"))
+    fast = c_fit("bits_misfit", args, refs)
     out = []
     make = BitMask.__new__
     for m, r, count in zip(args, refs, counts if counts is not None else [-1] * len(args)):

@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks
 from .._backend import lazy
-from .._host_loops import c_fit, check_list_operands, unexplained_misfit
+from .._host_loops import c_fit, c_loops, check_list_operands, unexplained_misfit
 from .._library import Op
 from .bitmask import BitMask, mask_args, masks_from_args, pack_mask
 
@@ -53,7 +53,8 @@ def aligned_length(n: int, dtype: torch.dtype) -> int:
 
 
 def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes."""
+    """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (views
+    from one split: written in place by the kernels, never by autograd)."""
     step = max(1, 16 // dtype.itemsize)
     pieces = []  # each tensor, then its padding to the next 16 bytes: one split makes every view
     for n in counts:
@@ -217,7 +218,7 @@ def check_backup(params: list[torch.Tensor], backup) -> None:
     masks = _checks.mask_list(backup.masks, params, "params")
     if len(backup.values) != len(params):
         raise ValueError(f"backup holds {len(backup.values)} tensors but params has {len(params)}")
-    fit = c_fit("backup_misfit", params, list(backup.values), mask_counts(masks))
+    fit = c_fit("backup_misfit", list(params), list(backup.values), mask_counts(masks)) if c_loops() else None
     if fit:
         return
     for i, (w, v, m) in enumerate(zip(params, backup.values, masks)):

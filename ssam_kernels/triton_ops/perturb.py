@@ -140,13 +140,14 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
         _move_chunk(w, g, bits, backup, room, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
 
 
-def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device, bits_ptrs, bits_aligned: bool) -> torch.Tensor:
+def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device, bits_ptrs) -> torch.Tensor:
     """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor).
-    ``bits_ptrs``: the bits' addresses; ``bits_aligned``: whether all are on 16 bytes."""
+    ``bits_ptrs``: the bits' addresses."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
                                            address_table(bits, device, bits_ptrs), counts, bits[0],
-                                           ALIGNED=bits_aligned, CHUNK=CHUNK, num_warps=2)  # 16 mask bytes per thread
+                                           ALIGNED=all(aligned_at(bits_ptrs)), CHUNK=CHUNK,
+                                           num_warps=2)  # 16 mask bytes per thread
     before = torch.cumsum(counts, 0) - counts
     return before - before[table.chunk_first]
 
@@ -164,7 +165,7 @@ def _launch(perturb: bool, ops: dict, scale, is_aligned: bool) -> None:
     if table.num_chunks == 0:
         return
     has_mask = bool(bits)
-    offsets = chunk_offsets(table, bits, device, bits_ptrs, is_aligned) if has_mask else table.numel
+    offsets = chunk_offsets(table, bits, device, bits_ptrs) if has_mask else table.numel
     if isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and device.type != "cpu":
         scale = float(scale)  # read on the host (no device sync) rather than copied to the device
     scale_is_ptr = isinstance(scale, torch.Tensor)

@@ -122,7 +122,7 @@ def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper
         table = chunk_table([w.numel() for w in ws], device)
         if table.num_chunks == 0:
             continue
-        offsets = chunk_offsets(table, bits, device, bits_ptrs, is_aligned) if has_mask else table.numel
+        offsets = chunk_offsets(table, bits, device, bits_ptrs) if has_mask else table.numel
         w_addr = address_table(ws, device, w_ptrs)
         fp64 = ws[0].dtype == torch.float64
         _restore_sgd_kernel[(table.num_chunks,)](
