@@ -62,7 +62,8 @@ def profile_contender(workload, contender: Contender, device: torch.device, step
         _sync(device)
     events = prof.key_averages()
     if cuda:
-        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        # (GPU-side spans of user annotations, e.g. "Optimizer.step#SGD.step", are not kernels)
+        kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
         device_us = lambda e: e.device_time_total  # noqa: E731
     else:  # no device: the leaf CPU ops stand in for kernels
         kernels = [e for e in events if e.self_cpu_time_total > 0 and e.key.startswith("aten::")]
