@@ -55,10 +55,9 @@ def aligned_length(n: int, dtype: torch.dtype) -> int:
 def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (views
     from one split: written in place by the kernels, never by autograd)."""
-    step = max(1, 16 // dtype.itemsize)
     pieces = []  # each tensor, then its padding to the next 16 bytes: one split makes every view
     for n in counts:
-        pieces += (n, -n % step)
+        pieces += (n, aligned_length(n, dtype) - n)
     return torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)[::2]
 
 

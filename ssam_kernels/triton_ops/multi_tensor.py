@@ -137,7 +137,7 @@ def as_f64(bits):
 
 def aligned(*tensors) -> bool:
     """Whether every tensor starts on 16 bytes (the kernels then use vector accesses)."""
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+    return all(aligned_at(data_ptrs(list(tensors))))
 
 
 def aligned_at(*ptr_lists) -> list[bool]:
