@@ -33,7 +33,7 @@ def _samples(gen) -> dict:
     order, masked = sk.ops.bitmask.rows_first(wmask)
     return {
         "grad_norm": (gs, [mask.bits, None]),
-        "perturb_": ([w.clone() for w in ws], gs, [mask.bits, None], sk.ops.perturb.backup_buffers(ws, [mask.count_int(), -1]),
+        "perturb_": ([w.clone() for w in ws], gs, [mask.bits, None], sk.ops.perturb.backup_buffers(ws, [mask, None], [mask.count_int(), -1]),
                      0.1, None),
         "restore_": ([w.clone() for w in ws], values, [mask.bits, None]),
         "restore_sgd_step_": ([w.clone() for w in ws], gs, [torch.empty(37), torch.zeros(5, 16)], [True, False], values,
@@ -161,6 +161,36 @@ def test_public_functions_trace_whole_under_torch_compile(gen):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("scale", ["number", "cpu tensor"])
+def test_public_perturb_and_restore_trace_whole_under_torch_compile(gen, scale):
+    """A CPU scale tensor is read on the host in eager mode; a traced graph cannot read it there
+    (a data-dependent float), so it goes to the params' device. A mask whose count is not known
+    yet sizes its backup by a data-dependent symbol. Same results as eager, no graph break."""
+    ws = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    gs = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    keep = rand_mask((37,), generator=gen)
+    s = 0.05 if scale == "number" else torch.tensor(0.05, dtype=torch.float64)
+    originals = [w.clone() for w in ws]
+    eager = [w.clone() for w in ws]
+    eager_backup = sk.perturb_(eager, gs, [keep, None], s, backend="torch")
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def cycle(ws, gs, mask, s):
+        backup = sk.perturb_(ws, gs, [mask, None], s)
+        moved = [w.clone() for w in ws]
+        sk.restore_(ws, backup)
+        return moved, backup.values
+
+    mask = sk.pack_mask(keep)
+    assert "_count" not in mask.__dict__  # the count is found inside the graph
+    moved, values = cycle(ws, gs, mask, s)
+    assert all(torch.equal(a, b) for a, b in zip(moved, eager))
+    assert all(torch.equal(a, b) for a, b in zip(values, eager_backup.values))
+    assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+    assert mask.count_int() == int(keep.sum())
+
+
+@pytest.mark.cpu
 def test_flop_counting_sees_the_gemm_op_whichever_backend(gen):
     dy, x = rand((16, 8), generator=gen), rand((16, 12), generator=gen)
     mask = rand_mask((8, 12), 0.5, gen)
@@ -186,7 +216,7 @@ def _raw_operands(gen, dtype=torch.float32):
     ws = [rand((37,), dtype, gen), rand((5, 16), dtype, gen)]
     gs = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
     mask = sk.pack_mask(rand_mask((37,), generator=gen))
-    return ws, gs, mask, sk.ops.perturb.backup_buffers(ws, [mask.count_int(), -1])
+    return ws, gs, mask, sk.ops.perturb.backup_buffers(ws, [mask, None], [mask.count_int(), -1])
 
 
 def _bad_raw_calls(gen):

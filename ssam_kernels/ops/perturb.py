@@ -61,15 +61,21 @@ def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -
     return torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)[::2]
 
 
-def backup_buffers(params, counts: list[int]) -> list[torch.Tensor]:
+def backup_buffers(params, masks, counts: list[int]) -> list[torch.Tensor]:
     """Where ``perturb_`` keeps the original values: a tensor like the param where it has no
-    mask (``counts[i] < 0``); else ``counts[i]`` values, the masked params of one dtype and
-    device sharing one allocation, each 16-byte aligned."""
+    mask (``masks[i]`` None); else ``counts[i]`` values, the masked params of one dtype and
+    device sharing one allocation, each 16-byte aligned. Under torch.compile a count may be a
+    data-dependent symbol, which nothing can compare and views of one allocation cannot be
+    sized by: whether a tensor is masked comes from ``masks``, and each masked one gets its own
+    allocation."""
     out: list = [None] * len(params)
     masked: dict = {}
-    for i, (w, c) in enumerate(zip(params, counts)):
-        if c < 0:
+    traced = torch.compiler.is_compiling()
+    for i, (w, m) in enumerate(zip(params, masks)):
+        if m is None:
             out[i] = torch.empty_like(w, memory_format=torch.contiguous_format)
+        elif traced:
+            out[i] = w.new_empty(counts[i])
         else:
             masked.setdefault((w.dtype, w.device), []).append(i)
     for (dtype, device), idx in masked.items():
@@ -153,10 +159,14 @@ def mask_counts(masks) -> list[int]:
 
 def scale_args(scale, device: torch.device) -> tuple[float, torch.Tensor | None]:
     """``(number, None)`` for a number or a CPU tensor (read on the host now, no device sync),
-    ``(0.0, tensor)`` for a tensor on the params' ``device`` (read there by the kernels)."""
+    ``(0.0, tensor)`` for a tensor on the params' ``device`` (read there by the kernels). Under
+    ``torch.compile`` a CPU tensor goes to ``device`` instead: its value is data the graph cannot
+    read on the host."""
     if not isinstance(scale, torch.Tensor):
         return float(scale), None
     if scale.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return 0.0, scale.reshape(()).to(device)
         return float(scale), None
     if scale.device != device:
         raise ValueError(f"scale is on {scale.device}; give a number, a CPU tensor or a tensor on {device}")
@@ -199,7 +209,7 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     scale = _checks.scalar("scale", scale)
     check_writable(params)
     counts = mask_counts(masks)
-    values = backup_buffers(params, counts)
+    values = backup_buffers(params, masks, counts)
     if _checks.spans_devices(params):
         PERTURB.across_devices(backend, params[0].device)(params, grads, masks, scale, values)
     else:
