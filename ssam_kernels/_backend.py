@@ -11,6 +11,7 @@ fall back to the ``auto`` order. An explicit ``backend=`` is strict: it runs or 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -35,6 +36,17 @@ AUTO_ORDER = {
     "cuda": ("triton", "ext", "torch"),
     "cpu": ("ext", "torch"),
 }
+
+
+def on_device(device: torch.device):
+    """A context that makes ``device`` the current CUDA device where it is not (nothing
+    otherwise). Triton launches on the current device and its current stream, whatever device
+    the tensors are on: without this, tensors on ``cuda:1`` while ``cuda:0`` is current would be
+    read through another device's addresses. (torch's own ops and the extension's guard
+    themselves.)"""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 class BackendUnavailableError(ValueError):

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ._backend import ENV_VAR, BackendUnavailableError, OpBackends, extension_error, triton_version
+from ._backend import ENV_VAR, BackendUnavailableError, OpBackends, extension_error, on_device, triton_version
 from ._host_loops import bump_versions
 
 NAMESPACE = "ssam_kernels"
@@ -32,6 +32,7 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 
 # every backend table, by op name: the dispatcher ops, and the SAM step plan's kernel set
 TABLES: dict[str, OpBackends] = {}
+OPS: dict[str, "Op"] = {}  # the dispatcher ops, by name
 
 
 class Op:
@@ -69,10 +70,16 @@ class Op:
         self._mutated = [i for i, a in enumerate(self.overload._schema.arguments)
                          if a.alias_info is not None and a.alias_info.is_write]
         TABLES[self.name] = self.backends
+        OPS[self.name] = self
 
     def _kernel(self, device: torch.device, *args):
         *args, backend = args
-        out = self._adapt(self.backends(backend, device), *args)
+        impl = self.backends(backend, device)
+        if device.type == "cuda":  # the tensors' device current while a kernel launches
+            with on_device(_first_device(args)):
+                out = self._adapt(impl, *args)
+        else:
+            out = self._adapt(impl, *args)
         for i in self._mutated:
             # a kernel writing through addresses (Triton, the extension) is invisible to autograd's
             # version counters: bump them as torch's in-place ops do, so a tensor saved for a
@@ -99,6 +106,19 @@ class Op:
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a str, got {backend!r}")
         return self.overload(*args, backend)
+
+
+def _first_device(args) -> torch.device:
+    """The device of the first tensor among an op's arguments (in a list or not): the one the
+    dispatcher chose this device type's kernel by (an op's tensors share one device)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device
+    return torch.device("cpu")
 
 
 def backend_table(name: str, **kwargs) -> OpBackends:

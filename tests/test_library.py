@@ -4,6 +4,7 @@ kernels that pick among its backends, a fake implementation, torch.library's own
 backend, and the dispatcher, ``torch.compile`` and ``FlopCounterMode`` seeing one op whichever
 kernel computes it."""
 
+import contextlib
 import os
 
 import pytest
@@ -452,3 +453,78 @@ def test_public_argument_checks_say_the_same_from_the_c_loops_and_python(host_lo
         else:
             with pytest.raises((ValueError, TypeError), match=what):
                 call()
+
+
+class _DeviceRecorder:
+    """Stands in for ``torch.cuda.device``: records the device index each context makes current."""
+
+    def __init__(self):
+        self.entered = []
+
+    def __call__(self, index):
+        recorder = self
+
+        class _Context:
+            def __enter__(self):
+                recorder.entered.append(index)
+
+            def __exit__(self, *exc):
+                return False
+
+        return _Context()
+
+
+@pytest.mark.cpu
+def test_a_launch_makes_the_tensors_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: ``on_device`` switches to the tensors' device
+    where another one is current, and only there (checked without a second GPU by standing in
+    for torch.cuda's current device)."""
+    from ssam_kernels import _backend
+
+    recorder = _DeviceRecorder()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", recorder)
+    for device in ("cuda:1", "cuda:0", "cuda", "cpu"):
+        with _backend.on_device(torch.device(device)):
+            pass
+    assert recorder.entered == [1]
+
+
+@pytest.mark.cpu
+def test_the_cuda_kernels_and_the_plan_launch_on_their_tensors_device(monkeypatch, gen):
+    """Every op's CUDA kernel runs inside ``on_device`` of its first tensor argument (in a list or
+    not), its CPU kernel without one, and every launch of a plan inside ``on_device`` of its
+    parameters' device (checked on CPU tensors by calling the CUDA kernels directly)."""
+    from ssam_kernels import _library
+    from ssam_kernels.ops import sam_step
+
+    seen = []
+
+    def recording(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_library, "on_device", recording)
+    samples = _samples(gen)
+    assert sorted(_library.OPS) == sorted(OPS)
+    for name in OPS:
+        args = samples[name]
+        first = next(a if isinstance(a, torch.Tensor) else a[0] for a in args
+                     if isinstance(a, torch.Tensor) or (isinstance(a, list) and isinstance(a[0], torch.Tensor)))
+        for kernel_device, guarded in ((torch.device("cuda"), [first.device]), (torch.device("cpu"), [])):
+            seen.clear()
+            _library.OPS[name]._kernel(kernel_device, *args, "torch")
+            assert seen == guarded, (name, kernel_device)
+
+    monkeypatch.setattr(sam_step, "on_device", recording)
+    params = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
+    seen.clear()
+    plan = sam_step.SAMStepPlan(params, backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    plan.perturb([0.05])
+    plan.restore()
+    plan.perturb([0.05])
+    plan.restore_sgd([sam_step.SGDGroup(lr=0.1)])
+    plan.set_buffers([None, None])
+    assert seen == [params[0].device] * 6  # made, 2 perturbs, restore, restore_sgd, set_buffers

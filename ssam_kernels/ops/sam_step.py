@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from .. import _checks
-from .._backend import BackendUnavailableError, lazy
+from .._backend import BackendUnavailableError, lazy, on_device
 from .._library import backend_table
 from .bitmask import BitMask, as_bitmask, pack_mask, unpack_mask
 from .grad_norm import accumulation_dtype
@@ -172,8 +172,9 @@ class SAMStepPlan:
         self.perturbed = False
         self._sgd = None  # the last hyper-parameters restore_sgd checked
         self._sgd_given = None
-        self._impl = _BACKENDS.impls[self.backend](self, [_memory_mask(m, o) if m is not None else None
-                                                        for m, o in zip(self.masks, orders)])
+        with on_device(device):
+            self._impl = _BACKENDS.impls[self.backend](self, [_memory_mask(m, o) if m is not None else None
+                                                            for m, o in zip(self.masks, orders)])
 
     # --- what a step checks -------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class SAMStepPlan:
             grads = self.grad_addresses()
         elif not isinstance(grads, tuple) or len(grads) != len(self.params):
             raise ValueError(f"grads must be the tuple grad_addresses() returned ({len(self.params)} addresses)")
-        with _no_grad():
+        with _no_grad(), on_device(self.device):
             self._impl.perturb(grads, rho)
         bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters
         self.perturbed = True
@@ -242,7 +243,7 @@ class SAMStepPlan:
         """Put back the weights :meth:`perturb` changed, bit for bit."""
         if not self.perturbed:
             raise RuntimeError("restore() without a preceding perturb()")
-        with _no_grad():
+        with _no_grad(), on_device(self.device):
             self._impl.restore()
         bump_versions(self.params)
         self.perturbed = False
@@ -258,7 +259,7 @@ class SAMStepPlan:
             self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
         self._sgd_given = sgd
         grads = self.grad_addresses(check_params=False)
-        with _no_grad():
+        with _no_grad(), on_device(self.device):
             made = self._impl.restore_sgd(grads, self._sgd)
         bump_versions(self.params)  # (not the momentum buffers: optimizer state, which no graph saves)
         self.perturbed = False
@@ -274,7 +275,8 @@ class SAMStepPlan:
                                   or b.stride() != p.stride() or b.dtype != p.dtype):
                 raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
         self.buffers = list(buffers)
-        self._impl.buffers_changed()
+        with on_device(self.device):
+            self._impl.buffers_changed()
 
 
 def _no_grad():
