@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..ops.sam_step_tables import KernelStep
-from .multi_tensor import as_f64, f64_bits
+from .multi_tensor import as_f64, block_offsets, f64_bits, load_block, store_block
 
 BLOCK = 2048  # elements per program (1024 for float64): 8 per thread in 8 warps, no spill (compile tier)
 FINAL_BLOCK = 1024  # partial sums the last norm program adds per step of its loop
@@ -63,11 +63,6 @@ def _typed(addr, ref, offset, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _block_offsets(BLOCK: tl.constexpr):
-    return tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-
-
-@triton.jit
 def _block_bytes(bits, left, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """The block's mask bytes as int32 ``[BLOCK // 8]`` (``bits``: its first byte); bits past
     the tensor's end read as 0."""
@@ -92,27 +87,11 @@ def _slots(byte):
     return keep, slot, count > 0
 
 
-@triton.jit
-def _load(p, valid, FULL: tl.constexpr):
-    if FULL:
-        return tl.load(p)
-    else:
-        return tl.load(p, mask=valid, other=0)
-
-
-@triton.jit
-def _store(p, value, valid, FULL: tl.constexpr):
-    if FULL:
-        tl.store(p, value)
-    else:
-        tl.store(p, value, mask=valid)
-
-
 # --- the norm -------------------------------------------------------------------------------
 
 @triton.jit
 def _sum_squares(g, bits, left, MASKED: tl.constexpr, ACC: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _block_offsets(BLOCK)
+    offs = block_offsets(0, BLOCK)
     valid = offs < left
     if MASKED:
         byte = _block_bytes(bits, left, FULL, BLOCK)
@@ -122,7 +101,7 @@ def _sum_squares(g, bits, left, MASKED: tl.constexpr, ACC: tl.constexpr, FULL: t
             rows = rows & valid
         v = tl.where(keep, tl.load(g + offs, mask=rows, other=0.0).to(ACC), 0.0)
     else:
-        v = _load(g + offs, valid, FULL).to(ACC)
+        v = load_block(g + offs, valid, FULL).to(ACC)
     return tl.sum(tl.sum(v * v, axis=1), axis=0)
 
 
@@ -183,7 +162,7 @@ def _finish_norm(partial, counter, inv, flags, programs, eps_bits, ACC: tl.const
 @triton.jit
 def _perturb_block(w, g, bits, backup, left, scale, move, MASKED: tl.constexpr, HAS_GRAD: tl.constexpr,
                    FULL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _block_offsets(BLOCK)
+    offs = block_offsets(0, BLOCK)
     valid = offs < left
     if MASKED:
         keep, slot, row_any = _slots(_block_bytes(bits, left, FULL, BLOCK))
@@ -197,12 +176,12 @@ def _perturb_block(w, g, bits, backup, left, scale, move, MASKED: tl.constexpr, 
             new = tl.where(keep & move, (old.to(scale.dtype) + scale * grad).to(old.dtype), old)
             tl.store(w + offs, new, mask=rows)
     else:
-        old = _load(w + offs, valid, FULL)
-        _store(backup + offs, old, valid, FULL)
+        old = load_block(w + offs, valid, FULL)
+        store_block(backup + offs, old, valid, FULL)
         if HAS_GRAD:
-            grad = _load(g + offs, valid, FULL).to(scale.dtype)
+            grad = load_block(g + offs, valid, FULL).to(scale.dtype)
             new = tl.where(move, (old.to(scale.dtype) + scale * grad).to(old.dtype), old)
-            _store(w + offs, new, valid, FULL)
+            store_block(w + offs, new, valid, FULL)
 
 
 @triton.jit
@@ -252,21 +231,21 @@ def _restored(w, bits, backup, offs, valid, left, MASKED: tl.constexpr, FULL: tl
     """The block's weights as they were before the perturbation."""
     if MASKED:
         keep, slot, row_any = _slots(_block_bytes(bits, left, FULL, BLOCK))
-        current = _load(w + offs, valid, FULL)
+        current = load_block(w + offs, valid, FULL)
         return tl.where(keep, tl.load(backup + slot, mask=keep), current)
     else:
-        return _load(backup + offs, valid, FULL)
+        return load_block(backup + offs, valid, FULL)
 
 
 @triton.jit
 def _restore_block(w, bits, backup, left, MASKED: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _block_offsets(BLOCK)
+    offs = block_offsets(0, BLOCK)
     valid = offs < left
     if MASKED:
         keep, slot, row_any = _slots(_block_bytes(bits, left, FULL, BLOCK))
         tl.store(w + offs, tl.load(backup + slot, mask=keep), mask=keep)
     else:
-        _store(w + offs, _load(backup + offs, valid, FULL), valid, FULL)
+        store_block(w + offs, load_block(backup + offs, valid, FULL), valid, FULL)
 
 
 @triton.jit
@@ -295,12 +274,12 @@ def _restore_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, bits
 def _sgd_block(w, g, buf, bits, backup, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
                MASKED: tl.constexpr, HAS_GRAD: tl.constexpr, MOMENTUM: tl.constexpr, FULL: tl.constexpr,
                BLOCK: tl.constexpr):
-    offs = _block_offsets(BLOCK)
+    offs = block_offsets(0, BLOCK)
     valid = offs < left
     weight = _restored(w, bits, backup, offs, valid, left, MASKED, FULL, BLOCK)
     if HAS_GRAD:
         x = weight.to(lr.dtype)
-        d = _load(g + offs, valid, FULL).to(lr.dtype)
+        d = load_block(g + offs, valid, FULL).to(lr.dtype)
         # torch's SGD op for op: its add(..., alpha=a) is one fused multiply-add, the rest rounds
         # each op (the kernel is compiled without contraction)
         d = tl.where(maximize, -d, d)
@@ -310,12 +289,12 @@ def _sgd_block(w, g, buf, bits, backup, left, lr, momentum, undamped, weight_dec
                 if fresh:  # torch's SGD: the first buffer is the direction itself
                     b = d
                 else:
-                    b = tl.fma(d, undamped, _load(buf + offs, valid, FULL).to(lr.dtype) * momentum)
-                _store(buf + offs, b.to(buf.dtype.element_ty), valid, FULL)
+                    b = tl.fma(d, undamped, load_block(buf + offs, valid, FULL).to(lr.dtype) * momentum)
+                store_block(buf + offs, b.to(buf.dtype.element_ty), valid, FULL)
                 d = tl.where(nesterov, tl.fma(b, momentum, d), b)
-        _store(w + offs, tl.fma(d, -lr, x).to(w.dtype.element_ty), valid, FULL)
+        store_block(w + offs, tl.fma(d, -lr, x).to(w.dtype.element_ty), valid, FULL)
     else:  # no gradient: torch's SGD skips the tensor; put the weights back only
-        _store(w + offs, weight, valid, FULL)
+        store_block(w + offs, weight, valid, FULL)
 
 
 @triton.jit
