@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from ._backend import on_device
+
 log = logging.getLogger("ssam_kernels")
 
 GEMMS = ("auto", "dense", "cusparselt")
@@ -268,35 +270,40 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     the labels of the configurations to them."""
     key = _key(a, b)
     if key not in _TRIALS:
-        trials = {"dense": _median_ms(lambda: _dense(a, b))}
-        configs: dict[str, CsltConfig] = {}
-        paths = [False] + ([True] if planned_unavailable() is None else [])
-        for planned in paths:
-            default = CsltConfig(planned=planned)
-            try:
-                packed = compress(a, default)
-                trials["planned compress" if planned else "compress"] = _median_ms(lambda c=default: compress(a, c))
-            except (RuntimeError, ValueError) as exc:  # (the extension's ops raise ValueError for operands they refuse)
-                if not planned:
-                    raise
-                log_once(("planned compress",) + key, f"sparse_mm_24: planned cuSPARSELt compression failed ({exc}); "
-                         "torch's path only")
-                continue
-            for found in dict.fromkeys([default, _searched(packed, b, key, planned)]):
-                for transpose in (False, True):
-                    config = replace(found, transpose_result=transpose)
-                    try:
-                        trials[config.label()] = _median_ms(lambda c=config, p=packed: cslt_mm(p, b, c))
-                        configs[config.label()] = config
-                    except (RuntimeError, ValueError) as exc:  # an algorithm id out of range for the transposed layout...
-                        if config == CsltConfig():
-                            raise  # torch's default configuration is what every other path falls back to
-                        log_once(("config", config) + key,
-                                 f"sparse_mm_24: cuSPARSELt {config.label()} failed ({exc}); skipped")
-        _CONFIG[key] = min(configs.values(), key=lambda c: trials[c.label()] + _compress_ms(trials, c))
-        _TRIALS[key] = trials
-        _TRIED[key] = configs
+        with on_device(a.device):  # the events time the current device's stream
+            _tune(a, b, key)
     return dict(_TRIALS[key])
+
+
+def _tune(a: torch.Tensor, b: torch.Tensor, key: tuple) -> None:
+    trials = {"dense": _median_ms(lambda: _dense(a, b))}
+    configs: dict[str, CsltConfig] = {}
+    paths = [False] + ([True] if planned_unavailable() is None else [])
+    for planned in paths:
+        default = CsltConfig(planned=planned)
+        try:
+            packed = compress(a, default)
+            trials["planned compress" if planned else "compress"] = _median_ms(lambda c=default: compress(a, c))
+        except (RuntimeError, ValueError) as exc:  # (the extension's ops raise ValueError for operands they refuse)
+            if not planned:
+                raise
+            log_once(("planned compress",) + key, f"sparse_mm_24: planned cuSPARSELt compression failed ({exc}); "
+                     "torch's path only")
+            continue
+        for found in dict.fromkeys([default, _searched(packed, b, key, planned)]):
+            for transpose in (False, True):
+                config = replace(found, transpose_result=transpose)
+                try:
+                    trials[config.label()] = _median_ms(lambda c=config, p=packed: cslt_mm(p, b, c))
+                    configs[config.label()] = config
+                except (RuntimeError, ValueError) as exc:  # an algorithm id out of range for the transposed layout...
+                    if config == CsltConfig():
+                        raise  # torch's default configuration is what every other path falls back to
+                    log_once(("config", config) + key,
+                             f"sparse_mm_24: cuSPARSELt {config.label()} failed ({exc}); skipped")
+    _CONFIG[key] = min(configs.values(), key=lambda c: trials[c.label()] + _compress_ms(trials, c))
+    _TRIALS[key] = trials
+    _TRIED[key] = configs
 
 
 def _compress_ms(trials: dict[str, float], config: CsltConfig) -> float:
