@@ -20,9 +20,13 @@ from typing import Callable, Iterable
 import torch
 
 import ssam_kernels
-from ssam_kernels.ops.sam_step import PlanMismatch, SAMStepPlan, SGDGroup, plan_backend
+from ssam_kernels.ops.sam_step import PlanMismatch, SAMStepPlan, SGDGroup, check_sgd_groups, plan_backend
 
 EPS = 1e-7
+
+
+def _valid_rho(rho) -> bool:
+    return not isinstance(rho, bool) and isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0
 
 
 def _check_rho(rho) -> float:
@@ -109,11 +113,20 @@ def _together(outer, inner):
         yield
 
 
-def _check_params(groups: list[dict]) -> None:
-    """Every parameter is a floating tensor with data (checked here, not at the first step)."""
-    for g, group in enumerate(groups):
+def _check_params(groups: list[dict], first: int = 0) -> None:
+    """Every parameter is a floating tensor with data, once in its group (checked here, not at
+    the first step; torch refuses a parameter in two groups itself). ``first``: the index of
+    ``groups[0]`` in ``param_groups``."""
+    for g, group in enumerate(groups, first):
+        seen = set()
         for i, p in enumerate(group["params"]):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"param_groups[{g}]['params'][{i}] must be a tensor, got {type(p).__name__}")
             where = f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)})"
+            if id(p) in seen:
+                raise ValueError(f"{where} appears twice in its group: it would be perturbed twice, and the "
+                                 "restore would not return it to w")
+            seen.add(id(p))
             if not p.is_floating_point():
                 raise TypeError(f"{where} is {p.dtype}: SAM perturbs floating-point parameters only")
             if p.device.type == "meta":
@@ -196,9 +209,11 @@ class SAM(torch.optim.Optimizer):
         # _invalidate_plan(); None where the planned path does not apply
         self._plan: SAMStepPlan | None = None
         self._plan_made = False
+        self._plan_adaptive = False  # whether a group was adaptive when the plan (or its absence) was decided
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._skips_unplanned = None  # and by steps over the per-list ops (device)
         self._plan_buffers_synced = False  # the plan's momentum buffers are the base optimizer's
+        self._sgd_checked: tuple[SGDGroup, ...] | None = None  # the fused step's hyper-parameters, last checked
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
@@ -206,12 +221,28 @@ class SAM(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self._pending is not None:
             raise RuntimeError("add_param_group() between first_step() and second_step()")
+        param_group = self._checked_new_group(param_group)  # (raises before anything is added)
         self._invalidate_plan()
         self.base_optimizer.add_param_group(param_group)
         group = self.base_optimizer.param_groups[-1]
         for key, default in self.defaults.items():
             group.setdefault(key, default)
-        _check_rho(group["rho"])
+
+    def _checked_new_group(self, param_group) -> dict:
+        """A copy of ``param_group`` with its params in a list, checked as the constructor checks
+        its groups (``rho``, ``adaptive``, the parameters)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, set) or params is None:
+            raise TypeError("param_group['params'] must be a tensor or an ordered collection of tensors")
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        _check_rho(group.get("rho", self.defaults["rho"]))
+        if not isinstance(group.get("adaptive", False), bool):
+            raise TypeError(f"adaptive must be a bool, got {type(group['adaptive']).__name__}")
+        _check_params([group], first=len(self.param_groups))
+        return group
 
     # --- masks (SAM perturbs everything; sparse variants override) --------------------------
 
@@ -245,6 +276,8 @@ class SAM(torch.optim.Optimizer):
     def _ascending(self):
         if self._in_ascent:
             raise RuntimeError("the ascent pass is already running (ascent() entered twice)")
+        if self._pending is not None:
+            raise RuntimeError("ascent() between first_step() and second_step(): the pass at w + e is the descent pass")
         self._in_ascent = True
         self._ascent_batched = False  # this pass's own record
         try:
@@ -291,7 +324,16 @@ class SAM(torch.optim.Optimizer):
 
     # --- the two steps -----------------------------------------------------------------------
 
+    def _check_strided_grads(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) has a {p.grad.layout} "
+                                    f"gradient: {type(self).__name__} takes dense (strided) gradients, e.g. "
+                                    "nn.Embedding(sparse=False)")
+
     def _with_grads(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        self._check_strided_grads()
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         if not any(ps for _, ps in groups):
             raise ValueError(
@@ -309,6 +351,9 @@ class SAM(torch.optim.Optimizer):
         if self._pending is not None:
             raise RuntimeError("first_step() called twice without second_step() in between")
         scaler = _active_scaler(grad_scaler)
+        for i, group in enumerate(self.param_groups):  # (rho may be set through param_groups between steps)
+            if not _valid_rho(group["rho"]):
+                raise ValueError(f"param_groups[{i}]['rho'] must be a finite number >= 0, got {group['rho']!r}")
         batched, self._ascent_batched = self._ascent_batched, False
         if self.ascent_fraction < 1.0 and not batched:
             # otherwise the option would silently do nothing
@@ -331,11 +376,19 @@ class SAM(torch.optim.Optimizer):
             except PlanMismatch:
                 self._invalidate_plan()
                 plan = None
+            except RuntimeError:  # a gradient without storage to address (a sparse one): said below
+                self._check_strided_grads()
+                raise
         if plan is not None:
             if not any(grads):
                 raise ValueError(f"no parameter has a gradient: call loss.backward() before "
                                  f"{type(self).__name__}.first_step()/step()")
-            plan.perturb([g["rho"] for g in self.param_groups], grads=grads)
+            try:
+                plan.perturb([g["rho"] for g in self.param_groups], grads=grads)
+            except BaseException:  # (nothing perturbed) the scaler's unscale_ above is undone by an update
+                if scaler is not None:
+                    scaler.update()
+                raise
             self._pending, self._scaler, self._skipped = _Planned(plan), scaler, False
             if zero_grad:
                 self.zero_grad()
@@ -412,20 +465,46 @@ class SAM(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.param_groups for p in g["params"] if p.grad is not None], max_grad_norm
             )
-        if isinstance(self._pending, _Planned) and self._can_fuse_sgd():
-            pending, self._pending = self._pending, None
-            self._planned_sgd_step(pending.plan)
-        elif not isinstance(self._pending, _Planned) and self._can_fuse_sgd():
-            pending, self._pending = self._pending, None
-            self._fused_sgd_step(pending)
-        else:
-            self._restore(self._pending)
-            self._pending = None
-            self._plan_buffers_synced = False  # torch's SGD may make or replace momentum buffers
-            self.base_optimizer.step()
+        fuse = self._can_fuse_sgd()
+        try:  # hyper-parameters set through param_groups since the last step: back to w before raising
+            sgd = self._sgd_groups() if fuse else None
+        except ValueError:
+            self.restore()
+            raise
+        pending, self._pending = self._pending, None
+        left = pending  # what is still perturbed, should a step below fail
+        try:
+            if fuse and isinstance(pending, _Planned):
+                try:
+                    self._planned_sgd_step(pending.plan, sgd)
+                except PlanMismatch:  # a gradient laid out unlike its parameter: the unfused step below
+                    self._invalidate_plan()
+                    fuse = False
+            elif fuse:
+                left = list(pending)
+                self._fused_sgd_step(left)
+            if not fuse:
+                self._restore(pending)
+                left = None
+                self._plan_buffers_synced = False  # torch's SGD may make or replace momentum buffers
+                self.base_optimizer.step()
+        except BaseException:
+            if left is not None:
+                self._restore(left)
+            self._end_scaler_iteration()
+            raise
         self._end_scaler_iteration()
         if zero_grad:
             self.zero_grad()
+
+    def _sgd_groups(self) -> tuple[SGDGroup, ...]:
+        """Each group's SGD hyper-parameters for the fused step, checked (once per change:
+        ``ValueError`` for what torch's SGD constructor refuses)."""
+        sgd = tuple(SGDGroup.of(g) for g in self.param_groups)
+        if sgd != self._sgd_checked:
+            check_sgd_groups(list(sgd), len(sgd))
+            self._sgd_checked = sgd
+        return sgd
 
     def _end_scaler_iteration(self) -> None:
         """``update()`` the scaler of this step, so it is ready for the next one."""
@@ -465,11 +544,14 @@ class SAM(torch.optim.Optimizer):
             return True
         return ssam_kernels.auto_backend("restore_sgd_step_", device) != "torch"
 
-    def _fused_sgd_step(self, pending) -> None:
+    def _fused_sgd_step(self, pending: list) -> None:
+        """Restore + SGD per group over the per-list ops; each group's entry leaves ``pending``
+        once stepped (what is left there is still perturbed, should a group fail)."""
         state = self.base_optimizer.state
-        by_group = {id(group): (params, backup) for group, params, backup in pending}
+        by_group = {id(entry[0]): entry for entry in pending}
         for group in self.param_groups:
-            params, backup = by_group.get(id(group), ([], ssam_kernels.PerturbBackup([], [])))
+            entry = by_group.get(id(group))
+            _, params, backup = entry if entry is not None else (group, [], ssam_kernels.PerturbBackup([], []))
             params, backup = list(params), ssam_kernels.PerturbBackup(list(backup.values), list(backup.masks))
             perturbed = {id(p) for p in params}
             for p in group["params"]:  # stepped now, not perturbed (no gradient in the ascent pass)
@@ -482,19 +564,21 @@ class SAM(torch.optim.Optimizer):
             idle = [i for i, p in enumerate(params) if p.grad is None]
             if idle:  # perturbed but no gradient in the second pass: only put back
                 ssam_kernels.restore_([params[i] for i in idle], _sub_backup(backup, idle))
-            if not stepped:
-                continue
-            ps = [params[i] for i in stepped]
-            buffers = ssam_kernels.restore_sgd_step_(
-                ps, [p.grad for p in ps], [state[p].get("momentum_buffer") for p in ps], _sub_backup(backup, stepped),
-                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group.get("maximize", False),
-            )
-            if group["momentum"] != 0:
-                for p, b in zip(ps, buffers):
-                    state[p]["momentum_buffer"] = b
+            if stepped:
+                ps = [params[i] for i in stepped]
+                buffers = ssam_kernels.restore_sgd_step_(
+                    ps, [p.grad for p in ps], [state[p].get("momentum_buffer") for p in ps],
+                    _sub_backup(backup, stepped), lr=group["lr"], momentum=group["momentum"],
+                    dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                    maximize=group.get("maximize", False),
+                )
+                if group["momentum"] != 0:
+                    for p, b in zip(ps, buffers):
+                        state[p]["momentum_buffer"] = b
+            if entry is not None:
+                pending.remove(entry)
 
-    def _planned_sgd_step(self, plan: SAMStepPlan) -> None:
+    def _planned_sgd_step(self, plan: SAMStepPlan, sgd: tuple[SGDGroup, ...]) -> None:
         """Restore + SGD over the plan (one launch per weight dtype); the momentum buffers the
         step made join the base optimizer's state, where torch's SGD keeps them."""
         state = self.base_optimizer.state
@@ -504,7 +588,7 @@ class SAM(torch.optim.Optimizer):
                 if buf is not None:
                     state[p]["momentum_buffer"] = buf
             self._plan_buffers_synced = True
-        made = plan.restore_sgd([SGDGroup.of(g) for g in self.param_groups])
+        made = plan.restore_sgd(sgd)
         for i in made:
             state[plan.params[i]]["momentum_buffer"] = plan.buffers[i]
 
@@ -515,11 +599,13 @@ class SAM(torch.optim.Optimizer):
         changed), or None where the planned path does not apply: an adaptive group, parameters
         on several devices or not dense in memory, or no kernel for it on this device (the
         reference backend is not faster than the per-list ops)."""
-        if self._plan_made:
+        adaptive = any(g["adaptive"] for g in self.param_groups)  # (may be set through param_groups)
+        if self._plan_made and adaptive == self._plan_adaptive:
             return self._plan
-        self._plan_made, self._plan, self._plan_buffers_synced = True, None, False
+        self._invalidate_plan()
+        self._plan_made, self._plan_adaptive = True, adaptive
         params = [p for g in self.param_groups for p in g["params"]]
-        if not params or any(g["adaptive"] for g in self.param_groups):
+        if not params or adaptive:
             return None
         device = params[0].device
         backend = plan_backend("auto", device)
@@ -575,7 +661,8 @@ class SAM(torch.optim.Optimizer):
         """One SAM step. ``closure`` must recompute the loss and call ``backward()`` (with a
         ``grad_scaler``: ``grad_scaler.scale(loss).backward()``). The gradient at ``w`` is the
         one in ``.grad``; where no parameter has one (after ``zero_grad()``), the closure runs
-        first for it, inside :meth:`ascent`. Then the closure runs at ``w + e`` (grad enabled).
+        first for it, inside :meth:`ascent` (zero gradients left by
+        ``zero_grad(set_to_none=False)`` count as that gradient: nothing is perturbed). Then the closure runs at ``w + e`` (grad enabled).
         Returns what the last closure call returned. If a closure raises, ``w`` is as it was.
         ``grad_scaler`` and ``max_grad_norm`` are as in :meth:`first_step` / :meth:`second_step`.
 
@@ -625,8 +712,11 @@ class SAM(torch.optim.Optimizer):
     def _extra_state(self) -> dict:
         return {}
 
+    def _check_extra_state(self, state: dict) -> None:
+        """Raise ``ValueError`` where ``state`` (a state_dict's ``"extra"``) does not fit."""
+
     def _load_extra_state(self, state: dict) -> None:
-        pass
+        """Load ``state``, which :meth:`_check_extra_state` accepted."""
 
     def state_dict(self) -> dict:
         if self._pending is not None:
@@ -642,15 +732,25 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"not a {type(self).__name__} state_dict (needs keys 'sam' and 'base_optimizer')")
         if self._pending is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        extra = state_dict.get("extra", {})
+        self._check_extra_state(extra)  # (before anything is loaded)
+        ours, base = super().state_dict(), self.base_optimizer.state_dict()  # to go back to, should a load fail
+        try:
+            self._load_states(state_dict["sam"], state_dict["base_optimizer"])
+        except BaseException:
+            self._load_states(ours, base)
+            raise
         self._invalidate_plan()
-        super().load_state_dict(state_dict["sam"])
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self._load_extra_state(extra)
+
+    def _load_states(self, ours: dict, base: dict) -> None:
+        super().load_state_dict(ours)
+        self.base_optimizer.load_state_dict(base)
         # Both loads replace their param_groups lists; share the base optimizer's again.
         self.param_groups = self.base_optimizer.param_groups
-        for group, ours in zip(self.param_groups, state_dict["sam"]["param_groups"]):
+        for group, saved in zip(self.param_groups, ours["param_groups"]):
             for key in ("rho", "adaptive"):
-                group[key] = ours[key]
-        self._load_extra_state(state_dict.get("extra", {}))
+                group[key] = saved[key]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, rho={self.defaults['rho']})"

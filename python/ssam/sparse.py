@@ -37,6 +37,8 @@ def resolve_seed(seed) -> int:
         return broadcast_seed(int(torch.randint(0, 2**62, (1,)).item()))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     return seed
 
 
@@ -60,6 +62,18 @@ def log_message(logger, message: str) -> None:
     else:
         raise TypeError(f"logger must be a logging.Logger, have a .log(msg) method, or be callable; got {type(logger).__name__}")
 
+
+def _check_dtypes(ascent_backward: str, groups: list[dict], first: int = 0) -> None:
+    """The approximate and exact ascent modes take fp32/fp16/bf16 layers only."""
+    if ascent_backward == "dense":
+        return
+    for g, group in enumerate(groups, first):
+        for i, p in enumerate(group["params"]):
+            if p.dtype == torch.float64:
+                raise TypeError(
+                    f"ascent_backward={ascent_backward!r} takes float32, float16 and bfloat16 layers: "
+                    f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is float64; use "
+                    "ascent_backward='dense' for float64 models")
 
 class SparseSAM(SAM):
     """SAM whose perturbation is ``e * m`` for a binary mask ``m`` per parameter.
@@ -86,14 +100,7 @@ class SparseSAM(SAM):
         self.structure: Structure = parse_structure(structure)
         self.sparsity: float = resolve_sparsity(sparsity, self.structure)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, fuse_sgd=fuse_sgd, **base_kwargs)
-        if ascent_backward != "dense":
-            for g, group in enumerate(self.param_groups):
-                for i, p in enumerate(group["params"]):
-                    if p.dtype == torch.float64:
-                        raise TypeError(
-                            f"ascent_backward={ascent_backward!r} takes float32, float16 and bfloat16 layers: "
-                            f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is float64; use "
-                            "ascent_backward='dense' for float64 models")
+        _check_dtypes(ascent_backward, self.param_groups)
         self.norm = norm
         self.mask_updates = 0
         # persistent BitMask objects: kernels cache per-mask facts (set-bit counts) on them
@@ -202,6 +209,11 @@ class SparseSAM(SAM):
         self._masks = packed
         self._invalidate_plan()  # the next step plans with these masks (a pending one keeps its own)
 
+    def _checked_new_group(self, param_group) -> dict:
+        group = super()._checked_new_group(param_group)
+        _check_dtypes(self.ascent_backward, [group], first=len(self.param_groups))
+        return group
+
     def add_param_group(self, param_group: dict) -> None:
         """New parameters start unperturbed (empty mask) until the next ``update_mask``."""
         super().add_param_group(param_group)
@@ -245,14 +257,21 @@ class SparseSAM(SAM):
             "ascent_generator": self.ascent_generator.get_state(),
         }
 
-    def _load_extra_state(self, state: dict) -> None:
-        masks = state.get("masks")
+    def _check_extra_state(self, state: dict) -> None:
+        masks = state.get("masks") if isinstance(state, dict) else None
         params = self.params
         if not isinstance(masks, list) or len(masks) != len(params):
             raise ValueError(f"state_dict holds no masks for this optimizer's {len(params)} parameters")
         for i, (p, bits) in enumerate(zip(params, masks)):
             if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != packed_nbytes(p.numel()):
                 raise ValueError(f"state_dict mask {i} does not fit a parameter of shape {tuple(p.shape)}")
+        for key in ("mask_updates", "generator"):
+            if key not in state:
+                raise ValueError(f"state_dict's extra state has no {key!r}")
+
+    def _load_extra_state(self, state: dict) -> None:
+        params = self.params
+        masks = state["masks"]
         self._masks = {p: BitMask(bits.to(p.device).contiguous(), p.shape) for p, bits in zip(params, masks)}
         self._invalidate_plan()
         self.mask_updates = int(state["mask_updates"])

@@ -94,6 +94,8 @@ class SSAMD(SparseSAM):
         for name, value in (("T_start", T_start), ("T_end", T_end)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if not T_end > T_start:
             raise ValueError(f"T_end must be greater than T_start, got T_start={T_start}, T_end={T_end}")
         self.drop_rate = float(drop_rate)
@@ -101,6 +103,7 @@ class SSAMD(SparseSAM):
         self.growth_strategy = growth_strategy
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.T_start, self.T_end = T_start, T_end
+        self._update_owed = False  # a due mask update that a skipped or failed step did not make
         budget = parse_structure(structure).kind == "budget"
         if budget and ascent_costs is None:
             raise ValueError("structure='budget' needs ascent_costs=ssam.budget.measure_costs(model, params, x[:1]): "
@@ -155,6 +158,8 @@ class SSAMD(SparseSAM):
         many among the unperturbed ones (highest growth score)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
             raise TypeError(f"epoch must be a number, got {type(epoch).__name__}")
+        if not math.isfinite(epoch):
+            raise ValueError(f"epoch must be finite, got {epoch}")
         flags = self._perturbable()
         if self.ascent_backward != "exact" and any(p.grad is not None for p in self.params):
             # a parameter without a gradient after a full backward is unused by the model: its
@@ -258,25 +263,37 @@ class SSAMD(SparseSAM):
         """A SAM step with the current mask. With the official ``epoch`` and ``batch_idx``
         (``logger`` optional; ``model``, ``train_data`` and ``step`` accepted and unused), the
         mask is updated between the two passes, from the gradient at ``w``, when
-        ``epoch % update_freq == 0 and batch_idx == 0``; it applies from the next step.
+        ``epoch % update_freq == 0 and batch_idx == 0``; it applies from the next step. An update
+        due on a step that a ``GradScaler`` skips (its scores would be inf/NaN) or that raises
+        is made at the next step instead (a step that raises leaves the mask as it was).
         ``grad_scaler`` and ``max_grad_norm``: as in :meth:`ssam.SAM.step`."""
         closure = self._check_step_args(closure, grad_scaler, max_grad_norm)
         if (epoch is None) != (batch_idx is None):
             raise ValueError("the official calling convention needs both epoch and batch_idx")
-        due = epoch is not None and self._due(epoch, batch_idx)
+        due = epoch is not None and (self._due(epoch, batch_idx) or self._update_owed)
         # growing by gradient reads the unmasked entries' gradient, which "exact" skips
         self._ascent_pass(closure, dense=due and self.growth_strategy == "gradient" and self.ascent_backward == "exact")
         self.first_step(grad_scaler=grad_scaler)
+        # an update due on a step the GradScaler skips (inf/NaN scores) or one that fails waits
+        # for the next step: the mask, its count and the generator are as they were before it
+        update = due and not self._skipped
+        before = (self._masks, self.mask_updates, self.generator.get_state()) if update else None
         try:
-            if due:
+            if update:
                 self.update_mask(epoch)
                 self._log_update(logger)
+            self._update_owed = due and not update
             self.zero_grad()
+            loss = self._second_pass(closure)
+            self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         except BaseException:
             self.restore()
+            if before is not None:
+                self._masks, self.mask_updates = before[0], before[1]
+                self.generator.set_state(before[2])
+                self._invalidate_plan()
+                self._update_owed = True
             raise
-        loss = self._second_pass(closure)
-        self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         return loss
 
 

@@ -98,6 +98,9 @@ def nm_select(scores: list[torch.Tensor], structure: Structure, magnitude: bool 
     each tensor's reduction dimension (``structure.along == "in"``) or output dimension."""
     out = []
     for s in scores:
+        if s.numel() == 0:  # nothing to keep (and no rows to view)
+            out.append(torch.zeros(s.shape, dtype=torch.bool, device=s.device))
+            continue
         rows = reduction_rows(s)
         if structure.along == "out" and s.dim() >= 2:
             mask = ssam_kernels.nm_mask(rows.t().contiguous(), structure.n, structure.m, magnitude=magnitude).t()

@@ -1,0 +1,357 @@
+"""A step, a load or a new group that raises leaves the optimizer as it was: the weights at
+``w`` (not ``w + e``), the masks, the momentum buffers, the param_groups, and an optimizer (and
+its GradScaler) ready for the next step. Also what used to pass silently and now raises: a
+parameter twice in a group, bad ``rho``/SGD values set through ``param_groups``, a sparse
+gradient."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import MLP, backend_configs, make_closure, regression_batch, setup_training
+
+import ssam
+
+CONFIGS = [("SAM", "dense"), ("SSAMF", "dense"), ("SSAMD", "dense")]
+# the extension plans the step on CPU; the reference runs the per-list ops; Triton (interpreted)
+# fuses restore + SGD over the per-list ops when the plan is off (adaptive groups)
+PATHS = backend_configs(CONFIGS, keep=lambda backend, kind, mode: backend != "triton" or kind == "SAM")
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(model, weights):
+    return all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def _step(opt, model, x, y, **kwargs):
+    opt.zero_grad()
+    return opt.step(make_closure(model, x, y), **kwargs)
+
+
+def _state(opt):
+    """What a failed call must leave as it was, weights aside: the whole state_dict (a copy)."""
+    return copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_same_state(u, v)
+    else:
+        assert a == b or (a != a and b != b)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+@pytest.mark.parametrize("key, value", [("lr", -0.1), ("weight_decay", float("nan")), ("nesterov", True)])
+def test_bad_sgd_values_set_between_steps_raise_with_the_weights_at_w(backend, kind, mode, adaptive, key, value,
+                                                                         monkeypatch, gen):
+    """Fused restore + SGD checks the hyper-parameters it reads from param_groups: a value set
+    there since the last step raises ValueError before anything is stepped, the weights back
+    at w; set right, the next step runs."""
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen, adaptive=adaptive)
+    _step(opt, model, x, y)
+    group = opt.param_groups[0]
+    good = group[key]
+    if key == "nesterov":
+        group["momentum"], group["dampening"] = 0.9, 0.5  # nesterov needs dampening 0
+    group[key] = value
+    before, state = _weights(model), _state(opt)
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.mse_loss(model(x), y).backward()
+    if opt._can_fuse_sgd():
+        with pytest.raises(ValueError, match=key if key != "nesterov" else "nesterov"):
+            opt.second_step()
+        assert _same(model, before)
+        _assert_same_state(opt.state_dict()["base_optimizer"]["state"], state["base_optimizer"]["state"])
+    else:  # torch's own SGD takes what it is given (the unfused path, as torch.optim.SGD)
+        opt.second_step()
+    group[key] = good
+    group["dampening"] = 0.0
+    _step(opt, model, x, y)
+    assert not _same(model, before)
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("rho", [-0.5, float("nan"), float("inf"), "0.1"])
+def test_bad_rho_set_between_steps_raises_before_anything_moves(backend, kind, mode, adaptive, rho, monkeypatch, gen):
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen, adaptive=adaptive)
+    _step(opt, model, x, y)
+    opt.param_groups[0]["rho"] = rho
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = _weights(model)
+    for _ in range(2):  # the scaler is ready again after the failure
+        opt.zero_grad()
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['rho'\]"):
+            opt.first_step(grad_scaler=scaler)
+        assert _same(model, before) and not opt.perturbed
+    opt.param_groups[0]["rho"] = 0.05
+    opt.zero_grad()
+    _step(opt, model, x, y, grad_scaler=scaler)
+    assert not _same(model, before)
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+def test_a_gradient_laid_out_unlike_its_parameter_in_the_descent_pass_takes_the_unfused_step(backend, kind, mode,
+                                                                                             monkeypatch, gen):
+    """The planned step reads gradients by address, laid out like their parameters: a descent
+    gradient that is not falls back to restore + torch's SGD (as the first step does)."""
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    model, opt, x, y = setup_training(kind, mode, torch.Generator().manual_seed(seed))
+    twin, twin_opt, _, _ = setup_training(kind, mode, torch.Generator().manual_seed(seed), fuse_sgd=False)
+    for m, o, transposed in ((model, opt, True), (twin, twin_opt, False)):
+        _step(o, m, x, y)
+        o.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        o.first_step(zero_grad=True)
+        F.mse_loss(m(x), y).backward()
+        w = m.net[0].weight
+        if transposed:
+            w.grad = w.grad.t().contiguous().t()  # same values, other strides
+        o.second_step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _step(opt, model, x, y)  # and the next step plans again
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SAM", "SSAMF", "SSAMD"])
+def test_a_parameter_twice_in_a_group_is_refused(kind, gen):
+    """Perturbed twice, it would not be restored to w (torch itself only warns)."""
+    model = MLP()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=r"params'\]\[4\].*appears twice"):
+        _make(kind, params + [params[0]])
+    opt = _make(kind, params[:2])
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group({"params": [params[2], params[2]]})
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
+
+
+def _make(kind, params, **kwargs):
+    common = dict(rho=0.05, lr=0.1, **kwargs)
+    if kind == "SAM":
+        return ssam.SAM(params, torch.optim.SGD, **common)
+    if kind == "SSAMF":
+        return ssam.SSAMF(params, torch.optim.SGD, sparsity=0.5, num_samples=4, update_freq=1, seed=1, **common)
+    return ssam.SSAMD(params, torch.optim.SGD, sparsity=0.5, drop_rate=0.5, T_end=10, seed=1, **common)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SAM", "SSAMF", "SSAMD"])
+@pytest.mark.parametrize("group", [
+    pytest.param(lambda p: {"params": [p], "rho": -1.0}, id="bad rho"),
+    pytest.param(lambda p: {"params": [torch.zeros(3, dtype=torch.long)]}, id="integer tensor"),
+    pytest.param(lambda p: {"params": [torch.zeros(3, device="meta")]}, id="meta tensor"),
+    pytest.param(lambda p: {"params": [p], "adaptive": 1}, id="adaptive not a bool"),
+    pytest.param(lambda p: {"params": {p}}, id="a set"),
+])
+def test_a_refused_param_group_is_not_added(kind, group, gen):
+    model = MLP()
+    params = list(model.parameters())
+    opt = _make(kind, params[:2])
+    x, y = regression_batch(gen)
+    with pytest.raises((TypeError, ValueError)):
+        opt.add_param_group(group(params[2]))
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
+    _step(opt, model, x, y)  # still steps
+
+
+@pytest.mark.cpu
+def test_a_float64_group_is_refused_by_a_non_dense_ascent_mode(gen):
+    model = MLP()
+    params = list(model.parameters())
+    opt = ssam.SSAMF(params[:2], torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=4, update_freq=1, lr=0.1,
+                     norm="masked", ascent_backward="exact")
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].*float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+def test_adaptive_set_through_param_groups_takes_effect(backend, kind, mode, first, then, monkeypatch, gen):
+    """The planned step does not run ASAM: ``adaptive`` turned on (or off) between steps gives
+    the step the per-list ops take with that setting (the reference backend, which reads
+    ``adaptive`` every step), not the step of the setting the plan was made with."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    results = {}
+    for name, used, flags in (("toggled", backend, (first, then)), ("reference", "torch", (first, then)),
+                              ("kept", backend, (first, first))):
+        monkeypatch.setenv("SSAM_BACKEND", used)
+        model, opt, x, y = setup_training(kind, mode, torch.Generator().manual_seed(seed), adaptive=flags[0])
+        _step(opt, model, x, y)
+        opt.param_groups[0]["adaptive"] = flags[1]
+        _step(opt, model, x, y)
+        results[name] = _weights(model)
+    for a, b in zip(results["toggled"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(results["toggled"], results["kept"]))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SSAMF", "SSAMD"])
+def test_a_refused_state_dict_loads_nothing(kind, gen):
+    model, opt, x, y = setup_training(kind, "dense", gen)
+    _step(opt, model, x, y)
+    before = _state(opt)
+    sam = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.5, momentum=0.9)
+    _step(sam, model, x, y)
+    with pytest.raises(ValueError, match="no masks"):
+        opt.load_state_dict(sam.state_dict())
+    wrong = copy.deepcopy(before)
+    wrong["sam"]["param_groups"][0]["lr"] = 9.0
+    wrong["base_optimizer"]["param_groups"][0]["lr"] = 9.0
+    wrong["extra"]["masks"][0] = wrong["extra"]["masks"][0][:-1]
+    with pytest.raises(ValueError, match="mask 0 does not fit"):
+        opt.load_state_dict(wrong)
+    _assert_same_state(opt.state_dict(), before)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+@pytest.mark.cpu
+def test_a_base_optimizer_state_that_torch_refuses_rolls_back_ours(gen):
+    model, opt, x, y = setup_training("SSAMD", "dense", gen)
+    _step(opt, model, x, y)
+    before = _state(opt)
+    wrong = copy.deepcopy(before)
+    wrong["sam"]["param_groups"][0]["rho"] = 0.7
+    wrong["base_optimizer"]["param_groups"][0]["params"] = [0]  # a group of another size
+    with pytest.raises(ValueError):
+        opt.load_state_dict(wrong)
+    _assert_same_state(opt.state_dict(), before)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+@pytest.mark.cpu
+def test_ssamd_update_due_on_a_skipped_step_waits_for_the_next_one(gen):
+    """With a GradScaler, an inf in the ascent pass skips the step; the mask update that was due
+    (scored on inf/NaN gradients) is made at the next step instead."""
+    model, opt, x, y = setup_training("SSAMD", "dense", gen)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = opt.masks()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.mse_loss(model(x), y)
+        scaler.scale(loss * (float("inf") if len(calls) == 1 else 1.0)).backward()  # the first pass overflows
+        return loss
+
+    weights = _weights(model)
+    opt.zero_grad()
+    opt.step(closure, epoch=0, batch_idx=0, grad_scaler=scaler)
+    assert _same(model, weights) and opt.mask_updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), before))
+    opt.zero_grad()
+    opt.step(closure, epoch=0, batch_idx=1, grad_scaler=scaler)  # not due, but owed
+    assert opt.mask_updates == 1
+    opt.zero_grad()
+    opt.step(closure, epoch=0, batch_idx=2, grad_scaler=scaler)
+    assert opt.mask_updates == 1
+
+
+@pytest.mark.cpu
+def test_ssamd_step_failing_after_its_mask_update_leaves_the_mask_as_it_was(gen):
+    model, opt, x, y = setup_training("SSAMD", "dense", gen)
+    masks, updates, rng = opt.masks(), opt.mask_updates, opt.generator.get_state()
+    weights = _weights(model)
+    calls = []
+
+    def failing_second_pass():
+        calls.append(1)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return loss
+
+    opt.zero_grad()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(failing_second_pass, epoch=0, batch_idx=0)
+    assert _same(model, weights) and opt.mask_updates == updates
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), masks))
+    assert torch.equal(opt.generator.get_state(), rng)
+    opt.zero_grad()
+    opt.step(make_closure(model, x, y), epoch=0, batch_idx=5)  # the update is owed: made now, once
+    assert opt.mask_updates == updates + 1
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+def test_a_sparse_gradient_is_refused_by_name(backend, kind, mode, monkeypatch, gen):
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = _make(kind, list(emb.parameters()))
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*sparse"):
+        opt.first_step()
+    assert torch.equal(emb.weight, before) and not opt.perturbed
+
+
+@pytest.mark.cpu
+def test_the_ascent_pass_cannot_open_between_the_steps(gen):
+    model, opt, x, y = setup_training("SAM", "dense", gen)
+    F.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="between first_step"):
+        with opt.ascent():
+            pass
+    F.mse_loss(model(x), y).backward()
+    opt.second_step()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SSAMF", "SSAMD"])
+@pytest.mark.parametrize("structure", ["2:4", "2:4:out"])
+def test_an_empty_parameter_gets_an_empty_nm_mask(kind, structure, gen):
+    model = MLP()
+    empty = torch.nn.Parameter(torch.zeros(0, 8))
+    params = list(model.parameters()) + [empty]
+    common = dict(rho=0.05, lr=0.1, structure=structure, sparsity=None, seed=1)
+    if kind == "SSAMF":
+        opt = ssam.SSAMF(params, torch.optim.SGD, num_samples=4, update_freq=1, **common)
+        x, y = regression_batch(gen)
+        opt.update_mask(_WithUnused(model, empty), torch.utils.data.TensorDataset(x, y), loss_fn=F.mse_loss)
+    else:
+        opt = ssam.SSAMD(params, torch.optim.SGD, drop_rate=0.5, T_end=10, **common)
+    assert opt.get_mask(empty).shape == (0, 8)
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self, model, unused):
+        super().__init__()
+        self.model, self.unused = model, unused
+
+    def forward(self, x):
+        return self.model(x)
+
+
+@pytest.mark.cpu
+def test_out_of_range_numbers_are_refused_by_name():
+    params = list(MLP().parameters())
+    with pytest.raises(ValueError, match="seed must be in"):
+        ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, seed=2**64, lr=0.1)
+    with pytest.raises(ValueError, match="T_end must be finite"):
+        ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=float("inf"), lr=0.1)
+    opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, lr=0.1)
+    with pytest.raises(ValueError, match="epoch must be finite"):
+        opt.update_mask(float("nan"))
