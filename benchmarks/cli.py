@@ -46,8 +46,8 @@ OP_BENCHES = {"grad_norm": torch.float32, "sgd_step": torch.float32, "nm_mask": 
 OWN_TABLE_BENCHES = ("perturb", "topk_mask", "ascent_linear")
 SUBCOMMANDS = ("step", "ops", "overhead", "masks")
 GPU_NOTE = ("No GPU here: the summary gives counted FLOPs only; every timing above is a CPU figure "
-            "(labelled so, not written to benchmarks/results/). GPU figures need a GPU: run `ssam-bench` "
-            "on an A100/H100.")
+            "(labelled so, written only to an --out folder, never to benchmarks/results/). GPU figures need a "
+            "GPU: run `ssam-bench` on an A100/H100.")
 
 
 def run_ops(args, device, progress_factory) -> list[dict]:
@@ -178,7 +178,31 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("folder")
     readme = sub.add_parser("readme", help="rewrite README.md's results section from the committed results")
     readme.add_argument("--check", action="store_true", help="only report whether it is up to date (exit 1 if not)")
+    # an option given before the subcommand holds unless given again after it: a subcommand's
+    # copy of a top-level option sets nothing by default (argparse would reset it)
+    shared = {a.dest for a in p._actions}
+    for q in sub.choices.values():
+        for action in q._actions:
+            if action.dest in shared and action.dest != "help":
+                action.default = argparse.SUPPRESS
     return p
+
+
+def parse_device(name: str | None) -> torch.device:
+    """``--device``: cpu or cuda[:N] (a CUDA device torch sees), else a message, not a traceback."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"ssam-bench: --device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"ssam-bench: --device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"ssam-bench: --device {name} asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"ssam-bench: --device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def main(argv=None) -> int:
@@ -196,9 +220,7 @@ def main(argv=None) -> int:
         from ssam_bench import update_readme
 
         return update_readme.main(["--check"] if args.check else [])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"ssam-bench: --device {args.device} asked for, but torch sees no CUDA device")
+    device = parse_device(args.device)
     note = split_note(command, args, device)
     if note:
         print(note, file=sys.stderr)

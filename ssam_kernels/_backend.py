@@ -50,7 +50,8 @@ def on_device(device: torch.device):
 
 
 class BackendUnavailableError(ValueError):
-    """A backend was requested (``backend=`` or ``SSAM_BACKEND``) that cannot run this op here."""
+    """A backend was requested with ``backend=`` that cannot run this op here (``SSAM_BACKEND``
+    only states a preference: ``auto`` falls back where it cannot run)."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -199,6 +199,23 @@ def test_cli_rejects_bad_input(tmp_path):
         cli.main(["step", "--quick", "--models", "wrn28_10", "--device", "cpu"])
     with pytest.raises(SystemExit, match="not a folder"):
         cli.main(["plot", str(tmp_path / "missing")])
+    for device in ("nonsense", "meta", "mps"):  # a message, not a torch traceback
+        with pytest.raises(SystemExit, match="--device must be cpu or cuda"):
+            cli.main(["masks", "--quick", "--device", device])
+
+
+def test_options_before_the_subcommand_hold():
+    """argparse resets an option given before a subcommand to the subcommand's own default; the
+    usage line puts them there, so they must hold (and one given after still wins)."""
+    p = cli.parser()
+    for argv in (["--quick", "--out", "somewhere", "masks"], ["masks", "--quick", "--out", "somewhere"],
+                 ["--quick", "all", "--out", "somewhere"]):
+        args = p.parse_args(argv)
+        assert (args.quick, args.out) == (True, "somewhere"), argv
+    args = p.parse_args(["--device", "cpu", "step", "--device", "cuda"])
+    assert args.device == "cuda"
+    args = p.parse_args(["ops"])
+    assert (args.quick, args.out, args.device, args.skip) == (False, None, None, [])
 
 
 def _fake_results(root, device="NVIDIA H100 80GB HBM3", date="2026-11-30T10:00:00Z"):

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ssam.train import main, parse_args
 
@@ -44,7 +45,10 @@ def test_ascent_backward_modes_train_the_mlp(mode, capsys):
 
 def test_bad_arguments_exit_with_usage():
     for argv in (["--structure", "2-4"], ["--opt", "adam"], ["--epochs", "0"], ["--opt", "sam", "--ascent-backward", "mvue"],
-                 ["--ascent-backward", "sparse"], ["--model", "resnet"], ["--opt", "sgd", "--ascent-fraction", "0.5"]):
+                 ["--ascent-backward", "sparse"], ["--model", "resnet"], ["--opt", "sgd", "--ascent-fraction", "0.5"],
+                 ["--opt", "sam", "--structure", "2:4"], ["--opt", "sgd", "--sparsity", "0.9"],
+                 ["--opt", "sam", "--norm", "masked"], ["--device", "mps"], ["--device", "meta"],
+                 ["--device", "nonsense"]) + ((["--device", "cuda"],) if not torch.cuda.is_available() else ()):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert exc.value.code == 2

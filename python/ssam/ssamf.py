@@ -24,8 +24,9 @@ class SSAMF(SparseSAM):
             it is implied (1 - N/M): pass None or that value.
         num_samples: samples in the empirical Fisher (>= 1).
         update_freq: recompute the mask every ``update_freq`` epochs (official convention).
-        structure: ``"unstructured"``, ``"N:M"``, ``"tensor"`` or ``"budget"`` (see
-            :mod:`ssam.structure`). ``"budget"``: whole rows at or above a depth, the most
+        structure: ``"unstructured"``, ``"N:M"`` (groups along the input dim), ``"N:M:out"``
+            (along the output dim: what the 2:4 sparse GEMM modes need), ``"tensor"`` or
+            ``"budget"`` (see :mod:`ssam.structure`). ``"budget"``: whole rows at or above a depth, the most
             Fisher mass whose exact ascent pass costs at most the paper's FLOPs column at this
             sparsity (:mod:`ssam.budget`); cheaper only with ``ascent_backward="exact"``. The
             model's FLOPs are measured once, on one sample, at the first :meth:`update_mask`.

@@ -114,7 +114,7 @@ def train(args) -> dict:
     return {
         "opt": args.opt,
         "test_accuracy": accuracy(model, test_set, device),
-        "mean_step_ms": 1e3 * sum(step_times) / max(len(step_times), 1),
+        "mean_step_ms": 1e3 * sum(step_times) / len(step_times) if step_times else None,
         "mask_density": opt.mask_density() if hasattr(opt, "mask_density") else (1.0 if args.opt == "sam" else None),
         "backend": None if args.opt == "sgd" else ssam_kernels.backend_info(device)["ops"]["perturb_"]["auto"],
     }
@@ -152,11 +152,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--ascent-backward applies to --opt ssamf or ssamd")
     if args.ascent_fraction != 1.0 and args.opt == "sgd":
         p.error("--ascent-fraction applies to --opt sam, ssamf or ssamd")
+    sparse_only = [flag for flag, value, default in (("--structure", args.structure, "unstructured"),
+                                                      ("--sparsity", args.sparsity, None), ("--norm", args.norm, "full"))
+                   if value != default]
+    if sparse_only and args.opt not in ("ssamf", "ssamd"):
+        p.error(f"{', '.join(sparse_only)} applies to --opt ssamf or ssamd (sam perturbs every weight)")
     try:
         parse_structure(args.structure)
-        torch.device(args.device)
+        device = torch.device(args.device)
     except (TypeError, ValueError, RuntimeError) as exc:
         p.error(str(exc))
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device")
     return args
 
 
@@ -173,7 +182,9 @@ def main(argv=None) -> int:
         mode = f", ascent backward {args.ascent_backward}" if args.opt in ("ssamf", "ssamd") else ""
         print(f"optimizer      {result['opt']} (structure {args.structure}{mode}, ssam_kernels backend {result['backend']})")
     print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
-    print(f"mean step time {result['mean_step_ms']:.2f} ms ({args.device})")
+    step_ms = result["mean_step_ms"]
+    print(f"mean step time {'- (only the first step ran, which is not timed)' if step_ms is None else f'{step_ms:.2f} ms'}"
+          f" ({args.device})")
     density = result["mask_density"]
     print(f"mask density   {'- (no perturbation)' if density is None else f'{density:.4f}'}")
     return 0

@@ -122,7 +122,7 @@ class SAMStepPlan:
             has its own ``rho`` and SGD hyper-parameters.
         masked_norm: the norm over ``g * m`` (True) or over every gradient (False: the paper).
         eps: added to the norm before dividing (the paper's 1e-7).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
 
     The plan holds the tensors, not copies: a step reads each parameter's ``.grad`` and writes
     the parameter in place. A parameter whose memory moved since (``p.data = ...``,
