@@ -74,3 +74,30 @@ def test_state_dict_refused_mid_step():
     with pytest.raises(ValueError, match="state_dict"):
         opt.load_state_dict({"state": {}})
     copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+def test_the_count_of_skipped_steps_is_resumed(kind):
+    """skipped_steps() (ascent gradients whose norm was not finite) carries over a resume;
+    a state_dict saved before the count was kept loads with the count as it is."""
+    torch.manual_seed(0)
+    model = SmallConvBN()
+    opt = _make(kind, model)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 5, (8,))
+    for bad in (True, False, True):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if bad:
+            next(model.parameters()).grad[0] = float("nan")
+        opt.step(make_closure(model, x, y, F.cross_entropy))
+    assert opt.skipped_steps() == 2
+    state = opt.state_dict()
+    fresh = _make(kind, model)
+    fresh.load_state_dict(state)
+    assert fresh.skipped_steps() == 2
+    del state["extra"]["skipped_steps"]
+    fresh.load_state_dict(state)
+    assert fresh.skipped_steps() == 2
+    state["extra"]["skipped_steps"] = -1
+    with pytest.raises(ValueError, match="skipped_steps"):
+        fresh.load_state_dict(state)

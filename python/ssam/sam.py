@@ -710,13 +710,20 @@ class SAM(torch.optim.Optimizer):
     # --- state -------------------------------------------------------------------------------
 
     def _extra_state(self) -> dict:
-        return {}
+        return {"skipped_steps": self.skipped_steps()}  # (one host sync: state_dict is not per step)
 
     def _check_extra_state(self, state: dict) -> None:
         """Raise ``ValueError`` where ``state`` (a state_dict's ``"extra"``) does not fit."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict['extra'] must be a dict, got {type(state).__name__}")
+        skipped = state.get("skipped_steps", 0)  # (absent from state_dicts saved before it was kept)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"state_dict['extra']['skipped_steps'] must be an int >= 0, got {skipped!r}")
 
     def _load_extra_state(self, state: dict) -> None:
         """Load ``state``, which :meth:`_check_extra_state` accepted."""
+        if "skipped_steps" in state:
+            self._skips_before, self._skips_unplanned = torch.tensor(state["skipped_steps"]), None
 
     def state_dict(self) -> dict:
         if self._pending is not None:

@@ -251,6 +251,7 @@ class SparseSAM(SAM):
 
     def _extra_state(self) -> dict:
         return {
+            **super()._extra_state(),
             "masks": [self._masks[p].bits for p in self.params],
             "mask_updates": self.mask_updates,
             "generator": self.generator.get_state(),
@@ -258,7 +259,8 @@ class SparseSAM(SAM):
         }
 
     def _check_extra_state(self, state: dict) -> None:
-        masks = state.get("masks") if isinstance(state, dict) else None
+        super()._check_extra_state(state)
+        masks = state.get("masks")
         params = self.params
         if not isinstance(masks, list) or len(masks) != len(params):
             raise ValueError(f"state_dict holds no masks for this optimizer's {len(params)} parameters")
@@ -270,6 +272,7 @@ class SparseSAM(SAM):
                 raise ValueError(f"state_dict's extra state has no {key!r}")
 
     def _load_extra_state(self, state: dict) -> None:
+        super()._load_extra_state(state)
         params = self.params
         masks = state["masks"]
         self._masks = {p: BitMask(bits.to(p.device).contiguous(), p.shape) for p, bits in zip(params, masks)}
