@@ -355,3 +355,25 @@ def test_out_of_range_numbers_are_refused_by_name():
     opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, lr=0.1)
     with pytest.raises(ValueError, match="epoch must be finite"):
         opt.update_mask(float("nan"))
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+@pytest.mark.parametrize("on_base", [False, True])
+def test_lr_schedulers_see_the_step_on_either_optimizer(backend, kind, mode, on_base, monkeypatch, gen):
+    """torch's schedulers warn when their step() comes before the optimizer's, which they watch
+    through ``optimizer.step``: the fused path (on the base optimizer) and the two-step API take
+    the step without calling it."""
+    import warnings
+
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt.base_optimizer if on_base else opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.mse_loss(model(x), y).backward()
+        opt.second_step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -493,6 +493,9 @@ class SAM(torch.optim.Optimizer):
                 self._restore(left)
             self._end_scaler_iteration()
             raise
+        # an optimizer step was taken: what torch's LR schedulers look for on the optimizer they
+        # were built on (they watch `step`, which the two-step API and the fused path do not call)
+        self._opt_called = self.base_optimizer._opt_called = True
         self._end_scaler_iteration()
         if zero_grad:
             self.zero_grad()
