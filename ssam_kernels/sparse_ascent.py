@@ -10,13 +10,16 @@ dense autograd: their gradients are ordinary ones, which the optimizer masks as 
 channel) holds a masked entry runs plain autograd, and one with rows to skip computes its weight
 gradient for the rows holding a masked entry only (one product on views of a contiguous range
 of rows, zeros padded around it; gathered where the rows are scattered), for ``F.linear`` and
-``F.conv1d/2d/3d`` alike; parameters whose mask is empty are frozen (``requires_grad=False``)
+``F.conv1d/2d/3d`` alike (grouped convolutions, unbatched inputs and an asymmetric ``"same"``
+padding run plain autograd: exact everywhere, nothing skipped); parameters whose mask is empty are frozen (``requires_grad=False``)
 for the duration, so autograd computes neither their gradient nor any input gradient below
 the lowest layer that still needs one. Gradients are exact on every masked entry and zero on
 skipped rows; inside computed rows they are not masked (the optimizer's masked norm and
 perturbation read only the masked entries: masking there would be an op for nothing). On exit
 everything is as it was. Run the ascent forward *and* backward inside the block; the descent
-pass outside it.
+pass outside it. A ``torch.utils.checkpoint`` region inside recomputes its forward during the
+backward, where no mode is active: give it :meth:`sparse_ascent.recompute` as its recompute
+context.
 
 The interception is a ``TorchFunctionMode``: it catches functional calls too and leaves the
 modules untouched, for about a microsecond of Python per torch call made inside the block.
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._backend import BACKENDS
 from ._checks import mask_facts
 from .ops.ascent_conv import CONVS, AscentConvFunction, conv_padding
 from .ops.ascent_linear import MODES, AscentConfig, AscentLinearFunction, _check_config
@@ -73,6 +77,19 @@ def _is_empty(mask) -> bool:
     return not bool(mask.any())
 
 
+def _spatial(value, dims: int) -> tuple[int, ...] | None:
+    """A convolution's int-or-sequence argument as torch reads it (an int, or a one-element
+    sequence, for every spatial dim), or None for what torch itself must judge."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * dims
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(value) == 1:
+            return tuple(value) * dims
+        if len(value) == dims:
+            return tuple(value)
+    return None
+
+
 class sparse_ascent(TorchFunctionMode):
     """Context manager: the ascent backward of ``mode`` for the layers whose weights have masks.
 
@@ -101,6 +118,8 @@ class sparse_ascent(TorchFunctionMode):
             raise TypeError(f"masks must be a mapping {{parameter: mask}}, got {type(masks).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.mode = mode
         self._masks: dict[int, tuple[torch.Tensor, object]] = {}
         for p, m in masks.items():
@@ -173,13 +192,31 @@ class sparse_ascent(TorchFunctionMode):
         if x.dim() != weight.dim() or groups != 1 or _every_row(mask):
             return None
         dims = weight.dim() - 2
-        as_tuple = (lambda v: (v,) * dims if isinstance(v, int) else tuple(v))
-        ints = conv_padding(padding, tuple(weight.shape[2:]), as_tuple(dilation)) if isinstance(padding, str) \
-            else as_tuple(padding)
+        stride, dilation = _spatial(stride, dims), _spatial(dilation, dims)
+        if stride is None or dilation is None:
+            return None
+        if isinstance(padding, str):
+            if padding not in ("same", "valid") or (padding == "same" and any(s != 1 for s in stride)):
+                return None  # torch says what is wrong
+            ints = conv_padding(padding, tuple(weight.shape[2:]), dilation)
+        else:
+            ints = _spatial(padding, dims)
         if ints is None:
             return None
-        return AscentConvFunction.apply(x, weight, bias, mask, None, as_tuple(stride), ints, as_tuple(dilation),
-                                        groups, False)
+        return AscentConvFunction.apply(x, weight, bias, mask, None, stride, ints, dilation, groups, False)
+
+    def recompute(self) -> TorchFunctionMode:
+        """The context for ``torch.utils.checkpoint`` to recompute this block's checkpointed
+        forward in. The autograd engine runs a backward, and so a checkpoint's recomputation,
+        outside every ``TorchFunctionMode``: the layers would take plain autograd there and save
+        other tensors than their first forward did (a ``CheckpointError``). Inside the block::
+
+            checkpoint(fn, x, use_reentrant=False,
+                       context_fn=lambda: (contextlib.nullcontext(), block.recompute()))
+
+        Reentrant checkpointing (``use_reentrant=True``) has no such hook: its regions run dense
+        autograd (exact on every entry, nothing skipped)."""
+        return _Recompute(self)
 
     def __enter__(self):
         if self._frozen:
@@ -201,3 +238,15 @@ class sparse_ascent(TorchFunctionMode):
             for p in self._frozen:
                 p.requires_grad_(True)
             self._frozen = []
+
+
+class _Recompute(TorchFunctionMode):
+    """:meth:`sparse_ascent.recompute`: the block's rerouting alone (its parameters stay as the
+    block left them)."""
+
+    def __init__(self, block: sparse_ascent):
+        super().__init__()
+        self._block = block
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self._block.__torch_function__(func, types, args, kwargs)

@@ -1,6 +1,7 @@
 """The ascent modes on whole models and through the optimizers."""
 
 import collections
+import contextlib
 import copy
 
 import pytest
@@ -179,6 +180,103 @@ def test_bad_context_arguments():
         sparse_ascent({p: torch.ones(4, 4)}, "exact")
     with pytest.raises(ValueError, match="gemm must be one of"):
         sparse_ascent({p: None}, "mvue", gemm="tiles")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse_ascent({p: None}, "exact", backend="bogus")
+
+
+def _scattered_rows_mask(weight, gen):
+    """Half the output rows (every other one) hold masked entries: the rest are skipped."""
+    mask = rand_mask(weight.shape, 0.5, gen)
+    mask[1::2] = False
+    mask[0::2].view(mask[0::2].shape[0], -1)[:, 0] = True
+    return mask
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dilation, padding, stride", [((2,), "same", 1), ([1], 1, (2,)), (1, "valid", [2])])
+def test_exact_convolution_reads_arguments_as_torch_does(dilation, padding, stride, gen):
+    """One-element sequences stand for every spatial dim (as torch reads them); the output and
+    the masked gradient match plain autograd's."""
+    x = torch.randn(2, 3, 9, 9, generator=gen, requires_grad=True)
+    w = torch.randn(6, 3, 3, 5, generator=gen, requires_grad=True)
+    mask = _scattered_rows_mask(w, gen)
+    want = F.conv2d(x, w, None, stride, padding, dilation)
+    gw, gx = torch.autograd.grad(want.square().sum(), (w, x))
+    with sparse_ascent({w: mask}, "exact"):
+        got = F.conv2d(x, w, None, stride, padding, dilation)
+        hw, hx = torch.autograd.grad(got.square().sum(), (w, x))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(hx, gx)
+    torch.testing.assert_close(hw[mask], gw[mask])
+
+
+@pytest.mark.cpu
+def test_exact_convolution_leaves_torch_to_refuse_what_torch_refuses(gen):
+    x = torch.randn(2, 3, 9, 9, generator=gen, requires_grad=True)
+    w = torch.randn(6, 3, 3, 3, generator=gen, requires_grad=True)
+    with sparse_ascent({w: _scattered_rows_mask(w, gen)}, "exact"):
+        with pytest.raises(RuntimeError, match="same.*strided"):
+            F.conv2d(x, w, None, 2, "same")
+        with pytest.raises(RuntimeError):
+            F.conv2d(x, w, None, 1, "full")
+
+
+class _Checkpointed(nn.Module):
+    """Two linears and a conv, the middle ones under torch.utils.checkpoint."""
+
+    def __init__(self, recompute=None):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.recompute = recompute
+
+    def _body(self, x):
+        return torch.tanh(self.fc1(torch.relu(self.conv(x)).flatten(1)))
+
+    def forward(self, x):
+        context = (lambda: (contextlib.nullcontext(), self.recompute())) if self.recompute else None
+        kwargs = {"context_fn": context} if context else {}
+        h = torch.utils.checkpoint.checkpoint(self._body, x, use_reentrant=False, **kwargs)
+        return self.fc2(h)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("mode", ["exact", "implicit", "mvue"])
+def test_checkpointed_regions_recompute_inside_the_block(mode, gen):
+    """A checkpoint recomputes its forward during the backward, outside every TorchFunctionMode:
+    with the block's recompute context the masked layers take their ascent Functions again
+    (without it: CheckpointError), and the gradients equal the unchekpointed block's."""
+    torch.manual_seed(0)
+    plain = _Checkpointed()
+    model = copy.deepcopy(plain)
+    x = torch.randn(4, 2, 4, 4, generator=gen)
+    masks = {m.weight: _scattered_rows_mask(m.weight, gen) for m in (plain.fc1, plain.fc2, plain.conv)}
+    if mode != "exact":
+        masks = {w: None for w in masks}
+    ours = {getattr(model, n).weight: masks[getattr(plain, n).weight] for n in ("fc1", "fc2", "conv")}
+    grads = []
+    for net, net_masks in ((plain, masks), (model, ours)):
+        seeded = torch.Generator().manual_seed(3)
+        block = sparse_ascent(net_masks, mode, generator=seeded)
+        net.recompute = block.recompute if net is model else None
+        with block:
+            if net is plain:  # the reference: the same block without a checkpoint
+                h = torch.tanh(net.fc1(torch.relu(net.conv(x)).flatten(1)))
+                out = net.fc2(h)
+            else:
+                out = net(x)
+            out.square().sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a)
+    model.zero_grad()
+    model.recompute = None
+    with sparse_ascent(ours, mode), pytest.raises(torch.utils.checkpoint.CheckpointError):
+        model(x).square().sum().backward()
 
 
 # --- through the optimizers ------------------------------------------------------------------
@@ -356,3 +454,28 @@ def test_exact_ascent_costs_no_more_ops_than_dense(model_name, structure, gen):
         assert not {"index_select", "index_put_", "zeros_like", "index", "nonzero"} & set(exact)
     gemms = {f.overloadpacket for f in counts["exact"].seen if any(n in f.overloadpacket.__name__ for n in _GEMM_NAMES)}
     assert gemms and gemms <= set(flop_registry), gemms - set(flop_registry)
+
+
+@pytest.mark.cpu
+def test_the_optimizer_gives_checkpoints_its_recompute_context(gen):
+    """opt.recompute_context() is the running ascent block's (nothing outside it): a model with
+    checkpointed layers steps as the same model without them."""
+    torch.manual_seed(0)
+    plain = _Checkpointed()
+    model = copy.deepcopy(plain)
+    x, y = torch.randn(8, 2, 4, 4, generator=gen), torch.randn(8, 4, generator=gen)
+    opts = []
+    for net in (plain, model):
+        opt = ssam.SSAMD(net.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, seed=1,
+                         norm="masked", ascent_backward="exact", lr=0.1)
+        if net is model:
+            net.recompute = opt.recompute_context
+        else:
+            net.forward = lambda x, net=net: net.fc2(net._body(x))
+        opts.append(opt)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step(make_closure(net, x, y))
+    assert isinstance(opts[1].recompute_context(), contextlib.nullcontext)
+    for p, q in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p)

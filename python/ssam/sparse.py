@@ -3,6 +3,7 @@ state, applied to the perturbation, and the official code's ``step(closure, mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -75,6 +76,17 @@ def _check_dtypes(ascent_backward: str, groups: list[dict], first: int = 0) -> N
                     f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is float64; use "
                     "ascent_backward='dense' for float64 models")
 
+
+@contextlib.contextmanager
+def _current(opt, block):
+    """``block`` entered, and known to ``opt.recompute_context()`` while it is."""
+    with block:
+        opt._ascent_block = block
+        try:
+            yield
+        finally:
+            opt._ascent_block = None
+
 class SparseSAM(SAM):
     """SAM whose perturbation is ``e * m`` for a binary mask ``m`` per parameter.
 
@@ -85,6 +97,8 @@ class SparseSAM(SAM):
     :meth:`ascent` (see :func:`ssam_kernels.sparse_ascent`); ``"exact"`` needs
     ``norm="masked"``, the only norm it can compute without the unmasked gradient.
     """
+
+    _ascent_block: sparse_ascent | None = None  # the ascent pass's block, while it runs
 
     def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
                  ascent_backward="dense"):
@@ -177,8 +191,21 @@ class SparseSAM(SAM):
         ``no_sync``: a ``DistributedDataParallel`` model, as in :meth:`ssam.SAM.ascent`."""
         masks = {p: self._masks[p] for p in self.params}
         # both built (and their arguments checked) now, entered by the caller's ``with``
-        return _together(super().ascent(no_sync=no_sync),
-                         sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm))
+        block = sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm)
+        return _together(super().ascent(no_sync=no_sync), _current(self, block))
+
+    def recompute_context(self):
+        """What ``torch.utils.checkpoint`` recomputes a checkpointed region of the ascent pass in
+        (nothing to do outside it, or in the dense mode)::
+
+            checkpoint(block, h, use_reentrant=False,
+                       context_fn=lambda: (contextlib.nullcontext(), opt.recompute_context()))
+
+        The sparse ascent modes reroute layers as the forward calls them, and a checkpoint
+        recomputes its forward during the backward, where no such rerouting is active:
+        without this, a checkpointed masked layer raises ``CheckpointError`` (reentrant
+        checkpointing runs it densely instead). See :meth:`ssam_kernels.sparse_ascent.recompute`."""
+        return self._ascent_block.recompute() if self._ascent_block is not None else contextlib.nullcontext()
 
     def ascent_costs(self) -> AscentCosts | None:
         """Structure ``"budget"``: the :class:`ssam.budget.AscentCosts` of the model (SSAM-F
