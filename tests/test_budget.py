@@ -126,6 +126,36 @@ def test_ascent_count_is_the_same_when_triton_computes_the_weight_gradient(gen, 
     assert counted == costs.ascent(masks) * x.shape[0]
 
 
+class _Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.depthwise(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+@pytest.mark.cpu
+def test_a_grouped_convolution_costs_its_whole_weight_gradient(gen):
+    """The exact mode runs grouped convolutions with plain autograd (their output channels
+    cannot be sliced apart): the cost model charges their weight gradient whole, however few
+    of their rows a mask takes."""
+    torch.manual_seed(0)
+    model, x = _Grouped(), torch.randn(2, 3, 6, 6, generator=gen)
+    params = list(model.parameters())
+    costs = measure_costs(model, params, x)
+    names = [n for n, _ in model.named_parameters()]
+    depthwise, stem = names.index("depthwise.weight"), names.index("stem.weight")
+    assert costs.row_view(depthwise, params[depthwise]).shape[0] == 1
+    assert costs.row_view(stem, params[stem]).shape[0] == 8
+    some, every = ([torch.zeros(p.shape, dtype=torch.bool) for p in params] for _ in range(2))
+    some[depthwise][:2] = True
+    every[depthwise][:] = True
+    assert costs.ascent(some) == costs.ascent(every)
+
+
 @pytest.mark.cpu
 def test_resnet18_cut_estimate_is_exact_at_block_boundaries(gen):
     model = resnet18_cifar()

@@ -388,3 +388,59 @@ def test_auto_warns_when_vmap_fails_and_loops(gen):
         fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 5)
     for f, e in zip(fisher, _official_loop(model, x, y)):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_syncbatchnorm_is_taken_per_sample_without_syncing(train_mode, monkeypatch, gen):
+    """SyncBatchNorm's statistics are computed per sample by the layerwise method, as a
+    BatchNorm's: no forward of the module itself, so nothing to sync across ranks (which, with
+    uneven shares of the samples, would be mismatched collectives). Same Fisher as BatchNorm2d."""
+    torch.manual_seed(0)
+    model = SmallConvBN().train(train_mode)
+    synced = copy.deepcopy(model)
+    synced.bn = nn.SyncBatchNorm.convert_sync_batchnorm(synced).bn
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", None)  # a call of the module's own forward fails the test
+    x, y = _data(gen)
+    want = empirical_fisher(model, list(model.parameters()), [(x, y)], num_samples=20, method="layerwise")
+    got = empirical_fisher(synced, list(synced.parameters()), [(x, y)], num_samples=20, method="layerwise")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_ddp_wrapper_is_read_through(tmp_path, gen):
+    """update_mask(ddp_model) (the official step's model=) takes the Fisher on the module inside:
+    the wrapper's forward runs DDP's collectives, whose count would differ across ranks with
+    uneven shares of the samples (a hang). Same masks as the module itself gives, no DDP forward."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import ssam
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = SmallConvBN()
+        wrapper = DistributedDataParallel(model)
+        calls = []
+        original = DistributedDataParallel.forward
+
+        def counted(self, *args, **kwargs):
+            calls.append(1)
+            return original(self, *args, **kwargs)
+
+        DistributedDataParallel.forward = counted
+        try:
+            x, y = _data(gen)
+            data = torch.utils.data.TensorDataset(x, y)
+            masks = []
+            for net in (wrapper, model):
+                opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=7,
+                                 update_freq=1, fisher_chunk_size=1, seed=3, lr=0.1)
+                opt.update_mask(net, data)
+                masks.append(opt.masks())
+        finally:
+            DistributedDataParallel.forward = original
+        assert calls == []
+        assert all(torch.equal(a, b) for a, b in zip(*masks))
+    finally:
+        dist.destroy_process_group()

@@ -159,3 +159,12 @@ def test_frozen_parameters_get_no_fisher_mask_entries(gen):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kept = sum(int(opt.get_mask(p).sum()) for p in model.parameters())
     assert kept == int((1 - opt.sparsity) * trainable)
+
+
+def test_tensor_structure_ranks_a_nan_score_lowest():
+    """A tensor whose score mean is NaN is chosen last (a descending sort would put it first)."""
+    from ssam.structure import parse_structure, select_mask
+
+    scores = [torch.full((4,), 5.0), torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.full((4,), 2.0)]
+    masks = select_mask(scores, parse_structure("tensor"), keep=8)
+    assert [bool(m.all()) for m in masks] == [True, False, True]

@@ -111,8 +111,9 @@ _ROW_SPARSE_FUNCS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 
 class _RowSparse(TorchFunctionMode):
     """Records the weights that ``sparse_ascent("exact")`` would see: those passed to
-    ``F.linear`` / ``F.conv*`` at the top level (not inside ``nn.MultiheadAttention``, whose
-    projections keep dense autograd and so a whole weight gradient)."""
+    ``F.linear`` / ``F.conv*`` (ungrouped) at the top level (not inside
+    ``nn.MultiheadAttention``, whose projections keep dense autograd and so a whole weight
+    gradient)."""
 
     def __init__(self):
         super().__init__()
@@ -122,7 +123,9 @@ class _RowSparse(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _ROW_SPARSE_FUNCS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if isinstance(weight, torch.Tensor):
+            # a grouped convolution runs plain autograd there: its whole weight gradient
+            grouped = func is not F.linear and (args[6] if len(args) > 6 else kwargs.get("groups", 1)) != 1
+            if isinstance(weight, torch.Tensor) and not grouped:
                 self.seen.add(id(weight))
         return func(*args, **kwargs)
 

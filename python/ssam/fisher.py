@@ -34,7 +34,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .batchnorm import frozen_batchnorm_stats
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# (SyncBatchNorm too: its statistics are computed here per sample, so nothing syncs across ranks)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -117,6 +118,16 @@ def _as_pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else
+    ``model``): the wrapper's forward runs collectives (DDP's buffer broadcast) or scatters the
+    batch, and the ranks run different numbers of per-sample forwards when their shares of the
+    samples differ (mismatched collectives: a hang)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def empirical_fisher(
     model: torch.nn.Module,
     params: list[torch.Tensor],
@@ -143,6 +154,7 @@ def empirical_fisher(
     """
     if method not in ("auto", *METHODS):
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    model = unwrapped(model)
     _check_int("num_samples", num_samples, 1)
     _check_int("chunk_size", chunk_size, 1)
     _check_rank(rank, world_size)

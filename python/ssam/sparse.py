@@ -260,7 +260,9 @@ class SparseSAM(SAM):
         return [ssam_kernels.unpack_mask(self._mask(p)) for p in self.params]
 
     def mask_density(self) -> float:
-        """Fraction of all parameter entries that are perturbed."""
+        """Fraction of all parameter entries that are perturbed (over every parameter the
+        optimizer holds, frozen ones included, as the official log line counts; the sparsity
+        is applied over the trainable ones)."""
         total = sum(p.numel() for p in self.params)
         kept = sum(self._mask(p).count_int() for p in self.params)
         return kept / total if total else 0.0

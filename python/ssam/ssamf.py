@@ -9,7 +9,7 @@ import torch
 
 from .distributed import all_reduce_sum_, world
 from .budget import measure_costs
-from .fisher import draw_samples, empirical_fisher
+from .fisher import draw_samples, empirical_fisher, unwrapped
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
 
@@ -89,6 +89,7 @@ class SSAMF(SparseSAM):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
+        model = unwrapped(model)
         if self.structure.kind == "budget" and self._costs is None:
             # before the Fisher draws: a copy of the generator, so the samples stay the same
             sample, _ = draw_samples(data, 1, _copy_generator(self.generator))

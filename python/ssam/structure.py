@@ -131,6 +131,7 @@ def select_mask(scores: list[torch.Tensor], structure: Structure, keep: int) -> 
     if structure.kind == "budget":
         raise ValueError("structure 'budget' needs the model's costs: see ssam.budget.budget_select")
     means = torch.stack([s.float().mean() if s.numel() else s.new_tensor(float("-inf")) for s in scores])
+    means = means.nan_to_num(nan=float("-inf"))  # a NaN score ranks lowest (a descending sort puts NaN first)
     order = torch.argsort(means.cpu(), descending=True, stable=True).tolist()
     return whole_tensor_masks(scores, tensor_select(order, [s.numel() for s in scores], keep))
 
