@@ -665,7 +665,8 @@ class SAM(torch.optim.Optimizer):
         ``grad_scaler``: ``grad_scaler.scale(loss).backward()``). The gradient at ``w`` is the
         one in ``.grad``; where no parameter has one (after ``zero_grad()``), the closure runs
         first for it, inside :meth:`ascent` (zero gradients left by
-        ``zero_grad(set_to_none=False)`` count as that gradient: nothing is perturbed). Then the closure runs at ``w + e`` (grad enabled).
+        ``zero_grad(set_to_none=False)`` count as that gradient: nothing is perturbed). Then the
+        closure runs at ``w + e`` (grad enabled).
         Returns what the last closure call returned. If a closure raises, ``w`` is as it was.
         ``grad_scaler`` and ``max_grad_norm`` are as in :meth:`first_step` / :meth:`second_step`.
 

@@ -87,6 +87,7 @@ def _current(opt, block):
         finally:
             opt._ascent_block = None
 
+
 class SparseSAM(SAM):
     """SAM whose perturbation is ``e * m`` for a binary mask ``m`` per parameter.
 
