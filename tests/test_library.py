@@ -488,6 +488,14 @@ def test_a_launch_makes_the_tensors_cuda_device_current(monkeypatch):
         with _backend.on_device(torch.device(device)):
             pass
     assert recorder.entered == [1]
+    # the plan's launch context: grad mode off and the device switched, each only where needed
+    from ssam_kernels.ops.sam_step import _launching
+
+    recorder.entered.clear()
+    for device, grad in (("cuda:1", False), ("cuda:0", False), ("cpu", True), ("cpu", False)):
+        with torch.set_grad_enabled(grad), _launching(torch.device(device)):
+            assert not torch.is_grad_enabled()
+    assert recorder.entered == [1]
 
 
 @pytest.mark.cpu
@@ -516,7 +524,7 @@ def test_the_cuda_kernels_and_the_plan_launch_on_their_tensors_device(monkeypatc
             _library.OPS[name]._kernel(kernel_device, *args, "torch")
             assert seen == guarded, (name, kernel_device)
 
-    monkeypatch.setattr(sam_step, "on_device", recording)
+    monkeypatch.setattr(sam_step, "_launching", recording)
     params = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
     seen.clear()
     plan = sam_step.SAMStepPlan(params, backend="torch")

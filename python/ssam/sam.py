@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 import ssam_kernels
-from ssam_kernels.ops.sam_step import PlanMismatch, SAMStepPlan, SGDGroup, check_sgd_groups, plan_backend
+from ssam_kernels.ops.sam_step import SGD_KEYS, PlanMismatch, SAMStepPlan, SGDGroup, check_sgd_groups, plan_backend
 
 EPS = 1e-7
 
@@ -213,7 +213,9 @@ class SAM(torch.optim.Optimizer):
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._skips_unplanned = None  # and by steps over the per-list ops (device)
         self._plan_buffers_synced = False  # the plan's momentum buffers are the base optimizer's
-        self._sgd_checked: tuple[SGDGroup, ...] | None = None  # the fused step's hyper-parameters, last checked
+        # the fused step's hyper-parameters, last checked, and the param_groups values they came from
+        self._sgd_checked: tuple[SGDGroup, ...] | None = None
+        self._sgd_values: tuple | None = None
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer (so its defaults such as ``lr`` apply) and to SAM."""
@@ -501,13 +503,15 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _sgd_groups(self) -> tuple[SGDGroup, ...]:
-        """Each group's SGD hyper-parameters for the fused step, checked (once per change:
-        ``ValueError`` for what torch's SGD constructor refuses)."""
-        sgd = tuple(SGDGroup.of(g) for g in self.param_groups)
-        if sgd != self._sgd_checked:
+        """Each group's SGD hyper-parameters for the fused step, checked (``ValueError`` for
+        what torch's SGD constructor refuses) and made once per change of their values: the
+        same tuple while they hold, which the plan then takes without comparing."""
+        values = tuple(tuple(g.get(k, False) for k in SGD_KEYS) for g in self.param_groups)
+        if values != self._sgd_values:
+            sgd = tuple(SGDGroup(*v) for v in values)
             check_sgd_groups(list(sgd), len(sgd))
-            self._sgd_checked = sgd
-        return sgd
+            self._sgd_values, self._sgd_checked = values, sgd
+        return self._sgd_checked
 
     def _end_scaler_iteration(self) -> None:
         """``update()`` the scaler of this step, so it is ready for the next one."""

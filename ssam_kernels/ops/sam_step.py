@@ -172,7 +172,7 @@ class SAMStepPlan:
         self.perturbed = False
         self._sgd = None  # the last hyper-parameters restore_sgd checked
         self._sgd_given = None
-        with on_device(device):
+        with _launching(device):
             self._impl = _BACKENDS.impls[self.backend](self, [_memory_mask(m, o) if m is not None else None
                                                             for m, o in zip(self.masks, orders)])
 
@@ -234,7 +234,7 @@ class SAMStepPlan:
             grads = self.grad_addresses()
         elif not isinstance(grads, tuple) or len(grads) != len(self.params):
             raise ValueError(f"grads must be the tuple grad_addresses() returned ({len(self.params)} addresses)")
-        with _no_grad(), on_device(self.device):
+        with _launching(self.device):
             self._impl.perturb(grads, rho)
         bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters
         self.perturbed = True
@@ -243,7 +243,7 @@ class SAMStepPlan:
         """Put back the weights :meth:`perturb` changed, bit for bit."""
         if not self.perturbed:
             raise RuntimeError("restore() without a preceding perturb()")
-        with _no_grad(), on_device(self.device):
+        with _launching(self.device):
             self._impl.restore()
         bump_versions(self.params)
         self.perturbed = False
@@ -259,7 +259,7 @@ class SAMStepPlan:
             self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
         self._sgd_given = sgd
         grads = self.grad_addresses(check_params=False)
-        with _no_grad(), on_device(self.device):
+        with _launching(self.device):
             made = self._impl.restore_sgd(grads, self._sgd)
         bump_versions(self.params)  # (not the momentum buffers: optimizer state, which no graph saves)
         self.perturbed = False
@@ -275,14 +275,27 @@ class SAMStepPlan:
                                   or b.stride() != p.stride() or b.dtype != p.dtype):
                 raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
         self.buffers = list(buffers)
-        with on_device(self.device):
+        with _launching(self.device):
             self._impl.buffers_changed()
 
 
-def _no_grad():
-    """``torch.no_grad()``, or nothing where grad mode is already off (the optimizers' steps):
-    the context costs a microsecond per step."""
-    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+_NOTHING = contextlib.nullcontext()
+
+
+def _launching(device: torch.device):
+    """Grad mode off and ``device`` current while a step's kernels launch: nothing to do in the
+    optimizers' steps (already under no_grad, on the current device), where a context would cost
+    a microsecond or two per step."""
+    grad = torch.is_grad_enabled()
+    switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+    if not grad and not switch:
+        return _NOTHING
+    stack = contextlib.ExitStack()
+    if grad:
+        stack.enter_context(torch.no_grad())
+    if switch:
+        stack.enter_context(on_device(device))
+    return stack
 
 
 def _check_rho(rho, groups: int) -> tuple[float, ...]:
