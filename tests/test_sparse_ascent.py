@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -242,17 +243,22 @@ class _Checkpointed(nn.Module):
         return self.fc2(h)
 
 
-@pytest.mark.cpu
+# the cuda tier runs it on the GPU too (SSAM_TEST_CUDA_DEVICE: a dry run elsewhere)
+DEVICES = [pytest.param("cpu", marks=pytest.mark.cpu),
+           pytest.param(os.environ.get("SSAM_TEST_CUDA_DEVICE", "cuda"), marks=pytest.mark.cuda, id="cuda")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["exact", "implicit", "mvue"])
-def test_checkpointed_regions_recompute_inside_the_block(mode, gen):
+def test_checkpointed_regions_recompute_inside_the_block(mode, device, gen):
     """A checkpoint recomputes its forward during the backward, outside every TorchFunctionMode:
     with the block's recompute context the masked layers take their ascent Functions again
     (without it: CheckpointError), and the gradients equal the unchekpointed block's."""
     torch.manual_seed(0)
-    plain = _Checkpointed()
+    plain = _Checkpointed().to(device)
     model = copy.deepcopy(plain)
-    x = torch.randn(4, 2, 4, 4, generator=gen)
-    masks = {m.weight: _scattered_rows_mask(m.weight, gen) for m in (plain.fc1, plain.fc2, plain.conv)}
+    x = torch.randn(4, 2, 4, 4, generator=gen).to(device)
+    masks = {m.weight: _scattered_rows_mask(m.weight, gen).to(device) for m in (plain.fc1, plain.fc2, plain.conv)}
     if mode != "exact":
         masks = {w: None for w in masks}
     ours = {getattr(model, n).weight: masks[getattr(plain, n).weight] for n in ("fc1", "fc2", "conv")}
