@@ -11,9 +11,9 @@ channel) holds a masked entry runs plain autograd, and one with rows to skip com
 gradient for the rows holding a masked entry only (one product on views of a contiguous range
 of rows, zeros padded around it; gathered where the rows are scattered), for ``F.linear`` and
 ``F.conv1d/2d/3d`` alike (grouped convolutions, unbatched inputs and an asymmetric ``"same"``
-padding run plain autograd: exact everywhere, nothing skipped); parameters whose mask is empty are frozen (``requires_grad=False``)
-for the duration, so autograd computes neither their gradient nor any input gradient below
-the lowest layer that still needs one. Gradients are exact on every masked entry and zero on
+padding run plain autograd: exact everywhere, nothing skipped); parameters whose mask is empty
+are frozen (``requires_grad=False``) for the duration, so autograd computes neither their
+gradient nor any input gradient below the lowest layer that still needs one. Gradients are exact on every masked entry and zero on
 skipped rows; inside computed rows they are not masked (the optimizer's masked norm and
 perturbation read only the masked entries: masking there would be an op for nothing). On exit
 everything is as it was. Run the ascent forward *and* backward inside the block; the descent

@@ -44,6 +44,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ssam_kernels.ops.bitmask import computed_rows
 
 from .batchnorm import frozen_batchnorm_stats
+from .distributed import unwrapped
 
 
 # the paper's Tables 1-3, SSAM's FLOPs relative to SGD, by sparsity
@@ -174,7 +175,8 @@ class _Recorder(TorchDispatchMode):
 
 def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> AscentCosts:
     """:class:`AscentCosts` per sample of ``model`` on the batch ``x`` (one forward, no
-    gradient; BatchNorm statistics untouched)."""
+    gradient; BatchNorm statistics untouched; a DDP / DataParallel wrapper is read through)."""
+    model = unwrapped(model)
     storages: dict[int, list[int]] = {}
     for i, p in enumerate(params):
         storages.setdefault(p.untyped_storage().data_ptr(), []).append(i)

@@ -56,3 +56,14 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
 def broadcast_(tensors: list[torch.Tensor]) -> None:
     """Overwrite ``tensors`` with rank 0's, in place."""
     _flat_collective(tensors, lambda flat: dist.broadcast(flat, src=0))
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else
+    ``model``), for passes that are not training steps (the Fisher, the cost measurement): the
+    wrapper's forward runs collectives (DDP's buffer broadcast) or scatters the batch, and ranks
+    running different numbers of such forwards (uneven shares of the Fisher's samples) would
+    mismatch their collectives: a hang."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model

@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import frozen_batchnorm_stats
+from .distributed import unwrapped
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # (SyncBatchNorm too: its statistics are computed here per sample, so nothing syncs across ranks)
@@ -116,16 +117,6 @@ def _as_pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
         raise ValueError(f"a batch needs x and y with the same leading (batch) size, got {tuple(x.shape)} and {tuple(y.shape)}")
     return x, y
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else
-    ``model``): the wrapper's forward runs collectives (DDP's buffer broadcast) or scatters the
-    batch, and the ranks run different numbers of per-sample forwards when their shares of the
-    samples differ (mismatched collectives: a hang)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def empirical_fisher(

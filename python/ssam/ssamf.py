@@ -9,7 +9,7 @@ import torch
 
 from .distributed import all_reduce_sum_, world
 from .budget import measure_costs
-from .fisher import draw_samples, empirical_fisher, unwrapped
+from .fisher import draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_positive_int
 from .structure import select_mask
 
@@ -26,8 +26,8 @@ class SSAMF(SparseSAM):
         update_freq: recompute the mask every ``update_freq`` epochs (official convention).
         structure: ``"unstructured"``, ``"N:M"`` (groups along the input dim), ``"N:M:out"``
             (along the output dim: what the 2:4 sparse GEMM modes need), ``"tensor"`` or
-            ``"budget"`` (see :mod:`ssam.structure`). ``"budget"``: whole rows at or above a depth, the most
-            Fisher mass whose exact ascent pass costs at most the paper's FLOPs column at this
+            ``"budget"`` (see :mod:`ssam.structure`). ``"budget"``: whole rows at or above a
+            depth, the most Fisher mass whose exact ascent pass costs at most the paper's FLOPs column at this
             sparsity (:mod:`ssam.budget`); cheaper only with ``ascent_backward="exact"``. The
             model's FLOPs are measured once, on one sample, at the first :meth:`update_mask`.
         norm: ``"full"`` (paper: ``||g||``) or ``"masked"`` (``||g * m||``).
@@ -89,7 +89,6 @@ class SSAMF(SparseSAM):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
-        model = unwrapped(model)
         if self.structure.kind == "budget" and self._costs is None:
             # before the Fisher draws: a copy of the generator, so the samples stay the same
             sample, _ = draw_samples(data, 1, _copy_generator(self.generator))
