@@ -168,3 +168,20 @@ def test_tensor_structure_ranks_a_nan_score_lowest():
     scores = [torch.full((4,), 5.0), torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.full((4,), 2.0)]
     masks = select_mask(scores, parse_structure("tensor"), keep=8)
     assert [bool(m.all()) for m in masks] == [True, False, True]
+
+
+def test_nan_fisher_entries_keep_the_count_beside_frozen_parameters(gen, monkeypatch):
+    """NaN ranks as -inf; a frozen parameter takes no slot from it (it used to win the tie by
+    index, then lose the entry to the exclusion, leaving fewer than the count)."""
+    import ssam.ssamf
+
+    model, opt, data = _setup(gen)
+    params = list(model.parameters())
+    params[0].requires_grad_(False)  # first in the concatenation: it would win the ties
+    nan_fisher = [torch.full_like(p, float("nan")) for p in params]
+    monkeypatch.setattr(ssam.ssamf, "empirical_fisher", lambda *args, **kwargs: nan_fisher)
+    with pytest.warns(UserWarning, match="do not require grad"):
+        opt.update_mask(model, data)
+    assert not opt.get_mask(params[0]).any()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    assert sum(int(opt.get_mask(p).sum()) for p in params) == int((1 - opt.sparsity) * trainable)

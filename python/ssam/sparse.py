@@ -164,6 +164,16 @@ class SparseSAM(SAM):
         return [s if f else torch.full_like(s, float("-inf"), dtype=torch.float32) for s, f in zip(scores, flags)]
 
     @staticmethod
+    def _select_perturbable(select, scores: list[torch.Tensor], flags: list[bool]) -> list[torch.Tensor]:
+        """``select(scores)`` over the perturbable parameters only, empty masks for the others.
+        (Given -inf scores instead, a frozen entry would tie with a NaN score, ranked as -inf,
+        and could take its slot.)"""
+        if not any(flags):
+            return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+        chosen = iter(select([s for s, f in zip(scores, flags) if f]))
+        return [next(chosen) if f else torch.zeros_like(s, dtype=torch.bool) for s, f in zip(scores, flags)]
+
+    @staticmethod
     def _excluded(masks: list[torch.Tensor], flags: list[bool]) -> list[torch.Tensor]:
         """Masks emptied on the parameters that cannot be perturbed."""
         return [m if f else torch.zeros_like(m) for m, f in zip(masks, flags)]

@@ -150,7 +150,7 @@ class SSAMD(SparseSAM):
             sizes = [p.numel() if f else 0 for p, f in zip(self.params, flags)]
             order = torch.randperm(len(sizes), generator=self.generator, device=self.generator.device).tolist()
             return whole_tensor_masks(self.params, tensor_select([i for i in order if flags[i]], sizes, self._keep()))
-        return ssam_kernels.topk_mask(self._restricted(scores, flags), k=self._keep())
+        return self._select_perturbable(lambda s: ssam_kernels.topk_mask(s, k=self._keep()), scores, flags)
 
     @torch.no_grad()
     def update_mask(self, epoch: float) -> None:

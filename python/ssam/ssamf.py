@@ -101,7 +101,7 @@ class SSAMF(SparseSAM):
         if self.structure.kind == "budget":
             masks = self._budget_masks([f if ok else torch.zeros_like(f) for f, ok in zip(fisher, flags)])
         else:
-            masks = select_mask(self._restricted(fisher, flags), self.structure, self._keep())
+            masks = self._select_perturbable(lambda s: select_mask(s, self.structure, self._keep()), fisher, flags)
         self._set_masks(self._excluded(masks, flags))
         self.mask_updates += 1
 
