@@ -1,9 +1,8 @@
 """Global top-k mask over a list of score tensors, with an exact count.
 
 Rank order: larger score first; ties keep the lower index in the concatenation of the
-flattened tensors (list order, then row-major); NaN ranks as -inf (tied with it,
-by index). Exactly ``k``
-entries are kept.
+flattened tensors (list order, then row-major); NaN ranks as -inf (tied with it, by index).
+Exactly ``k`` entries are kept.
 """
 
 from __future__ import annotations
