@@ -21,6 +21,7 @@ GEOMETRIES = [
     (2, 4, 6, 3, 1, "same", 2, 1, (8, 8)),
     (2, 4, 6, 3, 1, "valid", 1, 2, (6, 5)),  # grouped: dW dense, then masked
     (3, 2, 4, 2, 1, (1, 0, 1), 1, 1, (4, 5, 3)),
+    (2, 3, 5, 3, (2,), (1,), [2], 1, (9, 8)),  # one-element sequences: one value for every dim, as torch
 ]
 
 

@@ -34,9 +34,11 @@ CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def _tuple(name: str, value, dims: int, low: int) -> tuple[int, ...]:
     values = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(values, (tuple, list)) and len(values) == 1:  # one for every dim, as torch reads it
+        values = tuple(values) * dims
     if (not isinstance(values, (tuple, list)) or len(values) != dims
             or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values)):
-        raise ValueError(f"{name} must be an int >= {low} or {dims} of them, got {value!r}")
+        raise ValueError(f"{name} must be an int >= {low}, or 1 or {dims} of them, got {value!r}")
     return tuple(values)
 
 
