@@ -33,6 +33,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from ssam import train
 from ssam_bench import bench_masks, bench_overhead, bench_sam_step, bench_step, plots
 from ssam_bench.common import markdown_table, report, results_dir
 from ssam_bench.opbench import COLUMNS as OP_COLUMNS
@@ -189,20 +190,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_device(name: str | None) -> torch.device:
-    """``--device``: cpu or cuda[:N] (a CUDA device torch sees), else a message, not a traceback."""
+    """``--device`` (``ssam-train``'s rule), or CUDA where torch sees it when not given."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"ssam-bench: --device must be cpu or cuda[:N], got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"ssam-bench: --device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"ssam-bench: --device {name} asked for, but torch sees no CUDA device")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SystemExit(f"ssam-bench: --device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        return train.parse_device(name)
+    except ValueError as exc:
+        raise SystemExit(f"ssam-bench: {exc}") from None
 
 
 def main(argv=None) -> int:

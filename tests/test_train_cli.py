@@ -82,3 +82,18 @@ def test_ssamd_budget_structure_trains(capsys):
     out = capsys.readouterr().out
     assert float(re.search(r"test accuracy\s+([\d.]+)%", out).group(1)) > 80.0
     assert 0.0 < float(re.search(r"mask density\s+(\S+)", out).group(1)) <= 0.1
+
+
+def test_device_rule_names_what_torch_sees(monkeypatch):
+    """ssam-train and ssam-bench share the rule: an out-of-range cuda:N is a message too."""
+    from ssam.train import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert parse_device("cuda:0") == torch.device("cuda:0")
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="torch sees 1 CUDA device"):
+        parse_device("cuda:3")
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--device", "cuda:3"])
+    assert exc.value.code == 2

@@ -159,14 +159,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"{', '.join(sparse_only)} applies to --opt ssamf or ssamd (sam perturbs every weight)")
     try:
         parse_structure(args.structure)
-        device = torch.device(args.device)
-    except (TypeError, ValueError, RuntimeError) as exc:
+        parse_device(args.device)
+    except (TypeError, ValueError) as exc:
         p.error(str(exc))
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA device")
     return args
+
+
+def parse_device(name: str) -> torch.device:
+    """A ``--device`` value: cpu or cuda[:N], a CUDA device torch sees; else ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def main(argv=None) -> int:
