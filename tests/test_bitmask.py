@@ -45,3 +45,19 @@ def test_rejects_bad_input():
         BitMask(torch.zeros(1, dtype=torch.int32), torch.Size([3]))
     with pytest.raises(ValueError, match="needs 2"):
         BitMask(torch.zeros(1, dtype=torch.uint8), torch.Size([9]))
+
+
+def _dirty(mask: BitMask) -> BitMask:
+    """The same mask with every padding bit of its last byte set."""
+    bits = mask.bits.clone()
+    bits[-1] |= 0xFF << (mask.numel % 8) & 0xFF
+    return BitMask(bits, mask.shape)
+
+
+def test_padding_bits_are_not_counted(gen):
+    mask = pack_mask(rand_mask((3, 7), generator=gen))  # 21 entries: 3 padding bits
+    dirty = _dirty(mask)
+    assert not torch.equal(dirty.bits, mask.bits)
+    assert int(dirty.count()) == dirty.count_int() == int(mask.count())
+    assert torch.equal(dirty.to_bool(), mask.to_bool())
+

@@ -233,3 +233,38 @@ def test_a_bool_masks_backup_is_packed_so_restore_reads_no_count(gen):
             restore_(ws, backup)
     assert syncs.n == 0
     assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_padding_bits_change_no_op(backend, gen):
+    """Kernels read no bit past numel; the counts that size backups must agree with them."""
+    from ssam_kernels import BitMask, SAMStepPlan
+
+    def fresh():
+        out = [p.detach().clone() for p in params]
+        for o, p in zip(out, params):
+            o.grad = p.grad
+        return out
+
+    params = [torch.randn(n, generator=gen) for n in (21, 13, 1000)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    clean = [pack_mask(rand_mask(p.shape, generator=gen)) for p in params]
+    dirty = [BitMask(m.bits.clone(), m.shape) for m in clean]
+    for m in dirty[:2]:  # 21 and 13 entries: 3 padding bits each
+        m.bits[-1] |= 0xFF << (m.numel % 8) & 0xFF
+    want, got = fresh(), fresh()
+    perturb_(want, [p.grad for p in params], clean, 0.5, backend=backend)
+    backup = perturb_(got, [p.grad for p in params], dirty, 0.5, backend=backend)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    restore_(got, backup, backend=backend)
+    assert all(torch.equal(g, p) for g, p in zip(got, params))
+    want, got = fresh(), fresh()
+    plans = [SAMStepPlan(ps, m, backend=backend) for ps, m in ((want, clean), (got, dirty))]
+    for plan in plans:
+        plan.perturb([0.5])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    sizes = [[part.backup.numel() for part in getattr(plan._impl, "parts", [])] for plan in plans]
+    assert sizes[0] == sizes[1]
+    plans[1].restore()
+    assert all(torch.equal(g, p) for g, p in zip(got, params))

@@ -38,6 +38,16 @@ def packed_nbytes(numel: int) -> int:
     return (numel + 7) // 8
 
 
+def padding_cleared(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """``bits`` with the last byte's bits past ``numel`` cleared (a copy where there are any):
+    counts must agree with the kernels, which read no bit past ``numel`` whatever it holds."""
+    if numel % 8 == 0 or bits.numel() == 0:
+        return bits
+    cleared = bits.clone()
+    cleared[-1:].bitwise_and_((1 << numel % 8) - 1)
+    return cleared
+
+
 @dataclass(frozen=True)
 class BitMask:
     """A boolean mask stored as packed bits (see the module docstring for the layout)."""
@@ -70,7 +80,7 @@ class BitMask:
 
     def count(self) -> torch.Tensor:
         """Number of set bits, as a 0-dim int64 tensor on the mask's device (no host sync)."""
-        return popcount_table(self.bits.device)[self.bits.long()].sum()
+        return popcount_table(self.bits.device)[padding_cleared(self.bits, self.numel).long()].sum()
 
     def memo(self, key: str, compute):
         """``compute()``, computed once per mask and kept on it under ``key`` (a BitMask is

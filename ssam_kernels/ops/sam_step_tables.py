@@ -26,6 +26,8 @@ def _block_counts(bits: torch.Tensor, numel: int, block: int) -> torch.Tensor:
     blocks = -(-numel // block)
     padded = torch.zeros(blocks * per_block, dtype=torch.uint8, device=bits.device)
     padded[: bits.numel()] = bits
+    if numel % 8:  # the kernels read no bit past numel, whatever it holds
+        padded[bits.numel() - 1 : bits.numel()].bitwise_and_((1 << numel % 8) - 1)
     return popcount_table(bits.device)[padded.long()].view(blocks, per_block).sum(1)
 
 
