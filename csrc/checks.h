@@ -29,9 +29,16 @@ inline void check_scale(const at::Tensor& scale, const char* what) {
               scale.scalar_type());
 }
 
+// The 2:4 ops take the dtypes sparse tensor cores multiply.
+inline void check_half_types(const at::Tensor& t, const char* what, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, what, ": ", name,
+                   " must be float16 or bfloat16, got ", t.scalar_type());
+}
+
 // 2:4 values [rows, cols / 2] and their CUTLASS metadata [rows, cols / 16] (rows, cols
 // multiples of 32, as compress_24 makes them), on one device.
 inline void check_compressed_24(const at::Tensor& values, const at::Tensor& meta) {
+  check_half_types(values, "decompress_24", "values");
   TORCH_CHECK(values.dim() == 2 && meta.dim() == 2, "decompress_24: values and meta must be 2-D, got ", values.sizes(),
               " and ", meta.sizes());
   const int64_t rows = values.size(0), cols = values.size(1) * 2;

@@ -302,6 +302,7 @@ at::Tensor nm_mask_cpu(const at::Tensor& scores, int64_t n, int64_t m, bool magn
 std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& dense, bool check) {
   TORCH_CHECK(dense.dim() == 2 && dense.size(0) % 32 == 0 && dense.size(1) % 32 == 0,
               "compress_24: need a [32*i, 32*j] matrix");
+  check_half_types(dense, "compress_24", "x");
   const auto x = dense.contiguous();
   const int64_t rows = x.size(0), cols = x.size(1);
   auto values = at::empty({rows, cols / 2}, x.options());

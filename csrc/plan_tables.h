@@ -45,10 +45,12 @@ inline PlanTables plan_tables(const at::Tensor& blocks, const at::Tensor& blk_te
                     blocks.numel()};
 }
 
-inline const int64_t* table_of(const at::Tensor& t, int64_t tensors, const char* name, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous() && t.numel() == tensors, what, ": ",
-              name, " must be a contiguous int64 tensor of one address per tensor (", tensors, "), got ",
-              t.scalar_type(), " of shape ", t.sizes());
+// (on the tables' device: a kernel would read a host table's addresses as device memory)
+inline const int64_t* table_of(const at::Tensor& t, int64_t tensors, const at::Device& device, const char* name,
+                               const char* what) {
+  check_table(t, at::kLong, device, name, what);
+  TORCH_CHECK(t.numel() == tensors, what, ": ", name, " must hold one address per tensor (", tensors, "), got ",
+              t.numel());
   return t.data_ptr<int64_t>();
 }
 
@@ -126,8 +128,8 @@ inline NormArgs norm_args(const at::Tensor& blocks, const at::Tensor& blk_tensor
   check_norm_state(partial, counter, inv, flags, first, programs, t.num_blocks, what);
   TORCH_CHECK(partial.device() == numel.device(), what, ": the norm's state must be on the tables' device");
   const int64_t n = numel.numel();
-  return NormArgs{t, table_of(g_ptrs, n, "g_ptrs", what),
-                  bits_ptrs.has_value() ? table_of(*bits_ptrs, n, "bits_ptrs", what) : nullptr};
+  return NormArgs{t, table_of(g_ptrs, n, numel.device(), "g_ptrs", what),
+                  bits_ptrs.has_value() ? table_of(*bits_ptrs, n, numel.device(), "bits_ptrs", what) : nullptr};
 }
 
 struct PerturbArgs {
@@ -146,8 +148,9 @@ inline PerturbArgs perturb_args(const at::Tensor& blocks, const at::Tensor& blk_
   const int64_t n = numel.numel();
   check_perturb_state(backup, inv, flags, tensor_rho, n, what);
   TORCH_CHECK(backup.device() == numel.device(), what, ": the backup must be on the tables' device");
-  return PerturbArgs{t, table_of(w_ptrs, n, "w_ptrs", what), table_of(g_ptrs, n, "g_ptrs", what),
-                     table_of(bits_ptrs, n, "bits_ptrs", what)};
+  const at::Device device = numel.device();
+  return PerturbArgs{t, table_of(w_ptrs, n, device, "w_ptrs", what), table_of(g_ptrs, n, device, "g_ptrs", what),
+                     table_of(bits_ptrs, n, device, "bits_ptrs", what)};
 }
 
 struct RestoreArgs {
@@ -164,7 +167,8 @@ inline RestoreArgs restore_args(const at::Tensor& blocks, const at::Tensor& blk_
   const int64_t n = numel.numel();
   check_backup_buffer(backup, what);
   TORCH_CHECK(backup.device() == numel.device(), what, ": the backup must be on the tables' device");
-  return RestoreArgs{t, table_of(w_ptrs, n, "w_ptrs", what), table_of(bits_ptrs, n, "bits_ptrs", what)};
+  const at::Device device = numel.device();
+  return RestoreArgs{t, table_of(w_ptrs, n, device, "w_ptrs", what), table_of(bits_ptrs, n, device, "bits_ptrs", what)};
 }
 
 struct RestoreSgdArgs {
@@ -189,10 +193,10 @@ inline RestoreSgdArgs restore_sgd_args(const at::Tensor& blocks, const at::Tenso
   TORCH_CHECK(backup.device() == numel.device() && hyper.device() == numel.device(), what,
               ": the backup and the SGD tables must be on the tables' device");
   return RestoreSgdArgs{t,
-                        table_of(w_ptrs, n, "w_ptrs", what),
-                        table_of(g_ptrs, n, "g_ptrs", what),
-                        table_of(buf_ptrs, n, "buf_ptrs", what),
-                        table_of(bits_ptrs, n, "bits_ptrs", what),
+                        table_of(w_ptrs, n, numel.device(), "w_ptrs", what),
+                        table_of(g_ptrs, n, numel.device(), "g_ptrs", what),
+                        table_of(buf_ptrs, n, numel.device(), "buf_ptrs", what),
+                        table_of(bits_ptrs, n, numel.device(), "bits_ptrs", what),
                         sgd_tables(tensor_group, hyper, fresh, n, what)};
 }
 

@@ -190,6 +190,13 @@ def test_compress_24_kernels(dtype, backend, gen):
     ref_values, ref_meta = sk.compress_24(x, backend="torch")
     assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
     assert torch.equal(sk.decompress_24(values, meta, backend=backend), x)
+    # unchecked, a group with three nonzeros leaves the other groups exact (values and metadata)
+    x[37, 8:11] = 1.0
+    values, meta = sk.compress_24(x, check=False, backend=backend)
+    keep = torch.ones(256, 128, dtype=torch.bool, device=x.device)
+    keep[37, 2] = False
+    back = sk.decompress_24(values, meta, backend="torch").view(256, 128, 4)
+    assert torch.equal(back[keep], x.view(256, 128, 4)[keep])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -108,6 +108,13 @@ def test_direct_op_calls_check_their_arguments(case):
         call()
 
 
+def test_direct_2_4_op_calls_take_half_types_only():
+    with pytest.raises(TypeError, match="compress_24: x must be float16 or bfloat16, got Float"):
+        torch.ops.ssam.compress_24(torch.zeros(32, 32), True)
+    with pytest.raises(TypeError, match="decompress_24: values must be float16 or bfloat16, got Float"):
+        torch.ops.ssam.decompress_24(torch.zeros(32, 16), torch.zeros(32, 2, dtype=torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ext_takes_float64_like_the_reference(dtype, gen):
     ws = [rand((1000,), dtype, gen), rand((7, 9), dtype, gen)]

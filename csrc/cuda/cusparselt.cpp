@@ -22,6 +22,8 @@
 
 #include <dlfcn.h>
 
+#include <cstdint>
+
 #include <map>
 #include <memory>
 #include <mutex>
@@ -185,6 +187,12 @@ void check_operand(const at::Tensor& t, const char* name) {
                     t.device());
 }
 
+// The descriptors promise cuSPARSELt 16-byte aligned operands; a view at an odd offset is not.
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// t itself, or an aligned copy in the same layout
+at::Tensor aligned_copy(const at::Tensor& t) { return aligned16(t) ? t : t.clone(); }
+
 void init_sparse_descr(const Handle& h, MatDescr* descr, int64_t m, int64_t k, cudaDataType type) {
   check(api().StructuredDescriptorInit(&h, descr, m, k, k, 16, type, cslt::kOrderRow, cslt::kSparsity50),
         "structured descriptor init");
@@ -209,7 +217,7 @@ Compression& compression(DeviceState& st, at::ScalarType dtype, cudaDataType typ
 at::Tensor cslt_compress(const at::Tensor& a_in) {
   check_operand(a_in, "a");
   const cudaDataType type = value_type(a_in, "compress");
-  const at::Tensor a = a_in.contiguous();
+  const at::Tensor a = aligned_copy(a_in.contiguous());
   const int64_t m = a.size(0), k = a.size(1);
   TORCH_CHECK_VALUE(m > 0 && k > 0 && m % 16 == 0 && k % 16 == 0,
                     "compress: a's shape must be positive multiples of 16, got [", m, ", ", k, "]");
@@ -239,9 +247,11 @@ Operands operands(const at::Tensor& packed, const at::Tensor& b_in) {
                         packed.device() == b_in.device() && packed.scalar_type() == b_in.scalar_type(),
                     "packed must be a compressed operand (compress's or torch._cslt_compress's output), on b's device "
                     "and in b's dtype");
+  TORCH_CHECK_VALUE(aligned16(packed), "packed must start 16-byte aligned (compress's output does; a view at an "
+                    "offset does not)");
   // B row-major as it is, or the transpose of a row-major tensor (read with opB = T)
   const bool transposed = !b_in.is_contiguous() && b_in.t().is_contiguous();
-  const at::Tensor b = (transposed || b_in.is_contiguous()) ? b_in : b_in.contiguous();
+  const at::Tensor b = aligned_copy((transposed || b_in.is_contiguous()) ? b_in : b_in.contiguous());
   const int64_t k = b.size(0), n = b.size(1);
   int64_t m = 0;
   if (packed.dim() == 2) {

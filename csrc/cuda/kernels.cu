@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void compress_24_kernel(const T* x, T* values, int16_t* meta, int32_t* bad, int64_t rows, int64_t cols) {
+__global__ void compress_24_kernel(const T* x, T* values, int16_t* meta, int64_t* bad, int64_t rows, int64_t cols) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // one (row, 16 columns)
   if (id >= rows * (cols / 16)) return;
   const int64_t r = id / (cols / 16), c = id % (cols / 16);
@@ -282,9 +282,10 @@ __global__ void compress_24_kernel(const T* x, T* values, int16_t* meta, int32_t
     for (int e = 0; e < 4; ++e) pattern |= (to_f(x[at + e]) != 0.f) << e;
     const int code = pair_code(pattern);
     const int i0 = code & 3, i1 = code >> 2;
-    if (code < 0) {
-      *bad = 1;
-      return;
+    if (code < 0) {  // not 2:4: an error when checked, zeros otherwise (the other groups stay exact)
+      atomicMin(reinterpret_cast<unsigned long long*>(bad), static_cast<unsigned long long>(r * (cols / 4) + c * 4 + g));
+      values[r * (cols / 2) + c * 8 + g * 2] = values[r * (cols / 2) + c * 8 + g * 2 + 1] = from_f<T>(0.f);
+      continue;
     }
     values[r * (cols / 2) + c * 8 + g * 2] = x[at + i0];
     values[r * (cols / 2) + c * 8 + g * 2 + 1] = x[at + i1];
@@ -595,7 +596,7 @@ cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int6
   });
 }
 
-cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta, int32_t* bad, int64_t rows,
+cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta, int64_t* bad, int64_t rows,
                         int64_t cols, cudaStream_t stream) {
   const int64_t words = rows * (cols / 16);
   if (words == 0) return cudaGetLastError();

@@ -64,9 +64,10 @@ cudaError_t restore(const ChunkTable& t, Dtype w, const int64_t* w_ptrs, const i
 cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int64_t cols, int n, int m, bool magnitude,
                       cudaStream_t stream);
 
-// 2:4 compression into the CUTLASS layout (rows % 32 == 0, cols % 32 == 0); *bad is set to 1
-// if some group holds more than two nonzeros.
-cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta, int32_t* bad, int64_t rows,
+// 2:4 compression into the CUTLASS layout (rows % 32 == 0, cols % 32 == 0). A group holding more
+// than two nonzeros gets zero values and position 0, and *bad (INT64_MAX before the launch) the
+// least such group's index, row * (cols / 4) + group.
+cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta, int64_t* bad, int64_t rows,
                         int64_t cols, cudaStream_t stream);
 cudaError_t decompress_24(Dtype x, const void* values, const int16_t* meta, void* dense, int64_t rows, int64_t cols,
                           cudaStream_t stream);
@@ -89,7 +90,8 @@ struct PlanBlocks {
 // the kept elements where bits_ptrs is non-null and bits_ptrs[k] is not 0), in A (float or
 // double). The last block of `programs` (over the step's launches, counted on `counter`) sums
 // the partials in order, writes inv[0] = 1 / (sqrt(sum) + eps) (0 if the sum is not finite),
-// flags[0] = not finite, flags[1] += not finite, and resets the counter.
+// flags[0] = not finite, flags[1] += not finite, and resets the counter. A launch of no blocks
+// does nothing: with no block in the step at all, the caller writes the empty sum's result.
 cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, float* partial,
                       int32_t* counter, float* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
                       cudaStream_t stream);

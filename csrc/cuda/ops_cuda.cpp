@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -521,18 +522,22 @@ at::Tensor nm_mask_cuda(const at::Tensor& scores, int64_t n, int64_t m, bool mag
 std::tuple<at::Tensor, at::Tensor> compress_24_cuda(const at::Tensor& dense, bool check) {
   TORCH_CHECK(dense.dim() == 2 && dense.size(0) % 32 == 0 && dense.size(1) % 32 == 0,
               "compress_24: need a [32*i, 32*j] matrix, got ", dense.sizes());
+  check_half_types(dense, "compress_24", "x");
   c10::DeviceGuard guard(dense.device());
   const auto x = dense.contiguous();
   const int64_t rows = x.size(0), cols = x.size(1);
   auto values = at::empty({rows, cols / 2}, x.options());
   auto meta = at::empty({rows, cols / 16}, x.options().dtype(at::kShort));
-  auto bad = at::zeros({1}, x.options().dtype(at::kInt));
+  constexpr int64_t none = std::numeric_limits<int64_t>::max();
+  auto bad = at::full({1}, none, x.options().dtype(at::kLong));
   check_launch(cuda::compress_24(dtype_of(x, "compress_24"), x.data_ptr(), values.data_ptr(),
-                                 meta.data_ptr<int16_t>(), bad.data_ptr<int32_t>(), rows, cols,
+                                 meta.data_ptr<int16_t>(), bad.data_ptr<int64_t>(), rows, cols,
                                  current_stream(x.device())),
                "compress_24");
-  // the one host sync of this op, and only when asked for: check=false can be graph-captured
-  TORCH_CHECK_VALUE(!check || bad.item<int32_t>() == 0, "x is not 2:4 sparse: some group has more than 2 nonzeros");
+  if (!check) return {values, meta};  // check=false can be graph-captured: no host sync
+  const int64_t first_bad = bad.item<int64_t>();  // the one host sync of this op
+  TORCH_CHECK_VALUE(first_bad == none, "x is not 2:4 sparse: row ", first_bad / (cols / 4), ", group ",
+                    first_bad % (cols / 4), " has more than 2 nonzeros");
   return {values, meta};
 }
 
