@@ -134,7 +134,7 @@ def run(args, device, checkpoint=None) -> tuple[list[dict], dict, str]:
 TITLE = "Ascent-backward GEMMs: dense vs 2:4 sparse"
 # a row's identity: a run cut short (or cut on purpose, gpu_check's `first`) replaces only the rows
 # it measured in the results file
-ROW_KEY = ("dtype", "layer", "tokens", "product")
+MERGE_ON = ("dtype", "layer", "tokens", "product")
 
 
 def main(argv=None) -> int:
@@ -148,10 +148,10 @@ def main(argv=None) -> int:
     def checkpoint(rows, meta):  # written as it goes: a run stopped by a time limit keeps its rows
         with contextlib.redirect_stdout(io.StringIO()):
             report("ascent_linear", TITLE + " (partial: the run goes on)", rows, COLUMNS, device, args.out,
-                   meta_extra=meta, merge_on=ROW_KEY)
+                   meta_extra=meta, merge_on=MERGE_ON)
 
     rows, meta, note = run(args, device, checkpoint if results_dir(device, args.out) else None)
-    report("ascent_linear", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note, merge_on=ROW_KEY)
+    report("ascent_linear", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note, merge_on=MERGE_ON)
     return 0
 
 

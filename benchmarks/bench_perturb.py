@@ -165,6 +165,7 @@ def run(args, device) -> tuple[list[dict], dict, str]:
 
 
 TITLE = "grad_norm + perturb_ + restore_ per step"
+MERGE_ON = ("params", "dtype")  # a run of some lists keeps this device's rows of the others
 
 
 def main(argv=None) -> int:
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     rows, meta, note = run(args, device)
-    report("perturb", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
+    report("perturb", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note, merge_on=MERGE_ON)
     return 0
 
 

@@ -4,7 +4,10 @@
 # (about 40 s on an H200, SSAM_BUILD_EXT=1, sm_90: it fails loudly if the build fails), then runs its
 # steps, each under its own `timeout`, logging to LOG_DIR/<step>.log. Results land in
 # benchmarks/results/<device>/ (step rows merge by model, so the step parts add up to one
-# table) and are copied to LOG_DIR/results/ at the end, to bring back and commit.
+# table) and are packed into LOG_DIR/results.tgz at the end, to bring back and commit (a device
+# run returns at most 8 files: one log per step and one archive stay under that in every part).
+# The whole part runs within GPU_CHECK_BUDGET_S (default 480): a step gets at most what is left,
+# and an optional step (`first`'s last ones) runs only where 60 s or more are left.
 #
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh PART LOG_DIR
 #                                    bash benchmarks/gpu_check.sh --help
@@ -25,9 +28,11 @@ Each part builds the extension for sm_90 (timeout 90 s; 32-44 s measured on an H
                  tier (timeout 150 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
                  MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
                  overhead on the ResNet-18 and GPT-2 small lists (50 s), and SAM / SSAM-F at 50% and
-                 90%, dense and exact, on ResNet-18 CIFAR (90 s). Its rows merge into the results
-                 files (by model and contender; by shape for the GEMM table), replacing only those
-                 it measured; `all` leaves it out (the other parts cover it)
+                 90%, dense and exact, on ResNet-18 CIFAR (90 s); then, in the time left, the
+                 perturbation cycle on the GPT-2-medium list (60 s) and SAM / SSAM-F on GPT-2 small
+                 8k (110 s). Its rows merge into the results files (by model and contender, by shape
+                 for the GEMM table, by list for the perturbation table), replacing only those it
+                 measured; `all` leaves it out (the other parts cover it)
   tests          the cuda test tier, pytest -n 8 (timeout 160 s; 49 s measured on an H200 before the
                  training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
                  memcheck) under compute-sanitizer's memcheck (timeout 200 s; 4 of them took 7.6 s
@@ -45,9 +50,10 @@ Each part builds the extension for sm_90 (timeout 90 s; 32-44 s measured on an H
                  timeout 90 s) and the ascent-backward GEMM table, bench_ascent_linear (timeout 240 s;
                  not timed alone yet; it writes its rows after each shape, bf16 MLP shapes first, so
                  a timeout keeps what it measured)
-  ops            ssam-bench ops (every op, the perturbation cycle, top-k; the 2:4 GEMM table is
-                 sparse24's; timeout 180 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small
-                 lists (timeout 120 s; about 40 s measured)
+  ops            the perturbation cycle on every parameter list (timeout 90 s, first: issue 22's
+                 table), ssam-bench ops (every other op and top-k; the 2:4 GEMM table is sparse24's;
+                 timeout 150 s) and ssam-bench overhead on the ResNet-18 and GPT-2 small lists
+                 (timeout 120 s; about 40 s measured)
   masks          ssam-bench masks on ResNet-18 CIFAR and GPT-2 small 2k, one command each (timeout
                  160 s each; ResNet-18 took 31 s, GPT-2 did not finish in 30 s at 4344f0b)
   profile        where the step time goes (torch.profiler, profile_step): SGD, SAM, SSAM-F 50% dense /
@@ -76,14 +82,27 @@ case " $parts all " in
 esac
 mkdir -p "$log"
 export PYTHONUNBUFFERED=1
+# the CPU-side reference steps of pytest -n 8 workers: 16 cores, not 8 x 16 threads
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 bench="python3 -m ssam_bench.cli"  # (not the console script: its folder may not be on PATH)
 status=0
+budget=${GPU_CHECK_BUDGET_S:-480}
+[ "$part" = all ] && budget=${GPU_CHECK_BUDGET_S:-86400}  # (a machine without a time limit)
+spent=0  # a dry run's: each step as if it ran to its timeout
+left() { if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then echo $((budget - spent)); else echo $((budget - SECONDS)); fi; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, go on after a failure
-  local name=$1 limit=$2 start=$SECONDS rc
+  local name=$1 limit=$2 start=$SECONDS rc left
   shift 2
+  left=$(left)
+  if [ "$left" -lt 20 ]; then
+    echo "== $name SKIPPED: ${left} s of the part's ${budget} s left"
+    status=1
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (timeout ${limit} s): $*"
-  if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then return; fi
+  if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then spent=$((spent + limit)); return; fi
   timeout --kill-after=10 "$limit" "$@" > "$log/$name.log" 2>&1
   rc=$?
   if [ "$rc" -ne 0 ]; then
@@ -93,6 +112,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, g
   fi
   echo "   took $((SECONDS - start)) s"
   tail -n 3 "$log/$name.log"
+}
+
+optional_step() {  # as step, where 60 s or more of the part are left (else a note, not a failure)
+  local left
+  left=$(left)
+  if [ "$left" -lt 60 ]; then
+    echo "== $1 not run: ${left} s of the part's ${budget} s left (optional)"
+    return
+  fi
+  step "$@"
 }
 
 # run a command; if it dies by a signal (a crash, e.g. in the planned cuSPARSELt path, not yet run
@@ -126,13 +155,17 @@ run_part() {
   case $1 in
     build) ;;
     first)
-      step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 -p no:cacheprovider tests
+      step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 --timeout 60 \
+        -p no:cacheprovider tests
       step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
       step first-overhead 50 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
       step first-step-resnet18 90 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
-        --modes dense exact ;;
+        --modes dense exact
+      optional_step first-perturb 60 python3 -m ssam_bench.bench_perturb --lists gpt2-medium-355M
+      optional_step first-step-gpt2 110 $bench step --models gpt2_small_8k --optimizers sam ssam-f \
+        --sparsities 0.5 0.9 --modes dense exact ;;
     tests)
-      step cuda-tests 160 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 -p no:cacheprovider tests
+      step cuda-tests 160 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 --timeout 60 -p no:cacheprovider tests
       step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python3 -m pytest -m "cuda and memcheck" -rfEs -v -p no:cacheprovider tests
       if grep -q "Device not supported" "$log/memcheck.log" 2>/dev/null; then
@@ -152,7 +185,8 @@ run_part() {
       step sparse24-tests 90 python3 -m pytest -m cuda -rfEs -q -p no:cacheprovider tests/test_ascent_linear.py
       step ascent-linear 240 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear ;;
     ops)
-      step ops 180 $bench ops --skip ascent_linear
+      step perturb 90 python3 -m ssam_bench.bench_perturb
+      step ops 150 $bench ops --skip ascent_linear perturb
       step overhead 120 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k ;;
     masks)
       for model in resnet18_cifar gpt2_small_2k; do  # one command each: rows merge by model
@@ -173,8 +207,8 @@ fi
 [ -n "${GPU_CHECK_DRY_RUN:-}" ] && exit 0
 device=$(python3 -c 'import torch; from ssam_bench.common import device_slug; print(device_slug(torch.device("cuda")))' 2>/dev/null)
 if [ -n "$device" ] && [ -d "benchmarks/results/$device" ]; then
-  mkdir -p "$log/results"
-  cp -r "benchmarks/results/$device" "$log/results/"
-  echo "== results copied to $log/results/$device"
+  # one file: a device run returns at most 8 (unpack with tar xzf into benchmarks/results/)
+  tar czf "$log/results.tgz" -C benchmarks/results "$device"
+  echo "== results packed into $log/results.tgz ($device/: $(ls "benchmarks/results/$device" | wc -l) files)"
 fi
 exit $status

@@ -113,13 +113,14 @@ def other_findings(runs: dict[str, dict]) -> list[str]:
     out = []
     if "overhead" in runs:
         rows = runs["overhead"]["rows"]
-        ours = {r["params"]: r for r in rows if r["impl"] == "ours"}
-        foreach = {r["params"]: r for r in rows if r["impl"] == "foreach"}
+        ssam_rows = [r for r in rows if r.get("optimizer", "SSAM") == "SSAM"]  # (older runs timed SSAM only)
+        ours = {r["params"]: r for r in ssam_rows if r["impl"] == "ours"}
+        foreach = {r["params"]: r for r in ssam_rows if r["impl"] == "foreach"}
         both = [k for k in ours if k in foreach]
         if both:
             out.append("**Optimizer-side time beyond SGD** (norm, perturbation, restore, step): " + ", ".join(
                 f"{k} {ours[k]['over_sgd_ms']:.2f} ms against {foreach[k]['over_sgd_ms']:.2f} ms for a plain "
-                f"`torch._foreach_*` SAM" for k in both) + ".")
+                f"`torch._foreach_*` SSAM" for k in both) + ".")
     if "perturb" in runs:
         rows = [r for r in runs["perturb"]["rows"] if r["impl"] in ("triton", "ext")]
         if rows:
@@ -167,11 +168,12 @@ def section(root: str = RESULTS) -> str:
         parts.append("Mask updates, ours vs the official algorithms (target 20x):\n\n" + markdown_table(
             rows, [("model", "model", ""), ("update", "update", ""), ("speedup", "faster", "")]))
     if "overhead" in runs:
-        rows = [dict(params=r["params"], ms=f"{r['median_ms']:.2f}", official=f"{r['x_official']:.1f}x",
+        rows = [dict(params=r["params"], optimizer=r.get("optimizer", "SSAM"), ms=f"{r['median_ms']:.2f}",
+                     official="-" if r.get("x_official") is None else f"{r['x_official']:.1f}x",
                      foreach=f"{r['x_foreach']:.2f}x") for r in runs["overhead"]["rows"] if r["impl"] == "ours"]
         parts.append("Optimizer time outside forward/backward, ours:\n\n" + markdown_table(
-            rows, [("params", "parameters of", ""), ("ms", "ms", ""), ("official", "vs official", ""),
-                   ("foreach", "vs foreach", "")]))
+            rows, [("params", "parameters of", ""), ("optimizer", "optimizer", ""), ("ms", "ms", ""),
+                   ("official", "vs official", ""), ("foreach", "vs foreach", "")]))
     links = [f"[{n}]({rel}/{folder}/{n}.md)" for n in sorted(runs)]
     links += [f"[{n}]({rel}/{folder}/{n})" for n in ("step.png", "ops.png") if os.path.exists(os.path.join(root, folder, n))]
     parts.append("Full tables and plots: " + ", ".join(links) + ".")

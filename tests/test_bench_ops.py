@@ -55,7 +55,7 @@ def test_bench_ascent_linear_writes_as_it_goes_targets_first(tmp_path, monkeypat
                                                            (torch.float32, bench.LAYERS[1], 32)])
     monkeypatch.setattr(bench, "matmul_ceiling", lambda *a: 1e12)  # not the 8192-wide matmul, on a CPU
     monkeypatch.setattr(bench, "report", lambda name, title, rows, *a, **k: seen.append((title, len(rows)))
-                        or k["merge_on"] == bench.ROW_KEY or pytest.fail("written without merging"))
+                        or k["merge_on"] == bench.MERGE_ON or pytest.fail("written without merging"))
     assert bench.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     assert seen == [(bench.TITLE + " (partial: the run goes on)", 3), (bench.TITLE + " (partial: the run goes on)", 6),
                     (bench.TITLE, 6)]
