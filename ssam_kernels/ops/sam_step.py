@@ -28,6 +28,7 @@ The reference backend (``backend="torch"``) does the same with torch ops, a full
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -111,6 +112,22 @@ def check_sgd_groups(groups, count: int) -> list[SGDGroup]:
     return list(groups)
 
 
+def _eager(method):
+    """``method``, run eagerly where torch.compile traces a call to it (its graph breaks there).
+    A plan's kernels write through address tables, which no op schema can declare: traced, they
+    were dropped from the graph as ops without effects (the weights left unrestored, no SGD
+    step). The check costs 0.4 us a call in eager mode (torch.compiler.disable's own wrapper
+    0.9 us, on the CI kind of machine)."""
+    disabled = torch.compiler.disable(method)
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # (spelled so: Dynamo folds this call, not an alias)
+            return disabled(*args, **kwargs)
+        return method(*args, **kwargs)
+    return run
+
+
 class SAMStepPlan:
     """The plan of a SAM / SSAM step over ``params`` (see the module docstring).
 
@@ -130,6 +147,7 @@ class SAMStepPlan:
     before anything is written.
     """
 
+    @_eager
     def __init__(self, params: Sequence[torch.Tensor], masks=None, *, groups: Sequence[int] | None = None,
                  masked_norm: bool = False, eps: float = 1e-7, backend: str = "auto"):
         params = _checks.tensor_list("params", params)
@@ -178,6 +196,7 @@ class SAMStepPlan:
 
     # --- what a step checks -------------------------------------------------------------------
 
+    @_eager
     def grad_addresses(self, *, check_params: bool = True) -> tuple[int, ...]:
         """Each parameter's gradient address (0: no gradient), after checking that every
         parameter is where the plan found it (``check_params``) and that each gradient is laid
@@ -222,6 +241,7 @@ class SAMStepPlan:
 
     # --- the step -----------------------------------------------------------------------------
 
+    @_eager
     def perturb(self, rho: Sequence[float], *, grads: tuple[int, ...] | None = None) -> None:
         """``w[m] += rho_group * g[m] / (norm + eps)`` from each parameter's current ``.grad`` (a
         parameter without one is left as it is), keeping the old values for :meth:`restore`.
@@ -239,6 +259,7 @@ class SAMStepPlan:
         bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters
         self.perturbed = True
 
+    @_eager
     def restore(self) -> None:
         """Put back the weights :meth:`perturb` changed, bit for bit."""
         if not self.perturbed:
@@ -248,6 +269,7 @@ class SAMStepPlan:
         bump_versions(self.params)
         self.perturbed = False
 
+    @_eager
     def restore_sgd(self, sgd: Sequence[SGDGroup]) -> list[int]:
         """:meth:`restore`, then ``torch.optim.SGD``'s step of every parameter with the current
         ``.grad`` (parameters without one are only restored), ``sgd[group]`` giving each group's
@@ -265,6 +287,7 @@ class SAMStepPlan:
         self.perturbed = False
         return made
 
+    @_eager
     def set_buffers(self, buffers: Sequence[torch.Tensor | None]) -> None:
         """Momentum buffers to continue from (e.g. the base optimizer's after a resume): each
         None or shaped and laid out like its parameter."""
