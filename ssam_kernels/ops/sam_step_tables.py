@@ -123,11 +123,12 @@ class KernelStep:
         tables did not change makes no cache lookup (on CUDA: for the same stream)."""
         stream = _stream_id(self.device)
         last = self.memo.get(kind)
-        if last is not None and last[0] == key and last[1] == stream:
+        if last is not None and last[0] == key and last[1] == stream and stream is not None:
             return last[2]
         table = self.cache.get((kind, key) + self.place, self.device,
                                lambda: (torch.tensor(key if make is None else make(), dtype=dtype), lambda buf: buf))
-        self.memo[kind] = (key, stream, table)
+        if stream is not None:
+            self.memo[kind] = (key, stream, table)
         return table
 
     def _grad_tables(self, grads: tuple[int, ...], kind: str) -> list[tuple[torch.Tensor, bool]]:
@@ -166,8 +167,9 @@ class KernelStep:
 
     def _rho_tables(self, rho: tuple[float, ...]) -> list[torch.Tensor]:
         """Per part, each tensor's rho (float64, on the device): views of one table."""
+        stream = _stream_id(self.device)
         last = self.memo.get("rho+")
-        if last is not None and last[0] == rho and last[1] == _stream_id(self.device):
+        if last is not None and last[0] == rho and last[1] == stream and stream is not None:
             return last[2]
         plan = self.plan
         per_tensor = tuple(rho[plan.groups[i]] for part in self.parts for i in part.index)  # the table's content
@@ -176,7 +178,8 @@ class KernelStep:
         for part in self.parts:
             views.append(table[at: at + len(part.index)])
             at += len(part.index)
-        self.memo["rho+"] = (rho, _stream_id(self.device), views)
+        if stream is not None:
+            self.memo["rho+"] = (rho, stream, views)
         return views
 
     def restore(self) -> None:
@@ -242,7 +245,7 @@ class KernelStep:
         for t, i in enumerate(part.index):
             buf = plan.buffers[i] if plan.buffers[i] is not None else part.spare.get(t)
             ptrs.append(0 if buf is None else buf.data_ptr())
-        part.buf_ptrs = torch.tensor(ptrs, dtype=torch.int64).to(plan.device)
+        part.buf_ptrs = self._table(f"buffers{id(part)}", tuple(ptrs))  # (no pageable copy: capturable)
         part.aligned = part.aligned and all(a % 16 == 0 for a in ptrs)
 
     def _started(self, part: "Part", grads, sgd) -> list[int]:
@@ -272,8 +275,12 @@ def _aligned16(addresses: tuple[int, ...]) -> bool:
     return functools.reduce(operator.or_, addresses, 0) % 16 == 0
 
 
-def _stream_id(device: torch.device) -> int:
-    """The current stream of ``device`` (CUDA; 0 elsewhere), cheaply."""
+def _stream_id(device: torch.device) -> int | None:
+    """The current stream of ``device`` (CUDA; 0 elsewhere), cheaply; None while it captures a
+    CUDA graph: the memo is bypassed then, every table going through the cache, which keeps the
+    tables a graph reads from eviction and hands a table made during a capture to no one else."""
     if device.type != "cuda":
         return 0
+    if torch._C._cuda_isCurrentStreamCapturing():  # (the plan's device is current: see _launching)
+        return None
     return torch._C._cuda_getCurrentRawStream(device.index)
