@@ -138,3 +138,27 @@ def test_triton_interpreter_refuses_bfloat16(gen):
         masked_weight_grad(dy, x, torch.ones(4, 16, dtype=torch.bool), backend="triton")
     with pytest.raises(BackendUnavailableError, match="cannot run bfloat16"):
         grad_norm([torch.randn(5).float(), torch.randn(3).bfloat16()], backend="triton")
+
+
+@pytest.mark.cpu
+def test_tf32_follows_torchs_matmul_precision_through_either_api():
+    """The Triton kernel uses TF32 for fp32 where torch's own matmuls would. Reading the legacy
+    allow_tf32 raises once a program has set both APIs; the new API is read instead."""
+    from ssam_kernels.triton_ops.masked_weight_grad import torch_matmul_tf32
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
+    try:
+        matmul.fp32_precision = "ieee"
+        assert not torch_matmul_tf32()
+        matmul.allow_tf32 = True  # legacy, after the new API: torch's flag read would raise
+        assert torch_matmul_tf32()
+        matmul.fp32_precision = "none"  # inherit the global setting
+        torch.backends.fp32_precision = "tf32"
+        assert torch_matmul_tf32()
+        torch.backends.fp32_precision = "ieee"
+        assert not torch_matmul_tf32()
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = saved

@@ -90,6 +90,19 @@ def _config(gpu: bool, precision: str, dtype: torch.dtype, out_features: int, in
     return GPU_CONFIGS["tensor_core"]
 
 
+def torch_matmul_tf32() -> bool:
+    """Whether torch's own fp32 CUDA matmuls may use TF32. Read from torch's precision API where
+    this torch has it (``"none"`` inherits the global setting): reading the legacy
+    ``allow_tf32`` flag raises once a program has set both APIs."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, row_order: torch.Tensor,
                                masked_rows: int, out: torch.Tensor) -> None:
     """Host launcher: same contract as ``masked_weight_grad_torch``."""
@@ -102,7 +115,7 @@ def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, bits: torch.Ten
         return
     # fp32 inputs: TF32 only where torch's own matmuls may use it
     gpu = for_gpu(x)
-    precision = "tf32" if (x.dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    precision = "tf32" if (x.dtype == torch.float32 and gpu and torch_matmul_tf32()) else "ieee"
     bo, bi, bt, warps = _config(gpu, precision, x.dtype, OUT, IN)
     _masked_wgrad_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
         dy, x, bits, bits.numel(), out, row_order, masked_rows, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
