@@ -79,3 +79,23 @@ def test_errors():
         topk_mask(s, "0.5")
     with pytest.raises(ValueError, match="empty"):
         topk_mask([], 0.5)
+
+
+@pytest.mark.interpret
+def test_triton_takes_the_reference_beyond_int32_counts(gen, monkeypatch):
+    """The Triton histograms count in int32: a call with more scores than MAX_TOTAL (2**31 - 1)
+    takes the reference (its counts are int64); shown with the limit lowered."""
+    from helpers import TRITON_ON_CPU
+
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    from ssam_kernels.triton_ops import topk_mask as triton_topk
+
+    scores = [rand((40,), generator=gen), rand((25,), generator=gen)]
+    calls = []
+    monkeypatch.setattr(triton_topk, "topk_mask_torch", lambda s, k: calls.append(k) or [x > 0 for x in s])
+    triton_topk.topk_mask_triton(scores, 10)
+    assert calls == []  # within the limit: the kernels
+    monkeypatch.setattr(triton_topk, "MAX_TOTAL", 64)
+    triton_topk.topk_mask_triton(scores, 10)
+    assert calls == [10]

@@ -127,13 +127,18 @@ def _write_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, out_ptrs, out
         _write_chunk(x, out, left, threshold, need, seen, False, CHUNK, BLOCK)
 
 
+# The histograms count in int32 (atomics, a cumulative sum): more scores than this in one call
+# would wrap a bin's count. Larger lists take the reference (int64 counts).
+MAX_TOTAL = 2**31 - 1
+
+
 def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Host launcher: same contract as ``topk_mask_torch`` (inputs checked by the caller)."""
     device = scores[0].device
     dtypes = {s.dtype for s in scores}
     total = sum(s.numel() for s in scores)
     if len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.float16, torch.bfloat16) or \
-            any(s.device != device for s in scores) or k in (0, total):
+            any(s.device != device for s in scores) or k in (0, total) or total > MAX_TOTAL:
         return topk_mask_torch(scores, k)
     xs = [s.contiguous() for s in scores]
     table = chunk_table([x.numel() for x in xs], device)
@@ -146,7 +151,7 @@ def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     for p in range(passes):
         _histogram_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0], hist, chunk_hist,
                                 k, PASS=p, ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS, RADIX_BITS=RADIX_BITS)
-    ties_through = torch.cumsum(chunk_hist, 0, dtype=torch.int32)  # (fewer than 2**31 elements per list)
+    ties_through = torch.cumsum(chunk_hist, 0, dtype=torch.int32)  # (at most MAX_TOTAL elements)
     outs = [torch.empty(x.shape, dtype=torch.int8, device=device) for x in xs]
     _write_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0],
                         address_table(outs, device), outs[0], hist, ties_through, k,
