@@ -29,9 +29,10 @@ def _mvue24_groups(v, u):
     others = tl.where(e[None, :] == first_top[:, None], 0.0, a)
     rest = ((_column(others, e, 0) + _column(others, e, 1)) + _column(others, e, 2)) + _column(others, e, 3)
     # the where-guarded divisor (not a clamp to a tiny literal, which some triton versions type
-    # as fp64) keeps the math in fp32 and divides subnormal sums exactly, as the reference does
-    p_free = tl.where(total[:, None] > 0, 2 * a / tl.where(total > 0, total, 1.0)[:, None], 0.0)
-    p_cap = tl.where(rest[:, None] > 0, a / tl.where(rest > 0, rest, 1.0)[:, None], 0.0)
+    # as fp64) keeps the math in fp32 and divides subnormal sums exactly, as the reference does;
+    # div_rn: correctly rounded, as torch divides (a GPU's fp32 `/` is an approximate division)
+    p_free = tl.where(total[:, None] > 0, tl.div_rn(2 * a, tl.where(total > 0, total, 1.0)[:, None]), 0.0)
+    p_cap = tl.where(rest[:, None] > 0, tl.div_rn(a, tl.where(rest > 0, rest, 1.0)[:, None]), 0.0)
     p_cap = tl.where(e[None, :] == first_top[:, None], 1.0, p_cap)
     p = tl.where((2 * top > total)[:, None], p_cap, p_free)
     c0 = _column(p, e, 0)
@@ -43,7 +44,7 @@ def _mvue24_groups(v, u):
                                                             tl.where(e[None, :] == 2, c2[:, None], 2.0)))
     uu = u[:, None]
     keep = (((lower <= uu) & (uu < upper)) | ((lower <= uu + 1) & (uu + 1 < upper))) & (p > 0)
-    return tl.where(keep, v / tl.where(keep, p, 1.0), 0.0)
+    return tl.where(keep, tl.div_rn(v, tl.where(keep, p, 1.0)), 0.0)
 
 
 @triton.jit
