@@ -576,6 +576,7 @@ def test_a_whole_step_captured_in_a_cuda_graph_replays_to_eager_weights(kind):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):  # the warm-up's stream: the plan's memo must not hand its tables over
         step(model, opt, x_static, y_static)
+    assert opt._plan.captured  # (replaced later, it would be kept for this graph)
     # the tables the graph reads stay alive when the evictable ones go and their memory is reused
     from ssam_kernels._device_tables import CACHE
 
@@ -693,3 +694,41 @@ def test_compiled_optimizer_steps_equal_eager_ones(kind):
     torch._dynamo.reset()
     eager, compiled = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+@pytest.mark.cpu
+def test_a_captured_plan_outlives_its_replacement_until_forgotten(gen):
+    """A mask update replaces the plan; one a CUDA graph captured is kept (the graph replays its
+    kernels on its tables and buffers) with a warning to capture again, until
+    forget_captured_plans(). (Capture itself needs a GPU: the flag a captured step sets is set
+    by hand here.)"""
+    from helpers import EXT_BUILT
+
+    if not EXT_BUILT:
+        pytest.skip("ssam_kernels._C not built (the CPU plan is the extension's)")
+    model = _model(2)
+    x = torch.randn(8, 4, generator=gen)
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, seed=0,
+                     lr=0.1)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.first_step(zero_grad=True)
+        model(x).square().mean().backward()
+        opt.second_step()
+
+    step()
+    plan = opt._plan
+    assert plan is not None and not plan.captured
+    opt.update_mask(0.0)  # not captured: replaced quietly
+    step()
+    assert opt._captured_plans == [] and opt._plan is not plan
+    captured = opt._plan
+    captured._impl.captured = True
+    with pytest.warns(UserWarning, match="capture it again"):
+        opt.update_mask(1.0)
+    assert opt._captured_plans == [captured]
+    step()
+    opt.forget_captured_plans()
+    assert opt._captured_plans == []

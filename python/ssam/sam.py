@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from fractions import Fraction
 from typing import Callable, Iterable
 
@@ -209,6 +210,7 @@ class SAM(torch.optim.Optimizer):
         # _invalidate_plan(); None where the planned path does not apply
         self._plan: SAMStepPlan | None = None
         self._plan_made = False
+        self._captured_plans: list[SAMStepPlan] = []  # replaced plans a CUDA graph captured: kept for it
         self._plan_adaptive = False  # whether a group was adaptive when the plan (or its absence) was decided
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._skips_unplanned = None  # and by steps over the per-list ops (device)
@@ -633,7 +635,19 @@ class SAM(torch.optim.Optimizer):
         if self._plan is not None:
             count = self._plan.skipped
             self._skips_before = count.clone() if self._skips_before is None else self._skips_before + count
+            if self._plan.captured:
+                # a CUDA graph replays its kernels, which read the plan's tables and buffers:
+                # freed, their memory would be reused under the graph
+                self._captured_plans.append(self._plan)
+                warnings.warn(f"{type(self).__name__}: the step plan a CUDA graph captured is replaced (masks, "
+                              "parameters or state changed): that graph replays the old plan; capture it again. The "
+                              "old plan stays allocated for it until forget_captured_plans()", stacklevel=3)
         self._plan, self._plan_made, self._plan_buffers_synced = None, False, False
+
+    def forget_captured_plans(self) -> None:
+        """Free the step plans that CUDA graphs captured before they were replaced (kept so those
+        graphs never replay on freed memory): call it once those graphs are deleted."""
+        self._captured_plans.clear()
 
     def skipped_steps(self) -> int:
         """How many steps had an ascent gradient whose norm was not finite (an inf or NaN) and so

@@ -234,6 +234,12 @@ class SAMStepPlan:
         return tuple(out)
 
     @property
+    def captured(self) -> bool:
+        """Whether a step of this plan ran inside a CUDA graph capture: the graph replays its
+        kernels, which read the plan's tables and buffers, so the plan must outlive the graph."""
+        return getattr(self._impl, "captured", False)
+
+    @property
     def skipped(self) -> torch.Tensor:
         """How many steps' perturbations were skipped for a gradient norm that was not finite
         (a 0-dim int64 device tensor: reading it is a host sync)."""

@@ -116,6 +116,7 @@ class KernelStep:
         self.counter = torch.zeros(1, dtype=torch.int32, device=plan.device)
         self.device, self.place = _place(plan.device)
         self.memo: dict[str, tuple] = {}
+        self.captured = False  # a step ran while its stream captured a CUDA graph
 
     def _table(self, kind: str, key: tuple, make=None, dtype=torch.int64) -> torch.Tensor:
         """The device table of ``key`` (``make()`` its values; default the key itself), from the
@@ -129,6 +130,8 @@ class KernelStep:
                                lambda: (torch.tensor(key if make is None else make(), dtype=dtype), lambda buf: buf))
         if stream is not None:
             self.memo[kind] = (key, stream, table)
+        else:
+            self.captured = True
         return table
 
     def _grad_tables(self, grads: tuple[int, ...], kind: str) -> list[tuple[torch.Tensor, bool]]:
