@@ -42,8 +42,9 @@ Each part builds the extension for sm_90 (timeout 90 s; 32-44 s measured on an H
   step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
                  (timeout 320 s; 15 of these contenders took 31 s on an H200)
   step-large     ssam-bench step on WRN-28-10, ViT-S/16 and GPT-2 small 8k, one command each (timeout
-                 110 s each, so a slow model costs only its own rows): SAM, SSAM-F, SSAM-D at 50% and
-                 90%, dense and exact, budget masks (SAM + SSAM-F on the three took 129 s)
+                 110 s each, so a slow model costs only its own rows): SGD, SAM, SSAM-F at 50% and
+                 90%, dense and exact, budget masks (8 contenders a model with SGD; the three took 129 s)
+  step-large-d   the same for SSAM-D (SGD and SAM again: the ratios come from one process)
   step-24        ssam-bench step on GPT-2 small 8k at 2:4, every ascent mode (timeout 320 s; did not
                  finish in 50 s on an H200 at 4344f0b)
   sparse24       the 2:4 sparse GEMMs alone: their cuda tests (the planned cuSPARSELt path included;
@@ -68,7 +69,7 @@ part in turn (for a machine without a time limit).
 EOF
 }
 
-parts="build first tests step-resnet18 step-large step-24 sparse24 ops masks profile"
+parts="build first tests step-resnet18 step-large step-large-d step-24 sparse24 ops masks profile"
 if [ "$#" -ne 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   usage
   [ "$#" -eq 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
@@ -174,9 +175,12 @@ run_part() {
       fi ;;
     step-resnet18)
       step step-resnet18 320 $bench step --models resnet18_cifar ;;
-    step-large)  # one command per model: each writes its rows (merged by model), whatever the next does
+    step-large|step-large-d)  # one command per model: each writes its rows (merged by model and contender)
+      optimizer=ssam-f
+      [ "$1" = step-large-d ] && optimizer=ssam-d
       for model in wrn28_10 vit_s16 gpt2_small_8k; do
-        step "step-$model" 110 $bench step --models "$model" --sparsities 0.5 0.9 --modes dense exact
+        step "$1-$model" 110 $bench step --models "$model" --optimizers sam $optimizer --sparsities 0.5 0.9 \
+          --modes dense exact
       done ;;
     step-24)
       step step-24 320 bash -c 'unplanned_after_crash "$@"' _ \
