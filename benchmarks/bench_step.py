@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -53,7 +54,7 @@ import ssam
 from ssam.budget import measure_costs
 from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.models import wide_resnet28_10
-from ssam_bench.common import interleaved_medians, report, standalone_main
+from ssam_bench.common import interleaved_samples, report, standalone_main
 from ssam_kernels import ASCENT_MODES
 
 PAPER_SSAM = {"0.5": 1.65, "0.8": 1.44, "0.9": 1.36, "0.95": 1.33, "0.98": 1.31, "0.99": 1.30, "2:4": 1.65}
@@ -280,10 +281,15 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
         if progress is not None:
             progress.update(1)
     if timed:
-        times = interleaved_medians(steps, device, warmup=3, reps=reps)
+        samples = interleaved_samples(steps, device, warmup=3, reps=reps)
+        sgd_median = statistics.median(samples["sgd"])
         for row in rows:
-            row["step_ms"] = times[row["contender"]] * 1e3
-            row["step_vs_sgd"] = times[row["contender"]] / times["sgd"]
+            mine = samples[row["contender"]]
+            row["step_ms"] = statistics.median(mine) * 1e3
+            row["step_vs_sgd"] = statistics.median(mine) / sgd_median
+            # the spread of the ratio, round by round (a contender and SGD timed side by side)
+            q1, _, q3 = statistics.quantiles([t / s for t, s in zip(mine, samples["sgd"])], n=4)
+            row["step_vs_sgd_iqr"] = q3 - q1
     sgd = rows[0]["counted_gflop"]
     for row in rows:
         row["counted_flops_vs_sgd"] = row["counted_gflop"] / sgd
@@ -293,6 +299,7 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
 COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("layout", "layout", ""), ("optimizer", "optimizer", ""),
            ("sparsity", "sparsity", ""),
            ("mode", "ascent_backward", ""), ("step_ms", "step ms", ".2f"), ("step_vs_sgd", "step / SGD", ".3f"),
+           ("step_vs_sgd_iqr", "IQR", ".3f"),
            ("counted_flops_vs_sgd", "counted FLOPs / SGD", ".3f"), ("paper_flops_vs_sgd", "paper FLOPs / SGD", ".2f"),
            ("peak_gib", "peak GiB", ".2f")]
 

@@ -130,6 +130,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
                         reps: int = 20) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin (one call of each per
     round) after ``warmup`` rounds, so drifting clocks hit every contender alike. CUDA: events."""
+    return {name: statistics.median(ts) for name, ts in interleaved_samples(fns, device, warmup, reps).items()}
+
+
+def interleaved_samples(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
+                        reps: int = 20) -> dict[str, list[float]]:
+    """:func:`interleaved_medians`'s measurements: seconds per call of each function, round by
+    round (entry ``i`` of every list from the same round)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -148,7 +155,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -229,7 +236,8 @@ def runs_note(rows: list[dict]) -> str:
 # One line per results table: what its columns mean and which direction is better.
 LEGENDS = {
     "step": "step / SGD: median step time over an SGD step's, timed in the same loop (lower is better; SAM costs "
-            "about 2x); counted FLOPs / SGD: FlopCounterMode over one step; paper FLOPs / SGD: the paper's column; "
+            "about 2x); IQR: the interquartile range of that ratio taken round by round (its noise: differences "
+            "below it are not measured differences); counted FLOPs / SGD: FlopCounterMode over one step; paper FLOPs / SGD: the paper's column; "
             "peak GiB: the contender's peak memory (lower is better).",
     "overhead": "median ms: first_step + second_step with gradients present, no forward/backward; ms beyond SGD: "
                 "that minus SGD alone (lower is better); beyond SGD vs foreach: that over the same optimizer's "
