@@ -40,6 +40,7 @@ labelled CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import ssam
+import ssam.ssamf as ssamf_module
 from ssam.budget import measure_costs
 from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.models import wide_resnet28_10
@@ -213,6 +215,26 @@ def build_optimizer(c: Contender, model, workload: Workload, device, fisher_samp
     return opt
 
 
+@contextlib.contextmanager
+def fisher_once():
+    """SSAM-F's Fisher scores computed once for all of a workload's contenders: each starts
+    from the same freshly seeded model and draws the same samples with the same seed, so their
+    scores are the same (and this benchmark times steps, not mask updates: ``masks`` does).
+    Each contender gets its own copy (the selection may work in place)."""
+    original, memo = ssamf_module.empirical_fisher, []
+
+    def cached(*args, **kwargs):
+        if not memo:
+            memo.append(original(*args, **kwargs))
+        return [f.clone() for f in memo[0]]
+
+    ssamf_module.empirical_fisher = cached
+    try:
+        yield
+    finally:
+        ssamf_module.empirical_fisher = original
+
+
 def make_step(model, opt, x, y, loss_fn, autocast: bool) -> Callable[[], None]:
     def closure():
         xb, yb = opt.batch(x, y) if isinstance(opt, ssam.SAM) else (x, y)  # the ascent pass may take a part
@@ -250,36 +272,37 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
     x = x.contiguous(memory_format=memory_format)
     fisher_samples = 128 if cuda else 4
     steps, rows = {}, []
-    for c in specs:
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-        torch.manual_seed(0)
-        model = workload.build().to(device, memory_format=memory_format)
-        opt = build_optimizer(c, model, workload, device, fisher_samples)
-        if cuda:  # the peak from here on: steps, not the one-off Fisher of SSAM-F's mask
-            torch.cuda.reset_peak_memory_stats(device)
-        step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
-        row = dict(model=name, batch=batch, layout=layout, optimizer=c.optimizer.upper(),
-                   sparsity=c.sparsity and _sparsity_label(c.sparsity),
-                   mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
-                   counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
-        if timed:
-            step()
-            step()  # warm: Triton compiles, sparse_mm_24 measures its GEMM paths
+    with fisher_once():
+        for c in specs:
             if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
                 torch.cuda.synchronize(device)
-                row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            steps[c.name] = step
-        row["counted_gflop"] = counted_flops(step) / 1e9
-        opt.zero_grad(set_to_none=True)
-        if not timed:
-            del model, opt, step
-        rows.append(row)
-        if progress is not None:
-            progress.update(1)
+                base = torch.cuda.memory_allocated(device)
+            torch.manual_seed(0)
+            model = workload.build().to(device, memory_format=memory_format)
+            opt = build_optimizer(c, model, workload, device, fisher_samples)
+            if cuda:  # the peak from here on: steps, not the one-off Fisher of SSAM-F's mask
+                torch.cuda.reset_peak_memory_stats(device)
+            step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
+            row = dict(model=name, batch=batch, layout=layout, optimizer=c.optimizer.upper(),
+                       sparsity=c.sparsity and _sparsity_label(c.sparsity),
+                       mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
+                       counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
+            if timed:
+                step()
+                step()  # warm: Triton compiles, sparse_mm_24 measures its GEMM paths
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                steps[c.name] = step
+            row["counted_gflop"] = counted_flops(step) / 1e9
+            opt.zero_grad(set_to_none=True)
+            if not timed:
+                del model, opt, step
+            rows.append(row)
+            if progress is not None:
+                progress.update(1)
     if timed:
         samples = interleaved_samples(steps, device, warmup=3, reps=reps)
         sgd_median = statistics.median(samples["sgd"])

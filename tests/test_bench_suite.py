@@ -61,6 +61,31 @@ def test_step_rows_count_flops_and_time_against_sgd():
         assert budget["mode"] == "exact, budget mask, ascent on 50% of the batch"
         assert budget["counted_flops_vs_sgd"] <= 1.30 + 1e-12
     assert rows["ssam-d 99% dense"]["paper_flops_vs_sgd"] == 1.30
+    assert all(r["step_vs_sgd_iqr"] >= 0 for r in rows.values())
+
+
+def test_step_computes_the_fisher_scores_once_per_workload(monkeypatch):
+    """Every SSAM-F contender of a workload gets the masks it would get on its own, from one
+    Fisher computation."""
+    import ssam.ssamf
+
+    calls = []
+    original = ssam.ssamf.empirical_fisher
+    monkeypatch.setattr(ssam.ssamf, "empirical_fisher", lambda *a, **k: calls.append(1) or original(*a, **k))
+    workload = bench_step.QUICK_WORKLOADS["tiny_convnet"]
+    specs = [c for c in bench_step.contenders({"ssam-f"}, ("0.5", "0.9"), ["exact"]) if c.optimizer == "ssam-f"]
+
+    def masks(spec):
+        torch.manual_seed(0)
+        model = workload.build()
+        return [m.clone() for m in bench_step.build_optimizer(spec, model, workload, CPU, 4).masks()]
+
+    alone = [masks(spec) for spec in specs]
+    assert len(calls) == len(specs)
+    with bench_step.fisher_once():
+        shared = [masks(spec) for spec in specs]
+    assert len(calls) == len(specs) + 1
+    assert all(torch.equal(a, b) for x, y in zip(alone, shared) for a, b in zip(x, y))
 
 
 def test_official_fisher_mask_matches_ours():
