@@ -127,16 +127,27 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
-                        reps: int = 20) -> dict[str, float]:
+                        reps: int = 20, cold: bool = False) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin (one call of each per
-    round) after ``warmup`` rounds, so drifting clocks hit every contender alike. CUDA: events."""
-    return {name: statistics.median(ts) for name, ts in interleaved_samples(fns, device, warmup, reps).items()}
+    round) after ``warmup`` rounds, so drifting clocks hit every contender alike. CUDA: events.
+    ``cold`` (CUDA): each call starts with an empty L2 (see :func:`interleaved_samples`)."""
+    samples = interleaved_samples(fns, device, warmup, reps, cold)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+L2_FLUSH_BYTES = 256 << 20  # written before each cold call: several times any GPU's L2 (50-60 MB on Hopper)
 
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
-                        reps: int = 20) -> dict[str, list[float]]:
+                        reps: int = 20, cold: bool = False) -> dict[str, list[float]]:
     """:func:`interleaved_medians`'s measurements: seconds per call of each function, round by
-    round (entry ``i`` of every list from the same round)."""
+    round (entry ``i`` of every list from the same round). ``cold`` (CUDA): a 256 MiB write
+    before each call, outside its events, so no call finds its operands in L2 left by the last
+    one; the GPU is busy with it (about 70 us on an H200) while the host launches the call, so the
+    time is the GPU's alone for any launch quicker than that (use it for kernel rates against
+    ceilings, not for a step's cost, launches included)."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
+        if cold and device.type == "cuda" else None
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -146,6 +157,8 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], device: torch.devi
         for name, fn in fns.items():
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if flush is not None:
+                    flush.zero_()
                 start.record()
                 fn()
                 end.record()
@@ -254,9 +267,10 @@ LEGENDS = {
     "sam_step": "host us: median CPU time of first_step + second_step with the kernels not run (lower is better); "
                 "launches: Triton kernels per step; dispatcher ops: torch ops per step; syncs: those among them "
                 "that wait for the device (0 wanted).",
-    "ops": "median ms (lower is better); GB/s and of copy BW: bytes the op must move, over its time and over the "
-           "measured copy bandwidth; TFLOP/s and of matmul peak: the same for GEMMs (1.0 is the ceiling; higher is "
-           "better); x torch ref: speed over the reference backend (higher is better).",
+    "ops": "median ms (lower is better; GPU time of one call, started with an empty L2); GB/s and of copy BW: bytes "
+           "the op must move, over its time and over the measured copy bandwidth; TFLOP/s and of matmul peak: the "
+           "same for GEMMs (1.0 is the ceiling; higher is better); x torch ref: speed over the reference backend "
+           "(higher is better).",
     "topk_mask": "median ms (lower is better); x torch.topk: speed over torch.topk on the concatenated scores "
                  "(higher is better); exact k: whether exactly k entries are kept.",
     "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better); x dense: "

@@ -50,7 +50,7 @@ def run_cases(cases: list[Case], device: torch.device, ceilings: Ceilings, reps:
     matching ceiling, and the speed relative to the ``torch`` reference where it ran."""
     rows = []
     for case in cases:
-        times = interleaved_medians(case.impls, device, warmup=3, reps=reps)
+        times = interleaved_medians(case.impls, device, warmup=3, reps=reps, cold=True)  # rates: GPU time, cold L2
         for impl, t in times.items():
             row = dict(op=case.op, config=case.config, impl=impl, median_ms=t * 1e3, gbps=None, copy_fraction=None,
                        tflops=None, matmul_fraction=None, x_torch=times["torch"] / t if "torch" in times else None,
