@@ -277,8 +277,10 @@ LEGENDS = {
                      "dense time / 2:4 time (above 1: the sparse GEMM wins; 2 is the sparse tensor cores' peak); "
                      "all in: with the sparsify and compress steps; config: the cuSPARSELt configuration kept "
                      "(planned: through the extension's kept cuSPARSELt plans, else torch's _cslt ops; alg N: its algorithm; "
-                     "split-k N: the contraction split N ways; T: the result written transposed), each config tried: its GEMM "
-                     "against the dense one.",
+                     "split-k N: the contraction split N ways; T: the result written transposed; kept: the fastest with "
+                     "its path's compression); fastest GEMM alone x dense: the configuration whose GEMM alone was "
+                     "fastest in the tuning, timed again beside dense (issue 25's GEMM target); each config tried: its "
+                     "GEMM against the dense one (7 runs each, in the tuning).",
     "ascent_quality": "cosine: between each mode's perturbation and the exact one (1 is identical; higher is "
                       "better); accuracy: digits test accuracy (higher is better), mean and std over runs.",
     "budget": "Fisher mass / top-k's: the mask's share of the unstructured top-k's Fisher mass (higher is better); "

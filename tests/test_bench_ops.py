@@ -109,3 +109,28 @@ def test_native_backends_skip_triton_off_gpu():
 
     found = common.native_backends(torch.device("cpu"), lambda b: sk.grad_norm([torch.ones(3)], backend=b))
     assert found[0] == "torch" and "triton" not in found  # the interpreter's timings mean nothing
+
+
+def test_ascent_linear_rows_time_the_fastest_gemm_beside_dense(monkeypatch):
+    """The sparse path runs only on a GPU: with stand-ins for cuSPARSELt, a row reports the kept
+    configuration (fastest with its compression) and, timed again beside dense, the one whose
+    GEMM alone was fastest in the tuning."""
+    from ssam_bench import bench_ascent_linear as bench
+    from ssam_kernels.sparse_gemm import CsltConfig
+
+    kept, fastest = CsltConfig(), CsltConfig(transpose_result=True)
+    configs = {kept.label(): kept, fastest.label(): fastest}
+    monkeypatch.setattr(bench, "cusparselt_unsupported", lambda a, b: None)
+    monkeypatch.setattr(bench, "tune", lambda a, b: {"dense": 1.0, "compress": 0.1, kept.label(): 0.8,
+                                                     fastest.label(): 0.6})
+    monkeypatch.setattr(bench, "tuned_config", lambda a, b: kept)
+    monkeypatch.setattr(bench, "tuned_configs", lambda a, b: configs)
+    monkeypatch.setattr(bench, "compress", lambda a, config: a)
+    monkeypatch.setattr(bench, "cslt_mm", lambda packed, b, config: packed @ b)
+    gen = torch.Generator().manual_seed(0)
+    rows = bench.bench(bench.LAYERS[1], 64, torch.device("cpu"), torch.float32, 3, 1e12, gen)
+    assert len(rows) == 3
+    for row in rows:
+        assert row["config"] == kept.label() and row["fastest_config"] == fastest.label()
+        assert row["fastest_speedup"] > 0 and row["speedup"] > 0 and row["speedup_total"] > 0
+        assert f"{fastest.label()} 1.67x" in row["configs"]
