@@ -27,8 +27,9 @@ Each part builds the extension for sm_90 (timeout 90 s; 32-44 s measured on an H
   first          a first look at everything in one slot, for a session with one GPU call: the cuda
                  tier (timeout 150 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
                  MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
-                 overhead on the ResNet-18 and GPT-2 small lists (50 s), and SAM / SSAM-F at 50% and
-                 90%, dense and exact, on ResNet-18 CIFAR (90 s); then, in the time left, the
+                 overhead on the ResNet-18 and GPT-2 small lists (60 s: SAM and SSAM, each kernel
+                 backend), and SAM / SSAM-F at 50% and 90%, dense and exact, on ResNet-18 CIFAR
+                 (80 s); then, in the time left, the
                  perturbation cycle on the GPT-2-medium list (60 s) and SAM / SSAM-F on GPT-2 small
                  8k (110 s). Its rows merge into the results files (by model and contender, by shape
                  for the GEMM table, by list for the perturbation table), replacing only those it
@@ -159,8 +160,8 @@ run_part() {
       step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 --timeout 60 \
         -p no:cacheprovider tests
       step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
-      step first-overhead 50 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
-      step first-step-resnet18 90 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
+      step first-overhead 60 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
+      step first-step-resnet18 80 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
         --modes dense exact
       optional_step first-perturb 60 python3 -m ssam_bench.bench_perturb --lists gpt2-medium-355M
       optional_step first-step-gpt2 110 $bench step --models gpt2_small_8k --optimizers sam ssam-f \

@@ -414,7 +414,11 @@ class SAM(torch.optim.Optimizer):
         # an inf or NaN in the ascent gradient perturbs nothing, decided on the device (no sync):
         # a zero scale, and zero directions (0 * inf would be NaN); counted for skipped_steps()
         finite = torch.isfinite(norm)
-        self._skips_unplanned = (~finite).long() + (0 if self._skips_unplanned is None else self._skips_unplanned)
+        if self._skips_unplanned is not None and self._skips_unplanned.device == finite.device:
+            self._skips_unplanned.add_(~finite)  # in place: a captured CUDA graph's replays count too
+        else:
+            earlier = 0 if self._skips_unplanned is None else self._skips_unplanned.to(finite.device)
+            self._skips_unplanned = (~finite).long() + earlier
         pending = []
         try:
             for group, params, directions, masks in plans:
