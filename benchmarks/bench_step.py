@@ -228,9 +228,12 @@ def fisher_once():
             memo.append(original(*args, **kwargs))
         return [f.clone() for f in memo[0]]
 
+    def nbytes() -> int:  # what the kept scores hold on the device (not a contender's memory)
+        return sum(f.numel() * f.element_size() for f in memo[0]) if memo else 0
+
     ssamf_module.empirical_fisher = cached
     try:
-        yield
+        yield nbytes
     finally:
         ssamf_module.empirical_fisher = original
 
@@ -272,7 +275,7 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
     x = x.contiguous(memory_format=memory_format)
     fisher_samples = 128 if cuda else 4
     steps, rows = {}, []
-    with fisher_once():
+    with fisher_once() as fisher_nbytes:
         for c in specs:
             if cuda:
                 gc.collect()
@@ -281,8 +284,10 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                 base = torch.cuda.memory_allocated(device)
             torch.manual_seed(0)
             model = workload.build().to(device, memory_format=memory_format)
+            kept = fisher_nbytes()
             opt = build_optimizer(c, model, workload, device, fisher_samples)
             if cuda:  # the peak from here on: steps, not the one-off Fisher of SSAM-F's mask
+                base += fisher_nbytes() - kept  # (the scores kept for the next contenders, where made now)
                 torch.cuda.reset_peak_memory_stats(device)
             step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
             row = dict(model=name, batch=batch, layout=layout, optimizer=c.optimizer.upper(),

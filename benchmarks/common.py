@@ -257,7 +257,7 @@ LEGENDS = {
                 "torch._foreach_* version's (lower is better; issue 22's target is at most 0.5); x official, "
                 "x foreach: how many times faster than the official SSAM loop and the torch._foreach_* version "
                 "of the same optimizer (above 1: ours is faster); ours triton / ours ext: the step pinned to "
-                "that kernel backend.",
+                "that kernel backend; plan: the backend the step's plan runs on (list ops: no plan).",
     "masks": "official ms, ours ms: one mask update (lower is better); x official: official / ours (higher is "
              "better); ≥ 20x: whether the 20x target is met.",
     "perturb": "median ms: grad_norm + perturb_ + restore_ once (lower is better); GB/s: the bytes the cycle must "

@@ -143,22 +143,32 @@ def test_triton_interpreter_refuses_bfloat16(gen):
 @pytest.mark.cpu
 def test_tf32_follows_torchs_matmul_precision_through_either_api():
     """The Triton kernel uses TF32 for fp32 where torch's own matmuls would. Reading the legacy
-    allow_tf32 raises once a program has set both APIs; the new API is read instead."""
-    from ssam_kernels.triton_ops.masked_weight_grad import torch_matmul_tf32
+    allow_tf32 raises once a program has set both APIs; the new API is read instead. (In a
+    subprocess: torch keeps refusing the legacy read for the rest of a process that mixed them,
+    and the cuda tier's fixture reads it.)"""
+    import subprocess
+    import sys
 
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
+    script = """
+import torch
+from ssam_kernels.triton_ops.masked_weight_grad import torch_matmul_tf32
+matmul = torch.backends.cuda.matmul
+if not hasattr(matmul, "fp32_precision"):
+    print("legacy only")
+    raise SystemExit(0)
+matmul.fp32_precision = "ieee"
+assert not torch_matmul_tf32()
+matmul.allow_tf32 = True  # legacy, after the new API: torch's own flag read raises from now on
+assert torch_matmul_tf32()
+matmul.fp32_precision = "none"  # inherit the global setting
+torch.backends.fp32_precision = "tf32"
+assert torch_matmul_tf32()
+torch.backends.fp32_precision = "ieee"
+assert not torch_matmul_tf32()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if done.stdout.strip() == "legacy only":
         pytest.skip("this torch has only the legacy allow_tf32 flag")
-    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
-    try:
-        matmul.fp32_precision = "ieee"
-        assert not torch_matmul_tf32()
-        matmul.allow_tf32 = True  # legacy, after the new API: torch's flag read would raise
-        assert torch_matmul_tf32()
-        matmul.fp32_precision = "none"  # inherit the global setting
-        torch.backends.fp32_precision = "tf32"
-        assert torch_matmul_tf32()
-        torch.backends.fp32_precision = "ieee"
-        assert not torch_matmul_tf32()
-    finally:
-        torch.backends.fp32_precision, matmul.fp32_precision = saved
+    assert done.stdout.strip() == "ok"
