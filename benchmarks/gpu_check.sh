@@ -89,6 +89,8 @@ export PYTHONUNBUFFERED=1
 # the CPU-side reference steps of pytest -n 8 workers: 16 cores, not 8 x 16 threads
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 bench="python3 -m ssam_bench.cli"  # (not the console script: its folder may not be on PATH)
+# a hung test fails alone instead of taking its whole step (pytest-timeout, in the device image)
+per_test_timeout=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 60")
 status=0
 budget=${GPU_CHECK_BUDGET_S:-480}
 [ "$part" = all ] && budget=${GPU_CHECK_BUDGET_S:-86400}  # (a machine without a time limit)
@@ -160,7 +162,7 @@ run_part() {
   case $1 in
     build) ;;
     first)
-      step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 --timeout 60 \
+      step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout \
         -p no:cacheprovider tests
       step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
       step first-overhead 60 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
@@ -170,7 +172,7 @@ run_part() {
       optional_step first-step-gpt2 110 $bench step --models gpt2_small_8k --optimizers sam ssam-f \
         --sparsities 0.5 0.9 --modes dense exact ;;
     tests)
-      step cuda-tests 160 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 --timeout 60 -p no:cacheprovider tests
+      step cuda-tests 160 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout -p no:cacheprovider tests
       step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python3 -m pytest -m "cuda and memcheck" -rfEs -v -p no:cacheprovider tests
       if grep -q "Device not supported" "$log/memcheck.log" 2>/dev/null; then

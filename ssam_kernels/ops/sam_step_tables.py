@@ -244,6 +244,9 @@ class KernelStep:
 
     def _buffer_table(self, part: "Part") -> None:
         plan = self.plan
+        if _stream_id(self.device) is None:  # kept on the part, read by eager steps too: not a capture's table
+            raise RuntimeError("a plan's momentum buffers are set up at its first step, which cannot run inside "
+                               "a CUDA graph capture: run a step eagerly (a warm-up) before capturing")
         ptrs = []
         for t, i in enumerate(part.index):
             buf = plan.buffers[i] if plan.buffers[i] is not None else part.spare.get(t)
