@@ -726,9 +726,17 @@ def test_a_captured_plan_outlives_its_replacement_until_forgotten(gen):
     assert opt._captured_plans == [] and opt._plan is not plan
     captured = opt._plan
     captured._impl.captured = True
+    captured.flags[1] += 2  # two skipped steps it counted
     with pytest.warns(UserWarning, match="capture it again"):
         opt.update_mask(1.0)
-    assert opt._captured_plans == [captured]
+    assert opt._captured_plans == [captured] and opt.skipped_steps() == 2
     step()
+    captured.flags[1] += 1  # a replay of its graph skipped one more: counted live
+    assert opt.skipped_steps() == 3
+    state = opt.state_dict()
+    opt.load_state_dict(state)  # the loaded count, and what the kept plan counts from now on
+    assert opt.skipped_steps() == 3
+    captured.flags[1] += 1
+    assert opt.skipped_steps() == 4
     opt.forget_captured_plans()
-    assert opt._captured_plans == []
+    assert opt._captured_plans == [] and opt.skipped_steps() == 4

@@ -637,20 +637,28 @@ class SAM(torch.optim.Optimizer):
         """Something the plan rests on changed (parameters, masks, state): make it anew at the
         next step (its count of skipped steps carried over, on the device)."""
         if self._plan is not None:
-            count = self._plan.skipped
-            self._skips_before = count.clone() if self._skips_before is None else self._skips_before + count
             if self._plan.captured:
                 # a CUDA graph replays its kernels, which read the plan's tables and buffers:
-                # freed, their memory would be reused under the graph
+                # freed, their memory would be reused under the graph (and its count of skipped
+                # steps, read live, goes on with the replays)
                 self._captured_plans.append(self._plan)
                 warnings.warn(f"{type(self).__name__}: the step plan a CUDA graph captured is replaced (masks, "
                               "parameters or state changed): that graph replays the old plan; capture it again. The "
                               "old plan stays allocated for it until forget_captured_plans()", stacklevel=3)
+            else:
+                self._count_skips_of(self._plan)
         self._plan, self._plan_made, self._plan_buffers_synced = None, False, False
+
+    def _count_skips_of(self, plan: SAMStepPlan) -> None:
+        """Carry a plan's count of skipped steps over to the optimizer's (on the device)."""
+        count = plan.skipped
+        self._skips_before = count.clone() if self._skips_before is None else self._skips_before + count
 
     def forget_captured_plans(self) -> None:
         """Free the step plans that CUDA graphs captured before they were replaced (kept so those
         graphs never replay on freed memory): call it once those graphs are deleted."""
+        for plan in self._captured_plans:
+            self._count_skips_of(plan)
         self._captured_plans.clear()
 
     def skipped_steps(self) -> int:
@@ -659,6 +667,7 @@ class SAM(torch.optim.Optimizer):
         The descent step still runs (with a ``GradScaler``, an inf skips the whole step instead,
         and is not counted here)."""
         counts = [self._skips_before, self._skips_unplanned, None if self._plan is None else self._plan.skipped]
+        counts += [plan.skipped for plan in self._captured_plans]
         return sum(int(c) for c in counts if c is not None)
 
     @torch.no_grad()
@@ -749,7 +758,9 @@ class SAM(torch.optim.Optimizer):
     def _load_extra_state(self, state: dict) -> None:
         """Load ``state``, which :meth:`_check_extra_state` accepted."""
         if "skipped_steps" in state:
-            self._skips_before, self._skips_unplanned = torch.tensor(state["skipped_steps"]), None
+            # the plans kept for captured graphs count on, live: only what they count from now on adds
+            live = sum((plan.skipped.cpu() for plan in self._captured_plans), torch.tensor(0))
+            self._skips_before, self._skips_unplanned = torch.tensor(state["skipped_steps"]) - live, None
 
     def state_dict(self) -> dict:
         if self._pending is not None:
