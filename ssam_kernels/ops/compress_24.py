@@ -120,7 +120,8 @@ def compress_24(x: torch.Tensor, *, check: bool = True, backend: str = "auto") -
     that and raises ``ValueError`` naming the first bad group; on a GPU this costs one host
     sync. ``check=False`` skips it (no sync, so the call can be captured in a CUDA graph): for
     inputs that are 2:4 by construction (``x * nm_mask(x, 2, 4)``, ``mvue24``); a group with
-    more than two nonzeros then gets unspecified values and metadata.
+    more than two nonzeros then gets unspecified values and metadata, and every other group is
+    compressed exactly.
     """
     _check_matrix("x", x, DTYPES)
     if not isinstance(check, bool):
