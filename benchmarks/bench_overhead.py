@@ -142,16 +142,15 @@ def bench_list(name: str, shapes, device, reps: int) -> list[dict]:
     fns[("SSAM", "foreach")] = lambda: foreach_step(ssam_p, float_masks, ssam_base)
     fns[("SSAM", "official")] = _two_steps(official)
     fns[("-", "SGD alone")] = sgd_alone.step
-    times = interleaved_medians({f"{o}|{i}": fn for (o, i), fn in fns.items()}, device, warmup=3, reps=reps)
-    times = {tuple(k.split("|")): t for k, t in times.items()}
+    times = interleaved_medians(fns, device, warmup=3, reps=reps)  # keyed (optimizer, impl)
     sgd = times[("-", "SGD alone")]
     numel = sum(s.numel() for s in shapes)
     rows = []
     for (opt, impl), t in times.items():
         foreach = times.get((opt, "foreach"))
-        plan = opts[(opt, impl)]._plan if (opt, impl) in opts else None
-        rows.append(dict(params=name, numel=numel, tensors=len(shapes), optimizer=opt, impl=impl,
-                         backend=None if (opt, impl) not in opts else plan.backend if plan is not None else "list ops",
+        ours = opts.get((opt, impl))
+        backend = None if ours is None else "list ops" if ours._plan is None else ours._plan.backend
+        rows.append(dict(params=name, numel=numel, tensors=len(shapes), optimizer=opt, impl=impl, backend=backend,
                          median_ms=t * 1e3,
                          over_sgd_ms=(t - sgd) * 1e3 if impl != "SGD alone" else None,
                          beyond_sgd_vs_foreach=(t - sgd) / (foreach - sgd)

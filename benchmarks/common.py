@@ -11,7 +11,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
@@ -126,8 +126,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
-                        reps: int = 20, cold: bool = False) -> dict[str, float]:
+def interleaved_medians(fns: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int = 3,
+                        reps: int = 20, cold: bool = False) -> dict[Hashable, float]:
     """Median seconds per call of each function, measured round-robin (one call of each per
     round) after ``warmup`` rounds, so drifting clocks hit every contender alike. CUDA: events.
     ``cold`` (CUDA): each call starts with an empty L2 (see :func:`interleaved_samples`)."""
@@ -138,8 +138,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
 L2_FLUSH_BYTES = 256 << 20  # written before each cold call: several times any GPU's L2 (50-60 MB on Hopper)
 
 
-def interleaved_samples(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
-                        reps: int = 20, cold: bool = False) -> dict[str, list[float]]:
+def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int = 3,
+                        reps: int = 20, cold: bool = False) -> dict[Hashable, list[float]]:
     """:func:`interleaved_medians`'s measurements: seconds per call of each function, round by
     round (entry ``i`` of every list from the same round). ``cold`` (CUDA): a 256 MiB write
     before each call, outside its events, so no call finds its operands in L2 left by the last
@@ -152,7 +152,7 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], device: torch.devi
         for fn in fns.values():
             fn()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[Hashable, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             if device.type == "cuda":

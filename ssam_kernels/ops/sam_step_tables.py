@@ -16,7 +16,7 @@ import operator
 import torch
 
 from .._device_tables import CACHE, _place
-from .bitmask import popcount_table
+from .bitmask import padding_cleared, popcount_table
 from .perturb import aligned_length
 
 
@@ -25,9 +25,7 @@ def _block_counts(bits: torch.Tensor, numel: int, block: int) -> torch.Tensor:
     per_block = block // 8
     blocks = -(-numel // block)
     padded = torch.zeros(blocks * per_block, dtype=torch.uint8, device=bits.device)
-    padded[: bits.numel()] = bits
-    if numel % 8:  # the kernels read no bit past numel, whatever it holds
-        padded[bits.numel() - 1 : bits.numel()].bitwise_and_((1 << numel % 8) - 1)
+    padded[: bits.numel()] = padding_cleared(bits, numel)  # (as the kernels read them)
     return popcount_table(bits.device)[padded.long()].view(blocks, per_block).sum(1)
 
 
