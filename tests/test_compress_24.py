@@ -5,7 +5,7 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass as torch_decompress,
 )
 
-from helpers import BACKENDS_WITH_EXT, backend_dtypes
+from helpers import BACKENDS_WITH_EXT, GridRecorder, backend_dtypes
 
 from ssam_kernels import compress_24, decompress_24, nm_mask
 
@@ -122,3 +122,22 @@ def test_cusparselt_path_needs_cuda():
 
     with pytest.raises(ValueError, match="CUDA tensors only"):
         compress_24_cusparselt(torch.zeros(32, 32, dtype=torch.float16))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("shape", [(32, 4_194_368), (2_097_184, 64)])
+def test_triton_grid_fits_cuda_limits_on_wide_and_tall_operands(shape, monkeypatch):
+    # a second grid axis stops at 65535 blocks: 4M columns of 64 per program; the interpreter
+    # does not enforce it, so the launch grid is checked against CUDA's limits directly
+    pytest.importorskip("triton")
+    from ssam_kernels.triton_ops import compress_24 as triton_compress
+
+    for kernel in ("_compress_kernel", "_decompress_kernel"):
+        monkeypatch.setattr(triton_compress, kernel, GridRecorder())
+    x = torch.empty(shape, dtype=torch.float16, device="meta")
+    values, meta = triton_compress.compress_24_triton(x, check=False)
+    triton_compress.decompress_24_triton(values, meta)
+    for kernel in ("_compress_kernel", "_decompress_kernel"):
+        recorder = getattr(triton_compress, kernel)
+        assert recorder.within_cuda_limits(), recorder.grids
+        assert recorder.grids[0][0] == shape[0] // 32 * -(-shape[1] // 64)  # every tile, once

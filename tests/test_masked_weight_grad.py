@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, TRITON_ON_CPU, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS, TRITON_ON_CPU, GridRecorder, backend_dtypes, rand, rand_mask
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssam_kernels import BackendUnavailableError, grad_norm, masked_weight_grad, pack_mask
@@ -172,3 +172,25 @@ print("ok")
     if done.stdout.strip() == "legacy only":
         pytest.skip("this torch has only the legacy allow_tf32 flag")
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("out_f,in_f", [(64, 9_000_000), (9_000_000, 64)])
+def test_triton_grid_fits_cuda_limits_on_wide_and_tall_layers(out_f, in_f, monkeypatch):
+    # a second grid axis stops at 65535 blocks; the interpreter does not enforce it
+    pytest.importorskip("triton")
+    from ssam_kernels.triton_ops import masked_weight_grad as triton_wgrad
+
+    recorder = GridRecorder()
+    monkeypatch.setattr(triton_wgrad, "_masked_wgrad_kernel", recorder)
+    monkeypatch.setattr(triton_wgrad, "for_gpu", lambda t: True)  # the GPU's tiles
+    tokens = 16
+    dy = torch.empty(tokens, out_f, dtype=torch.bfloat16, device="meta")
+    x = torch.empty(tokens, in_f, dtype=torch.bfloat16, device="meta")
+    bits = torch.empty(-(-out_f * in_f // 8), dtype=torch.uint8, device="meta")
+    order = torch.empty(out_f, dtype=torch.int32, device="meta")
+    out = torch.empty(out_f, in_f, dtype=torch.bfloat16, device="meta")
+    triton_wgrad.masked_weight_grad_triton(dy, x, bits, order, out_f, out)
+    assert recorder.within_cuda_limits(), recorder.grids
+    bo, bi = triton_wgrad.GPU_CONFIGS["tensor_core"][:2]
+    assert recorder.grids == [(-(-out_f // bo) * -(-in_f // bi),)]  # every tile, once

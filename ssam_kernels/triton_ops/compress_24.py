@@ -27,33 +27,42 @@ def _meta_offset(r, c, rows):
 
 
 @triton.jit
-def _tile(R: tl.constexpr, MC: tl.constexpr):
-    """Rows [R] and metadata columns [MC] of this program's tile."""
-    return tl.program_id(0) * R + tl.arange(0, R), tl.program_id(1) * MC + tl.arange(0, MC)
+def _tile_index(cols, MC: tl.constexpr):
+    """(row block, metadata-column block) of this program: the grid is one axis, row-major over
+    the tiles, since a second grid axis stops at 65535 blocks (4M columns)."""
+    per_row = tl.cdiv(cols // 16, MC)
+    return tl.program_id(0) // per_row, tl.program_id(0) % per_row
+
+
+@triton.jit
+def _tile(cols, R: tl.constexpr, MC: tl.constexpr):
+    """Rows [R] and metadata columns [MC] of this program's tile, and the tile's index pair."""
+    i, j = _tile_index(cols, MC)
+    return i * R + tl.arange(0, R), j * MC + tl.arange(0, MC), j
 
 
 @triton.jit
 def _compress_kernel(x, values, meta, bad, pair0, pair1, rows, cols, R: tl.constexpr, MC: tl.constexpr,
                      CHECK: tl.constexpr):
     """A [R, MC * 16] tile: per row and metadata column, 4 groups of 4 elements."""
-    r, m = _tile(R, MC)
+    r, m, j = _tile(cols, R, MC)
     g = tl.arange(0, 4)  # group within the 16 columns of one metadata element
     e = tl.arange(0, 4)  # element within the group
     # loaded as [R, MC * 16] (16 contiguous values: 16-byte vectors), then seen as groups
-    c = tl.program_id(1) * MC * 16 + tl.arange(0, MC * 16)
+    c = j * MC * 16 + tl.arange(0, MC * 16)
     flat = tl.load(x + r[:, None].to(tl.int64) * cols + c[None, :], mask=(c < cols)[None, :], other=0.0)
     v = tl.reshape(flat, [R, MC, 4, 4])
     pattern = tl.sum((v != 0).to(tl.int32) << e[None, None, None, :], axis=3)  # [R, MC, 4]
     i0 = tl.load(pair0 + pattern)
     i1 = tl.load(pair1 + pattern)
     if CHECK:
-        tl.store(bad + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+        tl.store(bad + tl.program_id(0),
                  tl.max(tl.max(tl.max(((i0 < 0) & (m < cols // 16)[None, :, None]).to(tl.int32), axis=2), axis=1),
                         axis=0))
     v0 = tl.sum(tl.where(e[None, None, None, :] == i0[:, :, :, None], v, 0.0), axis=3)  # [R, MC, 4]
     v1 = tl.sum(tl.where(e[None, None, None, :] == i1[:, :, :, None], v, 0.0), axis=3)
     # the two kept values of each group side by side: 8 contiguous values per (r, m)
-    h = tl.program_id(1) * MC * 8 + tl.arange(0, MC * 8)
+    h = j * MC * 8 + tl.arange(0, MC * 8)
     kept = tl.reshape(tl.join(v0, v1), [R, MC * 8])  # per group its two values, in column order
     tl.store(values + r[:, None].to(tl.int64) * (cols // 2) + h[None, :], kept.to(values.dtype.element_ty),
              mask=(h < cols // 2)[None, :])
@@ -65,7 +74,7 @@ def _compress_kernel(x, values, meta, bad, pair0, pair1, rows, cols, R: tl.const
 
 @triton.jit
 def _decompress_kernel(values, meta, dense, rows, cols, R: tl.constexpr, MC: tl.constexpr):
-    r, m = _tile(R, MC)
+    r, m, j = _tile(cols, R, MC)
     g = tl.arange(0, 4)
     e = tl.arange(0, 4)
     word = tl.load(meta + _meta_offset(r[:, None], m[None, :], rows), mask=(m < cols // 16)[None, :],
@@ -73,14 +82,14 @@ def _decompress_kernel(values, meta, dense, rows, cols, R: tl.constexpr, MC: tl.
     nibble = (word[:, :, None] >> (4 * g[None, None, :])) & 0xF  # [R, MC, 4]
     i0 = nibble & 0b11
     i1 = nibble >> 2
-    h = tl.program_id(1) * MC * 8 + tl.arange(0, MC * 8)
+    h = j * MC * 8 + tl.arange(0, MC * 8)
     kept = tl.load(values + r[:, None].to(tl.int64) * (cols // 2) + h[None, :], mask=(h < cols // 2)[None, :],
                    other=0.0)  # [R, MC * 8]: 16-byte vectors
     v0, v1 = tl.split(tl.reshape(kept, [R, MC, 4, 2]))  # [R, MC, 4] each
     sel = e[None, None, None, :]
     out = tl.where(sel == i0[:, :, :, None], v0[:, :, :, None],
                    tl.where(sel == i1[:, :, :, None], v1[:, :, :, None], 0.0))
-    c = tl.program_id(1) * MC * 16 + tl.arange(0, MC * 16)
+    c = j * MC * 16 + tl.arange(0, MC * 16)
     tl.store(dense + r[:, None].to(tl.int64) * cols + c[None, :],
              tl.reshape(out, [R, MC * 16]).to(dense.dtype.element_ty), mask=(c < cols)[None, :])
 
@@ -103,7 +112,7 @@ def compress_24_triton(x: torch.Tensor, check: bool = True) -> tuple[torch.Tenso
     meta = torch.empty(rows, cols // 16, dtype=torch.int16, device=x.device)
     if x.numel() == 0:
         return values, meta
-    grid = (rows // ROWS, triton.cdiv(cols // 16, META_COLS))
+    grid = (rows // ROWS * triton.cdiv(cols // 16, META_COLS),)
     bad = torch.empty(grid, dtype=torch.int32, device=x.device) if check else values
     p0, p1 = _pair_columns(x.device)
     _compress_kernel[grid](x, values, meta, bad, p0, p1, rows, cols, R=ROWS, MC=META_COLS, CHECK=check)
@@ -116,6 +125,6 @@ def decompress_24_triton(values: torch.Tensor, meta: torch.Tensor) -> torch.Tens
     rows, half = values.shape
     dense = torch.empty(rows, half * 2, dtype=values.dtype, device=values.device)
     if dense.numel():
-        grid = (rows // ROWS, triton.cdiv(half * 2 // 16, META_COLS))
+        grid = (rows // ROWS * triton.cdiv(half * 2 // 16, META_COLS),)
         _decompress_kernel[grid](values, meta, dense, rows, half * 2, R=ROWS, MC=META_COLS)
     return dense

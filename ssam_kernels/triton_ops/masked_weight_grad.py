@@ -38,16 +38,20 @@ def _tile_has_bits(bits, mask_bytes, rows, c0, OUT, IN, BLOCK_I: tl.constexpr):
 def _masked_wgrad_kernel(dy, x, bits, mask_bytes, out, row_order, masked_rows, T, OUT, IN,
                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
                          PRECISION: tl.constexpr, GATHER: tl.constexpr):
-    slots = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    # one grid axis, row-block-major (a second axis stops at 65535 blocks)
+    col_blocks = tl.cdiv(IN, BLOCK_I)
+    row_block = tl.program_id(0) // col_blocks
+    col_block = tl.program_id(0) % col_blocks
+    slots = row_block * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = col_block * BLOCK_I + tl.arange(0, BLOCK_I)
     if GATHER:  # slots past OUT load OUT: out of range, masked like the tail of a plain tile
         rows = tl.load(row_order + slots, mask=slots < OUT, other=OUT)
     else:
         rows = slots
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    busy = _tile_has_bits(bits, mask_bytes, rows, tl.program_id(1) * BLOCK_I, OUT, IN, BLOCK_I)
+    busy = _tile_has_bits(bits, mask_bytes, rows, col_block * BLOCK_I, OUT, IN, BLOCK_I)
     if GATHER:  # the row-blocks past the masked rows: exact, where the byte test is conservative
-        busy = busy & (tl.program_id(0) * BLOCK_O < masked_rows)
+        busy = busy & (row_block * BLOCK_O < masked_rows)
     if busy:
         for t0 in range(0, T, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
@@ -117,7 +121,7 @@ def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, bits: torch.Ten
     gpu = for_gpu(x)
     precision = "tf32" if (x.dtype == torch.float32 and gpu and torch_matmul_tf32()) else "ieee"
     bo, bi, bt, warps = _config(gpu, precision, x.dtype, OUT, IN)
-    _masked_wgrad_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
+    _masked_wgrad_kernel[(triton.cdiv(OUT, bo) * triton.cdiv(IN, bi),)](
         dy, x, bits, bits.numel(), out, row_order, masked_rows, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
         PRECISION=precision, GATHER=masked_rows < OUT, num_warps=warps,
     )
