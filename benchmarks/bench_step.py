@@ -18,6 +18,13 @@ blocks of GPT-2 small (2k, 8k and 16k tokens). Per contender:
 * the paper's FLOPs column (SAM 2x; SSAM 1.65x at 50% and 2:4 ... 1.30x at 99%);
 * peak memory of the contender alone (model, gradients, optimizer state, activations).
 
+``--graphs captured`` times every contender, SGD included, a second way: the whole step
+captured once in a CUDA graph after a warm-up and replayed (the ``launch`` column), so the
+ratio is the GPU's work alone, without the host's launches. On a GPU fast enough to wait for
+its host (ResNet-18 at batch 128 on an H200: an SGD step's 480 kernels ran for 5.9 ms of a
+10 ms step), the eager ratio counts launches and the captured one the work. A contender whose
+capture fails says why in its row.
+
 Inputs are synthetic (random images and labels, random hidden states with a squared-output
 loss), so only the timing means anything; on a GPU every model runs under bf16 autocast, and
 the convolutional networks (their weights and images) in ``channels_last``, the layout cuDNN's
@@ -35,6 +42,7 @@ labelled CPU.
     python -m ssam_bench.bench_step                       # everything (GPU: several minutes)
     python -m ssam_bench.bench_step --models resnet18_cifar --sparsities 0.5 2:4
     python -m ssam_bench.bench_step --quick               # tiny models, 3 sparsities
+    python -m ssam_bench.bench_step --models resnet18_cifar --graphs eager captured   # (CUDA)
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from ssam_kernels import ASCENT_MODES
 
 PAPER_SSAM = {"0.5": 1.65, "0.8": 1.44, "0.9": 1.36, "0.95": 1.33, "0.98": 1.31, "0.99": 1.30, "2:4": 1.65}
 SPARSITIES = tuple(PAPER_SSAM)
+GRAPHS = ("eager", "captured")
 QUICK_SPARSITIES = ("0.5", "0.99", "2:4")
 OPTIMIZERS = ("sgd", "sam", "ssam-f", "ssam-d")
 # modes run by default: a 2:4 mask is the layout the sparse-tensor-core modes need
@@ -151,13 +160,20 @@ class Contender:
     mode: str | None = None
     budget: bool = False  # structure="budget" (with mode "exact")
     ascent_fraction: float = 1.0
+    captured: bool = False  # timed as the replay of a CUDA graph of the whole step
 
     @property
     def name(self) -> str:
+        graph = " graph" if self.captured else ""
         if self.sparsity is None:
-            return self.optimizer
+            return self.optimizer + graph
         return f"{self.optimizer} {_sparsity_label(self.sparsity)} {self.mode}" + (" budget" if self.budget else "") + (
-            f" ascent {self.ascent_fraction:.0%}" if self.ascent_fraction < 1.0 else "")
+            f" ascent {self.ascent_fraction:.0%}" if self.ascent_fraction < 1.0 else "") + graph
+
+    @property
+    def sgd(self) -> "Contender":
+        """The SGD step this contender is compared with: timed the same way (eager or replayed)."""
+        return Contender("sgd", captured=self.captured)
 
     @property
     def mode_label(self) -> str | None:
@@ -175,19 +191,25 @@ def _sparsity_label(s: str) -> str:
     return s if ":" in s else f"{float(s):.0%}"
 
 
-def contenders(optimizers, sparsities, modes) -> list[Contender]:
+def contenders(optimizers, sparsities, modes, graphs=("eager",)) -> list[Contender]:
     """SGD first (the denominator), then SAM, then SSAM-F/-D per sparsity and mode. ``modes``
     None: the default grid (every mode at 2:4, dense and exact elsewhere). Where "exact" runs
-    at a sparsity of BUDGET_SPARSITIES, the optimizer also runs with the "budget" structure."""
-    out = [Contender("sgd")] + ([Contender("sam")] if "sam" in optimizers else [])
-    for opt in ("ssam-f", "ssam-d"):
-        if opt not in optimizers:
-            continue
-        for s in sparsities:
-            for mode in modes or DEFAULT_MODES.get(s, DEFAULT_UNSTRUCTURED_MODES):
-                out.append(Contender(opt, s, mode))
-                if mode == "exact" and s in BUDGET_SPARSITIES:
-                    out.append(Contender(opt, s, mode, budget=True, ascent_fraction=BUDGET_SPARSITIES[s]))
+    at a sparsity of BUDGET_SPARSITIES, the optimizer also runs with the "budget" structure.
+    ``graphs``: "eager" and/or "captured"; each gives the whole list, its own SGD first."""
+    out = []
+    for graph in graphs:
+        captured = graph == "captured"
+        out += [Contender("sgd", captured=captured)] + (
+            [Contender("sam", captured=captured)] if "sam" in optimizers else [])
+        for opt in ("ssam-f", "ssam-d"):
+            if opt not in optimizers:
+                continue
+            for s in sparsities:
+                for mode in modes or DEFAULT_MODES.get(s, DEFAULT_UNSTRUCTURED_MODES):
+                    out.append(Contender(opt, s, mode, captured=captured))
+                    if mode == "exact" and s in BUDGET_SPARSITIES:
+                        out.append(Contender(opt, s, mode, budget=True, ascent_fraction=BUDGET_SPARSITIES[s],
+                                             captured=captured))
     return out
 
 
@@ -238,10 +260,11 @@ def fisher_once():
         ssamf_module.empirical_fisher = original
 
 
-def make_step(model, opt, x, y, loss_fn, autocast: bool) -> Callable[[], None]:
+def make_step(model, opt, x, y, loss_fn, autocast: bool, captured: bool = False) -> Callable[[], None]:
     def closure():
         xb, yb = opt.batch(x, y) if isinstance(opt, ssam.SAM) else (x, y)  # the ascent pass may take a part
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        # (a graph replays autocast's casts of the weights only without autocast's cache)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=not captured):
             loss = loss_fn(model(xb), yb)
         loss.backward()
         return loss
@@ -255,6 +278,40 @@ def make_step(model, opt, x, y, loss_fn, autocast: bool) -> Callable[[], None]:
             opt.step()
 
     return step
+
+
+def capture_step(step: Callable[[], None], device: torch.device, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``step`` (a whole step: both passes and the optimizer's), made the way
+    torch's whole-network capture is: ``warmup`` steps on a side stream (the optimizer's plan,
+    its buffers and tables, cuDNN's and Triton's choices), then the capture on that stream (which
+    runs nothing). The step sets the gradients to None first, so those it makes come from the
+    graph's memory pool."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        step()
+    return graph
+
+
+def _first_line(exc: BaseException, limit: int = 100) -> str:
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+class _Replay:
+    """Replays a captured step; holds what the graph writes (model, optimizer, inputs: the
+    graph holds their addresses, not references)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, step: Callable[[], None]):
+        self.graph, self.step = graph, step
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 def counted_flops(fn) -> int:
@@ -289,20 +346,28 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             if cuda:  # the peak from here on: steps, not the one-off Fisher of SSAM-F's mask
                 base += fisher_nbytes() - kept  # (the scores kept for the next contenders, where made now)
                 torch.cuda.reset_peak_memory_stats(device)
-            step = make_step(model, opt, x, y, workload.loss, autocast=cuda)
-            row = dict(model=name, batch=batch, layout=layout, optimizer=c.optimizer.upper(),
+            step = make_step(model, opt, x, y, workload.loss, autocast=cuda, captured=c.captured)
+            row = dict(model=name, batch=batch, layout=layout, launch="CUDA graph" if c.captured else "eager",
+                       optimizer=c.optimizer.upper(),
                        sparsity=c.sparsity and _sparsity_label(c.sparsity),
                        mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
                        counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
             if timed:
                 step()
                 step()  # warm: Triton compiles, sparse_mm_24 measures its GEMM paths
-                if cuda:
-                    torch.cuda.synchronize(device)
-                    row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-                steps[c.name] = step
             row["counted_gflop"] = counted_flops(step) / 1e9
-            opt.zero_grad(set_to_none=True)
+            if timed and c.captured:
+                try:
+                    steps[c.name] = _Replay(capture_step(step, device), step)
+                except RuntimeError as exc:  # reported in its row; the other contenders go on
+                    row["launch"] = f"CUDA graph: capture failed: {_first_line(exc)}"
+            elif timed:
+                steps[c.name] = step
+            if timed and cuda:
+                torch.cuda.synchronize(device)
+                row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+            if not c.captured:  # (a captured step's gradients are the graph's: it writes them)
+                opt.zero_grad(set_to_none=True)
             if not timed:
                 del model, opt, step
             rows.append(row)
@@ -310,13 +375,14 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                 progress.update(1)
     if timed:
         samples = interleaved_samples(steps, device, warmup=3, reps=reps)
-        sgd_median = statistics.median(samples["sgd"])
-        for row in rows:
-            mine = samples[row["contender"]]
+        for c, row in zip(specs, rows):
+            mine, sgd_samples = samples.get(c.name), samples.get(c.sgd.name)
+            if mine is None or sgd_samples is None:  # its capture or SGD's failed
+                continue
             row["step_ms"] = statistics.median(mine) * 1e3
-            row["step_vs_sgd"] = statistics.median(mine) / sgd_median
+            row["step_vs_sgd"] = statistics.median(mine) / statistics.median(sgd_samples)
             # the spread of the ratio, round by round (a contender and SGD timed side by side)
-            q1, _, q3 = statistics.quantiles([t / s for t, s in zip(mine, samples["sgd"])], n=4)
+            q1, _, q3 = statistics.quantiles([t / s for t, s in zip(mine, sgd_samples)], n=4)
             row["step_vs_sgd_iqr"] = q3 - q1
     sgd = rows[0]["counted_gflop"]
     for row in rows:
@@ -324,7 +390,8 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
     return rows
 
 
-COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("layout", "layout", ""), ("optimizer", "optimizer", ""),
+COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("layout", "layout", ""), ("launch", "launch", ""),
+           ("optimizer", "optimizer", ""),
            ("sparsity", "sparsity", ""),
            ("mode", "ascent_backward", ""), ("step_ms", "step ms", ".2f"), ("step_vs_sgd", "step / SGD", ".3f"),
            ("step_vs_sgd_iqr", "IQR", ".3f"),
@@ -364,11 +431,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SGD always runs: it is the denominator")
     p.add_argument("--modes", nargs="+", choices=ASCENT_MODES, default=None,
                    help="ascent_backward modes at every sparsity (default: all five at 2:4, dense and exact elsewhere)")
+    p.add_argument("--graphs", nargs="+", choices=GRAPHS, default=["eager"],
+                   help="how steps launch: eager (default), and/or captured: every step, SGD's too, replayed "
+                        "from a CUDA graph (the GPU's time without the host's launches; CUDA only)")
 
 
 def run(args, device, progress_factory=None) -> list[dict]:
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES)
-    specs = contenders(set(args.optimizers), sparsities, args.modes)
+    graphs = getattr(args, "graphs", None) or ["eager"]
+    if "captured" in graphs and device.type != "cuda":
+        raise ValueError(f"--graphs captured needs a CUDA device (CUDA graphs), not {device}")
+    specs = contenders(set(args.optimizers), sparsities, args.modes, graphs)
     runs = plan(args, device)
     reps = 5 if args.quick else 20
     bar = progress_factory(total=len(specs) * len(runs), desc="step") if progress_factory else None

@@ -323,7 +323,11 @@ def standalone_main(doc: str, add_arguments, run, write, argv=None, quick_help: 
     add_arguments(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    write(run(args, device), device, args.out)
+    try:
+        rows = run(args, device)
+    except ValueError as exc:  # bad option values: a message, not a traceback
+        raise SystemExit(f"{p.prog}: {exc}") from None
+    write(rows, device, args.out)
     return 0
 
 

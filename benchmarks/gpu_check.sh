@@ -30,8 +30,8 @@ Each part builds the extension for sm_90 and prints `ssam_kernels.backend_info("
                  tier (timeout 150 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
                  MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
                  overhead on the ResNet-18 and GPT-2 small lists (60 s: SAM and SSAM, each kernel
-                 backend), and SAM / SSAM-F at 50% and 90%, dense and exact, on ResNet-18 CIFAR
-                 (80 s); then, in the time left, the
+                 backend), and SAM / SSAM-F at 50% and 90%, dense and exact, on ResNet-18 CIFAR,
+                 each step eager and replayed from a CUDA graph (110 s); then, in the time left, the
                  perturbation cycle on the GPT-2-medium list (60 s) and SAM / SSAM-F on GPT-2 small
                  8k (110 s). Its rows merge into the results files (by model and contender, by shape
                  for the GEMM table, by list for the perturbation table), replacing only those it
@@ -48,6 +48,10 @@ Each part builds the extension for sm_90 and prints `ssam_kernels.backend_info("
                  110 s each, so a slow model costs only its own rows): SGD, SAM, SSAM-F at 50% and
                  90%, dense and exact, budget masks (8 contenders a model with SGD; the three took 129 s)
   step-large-d   the same for SSAM-D (SGD and SAM again: the ratios come from one process)
+  step-graphs    step-large's contenders on ResNet-18 CIFAR, WRN-28-10 and ViT-S/16, each timed eager
+                 and replayed from a CUDA graph of the whole step (--graphs eager captured: the GPU's
+                 time without the host's launches), one command each (timeout 90 s for ResNet-18, 130 s
+                 for the others: twice their step-large time, about 43 s, and the captures)
   step-24        ssam-bench step on GPT-2 small 8k at 2:4, every ascent mode (timeout 320 s; did not
                  finish in 50 s on an H200 at 4344f0b)
   sparse24       the 2:4 sparse GEMMs alone: their cuda tests (the planned cuSPARSELt path included;
@@ -72,7 +76,7 @@ part in turn (for a machine without a time limit).
 EOF
 }
 
-parts="build first tests step-resnet18 step-large step-large-d step-24 sparse24 ops masks profile"
+parts="build first tests step-resnet18 step-large step-large-d step-graphs step-24 sparse24 ops masks profile"
 if [ "$#" -ne 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   usage
   [ "$#" -eq 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
@@ -166,8 +170,8 @@ run_part() {
         -p no:cacheprovider tests
       step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
       step first-overhead 60 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
-      step first-step-resnet18 80 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
-        --modes dense exact
+      step first-step-resnet18 110 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
+        --modes dense exact --graphs eager captured
       optional_step first-perturb 60 python3 -m ssam_bench.bench_perturb --lists gpt2-medium-355M
       optional_step first-step-gpt2 110 $bench step --models gpt2_small_8k --optimizers sam ssam-f \
         --sparsities 0.5 0.9 --modes dense exact ;;
@@ -187,6 +191,13 @@ run_part() {
       for model in wrn28_10 vit_s16 gpt2_small_8k; do
         step "$1-$model" 110 $bench step --models "$model" --optimizers sam $optimizer --sparsities 0.5 0.9 \
           --modes dense exact
+      done ;;
+    step-graphs)
+      for model in resnet18_cifar wrn28_10 vit_s16; do
+        limit=130
+        [ "$model" = resnet18_cifar ] && limit=90
+        step "step-graphs-$model" $limit $bench step --models "$model" --optimizers sam ssam-f --sparsities 0.5 0.9 \
+          --modes dense exact --graphs eager captured
       done ;;
     step-24)
       step step-24 320 bash -c 'unplanned_after_crash "$@"' _ \

@@ -32,6 +32,55 @@ def test_default_contender_grid():
     assert [c.paper for c in specs[:3]] == [1.0, 2.0, 1.65]
 
 
+def test_captured_contenders_follow_the_eager_ones_with_their_own_sgd():
+    eager = bench_step.contenders({"sam", "ssam-f"}, ("0.5",), ["exact"])
+    both = bench_step.contenders({"sam", "ssam-f"}, ("0.5",), ["exact"], graphs=("eager", "captured"))
+    assert both[:len(eager)] == eager
+    graphs = both[len(eager):]
+    assert [c.name for c in graphs] == [c.name + " graph" for c in eager]
+    assert graphs[0].name == "sgd graph" and all(c.captured and c.sgd == graphs[0] for c in graphs)
+    assert all(c.sgd.name == "sgd" for c in eager)
+    with pytest.raises(SystemExit, match="--graphs captured needs a CUDA device"):
+        cli.main(["step", "--quick", "--device", "cpu", "--graphs", "captured"])
+
+
+class _FakeGraph:
+    """What the CPU can stand in for: a capture that records the step and a replay that runs it."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+
+def test_captured_rows_time_replays_against_the_replayed_sgd(monkeypatch):
+    captures, replays = [], []
+
+    def fake_capture(step, device, warmup=3):
+        captures.append(step)
+        if len(captures) == 3:  # the third contender's capture fails: its row says why, no timing
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        return _FakeGraph(lambda: replays.append(step) or step())
+
+    monkeypatch.setattr(bench_step, "capture_step", fake_capture)
+    workload = bench_step.QUICK_WORKLOADS["tiny_gpt"]
+    specs = bench_step.contenders({"sam", "ssam-f"}, ("0.5",), ["dense"], graphs=("eager", "captured"))
+    rows = bench_step.bench_workload("tiny_gpt", workload, specs, CPU, reps=3, timed=True, batch=workload.batch)
+    by = {r["contender"]: r for r in rows}
+    assert len(captures) == 3 and {id(s) for s in replays} == {id(captures[0]), id(captures[1])}
+    assert [r["launch"] for r in rows[:3]] == ["eager"] * 3
+    assert by["sgd graph"]["launch"] == by["sam graph"]["launch"] == "CUDA graph"
+    failed = by["ssam-f 50% dense graph"]
+    assert failed["launch"] == "CUDA graph: capture failed: CUDA error: operation not permitted when stream is capturing"
+    assert failed["step_ms"] is None and failed["step_vs_sgd"] is None and failed["counted_gflop"] > 0
+    assert by["sgd graph"]["step_vs_sgd"] == 1.0 and by["sgd"]["step_vs_sgd"] == 1.0
+    for name in ("sam", "ssam-f 50% dense"):  # the same FLOPs however they launch
+        assert by[name]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
+    assert by["sam graph"]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
+    assert by["sam graph"]["step_vs_sgd"] > 0 and by["sam graph"]["step_vs_sgd_iqr"] >= 0
+
+
 def test_plan_without_gpu_counts_real_models_and_times_tiny_ones():
     p = cli.parser()
     runs = bench_step.plan(p.parse_args(["step", "--models", "resnet50", "gpt2_small_2k", "gpt2_small_8k"]), CPU)

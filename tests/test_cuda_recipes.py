@@ -103,9 +103,12 @@ def _setup(device, backend, monkeypatch, gen_state, channels_last=False):
 
 
 def _train(device, backend, monkeypatch, kind, mode, gen_state, *, dtype=torch.float32, scaler=False,
-           structure="unstructured", masks=None, steps=STEPS, channels_last=False, compile_model=False, **kw):
+           structure="unstructured", masks=None, steps=STEPS, channels_last=False, compile_model=False,
+           captured=False, **kw):
     """``steps`` SAM-style steps on ``device`` with ``backend`` (``"auto"`` or ``"torch"``);
-    returns the weights before and after (on the CPU), the masks and the optimizer."""
+    returns the weights before and after (on the CPU), the masks and the optimizer.
+    ``captured``: the first step runs eagerly (the warm-up), the others replay a CUDA graph of
+    the whole step, captured as ``ssam-bench step --graphs captured`` does."""
     model, x, y = _setup(device, backend, monkeypatch, gen_state, channels_last)
     opt = _optimizer(kind, mode, model, x, y, structure, **kw)
     if masks is not None:  # the CPU run's masks (see the module docstring)
@@ -113,9 +116,21 @@ def _train(device, backend, monkeypatch, kind, mode, gen_state, *, dtype=torch.f
     grad_scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if scaler else None
     forward = torch.compile(model, backend="aot_eager") if compile_model else model
     before = [p.detach().cpu().clone() for p in model.parameters()]
-    for _ in range(steps):
+
+    def step():
         opt.zero_grad()
         opt.step(_closure(forward, opt, x, y, dtype, grad_scaler), grad_scaler=grad_scaler)
+
+    if captured:
+        from ssam_bench.bench_step import capture_step
+
+        graph = capture_step(step, device, warmup=1)
+        for _ in range(steps - 1):
+            graph.replay()
+        torch.cuda.synchronize(device)
+    else:
+        for _ in range(steps):
+            step()
     after = [p.detach().cpu().clone() for p in model.parameters()]
     out_masks = opt.masks() if hasattr(opt, "masks") else None
     return before, after, [m.cpu() for m in out_masks] if out_masks is not None else None, opt
@@ -154,6 +169,28 @@ def test_fp32_steps_match_the_cpu_reference(kind, mode, structure, monkeypatch, 
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     if ref[2] is not None:
         assert all(torch.equal(a, b) for a, b in zip(ref[2], dev[2]))
+
+
+CAPTURED_CONFIGS = [("SAM", "dense", "unstructured", 1.0), ("SSAMF", "exact", "unstructured", 1.0),
+                    ("SSAMF", "exact", "budget", 1.0), ("SSAMF", "dense", "unstructured", 0.5),
+                    ("SSAMD", "exact", "budget", 1.0)]
+
+
+@pytest.mark.parametrize(("kind", "mode", "structure", "fraction"), CAPTURED_CONFIGS)
+def test_a_captured_whole_step_replays_to_the_eager_steps(kind, mode, structure, fraction, monkeypatch, gen):
+    """``opt.step(closure)`` captured whole in a CUDA graph (both passes: the exact and budget
+    ascent backwards, a sub-batch ascent; the optimizer's), as ``ssam-bench step --graphs
+    captured`` times it: its replays give the eager device steps' weights. The same kernels run
+    in the same order (TF32 off, deterministic cuDNN), hence the tight tolerance."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device (this is a dry run of the cuda tier)")
+    state = gen.get_state()
+    kw = dict(structure=structure, ascent_fraction=fraction)
+    eager = _train(DEVICE, "auto", monkeypatch, kind, mode, state, **kw)
+    replayed = _train(DEVICE, "auto", monkeypatch, kind, mode, state, masks=eager[2], captured=True, **kw)
+    for a, b in zip(eager[1], replayed[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(eager[0], eager[1]))  # the steps moved the weights
 
 
 @pytest.mark.parametrize("mode", ["mvue", "mvue_dx"])
