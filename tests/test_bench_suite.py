@@ -98,6 +98,8 @@ def test_step_rows_count_flops_and_time_against_sgd():
     assert set(rows) == {c.name for c in bench_step.contenders(set(bench_step.OPTIMIZERS), ("0.99", "2:4"), None)}
     assert rows["sgd"]["step_vs_sgd"] == 1.0 and rows["sgd"]["counted_flops_vs_sgd"] == 1.0
     assert rows["sam"]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)  # two forward/backward passes
+    # the ops of a warm step: SAM's are two passes' and its step's few planned kernels
+    assert rows["sgd"]["ops_vs_sgd"] == 1.0 and 1.8 < rows["sam"]["ops_vs_sgd"] < 2.2
     for name, r in rows.items():
         assert r["step_ms"] > 0 and r["peak_gib"] is None  # peak memory is a CUDA figure
         if r["mode"] == "dense":
