@@ -19,7 +19,7 @@ perturbation read only the masked entries: masking there would be an op for noth
 everything is as it was. Run the ascent forward *and* backward inside the block; the descent
 pass outside it. A ``torch.utils.checkpoint`` region inside recomputes its forward during the
 backward, where no mode is active: give it :meth:`sparse_ascent.recompute` as its recompute
-context.
+context (a reentrant checkpoint has no such hook; see there).
 
 The interception is a ``TorchFunctionMode``: it catches functional calls too and leaves the
 modules untouched, for about a microsecond of Python per torch call made inside the block.
@@ -27,6 +27,7 @@ modules untouched, for about a microsecond of Python per torch call made inside 
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import torch
@@ -75,6 +76,60 @@ def _is_empty(mask) -> bool:
     if isinstance(mask, BitMask):
         return mask.count_int() == 0
     return not bool(mask.any())
+
+
+def _warn_if_cut_off(watched: list[torch.Tensor]) -> None:
+    """After an exact pass that froze parameters: warn if a masked, trainable parameter has no
+    gradient. Freezing cuts autograd off below the frozen layers only, so this one was cut off
+    by something else the freezing made happen: a reentrant checkpoint region whose inputs no
+    longer require a gradient (torch's own warning names no parameter). A parameter the
+    forward does not use gets the same warning: it has no gradient in a dense pass either."""
+    missing = [p for p in watched if p.grad is None]
+    if missing:
+        shapes = ", ".join(str(tuple(p.shape)) for p in missing[:4]) + (", ..." if len(missing) > 4 else "")
+        warnings.warn(
+            f"sparse_ascent('exact'): {len(missing)} masked parameter(s) got no gradient in the ascent pass "
+            f"(shapes {shapes}), so they will not be perturbed. The pass froze the parameters with empty masks; "
+            "a torch.utils.checkpoint region with use_reentrant=True whose inputs come only from frozen layers "
+            "passes no gradient: use use_reentrant=False with the recompute context "
+            "(SparseSAM.recompute_context / sparse_ascent.recompute).", stacklevel=3)
+
+
+def _row_sparse_conv_args(x, weight, stride, padding, dilation, groups):
+    """(stride, padding, dilation) as int tuples for a convolution call whose weight gradient
+    the exact mode takes row by row, or None where it runs plain autograd: an unbatched input,
+    a grouped convolution (slicing channels would break the groups), a strided or asymmetric
+    ``"same"`` padding, arguments torch itself must judge."""
+    if not isinstance(x, torch.Tensor) or x.dim() != weight.dim() or groups != 1:
+        return None
+    dims = weight.dim() - 2
+    stride, dilation = _spatial(stride, dims), _spatial(dilation, dims)
+    if stride is None or dilation is None:
+        return None
+    if isinstance(padding, str):
+        if padding not in ("same", "valid") or (padding == "same" and any(s != 1 for s in stride)):
+            return None  # torch says what is wrong
+        ints = conv_padding(padding, tuple(weight.shape[2:]), dilation)
+    else:
+        ints = _spatial(padding, dims)
+    return None if ints is None else (stride, ints, dilation)
+
+
+def row_sparse_weight(func, args, kwargs) -> torch.Tensor | None:
+    """The weight of a ``F.linear`` / ``F.conv*`` call whose weight gradient the exact mode
+    computes row by row where the weight's mask leaves rows out, or None (another function, or
+    a call it runs by plain autograd whatever the mask). The budget's cost model reads this, so
+    that it counts a row skipped exactly where the exact backward skips it."""
+    if func is F.linear:
+        x, weight, _ = _linear_args(args, kwargs)
+        ok = isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor) and weight.dim() == 2
+        return weight if ok else None
+    if func in _CONV_FUNCS:
+        x, weight, _, stride, padding, dilation, groups = _call_args(
+            args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), _CONV_DEFAULTS)
+        if isinstance(weight, torch.Tensor) and _row_sparse_conv_args(x, weight, stride, padding, dilation, groups):
+            return weight
+    return None
 
 
 def _spatial(value, dims: int) -> tuple[int, ...] | None:
@@ -136,6 +191,7 @@ class sparse_ascent(TorchFunctionMode):
         self._gemm = gemm
         self._backend = backend
         self._frozen: list[torch.Tensor] = []
+        self._watched: list[torch.Tensor] = []
 
     def _mask_of(self, t: torch.Tensor | None):
         """(known, mask) for a tensor: known is False for tensors not in ``masks``."""
@@ -187,23 +243,12 @@ class sparse_ascent(TorchFunctionMode):
         if not known or mask is None or not weight.requires_grad or not isinstance(x, torch.Tensor):
             return None
         _check_dtype("ascent_conv", weight)
-        # nothing to skip (every output channel needed, or grouped: slicing channels would
-        # break the groups): plain autograd
-        if x.dim() != weight.dim() or groups != 1 or _every_row(mask):
+        if _every_row(mask):  # nothing to skip: plain autograd
             return None
-        dims = weight.dim() - 2
-        stride, dilation = _spatial(stride, dims), _spatial(dilation, dims)
-        if stride is None or dilation is None:
+        parsed = _row_sparse_conv_args(x, weight, stride, padding, dilation, groups)
+        if parsed is None:
             return None
-        if isinstance(padding, str):
-            if padding not in ("same", "valid") or (padding == "same" and any(s != 1 for s in stride)):
-                return None  # torch says what is wrong
-            ints = conv_padding(padding, tuple(weight.shape[2:]), dilation)
-        else:
-            ints = _spatial(padding, dims)
-        if ints is None:
-            return None
-        return AscentConvFunction.apply(x, weight, bias, mask, None, stride, ints, dilation, groups, False)
+        return AscentConvFunction.apply(x, weight, bias, mask, None, *parsed, groups, False)
 
     def recompute(self) -> TorchFunctionMode:
         """The context for ``torch.utils.checkpoint`` to recompute this block's checkpointed
@@ -215,7 +260,10 @@ class sparse_ascent(TorchFunctionMode):
                        context_fn=lambda: (contextlib.nullcontext(), block.recompute()))
 
         Reentrant checkpointing (``use_reentrant=True``) has no such hook: its regions run dense
-        autograd (exact on every entry, nothing skipped)."""
+        autograd (exact on every entry, nothing skipped), but only where one of a region's
+        inputs requires a gradient. In ``"exact"`` mode a region whose inputs all come from
+        layers frozen for the pass (empty masks) passes no gradient at all: its masked
+        parameters get none, and the block warns on exit. Use ``use_reentrant=False``."""
         return _Recompute(self)
 
     def __enter__(self):
@@ -229,15 +277,20 @@ class sparse_ascent(TorchFunctionMode):
                 for p in empty:
                     p.requires_grad_(False)
                 self._frozen = empty
+                # the trainable masked parameters: each should get a gradient from this pass
+                self._watched = [p for p, _ in self._masks.values() if p.requires_grad]
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, tb):
         try:
             return super().__exit__(exc_type, exc, tb)
         finally:
-            for p in self._frozen:
+            frozen, watched = self._frozen, self._watched
+            for p in frozen:
                 p.requires_grad_(True)
-            self._frozen = []
+            self._frozen, self._watched = [], []
+            if exc_type is None and frozen:
+                _warn_if_cut_off(watched)
 
 
 class _Recompute(TorchFunctionMode):

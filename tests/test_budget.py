@@ -35,8 +35,25 @@ class _Residual(nn.Module):
         return F.linear(h.mean((2, 3)), self.head)
 
 
+class _SamePadding(nn.Module):
+    """Convolutions the exact mode runs by plain autograd beside ones it takes row by row: an
+    asymmetric "same" padding (even kernel), beside a symmetric one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(4, 8, 3, padding=1)
+        self.odd = nn.Conv1d(8, 8, 3, padding="same")
+        self.even = nn.Conv1d(8, 8, 4, padding="same")  # asymmetric: plain autograd
+        self.head = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        return self.head(torch.tanh(self.even(torch.tanh(self.odd(h)))).flatten(1))
+
+
 MODELS = {
     "residual": (_Residual, (3, 6, 6)),
+    "same_padding": (_SamePadding, (4, 16)),
     "convbn": (SmallConvBN, (2, 4, 4)),
     "vit": (lambda: ViT(img_size=8, patch=4, dim=16, depth=2, heads=2, num_classes=3), (3, 8, 8)),
     "gpt": (lambda: GPTStack(16, 2, 2), (6, 16)),
@@ -108,6 +125,24 @@ def test_ascent_estimate_equals_the_exact_backward_count(name, gen):
         assert counted <= estimate
         if name != "residual":
             assert counted == estimate
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("name", ["convbn", "gpt", "same_padding"])
+def test_costs_measured_under_autocast_are_the_costs(name, gen):
+    """Under autocast the layers read casts of the weights, not the weights: the cost model
+    reads a cast as the weight it copies (FLOPs do not depend on the dtype)."""
+    model, x = _model(name, gen)
+    params = list(model.parameters())
+    plain = measure_costs(model, params, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = measure_costs(model, params, x)
+    assert (cast.forward, cast.sgd, cast.row_cost, cast.rows) == (plain.forward, plain.sgd, plain.row_cost, plain.rows)
+    assert any(c > 0 for c in plain.row_cost)
+    # positions count the casts too (other indices, same order): the ascent costs they give
+    for lowest in range(len({p for p in plain.position if p is not None})):
+        masks = _random_row_masks(model, plain, gen, lowest)
+        assert cast.ascent(masks) == plain.ascent(masks)
 
 
 @pytest.mark.interpret

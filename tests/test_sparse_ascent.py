@@ -4,6 +4,7 @@ import collections
 import contextlib
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -485,3 +486,72 @@ def test_the_optimizer_gives_checkpoints_its_recompute_context(gen):
     assert isinstance(opts[1].recompute_context(), contextlib.nullcontext)
     for p, q in zip(plain.parameters(), model.parameters()):
         torch.testing.assert_close(q, p)
+
+
+@pytest.mark.cpu
+def test_the_optimizers_ascent_block_is_made_once_per_mask_set_and_dense_runs_no_mode(gen):
+    """A step's host work stays off the ascent pass: the dense mode enters no TorchFunctionMode
+    (every torch call inside one pays for it), and the other modes reuse the block made for
+    the current masks until they change."""
+    model = MLP()
+    made = []
+    original = ssam.sparse.sparse_ascent
+
+    def counting(*args, **kwargs):
+        made.append(args[1])
+        return original(*args, **kwargs)
+
+    for mode in ("dense", "exact"):
+        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
+                         seed=0, lr=0.1, norm="masked" if mode == "exact" else "full", ascent_backward=mode)
+        made.clear()
+        ssam.sparse.sparse_ascent = counting
+        try:
+            for _ in range(3):
+                with opt.ascent():
+                    assert torch._C._len_torch_function_stack() == (0 if mode == "dense" else 1)
+            assert made == ([] if mode == "dense" else ["exact"])
+            opt._set_masks([rand_mask(p.shape, generator=gen) for p in opt.params])  # new masks: a new block
+            with opt.ascent():
+                pass
+            with opt.ascent(gemm="dense"):  # another GEMM choice: another block
+                pass
+            assert made == ([] if mode == "dense" else ["exact"] * 3)
+        finally:
+            ssam.sparse.sparse_ascent = original
+        with pytest.raises(ValueError, match="gemm must be one of"):
+            opt.ascent(gemm="fast")
+
+
+@pytest.mark.cpu
+def test_exact_warns_when_a_reentrant_checkpoint_cuts_masked_layers_off(gen):
+    """A reentrant checkpoint region passes gradients only through inputs that require them:
+    fed by a layer the exact pass froze (empty mask), its masked layers get none. That cannot
+    be undone from outside torch's checkpoint, so it must not pass silently: the block names
+    the parameters left without a gradient; a non-reentrant region gets its gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+    x = torch.randn(4, 6, generator=gen)
+    masks = {p: pack_mask(torch.ones(p.shape, dtype=torch.bool)) for p in (b.weight, b.bias, c.weight, c.bias)}
+    masks.update({p: pack_mask(torch.zeros(p.shape, dtype=torch.bool)) for p in (a.weight, a.bias)})
+    for reentrant in (True, False):
+        for p in (*a.parameters(), *b.parameters(), *c.parameters()):
+            p.grad = None
+        block = sparse_ascent(masks, "exact")
+        with contextlib.ExitStack() as stack:
+            if reentrant:  # (entered first: the block warns as it exits)
+                stack.enter_context(pytest.warns(UserWarning, match=r"2 masked parameter\(s\) got no gradient .*"
+                                                                    r"\(8, 8\), \(8,\).*use_reentrant=False"))
+            else:
+                caught = stack.enter_context(warnings.catch_warnings(record=True))
+                warnings.simplefilter("always")
+            stack.enter_context(block)
+            h = torch.tanh(a(x))
+            h = checkpoint(lambda t: torch.tanh(b(t)), h, use_reentrant=reentrant,
+                           **({} if reentrant else {"context_fn": lambda: (contextlib.nullcontext(), block.recompute())}))
+            (c(h) ** 2).sum().backward()
+        assert (b.weight.grad is None) == reentrant and c.weight.grad is not None
+        assert a.weight.requires_grad and a.weight.grad is None  # unfrozen on exit; its pass skipped
+    assert not [w for w in caught if "sparse_ascent" in str(w.message)]  # (the non-reentrant run)

@@ -38,10 +38,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from ssam_kernels.ops.ascent_conv import CONVS
 from ssam_kernels.ops.bitmask import computed_rows
+from ssam_kernels.sparse_ascent import row_sparse_weight
 
 from .batchnorm import frozen_batchnorm_stats
 from .distributed import unwrapped
@@ -107,28 +110,35 @@ def _rows_computed(needed: torch.Tensor) -> int:
     return span[1] - span[0] if span else len(rows)
 
 
-_ROW_SPARSE_FUNCS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
+_CONV_FUNCS = frozenset(CONVS.values())
 
 
 class _RowSparse(TorchFunctionMode):
-    """Records the weights that ``sparse_ascent("exact")`` would see: those passed to
-    ``F.linear`` / ``F.conv*`` (ungrouped) at the top level (not inside
+    """Records the weights whose gradient ``sparse_ascent("exact")`` would compute row by row:
+    those of the ``F.linear`` / ``F.conv*`` calls it reroutes (the same rule:
+    :func:`ssam_kernels.sparse_ascent.row_sparse_weight`), made at the top level (not inside
     ``nn.MultiheadAttention``, whose projections keep dense autograd and so a whole weight
-    gradient)."""
+    gradient). A weight also used by a call that runs plain autograd is not row-sparse."""
 
     def __init__(self):
         super().__init__()
         self.seen: set[int] = set()
+        self.whole: set[int] = set()  # weights some call runs by plain autograd
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _ROW_SPARSE_FUNCS:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            # a grouped convolution runs plain autograd there: its whole weight gradient
-            grouped = func is not F.linear and (args[6] if len(args) > 6 else kwargs.get("groups", 1)) != 1
-            if isinstance(weight, torch.Tensor) and not grouped:
+        if func is F.linear or func in _CONV_FUNCS:
+            weight = row_sparse_weight(func, args, kwargs)
+            if weight is not None:
                 self.seen.add(id(weight))
+            else:
+                weight = args[1] if len(args) > 1 else kwargs.get("weight")
+                if isinstance(weight, torch.Tensor):
+                    self.whole.add(id(weight))
         return func(*args, **kwargs)
+
+    def row_sparse(self, p: torch.Tensor) -> bool:
+        return id(p) in self.seen and id(p) not in self.whole
 
 
 class _Recorder(TorchDispatchMode):
@@ -144,6 +154,9 @@ class _Recorder(TorchDispatchMode):
         self.depends = WeakTensorKeyDictionary()
         self.ops: list[tuple[float, list[int], int | None, bool]] = []  # flops, weights, activation depth, attention
         self.count = 0
+        # copies of parameters (autocast's casts of the weights), by storage (views of them read
+        # it too), while they live: read as the parameters they copy
+        self.copies: dict[int, tuple[StorageWeakRef, list[int]]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -152,7 +165,10 @@ class _Recorder(TorchDispatchMode):
         for a in tree_flatten((args, kwargs))[0]:
             if not isinstance(a, torch.Tensor):
                 continue
-            owners = self.storages.get(a.untyped_storage().data_ptr())
+            ptr = a.untyped_storage().data_ptr()
+            owners = self.storages.get(ptr)
+            if owners is None and ptr in self.copies and not self.copies[ptr][0].expired():
+                owners = self.copies[ptr][1]
             if owners:
                 reads += owners
                 for i in owners:
@@ -161,6 +177,8 @@ class _Recorder(TorchDispatchMode):
             d = self.depends.get(a)
             depth = d if depth is None or (d is not None and d > depth) else depth
         out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and reads:
+            self.copies[out.untyped_storage().data_ptr()] = (StorageWeakRef(out.untyped_storage()), reads)
         highest = max([self.position[i] for i in reads] + ([depth] if depth is not None else []), default=None)
         if highest is not None:
             for t in tree_flatten(out)[0]:
@@ -201,7 +219,7 @@ def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.T
     position = tuple(recorder.position.get(i) for i in range(len(params)))
     # 1-D parameters: each entry a row of no matmul cost; weights that the exact backward
     # cannot take apart (not seen as a linear / conv weight): one row, the whole gradient
-    rows = tuple(p.numel() if p.dim() < 2 else p.shape[0] if id(p) in row_sparse.seen else 1 for p in params)
+    rows = tuple(p.numel() if p.dim() < 2 else p.shape[0] if row_sparse.row_sparse(p) else 1 for p in params)
     row_cost = tuple(weight_flops[i] / rows[i] if rows[i] else 0.0 for i in range(len(params)))
     sgd = forward + sum(weight_flops) + sum(op_input_grad)  # every input gradient that depends on a parameter
     return AscentCosts(forward, sgd, position, row_cost, tuple(op_depths), tuple(op_input_grad), rows)
