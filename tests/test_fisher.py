@@ -215,6 +215,36 @@ def test_weights_used_twice_fall_back_exactly(share, gen):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.a(t)), x, use_reentrant=False)
+        return self.b(h)
+
+
+def test_a_checkpointed_model_falls_back_with_the_fisher_untouched(gen, monkeypatch):
+    """A non-reentrant checkpoint recomputes its region in the backward without the per-layer
+    forwards, so the per-layer method's backward fails: the Fisher is put back as it was
+    (its hooks had added a layer's terms already) and the next method takes the chunk."""
+    model = _Checkpointed()
+    x, y = torch.randn(6, 8, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    calls = []
+    original = ssam.fisher._Layerwise._backward
+    monkeypatch.setattr(ssam.fisher._Layerwise, "_backward", lambda self, loss: calls.append(1) or original(self, loss))
+    fisher = empirical_fisher(model, list(model.parameters()), [(x, y)], 6, chunk_size=4)
+    assert calls  # the per-layer method was tried first
+    for f, e in zip(fisher, _official_loop(model, x, y)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="method='layerwise' cannot take this model: the batched backward failed"):
+        empirical_fisher(model, list(model.parameters()), [(x, y)], 6, method="layerwise")
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=6, update_freq=1, lr=0.1)
+    opt.update_mask(model, [(x, y)])  # (raised CheckpointError)
+    assert sum(int(m.count_int()) for m in opt._masks.values()) == opt._keep()
+
+
 # Distributed shares. The ranks' Fishers add up the same per-sample terms as world_size=1, in
 # another order and from other chunks (so other batched GEMMs and sums): they agree to fp32
 # rounding, ~1e-7 relative per operation over a few dozen operations; rtol=1e-5 leaves room.

@@ -269,8 +269,9 @@ class _Layerwise:
     convolution (one ``bmm``) per group of samples whose stack holds at most
     :data:`STACK_ELEMENTS` values.
 
-    Assumes layers see the batch in dim 0. Falls back (:class:`_Unsupported`, before anything
-    is accumulated) when a layer runs twice in a forward, a wanted parameter is used outside
+    Assumes layers see the batch in dim 0. Falls back (:class:`_Unsupported`, the Fisher left
+    as it was) when a layer runs twice in a forward, the first backward fails (a checkpointed
+    region: its recomputation runs without our layers' forwards), a wanted parameter is used outside
     its layer or shared, the graph reaches a tensor requiring grad that is not ours, a kept
     input is modified in place, the output is not one row per sample, or, checked on the first
     chunk, the first sample's output in the batch is not the one it gets alone (samples that
@@ -303,6 +304,7 @@ class _Layerwise:
         self.model, self.names, self.targets, self.loss_fn = model, names, targets, loss_fn
         self.batched = batched
         self.independence_checked, self.hooking = False, True
+        self.backward_checked = False
 
     def __call__(self, x, y):
         self._start(x.shape[0])
@@ -312,9 +314,27 @@ class _Layerwise:
             with torch.enable_grad():
                 loss = self._loss(state, x, y)
                 if loss.requires_grad:  # else no wanted parameter reaches the loss: all zero
-                    loss.backward()  # into leaves of ours only (checked); the hooks add to the Fisher
+                    self._backward(loss)
         finally:
             self._start(0)
+
+    def _backward(self, loss) -> None:
+        """``loss.backward()`` into leaves of ours only (checked); the hooks add to the Fisher.
+        The first one may fail on what only a backward meets (a checkpointed region's
+        recomputation, a custom Function's backward): the Fisher is then put back as it was and
+        the next method takes the chunk. Later ones run the same graph."""
+        if self.backward_checked:
+            loss.backward()
+            return
+        fisher = [t for own in self.targets.values() for t in own.values()]
+        saved = [t.clone() for t in fisher]
+        try:
+            loss.backward()
+        except Exception as exc:
+            for t, s in zip(fisher, saved):
+                t.copy_(s)
+            raise _Unsupported(f"the batched backward failed ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        self.backward_checked = True
 
     def _start(self, n: int) -> None:
         """Fresh per-forward records for a batch of ``n``."""
