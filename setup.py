@@ -183,12 +183,30 @@ def _extension_setup() -> dict:
             "cmdclass": {"build_ext": BuildExt}}
 
 
+def check_setuptools() -> None:
+    """pip builds a wheel through setuptools' bdist_wheel, built in from setuptools 70.1 (the
+    ``wheel`` package before). With ``--no-build-isolation`` pip does not install
+    pyproject.toml's build requirements, so an older setuptools fails with "invalid command
+    'bdist_wheel'": say what to do instead."""
+    import setuptools
+
+    version = tuple(int(v) for v in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version < (70, 1):
+        try:
+            import wheel  # noqa: F401
+        except ImportError:
+            sys.exit(f"ssam-kernels: building needs setuptools >= 70.1 (this is {setuptools.__version__}) or the "
+                     "wheel package: python3 -m pip install -U setuptools")
+
+
 # setuptools runs this file as __main__ (pip, build_meta); tests import it for its helpers
 if __name__ == "__main__":
+    check_setuptools()
     setup(
         name="ssam-kernels",
         version="0.1.0",
-        description="Fast Sparse SAM (sharpness-aware minimization with sparse perturbation) for PyTorch",
+        description="Sparse SAM (sharpness-aware minimization with a sparse perturbation) for PyTorch: "
+                    "GPU kernels, optimizers and benchmarks",
         long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
@@ -197,8 +215,7 @@ if __name__ == "__main__":
         package_dir={"ssam_kernels": "ssam_kernels", "ssam": "python/ssam", "ssam_bench": "benchmarks"},
         install_requires=[
             "torch>=2.11",
-            "ninja",
-            "pybind11",
+            "ninja",  # (the extension's builds after this install: pip install -e . again)
             "nvidia-ml-py",
             "tqdm",
             "scikit-learn",

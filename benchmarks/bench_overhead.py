@@ -169,7 +169,7 @@ COLUMNS = [("params", "param list", ""), ("numel", "params", ",d"), ("tensors", 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-models", nargs="+", choices=list(WORKLOADS) + list(QUICK_WORKLOADS), default=None,
-                   help=f"parameter lists (default: {' '.join(MODELS)}; --quick: the tiny models')")
+                   help=f"parameter lists (default: {' '.join(MODELS)}; --quick: the tiny models' lists)")
 
 
 def run(args, device, progress_factory=None) -> list[dict]:

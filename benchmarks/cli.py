@@ -211,7 +211,9 @@ def main(argv=None) -> int:
         if not plots.have_matplotlib():
             raise SystemExit("ssam-bench plot: matplotlib is not installed (pip install matplotlib)")
         written = plots.plot_dir(args.folder)
-        print("\n".join(f"wrote {w}" for w in written) or f"no step.json or ops.json in {args.folder}")
+        if not written:
+            raise SystemExit(f"ssam-bench plot: no step.json or ops.json in {args.folder}")
+        print("\n".join(f"wrote {w}" for w in written))
         return 0
     if command == "readme":
         from ssam_bench import update_readme

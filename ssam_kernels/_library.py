@@ -128,17 +128,30 @@ def backend_table(name: str, **kwargs) -> OpBackends:
     return TABLES[name]
 
 
+def _device_arg(device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``TypeError`` / ``ValueError`` naming it (torch's
+    own parse raises a ``RuntimeError``, and reads an int as a CUDA index)."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from exc
+
+
 def auto_backend(op: str, device: str | torch.device = "cpu") -> str:
     """The backend ``backend="auto"`` runs op ``op`` with on ``device`` (what
     :func:`backend_info` reports for it, without building the whole report)."""
     if op not in TABLES:
         raise ValueError(f"op must be one of {sorted(TABLES)}, got {op!r}")
-    return TABLES[op].resolve("auto", torch.device(device))
+    return TABLES[op].resolve("auto", _device_arg(device))
 
 
 def backend_info(device: str | torch.device = "cpu") -> dict:
     """What is installed and which backend each op runs with ``backend="auto"`` on ``device``."""
-    device = torch.device(device)
+    device = _device_arg(device)
     return {
         "device": str(device),
         "env_override": os.environ.get(ENV_VAR) or None,

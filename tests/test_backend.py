@@ -11,11 +11,25 @@ from ssam_kernels._backend import OpBackends
 pytestmark = pytest.mark.cpu
 
 
-def test_auto_runs_the_backend_it_reports():
+def test_auto_runs_the_backend_it_reports(monkeypatch):
+    # which implementation ran, seen directly (backends often agree bit for bit)
+    table, ran = ssam_kernels._library.TABLES["grad_norm"], []
+    for name, fn in list(table.impls.items()):
+        monkeypatch.setitem(table.impls, name, lambda *a, _name=name, _fn=fn: ran.append(_name) or _fn(*a))
     t = [torch.randn(1000)]
     chosen = ssam_kernels.backend_info("cpu")["ops"]["grad_norm"]["auto"]
-    assert torch.equal(grad_norm(t, backend="auto"), grad_norm(t, backend=chosen))
-    torch.testing.assert_close(grad_norm(t, backend="auto"), grad_norm(t, backend="torch"), rtol=1e-6, atol=0)
+    auto = grad_norm(t, backend="auto")
+    assert ran == [chosen]
+    torch.testing.assert_close(auto, grad_norm(t, backend="torch"), rtol=1e-6, atol=0)
+    assert ran == [chosen, "torch"]
+
+
+def test_device_arguments_are_checked():
+    with pytest.raises(TypeError, match="device must be a str or torch.device, got int"):
+        ssam_kernels.backend_info(123)
+    with pytest.raises(ValueError, match="device must name a torch device .* got 'tpu'"):
+        ssam_kernels.auto_backend("grad_norm", "tpu")
+    assert ssam_kernels.auto_backend("grad_norm", torch.device("cpu")) == ssam_kernels.auto_backend("grad_norm", "cpu")
 
 
 def test_unknown_backend():

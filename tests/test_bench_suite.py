@@ -519,3 +519,11 @@ def test_gpu_check_reruns_a_crashed_2_4_benchmark_on_torchs_cusparselt_path(firs
                                                               if k != "SSAM_CUSPARSELT_PLANNED"}).stdout
     assert f"rc={expect_rc}" in out, out
     assert ("rerun with 0" in out) == reran and ("CRASH" in out) == reran, out
+
+
+def test_plot_of_a_folder_without_results_fails(tmp_path):
+    from ssam_bench import plots
+
+    why = "no step.json or ops.json" if plots.have_matplotlib() else "matplotlib is not installed"
+    with pytest.raises(SystemExit, match=why):
+        cli.main(["plot", str(tmp_path)])

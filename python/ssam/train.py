@@ -134,16 +134,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ascent-fraction", type=float, default=1.0,
                    help="SAM/SSAM-F/D: share of each batch whose gradient sets the perturbation (default: 1)")
     p.add_argument("--rho", type=float, default=0.05, help="perturbation radius (default: 0.05)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--num-samples", type=int, default=128, help="SSAM-F: Fisher samples")
-    p.add_argument("--update-freq", type=int, default=1, help="SSAM-F/D: mask update every N epochs")
-    p.add_argument("--drop-rate", type=float, default=0.5, help="SSAM-D: initial drop rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--epochs", type=int, default=10, help="(default: 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    p.add_argument("--lr", type=float, default=0.05, help="(default: 0.05)")
+    p.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
+    p.add_argument("--num-samples", type=int, default=128, help="SSAM-F: Fisher samples (default: 128)")
+    p.add_argument("--update-freq", type=int, default=1, help="SSAM-F/D: mask update every N epochs (default: 1)")
+    p.add_argument("--drop-rate", type=float, default=0.5, help="SSAM-D: initial drop rate (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda where torch sees one, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
@@ -156,7 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                       ("--sparsity", args.sparsity, None), ("--norm", args.norm, "full"))
                    if value != default]
     if sparse_only and args.opt not in ("ssamf", "ssamd"):
-        p.error(f"{', '.join(sparse_only)} applies to --opt ssamf or ssamd (sam perturbs every weight)")
+        why = "sam perturbs every weight" if args.opt == "sam" else "sgd perturbs nothing"
+        p.error(f"{', '.join(sparse_only)} applies to --opt ssamf or ssamd ({why})")
     try:
         parse_structure(args.structure)
         parse_device(args.device)
