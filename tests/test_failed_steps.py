@@ -5,6 +5,7 @@ parameter twice in a group, bad ``rho``/SGD values set through ``param_groups``,
 gradient."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -379,3 +380,96 @@ def test_lr_schedulers_see_the_step_on_either_optimizer(backend, kind, mode, on_
         opt.second_step()
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def _official_step(opt, net, x, y, **kwargs):
+    """``_step`` taking the official ``model=`` among its keyword arguments."""
+    opt.zero_grad()
+    return opt.step(make_closure(net, x, y), **kwargs)
+
+
+def _raising_first(model, x, y):
+    """A closure whose first call (the ascent pass of the first step) raises."""
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient failure")
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SSAMF", "SSAMD"])
+def test_an_update_due_on_a_step_whose_ascent_pass_raises_is_made_at_the_next_one(kind, gen):
+    """The due step raises before the update: the mask is as it was, and the update is made at
+    the next step with the official arguments (not lost for the epoch)."""
+    model, opt, x, y = setup_training(kind, "dense", gen)
+    data = torch.utils.data.TensorDataset(x, y)
+    kwargs = dict(model=model, train_data=data) if kind == "SSAMF" else {}
+    if kind == "SSAMF":
+        opt.loss_fn = F.mse_loss
+    masks, updates, weights = opt.masks(), opt.mask_updates, _weights(model)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step(_raising_first(model, x, y), epoch=0, batch_idx=0, **kwargs)
+    assert _same(model, weights) and opt.mask_updates == updates
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), masks))
+    _official_step(opt, model, x, y, epoch=0, batch_idx=1, **kwargs)  # not due, but owed
+    assert opt.mask_updates == updates + 1
+    _official_step(opt, model, x, y, epoch=0, batch_idx=2, **kwargs)
+    assert opt.mask_updates == updates + 1
+
+
+class _FlakyDataset(torch.utils.data.TensorDataset):
+    """Raises on its first read while ``fail`` is set (the indices are drawn by then)."""
+
+    fail = True
+
+    def __getitem__(self, i):
+        if self.fail:
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+@pytest.mark.cpu
+def test_ssamf_update_that_raises_after_its_step_leaves_the_mask_and_is_owed(gen):
+    """The update runs after the step: should it raise, the mask, its count and the generator
+    (which drew the Fisher samples) are as before it, and the update is made at the next step."""
+    model, opt, x, y = setup_training("SSAMF", "dense", gen)
+    data = _FlakyDataset(x, y)
+    masks, updates, rng = opt.masks(), opt.mask_updates, opt.generator.get_state()
+    with pytest.raises(KeyboardInterrupt):
+        _official_step(opt, model, x, y, model=model, epoch=0, batch_idx=0, train_data=data)
+    assert opt.mask_updates == updates
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), masks))
+    assert torch.equal(opt.generator.get_state(), rng)
+    data.fail = False
+    _official_step(opt, model, x, y, model=model, epoch=0, batch_idx=1, train_data=data)
+    assert opt.mask_updates == updates + 1
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SSAMF", "SSAMD"])
+def test_a_logger_adapter_gets_the_update_message_and_a_bad_logger_is_refused_first(kind, gen, caplog):
+    """logging.LoggerAdapter, like logging.Logger, takes .info(msg) (its .log needs a level); a
+    logger of none of the accepted kinds raises a TypeError before the step runs."""
+    model, opt, x, y = setup_training(kind, "dense", gen)
+    data = torch.utils.data.TensorDataset(x, y)
+    kwargs = dict(model=model, train_data=data) if kind == "SSAMF" else {}
+    if kind == "SSAMF":
+        opt.loss_fn = F.mse_loss
+    weights, before = _weights(model), _state(opt)
+    with pytest.raises(TypeError, match="logger must be"):
+        _official_step(opt, model, x, y, epoch=0, batch_idx=0, logger=42, **kwargs)
+    assert _same(model, weights)
+    _assert_same_state(opt.state_dict(), before)
+    adapter = logging.LoggerAdapter(logging.getLogger("ssam.test_logger"), {"run": 1})
+    with caplog.at_level(logging.INFO, logger="ssam.test_logger"):
+        _official_step(opt, model, x, y, epoch=0, batch_idx=0, logger=adapter, **kwargs)
+    assert any("Update Mask!" in r.getMessage() for r in caplog.records)
+    assert opt.mask_updates == before["extra"]["mask_updates"] + 1

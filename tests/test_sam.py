@@ -292,3 +292,71 @@ def test_rho_zero_on_a_float64_model_is_exactly_sgd(sparse, backend, fuse_sgd, g
     for p, q in zip(model.parameters(), plain.parameters()):
         assert p.dtype == torch.float64 and torch.equal(p, q)
 
+
+
+def test_a_base_optimizer_with_its_own_rho_is_refused():
+    """torch.optim.Adadelta's decay is param_groups[i]['rho'], SAM's radius too: SAM would
+    perturb with Adadelta's 0.9. Refused, by name, before anything is built."""
+    model = _model()
+    with pytest.raises(ValueError, match="Adadelta has its own hyper-parameter 'rho'"):
+        ssam.SAM(model.parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
+    with pytest.raises(ValueError, match="'rho'"):
+        ssam.SAM(model.parameters(), torch.optim.Adadelta(model.parameters()), rho=0.05)
+    # a per-group rho set on a base instance's groups is SAM's own, as documented
+    base = torch.optim.SGD([{"params": model.parameters(), "rho": 0.3}], lr=0.1)
+    assert ssam.SAM(model.parameters(), base, rho=0.05).param_groups[0]["rho"] == 0.3
+
+
+def test_groups_given_beside_a_base_instance_hold_params_only():
+    """With an optimizer instance, its param_groups are used: a rho, adaptive or lr in the
+    groups given to SAM would be dropped silently, so they are refused."""
+    model = _model()
+    first, last = model.net[0], model.net[2]
+    base = torch.optim.SGD([{"params": first.parameters()}, {"params": last.parameters()}], lr=0.1)
+    for groups, key in (([{"params": first.parameters(), "rho": 0.5}, {"params": last.parameters()}], "rho"),
+                        ([{"params": first.parameters()}, {"params": last.parameters(), "lr": 1.0}], "lr"),
+                        ([{"params": first.parameters(), "adaptive": True}, {"params": last.parameters()}], "adaptive")):
+        with pytest.raises(ValueError, match=rf"params\[\d\] sets \['{key}'\].*base optimizer's groups"):
+            ssam.SAM(groups, base, rho=0.05)
+    opt = ssam.SAM([{"params": first.parameters()}, {"params": last.parameters()}], base, rho=0.05)
+    assert [g["rho"] for g in opt.param_groups] == [0.05, 0.05]
+
+
+def test_named_parameters_with_a_base_instance(gen):
+    """torch's optimizers take (name, param) pairs; so does SAM beside an instance (built on
+    pairs or on plain parameters), and in add_param_group."""
+    x, y = regression_batch(gen)
+    for named_base in (True, False):
+        model = _model()
+        head = torch.nn.Linear(4, 4)
+        base = torch.optim.SGD(model.named_parameters() if named_base else model.parameters(), lr=0.1)
+        opt = ssam.SAM(model.named_parameters(), base, rho=0.05)
+        # (torch refuses named and unnamed groups side by side)
+        opt.add_param_group({"params": head.named_parameters() if named_base else head.parameters()})
+        assert opt.param_groups[-1]["params"] == list(head.parameters())
+        opt.zero_grad()
+        opt.step(make_closure(model, x, y))
+        opt.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="same parameters"):
+        ssam.SAM(list(model.named_parameters())[:1], torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_rho_zero_follows_a_fused_torch_sgd_exactly(gen):
+    """SGD(fused=True) runs torch's own fused kernel, which rounds unlike ours: SAM leaves its
+    step to it, so rho=0 stays the base optimizer bit for bit."""
+    batches = [regression_batch(gen) for _ in range(8)]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True, fused=True)
+    model, plain = _model(), _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.0, **hyper)
+    base = torch.optim.SGD(plain.parameters(), **hyper)
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.mse_loss(model(x), y).backward()
+        opt.second_step()
+        base.zero_grad()
+        F.mse_loss(plain(x), y).backward()
+        base.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p, q)

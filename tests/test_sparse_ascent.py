@@ -555,3 +555,48 @@ def test_exact_warns_when_a_reentrant_checkpoint_cuts_masked_layers_off(gen):
         assert (b.weight.grad is None) == reentrant and c.weight.grad is not None
         assert a.weight.requires_grad and a.weight.grad is None  # unfrozen on exit; its pass skipped
     assert not [w for w in caught if "sparse_ascent" in str(w.message)]  # (the non-reentrant run)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize(("structure", "warns"), [("2:4:out", False), ("1:4:out", False), ("1:2:out", False),
+                                                  ("2:4", True), ("4:8:out", True), ("unstructured", True)])
+def test_implicit_warns_where_its_masks_cannot_be_2_4_along_the_output_dim(structure, warns):
+    """Outside 2:4 along the output dim the implicit mode's product runs dense (no time saved)
+    and its input gradient drops what empty masks hold back: said once, at construction."""
+    model = MLP()
+    kwargs = dict(rho=0.05, sparsity=None if ":" in structure else 0.5, structure=structure, drop_rate=0.5, T_end=10,
+                  seed=0, lr=0.1, ascent_backward="implicit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ssam.SSAMD(model.parameters(), torch.optim.SGD, **kwargs)
+    said = [w for w in caught if "ascent_backward='implicit'" in str(w.message)]
+    assert len(said) == warns and (not warns or f"structure={structure!r}" in str(said[0].message))
+    assert not warns or said[0].filename == __file__  # points at the caller's line
+
+
+@pytest.mark.cpu
+def test_exact_scattered_rows_on_the_reference_gather_one_product_and_mask_nothing(monkeypatch, gen):
+    """Rows too scattered for a span: on cuBLAS (the masked weight gradient's reference) the
+    exact backward gathers them, runs one product and scatters it back; the masked norm reads
+    only masked entries, so unpacking the mask to mask the rows would be work for nothing."""
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
+    lin = nn.Linear(48, 64)
+    x = torch.randn(10, 48, generator=gen)
+    mask = torch.zeros(64, 48, dtype=torch.bool)
+    mask[[1, 9, 30, 63], :5] = True
+    lin(x).square().sum().backward()
+    dense = lin.weight.grad.clone()
+    block = sparse_ascent({lin.weight: pack_mask(mask)}, "exact")
+    for call in range(2):
+        lin.weight.grad = None
+        with block:
+            loss = lin(x).square().sum()
+            ops = CountOps()
+            with ops:
+                loss.backward()
+        torch.testing.assert_close(lin.weight.grad[mask], dense[mask], rtol=1e-6, atol=1e-6)
+        assert (lin.weight.grad[~mask.any(1)] == 0).all()
+    # (the second call: the row index is kept on the mask)
+    weight_ops = {k: v for k, v in ops.counts.items() if k in ("index_select", "mm", "index_copy_", "where",
+                                                                "bitwise_and", "index_put_", "nonzero")}
+    assert weight_ops == {"index_select": 1, "mm": 1, "index_copy_": 1}

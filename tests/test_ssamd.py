@@ -218,3 +218,19 @@ def test_a_parameter_the_model_never_uses_loses_its_entries_at_the_first_update(
         opt.update_mask(0)
     assert not opt.get_mask(unused.weight).any() and not opt.get_mask(unused.bias).any()
     assert int(_flat_masks(opt).sum()) == live
+
+
+def test_tensor_structure_frozen_tensors_take_no_room_in_the_budget():
+    """A frozen tensor is no candidate for growth: it would take room in the entry budget,
+    then be emptied (it cannot be perturbed), leaving that room unused."""
+    a, x, b = (torch.nn.Parameter(torch.full((n,), v)) for n, v in ((2, 1.0), (8, 2.0), (10, 0.5)))
+    frozen = torch.nn.Parameter(torch.full((3,), 0.1), requires_grad=False)
+    e = torch.nn.Parameter(torch.full((12,), 5.0))
+    with pytest.warns(UserWarning, match="do not require grad"):
+        opt = ssam.SSAMD([a, x, b, frozen, e], torch.optim.SGD, rho=0.1, sparsity=0.5, drop_rate=1.0, T_end=10,
+                         structure="tensor", drop_strategy="weight", growth_strategy="weight", lr=0.1, seed=0)
+    assert opt._keep() == 16
+    opt._set_masks([torch.full(p.shape, i < 2) for i, p in enumerate([a, x, b, frozen, e])])
+    opt.update_mask(0)
+    # all of A and X dropped; E grown (12), B does not fit, A re-admitted (2): 14 of 16
+    assert [int(m.sum()) for m in opt.masks()] == [2, 0, 0, 0, 12]

@@ -185,3 +185,40 @@ def test_nan_fisher_entries_keep_the_count_beside_frozen_parameters(gen, monkeyp
     assert not opt.get_mask(params[0]).any()
     trainable = sum(p.numel() for p in params if p.requires_grad)
     assert sum(int(opt.get_mask(p).sum()) for p in params) == int((1 - opt.sparsity) * trainable)
+
+
+def test_the_constructor_loss_fn_sets_the_fisher_of_step_mask_updates():
+    """step(model=, epoch=, batch_idx=, train_data=) has no loss_fn of its own: the
+    constructor's is used (cross-entropy only when None), and update_mask's explicit one wins."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen)  # regression targets
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def make(**kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        return model, ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.9, num_samples=64,
+                                 update_freq=1, lr=0.1, seed=0, **kw)
+
+    model, opt = make(loss_fn=F.mse_loss)
+    opt.zero_grad()
+    opt.step(make_closure(model, x[:8], y[:8]), model=model, epoch=0, batch_idx=0, train_data=data)
+    ref_model, ref = make()
+    ref_model.load_state_dict(model.state_dict())  # the weights after the step
+    ref.update_mask(ref_model, data, loss_fn=F.mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), ref.masks()))
+    ce_model, ce = make()
+    ce_model.load_state_dict(model.state_dict())
+    ce.update_mask(ce_model, data)
+    assert not all(torch.equal(a, b) for a, b in zip(opt.masks(), ce.masks()))
+    # update_mask without one takes the constructor's; an explicit one wins
+    again_model, again = make(loss_fn=F.mse_loss)
+    again_model.load_state_dict(model.state_dict())
+    again.update_mask(again_model, data)
+    assert all(torch.equal(a, b) for a, b in zip(again.masks(), ref.masks()))
+    explicit_model, explicit = make(loss_fn=lambda out, t: (_ for _ in ()).throw(AssertionError("not this one")))
+    explicit_model.load_state_dict(model.state_dict())
+    explicit.update_mask(explicit_model, data, loss_fn=F.mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(explicit.masks(), ref.masks()))
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        make(loss_fn="mse")

@@ -101,3 +101,109 @@ def test_the_count_of_skipped_steps_is_resumed(kind):
     state["extra"]["skipped_steps"] = -1
     with pytest.raises(ValueError, match="skipped_steps"):
         fresh.load_state_dict(state)
+
+
+def _poisoned_closure(model, x, y, scaler, poison):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (float("nan") if poison and len(calls) == 1 else 1.0)).backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("kind", ["ssamd", "ssamf"])
+def test_a_mask_update_still_owed_is_resumed(kind):
+    """A due update postponed (SSAM-D: a step the GradScaler skipped; SSAM-F: a step that
+    raised) is in the state_dict: the resumed run makes it at its next step, as the
+    uninterrupted run does. A state_dict saved before it was kept loads as not owed."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 2, 4, 4, generator=gen), torch.randint(0, 5, (24,), generator=gen))
+    x_all, y_all = data.tensors
+
+    def train(model, opt, scaler, steps, fail_first=False):
+        for t in steps:
+            x, y = x_all[(8 * t) % 24:(8 * t) % 24 + 8], y_all[(8 * t) % 24:(8 * t) % 24 + 8]
+            epoch, batch_idx = divmod(t, 3)
+            opt.zero_grad()
+            kwargs = dict(model=model, train_data=data) if kind == "ssamf" else {}
+            if fail_first and t == steps[0] and kind == "ssamf":
+                def closure():
+                    raise RuntimeError("transient")
+                with pytest.raises(RuntimeError, match="transient"):
+                    opt.step(closure, epoch=epoch, batch_idx=batch_idx, grad_scaler=scaler, **kwargs)
+                continue
+            opt.step(_poisoned_closure(model, x, y, scaler, fail_first and t == steps[0]), epoch=epoch,
+                     batch_idx=batch_idx, grad_scaler=scaler, **kwargs)
+
+    torch.manual_seed(1)
+    model = SmallConvBN()
+    opt = _make(kind, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    train(model, opt, scaler, [0, 1, 2])
+    train(model, opt, scaler, [3], fail_first=True)  # epoch 1, batch 0: due, not made
+    assert opt._update_owed
+    updates = opt.mask_updates
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}, buffer)
+
+    torch.manual_seed(2)
+    resumed = SmallConvBN()
+    opt2, scaler2 = _make(kind, resumed), torch.amp.GradScaler("cpu")
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    scaler2.load_state_dict(ckpt["scaler"])
+    train(model, opt, scaler, [4, 5])
+    train(resumed, opt2, scaler2, [4, 5])
+    assert opt.mask_updates == opt2.mask_updates == updates + 1
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), opt2.masks()))
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    old = ckpt["opt"]
+    del old["extra"]["update_owed"]
+    opt2.load_state_dict(old)
+    assert opt2._update_owed is False
+    old["extra"]["update_owed"] = 1
+    with pytest.raises(ValueError, match="update_owed"):
+        opt2.load_state_dict(old)
+
+
+@pytest.mark.parametrize("kind", ["ssamd", "ssamf"])
+@pytest.mark.parametrize("key", ["generator", "ascent_generator"])
+def test_a_generator_state_of_another_device_type_loads_nothing(kind, key):
+    """A CUDA generator's state is 16 bytes (seed, offset), a CPU one's 5056: a checkpoint
+    saved with the other is refused by name before the base state, masks or counters move."""
+    torch.manual_seed(0)
+    model = SmallConvBN()
+    opt = _make(kind, model)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 5, (8,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step(make_closure(model, x, y, F.cross_entropy))
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = _make(kind, model)  # no momentum yet, other masks and generator states
+    before = copy.deepcopy(fresh.state_dict())
+    saved["extra"][key] = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=rf"'{key}'\] holds 16 bytes.*another device type"):
+        fresh.load_state_dict(saved)
+    saved["extra"][key] = torch.zeros(5056, dtype=torch.int64)
+    with pytest.raises(ValueError, match=rf"'{key}'\] must be a uint8 tensor"):
+        fresh.load_state_dict(saved)
+    saved["extra"]["mask_updates"] = "1"
+    with pytest.raises(ValueError, match="mask_updates"):
+        fresh.load_state_dict(saved)
+    after = fresh.state_dict()
+    assert not after["base_optimizer"]["state"]
+    for k in ("masks",):
+        assert all(torch.equal(a, b) for a, b in zip(after["extra"][k], before["extra"][k]))
+    for k in ("generator", "ascent_generator"):
+        assert torch.equal(after["extra"][k], before["extra"][k])
+    assert after["extra"]["mask_updates"] == before["extra"]["mask_updates"]
+    assert after["extra"]["skipped_steps"] == before["extra"]["skipped_steps"]
+    assert fresh.param_groups is fresh.base_optimizer.param_groups

@@ -46,6 +46,14 @@ def _build_base(params: list, base_optimizer, base_kwargs: dict) -> torch.optim.
                 f"base_optimizer is an optimizer instance, so keyword arguments {sorted(base_kwargs)} "
                 "have nowhere to go; pass them when building it, or pass its class instead"
             )
+        for i, item in enumerate(params):
+            extra = sorted(k for k in item if k != "params") if isinstance(item, dict) else []
+            if extra:
+                raise ValueError(
+                    f"params[{i}] sets {extra}, but base_optimizer is an optimizer instance, whose own "
+                    "param_groups are used as they are: set these keys on the base optimizer's groups when "
+                    "building it (rho and adaptive too), or pass its class instead"
+                )
         ours = {id(p) for p in _flat_params(params)}
         theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
         if ours != theirs:
@@ -134,23 +142,55 @@ def _check_params(groups: list[dict], first: int = 0) -> None:
                 raise ValueError(f"{where} is on the meta device (no data): move the model to a real device first")
 
 
-def _flat_params(params: list) -> list[torch.Tensor]:
+def _unnamed(item):
+    """A parameter as torch's optimizers take it: a tensor, or a ``(name, tensor)`` pair."""
+    return item[1] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) else item
+
+
+def _flat_params(params: list) -> list:
+    """The parameters of ``params`` (tensors, ``(name, tensor)`` pairs, or groups of either)."""
     out = []
     for item in params:
-        out.extend(item["params"] if isinstance(item, dict) else [item])
+        if isinstance(item, dict):
+            group = item.get("params", [])
+            out.extend(_unnamed(p) for p in ([group] if isinstance(group, torch.Tensor) else group))
+        else:
+            out.append(_unnamed(item))
     return out
+
+
+# SAM's own keys in param_groups: a base optimizer with a hyper-parameter of one of these names
+# (torch.optim.Adadelta's "rho") would share it with SAM
+_SAM_KEYS = ("rho", "adaptive")
+
+
+def _check_no_clash(base: torch.optim.Optimizer) -> None:
+    clash = [k for k in _SAM_KEYS if k in base.defaults]
+    if clash:
+        raise ValueError(
+            f"{type(base).__name__} has its own hyper-parameter {clash[0]!r} (default "
+            f"{base.defaults[clash[0]]!r}), a name SAM uses for its param_groups[i][{clash[0]!r}]: the two "
+            "would be one value. SAM cannot wrap this base optimizer"
+        )
 
 
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around a base optimizer.
 
     Args:
-        params: parameters or parameter groups (a group may set its own ``rho``/``adaptive``).
+        params: parameters (or ``(name, parameter)`` pairs) or parameter groups (a group may
+            set its own ``rho``/``adaptive``; beside a base optimizer instance the groups hold
+            ``params`` only: set other keys on the instance's groups).
         base_optimizer: an optimizer instance built on the same params, or an optimizer class
-            constructed here with ``base_kwargs``.
-        rho: radius of the perturbation (>= 0). ``rho=0`` follows the base optimizer exactly.
+            constructed here with ``base_kwargs``. One with its own ``rho`` or ``adaptive``
+            hyper-parameter (``torch.optim.Adadelta``) is refused: it would share SAM's key.
+        rho: radius of the perturbation (>= 0). ``rho=0`` follows the base optimizer exactly for
+            fp32 and float64 parameters; for fp16/bf16 ones the fused SGD step (``fuse_sgd``)
+            updates in fp32 and rounds once, where torch's SGD rounds after every op: within an
+            ulp of it (``fuse_sgd=False``: exactly).
         adaptive: ASAM's scale-invariant perturbation ``e = rho * w^2 g / ||w g||``.
-        fuse_sgd: when the base optimizer is plain ``torch.optim.SGD``, ``second_step`` does
+        fuse_sgd: when the base optimizer is plain ``torch.optim.SGD`` (not built with
+            ``fused=True``: its own fused step then runs), ``second_step`` does
             the restore and the SGD update in one pass (the planned step's kernel, or
             ``ssam_kernels.restore_sgd_step_``) instead of calling ``base_optimizer.step()``;
             its momentum buffers stay in the base optimizer's state. Hooks registered on the
@@ -189,6 +229,7 @@ class SAM(torch.optim.Optimizer):
         if not params:
             raise ValueError("params is empty")
         base = _build_base(params, base_optimizer, base_kwargs)
+        _check_no_clash(base)
         _check_params(base.param_groups)
         super().__init__(base.param_groups, dict(rho=rho, adaptive=adaptive))
         self.base_optimizer = base
@@ -242,6 +283,11 @@ class SAM(torch.optim.Optimizer):
         if isinstance(params, set) or params is None:
             raise TypeError("param_group['params'] must be a tensor or an ordered collection of tensors")
         group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        if any(isinstance(p, tuple) for p in group["params"]):  # (name, tensor) pairs, as torch takes them
+            if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in group["params"]):
+                raise TypeError("param_group['params'] must be all tensors or all (name, tensor) pairs")
+            group["param_names"] = [name for name, _ in group["params"]]
+            group["params"] = [p for _, p in group["params"]]
         _check_rho(group.get("rho", self.defaults["rho"]))
         if not isinstance(group.get("adaptive", False), bool):
             raise TypeError(f"adaptive must be a bool, got {type(group['adaptive']).__name__}")
@@ -529,12 +575,13 @@ class SAM(torch.optim.Optimizer):
 
     def _can_fuse_sgd(self) -> bool:
         """Restore + SGD in one pass when the base optimizer is plain ``torch.optim.SGD`` with
-        number hyper-parameters, and every parameter with a gradient now was perturbed or has a
+        number hyper-parameters and not ``fused=True``, and every parameter with a gradient now was perturbed or has a
         known empty perturbation (see ``_unperturbed_backup``)."""
         if not self.fuse_sgd or type(self.base_optimizer) is not torch.optim.SGD:
             return False
         for group in self.param_groups:
-            if group.get("differentiable") or any(
+            # fused=True: torch's own fused step, which rounds unlike ours (rho=0 would not follow it)
+            if group.get("differentiable") or group.get("fused") or any(
                 isinstance(group[k], bool) or not isinstance(group[k], (int, float)) for k in self._SGD_KEYS
             ):
                 return False

@@ -12,6 +12,7 @@ import torch
 import ssam_kernels
 from ssam_kernels import BitMask, keep_count, pack_mask, packed_nbytes
 from ssam_kernels.sparse_ascent import ASCENT_MODES, sparse_ascent
+from ssam_kernels.sparse_gemm import GEMMS
 
 from .budget import AscentCosts, ascent_budget, budget_select, no_fit_error
 from .distributed import broadcast_, broadcast_seed
@@ -49,19 +50,29 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return gen
 
 
+def check_logger(logger):
+    """``logger`` checked (``TypeError``): None, a ``logging.Logger`` or ``logging.LoggerAdapter``,
+    an object with a ``.log(msg)`` method (the official code's logger), or a callable."""
+    if not (logger is None or isinstance(logger, (logging.Logger, logging.LoggerAdapter))
+            or callable(getattr(logger, "log", None)) or callable(logger)):
+        raise TypeError("logger must be a logging.Logger or LoggerAdapter, have a .log(msg) method, or be callable; "
+                        f"got {type(logger).__name__}")
+    return logger
+
+
 def log_message(logger, message: str) -> None:
-    """Send ``message`` to a ``logging.Logger``, an object with ``.log(msg)`` (the official
-    code's logger), a callable, or (None) the ``ssam`` logger."""
+    """Send ``message`` to a ``logging.Logger`` or ``logging.LoggerAdapter`` (``.info``), an
+    object with ``.log(msg)`` (the official code's logger), a callable, or (None) the ``ssam``
+    logger."""
+    check_logger(logger)
     if logger is None:
         _log.info(message)
-    elif isinstance(logger, logging.Logger):
+    elif isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
         logger.info(message)
-    elif hasattr(logger, "log"):
+    elif callable(getattr(logger, "log", None)):
         logger.log(message)
-    elif callable(logger):
-        logger(message)
     else:
-        raise TypeError(f"logger must be a logging.Logger, have a .log(msg) method, or be callable; got {type(logger).__name__}")
+        logger(message)
 
 
 def _check_dtypes(ascent_backward: str, groups: list[dict], first: int = 0) -> None:
@@ -75,6 +86,12 @@ def _check_dtypes(ascent_backward: str, groups: list[dict], first: int = 0) -> N
                     f"ascent_backward={ascent_backward!r} takes float32, float16 and bfloat16 layers: "
                     f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is float64; use "
                     "ascent_backward='dense' for float64 models")
+
+
+def _24_along_out(structure: Structure) -> bool:
+    """Whether every mask of ``structure`` is 2:4 along the output dim (at most two set entries
+    in every four consecutive rows of a column): N:M along it with M dividing 4, N <= M / 2."""
+    return structure.kind == "nm" and structure.along == "out" and structure.m in (2, 4) and 2 * structure.n <= structure.m
 
 
 @contextlib.contextmanager
@@ -100,6 +117,8 @@ class SparseSAM(SAM):
     """
 
     _ascent_block: sparse_ascent | None = None  # the ascent pass's block, while it runs
+    # (masks dict, (parameter count, gemm, mode), the sparse_ascent block made for them)
+    _ascent_cache: tuple | None = None
 
     def __init__(self, params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
                  ascent_backward="dense"):
@@ -114,6 +133,12 @@ class SparseSAM(SAM):
             )
         self.structure: Structure = parse_structure(structure)
         self.sparsity: float = resolve_sparsity(sparsity, self.structure)
+        if ascent_backward == "implicit" and not _24_along_out(self.structure):
+            warnings.warn(
+                f"ascent_backward='implicit' with structure={str(self.structure)!r}: its masks are not 2:4 along "
+                "the output dim, so the input gradient dY(W*M) runs as a dense GEMM (no sparse tensor cores: "
+                "no time saved), and it is approximate (a layer whose mask is empty passes no gradient to the "
+                "layers below it); the mode is meant for structure='2:4:out'", stacklevel=3)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, fuse_sgd=fuse_sgd, **base_kwargs)
         _check_dtypes(ascent_backward, self.param_groups)
         self.norm = norm
@@ -126,6 +151,7 @@ class SparseSAM(SAM):
         # seeds of the MVUE draws: a CPU generator (drawing a seed is no device sync) with its
         # own stream, so the mode does not change the masks' random draws
         self.ascent_generator = make_generator((seed + 1) % 2**63)
+        self._update_owed = False  # a due mask update that a failed (or, SSAM-D, skipped) step did not make
         self._warned_frozen = False
         self._warned_idle = False  # SSAM-D: parameters that got no gradient, said once
         self._costs: AscentCosts | None = None  # structure "budget": the model's ascent FLOPs
@@ -200,10 +226,18 @@ class SparseSAM(SAM):
         ``step(closure)`` after ``zero_grad()`` runs the ascent pass inside it by itself.
         ``gemm`` picks the 2:4 GEMM path (``"auto"``, ``"dense"``, ``"cusparselt"``).
         ``no_sync``: a ``DistributedDataParallel`` model, as in :meth:`ssam.SAM.ascent`."""
-        masks = {p: self._masks[p] for p in self.params}
-        # both built (and their arguments checked) now, entered by the caller's ``with``
-        block = sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm)
-        return _together(super().ascent(no_sync=no_sync), _current(self, block))
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+        if self.ascent_backward == "dense":  # plain autograd: no layer to reroute, no mode to run in
+            return super().ascent(no_sync=no_sync)
+        # both built (and their arguments checked) now, entered by the caller's ``with``; the
+        # block is made once per mask set (its masks are checked as it is made)
+        cache, key = self._ascent_cache, (len(self.params), gemm, self.ascent_backward)
+        if cache is None or cache[0] is not self._masks or cache[1] != key:
+            masks = {p: self._masks[p] for p in self.params}
+            block = sparse_ascent(masks, self.ascent_backward, generator=self.ascent_generator, gemm=gemm)
+            self._ascent_cache = cache = (self._masks, key, block)
+        return _together(super().ascent(no_sync=no_sync), _current(self, cache[2]))
 
     def recompute_context(self):
         """What ``torch.utils.checkpoint`` recomputes a checkpointed region of the ascent pass in
@@ -289,6 +323,19 @@ class SparseSAM(SAM):
     def _log_update(self, logger) -> None:
         log_message(logger, f"Update Mask! Mask Lived Weight: {self.mask_density():.4f}")
 
+    def _update_snapshot(self) -> tuple:
+        """What a mask update changes, to go back to should its step fail."""
+        return self._masks, self.mask_updates, self.generator.get_state(), self.budget_choice
+
+    def _owe_update(self, snapshot: tuple | None) -> None:
+        """A due mask update failed or was not made: back to ``snapshot`` (None: nothing was
+        changed), and the update is made at the next step with the official arguments."""
+        if snapshot is not None:
+            self._masks, self.mask_updates, rng, self.budget_choice = snapshot
+            self.generator.set_state(rng)
+            self._invalidate_plan()
+        self._update_owed = True
+
     def _extra_state(self) -> dict:
         return {
             **super()._extra_state(),
@@ -296,6 +343,7 @@ class SparseSAM(SAM):
             "mask_updates": self.mask_updates,
             "generator": self.generator.get_state(),
             "ascent_generator": self.ascent_generator.get_state(),
+            "update_owed": self._update_owed,
         }
 
     def _check_extra_state(self, state: dict) -> None:
@@ -310,6 +358,15 @@ class SparseSAM(SAM):
         for key in ("mask_updates", "generator"):
             if key not in state:
                 raise ValueError(f"state_dict's extra state has no {key!r}")
+        updates = state["mask_updates"]
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            raise ValueError(f"state_dict['extra']['mask_updates'] must be an int >= 0, got {updates!r}")
+        owed = state.get("update_owed", False)  # (absent from state_dicts saved before it was kept)
+        if not isinstance(owed, bool):
+            raise ValueError(f"state_dict['extra']['update_owed'] must be a bool, got {owed!r}")
+        for key, gen in (("generator", self.generator), ("ascent_generator", self.ascent_generator)):
+            if key in state:
+                _check_generator_state(f"state_dict['extra'][{key!r}]", state[key], gen)
 
     def _load_extra_state(self, state: dict) -> None:
         super()._load_extra_state(state)
@@ -318,6 +375,30 @@ class SparseSAM(SAM):
         self._masks = {p: BitMask(bits.to(p.device).contiguous(), p.shape) for p, bits in zip(params, masks)}
         self._invalidate_plan()
         self.mask_updates = int(state["mask_updates"])
+        self._update_owed = state.get("update_owed", False)
         self.generator.set_state(state["generator"].cpu())
         if "ascent_generator" in state:
             self.ascent_generator.set_state(state["ascent_generator"].cpu())
+
+
+def _check_generator_state(name: str, value, generator: torch.Generator) -> None:
+    """``ValueError`` unless ``value`` is a state that ``generator`` takes (tried on a scratch
+    generator of its device, so nothing is changed). A CPU generator's state (Mersenne Twister,
+    5056 bytes) and a CUDA one's (seed and offset, 16 bytes) do not convert into each other."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise ValueError(f"{name} must be a uint8 tensor (a torch.Generator state), got {_describe_state(value)}")
+    size = generator.get_state().numel()
+    device = generator.device.type
+    if value.numel() != size:
+        raise ValueError(
+            f"{name} holds {value.numel()} bytes, but this optimizer's generator is on {device}, whose state "
+            f"takes {size} bytes: a checkpoint saved with the generator on another device type (SSAM-D draws on "
+            "its parameters' device) cannot be loaded here; load it with the parameters on that device type")
+    try:
+        torch.Generator(device=generator.device).set_state(value.cpu())
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name} is not a state of a {device} torch.Generator: {exc}") from None
+
+
+def _describe_state(value) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__

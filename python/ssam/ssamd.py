@@ -10,7 +10,7 @@ import torch
 import ssam_kernels
 
 from .budget import AscentCosts, budget_select, check_costs, set_rows
-from .sparse import SparseSAM, check_positive_int
+from .sparse import SparseSAM, check_logger, check_positive_int
 from .structure import nm_select, parse_structure, tensor_select, whole_tensor_masks
 
 STRATEGIES = ("gradient", "weight", "random")
@@ -103,7 +103,6 @@ class SSAMD(SparseSAM):
         self.growth_strategy = growth_strategy
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.T_start, self.T_end = T_start, T_end
-        self._update_owed = False  # a due mask update that a skipped or failed step did not make
         budget = parse_structure(structure).kind == "budget"
         if budget and ascent_costs is None:
             raise ValueError("structure='budget' needs ascent_costs=ssam.budget.measure_costs(model, params, x[:1]): "
@@ -180,7 +179,7 @@ class SSAMD(SparseSAM):
         grow_scores = self._restricted(self._scores(self.growth_strategy), flags)
         rate = self.death_rate(epoch)
         if self.structure.kind == "tensor":
-            new = self._update_tensors(masks, drop_scores, grow_scores, rate)
+            new = self._update_tensors(masks, drop_scores, grow_scores, rate, flags)
         elif self.structure.kind == "budget":
             new = self._update_rows(masks, drop_scores, grow_scores, rate)
         else:
@@ -206,17 +205,18 @@ class SSAMD(SparseSAM):
         ]
         return nm_select(ranks, self.structure, magnitude=False)
 
-    def _update_tensors(self, masks, drop_scores, grow_scores, rate) -> list[torch.Tensor]:
+    def _update_tensors(self, masks, drop_scores, grow_scores, rate, flags) -> list[torch.Tensor]:
         """Whole tensors: drop the live tensors of lowest mean drop score (up to the drop
         budget), grow the free tensors of highest mean growth score into the budget, then (if
-        none of those fits) re-admit dropped tensors, best drop score first."""
+        none of those fits) re-admit dropped tensors, best drop score first. Only tensors that
+        can be perturbed (``flags``) are candidates: the others take no room in the budget."""
         sizes = [m.numel() for m in masks]
         live = [i for i, m in enumerate(masks) if m.numel() and bool(m.all())]
         budget = int(rate * sum(sizes[i] for i in live))
         drop_mean = {i: float(drop_scores[i].float().mean()) for i in live}
         dropped = tensor_select(sorted(live, key=lambda i: drop_mean[i]), sizes, budget)
         kept = set(live) - dropped
-        free = [i for i in range(len(masks)) if i not in live and sizes[i]]
+        free = [i for i in range(len(masks)) if flags[i] and i not in live and sizes[i]]
         grow_mean = {i: float(grow_scores[i].float().mean()) for i in free}
         chosen = tensor_select(sorted(free, key=lambda i: -grow_mean[i]), sizes, self._keep(), kept)
         chosen = tensor_select(sorted(dropped, key=lambda i: -drop_mean[i]), sizes, self._keep(), chosen)
@@ -268,16 +268,23 @@ class SSAMD(SparseSAM):
         is made at the next step instead (a step that raises leaves the mask as it was).
         ``grad_scaler`` and ``max_grad_norm``: as in :meth:`ssam.SAM.step`."""
         closure = self._check_step_args(closure, grad_scaler, max_grad_norm)
+        check_logger(logger)
         if (epoch is None) != (batch_idx is None):
             raise ValueError("the official calling convention needs both epoch and batch_idx")
         due = epoch is not None and (self._due(epoch, batch_idx) or self._update_owed)
-        # growing by gradient reads the unmasked entries' gradient, which "exact" skips
-        self._ascent_pass(closure, dense=due and self.growth_strategy == "gradient" and self.ascent_backward == "exact")
-        self.first_step(grad_scaler=grad_scaler)
+        try:
+            # growing by gradient reads the unmasked entries' gradient, which "exact" skips
+            self._ascent_pass(closure,
+                              dense=due and self.growth_strategy == "gradient" and self.ascent_backward == "exact")
+            self.first_step(grad_scaler=grad_scaler)
+        except BaseException:
+            if due:  # (nothing changed yet)
+                self._owe_update(None)
+            raise
         # an update due on a step the GradScaler skips (inf/NaN scores) or one that fails waits
         # for the next step: the mask, its count and the generator are as they were before it
         update = due and not self._skipped
-        before = (self._masks, self.mask_updates, self.generator.get_state()) if update else None
+        before = self._update_snapshot() if update else None
         try:
             if update:
                 self.update_mask(epoch)
@@ -289,10 +296,7 @@ class SSAMD(SparseSAM):
         except BaseException:
             self.restore()
             if before is not None:
-                self._masks, self.mask_updates = before[0], before[1]
-                self.generator.set_state(before[2])
-                self._invalidate_plan()
-                self._update_owed = True
+                self._owe_update(before)
             raise
         return loss
 

@@ -10,7 +10,7 @@ import torch
 from .distributed import all_reduce_sum_, world
 from .budget import measure_costs
 from .fisher import draw_samples, empirical_fisher
-from .sparse import SparseSAM, check_positive_int
+from .sparse import SparseSAM, check_logger, check_positive_int
 from .structure import select_mask
 
 
@@ -34,6 +34,9 @@ class SSAMF(SparseSAM):
         seed: seeds the generator that draws Fisher samples from a Dataset (None: from torch's
             global RNG). Its state is in ``state_dict()``.
         fisher_chunk_size: samples per vectorised per-sample-gradient batch (memory knob).
+        loss_fn: ``loss_fn(output, y)`` of the empirical Fisher in the mask updates of
+            ``step(closure, model=, epoch=, batch_idx=, train_data=)`` and of :meth:`update_mask`
+            called without one (None: cross-entropy, as the official code).
         ascent_backward: how the ascent pass's backward runs inside :meth:`ascent` (and in
             ``step(closure)`` after ``zero_grad()``): ``"dense"`` (the paper), ``"exact"``
             (only ``g * m``, skipping what the mask does not need; needs ``norm="masked"``),
@@ -43,7 +46,9 @@ class SSAMF(SparseSAM):
     The mask starts empty, as in the official code: nothing is perturbed until the first
     :meth:`update_mask`. With the official ``step(closure, model=, epoch=, batch_idx=,
     train_data=)`` the mask is recomputed after the step when ``epoch % update_freq == 0`` and
-    ``batch_idx == 0``.
+    ``batch_idx == 0``. An update due on a step that raises (or whose update raises) is made
+    after the next step with these arguments instead, and the mask is left as it was; a step
+    that a ``GradScaler`` skips still makes its update (the Fisher is taken on its own samples).
     """
 
     def __init__(
@@ -62,8 +67,12 @@ class SSAMF(SparseSAM):
         seed: int | None = None,
         fisher_chunk_size: int = 32,
         ascent_backward: str = "dense",
+        loss_fn: Callable | None = None,
         **base_kwargs,
     ):
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.fisher_chunk_size = check_positive_int("fisher_chunk_size", fisher_chunk_size)
@@ -78,7 +87,8 @@ class SSAMF(SparseSAM):
     def update_mask(self, model: torch.nn.Module, data, loss_fn: Callable | None = None) -> None:
         """Recompute the mask from the empirical Fisher of ``model`` on ``num_samples`` samples
         of ``data`` (a Dataset, or an iterable of ``(x, y)`` batches). ``loss_fn(output, y)``
-        defaults to cross-entropy. Model weights, grads and BatchNorm statistics are unchanged.
+        defaults to the constructor's ``loss_fn`` (itself cross-entropy by default). Model
+        weights, grads and BatchNorm statistics are unchanged.
 
         Under torch.distributed every rank calls this: from a Dataset, the ranks draw the same
         ``num_samples`` indices (same seed) and each takes every ``world_size``-th; from an
@@ -93,6 +103,8 @@ class SSAMF(SparseSAM):
             # before the Fisher draws: a copy of the generator, so the samples stay the same
             sample, _ = draw_samples(data, 1, _copy_generator(self.generator))
             self._costs = measure_costs(model, self.params, sample.to(self.params[0].device))
+        if loss_fn is None:
+            loss_fn = self.loss_fn
         rank, world_size = world()
         fisher = empirical_fisher(model, self.params, data, self.num_samples, loss_fn, self.generator,
                                   self.fisher_chunk_size, rank=rank, world_size=world_size)
@@ -118,20 +130,36 @@ class SSAMF(SparseSAM):
              grad_scaler=None, max_grad_norm=None):
         """A SAM step with the current mask. With the official keyword arguments (``model``,
         ``epoch``, ``batch_idx``, ``train_data``; ``logger`` optional; ``step`` accepted and
-        unused), the mask is then recomputed when ``epoch % update_freq == 0 and batch_idx == 0``.
-        ``grad_scaler`` and ``max_grad_norm``: as in :meth:`ssam.SAM.step`."""
+        unused), the mask is then recomputed (with the constructor's ``loss_fn``) when
+        ``epoch % update_freq == 0 and batch_idx == 0``. An update due on a step that raises, or
+        that raises itself, is made after the next such step instead (the mask as it was until
+        then). ``grad_scaler`` and ``max_grad_norm``: as in :meth:`ssam.SAM.step`."""
         closure = self._check_step_args(closure, grad_scaler, max_grad_norm)
+        check_logger(logger)
         official = [v is not None for v in (model, epoch, batch_idx, train_data)]
         if any(official) and not all(official):
             raise ValueError("the official calling convention needs all of model, epoch, batch_idx and train_data")
-        due = all(official) and self._due(epoch, batch_idx)
+        due = all(official) and (self._due(epoch, batch_idx) or self._update_owed)
+        if due and not isinstance(model, torch.nn.Module):  # (before the step, not after it)
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(official) and self.mask_updates == 0 and not self._warned_empty:
             warnings.warn("SSAMF.step() before any update_mask(): the mask is empty, nothing is perturbed", stacklevel=2)
             self._warned_empty = True
-        loss = super().step(closure, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        try:
+            loss = super().step(closure, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        except BaseException:
+            if due:  # (the mask unchanged)
+                self._owe_update(None)
+            raise
         if due:
-            self.update_mask(model, train_data)
-            self._log_update(logger)
+            before = self._update_snapshot()
+            try:
+                self.update_mask(model, train_data)
+                self._log_update(logger)
+            except BaseException:
+                self._owe_update(before)
+                raise
+            self._update_owed = False
         return loss
 
 

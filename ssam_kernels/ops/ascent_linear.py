@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..sparse_gemm import GEMMS, sparse_mm_24
-from .bitmask import BitMask, computed_rows, row_span
-from .masked_weight_grad import check_weight_mask, masked_weight_grad
+from .bitmask import BitMask, computed_rows, row_span, rows_first
+from .masked_weight_grad import MASKED_WEIGHT_GRAD, check_weight_mask, masked_weight_grad
 from .mvue24 import mvue24
 
 MODES = ("exact", "implicit", "mvue", "mvue_dx")
@@ -59,6 +59,14 @@ def is_24_along_out(mask) -> bool:
         return mask.memo("_24_along_out", lambda: is_24_along_out(mask.to_bool()))
     rows = mask.shape[0]
     return rows % 4 == 0 and bool((mask.reshape(rows // 4, 4, -1).sum(1) <= 2).all())
+
+
+def _masked_row_index(mask) -> torch.Tensor:
+    """int64 indices of the rows of ``mask`` holding a set entry (cached on a BitMask)."""
+    def index():
+        order, count = rows_first(mask)
+        return order[:count].long()
+    return mask.memo("_masked_row_index", index) if isinstance(mask, BitMask) else index()
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
@@ -137,6 +145,12 @@ class AscentLinearFunction(torch.autograd.Function):
                 if cfg.masked:
                     part = torch.where(_bool(cfg.mask).narrow(0, first, end - first), part, 0)
                 dw = pad_rows(part, first, out_f)
+            elif need_w and not cfg.masked and MASKED_WEIGHT_GRAD.resolve(cfg.backend, w.device) == "torch":
+                # scattered rows, unmasked, on cuBLAS: gather, one product, scatter (the op's
+                # reference would also unpack the mask and mask the rows)
+                rows = _masked_row_index(cfg.mask)
+                dw = x2.new_zeros(out_f, in_f, dtype=dtypes[1])
+                dw.index_copy_(0, rows, (dy2.index_select(1, rows).t() @ x2).to(dtypes[1]))
             elif need_w:
                 dw = masked_weight_grad(dy2, x2, cfg.mask, out_dtype=dtypes[1], backend=cfg.backend)
             if need_x:
