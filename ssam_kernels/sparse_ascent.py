@@ -270,7 +270,9 @@ class sparse_ascent(TorchFunctionMode):
         if self._frozen:
             raise RuntimeError("sparse_ascent is already active; it cannot be entered twice at once")
         if self.mode == "exact":
-            empty = [p for p, m in self._masks.values() if m is not None and p.requires_grad and _is_empty(m)]
+            # (a non-leaf key cannot be frozen: its gradient is computed, as in a dense pass)
+            empty = [p for p, m in self._masks.values()
+                     if m is not None and p.requires_grad and p.is_leaf and _is_empty(m)]
             # all masks empty: nothing will be perturbed, and freezing everything would make
             # the caller's backward() fail; leave the pass dense
             if len(empty) < sum(1 for p, _ in self._masks.values() if p.requires_grad):

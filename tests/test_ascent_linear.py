@@ -122,6 +122,8 @@ def test_bad_input(gen):
         ascent_linear(torch.zeros(4, 7), w, None, "mvue")
     with pytest.raises(ValueError, match="gemm must be one of"):
         ascent_linear(x, w, None, "mvue", gemm="cutlass")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        ascent_linear(x, w, None, "mvue", generator=123)  # (failed in the backward, on an attribute)
 
 
 @pytest.mark.cpu

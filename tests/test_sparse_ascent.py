@@ -600,3 +600,17 @@ def test_exact_scattered_rows_on_the_reference_gather_one_product_and_mask_nothi
     weight_ops = {k: v for k, v in ops.counts.items() if k in ("index_select", "mm", "index_copy_", "where",
                                                                 "bitwise_and", "index_put_", "nonzero")}
     assert weight_ops == {"index_select": 1, "mm": 1, "index_copy_": 1}
+
+
+@pytest.mark.cpu
+def test_exact_takes_a_non_leaf_key_with_an_empty_mask(gen):
+    """A mask keyed by a non-leaf tensor (a weight computed from a parameter) cannot be frozen:
+    the pass computes its gradient as a dense one would (torch refused the requires_grad flag)."""
+    base = torch.randn(6, 8, generator=gen, requires_grad=True)
+    head = torch.randn(3, 6, generator=gen, requires_grad=True)
+    w = base * 2
+    x = torch.randn(4, 8, generator=gen)
+    masks = {w: torch.zeros(6, 8, dtype=torch.bool), head: torch.ones(3, 6, dtype=torch.bool)}
+    with sparse_ascent(masks, "exact"):
+        F.linear(torch.tanh(F.linear(x, w)), head).square().sum().backward()
+    assert base.grad is not None and head.grad is not None and w.requires_grad

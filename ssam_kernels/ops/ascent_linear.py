@@ -198,6 +198,8 @@ def _check_config(weight: torch.Tensor, bias, config: AscentConfig) -> None:
                         f"weight (shape {tuple(weight.shape)}) is {weight.dtype}")
     if config.gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {config.gemm!r}")
+    if config.generator is not None and not isinstance(config.generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(config.generator).__name__}")
     if config.mode in ("exact", "implicit"):
         if config.mask is None:
             raise ValueError(f"mode {config.mode!r} needs the weight's mask")
