@@ -464,6 +464,31 @@ def test_exact_ascent_costs_no_more_ops_than_dense(model_name, structure, gen):
 
 
 @pytest.mark.cpu
+def test_ssamd_budget_masks_keep_row_ranges_through_updates(gen):
+    """Issue 23's no-gather check for SSAM-D's budget masks, after drop/grow updates (they
+    scattered a weight's rows before: 10 gathers a pass on ResNet-18)."""
+    from ssam.budget import measure_costs
+
+    torch.manual_seed(0)
+    model = resnet18_cifar()
+    x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.9, drop_rate=0.5, T_end=10,
+                     structure="budget", norm="masked", ascent_backward="exact", seed=0, lr=0.1,
+                     ascent_costs=measure_costs(model, list(model.parameters()), x[:1]))
+    for epoch in range(3):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()  # the gradient drop/grow reads
+        opt.update_mask(epoch)
+        model.zero_grad(set_to_none=True)
+        with sparse_ascent(dict(opt._masks), "exact"):  # warm: row facts cached on the masks
+            F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        with sparse_ascent(dict(opt._masks), "exact"), CountOps() as ops:
+            F.cross_entropy(model(x), y).backward()
+        assert not {"index_select", "index_put_", "zeros_like", "index", "nonzero"} & set(ops.counts), epoch
+
+
+@pytest.mark.cpu
 def test_the_optimizer_gives_checkpoints_its_recompute_context(gen):
     """opt.recompute_context() is the running ascent block's (nothing outside it): a model with
     checkpointed layers steps as the same model without them."""

@@ -337,7 +337,10 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
 def _as_ranges(costs: AscentCosts, per_param: dict, owner: torch.Tensor, row: torch.Tensor) -> dict[int, torch.Tensor]:
     """The rows taken, per parameter; in each weight (a parameter whose rows cost FLOPs), as
     many rows as taken moved to the contiguous range of them holding the most mass among the
-    ranges that hold every required row and only allowed ones (kept as taken where none does).
+    ranges that hold every required row and only allowed ones; where none does, among those
+    that hold every required row and the fewest rows not allowed (a range beats scattered rows:
+    SSAM-D's growth where its allowed rows lie apart); kept as taken where the required rows
+    span more.
     The FLOPs and entries are those of the rows taken; the exact backward computes a range on
     views of its operands, where scattered rows cost a gather of the output gradient."""
     out = {}
@@ -351,10 +354,13 @@ def _as_ranges(costs: AscentCosts, per_param: dict, owner: torch.Tensor, row: to
             continue
         starts = torch.arange(n - k + 1)
         window_mass = _window_sums(mass, k)
-        ok = _window_sums((~(may | must)).double(), k) == 0
+        holds = torch.ones(n - k + 1, dtype=torch.bool)
         if bool(must.any()):
             required = must.nonzero().squeeze(1)
-            ok &= (starts <= int(required[0])) & (starts + k > int(required[-1]))
+            holds = (starts <= int(required[0])) & (starts + k > int(required[-1]))
+        # the fewest rows not allowed (none where a range allows it), then the most mass
+        outside = _window_sums((~(may | must)).double(), k)
+        ok = holds & (outside == outside[holds].min()) if bool(holds.any()) else holds
         if bool(ok.any()):
             start = int(torch.where(ok, window_mass, torch.full_like(window_mass, -math.inf)).argmax())
             out[i] = torch.arange(start, start + k)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import math
 import warnings
 
@@ -234,25 +236,64 @@ class SSAMD(SparseSAM):
     def _update_rows(self, masks, drop_scores, grow_scores, rate) -> list[torch.Tensor]:
         """Budget rows: drop ``int(rate * live rows)`` live rows of lowest mean drop score, grow
         rows unmasked before by growth score per FLOP into the FLOP and entry budget, then
-        re-admit dropped rows (best drop score per FLOP) where room is left."""
+        re-admit dropped rows (best drop score per FLOP) where room is left.
+
+        A weight whose rows form a range (as the budget selection makes them: the exact backward
+        then computes them on views, with no gather) keeps one: its rows are dropped from the
+        range's ends only (the lower-scored end first), and it grows only at an end that lost no
+        row (or anywhere, once every row is dropped), beside its range."""
         costs = self._costs
-        means, owner, row = [], [], []
+        heap, ranges, free = [], {}, []
+        order = 0  # ties: the row earlier in (parameter, row) order drops first
         for i, m in enumerate(masks):
             if costs.position[i] is None or m.numel() == 0:
                 continue
-            live = costs.row_view(i, m).any(1)
-            means.append(costs.row_view(i, drop_scores[i]).float().mean(1)[live].cpu())
-            row.append(live.nonzero().squeeze(1).cpu())
-            owner.append(torch.full_like(row[-1], i))
+            rows = costs.row_view(i, m).any(1).nonzero().squeeze(1).cpu()
+            if rows.numel() == 0:
+                continue
+            mean = costs.row_view(i, drop_scores[i]).float().mean(1).cpu().tolist()
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if costs.row_cost[i] > 0 and hi - lo == rows.numel():
+                ranges[i] = [lo, hi, lo, hi, mean, order - lo]  # now, before, scores, order of row 0
+                for r in {lo, hi - 1}:
+                    heapq.heappush(heap, (mean[r], order + r - lo, i, r))
+            else:
+                for j, r in enumerate(rows.tolist()):
+                    heapq.heappush(heap, (mean[r], order + j, i, r))
+            order += rows.numel()
+        dropped = []
+        while heap and len(dropped) < int(rate * order):
+            _, _, i, r = heapq.heappop(heap)
+            if i in ranges:
+                rng = ranges[i]
+                lo, hi, mean, base = rng[0], rng[1], rng[4], rng[5]
+                if not (r == lo or r == hi - 1) or not lo <= r < hi:
+                    continue  # (an end's entry for a row dropped already)
+                if r == lo:
+                    rng[0] = lo = lo + 1
+                    if lo < hi - 1:
+                        heapq.heappush(heap, (mean[lo], base + lo, i, lo))
+                else:
+                    rng[1] = hi = hi - 1
+                    if lo < hi - 1:
+                        heapq.heappush(heap, (mean[hi - 1], base + hi - 1, i, hi - 1))
+            dropped.append((i, r))
         survivors = [m.clone() for m in masks]
-        if means:
-            means, owner, row = torch.cat(means), torch.cat(owner), torch.cat(row)
-            dropped = torch.sort(means, stable=True).indices[:int(rate * len(means))]
-            set_rows(costs, survivors, owner[dropped], row[dropped], False)
+        if dropped:
+            set_rows(costs, survivors, torch.tensor([i for i, _ in dropped]), torch.tensor([r for _, r in dropped]),
+                     False)
+        allowed = [~m for m in masks]
+        for i, (lo, hi, first, end, _, _) in ranges.items():
+            if lo < hi:  # rows left: grow only beside the range, at an end that lost none
+                grow = costs.row_view(i, allowed[i])
+                if lo != first:
+                    grow[:first] = False
+                if hi != end:
+                    grow[end:] = False
         # with every row dropped and no unmasked row fitting, growth is empty: the dropped rows
         # come back below
         grown = budget_select(grow_scores, costs, self._keep(), self._ascent_budget(), required=survivors,
-                              allowed=[~m for m in masks]).masks
+                              allowed=allowed).masks
         return self._budget_masks(drop_scores, required=grown, allowed=masks)
 
     # --- official calling convention ---------------------------------------------------------
