@@ -26,6 +26,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from ._backend import on_device
@@ -270,7 +271,12 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     the labels of the configurations to them."""
     key = _key(a, b)
     if key not in _TRIALS:
-        with on_device(a.device):  # the events time the current device's stream
+        if a.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"sparse_mm_24(gemm='auto'): a {tuple(a.shape)} @ {tuple(b.shape)} product met first "
+                               "inside a CUDA graph capture cannot be timed there: run the step once before capturing")
+        # the timed GEMMs are not part of the caller's computation: out of sight of its modes
+        # (a FlopCounterMode would count them, an op counter see them)
+        with on_device(a.device), _disable_current_modes():  # the events time the current device's stream
             _tune(a, b, key)
     return dict(_TRIALS[key])
 

@@ -227,6 +227,18 @@ def test_tuning_keeps_the_fastest_gemm_with_its_compression_and_auto_runs_dense_
     assert g._auto_choice(a, b) == "dense"  # 0.7 + 0.5 against 1.0
 
 
+@pytest.mark.cpu
+def test_tuning_runs_out_of_sight_of_the_callers_modes(monkeypatch):
+    """The GEMMs timed while tuning are not the caller's computation: a FlopCounterMode around
+    the first product of a shape counts nothing of them."""
+    a, b = torch.zeros(32, 64, dtype=torch.float16), torch.zeros(64, 16, dtype=torch.float16)
+    g = _fake_cusparselt(monkeypatch, lambda c: 0.5, {False: 0.5, True: 0.02}, 1.0)
+    monkeypatch.setattr(g, "_median_ms", lambda fn: (a.float() @ b.float(), fn(), 1.0)[-1])  # a real product per timing
+    with FlopCounterMode(display=False) as counter:
+        g.tune(a, b)
+    assert counter.get_total_flops() == 0
+
+
 # --- sparse tensor cores ---------------------------------------------------------------------
 
 @pytest.mark.cuda
