@@ -156,7 +156,9 @@ class sparse_ascent(TorchFunctionMode):
             computes the linear and convolution weight gradients only for the rows (output
             features / channels) holding a masked entry, exact on every masked entry, and
             skips parameters with empty masks (module docstring); it is exact for a
-            perturbation normalised over the masked gradient only.
+            perturbation normalised over the masked gradient only. A key that is not a leaf
+            (a weight computed from parameters, which read its whole gradient) runs plain
+            autograd.
         generator: draws the MVUE seeds (None: torch's global generator).
         gemm: ``"auto"``, ``"dense"`` or ``"cusparselt"`` for the 2:4 GEMMs.
         backend: ``ssam_kernels`` backend of the masked weight gradient and the MVUE draws.
@@ -208,7 +210,9 @@ class sparse_ascent(TorchFunctionMode):
         if not known or weight.dim() != 2:
             return None
         if self.mode == "exact":
-            if not weight.requires_grad:  # frozen: empty mask (or frozen by the user)
+            # frozen (empty mask, or by the user); or a weight computed from parameters, whose
+            # gradient the parameters read whole: plain autograd
+            if not weight.requires_grad or not weight.is_leaf:
                 return None
             _check_dtype("ascent_linear", weight)
             if mask is None or _every_row(mask):  # nothing to skip: plain autograd
@@ -240,7 +244,7 @@ class sparse_ascent(TorchFunctionMode):
         convolution: an unmasked or frozen weight, an unbatched input, an asymmetric
         ``"same"`` padding)."""
         known, mask = self._mask_of(weight)
-        if not known or mask is None or not weight.requires_grad or not isinstance(x, torch.Tensor):
+        if not known or mask is None or not weight.requires_grad or not weight.is_leaf or not isinstance(x, torch.Tensor):
             return None
         _check_dtype("ascent_conv", weight)
         if _every_row(mask):  # nothing to skip: plain autograd
@@ -280,7 +284,7 @@ class sparse_ascent(TorchFunctionMode):
                     p.requires_grad_(False)
                 self._frozen = empty
                 # the trainable masked parameters: each should get a gradient from this pass
-                self._watched = [p for p, _ in self._masks.values() if p.requires_grad]
+                self._watched = [p for p, _ in self._masks.values() if p.requires_grad and p.is_leaf]
         return super().__enter__()
 
     def __exit__(self, exc_type, exc, tb):

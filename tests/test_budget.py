@@ -268,8 +268,9 @@ def _ranges(n_rows, k):
 @pytest.mark.cpu
 def test_rows_taken_in_a_weight_become_its_best_contiguous_range(gen):
     """Per weight, the rows taken become the range of as many rows holding the most mass (one
-    product on views in the exact backward, no gather): the same FLOPs and entries; where
-    required and allowed rows leave no such range, the rows stay as taken."""
+    product on views in the exact backward, no gather): the same FLOPs and entries; where the
+    allowed rows leave no range that long, the longest they leave; where required rows lie
+    apart, the rows stay as taken."""
     rows = 9
     costs = AscentCosts(forward=100.0, sgd=400.0, position=(0, 10), row_cost=(5.0, 0.0),
                         op_depths=(10,), op_input_grad=(10.0,), rows=(rows, rows))
@@ -301,6 +302,19 @@ def test_rows_taken_in_a_weight_become_its_best_contiguous_range(gen):
     allowed[0][2] = False
     choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4, allowed=allowed)
     assert choice.masks[0].any(1).nonzero().squeeze(1).tolist() == [3, 4, 5, 6]
+    # allowed rows in runs shorter than the rows taken: the longest run holding the most mass,
+    # fewer rows (never a row not allowed), and the FLOPs of the rows kept
+    allowed[0][:] = False
+    allowed[0][[0, 1, 7, 8]] = True
+    choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4, allowed=allowed)
+    assert choice.masks[0].any(1).nonzero().squeeze(1).tolist() == [0, 1]
+    assert choice.ascent_flops == pytest.approx(100 + 10 + 5 * 2)
+    # a required row in such a run: the run around it
+    required = [torch.zeros(rows, 3, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)]
+    required[0][8, 0] = True
+    choice = budget_select(scores, costs, keep=rows * 3, ascent_budget=100.0 + 10 + 5 * 4, allowed=allowed,
+                           required=required)
+    assert choice.masks[0].any(1).nonzero().squeeze(1).tolist() == [7, 8]
 
 
 def _row_structured(costs, masks):

@@ -629,13 +629,29 @@ def test_exact_scattered_rows_on_the_reference_gather_one_product_and_mask_nothi
 
 @pytest.mark.cpu
 def test_exact_takes_a_non_leaf_key_with_an_empty_mask(gen):
-    """A mask keyed by a non-leaf tensor (a weight computed from a parameter) cannot be frozen:
-    the pass computes its gradient as a dense one would (torch refused the requires_grad flag)."""
+    """A mask keyed by a non-leaf tensor (a weight computed from a parameter): the parameter
+    reads its whole gradient, so the pass neither freezes it (torch refused the requires_grad
+    flag) nor skips its rows: the dense gradient, and no warning."""
     base = torch.randn(6, 8, generator=gen, requires_grad=True)
     head = torch.randn(3, 6, generator=gen, requires_grad=True)
-    w = base * 2
+    frozen = torch.randn(8, 8, generator=gen, requires_grad=True)  # an empty mask: frozen for the pass
     x = torch.randn(4, 8, generator=gen)
-    masks = {w: torch.zeros(6, 8, dtype=torch.bool), head: torch.ones(3, 6, dtype=torch.bool)}
-    with sparse_ascent(masks, "exact"):
-        F.linear(torch.tanh(F.linear(x, w)), head).square().sum().backward()
-    assert base.grad is not None and head.grad is not None and w.requires_grad
+
+    def loss(w):
+        return F.linear(torch.tanh(F.linear(torch.tanh(F.linear(x, frozen)), w)), head).square().sum()
+
+    dense = torch.autograd.grad(loss(base * 2), base)[0]
+    for empty in (True, False):
+        w = base * 2
+        mask = torch.zeros(6, 8, dtype=torch.bool)
+        if not empty:
+            mask[:2, :3] = True  # rows to skip, were it a leaf
+        base.grad = head.grad = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with sparse_ascent({w: mask, head: torch.ones(3, 6, dtype=torch.bool),
+                                frozen: torch.zeros(8, 8, dtype=torch.bool)}, "exact"):
+                loss(w).backward()
+        torch.testing.assert_close(base.grad, dense)
+        assert head.grad is not None and w.requires_grad and frozen.grad is None
+        assert not [c for c in caught if "sparse_ascent" in str(c.message)]

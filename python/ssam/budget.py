@@ -337,34 +337,52 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
 def _as_ranges(costs: AscentCosts, per_param: dict, owner: torch.Tensor, row: torch.Tensor) -> dict[int, torch.Tensor]:
     """The rows taken, per parameter; in each weight (a parameter whose rows cost FLOPs), as
     many rows as taken moved to the contiguous range of them holding the most mass among the
-    ranges that hold every required row and only allowed ones; where none does, among those
-    that hold every required row and the fewest rows not allowed (a range beats scattered rows:
-    SSAM-D's growth where its allowed rows lie apart); kept as taken where the required rows
-    span more.
-    The FLOPs and entries are those of the rows taken; the exact backward computes a range on
+    ranges that hold every required row and only allowed ones. Where the allowed rows around
+    the required ones (or, with none required, anywhere) leave no range that long, the longest
+    one they leave: fewer rows, so fewer FLOPs and entries than the budget allows (SSAM-D's
+    growth beside a range that lost rows at both ends). Kept as taken where the required rows
+    lie apart, beyond the rows taken or across a row not allowed.
+    The FLOPs and entries are those of the rows kept; the exact backward computes a range on
     views of its operands, where scattered rows cost a gather of the output gradient."""
     out = {}
     for i in torch.unique(owner).tolist():
         taken = row[owner == i]
         out[i] = taken
-        k = taken.numel()
         mass, must, may = per_param[i]
-        n = mass.numel()
-        if costs.row_cost[i] == 0 or k == n:
+        if costs.row_cost[i] == 0 or taken.numel() == mass.numel():
             continue
-        starts = torch.arange(n - k + 1)
-        window_mass = _window_sums(mass, k)
-        holds = torch.ones(n - k + 1, dtype=torch.bool)
-        if bool(must.any()):
-            required = must.nonzero().squeeze(1)
-            holds = (starts <= int(required[0])) & (starts + k > int(required[-1]))
-        # the fewest rows not allowed (none where a range allows it), then the most mass
-        outside = _window_sums((~(may | must)).double(), k)
-        ok = holds & (outside == outside[holds].min()) if bool(holds.any()) else holds
-        if bool(ok.any()):
-            start = int(torch.where(ok, window_mass, torch.full_like(window_mass, -math.inf)).argmax())
-            out[i] = torch.arange(start, start + k)
+        window = _best_window(mass, must, may | must, taken.numel())
+        if window is not None:
+            out[i] = torch.arange(*window)
     return out
+
+
+def _best_window(mass: torch.Tensor, must: torch.Tensor, free: torch.Tensor, k: int) -> tuple[int, int] | None:
+    """``(start, end)`` of the range of at most ``k`` rows, all ``free``, holding every ``must``
+    row, that is longest and then holds the most mass (the first such); None where the ``must``
+    rows cannot share one."""
+    n = mass.numel()
+    blocked = (~free).nonzero().squeeze(1)
+    if bool(must.any()):
+        required = must.nonzero().squeeze(1)
+        lo, hi = int(required[0]), int(required[-1]) + 1
+        if hi - lo > k or bool((blocked >= lo).logical_and(blocked < hi).any()):
+            return None
+        # the run of free rows around the required ones
+        first = int(blocked[blocked < lo].max()) + 1 if bool((blocked < lo).any()) else 0
+        end = int(blocked[blocked >= hi].min()) if bool((blocked >= hi).any()) else n
+        size = min(k, end - first)
+    else:  # the longest run of free rows, at most k
+        edges = torch.cat([torch.tensor([-1]), blocked, torch.tensor([n])])
+        size = min(k, int((edges[1:] - edges[:-1] - 1).max()))
+        if size == 0:
+            return None
+        lo, hi = n, 0
+    starts = torch.arange(n - size + 1)
+    ok = (_window_sums((~free).double(), size) == 0) & (starts <= lo) & (starts + size >= hi)
+    sums = _window_sums(mass, size)
+    start = int(torch.where(ok, sums, torch.full_like(sums, -math.inf)).argmax())
+    return start, start + size
 
 
 def _window_sums(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -57,9 +57,11 @@ class SSAMD(SparseSAM):
     or exactly N per full group (N:M). Each update drops ``int(death_rate * live)`` entries
     (at most as many as are unmasked) and grows as many among entries unmasked before it.
     With ``"budget"`` the unit is a row and the FLOP budget the limit: an update drops
-    ``int(death_rate * live rows)`` rows of lowest mean drop score, grows rows unmasked before by
-    growth score per FLOP while the ascent pass fits the paper's column, then re-admits dropped
-    rows where room is left; at most ``int((1 - sparsity) * total)`` entries are perturbed.
+    ``int(death_rate * live rows)`` rows of lowest mean drop score (a weight's from the ends of its
+    row range: its rows stay one range), grows rows unmasked before by growth score per FLOP while
+    the ascent pass fits the paper's column (a weight beside its range, at an end that lost no
+    row), then re-admits dropped rows where room is left; at most ``int((1 - sparsity) * total)``
+    entries are perturbed.
     """
 
     def __init__(
