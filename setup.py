@@ -190,6 +190,8 @@ def check_setuptools() -> None:
     'bdist_wheel'": say what to do instead."""
     import setuptools
 
+    if not {"bdist_wheel", "editable_wheel"} & set(sys.argv[1:]):  # (sdist, egg_info: no wheel)
+        return
     version = tuple(int(v) for v in re.findall(r"\d+", setuptools.__version__)[:2])
     if version < (70, 1):
         try:

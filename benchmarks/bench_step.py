@@ -360,6 +360,9 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
     x = x.contiguous(memory_format=memory_format)
     fisher_samples = 128 if cuda else 4
     steps, rows = {}, []
+    # captured steps are timed as they come, each against the replayed SGD, and let go: each
+    # graph holds a whole step's memory for as long as it lives
+    sgd_replay, paired = None, {}
     with fisher_once() as fisher_nbytes:
         for c in specs:
             if cuda:
@@ -375,7 +378,10 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                 base += fisher_nbytes() - kept  # (the scores kept for the next contenders, where made now)
                 torch.cuda.reset_peak_memory_stats(device)
             step = make_step(model, opt, x, y, workload.loss, autocast=cuda, captured=c.captured)
-            row = dict(model=name, batch=batch, layout=layout, launch="CUDA graph" if c.captured else "eager",
+            launch = "eager"
+            if c.captured:  # (an MVUE seed is drawn on the host: the capture keeps the one it saw)
+                launch = "CUDA graph" + (", MVUE draws fixed at capture" if c.mode in ("mvue", "mvue_dx") else "")
+            row = dict(model=name, batch=batch, layout=layout, launch=launch,
                        optimizer=c.optimizer.upper(),
                        sparsity=c.sparsity and _sparsity_label(c.sparsity),
                        mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
@@ -387,15 +393,22 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             row["counted_gflop"] = flops / 1e9
             if timed and c.captured:
                 try:
-                    steps[c.name] = _Replay(capture_step(step, device), step)
+                    replay = _Replay(capture_step(step, device), step)
                 except RuntimeError as exc:  # reported in its row; the other contenders go on
                     row["launch"] = f"CUDA graph: capture failed: {_first_line(exc)}"
+                    replay = None
+                if c.optimizer == "sgd":
+                    sgd_replay = replay
+                elif replay is not None and sgd_replay is not None:
+                    pair = interleaved_samples({"sgd": sgd_replay, "mine": replay}, device, warmup=3, reps=reps)
+                    paired[c.name] = (pair["mine"], pair["sgd"])
+                del replay
             elif timed:
                 steps[c.name] = step
             if timed and cuda:
                 torch.cuda.synchronize(device)
                 row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            if not c.captured:  # (a captured step's gradients are the graph's: it writes them)
+            if not c.captured or c.optimizer != "sgd":  # (the SGD graph writes its gradients: kept)
                 opt.zero_grad(set_to_none=True)
             if not timed:
                 del model, opt, step
@@ -403,9 +416,15 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             if progress is not None:
                 progress.update(1)
     if timed:
-        samples = interleaved_samples(steps, device, warmup=3, reps=reps)
+        samples = interleaved_samples(steps, device, warmup=3, reps=reps) if steps else {}
+        for name, (mine, sgd_samples) in paired.items():
+            samples[name] = mine
+            samples.setdefault(f"{name} sgd", sgd_samples)
+        if paired:  # the replayed SGD: every round it ran beside a captured contender
+            samples[Contender("sgd", captured=True).name] = [t for _, s in paired.values() for t in s]
         for c, row in zip(specs, rows):
-            mine, sgd_samples = samples.get(c.name), samples.get(c.sgd.name)
+            mine = samples.get(c.name)
+            sgd_samples = samples.get(f"{c.name} sgd") if c.name in paired else samples.get(c.sgd.name)
             if mine is None or sgd_samples is None:  # its capture or SGD's failed
                 continue
             row["step_ms"] = statistics.median(mine) * 1e3

@@ -1,8 +1,10 @@
 """ssam-bench: the step, overhead and mask benchmarks compute what they claim, the CLI runs
 end to end off a GPU (labelled CPU), and the README's results section is regenerated."""
 
+import gc
 import json
 import re
+import weakref
 
 import pytest
 import torch
@@ -57,11 +59,17 @@ class _FakeGraph:
 def test_captured_rows_time_replays_against_the_replayed_sgd(monkeypatch):
     captures, replays = [], []
 
+    graphs = []
+
     def fake_capture(step, device, warmup=3):
         captures.append(step)
+        gc.collect()  # each captured contender's graph is let go once it is timed (SGD's kept)
+        assert [g() is not None for g in graphs] == [True, False, False][:len(graphs)]
         if len(captures) == 3:  # the third contender's capture fails: its row says why, no timing
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
-        return _FakeGraph(lambda: replays.append(step) or step())
+        graph = _FakeGraph(lambda: replays.append(step) or step())
+        graphs.append(weakref.ref(graph))
+        return graph
 
     monkeypatch.setattr(bench_step, "capture_step", fake_capture)
     workload = bench_step.QUICK_WORKLOADS["tiny_gpt"]
@@ -79,6 +87,15 @@ def test_captured_rows_time_replays_against_the_replayed_sgd(monkeypatch):
         assert by[name]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
     assert by["sam graph"]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
     assert by["sam graph"]["step_vs_sgd"] > 0 and by["sam graph"]["step_vs_sgd_iqr"] >= 0
+
+
+def test_captured_mvue_rows_say_their_draws_are_fixed(monkeypatch):
+    monkeypatch.setattr(bench_step, "capture_step", lambda step, device, warmup=3: _FakeGraph(step))
+    workload = bench_step.QUICK_WORKLOADS["tiny_gpt"]
+    specs = bench_step.contenders({"ssam-f"}, ("2:4",), ["mvue", "implicit"], graphs=("captured",))
+    rows = bench_step.bench_workload("tiny_gpt", workload, specs, CPU, reps=2, timed=True, batch=workload.batch)
+    assert [r["launch"] for r in rows] == ["CUDA graph", "CUDA graph, MVUE draws fixed at capture", "CUDA graph"]
+    assert all(r["step_vs_sgd"] > 0 for r in rows)
 
 
 def test_plan_without_gpu_counts_real_models_and_times_tiny_ones():

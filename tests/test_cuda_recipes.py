@@ -178,10 +178,11 @@ CAPTURED_CONFIGS = [("SAM", "dense", "unstructured", 1.0), ("SSAMF", "exact", "u
 
 @pytest.mark.parametrize(("kind", "mode", "structure", "fraction"), CAPTURED_CONFIGS)
 def test_a_captured_whole_step_replays_to_the_eager_steps(kind, mode, structure, fraction, monkeypatch, gen):
-    """``opt.step(closure)`` captured whole in a CUDA graph (both passes: the exact and budget
-    ascent backwards, a sub-batch ascent; the optimizer's), as ``ssam-bench step --graphs
-    captured`` times it: its replays give the eager device steps' weights. The same kernels run
-    in the same order (TF32 off, deterministic cuDNN), hence the tight tolerance."""
+    """``opt.step(closure)`` captured whole in a CUDA graph (both passes: the exact ascent
+    backward, by plain autograd where every row is masked and on row ranges with budget masks,
+    a sub-batch ascent; the optimizer's), as ``ssam-bench step --graphs captured`` times it: its
+    replays give the eager device steps' weights. The same kernels run in the same order (TF32
+    off, deterministic cuDNN), hence the tight tolerance."""
     if DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device (this is a dry run of the cuda tier)")
     state = gen.get_state()
