@@ -25,8 +25,10 @@ blocks of GPT-2 small (2k, 8k and 16k tokens). Per contender:
 captured once in a CUDA graph after a warm-up and replayed (the ``launch`` column), so the
 ratio is the GPU's work alone, without the host's launches. On a GPU fast enough to wait for
 its host (ResNet-18 at batch 128 on an H200: an SGD step's 480 kernels ran for 5.9 ms of a
-10 ms step), the eager ratio counts launches and the captured one the work. A contender whose
-capture fails says why in its row.
+10 ms step), the eager ratio counts launches and the captured one the work. Each captured
+contender is timed against the replayed SGD (interleaved) as it comes and its graph let go, so
+one step's graph memory lives at a time beside SGD's. A contender whose capture fails says why
+in its row; an MVUE mode's row says its draws are fixed at capture (the seed is drawn on the host).
 
 Inputs are synthetic (random images and labels, random hidden states with a squared-output
 loss), so only the timing means anything; on a GPU every model runs under bf16 autocast, and
