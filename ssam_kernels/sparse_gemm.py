@@ -334,9 +334,19 @@ def gemm_trials() -> dict[tuple, dict[str, float]]:
     return {k: dict(v) for k, v in _TRIALS.items()}
 
 
+# Shapes ``gemm="auto"`` tunes; past this many, a new shape runs dense. A shape's tuning times
+# dozens of GEMMs with a host sync each: with variable sequence lengths every new token count is
+# a new shape, and tuning each one would cost more than the sparse GEMMs could win back.
+MAX_TUNED_SHAPES = 64
+
+
 def _auto_choice(a: torch.Tensor, b: torch.Tensor) -> str:
     key = _key(a, b)
     if key not in _CHOICE:
+        if len(_CHOICE) >= MAX_TUNED_SHAPES:
+            log_once(("tuned shapes",), f"sparse_mm_24(gemm='auto'): {MAX_TUNED_SHAPES} shapes tuned already (variable "
+                     "sequence lengths?); new shapes run dense (gemm='cusparselt' runs them sparse)")
+            return "dense"
         trials = tune(a, b)
         best = _CONFIG[key]
         sparse_ms = trials[best.label()] + _compress_ms(trials, best)

@@ -228,6 +228,20 @@ def test_tuning_keeps_the_fastest_gemm_with_its_compression_and_auto_runs_dense_
 
 
 @pytest.mark.cpu
+def test_auto_tunes_a_bounded_number_of_shapes(monkeypatch):
+    """Variable sequence lengths make a new shape of every token count: past MAX_TUNED_SHAPES,
+    auto runs a new shape dense instead of timing dozens of GEMMs for it."""
+    g = _fake_cusparselt(monkeypatch, lambda c: 0.1, {False: 0.1, True: 0.01}, 1.0)
+    monkeypatch.setattr(g, "MAX_TUNED_SHAPES", 2)
+    tuned = []
+    original = g.tune
+    monkeypatch.setattr(g, "tune", lambda a, b: tuned.append(b.shape[1]) or original(a, b))
+    a = torch.zeros(32, 64, dtype=torch.float16)
+    choices = [g._auto_choice(a, torch.zeros(64, n, dtype=torch.float16)) for n in (16, 24, 32, 16)]
+    assert choices == ["cusparselt", "cusparselt", "dense", "cusparselt"] and tuned == [16, 24]
+
+
+@pytest.mark.cpu
 def test_tuning_runs_out_of_sight_of_the_callers_modes(monkeypatch):
     """The GEMMs timed while tuning are not the caller's computation: a FlopCounterMode around
     the first product of a shape counts nothing of them."""
