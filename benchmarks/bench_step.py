@@ -419,14 +419,11 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                 progress.update(1)
     if timed:
         samples = interleaved_samples(steps, device, warmup=3, reps=reps) if steps else {}
-        for name, (mine, sgd_samples) in paired.items():
-            samples[name] = mine
-            samples.setdefault(f"{name} sgd", sgd_samples)
         if paired:  # the replayed SGD: every round it ran beside a captured contender
             samples[Contender("sgd", captured=True).name] = [t for _, s in paired.values() for t in s]
         for c, row in zip(specs, rows):
-            mine = samples.get(c.name)
-            sgd_samples = samples.get(f"{c.name} sgd") if c.name in paired else samples.get(c.sgd.name)
+            # a captured contender against the SGD rounds it ran beside, the others against theirs
+            mine, sgd_samples = paired.get(c.name) or (samples.get(c.name), samples.get(c.sgd.name))
             if mine is None or sgd_samples is None:  # its capture or SGD's failed
                 continue
             row["step_ms"] = statistics.median(mine) * 1e3

@@ -349,12 +349,8 @@ def test_rho_zero_follows_a_fused_torch_sgd_exactly(gen):
     model, plain = _model(), _model()
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.0, **hyper)
     base = torch.optim.SGD(plain.parameters(), **hyper)
+    _sam_steps(opt, model, batches)
     for x, y in batches:
-        opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        F.mse_loss(model(x), y).backward()
-        opt.second_step()
         base.zero_grad()
         F.mse_loss(plain(x), y).backward()
         base.step()

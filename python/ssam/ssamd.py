@@ -245,7 +245,7 @@ class SSAMD(SparseSAM):
         range's ends only (the lower-scored end first), and it grows only at an end that lost no
         row (or anywhere, once every row is dropped), beside its range."""
         costs = self._costs
-        heap, ranges, free = [], {}, []
+        heap, ranges = [], {}
         order = 0  # ties: the row earlier in (parameter, row) order drops first
         for i, m in enumerate(masks):
             if costs.position[i] is None or m.numel() == 0:
