@@ -7,8 +7,8 @@ The forward is ``F.conv{1,2,3}d``'s (autocast honoured). The backward returns
   set entry: ``convolution_backward(dY[:, R], X, W[R])``, so its FLOPs are ``|R| / out`` of the
   dense weight gradient's. Where ``R`` is a contiguous range (what budget masks choose), or
   scattered over a span barely wider (``SPAN_SLACK``), the span is computed on views
-  (``narrow``) and zero-padded around (one ``constant_pad_nd``); wider scattered rows are
-  gathered. Grouped convolutions (``groups > 1``)
+  (``narrow``) and zero-padded around (one ``constant_pad_nd``); for wider scattered rows
+  ``dY[:, R]`` is gathered (``W[R]`` is not: a weight gradient reads only its weight's shape). Grouped convolutions (``groups > 1``)
   compute ``dW`` densely and mask it: slicing output channels would break the groups.
 * ``dX`` and ``db = (Σ dY) ⊙ m_b`` as dense autograd computes them, in the same call
   (only where needed).
@@ -105,10 +105,12 @@ class AscentConvFunction(torch.autograd.Function):
             if ctx.masked:
                 part = _masked(part, _checks.as_bool(mask).narrow(0, first, span))
             dw = pad_rows(part, first, out_channels)
-        elif need_w:  # scattered channels: gathered
+        elif need_w:  # scattered channels: dY's gathered
             rows = mask.rows_with_bits() if isinstance(mask, BitMask) else masked_rows(mask)
             dw = torch.zeros_like(w)
-            part = torch.ops.aten.convolution_backward(dy.index_select(1, rows), x, w.index_select(0, rows), None,
+            # a weight gradient alone reads only the weight's shape and layout (cuDNN, oneDNN and
+            # the native kernels alike): any |R| channels of W, as a view, stand for W[R]
+            part = torch.ops.aten.convolution_backward(dy.index_select(1, rows), x, w.narrow(0, 0, rows.numel()), None,
                                                        *common, [False, True, False])[1]
             dw[rows] = _masked(part, _checks.as_bool(mask)[rows]) if ctx.masked else part
         if need_b and bias_mask is not None and ctx.masked:
