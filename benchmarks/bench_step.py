@@ -324,8 +324,10 @@ def counted_flops(fn) -> int:
     return counted(fn)[0]
 
 
-# ops that launch no kernel: allocations (views are told apart by their schema)
-_NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"})
+# ops that launch no kernel: allocations, and the profiler's record_function markers that
+# torch.optim's step() enters (views are told apart by their schema)
+_NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                        "_record_function_enter", "_record_function_enter_new", "_record_function_exit"})
 
 
 class _OpCounter(TorchDispatchMode):

@@ -132,6 +132,24 @@ def test_step_rows_count_flops_and_time_against_sgd():
     assert all(r["step_vs_sgd_iqr"] >= 0 for r in rows.values())
 
 
+def test_the_op_count_leaves_out_what_launches_nothing():
+    """The ``ops`` column counts device work: the profiler markers torch.optim's step() enters,
+    views and bare allocations are not kernels."""
+    x = torch.randn(4, 4)
+
+    def markers_views_allocations():
+        with torch.autograd.profiler.record_function("step"):
+            x.view(16)
+            torch.empty(3)
+
+    assert bench_step.counted(markers_views_allocations)[1] == 0
+    assert bench_step.counted(lambda: x.add(1).mul_(2))[1] == 2
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p], lr=0.1, foreach=True)  # one foreach update, inside its record_function
+    assert bench_step.counted(opt.step)[1] == 1
+
+
 def test_step_computes_the_fisher_scores_once_per_workload(monkeypatch):
     """Every SSAM-F contender of a workload gets the masks it would get on its own, from one
     Fisher computation."""
