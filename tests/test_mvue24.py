@@ -125,3 +125,27 @@ def test_every_seed_torch_takes_draws_its_stream():
     big = 2**64 - 5
     assert torch.equal(mvue24(x, seed=big, backend="torch"), mvue24_torch(x, None, big))
     assert torch.equal(mvue24(x, seed=big, backend="torch"), mvue24(x, seed=-5, backend="torch"))
+
+
+@pytest.mark.interpret
+def test_triton_takes_the_reference_beyond_int32_group_ids(gen, monkeypatch):
+    """The Triton kernel numbers groups (Philox counters, uniforms' offsets) in int32: a call
+    whose programs would number MAX_GROUPS (2**31) or more takes the reference; shown with the
+    limit lowered."""
+    from helpers import TRITON_ON_CPU
+
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    import ssam_kernels.ops.mvue24 as ops_mvue
+    from ssam_kernels.triton_ops import mvue24 as triton_mvue
+
+    x = torch.randn(8, 64, generator=gen)  # 128 groups: one program
+    calls = []
+    reference = ops_mvue.mvue24_torch
+    monkeypatch.setattr(ops_mvue, "mvue24_torch", lambda *a: calls.append(a[2]) or reference(*a))
+    triton_mvue.mvue24_triton(x, None, 5)
+    monkeypatch.setattr(triton_mvue, "MAX_GROUPS", triton_mvue.GROUPS_PER_PROGRAM)
+    triton_mvue.mvue24_triton(x, None, 5)
+    assert calls == []
+    monkeypatch.setattr(triton_mvue, "MAX_GROUPS", triton_mvue.GROUPS_PER_PROGRAM - 1)
+    assert torch.equal(triton_mvue.mvue24_triton(x, None, 5), reference(x, None, 5)) and calls == [5]

@@ -85,3 +85,26 @@ def test_errors():
         nm_mask(torch.tensor(1.0), 1, 2)
     with pytest.raises(TypeError, match="floating"):
         nm_mask(torch.ones(8, dtype=torch.int32), 2, 4)
+
+
+@pytest.mark.interpret
+def test_triton_takes_the_reference_beyond_int32_group_ids(gen, monkeypatch):
+    """The Triton kernel numbers groups in int32: a call whose programs would number MAX_GROUPS
+    (2**31) or more takes the reference; shown with the limit lowered."""
+    from helpers import TRITON_ON_CPU
+
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    import ssam_kernels.ops.nm_mask as ops_nm
+    from ssam_kernels.triton_ops import nm_mask as triton_nm
+
+    scores = rand((6, 40), generator=gen)  # 60 groups of 4: one program of 512
+    calls = []
+    reference = ops_nm.nm_mask_torch
+    monkeypatch.setattr(ops_nm, "nm_mask_torch", lambda *a: calls.append(a[1:]) or reference(*a))
+    expected = reference(scores, 2, 4, True)
+    assert torch.equal(triton_nm.nm_mask_triton(scores, 2, 4, True), expected) and calls == []
+    monkeypatch.setattr(triton_nm, "MAX_GROUPS", 512)  # one program's worth still fits
+    assert torch.equal(triton_nm.nm_mask_triton(scores, 2, 4, True), expected) and calls == []
+    monkeypatch.setattr(triton_nm, "MAX_GROUPS", 511)
+    assert torch.equal(triton_nm.nm_mask_triton(scores, 2, 4, True), expected) and calls == [(2, 4, True)]

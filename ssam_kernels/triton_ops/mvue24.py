@@ -66,9 +66,19 @@ def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.const
         tl.store(out + flat, tl.reshape(_mvue24_groups(v, u), [G * 4]).to(out.dtype.element_ty), mask=flat < numel)
 
 
+# The kernel numbers groups (its Philox counters, the uniforms' offsets) in int32: a call whose
+# programs would number this many groups or more takes the reference, which draws its own
+# stream from the seed.
+MAX_GROUPS = 2**31
+
+
 def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | None) -> torch.Tensor:
-    out = torch.empty_like(x)
     groups = x.numel() // 4
+    if triton.cdiv(groups, GROUPS_PER_PROGRAM) * GROUPS_PER_PROGRAM > MAX_GROUPS:
+        from ..ops.mvue24 import mvue24_torch
+
+        return mvue24_torch(x, uniforms, seed)
+    out = torch.empty_like(x)
     if groups:
         _mvue24_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](
             x, out, uniforms if uniforms is not None else x, seed if seed is not None else 0, groups, groups * 4,

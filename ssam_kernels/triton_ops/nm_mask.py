@@ -40,22 +40,27 @@ def _nm_select_kernel(x, out, rows, cols, groups_per_row, N: tl.constexpr, M: tl
     tl.store(out + offs, (rank < N).to(tl.int8), mask=valid)
 
 
+# The kernel numbers groups in int32 (cheap divisions): a call whose programs would number
+# this many groups or more takes the reference.
+MAX_GROUPS = 2**31
+
+
 def nm_mask_triton(scores: torch.Tensor, n: int, m: int, magnitude: bool) -> torch.Tensor:
     """Host launcher: same contract as ``nm_mask_torch`` (inputs checked by the caller)."""
-    if m > MAX_M:
+    shape = scores.shape
+    cols = shape[-1]
+    groups_per_row = (cols + m - 1) // m
+    total = scores.numel() // max(cols, 1) * groups_per_row
+    mp = triton.next_power_of_2(m)
+    g = groups_per_program(mp)
+    if m > MAX_M or triton.cdiv(total, g) * g > MAX_GROUPS:
         from ..ops.nm_mask import nm_mask_torch
 
         return nm_mask_torch(scores, n, m, magnitude)
-    shape = scores.shape
-    cols = shape[-1]
     x = scores.contiguous().reshape(-1, cols) if scores.numel() else scores.reshape(0, max(cols, 1))
     rows = x.shape[0]
     out = torch.empty(shape, dtype=torch.int8, device=scores.device)
-    groups_per_row = (cols + m - 1) // m
-    total = rows * groups_per_row
     if total:
-        mp = triton.next_power_of_2(m)
-        g = groups_per_program(mp)
         _nm_select_kernel[(triton.cdiv(total, g),)](
             x, out, rows, cols, groups_per_row, N=n, M=m, MP=mp, MAGNITUDE=magnitude, G=g,
         )
