@@ -11,7 +11,10 @@ WideResNet-28-10 (batch 128), ResNet-50 (batch 64, 224x224), ViT-S/16 (batch 64)
 blocks of GPT-2 small (2k, 8k and 16k tokens). Per contender:
 
 * ``step / SGD``: median time of ``zero_grad(); step(closure)`` (SGD: forward, backward,
-  ``step()``) over an SGD step measured in the same interleaved loop (CUDA events);
+  ``step()``) over an SGD step measured in the same interleaved loop (CUDA events); the
+  closure runs the pass at ``w + e`` inside ``ssam.frozen_batchnorm_stats``, the README's
+  recipe (BatchNorm's statistics move once a step, as in SGD, and that pass launches no
+  statistics updates);
 * ``counted FLOPs / SGD``: ``FlopCounterMode`` over one step as it runs here (a cuSPARSELt
   product counts half the dense one; the exact mode's masked weight gradient counts the rows
   that hold a masked entry, whichever backend runs it);
@@ -267,17 +270,21 @@ def fisher_once():
 
 
 def make_step(model, opt, x, y, loss_fn, autocast: bool, captured: bool = False) -> Callable[[], None]:
+    sam = isinstance(opt, ssam.SAM)
+
     def closure():
-        xb, yb = opt.batch(x, y) if isinstance(opt, ssam.SAM) else (x, y)  # the ascent pass may take a part
+        xb, yb = opt.batch(x, y) if sam else (x, y)  # the ascent pass may take a part
         # (a graph replays autocast's casts of the weights only without autocast's cache)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=not captured):
+        # the README's recipe: BatchNorm's statistics move once a step, from the pass at w
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=not captured), \
+                ssam.frozen_batchnorm_stats(model, enabled=sam and opt.perturbed):
             loss = loss_fn(model(xb), yb)
         loss.backward()
         return loss
 
     def step():
         opt.zero_grad(set_to_none=True)
-        if isinstance(opt, ssam.SAM):
+        if sam:
             opt.step(closure)  # runs the ascent pass itself, in its ascent_backward mode
         else:
             closure()

@@ -150,6 +150,23 @@ def test_the_op_count_leaves_out_what_launches_nothing():
     assert bench_step.counted(opt.step)[1] == 1
 
 
+def test_timed_sam_steps_move_batchnorm_statistics_once_a_step():
+    """The benchmark's closure is the README's recipe: the pass at w + e runs inside
+    frozen_batchnorm_stats, so a SAM step counts its batch once, as SGD's does."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    for make_opt in (lambda ps: torch.optim.SGD(ps, lr=0.1), lambda ps: ssam.SAM(ps, torch.optim.SGD, lr=0.1)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                    torch.nn.Linear(144, 4))
+        step = bench_step.make_step(model, make_opt(model.parameters()), x, y, torch.nn.functional.cross_entropy,
+                                    autocast=False)
+        step()
+        step()
+        assert int(model[1].num_batches_tracked) == 2
+        assert model[1].track_running_stats  # restored after each pass
+
+
 def test_step_computes_the_fisher_scores_once_per_workload(monkeypatch):
     """Every SSAM-F contender of a workload gets the masks it would get on its own, from one
     Fisher computation."""

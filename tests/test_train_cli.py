@@ -97,3 +97,19 @@ def test_device_rule_names_what_torch_sees(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--device", "cuda:3"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("opt", ["sgd", "sam", "ssamf"])
+def test_batchnorm_statistics_move_once_a_step(opt, monkeypatch):
+    """The training loop runs the pass at w + e inside frozen_batchnorm_stats (the README's
+    recipe): every BatchNorm counts each batch once, as under SGD."""
+    import ssam.train as train
+
+    built = []
+    monkeypatch.setitem(train.MODELS, "convnet", lambda: built.append(train.DigitsNet()) or built[-1])
+    args = parse_args(["--opt", opt, "--epochs", "1", "--quiet"])
+    assert main(["--opt", opt, "--epochs", "1", "--quiet"]) == 0
+    train_set, _ = train.load_digits(args.seed)
+    steps = -(-len(train_set) // args.batch_size)
+    bns = [m for m in built[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(int(m.num_batches_tracked) == steps and m.track_running_stats for m in bns)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 import ssam_kernels
 from ssam_kernels import ASCENT_MODES
 
+from .batchnorm import frozen_batchnorm_stats
 from .budget import measure_costs
 from .models import DigitsMLP, DigitsNet
 from .sam import SAM
@@ -94,8 +95,11 @@ def train(args) -> dict:
             start = time.perf_counter()
 
             def closure():
-                xb, yb = opt.batch(x, y) if isinstance(opt, SAM) else (x, y)  # the ascent pass: --ascent-fraction
-                loss = F.cross_entropy(model(xb), yb)
+                sam = isinstance(opt, SAM)
+                xb, yb = opt.batch(x, y) if sam else (x, y)  # the ascent pass: --ascent-fraction
+                # BatchNorm's statistics move once a step, from the pass at w (the README's recipe)
+                with frozen_batchnorm_stats(model, enabled=sam and opt.perturbed):
+                    loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 return loss
 
