@@ -102,3 +102,40 @@ def test_setup_cuda_home_env_wins_and_a_wrong_one_is_reported(tmp_path, monkeypa
     home, looked = setup.cuda_home()
     assert home == str(root)
     assert looked[0] == f"CUDA_HOME={tmp_path / 'nowhere'}"
+
+
+# the fp32 kernels that load and store tensor elements (mangled names): perturb, restore, and the
+# planned perturb, restore and restore + SGD
+_STORING_FP32_KERNELS = ("MoveIffLb1EE", "MoveIffLb0EE", "plan_perturb_kernelIffE", "plan_restore_kernelIfE",
+                         "plan_restore_sgd_kernelIfE")
+
+
+def _loads_before_a_store(body: str) -> int:
+    """The most fp32 element loads the PTX ``body`` issues in a row before a store (a store
+    ends a run; branches and labels do not)."""
+    run = most = 0
+    for line in body.splitlines():
+        line = re.sub(r"^\s*(@!?%p\d+\s+)?", "", line)
+        if re.match(r"ld(\.global)?\.f32\s", line):
+            run += 1
+        elif re.match(r"st(\.global)?\.", line):
+            most, run = max(most, run), 0
+    return most
+
+
+@needs_nvcc
+def test_storing_kernels_keep_a_batch_of_loads_in_flight(tmp_path):
+    """The tensors' addresses come from tables, so the compiler must assume a store may alias the
+    next load: element by element, a thread waited for one load at a time (load, store, load,
+    store...), latency-bound far below the memory bandwidth. Each storing kernel loads a batch
+    of 8 fp32 elements (16 loads where it reads two tensors) before it stores any."""
+    ptx = tmp_path / "kernels.ptx"
+    cmd = [NVCC, CXX_STD, "-O3", "--fmad=false", "-arch=sm_90", "-I", os.path.join(ROOT, "csrc"), "-ptx",
+           os.path.join(ROOT, "csrc", "cuda", "kernels.cu"), "-o", str(ptx)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    bodies = dict(re.findall(r"\.entry\s+(\w+)\((.*?)\n\}", ptx.read_text(), re.S))
+    for kernel in _STORING_FP32_KERNELS:
+        found = [body for name, body in bodies.items() if kernel in name]
+        assert len(found) == 1, (kernel, len(found))
+        assert _loads_before_a_store(found[0]) >= 8, kernel

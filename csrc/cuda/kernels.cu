@@ -1,10 +1,12 @@
 // CUDA kernels of the ssam extension. No torch headers: see kernels.h for the interface.
 //
 // Multi-tensor ops run one block per chunk of a tensor list (apex's multi-tensor-apply shape):
-// a kernel template takes a small functor that does one op on one chunk. Dense element loops
-// use 16-byte vector loads where the chunk is 16-byte aligned. A masked chunk reads its mask
-// once, as one 32-bit word per thread into shared memory; a block-wide scan of the words' bit
-// counts gives each kept element its slot in the compact backup.
+// a kernel template takes a small functor that does one op on one chunk. The sum of squares
+// reads an unmasked chunk in 16-byte vectors where it is 16-byte aligned; the loops that store
+// (perturb, restore, the planned step) load a batch of elements before storing any (BatchOf),
+// so each thread keeps several loads in flight. A masked chunk reads its mask once, as one
+// 32-bit word per thread into shared memory; a block-wide scan of the words' bit counts gives
+// each kept element its slot in the compact backup.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -175,6 +177,13 @@ struct CountBits {
   }
 };
 
+// Elements a thread loads before it stores any. The tensors' addresses come from tables, so
+// the compiler must assume a store may alias the next load and cannot hoist a load above a
+// store: element by element, a thread had one load in flight at a time, which leaves a
+// bandwidth-bound kernel latency-bound. A batch of loads first, then its stores, keeps
+// kBatch (4 for 8-byte types: registers) loads in flight per thread.
+template <typename T> struct BatchOf { static constexpr int value = sizeof(T) > 4 ? 4 : 8; };
+
 template <typename T, typename G, bool kPerturb> struct Move {
   const int64_t* w_ptrs;
   const int64_t* g_ptrs;
@@ -190,19 +199,47 @@ template <typename T, typename G, bool kPerturb> struct Move {
     using C = typename MathOf<T>::type;
     const double s64 = !kPerturb ? 0.0 : scale.ptr64 ? *scale.ptr64 : scale.ptr ? *scale.ptr : scale.value;
     const C s = static_cast<C>(s64);
-    auto move = [&](int64_t i, int64_t slot) {
+    struct Loaded {
+      T old;  // perturb: w[i]; restore: backup[slot]
+      G grad;
+    };
+    auto load = [&](int64_t i, int64_t slot) {
+      Loaded v;
       if (kPerturb) {
-        const T old = w[i];
-        backup[slot] = old;
-        const C step = s * to_c<C>(g[i]);  // rounded before the add, as the reference does
-        w[i] = from_c<T>(to_c<C>(old) + step);
+        v.old = w[i];
+        v.grad = g[i];
       } else {
-        w[i] = backup[slot];
+        v.old = backup[slot];
+      }
+      return v;
+    };
+    auto store = [&](int64_t i, int64_t slot, const Loaded& v) {
+      if (kPerturb) {
+        backup[slot] = v.old;
+        const C step = s * to_c<C>(v.grad);  // rounded before the add, as the reference does
+        w[i] = from_c<T>(to_c<C>(v.old) + step);
+      } else {
+        w[i] = v.old;
       }
     };
+    constexpr int U = BatchOf<T>::value;
+    constexpr int kPer = static_cast<int>(kChunk / kThreads);
+    static_assert(kPer % U == 0, "whole batches per chunk");
     if (!bits_ptrs) {
       const int64_t end = start + kChunk < n ? start + kChunk : n;
-      for (int64_t i = start + threadIdx.x; i < end; i += kThreads) move(i, i);
+      for (int j0 = 0; j0 < kPer; j0 += U) {
+        Loaded v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t i = start + threadIdx.x + static_cast<int64_t>(kThreads) * (j0 + u);
+          if (i < end) v[u] = load(i, i);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t i = start + threadIdx.x + static_cast<int64_t>(kThreads) * (j0 + u);
+          if (i < end) store(i, i, v[u]);
+        }
+      }
       return;
     }
     // Each kept element's slot: the chunk's offset, the kept elements of the words before its
@@ -216,12 +253,27 @@ template <typename T, typename G, bool kPerturb> struct Move {
     const int64_t capacity = backup_numel[k];  // never touched past it, whatever the mask says
     const int lane = threadIdx.x & 31;
     const uint32_t below = (1u << lane) - 1u;
-    for (int j = 0; j < kChunk / kThreads; ++j) {
+    // element j of this thread's walk: its index, its slot, and whether it is kept (its bit set
+    // and its slot inside the backup; the bits past the tensor's end are clear)
+    auto at = [&](int j, int64_t& i, int64_t& slot) {
       const int q = mask.word_index(j);
       const uint32_t word = mask.words[q];
-      if (word == 0u) continue;  // warp-uniform
-      const int64_t slot = word_slot[q] + __popc(word & below);
-      if (((word >> lane) & 1u) && slot < capacity) move(start + 32 * static_cast<int64_t>(q) + lane, slot);
+      i = start + 32 * static_cast<int64_t>(q) + lane;
+      slot = word_slot[q] + __popc(word & below);
+      return ((word >> lane) & 1u) != 0 && slot < capacity;
+    };
+    for (int j0 = 0; j0 < kPer; j0 += U) {
+      Loaded v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int64_t i, slot;
+        if (at(j0 + u, i, slot)) v[u] = load(i, slot);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int64_t i, slot;
+        if (at(j0 + u, i, slot)) store(i, slot, v[u]);
+      }
     }
   }
 };
@@ -325,16 +377,29 @@ __device__ __forceinline__ PlanBlock plan_block(const PlanBlocks& t) {
   return b;
 }
 
-// f(i, kept, slot) for every element i of the block this thread takes: kept = its mask bit (true
-// where the tensor has no mask), slot = its place in the backup (from `base`: the kept elements
-// before it). Unmasked: coalesced order; masked: one mask word per warp (see ChunkMask).
-template <typename F>
-__device__ void walk_block(const uint8_t* bits, const PlanBlock& b, int64_t base, F&& f) {
+// For every element i of the block this thread takes, v = load(i, kept, slot) and then
+// store(i, kept, slot, v), a batch of U loads before the batch's stores (see BatchOf): kept =
+// its mask bit (true where the tensor has no mask), slot = its place in the backup (from
+// `base`: the kept elements before it). Unmasked: coalesced order; masked: one mask word per
+// warp (see ChunkMask).
+template <int U, typename Load, typename Store>
+__device__ void walk_block(const uint8_t* bits, const PlanBlock& b, int64_t base, Load&& load, Store&& store) {
+  using V = decltype(load(int64_t{}, true, int64_t{}));
+  constexpr int kPer = static_cast<int>(kChunk / kThreads);
+  static_assert(kPer % U == 0, "whole batches per block");
   if (bits == nullptr) {
-#pragma unroll 8  // (fully unrolled, the double SGD step spills on sm_90)
-    for (int j = 0; j < kChunk / kThreads; ++j) {
-      const int64_t i = b.start + threadIdx.x + static_cast<int64_t>(kThreads) * j;
-      if (i < b.end) f(i, true, base + (i - b.start));
+    for (int j0 = 0; j0 < kPer; j0 += U) {
+      V v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = b.start + threadIdx.x + static_cast<int64_t>(kThreads) * (j0 + u);
+        if (i < b.end) v[u] = load(i, true, base + (i - b.start));
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = b.start + threadIdx.x + static_cast<int64_t>(kThreads) * (j0 + u);
+        if (i < b.end) store(i, true, base + (i - b.start), v[u]);
+      }
     }
     return;
   }
@@ -346,12 +411,27 @@ __device__ void walk_block(const uint8_t* bits, const PlanBlock& b, int64_t base
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const uint32_t below = (1u << lane) - 1u;
-#pragma unroll 8
-  for (int j = 0; j < kChunk / kThreads; ++j) {
+  auto at = [&](int j, int64_t& i, int64_t& slot) {  // element j of this thread's walk: kept?
     const int q = mask.word_index(j);
     const uint32_t word = mask.words[q];
-    const int64_t i = b.start + 32 * static_cast<int64_t>(q) + lane;
-    if (i < b.end) f(i, ((word >> lane) & 1u) != 0, word_slot[q] + __popc(word & below));
+    i = b.start + 32 * static_cast<int64_t>(q) + lane;
+    slot = word_slot[q] + __popc(word & below);
+    return ((word >> lane) & 1u) != 0;
+  };
+  for (int j0 = 0; j0 < kPer; j0 += U) {
+    V v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      int64_t i, slot;
+      const bool kept = at(j0 + u, i, slot);
+      if (i < b.end) v[u] = load(i, kept, slot);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      int64_t i, slot;
+      const bool kept = at(j0 + u, i, slot);
+      if (i < b.end) store(i, kept, slot, v[u]);
+    }
   }
 }
 
@@ -364,12 +444,9 @@ __global__ void __launch_bounds__(kThreads)
   A acc = 0;
   if (g != nullptr) {  // uniform per block
     const uint8_t* bits = bits_ptrs ? tensor<const uint8_t>(bits_ptrs, b.k) : nullptr;
-    walk_block(bits, b, 0, [&](int64_t i, bool kept, int64_t) {
-      if (kept) {
-        const A v = to_c<A>(g[i]);
-        acc += v * v;
-      }
-    });
+    walk_block<BatchOf<T>::value>(
+        bits, b, 0, [&](int64_t i, bool kept, int64_t) { return kept ? to_c<A>(g[i]) : A(0); },
+        [&](int64_t, bool, int64_t, A v) { acc += v * v; });
   }
   acc = block_sum(acc);
   __shared__ bool last;
@@ -404,15 +481,27 @@ __global__ void __launch_bounds__(kThreads)
   // reciprocal(norm + eps) * rho in the norm's type, then the math type, as torch computes it
   const C scale = static_cast<C>(inv[0] * static_cast<A>(rho[b.k]));
   const bool move = flags[0] == 0 && g != nullptr;
-  walk_block(tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row], [&](int64_t i, bool kept, int64_t slot) {
-    if (!kept) return;
-    const T old = w[i];
-    backup[slot] = old;
-    if (move) {
-      const C step = scale * to_c<C>(g[i]);  // rounded before the add, as the reference does
-      w[i] = from_c<T>(to_c<C>(old) + step);
-    }
-  });
+  struct Loaded {
+    T old, grad;
+  };
+  walk_block<BatchOf<T>::value>(
+      tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row],
+      [&](int64_t i, bool kept, int64_t) {
+        Loaded v{};
+        if (kept) {
+          v.old = w[i];
+          if (move) v.grad = g[i];
+        }
+        return v;
+      },
+      [&](int64_t i, bool kept, int64_t slot, const Loaded& v) {
+        if (!kept) return;
+        backup[slot] = v.old;
+        if (move) {
+          const C step = scale * to_c<C>(v.grad);  // rounded before the add, as the reference does
+          w[i] = from_c<T>(to_c<C>(v.old) + step);
+        }
+      });
 }
 
 template <typename T>
@@ -420,9 +509,12 @@ __global__ void __launch_bounds__(kThreads)
     plan_restore_kernel(PlanBlocks t, const int64_t* w_ptrs, const int64_t* bits_ptrs, const T* backup) {
   const PlanBlock b = plan_block(t);
   T* w = tensor<T>(w_ptrs, b.k);
-  walk_block(tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row], [&](int64_t i, bool kept, int64_t slot) {
-    if (kept) w[i] = backup[slot];
-  });
+  walk_block<BatchOf<T>::value>(
+      tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row],
+      [&](int64_t, bool kept, int64_t slot) { return kept ? backup[slot] : T(); },
+      [&](int64_t i, bool kept, int64_t, T v) {
+        if (kept) w[i] = v;
+      });
 }
 
 template <typename T>
@@ -441,25 +533,42 @@ __global__ void __launch_bounds__(kThreads)
   const C weight_decay = static_cast<C>(h[3]);
   const bool nesterov = h[4] != 0, maximize = h[5] != 0, start_buf = fresh[b.k] != 0;
   const bool use_buf = momentum != C(0) && buf != nullptr;
-  walk_block(tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row], [&](int64_t i, bool kept, int64_t slot) {
-    const T weight = kept ? backup[slot] : w[i];
-    if (g == nullptr) {  // no gradient: torch's SGD leaves the tensor alone; put it back only
-      if (kept) w[i] = weight;
-      return;
-    }
-    // torch's SGD op for op: each add(..., alpha=a) one fused multiply-add, every other op
-    // rounded (--fmad=false)
-    const C x = to_c<C>(weight);
-    C d = to_c<C>(g[i]);
-    if (maximize) d = -d;
-    if (weight_decay != C(0)) d = fma(x, weight_decay, d);
-    if (use_buf) {
-      const C m = start_buf ? d : fma(d, undamped, to_c<C>(buf[i]) * momentum);
-      buf[i] = from_c<T>(m);
-      d = nesterov ? fma(m, momentum, d) : m;
-    }
-    w[i] = from_c<T>(fma(d, neg_lr, x));
-  });
+  struct Loaded {
+    T weight, grad, buf;
+  };
+  walk_block<BatchOf<T>::value>(
+      tensor<const uint8_t>(bits_ptrs, b.k), b, t.blk_base[b.row],
+      [&](int64_t i, bool kept, int64_t slot) {
+        Loaded v{};
+        if (kept) {
+          v.weight = backup[slot];
+        } else if (g != nullptr) {
+          v.weight = w[i];
+        }
+        if (g != nullptr) {
+          v.grad = g[i];
+          if (use_buf && !start_buf) v.buf = buf[i];
+        }
+        return v;
+      },
+      [&](int64_t i, bool kept, int64_t, const Loaded& v) {
+        if (g == nullptr) {  // no gradient: torch's SGD leaves the tensor alone; put it back only
+          if (kept) w[i] = v.weight;
+          return;
+        }
+        // torch's SGD op for op: each add(..., alpha=a) one fused multiply-add, every other op
+        // rounded (--fmad=false)
+        const C x = to_c<C>(v.weight);
+        C d = to_c<C>(v.grad);
+        if (maximize) d = -d;
+        if (weight_decay != C(0)) d = fma(x, weight_decay, d);
+        if (use_buf) {
+          const C m = start_buf ? d : fma(d, undamped, to_c<C>(v.buf) * momentum);
+          buf[i] = from_c<T>(m);
+          d = nesterov ? fma(m, momentum, d) : m;
+        }
+        w[i] = from_c<T>(fma(d, neg_lr, x));
+      });
 }
 
 template <typename A>
