@@ -33,6 +33,23 @@ def tensor_list(name: str, tensors, *, floating: bool = True, allow_empty: bool 
     return out
 
 
+def disjoint(name: str, tensors: list[torch.Tensor]) -> None:
+    """ValueError where two of ``tensors`` share memory (one tensor listed twice, or views of one
+    buffer that overlap): an in-place multi-tensor op would back up values another entry of the
+    same launch already changed, and on a GPU the two race. Bytes spanned, from each tensor's
+    lowest to its highest element (dense tensors: their memory)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + _span_bytes(t), i) for i, t in enumerate(tensors) if t.numel())
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            first, second = sorted((i, j))
+            raise ValueError(f"{name}[{first}] and {name}[{second}] share memory (the same tensor twice, or overlapping "
+                             "views): an in-place step over both would be wrong")
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    return (1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
 def same_shapes(name: str, tensors: list[torch.Tensor], ref_name: str, refs: list[torch.Tensor]) -> None:
     """Each ``tensors[i]`` has the shape and device of ``refs[i]``, and the lists match in length."""
     if len(tensors) != len(refs):

@@ -304,6 +304,28 @@ def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
         sam_step._host.bump_versions([params[0], 3])
 
 
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_parameters_that_share_memory_are_refused(backend, gen):
+    """A tensor listed twice, or overlapping views of one buffer: the second entry would back up
+    values the first already perturbed (and on a GPU both race), so the plan refuses them;
+    views of one buffer that do not overlap are separate parameters."""
+    flat = rand((40,), generator=gen)
+    w = rand((3, 4), generator=gen)
+    for params, pair in (([w, flat[:8], w], "params\\[0\\] and params\\[2\\]"),
+                         ([flat[:20], flat[10:30]], "params\\[0\\] and params\\[1\\]"),
+                         ([flat[:20].view(4, 5), flat[19:].view(3, 7)], "params\\[0\\] and params\\[1\\]"),
+                         ([flat[:20].view(5, 4).t(), flat[16:]], "params\\[0\\] and params\\[1\\]")):
+        with pytest.raises(ValueError, match=pair + " share memory"):
+            SAMStepPlan(params, backend=backend)
+    plan = SAMStepPlan([flat[:20].view(4, 5), flat[20:], w], backend=backend)
+    for p in plan.params:
+        p.grad = torch.ones_like(p)
+    before = flat.clone()
+    plan.perturb(rho=[0.5])
+    plan.restore()
+    assert torch.equal(flat, before)
+
+
 @pytest.mark.cpu
 def test_bad_input_names_what_is_wrong(gen):
     params = _params(torch.float32, gen)

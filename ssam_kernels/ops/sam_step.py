@@ -176,6 +176,7 @@ class SAMStepPlan:
                 raise ValueError(f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense in memory: "
                                  "a plan needs parameters that some permutation of their dims makes contiguous")
             orders.append(order)
+        _checks.disjoint("params", params)
         self.params = list(params)
         self.masks = [as_bitmask(m) for m in masks]
         self.groups = groups
