@@ -287,7 +287,12 @@ class SAMStepPlan:
         """:meth:`restore`, then ``torch.optim.SGD``'s step of every parameter with the current
         ``.grad`` (parameters without one are only restored), ``sgd[group]`` giving each group's
         hyper-parameters. Momentum buffers are made on a parameter's first step, as torch's SGD
-        does (:attr:`buffers`); returns the indices of the parameters that got one now."""
+        does (:attr:`buffers`); returns the indices of the parameters that got one now.
+
+        fp32 and float64 parameters step bit for bit as ``torch.optim.SGD`` does. For
+        float16/bfloat16 the Triton and ext kernels keep the intermediates (decayed gradient,
+        momentum, Nesterov term) in fp32 and round the weight and the buffer once each, where
+        torch (and the reference backend) rounds after every op: not bitwise equal."""
         if not self.perturbed:
             raise RuntimeError("restore_sgd() without a preceding perturb()")
         if sgd is not self._sgd_given and tuple(sgd) != self._sgd:  # checked once per change
