@@ -2,7 +2,8 @@
 with fused SGD cost the CPU per step when the GPU work is taken away, beside a
 ``torch._foreach_*`` SAM, on parameter lists of 62 tensors (ResNet-18's count) and 300.
 
-Per step (``first_step()`` + ``second_step()``, gradients present, the plan made before timing):
+Per step (``first_step()`` + ``second_step()``, gradients present, the plan made before timing;
+the ``lr and rho new every step`` row changes both before each step, as a schedule does):
 
 * ``host us``: median wall time of the step with every Triton launch recorded instead of run
   (the GPU choices taken on CPU tensors, as the compile tier does): the host work the step adds
@@ -85,9 +86,10 @@ def _median_us(fn, reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def ours_row(kind: str, n: int, reps: int) -> dict:
+def ours_row(kind: str, n: int, reps: int, schedule: bool = False) -> dict:
     """The planned step of ``kind`` ("SAM" or "SSAM-F") over ``n`` tensors, Triton launches
-    recorded (not run)."""
+    recorded (not run). ``schedule``: the learning rate and rho change before every step, as
+    under a schedule."""
     from ssam_bench.compile_kernels import gpu_launch_choices, recording
 
     params = _params(n, torch.Generator().manual_seed(0))
@@ -97,11 +99,19 @@ def ours_row(kind: str, n: int, reps: int) -> dict:
     launches: list = []
     try:
         with gpu_launch_choices(), recording(launches):
+            count = [0]
+
             def step():
+                if schedule:  # a new value each step, as a scheduler writes them
+                    count[0] += 1
+                    for group in opt.param_groups:
+                        group["lr"] = SGD["lr"] / (1 + 1e-6 * count[0])
+                        group["rho"] = 0.05 / (1 + 1e-6 * count[0])
                 opt.first_step()
                 opt.second_step()
 
-            step()  # the plan and the momentum buffers are made here
+            for _ in range(3):  # the plan, the momentum buffers and the steady tables are made here
+                step()
             if opt._plan is None:
                 raise RuntimeError(f"{kind}: the planned path did not apply")
             launches.clear()
@@ -115,7 +125,8 @@ def ours_row(kind: str, n: int, reps: int) -> dict:
         else:
             os.environ["SSAM_BACKEND"] = saved
     syncs = [name for name in ops.names if name in SYNCING or name == "index (bool)"]
-    return dict(impl=f"ours {kind}", tensors=n, host_us=host, launches=counted, ops=len(ops.names), syncs=len(syncs))
+    impl = f"ours {kind}" + (", lr and rho new every step" if schedule else "")
+    return dict(impl=impl, tensors=n, host_us=host, launches=counted, ops=len(ops.names), syncs=len(syncs))
 
 
 def list_ops_row(kind: str, n: int, reps: int) -> dict:
@@ -168,7 +179,8 @@ def run(args, device=None, progress_factory=None) -> list[dict]:
     reps = 100 if getattr(args, "quick", False) else 200 if device is not None and device.type == "cuda" else 1000
     rows = []
     for n in TENSORS:
-        rows += [ours_row("SAM", n, reps), ours_row("SSAM-F", n, reps), list_ops_row("SAM", n, reps),
+        rows += [ours_row("SAM", n, reps), ours_row("SSAM-F", n, reps), ours_row("SAM", n, reps, schedule=True),
+                 list_ops_row("SAM", n, reps),
                  list_ops_row("SSAM-F", n, reps), foreach_row(n, reps)]
     return rows
 

@@ -179,6 +179,48 @@ def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
             assert buf.stride() == params[i].stride()
 
 
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_scheduled_hyper_parameters_step_as_torch_sgd_without_new_tables(backend, gen):
+    """A learning rate (and rho) that changes every step, as a schedule does: each step runs
+    with its own values (against torch.optim.SGD with the same schedule, and the perturbation
+    against the oracle), rewritten in the plan's own device buffers, not a new cached table
+    per value."""
+    from ssam_kernels._device_tables import CACHE
+
+    params = _params(torch.float32, gen)
+    params[NO_GRAD].grad = rand(params[NO_GRAD].shape, torch.float32, gen)
+    masks = _masks(gen)
+    groups = [0, 1, 0, 1, 0, 1]
+    plan = SAMStepPlan(params, masks, groups=groups, backend=backend)
+    start = _clone(params)
+    schedule = [(SGDGroup(lr=0.1 / (k + 1), momentum=0.9, weight_decay=1e-2), SGDGroup(lr=0.3 - 0.1 * k))
+                for k in range(3)]
+    refs = [p.detach().clone() for p in start]
+    opts = [torch.optim.SGD([r for r, g in zip(refs, groups) if g == k], lr=1.0, momentum=m, weight_decay=wd)
+            for k, (m, wd) in enumerate([(0.9, 1e-2), (0.0, 0.0)])]
+    for step, sgd in enumerate(schedule):
+        rho = [0.05 * (step + 1), 0.02]
+        if step == 2:  # (the first steps make the tables that stay: momentum flags...)
+            misses = CACHE.misses
+        expected = _oracle_perturbed(params, masks, groups, rho, masked_norm=False)
+        plan.perturb(rho)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.double(), e, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+        for p in params:  # the descent gradients, in the ascent's tensors (their address tables hold)
+            p.grad.copy_(rand(p.shape, torch.float32, gen))
+        for r, p in zip(refs, params):
+            r.grad = p.grad.clone()
+        plan.restore_sgd(list(sgd))
+        for o, h in zip(opts, sgd):
+            o.param_groups[0]["lr"] = h.lr
+            o.step()
+    assert CACHE.misses == misses  # the last step's new rho and lr went into the plan's buffers
+    exact = backend != "triton" or _interpreter_fma_is_fused()
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=2e-7, atol=5e-7)
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p, r, **tol)
+
+
 def _interpreter_fma_is_fused() -> bool:
     """Whether Triton's CPU interpreter computes tl.fma with one rounding (3.9 does, 3.6 not)."""
     import triton

@@ -561,7 +561,7 @@ class SAM(torch.optim.Optimizer):
         values = tuple(tuple(g.get(k, False) for k in SGD_KEYS) for g in self.param_groups)
         if values != self._sgd_values:
             sgd = tuple(SGDGroup(*v) for v in values)
-            check_sgd_groups(list(sgd), len(sgd))
+            check_sgd_groups(sgd, len(sgd))
             self._sgd_values, self._sgd_checked = values, sgd
         return self._sgd_checked
 

@@ -97,7 +97,12 @@ class SGDGroup:
                 float(bool(self.nesterov)), float(bool(self.maximize)))
 
 
+_LAST_CHECKED: list = [None]  # the last tuple check_sgd_groups passed (immutable: frozen SGDGroups)
+
+
 def check_sgd_groups(groups, count: int) -> list[SGDGroup]:
+    if groups is _LAST_CHECKED[0] and len(groups) == count:  # a frontend's checked tuple, passed on
+        return list(groups)
     if not isinstance(groups, (list, tuple)) or len(groups) != count:
         raise ValueError(f"sgd must be a list of {count} SGDGroup (one per group), got {groups!r}")
     for i, g in enumerate(groups):
@@ -109,6 +114,8 @@ def check_sgd_groups(groups, count: int) -> list[SGDGroup]:
                 raise ValueError(f"sgd[{i}].{key} must be a number >= 0, got {value!r}")
         if g.nesterov and (g.momentum <= 0 or g.dampening != 0):
             raise ValueError(f"sgd[{i}]: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    if isinstance(groups, tuple):
+        _LAST_CHECKED[0] = groups
     return list(groups)
 
 

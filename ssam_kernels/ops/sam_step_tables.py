@@ -10,6 +10,7 @@ one flat buffer the backup (each tensor's part of it starting on 16 bytes).
 
 from __future__ import annotations
 
+import array
 import functools
 import operator
 
@@ -114,6 +115,9 @@ class KernelStep:
         self.counter = torch.zeros(1, dtype=torch.int32, device=plan.device)
         self.device, self.place = _place(plan.device)
         self.memo: dict[str, tuple] = {}
+        # rho per group -> each tensor's rho, in the table's order (one part's tensors after another)
+        order = [plan.groups[i] for part in self.parts for i in part.index]
+        self.rho_of_tensors = operator.itemgetter(*order) if len(order) > 1 else lambda rho: (rho[order[0]],)
         self.captured = False  # a step ran while its stream captured a CUDA graph
 
     def _table(self, kind: str, key: tuple, make=None, dtype=torch.int64) -> torch.Tensor:
@@ -131,6 +135,29 @@ class KernelStep:
         else:
             self.captured = True
         return table
+
+    def _values(self, kind: str, key, make) -> torch.Tensor:
+        """A float64 device table of ``make()``'s values, remembered by ``key``: the plan's own
+        buffer, rewritten in place when ``key`` changes (a learning-rate schedule changes the
+        hyper-parameters every step: no new cached table, device allocation and event per
+        value). The write is ordered on the stream after the earlier steps' reads; on a CUDA
+        device it copies from pinned memory, which torch's host allocator keeps until the copy
+        has run. A step on another stream gets a new buffer (the old one may still be read
+        there); inside a capture, a cached table fixed for that graph."""
+        stream = _stream_id(self.device)
+        if stream is None:  # (the shared cache is keyed by content: other plans' tables may hold the same)
+            return self._table(kind, tuple(make()), dtype=torch.float64)
+        last = self.memo.get(kind)
+        if last is not None and last[0] == key and last[1] == stream:
+            return last[2]
+        values = torch.frombuffer(array.array("d", make()), dtype=torch.float64)  # (no dispatcher op, no copy)
+        if last is not None and last[1] == stream and last[2].numel() == values.numel():
+            buffer = last[2]
+        else:
+            buffer = torch.empty(values.numel(), dtype=torch.float64, device=self.device)
+        buffer.copy_(values.pin_memory() if self.device.type == "cuda" else values, non_blocking=True)
+        self.memo[kind] = (key, stream, buffer)
+        return buffer
 
     def _grad_tables(self, grads: tuple[int, ...], kind: str) -> list[tuple[torch.Tensor, bool]]:
         """Per part: the device table of its gradients' addresses, and whether all start on 16
@@ -168,19 +195,15 @@ class KernelStep:
 
     def _rho_tables(self, rho: tuple[float, ...]) -> list[torch.Tensor]:
         """Per part, each tensor's rho (float64, on the device): views of one table."""
-        stream = _stream_id(self.device)
-        last = self.memo.get("rho+")
-        if last is not None and last[0] == rho and last[1] == stream and stream is not None:
-            return last[2]
-        plan = self.plan
-        per_tensor = tuple(rho[plan.groups[i]] for part in self.parts for i in part.index)  # the table's content
-        table = self._table("rho", per_tensor, dtype=torch.float64)
+        table = self._values("rho", rho, lambda: self.rho_of_tensors(rho))
+        last = self.memo.get("rho views")
+        if last is not None and last[0] is table:
+            return last[1]
         views, at = [], 0
         for part in self.parts:
             views.append(table[at: at + len(part.index)])
             at += len(part.index)
-        if stream is not None:
-            self.memo["rho+"] = (rho, stream, views)
+        self.memo["rho views"] = (table, views)
         return views
 
     def restore(self) -> None:
@@ -191,7 +214,7 @@ class KernelStep:
     def restore_sgd(self, grads, sgd) -> list[int]:
         plan = self.plan
         tables = self._grad_tables(grads, "descent")
-        hyper = self._table("hyper", sgd, lambda: [v for h in sgd for v in h.values()], torch.float64)
+        hyper = self._values("hyper", sgd, lambda: [v for h in sgd for v in h.values()])
         momentum = any(h.momentum != 0 for h in sgd)
         made = []
         for part, (g_ptrs, g_aligned) in zip(self.parts, tables):
