@@ -61,3 +61,12 @@ def test_padding_bits_are_not_counted(gen):
     assert int(dirty.count()) == dirty.count_int() == int(mask.count())
     assert torch.equal(dirty.to_bool(), mask.to_bool())
 
+
+
+def test_popcount_of_every_byte_and_a_masks_count(gen):
+    from ssam_kernels.ops.bitmask import popcount_bytes
+
+    every = torch.arange(256, dtype=torch.uint8)
+    assert popcount_bytes(every).tolist() == [bin(b).count("1") for b in range(256)]
+    mask = rand_mask((37, 29), 0.3, gen)
+    assert int(pack_mask(mask).count()) == int(mask.sum())

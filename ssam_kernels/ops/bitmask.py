@@ -23,14 +23,12 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return _BIT_WEIGHTS[key]
 
 
-_POPCOUNT = {}
-
-
-def popcount_table(device: torch.device) -> torch.Tensor:
-    key = (device.type, device.index)
-    if key not in _POPCOUNT:
-        _POPCOUNT[key] = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64).to(device)
-    return _POPCOUNT[key]
+def popcount_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each byte of a uint8 tensor (uint8): three passes of byte arithmetic, no
+    int64 index tensor eight times the mask's size (as a lookup table would need)."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
 
 
 def packed_nbytes(numel: int) -> int:
@@ -80,7 +78,7 @@ class BitMask:
 
     def count(self) -> torch.Tensor:
         """Number of set bits, as a 0-dim int64 tensor on the mask's device (no host sync)."""
-        return popcount_table(self.bits.device)[padding_cleared(self.bits, self.numel).long()].sum()
+        return popcount_bytes(padding_cleared(self.bits, self.numel)).sum()
 
     def memo(self, key: str, compute):
         """``compute()``, computed once per mask and kept on it under ``key`` (a BitMask is

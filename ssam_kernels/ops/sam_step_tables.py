@@ -17,7 +17,7 @@ import operator
 import torch
 
 from .._device_tables import CACHE, _place
-from .bitmask import padding_cleared, popcount_table
+from .bitmask import padding_cleared, popcount_bytes
 from .perturb import aligned_length
 
 
@@ -27,7 +27,22 @@ def _block_counts(bits: torch.Tensor, numel: int, block: int) -> torch.Tensor:
     blocks = -(-numel // block)
     padded = torch.zeros(blocks * per_block, dtype=torch.uint8, device=bits.device)
     padded[: bits.numel()] = padding_cleared(bits, numel)  # (as the kernels read them)
-    return popcount_table(bits.device)[padded.long()].view(blocks, per_block).sum(1)
+    return popcount_bytes(padded).view(blocks, per_block).sum(1)
+
+
+def _host_counts(counts: list) -> list:
+    """The device tensors of ``counts`` as host lists (None stays None), in one copy: one host
+    sync on a GPU for the whole plan, not one per masked tensor."""
+    present = [c for c in counts if c is not None]
+    flat = torch.cat(present).tolist() if present else []
+    out, at = [], 0
+    for c in counts:
+        if c is None:
+            out.append(None)
+        else:
+            out.append(flat[at: at + c.numel()])
+            at += c.numel()
+    return out
 
 
 class Part:
@@ -44,7 +59,7 @@ class Part:
         bits = [None if m is None else m.bits for m in masks]
         self.bits = [b for b in bits if b is not None]  # kept alive: the kernels read their addresses
         self.bits_ref = self.bits[0] if self.bits else torch.zeros(16, dtype=torch.uint8, device=device)
-        counts = [None if b is None else _block_counts(b, n, block).cpu().tolist() for b, n in zip(bits, numels)]
+        counts = _host_counts([None if b is None else _block_counts(b, n, block) for b, n in zip(bits, numels)])
         blk_tensor, blk_start, blk_base, kept_blocks = [], [], [], []
         offset = 0
         for t, (n, c) in enumerate(zip(numels, counts)):
