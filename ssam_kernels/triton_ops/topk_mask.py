@@ -90,7 +90,9 @@ def _histogram_kernel(chunk_tensor, chunk_start, numel, x_ptrs, x_ref, hist, chu
     else:
         acc = _histogram_chunk(x, left, prefix, shift, PASS == 0, False, CHUNK, BLOCK, BINS)
     b = tl.arange(0, 2 * BINS)
-    tl.atomic_add(hist + PASS * BINS + b, acc, mask=b < BINS)
+    # relaxed, and only bins this chunk counts (most are empty past the first pass): the later
+    # passes read hist in later launches, which the launch boundary orders
+    tl.atomic_add(hist + PASS * BINS + b, acc, mask=(b < BINS) & (acc != 0), sem="relaxed")
     if PASS == 32 // RADIX_BITS - 1:
         tl.store(chunk_hist + c.to(tl.int64) * BINS + b, acc, mask=b < BINS)
 
