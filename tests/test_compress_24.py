@@ -47,6 +47,20 @@ def test_every_nonzero_pattern(backend):
     assert torch.equal(decompress_24(values, meta, backend=backend), x)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_kept_zeros_keep_their_sign(backend, gen):
+    """A group with fewer than two nonzeros keeps a zero: -0.0 stays -0.0, as the reference's
+    gather keeps it (equal values, but a bitwise contract)."""
+    x = torch.full((32, 64), -0.0, dtype=torch.float16)
+    x[:, ::8] = torch.randn(32, 8, generator=gen).to(torch.float16)  # one nonzero in every other group
+    values, meta = compress_24(x, backend=backend)
+    ref_values, ref_meta = torch_compress(x)
+    assert torch.equal(meta, ref_meta)
+    assert torch.equal(values.view(torch.int16), ref_values.view(torch.int16))  # the bits, signs of zeros too
+    assert torch.equal(decompress_24(values, meta, backend=backend).view(torch.int16)[x != 0],
+                       x.view(torch.int16)[x != 0])
+
+
 @pytest.mark.cpu
 def test_from_nm_mask(gen):
     w = torch.randn(64, 128, generator=gen).to(torch.bfloat16)

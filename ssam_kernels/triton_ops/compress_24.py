@@ -59,8 +59,13 @@ def _compress_kernel(x, values, meta, bad, pair0, pair1, rows, cols, R: tl.const
         tl.store(bad + tl.program_id(0),
                  tl.max(tl.max(tl.max(((i0 < 0) & (m < cols // 16)[None, :, None]).to(tl.int32), axis=2), axis=1),
                         axis=0))
-    v0 = tl.sum(tl.where(e[None, None, None, :] == i0[:, :, :, None], v, 0.0), axis=3)  # [R, MC, 4]
-    v1 = tl.sum(tl.where(e[None, None, None, :] == i1[:, :, :, None], v, 0.0), axis=3)
+    # the kept values, picked by their bits (an integer sum of one value and zeros: exact, a
+    # kept -0.0 included, which a float sum would turn into +0.0)
+    bits = v.to(tl.int16, bitcast=True)
+    v0 = tl.sum(tl.where(e[None, None, None, :] == i0[:, :, :, None], bits, 0), axis=3)  # [R, MC, 4]
+    v1 = tl.sum(tl.where(e[None, None, None, :] == i1[:, :, :, None], bits, 0), axis=3)
+    v0 = v0.to(tl.int16).to(v.dtype, bitcast=True)
+    v1 = v1.to(tl.int16).to(v.dtype, bitcast=True)
     # the two kept values of each group side by side: 8 contiguous values per (r, m)
     h = j * MC * 8 + tl.arange(0, MC * 8)
     kept = tl.reshape(tl.join(v0, v1), [R, MC * 8])  # per group its two values, in column order
