@@ -32,7 +32,7 @@ from ..ops.sam_step_tables import KernelStep
 from .multi_tensor import as_f64, block_offsets, f64_bits, load_block, store_block
 
 BLOCK = 2048  # elements per program (1024 for float64): 8 per thread in 8 warps, no spill (compile tier)
-FINAL_BLOCK = 1024  # partial sums the last norm program adds per step of its loop
+FINAL_BLOCK = 1024  # partial sums per load of the last norm program (four loads a step of its loop)
 
 
 @triton.jit
@@ -140,9 +140,18 @@ def _norm_kernel(blocks, blk_tensor, blk_start, numel, g_ptrs, bits_ptrs, partia
 @triton.jit
 def _finish_norm(partial, counter, inv, flags, programs, eps_bits, ACC: tl.constexpr, FINAL_BLOCK: tl.constexpr):
     acc = tl.zeros([FINAL_BLOCK], dtype=ACC)
-    for i in range(0, programs, FINAL_BLOCK):  # a fixed order: the same sum whichever program is last
+    # a fixed order: the same sum whichever program is last. Four loads per step in flight: this
+    # loop runs in one program, over one partial per block (173k for GPT-2 medium's weights),
+    # each step waiting on its loads
+    for i in range(0, programs, 4 * FINAL_BLOCK):
         k = i + tl.arange(0, FINAL_BLOCK)
-        acc += tl.load(partial + k, mask=k < programs, other=0.0, cache_modifier=".cg")
+        a0 = tl.load(partial + k, mask=k < programs, other=0.0, cache_modifier=".cg")
+        a1 = tl.load(partial + k + FINAL_BLOCK, mask=k + FINAL_BLOCK < programs, other=0.0, cache_modifier=".cg")
+        a2 = tl.load(partial + k + 2 * FINAL_BLOCK, mask=k + 2 * FINAL_BLOCK < programs, other=0.0,
+                     cache_modifier=".cg")
+        a3 = tl.load(partial + k + 3 * FINAL_BLOCK, mask=k + 3 * FINAL_BLOCK < programs, other=0.0,
+                     cache_modifier=".cg")
+        acc += (a0 + a1) + (a2 + a3)
     total = tl.sum(acc, axis=0)
     finite = (total - total) == 0  # NaN for inf and NaN
     eps = as_f64(eps_bits).to(ACC)
