@@ -33,17 +33,25 @@ def tensor_list(name: str, tensors, *, floating: bool = True, allow_empty: bool 
     return out
 
 
+def overlapping_pair(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """Indices ``(i, j)``, ``i < j``, of two of ``tensors`` that share memory (one tensor listed
+    twice, or views of one buffer that overlap), or None. Bytes spanned, from each tensor's
+    lowest to its highest element (dense tensors: their memory), per device."""
+    spans = sorted((str(t.device), t.data_ptr(), t.data_ptr() + _span_bytes(t), i)
+                   for i, t in enumerate(tensors) if t.numel())
+    for (device, _, end, i), (other, start, _, j) in zip(spans, spans[1:]):
+        if device == other and start < end:
+            return min(i, j), max(i, j)
+    return None
+
+
 def disjoint(name: str, tensors: list[torch.Tensor]) -> None:
-    """ValueError where two of ``tensors`` share memory (one tensor listed twice, or views of one
-    buffer that overlap): an in-place multi-tensor op would back up values another entry of the
-    same launch already changed, and on a GPU the two race. Bytes spanned, from each tensor's
-    lowest to its highest element (dense tensors: their memory)."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + _span_bytes(t), i) for i, t in enumerate(tensors) if t.numel())
-    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
-        if start < end:
-            first, second = sorted((i, j))
-            raise ValueError(f"{name}[{first}] and {name}[{second}] share memory (the same tensor twice, or overlapping "
-                             "views): an in-place step over both would be wrong")
+    """ValueError where two of ``tensors`` share memory: an in-place multi-tensor op would back
+    up values another entry of the same launch already changed, and on a GPU the two race."""
+    pair = overlapping_pair(tensors)
+    if pair is not None:
+        raise ValueError(f"{name}[{pair[0]}] and {name}[{pair[1]}] share memory (the same tensor twice, or "
+                         "overlapping views): an in-place step over both would be wrong")
 
 
 def _span_bytes(t: torch.Tensor) -> int:

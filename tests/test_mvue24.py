@@ -130,7 +130,7 @@ def test_every_seed_torch_takes_draws_its_stream():
 @pytest.mark.interpret
 def test_triton_takes_the_reference_beyond_int32_group_ids(gen, monkeypatch):
     """The Triton kernel numbers groups (Philox counters, uniforms' offsets) in int32: a call
-    whose programs would number MAX_GROUPS (2**31) or more takes the reference; shown with the
+    whose programs would number more than MAX_GROUPS (2**31) takes the reference; shown with the
     limit lowered."""
     from helpers import TRITON_ON_CPU
 

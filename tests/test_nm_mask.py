@@ -89,8 +89,8 @@ def test_errors():
 
 @pytest.mark.interpret
 def test_triton_takes_the_reference_beyond_int32_group_ids(gen, monkeypatch):
-    """The Triton kernel numbers groups in int32: a call whose programs would number MAX_GROUPS
-    (2**31) or more takes the reference; shown with the limit lowered."""
+    """The Triton kernel numbers groups in int32: a call whose programs would number more than
+    MAX_GROUPS (2**31) takes the reference; shown with the limit lowered."""
     from helpers import TRITON_ON_CPU
 
     if not TRITON_ON_CPU:

@@ -356,3 +356,22 @@ def test_rho_zero_follows_a_fused_torch_sgd_exactly(gen):
         base.step()
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fuse_sgd", [True, False])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_parameters_sharing_memory_are_refused_before_any_write(fuse_sgd, backend, monkeypatch):
+    """Two Parameter objects over one tensor (old-style weight tying): each would be perturbed
+    and restored as if alone, leaving the weights off on the planned and the per-list paths
+    alike; the first step refuses them, weights untouched."""
+    if backend == "torch":
+        monkeypatch.setenv("SSAM_BACKEND", "torch")
+    base = torch.randn(4, 3)
+    a, b, c = torch.nn.Parameter(base), torch.nn.Parameter(base.data), torch.nn.Parameter(torch.randn(5))
+    opt = ssam.SAM([c, a, b], torch.optim.SGD, rho=0.5, lr=0.1, fuse_sgd=fuse_sgd)
+    for p in (a, b, c):
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in (a, b, c)]
+    with pytest.raises(ValueError, match="parameters 1 and 2 .* share memory"):
+        opt.first_step()
+    assert all(torch.equal(p, q) for p, q in zip((a, b, c), before))

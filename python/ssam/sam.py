@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 import ssam_kernels
+from ssam_kernels._checks import overlapping_pair
 from ssam_kernels.ops.sam_step import SGD_KEYS, PlanMismatch, SAMStepPlan, SGDGroup, check_sgd_groups, plan_backend
 
 EPS = 1e-7
@@ -665,6 +666,10 @@ class SAM(torch.optim.Optimizer):
         self._invalidate_plan()
         self._plan_made, self._plan_adaptive = True, adaptive
         params = [p for g in self.param_groups for p in g["params"]]
+        shared = overlapping_pair(params)  # (weight tying by two Parameter objects over one tensor)
+        if shared is not None:  # each would be perturbed and restored as if alone: wrong weights
+            raise ValueError(f"{type(self).__name__}: parameters {shared[0]} and {shared[1]} (counted across "
+                             "param_groups) share memory; give a tied weight once")
         if not params or adaptive:
             return None
         device = params[0].device

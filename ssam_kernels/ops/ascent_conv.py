@@ -8,7 +8,8 @@ The forward is ``F.conv{1,2,3}d``'s (autocast honoured). The backward returns
   dense weight gradient's. Where ``R`` is a contiguous range (what budget masks choose), or
   scattered over a span barely wider (``SPAN_SLACK``), the span is computed on views
   (``narrow``) and zero-padded around (one ``constant_pad_nd``); for wider scattered rows
-  ``dY[:, R]`` is gathered (``W[R]`` is not: a weight gradient reads only its weight's shape). Grouped convolutions (``groups > 1``)
+  ``dY[:, R]`` is gathered (``W[R]`` is not: a weight gradient reads only its weight's shape and
+  layout, which a view of W's first ``|R|`` channels has). Grouped convolutions (``groups > 1``)
   compute ``dW`` densely and mask it: slicing output channels would break the groups.
 * ``dX`` and ``db = (Σ dY) ⊙ m_b`` as dense autograd computes them, in the same call
   (only where needed).

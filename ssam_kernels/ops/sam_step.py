@@ -145,7 +145,8 @@ class SAMStepPlan:
     """The plan of a SAM / SSAM step over ``params`` (see the module docstring).
 
     Args:
-        params: the parameters (tensors with dense memory, all on one device; floating dtypes).
+        params: the parameters (tensors with dense memory, all on one device, no two sharing memory;
+            floating dtypes).
         masks: None (SAM: every entry perturbed), or one entry per parameter: a bool tensor or
             :class:`~ssam_kernels.BitMask` shaped like it, or None (all of it).
         groups: the parameter group of each parameter (ints from 0; default all 0): each group

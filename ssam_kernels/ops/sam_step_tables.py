@@ -3,7 +3,7 @@ plan makes once, and the per-step work around the launches. See ``ssam_kernels.o
 
 Per weight dtype a :class:`Part`: every block of ``block`` elements of its tensors (in memory
 order) gets a row: its tensor, first element, and backup slot of its first kept element (from
-per-block set-bit counts: one host sync, at plan time); the rows with a kept element are listed
+per-block set-bit counts: one host sync per weight dtype, at plan time); the rows with a kept element are listed
 apart (the perturbation and the restore take only them). One int64 buffer holds every table, and
 one flat buffer the backup (each tensor's part of it starting on 16 bytes).
 """

@@ -67,7 +67,7 @@ def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.const
 
 
 # The kernel numbers groups (its Philox counters, the uniforms' offsets) in int32: a call whose
-# programs would number this many groups or more takes the reference, which draws its own
+# programs would number more groups than this takes the reference, which draws its own
 # stream from the seed.
 MAX_GROUPS = 2**31
 

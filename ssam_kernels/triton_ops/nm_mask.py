@@ -41,7 +41,7 @@ def _nm_select_kernel(x, out, rows, cols, groups_per_row, N: tl.constexpr, M: tl
 
 
 # The kernel numbers groups in int32 (cheap divisions): a call whose programs would number
-# this many groups or more takes the reference.
+# more groups than this takes the reference.
 MAX_GROUPS = 2**31
 
 
