@@ -394,6 +394,29 @@ def test_planned_cusparselt_multiplies_right_on_every_layout_and_reuses_its_plan
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         torch.ops.ssam_cslt.compress(a.float())
 
+
+@pytest.mark.cuda
+def test_planned_cusparselt_evicts_old_plans_and_zeroes_its_padding():
+    """Past 256 kept plans (one per token count under variable sequence lengths) the least
+    recently used is destroyed: 300 token counts, each product right, the first count's plan
+    made again after its eviction. A compressed operand's bytes past cuSPARSELt's are zeroed, so
+    two compressions of one operand are equal whatever memory they got."""
+    from ssam_kernels.sparse_gemm import planned_unavailable
+
+    why = planned_unavailable()
+    assert why is None, f"the planned cuSPARSELt path cannot run: {why}"
+    gen = torch.Generator().manual_seed(4)
+    a = mvue24(rand((16, 32), torch.float16, gen, "cuda"), seed=3)
+    torch.empty(1 << 20, dtype=torch.uint8, device="cuda").fill_(0xAB)  # freed memory the next tensors may reuse
+    packed = torch.ops.ssam_cslt.compress(a)
+    again = torch.ops.ssam_cslt.compress(a)
+    assert torch.equal(packed.view(torch.uint8), again.view(torch.uint8))
+    for n in [8 * i for i in range(1, 301)] + [8]:
+        b = rand((32, n), torch.float16, gen, "cuda")
+        ref = a.double() @ b.double()
+        out = torch.ops.ssam_cslt.mm(packed, b, 0, 1, -1, False)
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3 * ref.abs().max().item())
+
 @pytest.mark.cpu
 def test_a_kept_compressed_operand_is_reused_until_its_source_or_companion_changes(monkeypatch):
     import gc

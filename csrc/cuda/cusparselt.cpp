@@ -14,6 +14,8 @@
 // its headers and loads without the library; `load` says why it cannot run. Kept handles,
 // descriptors and plans are never destroyed through cuSPARSELt (their memory goes with their
 // thread): destroying them at thread or process exit could run after the CUDA context is gone.
+// Past kMaxPlans plans per thread and device, the least recently used is destroyed while running
+// (a new token count is a new plan: variable sequence lengths would otherwise keep one each).
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -157,7 +159,21 @@ struct MatmulPlan {
   AlgSelection alg;
   Plan plan;
   size_t workspace = 0;
+  uint64_t last_used = 0;
 };
+
+constexpr size_t kMaxPlans = 256;
+
+// Destroying a plan right after its last cusparseLtMatmul was enqueued is what torch's
+// _cslt_sparse_mm does on every call: the launched kernel does not read the plan.
+void destroy(MatmulPlan& p) {
+  const Api& f = api();
+  f.MatmulPlanDestroy(&p.plan);
+  f.MatmulAlgSelectionDestroy(&p.alg);
+  f.MatDescriptorDestroy(&p.a);
+  f.MatDescriptorDestroy(&p.b);
+  f.MatDescriptorDestroy(&p.c);
+}
 
 // (dtype, m, k, n, B transposed, result transposed, alg id, split-k, split-k mode)
 using MatmulKey = std::tuple<int, int64_t, int64_t, int64_t, bool, bool, int64_t, int64_t, int64_t>;
@@ -166,7 +182,17 @@ struct DeviceState {
   Handle handle;
   std::map<std::tuple<int, int64_t, int64_t>, std::unique_ptr<Compression>> compressions;  // (dtype, m, k)
   std::map<MatmulKey, std::unique_ptr<MatmulPlan>> plans;
+  uint64_t clock = 0;  // counts mm calls, for last_used
 };
+
+void evict_least_recently_used(DeviceState& st) {
+  auto oldest = st.plans.begin();
+  for (auto it = st.plans.begin(); it != st.plans.end(); ++it) {
+    if (it->second->last_used < oldest->second->last_used) oldest = it;
+  }
+  destroy(*oldest->second);
+  st.plans.erase(oldest);
+}
 
 // one cuSPARSELt handle per thread and device (as torch keeps them: a handle is not shared
 // between threads), with its descriptors and plans
@@ -230,6 +256,10 @@ at::Tensor cslt_compress(const at::Tensor& a_in) {
   check(api().SpMMACompress2(&st.handle, &entry.descr, 1, cslt::kOpNonTranspose, a.data_ptr(), out.data_ptr(),
                              buffer.data_ptr(), current_stream(a.device())),
         "compress");
+  // the bytes past cuSPARSELt's (at most one row of padding) are zeroed: two compressions of
+  // one operand are then equal as tensors, whatever the allocator handed out
+  const int64_t written = static_cast<int64_t>(entry.size), held = out.numel() * out.element_size();
+  if (held > written) out.view({-1}).view(at::kByte).narrow(0, written, held - written).zero_();
   return out;
 }
 
@@ -336,14 +366,17 @@ at::Tensor cslt_mm(const at::Tensor& packed, const at::Tensor& b_in, int64_t alg
   c10::DeviceGuard guard(b_in.device());
   DeviceState& st = state(b_in.device());
   const Operands o = checked_operands(st, packed, b_in, type);
-  auto& entry = st.plans[MatmulKey{static_cast<int>(o.b.scalar_type()), o.m, o.k, o.n, o.b_transposed,
-                                   transpose_result, alg_id, split_k, split_k_mode}];
-  if (!entry) {
+  const MatmulKey key{static_cast<int>(o.b.scalar_type()), o.m, o.k, o.n, o.b_transposed, transpose_result, alg_id,
+                      split_k, split_k_mode};
+  auto found = st.plans.find(key);
+  if (found == st.plans.end()) {
     auto fresh = std::make_unique<MatmulPlan>();
     init_plan(st.handle, fresh.get(), o, type, transpose_result, alg_id, split_k, split_k_mode);
-    entry = std::move(fresh);
+    if (st.plans.size() >= kMaxPlans) evict_least_recently_used(st);
+    found = st.plans.emplace(key, std::move(fresh)).first;
   }
-  return run(st.handle, *entry, packed, o, transpose_result, false);
+  found->second->last_used = ++st.clock;
+  return run(st.handle, *found->second, packed, o, transpose_result, false);
 }
 
 // cuSPARSELt's own search over its algorithms and split-k for this product (runs it several
@@ -366,12 +399,7 @@ std::vector<int64_t> cslt_search(const at::Tensor& packed, const at::Tensor& b_i
   if (f.MatmulAlgGetAttribute(&st.handle, &p.alg, cslt::kAlgConfigMaxId, &max_id, sizeof(max_id)) != cslt::kSuccess) {
     max_id = -1;
   }
-  // a searched plan is not kept (mm makes its own for the configuration found)
-  f.MatmulPlanDestroy(&p.plan);
-  f.MatmulAlgSelectionDestroy(&p.alg);
-  f.MatDescriptorDestroy(&p.a);
-  f.MatDescriptorDestroy(&p.b);
-  f.MatDescriptorDestroy(&p.c);
+  destroy(p);  // a searched plan is not kept (mm makes its own for the configuration found)
   return {id, splits, mode, max_id};
 }
 
