@@ -19,6 +19,9 @@ model with hundreds of tensors pays on every call; the C loop costs nanoseconds.
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 
 # the dtypes the list ops' kernels take (float8 and others refused), and so every public op's
@@ -31,7 +34,7 @@ except ImportError:
     _host = None
 if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses",
                                                             "data_ptrs", "tensors_misfit", "masks_misfit",
-                                                            "bits_misfit", "backup_misfit")):
+                                                            "bits_misfit", "backup_misfit", "same_entries")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 
@@ -48,6 +51,16 @@ def data_ptrs(tensors: list) -> tuple[int, ...]:
     if _host is not None:
         return _host.data_ptrs(tensors if type(tensors) is list else list(tensors))
     return tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+
+def same_entries(dicts: list[dict], key: str, expected: list) -> bool:
+    """Whether ``dicts[i].get(key) is expected[i]`` for every ``i`` (as many of each): an
+    optimizer's per-parameter state still holding the tensors a step keeps (1.5 us for 300
+    entries in C, 10 us in Python, on a CI core)."""
+    if _host is not None and type(dicts) is list and type(expected) is list:
+        return _host.same_entries(dicts, key, expected)
+    return len(dicts) == len(expected) and all(
+        map(operator.is_, map(dict.get, dicts, itertools.repeat(key, len(dicts))), expected))
 
 
 def c_loops() -> bool:

@@ -156,6 +156,12 @@ def test_base_optimizer_mismatches():
         ssam.SAM(params, SGD(_params(), lr=0.1))
     with pytest.raises(ValueError, match="params is empty"):
         ssam.SAM([], SGD, lr=0.1)
+    # torch takes empty groups; a sparse optimizer makes its masks and generator for its
+    # parameters at construction (SSAM-D failed on an IndexError)
+    with pytest.raises(ValueError, match="every param group is empty; SSAMD needs its parameters"):
+        ssam.SSAMD([{"params": []}], SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=3, lr=0.1)
+    with pytest.raises(ValueError, match="every param group is empty; SSAMF needs its parameters"):
+        ssam.SSAMF([{"params": []}], SGD, rho=0.05, sparsity=0.5, num_samples=4, update_freq=1, lr=0.1)
 
 
 def test_step_order_misuse(gen):

@@ -112,6 +112,28 @@ def test_bad_rho_set_between_steps_raises_before_anything_moves(backend, kind, m
 
 
 @pytest.mark.parametrize("backend, kind, mode", PATHS)
+def test_unscaling_by_hand_before_second_step_raises_with_the_weights_at_w(backend, kind, mode, monkeypatch, gen):
+    """The usual AMP clipping recipe, ``scaler.unscale_(opt)`` before the step, meets
+    second_step's own unscale: RuntimeError naming ``max_grad_norm=`` (the way to clip here),
+    the weights back at w (they were left at w + e, the optimizer stuck between its steps), the
+    next step fine."""
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = _weights(model)
+    opt.zero_grad()
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="pass max_grad_norm= instead"):
+        opt.second_step(grad_scaler=scaler)
+    assert _same(model, before) and not opt.perturbed
+    _step(opt, model, x, y, grad_scaler=scaler, max_grad_norm=1.0)
+    assert not _same(model, before)
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
 def test_a_gradient_laid_out_unlike_its_parameter_in_the_descent_pass_takes_the_unfused_step(backend, kind, mode,
                                                                                              monkeypatch, gen):
     """The planned step reads gradients by address, laid out like their parameters: a descent

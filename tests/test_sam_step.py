@@ -76,9 +76,9 @@ def test_perturb_and_restore_against_the_oracle(backend, dtype, masked_norm, gen
     params = _params(dtype, gen)
     masks = _masks(gen)
     groups = [0, 1, 0, 1, 0, 1]
-    rho = [0.05, 0.2]
+    rho = [0.05, -0.2, 7.0]  # a negative rho (a maximizing group) moves against the gradient; group 2 holds none
     original = _clone(params)
-    plan = SAMStepPlan(params, masks, groups=groups, masked_norm=masked_norm, backend=backend)
+    plan = SAMStepPlan(params, masks, groups=groups, num_groups=3, masked_norm=masked_norm, backend=backend)
     want = _oracle_perturbed(params, masks, groups, rho, masked_norm)
     plan.perturb(rho)
     for p, w, o in zip(params, want, original):
@@ -344,6 +344,19 @@ def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
     sam_step._host.bump_versions([frozen])
     with pytest.raises(TypeError, match=r"tensors\[1\] is not a tensor"):
         sam_step._host.bump_versions([params[0], 3])
+    # the optimizer's check that the base optimizer's state still holds the plan's buffers
+    buffers = [torch.zeros(2), None, torch.zeros(2)]
+    entries = [{"momentum_buffer": buffers[0]}, {}, {"momentum_buffer": buffers[2], "other": 1}]
+    cases = [(entries, buffers, True), (entries, [buffers[0], None, torch.zeros(2)], False),
+             (entries, buffers[:2], False), (entries[:1] + [{"momentum_buffer": None}] + entries[2:], buffers, True),
+             ([{}, {}, {}], [None] * 3, True), ([{}, {}, {}], buffers, False)]
+    for dicts, expected, same in cases:
+        assert _host_loops.same_entries(dicts, "momentum_buffer", expected) is same
+        monkeypatch.setattr(_host_loops, "_host", None)
+        assert _host_loops.same_entries(dicts, "momentum_buffer", expected) is same
+        monkeypatch.undo()
+    with pytest.raises(TypeError, match=r"dicts\[1\] is not a dict"):
+        sam_step._host.same_entries([{}, 1], "momentum_buffer", [None, None])
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
@@ -377,6 +390,8 @@ def test_bad_input_names_what_is_wrong(gen):
         SAMStepPlan([params[0], torch.zeros(3, device="meta")])
     with pytest.raises(ValueError, match="groups must hold one int"):
         SAMStepPlan(params, groups=[0, 1])
+    with pytest.raises(ValueError, match="num_groups must be an int"):
+        SAMStepPlan(params, num_groups=True)
     with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point"):
         SAMStepPlan([torch.zeros(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match=r"masks\[1\] has shape"):
@@ -384,8 +399,10 @@ def test_bad_input_names_what_is_wrong(gen):
     plan = SAMStepPlan(params, groups=[0, 1, 0, 1, 0, 1], backend="torch")
     with pytest.raises(ValueError, match="rho must hold one number per group"):
         plan.perturb([0.05])
-    with pytest.raises(ValueError, match="finite numbers >= 0"):
-        plan.perturb([0.05, -1.0])
+    with pytest.raises(ValueError, match="finite numbers"):
+        plan.perturb([0.05, float("inf")])
+    with pytest.raises(ValueError, match=r"num_groups must be an int > max\(groups\) \(1\)"):
+        SAMStepPlan(params, groups=[0, 1, 0, 1, 0, 1], num_groups=2 - 1)
     with pytest.raises(RuntimeError, match="without a preceding perturb"):
         plan.restore()
     plan.perturb([0.05, 0.05])

@@ -315,6 +315,32 @@ PyObject* backup_misfit(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// same_entries(dicts: list[dict], key: str, expected: list) -> bool
+// Whether dicts[i].get(key) is expected[i] for every i (None where a dict lacks the key), with as
+// many dicts as expected values: an optimizer's per-parameter state still holding the momentum
+// buffers a planned step keeps (python/ssam/sam.py).
+PyObject* same_entries(PyObject* /*self*/, PyObject* args) {
+  PyObject *dicts = nullptr, *key = nullptr, *expected = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &dicts, &PyUnicode_Type, &key, &PyList_Type, &expected))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(dicts);
+  if (PyList_GET_SIZE(expected) != n) Py_RETURN_FALSE;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* entry = PyList_GET_ITEM(dicts, i);
+    if (!PyDict_Check(entry)) {
+      PyErr_Format(PyExc_TypeError, "same_entries: dicts[%zd] is not a dict (a %s)", i, Py_TYPE(entry)->tp_name);
+      return nullptr;
+    }
+    PyObject* value = PyDict_GetItemWithError(entry, key);  // borrowed
+    if (value == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      value = Py_None;
+    }
+    if (value != PyList_GET_ITEM(expected, i)) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
     {"grad_addresses", grad_addresses, METH_VARARGS,
      "grad_addresses(params, expected) -> tuple of the gradients' addresses (0: none), or None on a mismatch"},
@@ -331,6 +357,8 @@ PyMethodDef methods[] = {
      "bits_misfit(masks, refs) -> the first index whose uint8 entry is not refs[i]'s packed mask bits, or -1"},
     {"backup_misfit", backup_misfit, METH_VARARGS,
      "backup_misfit(params, values, counts) -> the first index whose backup value does not fit, or -1"},
+    {"same_entries", same_entries, METH_VARARGS,
+     "same_entries(dicts, key, expected) -> whether dicts[i].get(key) is expected[i] for every i"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -22,6 +22,7 @@ import torch
 
 import ssam_kernels
 from ssam_kernels._checks import overlapping_pair
+from ssam_kernels._host_loops import same_entries
 from ssam_kernels.ops.sam_step import SGD_KEYS, PlanMismatch, SAMStepPlan, SGDGroup, check_sgd_groups, plan_backend
 
 EPS = 1e-7
@@ -29,6 +30,13 @@ EPS = 1e-7
 
 def _valid_rho(rho) -> bool:
     return not isinstance(rho, bool) and isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0
+
+
+def _ascent_rho(group: dict) -> float:
+    """The signed radius of a group's perturbation: ``-rho`` where its base optimizer maximizes
+    (torch's ``maximize=True``), since the worst neighbour of a maximised objective lies against
+    its gradient."""
+    return -group["rho"] if group.get("maximize", False) else group["rho"]
 
 
 def _check_rho(rho) -> float:
@@ -185,7 +193,9 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: an optimizer instance built on the same params, or an optimizer class
             constructed here with ``base_kwargs``. One with its own ``rho`` or ``adaptive``
             hyper-parameter (``torch.optim.Adadelta``) is refused: it would share SAM's key.
-        rho: radius of the perturbation (>= 0). ``rho=0`` follows the base optimizer exactly for
+        rho: radius of the perturbation (>= 0; a group whose base optimizer maximizes,
+            ``maximize=True``, is perturbed against its gradient, towards the worst neighbour of
+            the objective it maximizes). ``rho=0`` follows the base optimizer exactly for
             fp32 and float64 parameters; for fp16/bf16 ones the fused SGD step (``fuse_sgd``)
             updates in fp32 and rounds once, where torch's SGD rounds after every op: within an
             ulp of it (``fuse_sgd=False``: exactly).
@@ -232,7 +242,9 @@ class SAM(torch.optim.Optimizer):
         base = _build_base(params, base_optimizer, base_kwargs)
         _check_no_clash(base)
         _check_params(base.param_groups)
-        super().__init__(base.param_groups, dict(rho=rho, adaptive=adaptive))
+        # the base optimizer's defaults too: schedulers read them (OneCycleLR and CyclicLR look
+        # for ``momentum`` or ``betas`` there), as on davda54/sam
+        super().__init__(base.param_groups, {**base.defaults, "rho": rho, "adaptive": adaptive})
         self.base_optimizer = base
         self.fuse_sgd = fuse_sgd
         self.param_groups = base.param_groups
@@ -256,7 +268,9 @@ class SAM(torch.optim.Optimizer):
         self._plan_adaptive = False  # whether a group was adaptive when the plan (or its absence) was decided
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._skips_unplanned = None  # and by steps over the per-list ops (device)
-        self._plan_buffers_synced = False  # the plan's momentum buffers are the base optimizer's
+        # the base optimizer's state the plan's momentum buffers were taken from: (its state
+        # dict, each plan parameter's entry in it, its length), None until they are
+        self._plan_buffers_synced: tuple | None = None
         # the fused step's hyper-parameters, last checked, and the param_groups values they came from
         self._sgd_checked: tuple[SGDGroup, ...] | None = None
         self._sgd_values: tuple | None = None
@@ -383,6 +397,19 @@ class SAM(torch.optim.Optimizer):
                                     f"gradient: {type(self).__name__} takes dense (strided) gradients, e.g. "
                                     "nn.Embedding(sparse=False)")
 
+    def _follow_base_groups(self) -> None:
+        """Share the base optimizer's ``param_groups`` again where its ``load_state_dict`` (called
+        on it directly) replaced them with a new list: SAM's keys carried over by position where
+        the loaded groups lack them, the plan made anew."""
+        groups = self.base_optimizer.param_groups
+        if groups is self.param_groups:
+            return
+        for i, group in enumerate(groups):
+            for key in _SAM_KEYS:
+                group.setdefault(key, self.param_groups[i][key] if i < len(self.param_groups) else self.defaults[key])
+        self.param_groups = groups
+        self._invalidate_plan()
+
     def _with_grads(self) -> list[tuple[dict, list[torch.Tensor]]]:
         self._check_strided_grads()
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
@@ -401,6 +428,7 @@ class SAM(torch.optim.Optimizer):
         skipped (``second_step`` then only unscales, restores and updates the scaler)."""
         if self._pending is not None:
             raise RuntimeError("first_step() called twice without second_step() in between")
+        self._follow_base_groups()
         scaler = _active_scaler(grad_scaler)
         for i, group in enumerate(self.param_groups):  # (rho may be set through param_groups between steps)
             if not _valid_rho(group["rho"]):
@@ -435,7 +463,7 @@ class SAM(torch.optim.Optimizer):
                 raise ValueError(f"no parameter has a gradient: call loss.backward() before "
                                  f"{type(self).__name__}.first_step()/step()")
             try:
-                plan.perturb([g["rho"] for g in self.param_groups], grads=grads)
+                plan.perturb([_ascent_rho(g) for g in self.param_groups], grads=grads)
             except BaseException:  # (nothing perturbed) the scaler's unscale_ above is undone by an update
                 if scaler is not None:
                     scaler.update()
@@ -469,7 +497,7 @@ class SAM(torch.optim.Optimizer):
         pending = []
         try:
             for group, params, directions, masks in plans:
-                scale = torch.where(finite, group["rho"] / (norm + EPS), 0.0)
+                scale = torch.where(finite, _ascent_rho(group) / (norm + EPS), 0.0)
                 directions = [torch.where(finite, d, torch.zeros((), dtype=d.dtype, device=d.device))
                               for d in directions]
                 pending.append((group, params, ssam_kernels.perturb_(params, directions, masks, scale)))
@@ -510,8 +538,19 @@ class SAM(torch.optim.Optimizer):
             self.restore()
             raise
         if scaler is not None:
-            scaler.unscale_(self)
-            if self._skipped or _found_inf(scaler, self):
+            try:
+                scaler.unscale_(self)
+                found_inf = self._skipped or _found_inf(scaler, self)
+            except RuntimeError as exc:  # back to w before raising
+                self.restore()
+                if "unscale_() has already been called" in str(exc):  # scaler.unscale_(opt) by hand
+                    raise RuntimeError(f"{exc} second_step(grad_scaler=...) unscales the gradients itself: to clip "
+                                       "them, pass max_grad_norm= instead (the weights are back at w)") from exc
+                raise
+            except BaseException:
+                self.restore()
+                raise
+            if found_inf:
                 self.restore()  # updates the scaler: the skip backs the scale off
                 if zero_grad:
                     self.zero_grad()
@@ -541,7 +580,7 @@ class SAM(torch.optim.Optimizer):
             if not fuse:
                 self._restore(pending)
                 left = None
-                self._plan_buffers_synced = False  # torch's SGD may make or replace momentum buffers
+                self._plan_buffers_synced = None  # torch's SGD may make or replace momentum buffers
                 self.base_optimizer.step()
         except BaseException:
             if left is not None:
@@ -643,15 +682,26 @@ class SAM(torch.optim.Optimizer):
         """Restore + SGD over the plan (one launch per weight dtype); the momentum buffers the
         step made join the base optimizer's state, where torch's SGD keeps them."""
         state = self.base_optimizer.state
-        if not self._plan_buffers_synced:
+        if not self._buffers_in_sync(plan, state):
             plan.set_buffers([_laid_out_like(state[p].get("momentum_buffer"), p) for p in plan.params])
-            for p, buf in zip(plan.params, plan.buffers):
+            entries = [state[p] for p in plan.params]
+            for entry, buf in zip(entries, plan.buffers):
                 if buf is not None:
-                    state[p]["momentum_buffer"] = buf
-            self._plan_buffers_synced = True
+                    entry["momentum_buffer"] = buf
+            self._plan_buffers_synced = (state, entries, len(state))
         made = plan.restore_sgd(sgd)
+        entries = self._plan_buffers_synced[1]
         for i in made:
-            state[plan.params[i]]["momentum_buffer"] = plan.buffers[i]
+            entries[i]["momentum_buffer"] = plan.buffers[i]
+
+    def _buffers_in_sync(self, plan: SAMStepPlan, state) -> bool:
+        """Whether the plan's momentum buffers are still the base optimizer's: the same state
+        dict (``base_optimizer.load_state_dict`` makes a new one), as many entries (``clear()``)
+        and every buffer the same tensor (one replaced by hand)."""
+        synced = self._plan_buffers_synced
+        if synced is None or synced[0] is not state or synced[2] != len(state):
+            return False
+        return same_entries(synced[1], "momentum_buffer", plan.buffers)
 
     # --- the planned step ---------------------------------------------------------------------
 
@@ -679,8 +729,8 @@ class SAM(torch.optim.Optimizer):
         masks = [self._mask(p) for p in params]
         groups = [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
         try:
-            self._plan = SAMStepPlan(params, masks, groups=groups, masked_norm=self._norm_masked(), eps=EPS,
-                                     backend=backend)
+            self._plan = SAMStepPlan(params, masks, groups=groups, num_groups=len(self.param_groups),
+                                     masked_norm=self._norm_masked(), eps=EPS, backend=backend)
         except ValueError:  # a parameter that no permutation makes contiguous
             return None
         return self._plan
@@ -699,7 +749,7 @@ class SAM(torch.optim.Optimizer):
                               "old plan stays allocated for it until forget_captured_plans()", stacklevel=3)
             else:
                 self._count_skips_of(self._plan)
-        self._plan, self._plan_made, self._plan_buffers_synced = None, False, False
+        self._plan, self._plan_made, self._plan_buffers_synced = None, False, None
 
     def _count_skips_of(self, plan: SAMStepPlan) -> None:
         """Carry a plan's count of skipped steps over to the optimizer's (on the device)."""

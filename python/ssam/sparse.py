@@ -140,6 +140,9 @@ class SparseSAM(SAM):
                 "no time saved), and it is approximate (a layer whose mask is empty passes no gradient to the "
                 "layers below it); the mode is meant for structure='2:4:out'", stacklevel=3)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, fuse_sgd=fuse_sgd, **base_kwargs)
+        if not self.params:  # (torch's optimizers take empty groups)
+            raise ValueError(f"params: every param group is empty; {type(self).__name__} needs its parameters at "
+                             "construction (its masks and random generator are made for them)")
         _check_dtypes(ascent_backward, self.param_groups)
         self.norm = norm
         self.mask_updates = 0

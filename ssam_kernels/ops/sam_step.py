@@ -151,6 +151,9 @@ class SAMStepPlan:
             :class:`~ssam_kernels.BitMask` shaped like it, or None (all of it).
         groups: the parameter group of each parameter (ints from 0; default all 0): each group
             has its own ``rho`` and SGD hyper-parameters.
+        num_groups: how many groups ``rho`` and the SGD hyper-parameters list (default
+            ``max(groups) + 1``; more where trailing groups hold none of ``params``, as an
+            optimizer's empty param group does).
         masked_norm: the norm over ``g * m`` (True) or over every gradient (False: the paper).
         eps: added to the norm before dividing (the paper's 1e-7).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
@@ -163,7 +166,7 @@ class SAMStepPlan:
 
     @_eager
     def __init__(self, params: Sequence[torch.Tensor], masks=None, *, groups: Sequence[int] | None = None,
-                 masked_norm: bool = False, eps: float = 1e-7, backend: str = "auto"):
+                 num_groups: int | None = None, masked_norm: bool = False, eps: float = 1e-7, backend: str = "auto"):
         params = _checks.tensor_list("params", params)
         masks = _checks.mask_list(masks, params, "params")
         device = params[0].device
@@ -173,6 +176,10 @@ class SAMStepPlan:
         groups = [0] * len(params) if groups is None else list(groups)
         if len(groups) != len(params) or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in groups):
             raise ValueError(f"groups must hold one int >= 0 per parameter ({len(params)}), got {groups!r}")
+        if num_groups is None:
+            num_groups = max(groups) + 1
+        elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= max(groups):
+            raise ValueError(f"num_groups must be an int > max(groups) ({max(groups)}), got {num_groups!r}")
         if not isinstance(masked_norm, bool):
             raise TypeError(f"masked_norm must be a bool, got {type(masked_norm).__name__}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
@@ -188,7 +195,7 @@ class SAMStepPlan:
         self.params = list(params)
         self.masks = [as_bitmask(m) for m in masks]
         self.groups = groups
-        self.num_groups = max(groups) + 1
+        self.num_groups = num_groups
         self.masked_norm = masked_norm
         self.eps = float(eps)
         self.device = device
@@ -266,7 +273,8 @@ class SAMStepPlan:
     def perturb(self, rho: Sequence[float], *, grads: tuple[int, ...] | None = None) -> None:
         """``w[m] += rho_group * g[m] / (norm + eps)`` from each parameter's current ``.grad`` (a
         parameter without one is left as it is), keeping the old values for :meth:`restore`.
-        ``rho``: one number >= 0 per group. ``grads``: what :meth:`grad_addresses` just
+        ``rho``: one finite number per group (a negative one moves against the gradient: SAM
+        for a group whose optimizer maximizes). ``grads``: what :meth:`grad_addresses` just
         returned, if the caller has it (read again otherwise)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore() or restore_sgd() in between")
@@ -351,8 +359,8 @@ def _check_rho(rho, groups: int) -> tuple[float, ...]:
     if not isinstance(rho, (list, tuple)) or len(rho) != groups:
         raise ValueError(f"rho must hold one number per group ({groups}), got {rho!r}")
     for r in rho:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r >= 0):
-            raise ValueError(f"rho must hold finite numbers >= 0, got {rho!r}")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise ValueError(f"rho must hold finite numbers, got {rho!r}")
     return tuple(float(r) for r in rho)
 
 
