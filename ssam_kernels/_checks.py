@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from ._host_loops import FLOAT_DTYPES, c_fit, unexplained_misfit
+from . import _host_loops
+from ._host_loops import FLOAT_DTYPES, c_fit, c_loops, unexplained_misfit
 from .ops.bitmask import BitMask, unpack_mask
 
 
@@ -36,7 +37,13 @@ def tensor_list(name: str, tensors, *, floating: bool = True, allow_empty: bool 
 def overlapping_pair(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
     """Indices ``(i, j)``, ``i < j``, of two of ``tensors`` that share memory (one tensor listed
     twice, or views of one buffer that overlap), or None. Bytes spanned, from each tensor's
-    lowest to its highest element (dense tensors: their memory), per device."""
+    lowest to its highest element (dense tensors: their memory), per device: interleaved views
+    that share no element (``x[::2]``, ``x[1::2]``) count as sharing."""
+    if c_loops() and type(tensors) is list:
+        try:
+            return _host_loops._host.overlapping_pair(tensors)
+        except RuntimeError:  # a tensor without an address to read: Python's rules decide (and say so)
+            pass
     spans = sorted((str(t.device), t.data_ptr(), t.data_ptr() + _span_bytes(t), i)
                    for i, t in enumerate(tensors) if t.numel())
     for (device, _, end, i), (other, start, _, j) in zip(spans, spans[1:]):
@@ -48,6 +55,8 @@ def overlapping_pair(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
 def disjoint(name: str, tensors: list[torch.Tensor]) -> None:
     """ValueError where two of ``tensors`` share memory: an in-place multi-tensor op would back
     up values another entry of the same launch already changed, and on a GPU the two race."""
+    if torch.compiler.is_compiling():  # (traced tensors have no addresses; eager calls check)
+        return
     pair = overlapping_pair(tensors)
     if pair is not None:
         raise ValueError(f"{name}[{pair[0]}] and {name}[{pair[1]}] share memory (the same tensor twice, or "

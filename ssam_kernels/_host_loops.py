@@ -34,7 +34,8 @@ except ImportError:
     _host = None
 if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses",
                                                             "data_ptrs", "tensors_misfit", "masks_misfit",
-                                                            "bits_misfit", "backup_misfit", "same_entries")):
+                                                            "bits_misfit", "backup_misfit", "same_entries",
+                                                            "overlapping_pair")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 

@@ -126,6 +126,43 @@ def test_bad_input(gen):
         ascent_linear(x, w, None, "mvue", generator=123)  # (failed in the backward, on an attribute)
 
 
+@pytest.mark.parametrize("mode", ["exact", "implicit", "mvue", "mvue_dx"])
+@pytest.mark.parametrize("in_f, out_f", [(0, 8), (8, 0)])
+@pytest.mark.cpu
+def test_layers_without_features_take_every_mode(mode, in_f, out_f, gen):
+    """F.linear takes a layer with 0 in- or out-features; so does each mode's backward (its
+    reshape(-1, 0) raised)."""
+    x, w, b = _leaf(rand((3, in_f), generator=gen)), _leaf(rand((out_f, in_f), generator=gen)), _leaf(torch.zeros(out_f))
+    out = ascent_linear(x, w, b, mode, mask=torch.ones(out_f, in_f, dtype=torch.bool))
+    dx, dw, db = torch.autograd.grad(out.sum(), (x, w, b))
+    assert (dx.shape, dw.shape, db.shape) == (x.shape, w.shape, b.shape) and bool((dw == 0).all())
+
+
+@pytest.mark.cpu
+def test_operands_torch_would_refuse_are_named_at_the_call():
+    """A bias not [out], operands of two dtypes outside autocast, a sparse input, a backend that
+    cannot run the mode's kernel: ValueError/TypeError at the call (a RuntimeError from torch,
+    a NotImplementedError from the dispatcher, or a failure first in backward() before)."""
+    from ssam_kernels import ascent_conv
+
+    x, w, m = torch.zeros(4, 8), torch.zeros(6, 8), torch.ones(6, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        ascent_linear(x, w, torch.zeros(5), "exact", mask=m)
+    with pytest.raises(ValueError, match="must share a dtype outside autocast"):
+        ascent_linear(x.double(), w, None, "exact", mask=m)
+    with pytest.raises(TypeError, match="x must be a dense"):
+        ascent_linear(x.to_sparse(), w, None, "exact", mask=m)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ascent_linear(x, w, None, "exact", mask=m, backend="bogus")
+    with pytest.raises(ValueError, match="mvue24 has no 'ext' implementation"):
+        ascent_linear(x, w, None, "mvue", backend="ext")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs mixed dtypes in its own
+        ascent_linear(x.double(), w, None, "exact", mask=m)
+    cw, cm = torch.zeros(3, 2, 3, 3), torch.ones(3, 2, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="must share a dtype outside autocast"):
+        ascent_conv(torch.zeros(1, 2, 5, 5, dtype=torch.float64), cw, None, cm)
+
+
 @pytest.mark.cpu
 def test_sparse_mm_24_dense_path_and_checks(gen):
     a = mvue24(rand((16, 32), generator=gen), seed=3)

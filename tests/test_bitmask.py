@@ -36,6 +36,14 @@ def test_padding_bits_are_zero():
     assert bits.tolist() == [0xFF, 0b0000_0111]
 
 
+def test_bitmasks_compare_by_identity(gen):
+    """Two BitMasks are equal only if they are one object (the dataclass compared tensors and
+    raised: ``a == b``, ``a in [b]``); they hash by identity, as caches keyed on them need."""
+    m = rand_mask((5, 7), 0.5, gen)
+    a, b = pack_mask(m), pack_mask(m)
+    assert a == a and a != b and a in [b, a] and [b, a].index(a) == 1 and len({a, b, a}) == 2
+
+
 def test_rejects_bad_input():
     with pytest.raises(TypeError, match="bool tensor"):
         pack_mask(torch.ones(3))

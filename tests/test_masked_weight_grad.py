@@ -107,6 +107,23 @@ def test_bad_input():
         masked_weight_grad(dy, x, m, out=torch.zeros(6, 8))
     with pytest.raises(ValueError, match="out_dtype"):
         masked_weight_grad(dy, x, m, out=torch.zeros(8, 6), out_dtype=torch.float16)
+    # out over an input: zeroed before the product (the reference then returned zeros)
+    square = torch.ones(6, 6)
+    with pytest.raises(ValueError, match="out shares memory with grad_output"):
+        masked_weight_grad(square, torch.ones(6, 6), torch.ones(6, 6, dtype=torch.bool), out=square)
+    with pytest.raises(ValueError, match="out shares memory with input"):
+        masked_weight_grad(torch.ones(6, 6), square, torch.ones(6, 6, dtype=torch.bool), out=square)
+    assert torch.equal(square, torch.ones(6, 6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_f, in_f", [(0, 5), (5, 0), (0, 0)])
+def test_layers_without_features(backend, out_f, in_f, gen):
+    """A Linear with 0 in- or out-features (F.linear takes it): an empty or all-zero gradient
+    (reshape(-1, 0) raised)."""
+    dy, x = rand((3, out_f), generator=gen), rand((3, in_f), generator=gen)
+    out = masked_weight_grad(dy, x, torch.ones(out_f, in_f, dtype=torch.bool), backend=backend)
+    assert out.shape == (out_f, in_f) and bool((out == 0).all())
 
 
 @pytest.mark.cuda

@@ -98,6 +98,37 @@ def test_subnormal_groups_are_divided_exactly(backend, gen):
     assert bool(((groups_out != 0).sum(-1) == (groups_in != 0).sum(-1).clamp(max=2)).all())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_and_overflowing_groups(backend, gen):
+    """A group holding an inf or NaN keeps its first non-finite element alone (it came out all
+    zero, hiding an overflow from a GradScaler); a finite group whose magnitudes sum past fp32
+    (the sum was inf, every p 0, the group zero) is drawn as its quarter is."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[inf, 0.0, 0.0, 0.0], [nan, 1.0, 2.0, 3.0], [0.0, -inf, 5.0, inf], [1.0, 2.0, nan, -inf],
+                      [1e38, 3e38, 2e38, 1e38], [1e38, 3e38, 2e38, 1e38]])
+    u = torch.rand(x.shape[0], 1, generator=gen)
+    out = mvue24(x, uniforms=u, backend=backend)
+    assert out[0].tolist() == [inf, 0, 0, 0] and out[2].tolist() == [0, -inf, 0, 0]
+    assert out[1, 0].isnan() and out[1, 1:].tolist() == [0, 0, 0]
+    assert out[3, 2].isnan() and out[3, [0, 1, 3]].tolist() == [0, 0, 0]
+    quarter = mvue24(x[4:] / 4, uniforms=u[4:], backend=backend)
+    assert torch.equal((out[4:] != 0), (quarter != 0)) and int((out[4:] != 0).sum()) == 4
+    torch.testing.assert_close(out, mvue24(x, uniforms=u, backend="torch"), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniforms_at_the_ends_draw_two(backend, gen):
+    """The largest fp32 below 1 (``u + 1`` rounds to 2.0, which fell in no interval; or a capped
+    element's interval, an ulp longer than 1 after rounding, took both draws: one value kept),
+    1.0 and values outside [0, 1) (clamped) still keep exactly two of four."""
+    x = torch.randn(64, 40, generator=gen)
+    for value in (1.0 - 2**-24, 1.0, 1.5, -0.5, 0.0):
+        u = torch.full((64, 10), value)
+        out = mvue24(x, uniforms=u, backend=backend)
+        assert bool(((out.reshape(-1, 4) != 0).sum(-1) == 2).all()), value
+        assert torch.equal(out, mvue24(x, uniforms=u.clamp(0.0, 1.0 - 2**-24), backend="torch"))
+
+
 @pytest.mark.cpu
 def test_errors():
     x = torch.ones(4, 8)

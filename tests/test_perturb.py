@@ -107,6 +107,33 @@ def test_errors(gen):
             restore_([torch.zeros(4, dtype=torch.float64)], backup)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_parameters_sharing_memory_are_refused_before_any_write(backend, gen):
+    """One tensor twice, or overlapping views: the second entry would back up what the first
+    already changed, and the restore left values perturbed. ValueError naming both, nothing
+    written; views that share no byte are fine."""
+    from ssam_kernels import restore_sgd_step_
+
+    buffer = rand((12,), generator=gen)
+    before = buffer.clone()
+    g = [rand((12,), generator=gen), rand((12,), generator=gen)]
+    with torch.no_grad():
+        for params in ([buffer, buffer], [buffer[:8], buffer[4:]]):
+            grads = [x[: p.numel()] for x, p in zip(g, params)]
+            with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+                perturb_(params, grads, None, 0.5, backend=backend)
+            assert torch.equal(buffer, before)
+        halves = [buffer[:6], buffer[6:]]
+        backup = perturb_(halves, [g[0][:6], g[1][6:]], None, 0.5, backend=backend)
+        with pytest.raises(ValueError, match="share memory"):
+            restore_([buffer[:6], buffer[:6]], backup, backend=backend)
+        with pytest.raises(ValueError, match="share memory"):
+            restore_sgd_step_([buffer[:6], buffer[:6]], [g[0][:6], g[1][6:]], [None, None], backup, lr=0.1,
+                              backend=backend)
+        restore_(halves, backup, backend=backend)
+    assert torch.equal(buffer, before)
+
+
 @pytest.mark.cpu
 def test_restore_rejects_a_backup_of_the_wrong_size(gen):
     m = rand_mask((50,), generator=gen)

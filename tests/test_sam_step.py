@@ -237,6 +237,29 @@ def _interpreter_fma_is_fused() -> bool:
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_a_list_of_sgd_groups_edited_in_place_is_read_again(backend, gen):
+    """restore_sgd took the same list object as unchanged: an lr edited in it was ignored and a
+    bad value not checked. A tuple (immutable) is taken as it is."""
+    params = [rand((5,), generator=gen), rand((3, 4), generator=gen)]
+    for p in params:
+        p.grad = rand(p.shape, generator=gen)
+    plan = SAMStepPlan(params, backend=backend)
+    sgd = [SGDGroup(lr=0.8)]
+    for lr in (0.8, 0.4):
+        sgd[0] = SGDGroup(lr=lr)
+        before = _clone(params)
+        plan.perturb([0.0])
+        plan.restore_sgd(sgd)
+        for p, b in zip(params, before):
+            assert torch.equal(p, torch.add(b, p.grad, alpha=-lr))  # (torch SGD's op)
+    sgd[0] = SGDGroup(lr=-1.0)
+    plan.perturb([0.0])
+    with pytest.raises(ValueError, match=r"sgd\[0\].lr must be a number >= 0"):
+        plan.restore_sgd(sgd)
+    plan.restore()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_each_step_moves_the_version_counters_of_what_it_writes(backend, gen):
     """The kernels write through addresses; the plan bumps the parameters' version counters as
     torch's in-place ops do: a weight saved for a backward and perturbed is caught by autograd,
@@ -357,6 +380,18 @@ def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
         monkeypatch.undo()
     with pytest.raises(TypeError, match=r"dicts\[1\] is not a dict"):
         sam_step._host.same_entries([{}, 1], "momentum_buffer", [None, None])
+    # the overlap check of the list ops and the plan: the C loop finds what Python finds
+    from ssam_kernels import _checks
+
+    flat = torch.zeros(20)
+    lists = [[flat[:5], flat[5:10]], [flat[:6], flat[5:]], [flat, torch.zeros(3), flat], [flat[::2], flat[1::2]],
+             [torch.zeros(0), flat, flat[19:]], [flat.view(4, 5).t(), torch.zeros(2, 2)], [flat[10:], flat[:10]]]
+    for tensors in lists:
+        found = _checks.overlapping_pair(tensors)
+        monkeypatch.setattr(_host_loops, "_host", None)
+        assert _checks.overlapping_pair(tensors) == found
+        monkeypatch.undo()
+    assert [_checks.overlapping_pair(t) for t in lists] == [None, (0, 1), (0, 2), (0, 1), (1, 2), None, None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
@@ -392,6 +427,8 @@ def test_bad_input_names_what_is_wrong(gen):
         SAMStepPlan(params, groups=[0, 1])
     with pytest.raises(ValueError, match="num_groups must be an int"):
         SAMStepPlan(params, num_groups=True)
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0"):  # (1 / 0 * 0: NaN weights)
+        SAMStepPlan(params, eps=0.0)
     with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point"):
         SAMStepPlan([torch.zeros(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match=r"masks\[1\] has shape"):

@@ -15,7 +15,11 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -315,6 +319,44 @@ PyObject* backup_misfit(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// overlapping_pair(tensors: list[Tensor]) -> (i, j) | None
+// Two tensors (i < j) whose spans of bytes, from each one's lowest to its highest element, meet
+// on one device, or None: the same rule as ssam_kernels/_checks.py overlapping_pair (which says
+// what it means), in about a microsecond for 300 tensors where the Python one takes ~100.
+PyObject* overlapping_pair(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* tensors = nullptr;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &tensors)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  // (device type, device index, first byte, one past the last byte, index)
+  std::vector<std::tuple<int, int, uintptr_t, uintptr_t, Py_ssize_t>> spans;
+  spans.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* t = nullptr;
+    if (!tensor_at(tensors, i, &t)) {
+      PyErr_Format(PyExc_TypeError, "overlapping_pair: tensors[%zd] is not a tensor", i);
+      return nullptr;
+    }
+    if (t->numel() == 0) continue;
+    int64_t span = 1;
+    for (int64_t d = 0; d < t->dim(); ++d) span += (t->sizes()[d] - 1) * std::llabs(t->strides()[d]);
+    const auto start = reinterpret_cast<uintptr_t>(t->data_ptr());
+    spans.emplace_back(static_cast<int>(t->device().type()), t->device().index(), start,
+                       start + static_cast<uintptr_t>(span * t->element_size()), i);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const auto& a = spans[k - 1];
+    const auto& b = spans[k];
+    if (std::get<0>(a) == std::get<0>(b) && std::get<1>(a) == std::get<1>(b) && std::get<2>(b) < std::get<3>(a)) {
+      const Py_ssize_t i = std::get<4>(a), j = std::get<4>(b);
+      return Py_BuildValue("(nn)", std::min(i, j), std::max(i, j));
+    }
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // same_entries(dicts: list[dict], key: str, expected: list) -> bool
 // Whether dicts[i].get(key) is expected[i] for every i (None where a dict lacks the key), with as
 // many dicts as expected values: an optimizer's per-parameter state still holding the momentum
@@ -357,6 +399,8 @@ PyMethodDef methods[] = {
      "bits_misfit(masks, refs) -> the first index whose uint8 entry is not refs[i]'s packed mask bits, or -1"},
     {"backup_misfit", backup_misfit, METH_VARARGS,
      "backup_misfit(params, values, counts) -> the first index whose backup value does not fit, or -1"},
+    {"overlapping_pair", overlapping_pair, METH_VARARGS,
+     "overlapping_pair(tensors) -> (i, j), i < j, of two tensors whose byte spans meet on one device, or None"},
     {"same_entries", same_entries, METH_VARARGS,
      "same_entries(dicts, key, expected) -> whether dicts[i].get(key) is expected[i] for every i"},
     {nullptr, nullptr, 0, nullptr},

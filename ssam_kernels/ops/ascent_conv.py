@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .ascent_linear import autocast_operands, pad_rows
+from .ascent_linear import autocast_operands, check_operands, pad_rows
 from .bitmask import BitMask, computed_rows, masked_rows, row_span
 from .masked_weight_grad import check_weight_mask
 
@@ -140,6 +140,7 @@ def check_conv_args(x, weight, bias, mask, bias_mask, stride, padding, dilation,
                          f"{weight.shape[1] * groups}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must be None or a [{weight.shape[0]}] tensor, got {_checks._kind(bias)}")
+    check_operands(x, weight, bias, "ascent_conv")
     if mask is None:
         raise ValueError("mask is required: the weight's perturbation mask")
     check_weight_mask("mask", mask, tuple(weight.shape), weight.device)

@@ -21,15 +21,17 @@ is slower. The gradients returned are in the parameters' dtypes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .._backend import BACKENDS
 from ..sparse_gemm import GEMMS, sparse_mm_24
 from .bitmask import BitMask, computed_rows, row_span, rows_first
 from .masked_weight_grad import MASKED_WEIGHT_GRAD, check_weight_mask, masked_weight_grad
-from .mvue24 import mvue24
+from .mvue24 import MVUE24, mvue24
 
 MODES = ("exact", "implicit", "mvue", "mvue_dx")
 
@@ -58,7 +60,7 @@ def is_24_along_out(mask) -> bool:
     if isinstance(mask, BitMask):
         return mask.memo("_24_along_out", lambda: is_24_along_out(mask.to_bool()))
     rows = mask.shape[0]
-    return rows % 4 == 0 and bool((mask.reshape(rows // 4, 4, -1).sum(1) <= 2).all())
+    return rows % 4 == 0 and bool((mask.reshape(rows // 4, 4, mask.shape[1]).sum(1) <= 2).all())
 
 
 def _masked_row_index(mask) -> torch.Tensor:
@@ -133,8 +135,9 @@ class AscentLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtypes = ctx.dtypes
         out_f, in_f = w.shape
-        dy2 = dy.reshape(-1, out_f).to(w.dtype)
-        x2 = x.reshape(-1, in_f)
+        tokens = math.prod(x.shape[:-1])  # (not reshape(-1, ...): a layer may have 0 features)
+        dy2 = dy.reshape(tokens, out_f).to(w.dtype)
+        x2 = x.reshape(tokens, in_f)
         dx = dw = db = None
         if cfg.mode == "exact":
             first, end, count = row_span(cfg.mask) if need_w else (0, 0, 0)
@@ -208,6 +211,35 @@ def _check_config(weight: torch.Tensor, bias, config: AscentConfig) -> None:
         if bias is None:
             raise ValueError("bias_mask given for a layer without bias")
         check_weight_mask("bias_mask", config.bias_mask, tuple(bias.shape), bias.device)
+    # the backend of the kernel the mode's backward runs, checked now (not first in backward())
+    if not isinstance(config.backend, str) or config.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+    if config.mode == "exact":
+        MASKED_WEIGHT_GRAD.resolve(config.backend, weight.device)
+    elif config.mode in ("mvue", "mvue_dx"):
+        MVUE24.resolve(config.backend, weight.device)
+
+
+def check_operands(x, weight: torch.Tensor, bias, op: str) -> None:
+    """What ``F.linear`` / ``F.conv*`` would refuse with a RuntimeError (or the dispatcher with a
+    NotImplementedError), as a TypeError/ValueError naming the argument: sparse layouts, a bias
+    that is not ``[out]``, operands of two dtypes outside autocast, or on two devices."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"{op}: bias must be None or a floating tensor, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) for weight {tuple(weight.shape)}, "
+                             f"got {tuple(bias.shape)}")
+    operands = [t for t in (x, weight, bias) if t is not None]
+    if any(t.device != weight.device for t in operands):
+        raise ValueError(f"{op}: x, weight and bias must be on one device, got "
+                         f"{', '.join(str(t.device) for t in operands)}")
+    if _autocast_dtype(weight.device.type) is None and any(t.dtype != weight.dtype for t in operands):
+        raise ValueError(f"{op}: x, weight and bias must share a dtype outside autocast, got "
+                         f"{', '.join(str(t.dtype) for t in operands)}")
 
 
 def ascent_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, *,
@@ -228,6 +260,7 @@ def ascent_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise TypeError(f"weight must be a 2-D floating tensor, got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}")
+    check_operands(x, weight, bias, "ascent_linear")
     config = AscentConfig(mode, mask, bias_mask, generator, gemm, backend)
     _check_config(weight, bias, config)
     return AscentLinearFunction.apply(x, weight, bias, config)

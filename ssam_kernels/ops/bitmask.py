@@ -46,9 +46,11 @@ def padding_cleared(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return cleared
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BitMask:
-    """A boolean mask stored as packed bits (see the module docstring for the layout)."""
+    """A boolean mask stored as packed bits (see the module docstring for the layout). Two
+    BitMasks are equal only if they are the same object (kernels cache facts on a mask by
+    identity); compare contents with ``torch.equal(a.bits, b.bits) and a.shape == b.shape``."""
 
     bits: torch.Tensor
     shape: torch.Size
@@ -136,7 +138,8 @@ def masked_rows(mask: torch.Tensor) -> torch.Tensor:
     the rows whose weight gradient a masked gradient needs. One host sync."""
     if mask.dim() == 0:
         raise ValueError("masked_rows needs a mask with at least 1 dim")
-    return mask.reshape(mask.shape[0], -1).any(1).nonzero().squeeze(1)
+    # (flatten, not reshape(rows, -1): a mask of 0 rows has no -1 to infer)
+    return mask.flatten(1).any(1).nonzero().squeeze(1) if mask.dim() > 1 else mask.nonzero().squeeze(1)
 
 
 def rows_first(mask) -> tuple[torch.Tensor, int]:

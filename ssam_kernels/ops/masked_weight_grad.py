@@ -10,6 +10,8 @@ element-wise mask gives tensor cores nothing to skip inside a tile).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -108,8 +110,12 @@ def masked_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, mask, *,
             )
         if out_dtype is not None and out_dtype != out.dtype:
             raise ValueError(f"out_dtype={out_dtype} but out is {out.dtype}")
-    dy = grad_output.reshape(-1, out_features).contiguous()
-    x = input.reshape(-1, in_features).contiguous()
+        for name, t in (("grad_output", grad_output), ("input", input)):  # (out is zeroed first)
+            if not torch.compiler.is_compiling() and _checks.overlapping_pair([out, t]) is not None:
+                raise ValueError(f"out shares memory with {name}; give a separate tensor")
+    tokens = math.prod(input.shape[:-1])  # (not reshape(-1, ...): a layer may have 0 features)
+    dy = grad_output.reshape(tokens, out_features).contiguous()
+    x = input.reshape(tokens, in_features).contiguous()
     bits = mask.bits if isinstance(mask, BitMask) else pack_mask(mask).bits
     order, masked = rows_first(mask)
     MASKED_WEIGHT_GRAD(dy, x, bits, order, masked, out, backend=backend)

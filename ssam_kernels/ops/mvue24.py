@@ -6,8 +6,13 @@ element of a group can reach 1: if ``2|x_max| > S``, it gets 1 and the others ``
 |x_max|)``). A kept value is ``x_i / p_i``, so ``E[out] = x``; these inclusion probabilities
 minimise the variance among unbiased 2:4 estimators. The pair is drawn by systematic sampling:
 with ``u`` uniform in [0, 1), the elements whose cumulative-probability interval holds ``u``
-and ``u + 1`` are kept, which draws exactly two, each with probability ``p_i``. A group with
-fewer than two nonzeros keeps them unchanged (``p = 1``) and zeros elsewhere.
+and ``u + 1`` are kept, which draws exactly two, each with probability ``p_i`` (the second
+draw compared as ``C_{i-1} - 1 <= u < C_i - 1``, exact where ``u + 1`` would round; ``u`` is
+clamped into [0, 1); where the running sums' rounding lets one element take both draws, the
+next most probable is kept too). A group with fewer than two nonzeros keeps them unchanged
+(``p = 1``) and zeros elsewhere. Magnitudes whose sum overflows fp32 are scaled by 1/4 first (exact for such
+values; ``p`` does not depend on scale). A group holding an inf or NaN keeps its first non-finite
+element alone (still 2:4, and the overflow reaches whatever reads it: a GradScaler's check).
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ def _positive_or_one(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t > 0, t, torch.ones_like(t))
 
 
+U_MAX = 1.0 - 2.0**-24  # the largest fp32 below 1
+
+
 def inclusion_probabilities(a: torch.Tensor) -> torch.Tensor:
     """``p`` for magnitudes ``a`` of shape ``[..., 4]`` (fp32), as in the module docstring."""
+    a = torch.where(torch.isinf(_ordered_sum(a)).unsqueeze(-1), a * 0.25, a)  # (an overflowing sum)
     total = _ordered_sum(a).unsqueeze(-1)
     top = a.amax(-1, keepdim=True)
     first_top = torch.where(a == top, torch.arange(4, device=a.device), 4).amin(-1, keepdim=True)
@@ -47,14 +56,29 @@ def inclusion_probabilities(a: torch.Tensor) -> torch.Tensor:
 def systematic_pick(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Keep element i where ``[C_{i-1}, C_i)`` holds ``u`` or ``u + 1``: ``C`` is the running
     sum of ``p`` (added left to right), with ``C_{-1} = 0`` and ``C_3`` pinned to 2 so both
-    draws always land."""
+    draws always land (``u`` in [0, 1)). The second test is ``C_{i-1} - 1 <= u < C_i - 1``:
+    exact for the ``C`` in [1, 2] it can pass on, where ``u + 1`` rounds (to 2.0 for the
+    largest ``u``, which then landed nowhere)."""
     c0 = p[..., 0]
     c1 = c0 + p[..., 1]
     c2 = c1 + p[..., 2]
     lower = torch.stack([torch.zeros_like(c0), c0, c1, c2], -1)
     upper = torch.stack([c0, c1, c2, torch.full_like(c0, 2.0)], -1)
     u = u.unsqueeze(-1)
-    return ((lower <= u) & (u < upper)) | ((lower <= u + 1) & (u + 1 < upper))
+    return ((lower <= u) & (u < upper)) | ((lower - 1 <= u) & (u < upper - 1))
+
+
+def second_where_one(keep: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``keep`` with, in a group where the draws kept one element though two have ``p > 0``,
+    the most probable other one (its first) kept too. The running sums round: where an element
+    has ``p = 1`` (a capped top) its interval can come out an ulp longer than 1 and take both
+    draws, for ``u`` within an ulp of one end (about 1 group in 10**7)."""
+    short = (keep.sum(-1, keepdim=True) < 2) & ((p > 0).sum(-1, keepdim=True) >= 2)
+    q = torch.where(keep | (p <= 0), -1.0, p)
+    best = q.amax(-1, keepdim=True)
+    position = torch.arange(4, device=p.device)
+    first_best = position == torch.where(q == best, position, 4).amin(-1, keepdim=True)
+    return keep | (short & first_best)
 
 
 def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | None) -> torch.Tensor:
@@ -64,8 +88,14 @@ def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | Non
         gen = torch.Generator(device=x.device).manual_seed(seed)
         uniforms = torch.rand(groups.shape[0], generator=gen, device=x.device)
     p = inclusion_probabilities(groups.abs())
-    keep = systematic_pick(p, uniforms.reshape(-1).to(torch.float32)) & (p > 0)
+    keep = systematic_pick(p, uniforms.reshape(-1).to(torch.float32).clamp(0.0, U_MAX)) & (p > 0)
+    keep = second_where_one(keep, p)
     out = torch.where(keep, groups / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(groups))
+    # a group holding an inf or NaN: its first non-finite element alone
+    position = torch.arange(4, device=x.device)
+    bad = ~torch.isfinite(groups)
+    first_bad = position == torch.where(bad, position, 4).amin(-1, keepdim=True)
+    out = torch.where(bad.any(-1, keepdim=True), torch.where(first_bad, groups, torch.zeros_like(groups)), out)
     return out.to(x.dtype).reshape(x.shape)
 
 
@@ -83,8 +113,10 @@ def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor |
 
     The randomness is one uniform per group: give ``seed`` (reproducible; each backend draws
     its own stream from it) or ``uniforms`` (shape ``x.shape[:-1] + (x.shape[-1] // 4,)``, in
-    [0, 1): then every backend returns the same result). Returns a tensor like ``x`` with at
-    most two nonzeros per group (exactly two where the group has two or more nonzeros).
+    [0, 1), values outside clamped into it: then every backend returns the same result). Returns
+    a tensor like ``x`` with at most two nonzeros per group (exactly two where the group has two
+    or more nonzeros, all finite); a group holding an inf or NaN keeps its first non-finite
+    element alone.
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _checks.FLOAT_DTYPES[:3]:
         raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {_checks._kind(x)}")

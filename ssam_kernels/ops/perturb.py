@@ -187,7 +187,7 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     """In place ``w += scale * g * m`` for every tensor; returns the compact backup.
 
     Args:
-        params: list of floating-point tensors, modified in place.
+        params: list of floating-point tensors, modified in place; no two share memory.
         grads: list of tensors shaped like ``params`` (any floating dtype). The math is in fp32
             (one rounding to ``w``'s dtype), or in float64 for float64 params.
         masks: None (perturb everything), or one entry per tensor: bool tensor,
@@ -208,6 +208,7 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     masks = _checks.mask_list(masks, params, "params")
     scale = _checks.scalar("scale", scale)
     check_writable(params)
+    _checks.disjoint("params", params)
     counts = mask_counts(masks)
     values = backup_buffers(params, masks, counts)
     if _checks.spans_devices(params):
@@ -252,6 +253,7 @@ def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
     params = _checks.tensor_list("params", params)
     check_backup(params, backup)
     check_writable(params)
+    _checks.disjoint("params", params)
     if _checks.spans_devices(params):
         RESTORE.across_devices(backend, params[0].device)(params, backup)
     else:

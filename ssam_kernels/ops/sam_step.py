@@ -155,7 +155,7 @@ class SAMStepPlan:
             ``max(groups) + 1``; more where trailing groups hold none of ``params``, as an
             optimizer's empty param group does).
         masked_norm: the norm over ``g * m`` (True) or over every gradient (False: the paper).
-        eps: added to the norm before dividing (the paper's 1e-7).
+        eps: added to the norm before dividing (> 0; the paper's 1e-7).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
 
     The plan holds the tensors, not copies: a step reads each parameter's ``.grad`` and writes
@@ -182,8 +182,9 @@ class SAMStepPlan:
             raise ValueError(f"num_groups must be an int > max(groups) ({max(groups)}), got {num_groups!r}")
         if not isinstance(masked_norm, bool):
             raise TypeError(f"masked_norm must be a bool, got {type(masked_norm).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        # (eps 0 and a zero gradient: 1 / 0 * 0, NaN weights where nothing should move)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         orders = []
         for i, p in enumerate(params):
             order = storage_order(p)
@@ -311,7 +312,9 @@ class SAMStepPlan:
         torch (and the reference backend) rounds after every op: not bitwise equal."""
         if not self.perturbed:
             raise RuntimeError("restore_sgd() without a preceding perturb()")
-        if sgd is not self._sgd_given and tuple(sgd) != self._sgd:  # checked once per change
+        # checked once per change: the tuple given last time (immutable) is taken as it is; a
+        # list may have been edited in place since, so its entries are compared
+        if not (sgd is self._sgd_given and type(sgd) is tuple) and tuple(sgd) != self._sgd:
             self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
         self._sgd_given = sgd
         grads = self.grad_addresses(check_params=False)

@@ -9,6 +9,8 @@ import triton
 import triton.language as tl
 
 GROUPS_PER_PROGRAM = 256
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+U_MAX = tl.constexpr(0.99999994039535522)  # 1 - 2**-24, the largest fp32 below 1
 
 
 @triton.jit
@@ -23,6 +25,8 @@ def _mvue24_groups(v, u):
     e = tl.arange(0, 4)
     a = tl.abs(v)
     # sums added left to right, as the reference does, so the two agree bit for bit
+    total = ((_column(a, e, 0) + _column(a, e, 1)) + _column(a, e, 2)) + _column(a, e, 3)
+    a = tl.where((total > FLT_MAX)[:, None], a * 0.25, a)  # a sum that overflows: p is scale-free
     total = ((_column(a, e, 0) + _column(a, e, 1)) + _column(a, e, 2)) + _column(a, e, 3)
     top = tl.max(a, axis=1)
     first_top = tl.min(tl.where(a == top[:, None], e[None, :], 4), axis=1)
@@ -42,9 +46,21 @@ def _mvue24_groups(v, u):
                                                     tl.where(e[None, :] == 2, c1[:, None], c2[:, None])))
     upper = tl.where(e[None, :] == 0, c0[:, None], tl.where(e[None, :] == 1, c1[:, None],
                                                             tl.where(e[None, :] == 2, c2[:, None], 2.0)))
-    uu = u[:, None]
-    keep = (((lower <= uu) & (uu < upper)) | ((lower <= uu + 1) & (uu + 1 < upper))) & (p > 0)
-    return tl.where(keep, tl.div_rn(v, tl.where(keep, p, 1.0)), 0.0)
+    uu = tl.minimum(tl.maximum(u, 0.0), U_MAX)[:, None]
+    # the second draw as lower - 1 <= u < upper - 1: exact where u + 1 would round
+    keep = (((lower <= uu) & (uu < upper)) | ((lower - 1 <= uu) & (uu < upper - 1))) & (p > 0)
+    # one kept where two have p > 0 (rounding let one element take both draws): the most
+    # probable other one too, as the reference's second_where_one
+    short = (tl.sum(keep.to(tl.int32), axis=1) < 2) & (tl.sum((p > 0).to(tl.int32), axis=1) >= 2)
+    q = tl.where(keep | (p <= 0), -1.0, p)
+    best = tl.max(q, axis=1)
+    first_best = tl.min(tl.where(q == best[:, None], e[None, :], 4), axis=1)
+    keep = keep | (short[:, None] & (e[None, :] == first_best[:, None]))
+    out = tl.where(keep, tl.div_rn(v, tl.where(keep, p, 1.0)), 0.0)
+    # a group holding an inf or NaN: its first non-finite element alone
+    bad = (v != v) | (tl.abs(v) > FLT_MAX)
+    first_bad = tl.min(tl.where(bad, e[None, :], 4), axis=1)
+    return tl.where((first_bad < 4)[:, None], tl.where(e[None, :] == first_bad[:, None], v, 0.0), out)
 
 
 @triton.jit
