@@ -476,6 +476,8 @@ def run(launch_files=(), sweep: bool = True, jobs: int = 1, only: str | None = N
 def _fmt_widths(widths: dict) -> str:
     if not widths:
         return "-"
+    # (a report read back from JSON has the byte widths as strings: the same order either way)
+    widths = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in widths.items()}
     return " ".join(f"{k}B×{v}" if k != "tma" else f"TMA×{v}"
                     for k, v in sorted(widths.items(), key=lambda kv: (isinstance(kv[0], str), -int(kv[0]) if not isinstance(kv[0], str) else 0)))
 

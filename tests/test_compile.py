@@ -146,6 +146,9 @@ def test_ptx_access_widths_are_parsed():
     assert ck.ptx_facts("fma.rn.f32 %f1, %f2, %f3, %f4;")["mma"] is None
     assert ck.ptx_facts("  fma.rn.f32 %f1, %f2, %f3, %f4;\n  @%p1 fma.rn.ftz.f64 %fd1, %fd2, %fd3, %fd4;\n"
                         "  mad.lo.s32 %r1, %r2, %r3, %r4;")["fma"] == 2
+    # a report read back from JSON (string keys) renders its widths as the live one does
+    live = {16: 2, 4: 8, 1: 1}
+    assert ck._fmt_widths(live) == ck._fmt_widths(json.loads(json.dumps(live))) == "16B×2 4B×8 1B×1"
 
 
 def test_descriptors_keep_dtype_and_alignment():
