@@ -55,12 +55,28 @@ def overlapping_pair(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
 def disjoint(name: str, tensors: list[torch.Tensor]) -> None:
     """ValueError where two of ``tensors`` share memory: an in-place multi-tensor op would back
     up values another entry of the same launch already changed, and on a GPU the two race."""
+    disjoint_lists([(name, tensors)])
+
+
+def disjoint_lists(named: list[tuple[str, list]]) -> None:
+    """:func:`disjoint` across several lists written in place (None entries skipped), naming
+    the two entries that share memory."""
     if torch.compiler.is_compiling():  # (traced tensors have no addresses; eager calls check)
         return
-    pair = overlapping_pair(tensors)
+    if len(named) == 1:
+        flat, where = named[0][1], None
+    else:
+        flat, where = [], []
+        for name, tensors in named:
+            for i, t in enumerate(tensors):
+                if t is not None:
+                    flat.append(t)
+                    where.append(f"{name}[{i}]")
+    pair = overlapping_pair(flat if type(flat) is list else list(flat))
     if pair is not None:
-        raise ValueError(f"{name}[{pair[0]}] and {name}[{pair[1]}] share memory (the same tensor twice, or "
-                         "overlapping views): an in-place step over both would be wrong")
+        first, second = (f"{named[0][0]}[{i}]" for i in pair) if where is None else (where[i] for i in pair)
+        raise ValueError(f"{first} and {second} share memory (the same tensor twice, or overlapping views): an "
+                         "in-place step over both would be wrong")
 
 
 def _span_bytes(t: torch.Tensor) -> int:

@@ -42,6 +42,10 @@ _SEARCHED: dict[tuple, "CsltConfig"] = {}  # cuSPARSELt's searched configuration
 _TRIALS: dict[tuple, dict[str, float]] = {}  # every time measured per _key, in ms
 _TRIED: dict[tuple, dict[str, "CsltConfig"]] = {}  # the configurations timed per _key, by label
 _LOGGED: set[tuple] = set()
+# searched configurations kept (gemm="cusparselt" searches each new shape; with variable sequence
+# lengths every token count is one): past this many the oldest is dropped, as the extension
+# drops its least recently used cuSPARSELt plans past 256
+MAX_SEARCHED = 256
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ def _key(a: torch.Tensor, b: torch.Tensor) -> tuple:
 
 def log_once(key: tuple, message: str) -> None:
     if key not in _LOGGED:
+        if len(_LOGGED) >= MAX_SEARCHED * 4:  # (keys name shapes: a token count each, unbounded)
+            _LOGGED.clear()
         _LOGGED.add(key)
         log.info(message)
 
@@ -182,6 +188,8 @@ def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple, planned: bool) 
     search fails)."""
     search_key = key + (planned,)
     if search_key not in _SEARCHED:
+        while len(_SEARCHED) >= MAX_SEARCHED:  # the oldest goes (a shape per token count: unbounded)
+            del _SEARCHED[next(iter(_SEARCHED))]
         try:
             if planned:
                 alg, split_k, mode, _ = torch.ops.ssam_cslt.search(packed, b, False)

@@ -148,6 +148,9 @@ def test_operands_torch_would_refuse_are_named_at_the_call():
     x, w, m = torch.zeros(4, 8), torch.zeros(6, 8), torch.ones(6, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
         ascent_linear(x, w, torch.zeros(5), "exact", mask=m)
+    for bias, kind in ((1.0, "float"), ([0.0] * 6, "list"), (torch.zeros(6, dtype=torch.int64), "torch.int64 tensor")):
+        with pytest.raises(TypeError, match=f"bias must be None or a floating tensor, got (a )?{kind}"):
+            ascent_linear(x, w, bias, "exact", mask=m)
     with pytest.raises(ValueError, match="must share a dtype outside autocast"):
         ascent_linear(x.double(), w, None, "exact", mask=m)
     with pytest.raises(TypeError, match="x must be a dense"):
@@ -161,6 +164,21 @@ def test_operands_torch_would_refuse_are_named_at_the_call():
     cw, cm = torch.zeros(3, 2, 3, 3), torch.ones(3, 2, 3, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="must share a dtype outside autocast"):
         ascent_conv(torch.zeros(1, 2, 5, 5, dtype=torch.float64), cw, None, cm)
+
+
+@pytest.mark.cpu
+def test_searched_configurations_are_bounded(monkeypatch):
+    """gemm="cusparselt" searches each new shape once (a token count each under variable
+    sequence lengths): past MAX_SEARCHED the oldest goes. (Off a GPU the search fails and its
+    default is kept, which is what this counts.)"""
+    import ssam_kernels.sparse_gemm as g
+
+    monkeypatch.setattr(g, "_SEARCHED", {})
+    monkeypatch.setattr(g, "MAX_SEARCHED", 3)
+    keys = [(0, torch.float16, (16, 32), (32, n), (n, 1)) for n in (8, 16, 24, 32, 40)]
+    for key in keys:
+        g._searched(torch.zeros(16, 32, dtype=torch.float16), torch.zeros(32, 8, dtype=torch.float16), key, False)
+    assert list(g._SEARCHED) == [k + (False,) for k in keys[2:]]
 
 
 @pytest.mark.cpu
@@ -433,23 +451,27 @@ def test_planned_cusparselt_multiplies_right_on_every_layout_and_reuses_its_plan
 
 
 @pytest.mark.cuda
-def test_planned_cusparselt_evicts_old_plans_and_zeroes_its_padding():
+def test_planned_cusparselt_runs_past_its_plan_limit_and_zeroes_its_padding():
     """Past 256 kept plans (one per token count under variable sequence lengths) the least
     recently used is destroyed: 300 token counts, each product right, the first count's plan
-    made again after its eviction. A compressed operand's bytes past cuSPARSELt's are zeroed, so
-    two compressions of one operand are equal whatever memory they got."""
+    made again after its eviction (how many plans are kept is not visible from Python: this
+    runs the eviction path, it does not count). A compressed operand's bytes past cuSPARSELt's
+    are zeroed, so two compressions of one operand are equal whatever memory they got (48 rows:
+    rows of 96 bytes, which cuSPARSELt's sizes need not fill)."""
     from ssam_kernels.sparse_gemm import planned_unavailable
 
     why = planned_unavailable()
     assert why is None, f"the planned cuSPARSELt path cannot run: {why}"
     gen = torch.Generator().manual_seed(4)
-    a = mvue24(rand((16, 32), torch.float16, gen, "cuda"), seed=3)
-    torch.empty(1 << 20, dtype=torch.uint8, device="cuda").fill_(0xAB)  # freed memory the next tensors may reuse
-    packed = torch.ops.ssam_cslt.compress(a)
-    again = torch.ops.ssam_cslt.compress(a)
-    assert torch.equal(packed.view(torch.uint8), again.view(torch.uint8))
+    a = mvue24(rand((48, 64), torch.float16, gen, "cuda"), seed=3)
+    compressed = []
+    for fill in (0xAB, 0x5C):  # freed memory of another content under each compression
+        torch.empty(1 << 16, dtype=torch.uint8, device="cuda").fill_(fill)
+        compressed.append(torch.ops.ssam_cslt.compress(a))
+    assert torch.equal(compressed[0].view(torch.uint8), compressed[1].view(torch.uint8))
+    packed = compressed[0]
     for n in [8 * i for i in range(1, 301)] + [8]:
-        b = rand((32, n), torch.float16, gen, "cuda")
+        b = rand((64, n), torch.float16, gen, "cuda")
         ref = a.double() @ b.double()
         out = torch.ops.ssam_cslt.mm(packed, b, 0, 1, -1, False)
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3 * ref.abs().max().item())

@@ -122,11 +122,11 @@ def test_uniforms_at_the_ends_draw_two(backend, gen):
     element's interval, an ulp longer than 1 after rounding, took both draws: one value kept),
     1.0 and values outside [0, 1) (clamped) still keep exactly two of four."""
     x = torch.randn(64, 40, generator=gen)
-    for value in (1.0 - 2**-24, 1.0, 1.5, -0.5, 0.0):
+    for value in (1.0 - 2**-24, 1.0, 1.5, -0.5, 0.0, float("nan")):
         u = torch.full((64, 10), value)
         out = mvue24(x, uniforms=u, backend=backend)
         assert bool(((out.reshape(-1, 4) != 0).sum(-1) == 2).all()), value
-        assert torch.equal(out, mvue24(x, uniforms=u.clamp(0.0, 1.0 - 2**-24), backend="torch"))
+        assert torch.equal(out, mvue24(x, uniforms=u.nan_to_num(0.0).clamp(0.0, 1.0 - 2**-24), backend="torch"))
 
 
 @pytest.mark.cpu

@@ -130,6 +130,13 @@ def test_parameters_sharing_memory_are_refused_before_any_write(backend, gen):
         with pytest.raises(ValueError, match="share memory"):
             restore_sgd_step_([buffer[:6], buffer[:6]], [g[0][:6], g[1][6:]], [None, None], backup, lr=0.1,
                               backend=backend)
+        # momentum buffers are written in place too: one for two params, or a param as its buffer
+        momentum = torch.zeros(6)
+        for buffers, names in (([momentum, momentum], r"momentum_buffers\[0\] and momentum_buffers\[1\]"),
+                               ([halves[1], None], r"params\[1\] and momentum_buffers\[0\]")):
+            with pytest.raises(ValueError, match=names + " share memory"):
+                restore_sgd_step_(halves, [g[0][:6], g[1][6:]], buffers, backup, lr=0.1, momentum=0.9,
+                                  backend=backend)
         restore_(halves, backup, backend=backend)
     assert torch.equal(buffer, before)
 

@@ -427,8 +427,9 @@ def test_bad_input_names_what_is_wrong(gen):
         SAMStepPlan(params, groups=[0, 1])
     with pytest.raises(ValueError, match="num_groups must be an int"):
         SAMStepPlan(params, num_groups=True)
-    with pytest.raises(ValueError, match=r"eps must be a finite number > 0"):  # (1 / 0 * 0: NaN weights)
-        SAMStepPlan(params, eps=0.0)
+    for eps in (0.0, 1e-39):  # (1 / eps * 0 for a zero gradient: NaN weights; 1e-39's inverse overflows fp32)
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 2\*\*-126"):
+            SAMStepPlan(params, eps=eps)
     with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point"):
         SAMStepPlan([torch.zeros(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match=r"masks\[1\] has shape"):

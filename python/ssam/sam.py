@@ -697,7 +697,9 @@ class SAM(torch.optim.Optimizer):
     def _buffers_in_sync(self, plan: SAMStepPlan, state) -> bool:
         """Whether the plan's momentum buffers are still the base optimizer's: the same state
         dict (``base_optimizer.load_state_dict`` makes a new one), as many entries (``clear()``)
-        and every buffer the same tensor (one replaced by hand)."""
+        and every buffer the same tensor (one replaced by hand). A parameter's entry replaced
+        whole (``state[p] = {}``) goes unnoticed: finding it would hash every parameter (a
+        Python call each, 45 us for 300), which this per-step check avoids."""
         synced = self._plan_buffers_synced
         if synced is None or synced[0] is not state or synced[2] != len(state):
             return False

@@ -224,12 +224,13 @@ def check_operands(x, weight: torch.Tensor, bias, op: str) -> None:
     """What ``F.linear`` / ``F.conv*`` would refuse with a RuntimeError (or the dispatcher with a
     NotImplementedError), as a TypeError/ValueError naming the argument: sparse layouts, a bias
     that is not ``[out]``, operands of two dtypes outside autocast, or on two devices."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()):
+        raise TypeError(f"{op}: bias must be None or a floating tensor, got "
+                        f"{f'a {bias.dtype} tensor' if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.layout != torch.strided:
             raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"{op}: bias must be None or a floating tensor, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) for weight {tuple(weight.shape)}, "
                              f"got {tuple(bias.shape)}")

@@ -8,11 +8,12 @@ minimise the variance among unbiased 2:4 estimators. The pair is drawn by system
 with ``u`` uniform in [0, 1), the elements whose cumulative-probability interval holds ``u``
 and ``u + 1`` are kept, which draws exactly two, each with probability ``p_i`` (the second
 draw compared as ``C_{i-1} - 1 <= u < C_i - 1``, exact where ``u + 1`` would round; ``u`` is
-clamped into [0, 1); where the running sums' rounding lets one element take both draws, the
-next most probable is kept too). A group with fewer than two nonzeros keeps them unchanged
-(``p = 1``) and zeros elsewhere. Magnitudes whose sum overflows fp32 are scaled by 1/4 first (exact for such
-values; ``p`` does not depend on scale). A group holding an inf or NaN keeps its first non-finite
-element alone (still 2:4, and the overflow reaches whatever reads it: a GradScaler's check).
+clamped into [0, 1), NaN read as 0; where the running sums' rounding lets one element take both
+draws, the next most probable is kept too). A group with fewer than two nonzeros keeps them
+unchanged (``p = 1``) and zeros elsewhere. Magnitudes whose sum overflows fp32 are scaled by 1/4
+first (exact for normal values; ``p`` does not depend on scale). A group holding an inf or NaN
+keeps its first non-finite element alone (still 2:4, and the overflow reaches whatever reads it:
+a GradScaler's check).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | Non
         gen = torch.Generator(device=x.device).manual_seed(seed)
         uniforms = torch.rand(groups.shape[0], generator=gen, device=x.device)
     p = inclusion_probabilities(groups.abs())
-    keep = systematic_pick(p, uniforms.reshape(-1).to(torch.float32).clamp(0.0, U_MAX)) & (p > 0)
+    u = torch.nan_to_num(uniforms.reshape(-1).to(torch.float32), nan=0.0).clamp(0.0, U_MAX)
+    keep = systematic_pick(p, u) & (p > 0)
     keep = second_where_one(keep, p)
     out = torch.where(keep, groups / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(groups))
     # a group holding an inf or NaN: its first non-finite element alone
@@ -113,7 +115,8 @@ def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor |
 
     The randomness is one uniform per group: give ``seed`` (reproducible; each backend draws
     its own stream from it) or ``uniforms`` (shape ``x.shape[:-1] + (x.shape[-1] // 4,)``, in
-    [0, 1), values outside clamped into it: then every backend returns the same result). Returns
+    [0, 1), values outside clamped into it, NaN read as 0: then every backend returns the same
+    result). Returns
     a tensor like ``x`` with at most two nonzeros per group (exactly two where the group has two
     or more nonzeros, all finite); a group holding an inf or NaN keeps its first non-finite
     element alone.

@@ -97,6 +97,7 @@ class SGDGroup:
                 float(bool(self.nesterov)), float(bool(self.maximize)))
 
 
+MIN_EPS = 2.0**-126  # fp32's smallest normal: 1 / eps stays finite
 _LAST_CHECKED: list = [None]  # the last tuple check_sgd_groups passed (immutable: frozen SGDGroups)
 
 
@@ -155,7 +156,8 @@ class SAMStepPlan:
             ``max(groups) + 1``; more where trailing groups hold none of ``params``, as an
             optimizer's empty param group does).
         masked_norm: the norm over ``g * m`` (True) or over every gradient (False: the paper).
-        eps: added to the norm before dividing (> 0; the paper's 1e-7).
+        eps: added to the norm before dividing (>= 2**-126, so 1 / eps is finite in fp32; the
+            paper's 1e-7).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
 
     The plan holds the tensors, not copies: a step reads each parameter's ``.grad`` and writes
@@ -182,9 +184,10 @@ class SAMStepPlan:
             raise ValueError(f"num_groups must be an int > max(groups) ({max(groups)}), got {num_groups!r}")
         if not isinstance(masked_norm, bool):
             raise TypeError(f"masked_norm must be a bool, got {type(masked_norm).__name__}")
-        # (eps 0 and a zero gradient: 1 / 0 * 0, NaN weights where nothing should move)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        # (eps 0 and a zero gradient: 1 / 0 * 0, NaN weights where nothing should move; the same
+        # where 1 / eps overflows fp32, so eps is at least fp32's smallest normal)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= MIN_EPS):
+            raise ValueError(f"eps must be a finite number >= 2**-126 (1 / eps finite in fp32), got {eps!r}")
         orders = []
         for i, p in enumerate(params):
             order = storage_order(p)
@@ -334,6 +337,7 @@ class SAMStepPlan:
             if b is not None and (not isinstance(b, torch.Tensor) or b.shape != p.shape or b.device != p.device
                                   or b.stride() != p.stride() or b.dtype != p.dtype):
                 raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
+        _checks.disjoint_lists([("params", self.params), ("buffers", buffers)])
         self.buffers = list(buffers)
         with _launching(self.device):
             self._impl.buffers_changed()

@@ -102,7 +102,7 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     check_backup(params, backup)
     check_writable(params)
-    _checks.disjoint("params", params)
+    _checks.disjoint_lists([("params", params), ("momentum_buffers", momentum_buffers)])
     if hyper["momentum"] == 0:
         buffers, fresh = [], []
     else:  # torch's SGD keeps a buffer in its grad's dtype and layout (a clone of the direction)

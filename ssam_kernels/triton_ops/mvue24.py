@@ -46,7 +46,7 @@ def _mvue24_groups(v, u):
                                                     tl.where(e[None, :] == 2, c1[:, None], c2[:, None])))
     upper = tl.where(e[None, :] == 0, c0[:, None], tl.where(e[None, :] == 1, c1[:, None],
                                                             tl.where(e[None, :] == 2, c2[:, None], 2.0)))
-    uu = tl.minimum(tl.maximum(u, 0.0), U_MAX)[:, None]
+    uu = tl.minimum(tl.maximum(tl.where(u != u, 0.0, u), 0.0), U_MAX)[:, None]  # (NaN: 0, as the reference)
     # the second draw as lower - 1 <= u < upper - 1: exact where u + 1 would round
     keep = (((lower <= uu) & (uu < upper)) | ((lower - 1 <= uu) & (uu < upper - 1))) & (p > 0)
     # one kept where two have p > 0 (rounding let one element take both draws): the most
