@@ -99,5 +99,8 @@ def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | No
         _mvue24_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](
             x, out, uniforms if uniforms is not None else x, seed if seed is not None else 0, groups, groups * 4,
             HAS_UNIFORMS=uniforms is not None, G=GROUPS_PER_PROGRAM,
+            # fp32: 4 values (one 16-byte vector) a thread; at 4 warps, 8 of them spilled under
+            # triton 3.6. 16-bit: 8 a thread, one vector, no spill at 4 warps
+            num_warps=8 if x.element_size() == 4 else 4,
         )
     return out
