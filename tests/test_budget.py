@@ -1,6 +1,8 @@
 """The "budget" structure: the cost model against torch's FLOP counter, the selection within
 its budgets, and SSAMF(structure="budget") training with the exact ascent backward."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -418,6 +420,62 @@ def test_ssamd_budget_update_at_drop_rate_one_readmits_rows():
         after = opt.masks()
         assert _row_structured(costs, after) and any(m.any() for m in after)
         assert costs.ascent(after) <= 0.65 * 400 and sum(int(m.sum()) for m in after) <= 6
+
+
+def _mlp_with_a_frozen_bias():
+    """(Fixed data: whether an update grows rows depends on where the drops fall.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model[2].bias.requires_grad_(False)
+    x, y = torch.randn(32, 32), torch.randint(0, 10, (32,))
+    return model, x, y
+
+
+@pytest.mark.cpu
+@pytest.mark.filterwarnings("ignore:.*do not require grad")
+def test_a_frozen_parameter_takes_no_budget():
+    """A parameter that cannot be perturbed costs no FLOPs, so the selection took its rows
+    first: SSAM-D (its growth score -inf) then found every depth's mass -inf and never changed
+    its mask again; SSAM-F spent entries on it that the mask then dropped. Neither now: SSAM-D
+    grows and drops rows, SSAM-F keeps as many entries as its choice says."""
+    model, x, y = _mlp_with_a_frozen_bias()
+    params = list(model.parameters())
+    costs = measure_costs(model, params, x[:1])
+    opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.1, sparsity=0.5, drop_rate=0.5, T_end=10, structure="budget",
+                     norm="masked", ascent_backward="exact", seed=0, ascent_costs=costs, lr=0.1)
+    before = opt.masks()
+    F.cross_entropy(model(x), y).backward()
+    opt.update_mask(0)
+    after = opt.masks()
+    assert not before[3].any() and not after[3].any()  # the frozen bias
+    assert sum(int((a & ~b).sum()) for a, b in zip(after, before)) > 0  # grown
+    assert sum(int((b & ~a).sum()) for a, b in zip(after, before)) > 0  # dropped
+    model.zero_grad(set_to_none=True)
+    opt = ssam.SSAMF(params, torch.optim.SGD, rho=0.1, sparsity=0.5, num_samples=32, update_freq=1,
+                     structure="budget", norm="masked", ascent_backward="exact", seed=0, lr=0.1)
+    opt.update_mask(model, torch.utils.data.TensorDataset(x, y))
+    assert not opt.masks()[3].any()
+    assert sum(int(m.sum()) for m in opt.masks()) == sum(int(m.sum()) for m in opt.budget_choice.masks)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+def test_non_finite_scores_count_as_finite_ones(poison):
+    """A NaN score counts as 0 and an infinite one as its tensor's largest finite magnitude: a
+    NaN sank every depth (no row fitted, a misleading ValueError) and an inf won one whatever it
+    cost (density 0.07 where 0.49 was chosen without it)."""
+    costs = _toy_costs()
+    scores = [torch.rand(2, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    clean = budget_select(scores, costs, keep=6, ascent_budget=260.0)
+    poisoned = [s.clone() for s in scores]
+    poisoned[2][0, 0] = float(poison)
+    expected = [s.clone() for s in scores]
+    finite_top = float(scores[2].flatten()[1:].abs().max())
+    expected[2][0, 0] = {"nan": 0.0, "inf": finite_top, "-inf": -finite_top}[poison]
+    got, want = budget_select(poisoned, costs, keep=6, ascent_budget=260.0), budget_select(expected, costs, 6, 260.0)
+    assert all(torch.equal(a, b) for a, b in zip(got.masks, want.masks)) and got.mass == want.mass
+    assert any(m.any() for m in got.masks) and math.isfinite(got.mass)
+    assert sum(int(m.sum()) for m in clean.masks) > 0
 
 
 @pytest.mark.cpu

@@ -480,3 +480,15 @@ def test_a_ddp_wrapper_is_read_through(tmp_path, gen):
         assert all(torch.equal(a, b) for a, b in zip(*masks))
     finally:
         dist.destroy_process_group()
+
+
+def test_params_may_be_a_generator_and_not_empty(gen):
+    """``model.parameters()`` itself (a generator, read once: it was exhausted by a check and
+    then indexed, a TypeError), and an empty list a ValueError naming params (an IndexError)."""
+    model = SmallConvBN()
+    x, y = _data(gen, n=6)
+    from_list = empirical_fisher(model, list(model.parameters()), [(x, y)], 6)
+    from_generator = empirical_fisher(model, model.parameters(), [(x, y)], 6)
+    assert all(torch.equal(a, b) for a, b in zip(from_list, from_generator))
+    with pytest.raises(ValueError, match="params is empty"):
+        empirical_fisher(model, [], [(x, y)], 6)

@@ -34,6 +34,8 @@ def test_cosine_schedule():
         assert ssam.cosine_death_rate(t, 0.5, 0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * t / 10)) / 2)
     assert ssam.cosine_death_rate(15, 0.5, 0, 10) == 0.0  # clamped after T_end
     assert ssam.cosine_death_rate(-1, 0.5, 0, 10) == 0.5
+    with pytest.raises(ValueError, match="t_end must be > t_start"):  # (a ZeroDivisionError)
+        ssam.cosine_death_rate(3, 0.5, 5, 5)
     assert ssam.cosine_death_rate(3, 0.8, 2, 6) == pytest.approx(0.8 * (1 + math.cos(math.pi / 4)) / 2)
 
 

@@ -48,7 +48,8 @@ def test_bad_arguments_exit_with_usage():
                  ["--ascent-backward", "sparse"], ["--model", "resnet"], ["--opt", "sgd", "--ascent-fraction", "0.5"],
                  ["--opt", "sam", "--structure", "2:4"], ["--opt", "sgd", "--sparsity", "0.9"],
                  ["--opt", "sam", "--norm", "masked"], ["--device", "mps"], ["--device", "meta"],
-                 ["--device", "nonsense"]) + ((["--device", "cuda"],) if not torch.cuda.is_available() else ()):
+                 ["--device", "nonsense"], ["--opt", "ssamf", "--drop-rate", "0.3"], ["--opt", "ssamd", "--num-samples", "8"],
+                 ["--opt", "sam", "--update-freq", "2"], ["--opt", "sgd", "--rho", "0.1"]) + ((["--device", "cuda"],) if not torch.cuda.is_available() else ()):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert exc.value.code == 2

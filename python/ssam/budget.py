@@ -264,6 +264,17 @@ class BudgetChoice:
     mass: float
 
 
+def _finite(rows: torch.Tensor) -> torch.Tensor:
+    """Scores as a row sum can take them: NaN as 0 (the other structures rank it lowest), an
+    infinity as the largest finite magnitude of its tensor (a sum with +inf in it would win
+    whatever it cost; with -inf, lose whatever else it held)."""
+    if bool(torch.isfinite(rows).all()):
+        return rows
+    finite = rows[torch.isfinite(rows)]
+    top = float(finite.abs().max()) if finite.numel() else 1.0
+    return torch.nan_to_num(rows, nan=0.0, posinf=top, neginf=-top)
+
+
 def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, ascent_budget: float, *,
                   required: list[torch.Tensor] | None = None, allowed: list[torch.Tensor] | None = None) -> BudgetChoice:
     """Whole rows of the highest score mass per FLOP, at or above the depth that leaves the
@@ -278,6 +289,7 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
     exact backward computes a range on views, without gathering the output gradient): the
     same FLOPs and entries, somewhat less mass.
 
+    A NaN score counts as 0 and an infinite one as its tensor's largest finite magnitude.
     ``required`` (masks shaped like the scores): rows holding a True entry are taken before any
     other, and only depths at or below the lowest of them are tried; a depth where they do not
     all fit is skipped. ``allowed``: only rows holding a True entry (or required) are taken.
@@ -289,7 +301,7 @@ def budget_select(scores: list[torch.Tensor], costs: AscentCosts, keep: int, asc
     for i, s in enumerate(scores):
         if costs.position[i] is None or s.numel() == 0:
             continue
-        rows = costs.row_view(i, s.detach()).double().cpu()
+        rows = _finite(costs.row_view(i, s.detach()).double().cpu())
         mass.append(rows.sum(1))
         cost.append(torch.full((rows.shape[0],), costs.row_cost[i], dtype=torch.float64))
         count.append(torch.full((rows.shape[0],), rows.shape[1], dtype=torch.float64))

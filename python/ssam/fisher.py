@@ -152,6 +152,11 @@ def empirical_fisher(
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of the model's parameters, not a tensor")
+    params = list(params)  # (model.parameters() is a generator: read once here)
+    if not params:
+        raise ValueError("params is empty")
     names_by_id = {id(p): name for name, p in model.named_parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in names_by_id]
     if missing:

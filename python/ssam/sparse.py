@@ -187,6 +187,15 @@ class SparseSAM(SAM):
             self._warned_frozen = True
         return flags
 
+    def _perturbable_rows(self, scores: list[torch.Tensor], allowed=None) -> list[torch.Tensor]:
+        """``allowed`` (default: everything) with nothing of a parameter that cannot be perturbed:
+        such a row costs no FLOPs, so a budget selection would take it first, spending entries
+        (SSAM-F) or, at a -inf growth score, every depth's mass (SSAM-D: the mask froze)."""
+        flags = self._perturbable()
+        if allowed is None:
+            allowed = [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        return [a if f else torch.zeros_like(a, dtype=torch.bool) for a, f in zip(allowed, flags)]
+
     @staticmethod
     def _restricted(scores: list[torch.Tensor], flags: list[bool]) -> list[torch.Tensor]:
         """Scores with -inf on the parameters that cannot be perturbed (a top-k takes them last)."""
@@ -266,9 +275,10 @@ class SparseSAM(SAM):
 
     def _budget_masks(self, scores, required=None, allowed=None) -> list[torch.Tensor]:
         """Structure ``"budget"``: :func:`ssam.budget.budget_select` under this optimizer's
-        budget; a ``ValueError`` (nothing changed) when no row fits."""
+        budget, over the rows of parameters that can be perturbed; a ``ValueError`` (nothing
+        changed) when no row fits."""
         choice = budget_select(scores, self._costs, self._keep(), self._ascent_budget(), required=required,
-                               allowed=allowed)
+                               allowed=self._perturbable_rows(scores, allowed))
         if not any(bool(m.any()) for m in choice.masks):
             raise no_fit_error(self._costs, self.sparsity, self.ascent_fraction)
         self.budget_choice = choice

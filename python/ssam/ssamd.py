@@ -20,7 +20,11 @@ STRATEGIES = ("gradient", "weight", "random")
 
 def cosine_death_rate(epoch: float, drop_rate: float, t_start: float, t_end: float) -> float:
     """``drop_rate * (1 + cos(pi * (t - T_start) / (T_end - T_start))) / 2`` with ``t`` clamped
-    to ``[T_start, T_end]`` (the official code lets the rate rise again after ``T_end``)."""
+    to ``[T_start, T_end]`` (the official code lets the rate rise again after ``T_end``, and
+    before ``T_start`` gives less than ``drop_rate``: 0 at ``T_start - (T_end - T_start)``; its
+    configs start at ``T_start = 0``)."""
+    if not t_end > t_start:
+        raise ValueError(f"t_end must be > t_start, got t_start={t_start!r}, t_end={t_end!r}")
     t = min(max(epoch, t_start), t_end)
     return drop_rate * (1.0 + math.cos(math.pi * (t - t_start) / (t_end - t_start))) / 2.0
 
@@ -295,7 +299,7 @@ class SSAMD(SparseSAM):
         # with every row dropped and no unmasked row fitting, growth is empty: the dropped rows
         # come back below
         grown = budget_select(grow_scores, costs, self._keep(), self._ascent_budget(), required=survivors,
-                              allowed=allowed).masks
+                              allowed=self._perturbable_rows(grow_scores, allowed)).masks
         return self._budget_masks(drop_scores, required=grown, allowed=masks)
 
     # --- official calling convention ---------------------------------------------------------
