@@ -171,3 +171,18 @@ class GridRecorder:
     def within_cuda_limits(self):
         return bool(self.grids) and all(
             len(g) <= 3 and all(0 < n <= limit for n, limit in zip(g, CUDA_GRID_LIMITS)) for g in self.grids)
+
+
+def interpreter_fma_is_fused() -> bool:
+    """Whether Triton's CPU interpreter computes tl.fma with one rounding (3.9 does, 3.6 not)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(a, b, c, out):
+        tl.store(out, tl.fma(tl.load(a), tl.load(b), tl.load(c)))
+
+    a, b = torch.tensor([1.0 + 2**-23]), torch.tensor([1.0 - 2**-23])
+    c, out = torch.tensor([-1.0]), torch.empty(1)
+    probe[(1,)](a, b, c, out)
+    return float(out) == -(2**-46)  # the exact a * b + c; rounding a * b first gives 0

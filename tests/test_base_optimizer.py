@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, backend_configs, fit_mask, make_optimizer, regression_batch
+from helpers import MLP, backend_configs, fit_mask, interpreter_fma_is_fused, make_optimizer, regression_batch
 
 import ssam
 
@@ -101,11 +101,14 @@ def test_momentum_changed_through_the_base_optimizer_is_followed(backend, kind, 
         _two_passes(opt, model, x, y)
         sgd_step()
     assert opt.param_groups is opt.base_optimizer.param_groups and opt.param_groups[0]["rho"] == 0.0
+    # bit for bit (within a few ulps where triton 3.6 interprets tl.fma with two roundings)
+    tol = 0 if backend != "triton" or interpreter_fma_is_fused() else 1e-6
     for p, q in zip(model.parameters(), reference.parameters()):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
     saved = opt.state_dict()["base_optimizer"]["state"]
     for i, p in enumerate(model.parameters()):
-        assert torch.equal(saved[i]["momentum_buffer"], sgd.state[list(reference.parameters())[i]]["momentum_buffer"])
+        torch.testing.assert_close(saved[i]["momentum_buffer"],
+                                   sgd.state[list(reference.parameters())[i]]["momentum_buffer"], rtol=tol, atol=tol)
 
 
 @pytest.mark.cpu
