@@ -254,7 +254,12 @@ def test_a_checkpointed_model_falls_back_with_the_fisher_untouched(gen, monkeypa
 # Distributed shares. The ranks' Fishers add up the same per-sample terms as world_size=1, in
 # another order and from other chunks (so other batched GEMMs and sums): they agree to fp32
 # rounding, ~1e-7 relative per operation over a few dozen operations; rtol=1e-5 leaves room.
-SHARE_TOL = dict(rtol=1e-5, atol=1e-9)
+def _assert_share_sum(p, f):
+    """The ranks' shares summed against the whole: per-sample gradients from convolutions over
+    other chunk sizes differ by rounding at the tensor's scale (3.1e-7 of its largest entry seen
+    over 61 seeds; an entry with cancellation in its gradient was 1.9e-5 off relative to itself,
+    on CI), and a bias before BatchNorm has a Fisher of rounding noise (~1e-14): both bounded."""
+    torch.testing.assert_close(p, f, rtol=1e-5, atol=1e-9 + 2e-6 * f.abs().max().item())
 
 
 @pytest.mark.parametrize("world_size,num_samples", [(2, 12), (3, 10), (4, 25)])
@@ -270,7 +275,7 @@ def test_ranks_of_a_dataset_sum_to_the_whole(world_size, num_samples, gen):
         for p, f in zip(parts, share):
             p += f
     for p, f in zip(parts, whole):
-        torch.testing.assert_close(p, f, **SHARE_TOL)
+        _assert_share_sum(p, f)
 
 
 def test_dataset_shares_partition_one_draw(gen):
@@ -297,7 +302,7 @@ def test_ranks_of_iterables_sum_to_the_whole(world_size, num_samples, gen):
         for p, f in zip(parts, share):
             p += f
     for p, f in zip(parts, whole):
-        torch.testing.assert_close(p, f, **SHARE_TOL)
+        _assert_share_sum(p, f)
 
 
 def test_empty_share_gives_zeros(gen):
