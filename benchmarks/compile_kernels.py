@@ -191,12 +191,15 @@ def sweep_calls():
                         sk.grad_norm(gs, masks, backend="triton")
                 calls.append((f"perturb/restore/sgd/grad_norm w={wd} g={gd} offset={offset}", perturb_cycle))
     for wd in FLOATS:
-        for offset in (False, True):
+        # offset: the first weight starts 4 bytes past 16 (every load scalar), or the first
+        # gradient does (as a DDP bucket's gradient views can; the weights keep their vectors)
+        for offset in (False, True, "grad"):
             for masked_norm in (False, True):
                 def planned_step(wd=wd, offset=offset, masked_norm=masked_norm):
-                    ws = _params(wd, offset=offset)
-                    for w in ws:
-                        w.grad = torch.randn(w.shape).to(wd)
+                    ws = _params(wd, offset=offset is True)
+                    grads = _params(wd, offset=offset == "grad")
+                    for w, g in zip(ws, grads):
+                        w.grad = g
                     masks = [None] + [torch.rand(w.shape) < 0.5 for w in ws[1:]]
                     plan = sk.SAMStepPlan(ws, masks, groups=[0, 1, 1], masked_norm=masked_norm, backend="triton")
                     for momentum in (0.0, 0.9):

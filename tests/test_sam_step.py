@@ -481,12 +481,13 @@ class LaunchCounter:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
-        self.names, self.saved = [], []
+        self.names, self.keywords, self.saved = [], [], []
         for cls in (JITFunction, InterpretedFunction):
             original = cls.run
 
             def run(fn, *args, _original=original, **kwargs):
                 self.names.append(fn.fn.__name__)
+                self.keywords.append(kwargs)
                 with torch._C._DisableTorchDispatch():
                     return _original(fn, *args, **kwargs)
 
@@ -593,6 +594,31 @@ def _steps_against_the_reference(dev, masks, backend, steps=2):
                         t.copy_(t.to(dtype))
         compare(f"step {step}: after SGD")
     return plan, reference
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+def test_gradients_off_16_bytes_cost_the_weights_no_vectors(gen):
+    """Gradients as views of one flat bucket, each starting 4 bytes past 16 (DDP's
+    ``gradient_as_bucket_view``): the steps equal the reference's, and the kernels are told the
+    weights, backups and buffers still start on 16 bytes (ALIGNED) and the gradients do not
+    (G_ALIGNED): only the gradients' loads give up their 16-byte vectors (the compile tier
+    checks the code of that specialization)."""
+    params = _params(torch.float32, gen)
+    bucket = torch.zeros(sum(p.numel() + 4 for p in params) + 1)
+    at = 1
+    for p in params:
+        if p.grad is not None:
+            view = bucket.as_strided(p.shape, p.stride(), at)
+            view.copy_(p.grad)
+            p.grad = view
+        at += -(-p.numel() // 4) * 4 + 4  # the next view 4 bytes past 16 again
+    assert all(p.grad.data_ptr() % 16 == 4 for p in params if p.grad is not None and p.numel())
+    with LaunchCounter() as launches:
+        _steps_against_the_reference(params, _masks(gen), "triton")
+    flags = {(name, kw["ALIGNED"], kw["G_ALIGNED"]) for name, kw in zip(launches.names, launches.keywords)}
+    assert flags == {("_norm_kernel", True, False), ("_perturb_kernel", True, False),
+                     ("_restore_sgd_kernel", True, False)}
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float16, torch.bfloat16], KERNEL_BACKENDS))

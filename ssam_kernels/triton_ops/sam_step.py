@@ -18,6 +18,10 @@ last one sums the partials in a fixed order (deterministic), writes ``1 / (sqrt(
 alone and a device counter of skipped steps goes up), and resets the counter: no host sync,
 nothing for the host to compute, and a CUDA graph can replay it.
 
+Where every weight, mask, backup and momentum buffer starts on 16 bytes (``ALIGNED``) they move
+in 16-byte vectors; the gradients have their own flag (``G_ALIGNED``), so gradients that do not
+(views into DDP's buckets with ``gradient_as_bucket_view``) cost only their own loads' vectors.
+
 The update math is in fp32 (float64 for float64 weights) without FMA contraction, as in the
 reference: ``scale = inv * rho`` then ``w + scale * g``, each rounded.
 """
@@ -108,8 +112,8 @@ def _sum_squares(g, bits, left, MASKED: tl.constexpr, ACC: tl.constexpr, FULL: t
 @triton.jit(do_not_specialize=["first", "programs", "eps_bits"])
 def _norm_kernel(blocks, blk_tensor, blk_start, numel, g_ptrs, bits_ptrs, partial, counter, inv, flags,
                  first, programs, eps_bits, g_ref, bits_ref,
-                 MASKED: tl.constexpr, FP64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                 FINAL_BLOCK: tl.constexpr):
+                 MASKED: tl.constexpr, FP64: tl.constexpr, ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr):
     """partial[first + pid]: the block's sum of squares of the gradient (masked where MASKED
     and the tensor has a mask; 0 where it has no gradient). The last of ``programs`` programs
     (over every launch of the step) writes ``inv`` and the skip flags."""
@@ -119,7 +123,7 @@ def _norm_kernel(blocks, blk_tensor, blk_start, numel, g_ptrs, bits_ptrs, partia
     b_addr = tl.load(bits_ptrs + t)
     total = tl.zeros([], dtype=ACC)
     if g_addr != 0:
-        g = _typed(g_addr, g_ref, start, ALIGNED)
+        g = _typed(g_addr, g_ref, start, G_ALIGNED)
         if MASKED and b_addr != 0:
             bits = _typed(b_addr, bits_ref, start // 8, ALIGNED)
             if left == BLOCK:
@@ -196,7 +200,7 @@ def _perturb_block(w, g, bits, backup, left, scale, move, MASKED: tl.constexpr, 
 @triton.jit
 def _perturb_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_ptrs, bits_ptrs, backup, inv, flags,
                     tensor_rho, w_ref, g_ref, bits_ref, FP64: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """w[m] -> backup, w[m] += (inv * rho) * g[m] (in float64 where FP64, else fp32), unless the
     norm set the skip flag; a tensor without a gradient is backed up and left alone."""
     MATH: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -208,7 +212,7 @@ def _perturb_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_pt
     move = tl.load(flags) == 0
     g_addr = tl.load(g_ptrs + t)
     b_addr = tl.load(bits_ptrs + t)
-    g = _typed(tl.where(g_addr != 0, g_addr, tl.load(w_ptrs + t)), g_ref, start, ALIGNED)
+    g = _typed(tl.where(g_addr != 0, g_addr, tl.load(w_ptrs + t)), g_ref, start, G_ALIGNED)
     if b_addr != 0:
         bits = _typed(b_addr, bits_ref, start // 8, ALIGNED)
         if g_addr != 0:
@@ -328,7 +332,8 @@ def _sgd_dispatch(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_dec
 @triton.jit
 def _restore_sgd_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, g_ptrs, buf_ptrs, bits_ptrs, backup,
                         tensor_group, hyper, fresh_buffers, w_ref, g_ref, buf_ref, bits_ref,
-                        MOMENTUM: tl.constexpr, FP64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                        MOMENTUM: tl.constexpr, FP64: tl.constexpr, ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """The weights restored, then torch.optim.SGD's update with the current
     gradient (none: restored only) and the group's hyper-parameters, ``hyper[group]`` =
     (lr, momentum, dampening, weight_decay, nesterov, maximize) as float64. A tensor whose
@@ -342,7 +347,7 @@ def _restore_sgd_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, 
     undamped, weight_decay = (1 - tl.load(h + 2)).to(MATH), tl.load(h + 3).to(MATH)  # torch's alpha=1 - dampening
     nesterov, maximize = tl.load(h + 4) != 0, tl.load(h + 5) != 0
     g_addr = tl.load(g_ptrs + t)
-    g = _typed(tl.where(g_addr != 0, g_addr, w_addr), g_ref, start, ALIGNED)
+    g = _typed(tl.where(g_addr != 0, g_addr, w_addr), g_ref, start, G_ALIGNED)
     buf = w
     fresh = False
     if MOMENTUM:
@@ -378,16 +383,16 @@ class TritonStep(KernelStep):
         _norm_kernel[(part.norm_blocks,)](
             part.norm_rows, part.blk_tensor, part.blk_start, part.numel, g_ptrs, part.bits_ptrs, self.partial,
             self.counter, plan.inv, plan.flags, first, self.norm_programs, self.eps_bits, part.ref, part.bits_ref,
-            MASKED=plan.masked_norm, FP64=plan.norm_dtype == torch.float64, ALIGNED=part.aligned and g_aligned,
-            BLOCK=part.block, FINAL_BLOCK=FINAL_BLOCK, num_warps=8)
+            MASKED=plan.masked_norm, FP64=plan.norm_dtype == torch.float64, ALIGNED=part.aligned,
+            G_ALIGNED=part.aligned and g_aligned, BLOCK=part.block, FINAL_BLOCK=FINAL_BLOCK, num_warps=8)
 
     def launch_perturb(self, part, g_ptrs, g_aligned, tensor_rho) -> None:
         plan = self.plan
         _perturb_kernel[(part.kept_blocks,)](
             part.kept, part.blk_tensor, part.blk_start, part.blk_base, part.numel, part.w_ptrs, g_ptrs,
             part.bits_ptrs, part.backup, plan.inv, plan.flags, tensor_rho, part.ref, part.ref, part.bits_ref,
-            FP64=part.dtype == torch.float64, ALIGNED=part.aligned and g_aligned, BLOCK=part.block, num_warps=8,
-            enable_fp_fusion=False)
+            FP64=part.dtype == torch.float64, ALIGNED=part.aligned, G_ALIGNED=part.aligned and g_aligned,
+            BLOCK=part.block, num_warps=8, enable_fp_fusion=False)
 
     def launch_restore(self, part) -> None:
         _restore_kernel[(part.kept_blocks,)](
@@ -398,5 +403,5 @@ class TritonStep(KernelStep):
         _restore_sgd_kernel[(part.blocks,)](
             part.all, part.blk_tensor, part.blk_start, part.blk_base, part.numel, part.w_ptrs, g_ptrs, part.buf_ptrs,
             part.bits_ptrs, part.backup, part.tensor_group, hyper, fresh, part.ref, part.ref, part.ref, part.bits_ref,
-            MOMENTUM=momentum, FP64=part.dtype == torch.float64, ALIGNED=part.aligned and g_aligned, BLOCK=part.block,
-            num_warps=8, enable_fp_fusion=False)
+            MOMENTUM=momentum, FP64=part.dtype == torch.float64, ALIGNED=part.aligned,
+            G_ALIGNED=part.aligned and g_aligned, BLOCK=part.block, num_warps=8, enable_fp_fusion=False)
