@@ -153,6 +153,17 @@ def backend_configs(configs=OPTIMIZER_CONFIGS, keep=lambda backend, kind, mode: 
     ]
 
 
+# the three optimizers on each step path: the planned step (extension; Triton for SAM, the
+# others are slow interpreted), the per-list ops on the reference
+STEP_PATHS = backend_configs([("SAM", "dense"), ("SSAMF", "dense"), ("SSAMD", "dense")],
+                             keep=lambda backend, kind, mode: backend != "triton" or kind == "SAM")
+
+
+def weights_of(model) -> list[torch.Tensor]:
+    """Copies of a model's parameters, to compare with later."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
 # CUDA's launch limits: grid axis 0 up to 2**31 - 1 blocks, axes 1 and 2 up to 65535
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 

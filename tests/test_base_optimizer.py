@@ -9,13 +9,10 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, backend_configs, fit_mask, interpreter_fma_is_fused, make_optimizer, regression_batch
+from helpers import STEP_PATHS as PATHS
+from helpers import MLP, fit_mask, interpreter_fma_is_fused, make_optimizer, regression_batch, weights_of
 
 import ssam
-
-
-PATHS = backend_configs([("SAM", "dense"), ("SSAMF", "dense"), ("SSAMD", "dense")],
-                        keep=lambda backend, kind, mode: backend != "triton" or kind == "SAM")
 
 
 def _two_passes(opt, model, x, y):
@@ -50,14 +47,10 @@ def test_an_empty_trailing_param_group_changes_nothing(backend, kind, mode, wher
         fit_mask(opt, model, x, y)
         for _ in range(3):
             _two_passes(opt, model, x, y)
-        runs.append(_weights_of(model))
+        runs.append(weights_of(model))
         if backend == "ext":
             assert opt._plan is not None and opt._plan.num_groups == 1 + empty
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-
-
-def _weights_of(model):
-    return [p.detach().clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("change", ["base load_state_dict", "base state cleared", "a buffer replaced"])
@@ -122,7 +115,7 @@ def test_a_base_load_state_dict_brings_its_learning_rate(gen):
     saved = copy.deepcopy(opt.base_optimizer.state_dict())
     saved["param_groups"][0]["lr"] = 0.0
     opt.base_optimizer.load_state_dict(saved)
-    before = _weights_of(model)
+    before = weights_of(model)
     _two_passes(opt, model, x, y)
     assert opt.param_groups is opt.base_optimizer.param_groups and opt.param_groups[0]["rho"] == 0.3
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))  # lr 0: back at w, unmoved
@@ -161,7 +154,7 @@ def test_a_maximizing_group_is_perturbed_against_its_gradient(backend, kind, mod
         model = MLP()
         opt = make_optimizer(kind, mode, model, momentum=0.9, maximize=maximize, adaptive=adaptive)
         fit_mask(opt, model, x, y)
-        w = _weights_of(model)
+        w = weights_of(model)
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.first_step()

@@ -10,19 +10,10 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, backend_configs, make_closure, regression_batch, setup_training
+from helpers import STEP_PATHS as PATHS
+from helpers import MLP, make_closure, regression_batch, setup_training, weights_of
 
 import ssam
-
-CONFIGS = [("SAM", "dense"), ("SSAMF", "dense"), ("SSAMD", "dense")]
-# the extension plans the step on CPU; the reference runs the per-list ops; Triton (interpreted)
-# fuses restore + SGD over the per-list ops when the plan is off (adaptive groups)
-PATHS = backend_configs(CONFIGS, keep=lambda backend, kind, mode: backend != "triton" or kind == "SAM")
-
-
-def _weights(model):
-    return [p.detach().clone() for p in model.parameters()]
-
 
 def _same(model, weights):
     return all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
@@ -69,7 +60,7 @@ def test_bad_sgd_values_set_between_steps_raise_with_the_weights_at_w(backend, k
     if key == "nesterov":
         group["momentum"], group["dampening"] = 0.9, 0.5  # nesterov needs dampening 0
     group[key] = value
-    before, state = _weights(model), _state(opt)
+    before, state = weights_of(model), _state(opt)
     opt.zero_grad()
     F.mse_loss(model(x), y).backward()
     opt.first_step(zero_grad=True)
@@ -98,7 +89,7 @@ def test_bad_rho_set_between_steps_raises_before_anything_moves(backend, kind, m
     _step(opt, model, x, y)
     opt.param_groups[0]["rho"] = rho
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    before = _weights(model)
+    before = weights_of(model)
     for _ in range(2):  # the scaler is ready again after the failure
         opt.zero_grad()
         scaler.scale(F.mse_loss(model(x), y)).backward()
@@ -120,7 +111,7 @@ def test_unscaling_by_hand_before_second_step_raises_with_the_weights_at_w(backe
     monkeypatch.setenv("SSAM_BACKEND", backend)
     model, opt, x, y = setup_training(kind, mode, gen)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    before = _weights(model)
+    before = weights_of(model)
     opt.zero_grad()
     scaler.scale(F.mse_loss(model(x), y)).backward()
     opt.first_step(zero_grad=True, grad_scaler=scaler)
@@ -226,7 +217,7 @@ def test_adaptive_set_through_param_groups_takes_effect(backend, kind, mode, fir
         _step(opt, model, x, y)
         opt.param_groups[0]["adaptive"] = flags[1]
         _step(opt, model, x, y)
-        results[name] = _weights(model)
+        results[name] = weights_of(model)
     for a, b in zip(results["toggled"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(results["toggled"], results["kept"]))
@@ -281,7 +272,7 @@ def test_ssamd_update_due_on_a_skipped_step_waits_for_the_next_one(gen):
         scaler.scale(loss * (float("inf") if len(calls) == 1 else 1.0)).backward()  # the first pass overflows
         return loss
 
-    weights = _weights(model)
+    weights = weights_of(model)
     opt.zero_grad()
     opt.step(closure, epoch=0, batch_idx=0, grad_scaler=scaler)
     assert _same(model, weights) and opt.mask_updates == 0
@@ -298,7 +289,7 @@ def test_ssamd_update_due_on_a_skipped_step_waits_for_the_next_one(gen):
 def test_ssamd_step_failing_after_its_mask_update_leaves_the_mask_as_it_was(gen):
     model, opt, x, y = setup_training("SSAMD", "dense", gen)
     masks, updates, rng = opt.masks(), opt.mask_updates, opt.generator.get_state()
-    weights = _weights(model)
+    weights = weights_of(model)
     calls = []
 
     def failing_second_pass():
@@ -435,7 +426,7 @@ def test_an_update_due_on_a_step_whose_ascent_pass_raises_is_made_at_the_next_on
     kwargs = dict(model=model, train_data=data) if kind == "SSAMF" else {}
     if kind == "SSAMF":
         opt.loss_fn = F.mse_loss
-    masks, updates, weights = opt.masks(), opt.mask_updates, _weights(model)
+    masks, updates, weights = opt.masks(), opt.mask_updates, weights_of(model)
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="transient"):
         opt.step(_raising_first(model, x, y), epoch=0, batch_idx=0, **kwargs)
@@ -485,7 +476,7 @@ def test_a_logger_adapter_gets_the_update_message_and_a_bad_logger_is_refused_fi
     kwargs = dict(model=model, train_data=data) if kind == "SSAMF" else {}
     if kind == "SSAMF":
         opt.loss_fn = F.mse_loss
-    weights, before = _weights(model), _state(opt)
+    weights, before = weights_of(model), _state(opt)
     with pytest.raises(TypeError, match="logger must be"):
         _official_step(opt, model, x, y, epoch=0, batch_idx=0, logger=42, **kwargs)
     assert _same(model, weights)
