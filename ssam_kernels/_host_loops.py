@@ -4,6 +4,8 @@ model with hundreds of tensors pays on every call; the C loop costs nanoseconds.
 
 * :func:`bump_versions`: the version counters of tensors a kernel wrote through their addresses
   (invisible to autograd and to caches keyed on versions), moved as torch's in-place ops move them.
+* :func:`same_versions`: whether tensors (a plan's mask bits) were written in place since their
+  versions were read.
 * :func:`data_ptrs`: the data addresses of a list of tensors, for the multi-tensor launchers'
   address tables and alignment tests.
 * :func:`c_fit`: the per-tensor checks of the public ops' arguments (``_checks.tensor_list``,
@@ -35,7 +37,7 @@ except ImportError:
 if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses",
                                                             "data_ptrs", "tensors_misfit", "masks_misfit",
                                                             "bits_misfit", "backup_misfit", "same_entries",
-                                                            "overlapping_pair")):
+                                                            "overlapping_pair", "same_versions")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 
@@ -62,6 +64,19 @@ def same_entries(dicts: list[dict], key: str, expected: list) -> bool:
         return _host.same_entries(dicts, key, expected)
     return len(dicts) == len(expected) and all(
         map(operator.is_, map(dict.get, dicts, itertools.repeat(key, len(dicts))), expected))
+
+
+def versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """Each tensor's version counter (-1 for a tensor made in inference mode: it has none)."""
+    return tuple(-1 if t.is_inference() else t._version for t in tensors)
+
+
+def same_versions(tensors: list[torch.Tensor], expected: tuple[int, ...]) -> bool:
+    """Whether :func:`versions` of ``tensors`` is still ``expected``: none of them written in
+    place since (0.5 us for 300 tensors in C, 25 us in Python)."""
+    if _host is not None and type(tensors) is list:
+        return _host.same_versions(tensors, expected)
+    return versions(tensors) == expected
 
 
 def c_loops() -> bool:

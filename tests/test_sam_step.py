@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS_WITH_EXT, TRITON_ON_CPU, backend_dtypes, interpreter_fma_is_fused, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, EXT_BUILT, TRITON_ON_CPU, backend_dtypes, interpreter_fma_is_fused, rand, rand_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssam
 from ssam_kernels import SAMStepPlan, SGDGroup, _host_loops
+from ssam_kernels.ops.bitmask import pack_mask
 from ssam_kernels.ops.sam_step import PlanMismatch, storage_order
 
 EPS = 1e-7
@@ -313,6 +314,69 @@ def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(bac
     assert not plan.perturbed
     for p, b in zip(params, before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("host_loops", [True, False], ids=["C", "python"])
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_a_mask_written_in_place_is_refused_before_any_write(backend, host_loops, gen, monkeypatch):
+    """The plan's tables count each mask's bits once; a bit set in place later sent the kernels'
+    backup writes into the next tensor's slots or past the backup's end (a segfault on the
+    extension's CPU kernels). Refused now, by the bits' version counters, in C and in Python;
+    once perturbed, restore() refuses too (its slots follow the old bits)."""
+    if not host_loops:
+        monkeypatch.setattr(_host_loops, "_host", None)
+    params = _params(torch.float32, gen)
+    masks = [None if m is None else pack_mask(m) for m in _masks(gen)]
+    plan = SAMStepPlan(params, masks, backend=backend)
+    before = _clone(params)
+    masks[3].bits.fill_(255)  # every entry of a tensor whose plan kept 40% of them
+    with pytest.raises(PlanMismatch, match="written in place"):
+        plan.perturb([0.05])
+    assert not plan.perturbed and all(torch.equal(p, b) for p, b in zip(params, before))
+    plan = SAMStepPlan(params, masks, backend=backend)  # a new plan takes the new bits
+    plan.perturb([0.05])
+    assert not torch.equal(params[3], before[3])
+    masks[4].bits[:2] = 255
+    for call in (plan.restore, lambda: plan.restore_sgd([SGDGroup(lr=0.1)])):
+        with pytest.raises(PlanMismatch, match="restore.*written in place.*weights stay"):
+            call()
+        assert plan.perturbed
+
+
+@pytest.mark.cpu
+@pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")
+def test_the_optimizer_steps_unplanned_when_its_mask_bits_were_written_in_place(gen, monkeypatch):
+    """SSAM-F's planned step meets a mask written in place (its own masks are replaced whole; a
+    write into their bits, as a broadcast into them would make): the perturbation goes through
+    the per-list ops, which read the bits as they are now, and the next step plans anew."""
+    monkeypatch.setenv("SSAM_BACKEND", "ext")
+    torch.manual_seed(0)
+    model = _model(2)
+    params = list(model.parameters())
+    opt = ssam.SSAMF(params, torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=1, update_freq=1, lr=0.1)
+    opt._set_masks([torch.zeros(p.shape, dtype=torch.bool) for p in params])
+    opt.mask_updates += 1
+    x = rand((8, 4), generator=gen)
+
+    def ascent():
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        before = _clone(params)
+        opt.first_step()
+        return before
+
+    ascent()
+    opt.second_step()
+    assert opt._plan is not None
+    opt._mask(params[0]).bits.fill_(255)  # every entry of the first weight
+    before = ascent()
+    moved = params[0] != before[0]
+    assert bool(moved[params[0].grad != 0].all())  # the bits as they are now were read
+    assert all(torch.equal(p, b) for p, b in zip(params[1:], before[1:]))
+    opt.second_step()
+    ascent()
+    assert opt._plan is not None  # planned again, on the bits as they are now
+    opt.second_step()
 
 
 @pytest.mark.cpu

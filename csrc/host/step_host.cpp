@@ -383,6 +383,32 @@ PyObject* same_entries(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+// same_versions(tensors: list[Tensor], versions: tuple[int]) -> bool
+// Whether each tensor's version counter still reads versions[i] (-1 for a tensor made in
+// inference mode, which has none), as many of each: the mask bits a planned step's kernels read,
+// unwritten since the plan counted them (ssam_kernels/ops/sam_step.py).
+PyObject* same_versions(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *tensors = nullptr, *versions = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &tensors, &PyTuple_Type, &versions)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  if (PyTuple_GET_SIZE(versions) != n) Py_RETURN_FALSE;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(tensors, i);
+    if (!THPVariable_Check(item)) {
+      PyErr_Format(PyExc_TypeError, "same_versions: tensors[%zd] is not a tensor", i);
+      return nullptr;
+    }
+    const at::Tensor& t = THPVariable_Unpack(item);
+    const long long want = PyLong_AsLongLong(PyTuple_GET_ITEM(versions, i));
+    if (want == -1 && PyErr_Occurred()) return nullptr;
+    const long long version = t.is_inference() ? -1 : static_cast<long long>(t._version());
+    if (version != want) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"grad_addresses", grad_addresses, METH_VARARGS,
      "grad_addresses(params, expected) -> tuple of the gradients' addresses (0: none), or None on a mismatch"},
@@ -403,6 +429,8 @@ PyMethodDef methods[] = {
      "overlapping_pair(tensors) -> (i, j), i < j, of two tensors whose byte spans meet on one device, or None"},
     {"same_entries", same_entries, METH_VARARGS,
      "same_entries(dicts, key, expected) -> whether dicts[i].get(key) is expected[i] for every i"},
+    {"same_versions", same_versions, METH_VARARGS,
+     "same_versions(tensors, versions) -> whether tensors[i]'s version counter reads versions[i] (-1: inference)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -464,10 +464,14 @@ class SAM(torch.optim.Optimizer):
                                  f"{type(self).__name__}.first_step()/step()")
             try:
                 plan.perturb([_ascent_rho(g) for g in self.param_groups], grads=grads)
+            except PlanMismatch:  # a mask's bits written in place: nothing perturbed; the per-list ops read them
+                self._invalidate_plan()
+                plan = None
             except BaseException:  # (nothing perturbed) the scaler's unscale_ above is undone by an update
                 if scaler is not None:
                     scaler.update()
                 raise
+        if plan is not None:
             self._pending, self._scaler, self._skipped = _Planned(plan), scaler, False
             if zero_grad:
                 self.zero_grad()

@@ -50,14 +50,14 @@ _BACKENDS = backend_table("sam_step", ext_op="plan_norm")
 # unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
 _data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
 _grad = operator.attrgetter("grad")
-from .._host_loops import _host, bump_versions  # _host: the compiled per-step reads, or None
+from .._host_loops import _host, bump_versions, same_versions, versions  # _host: the compiled per-step reads, or None
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
 
 class PlanMismatch(RuntimeError):
-    """The parameters or gradients no longer fit the plan (a parameter was moved or replaced, a
-    gradient has another memory layout than its parameter): make a new plan, or take the step
-    another way."""
+    """The parameters, gradients or masks no longer fit the plan (a parameter was moved or
+    replaced, a gradient has another memory layout than its parameter, a mask's bits were written
+    in place): make a new plan, or take the step another way."""
 
 
 def storage_order(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -161,8 +161,9 @@ class SAMStepPlan:
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
 
     The plan holds the tensors, not copies: a step reads each parameter's ``.grad`` and writes
-    the parameter in place. A parameter whose memory moved since (``p.data = ...``,
-    ``model.to(...)``) or a gradient laid out unlike its parameter raises :class:`PlanMismatch`
+    the parameter in place, and reads the masks' bits. A parameter whose memory moved since
+    (``p.data = ...``, ``model.to(...)``), a gradient laid out unlike its parameter, or a mask
+    whose bits were written in place (a new mask needs a new plan) raises :class:`PlanMismatch`
     before anything is written.
     """
 
@@ -198,6 +199,10 @@ class SAMStepPlan:
         _checks.disjoint("params", params)
         self.params = list(params)
         self.masks = [as_bitmask(m) for m in masks]
+        # the kernels read these bits at every step through tables counted from them now: a bit
+        # set in place later would send a write past its tensor's share of the backup
+        self._bits = [m.bits for m in self.masks if m is not None]
+        self._bits_versions = versions(self._bits)
         self.groups = groups
         self.num_groups = num_groups
         self.masked_norm = masked_norm
@@ -259,6 +264,13 @@ class SAMStepPlan:
                 out.append(g.data_ptr())
         return tuple(out)
 
+    def _check_masks(self, call: str) -> None:
+        if not same_versions(self._bits, self._bits_versions):
+            left = " The weights stay as perturb() left them: the backup's slots follow the old bits." \
+                if call != "perturb" else ""
+            raise PlanMismatch(f"{call}(): a mask's bits were written in place since the plan was made (its "
+                               f"tables count the old bits): make a new plan for the new mask.{left}")
+
     @property
     def captured(self) -> bool:
         """Whether a step of this plan ran inside a CUDA graph capture: the graph replays its
@@ -283,6 +295,7 @@ class SAMStepPlan:
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore() or restore_sgd() in between")
         rho = _check_rho(rho, self.num_groups)
+        self._check_masks("perturb")
         if grads is None:
             grads = self.grad_addresses()
         elif not isinstance(grads, tuple) or len(grads) != len(self.params):
@@ -297,6 +310,7 @@ class SAMStepPlan:
         """Put back the weights :meth:`perturb` changed, bit for bit."""
         if not self.perturbed:
             raise RuntimeError("restore() without a preceding perturb()")
+        self._check_masks("restore")
         with _launching(self.device):
             self._impl.restore()
         bump_versions(self.params)
@@ -315,6 +329,7 @@ class SAMStepPlan:
         torch (and the reference backend) rounds after every op: not bitwise equal."""
         if not self.perturbed:
             raise RuntimeError("restore_sgd() without a preceding perturb()")
+        self._check_masks("restore_sgd")
         # checked once per change: the tuple given last time (immutable) is taken as it is; a
         # list may have been edited in place since, so its entries are compared
         if not (sgd is self._sgd_given and type(sgd) is tuple) and tuple(sgd) != self._sgd:
