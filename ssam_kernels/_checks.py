@@ -15,6 +15,22 @@ def _kind(x) -> str:
     return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def operand(op: str, name: str, t, dtypes: tuple, shape: tuple, device: torch.device | None = None) -> None:
+    """A raw dispatcher op's tensor argument as its kernels index it: one of ``dtypes``, of
+    ``shape`` (a None entry: any size), contiguous, on ``device``; else an error naming it. The
+    public functions make their arguments so; a direct ``torch.ops.ssam_kernels`` call gets the
+    error rather than a kernel that reads or writes past a tensor."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be a tensor of dtype {', '.join(map(str, dtypes))}; got {_kind(t)}")
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (the kernels index it flat), got strides {t.stride()}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, the other operands on {device}")
+
+
 def tensor_list(name: str, tensors, *, floating: bool = True, allow_empty: bool = False) -> list[torch.Tensor]:
     """``tensors`` as a list, checked: a list/tuple of (floating-point) tensors."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):

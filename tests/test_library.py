@@ -289,6 +289,54 @@ def test_raw_list_ops_refuse_operands_their_kernels_would_overrun(gen, backend, 
         assert all(torch.equal(a, b) for a, b in zip(ws, before)), what  # nothing written
 
 
+def _bad_raw_array_calls(gen):
+    """(what is wrong, op, arguments) for the raw ops of whole arrays: each hands a kernel an
+    operand it would index past (transposed, short, misshaped)."""
+    ops = torch.ops.ssam_kernels
+    x = rand((8, 16), generator=gen)
+    half = rand((64, 32), torch.float16, gen)
+    values, meta = sk.compress_24(half * sk.nm_mask(half, 2, 4))
+    dy, xs = rand((5, 4), generator=gen), rand((5, 3), generator=gen)
+    bits, order = torch.zeros(2, dtype=torch.uint8), torch.arange(4, dtype=torch.int32)
+    return [
+        ("mvue24: x must be contiguous", ops.mvue24, (x.t(), None, 1)),
+        ("mvue24: x's last dim must be a multiple of 4", ops.mvue24, (rand((3, 6), generator=gen), None, 1)),
+        (r"mvue24: uniforms must have shape \[8, 4\]", ops.mvue24, (x, torch.rand(8, 3), None)),
+        ("mvue24: uniforms must be contiguous", ops.mvue24, (x, torch.rand(4, 8).t(), None)),
+        ("mvue24: give exactly one", ops.mvue24, (x, None, None)),
+        ("compress_24: x must be contiguous", ops.compress_24, (half.t().contiguous().t(), True)),
+        ("compress_24: x gives a dense shape", ops.compress_24, (half[:48].contiguous(), True)),
+        ("compress_24: x must have shape", ops.compress_24, (half.reshape(-1), True)),
+        (r"decompress_24: meta must have shape \[64, 2\]", ops.decompress_24, (values, meta[:, :1].contiguous())),
+        ("decompress_24: values must be contiguous", ops.decompress_24, (values.t().contiguous().t(), meta)),
+        ("decompress_24: meta must be a tensor of dtype torch.int16", ops.decompress_24, (values, meta.int())),
+        ("masked_weight_grad: out must be contiguous", ops.masked_weight_grad,
+         (dy, xs, bits, order, 4, torch.empty(3, 4).t())),
+        (r"masked_weight_grad: input must have shape \[5, \*\]", ops.masked_weight_grad,
+         (dy, xs[:4], bits, order, 4, torch.empty(4, 3))),
+        (r"masked_weight_grad: bits must have shape \[2\]", ops.masked_weight_grad,
+         (dy, xs, bits[:1], order, 4, torch.empty(4, 3))),
+        (r"masked_weight_grad: row_order must have shape \[4\]", ops.masked_weight_grad,
+         (dy, xs, bits, order[:3], 3, torch.empty(4, 3))),
+        (r"masked_weight_grad: masked_rows must be in \[0, 4\]", ops.masked_weight_grad,
+         (dy, xs, bits, order, 5, torch.empty(4, 3))),
+        ("masked_weight_grad: input must be a tensor of dtype torch.float32", ops.masked_weight_grad,
+         (dy, xs.double(), bits, order, 4, torch.empty(4, 3))),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_raw_array_ops_refuse_operands_their_kernels_would_overrun(gen, backend):
+    """Called directly, mvue24, compress_24, decompress_24 and masked_weight_grad check the
+    shapes and layouts their kernels index by (the public functions make them so): a
+    transposed operand came out wrong on CPU and would be read or written out of bounds on a
+    GPU."""
+    for what, op, args in _bad_raw_array_calls(gen):
+        chosen = backend if backend in TABLES[op._qualified_op_name.split("::")[1]].impls else "auto"
+        with pytest.raises((ValueError, TypeError), match=what):
+            op(*args, chosen)
+
+
 _CUDA_DEVICE = os.environ.get("SSAM_TEST_CUDA_DEVICE", "cuda")
 # (backend, device): Triton interpreted on CPU; on a GPU, Triton's and the CUDA extension's kernels
 _BOUND_CASES = [pytest.param("triton", "cpu", marks=BACKENDS[1].marks, id="triton-interpreted")] + [

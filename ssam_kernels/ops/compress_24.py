@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from .._backend import BackendUnavailableError, lazy
 from .._library import Op
 
@@ -91,16 +92,38 @@ def _compress_fake(x, check):
     return x.new_empty((rows, cols // 2)), x.new_empty((rows, cols // META_COLS_PER_ELEMENT), dtype=torch.int16)
 
 
+def _aligned_shape(op: str, name: str, rows: int, cols: int) -> None:
+    if rows % ROW_ALIGN or cols % COL_ALIGN:
+        raise ValueError(f"{op}: {name} gives a dense shape [{rows}, {cols}]; the CUTLASS layout needs rows % "
+                         f"{ROW_ALIGN} == 0 and cols % {COL_ALIGN} == 0")
+
+
+def _compress(impl, x, check):
+    _checks.operand("compress_24", "x", x, DTYPES, (None, None))
+    _aligned_shape("compress_24", "x", *x.shape)
+    return tuple(impl(x, check))
+
+
+def _decompress(impl, values, meta):
+    _checks.operand("decompress_24", "values", values, DTYPES, (None, None))
+    rows, half = values.shape
+    _aligned_shape("decompress_24", "values", rows, 2 * half)
+    _checks.operand("decompress_24", "meta", meta, (torch.int16,), (rows, 2 * half // META_COLS_PER_ELEMENT),
+                    values.device)
+    return impl(values, meta)
+
+
 COMPRESS_24 = Op("compress_24(Tensor x, bool check, str backend) -> (Tensor, Tensor)",
                  {"torch": compress_24_torch,
                   "triton": lazy("ssam_kernels.triton_ops.compress_24", "compress_24_triton"),
                   "ext": lazy("ssam_kernels.ext_ops", "compress_24_ext")},
-                 fake=_compress_fake, adapt=lambda impl, x, check: tuple(impl(x, check)))
+                 fake=_compress_fake, adapt=_compress)
 DECOMPRESS_24 = Op("decompress_24(Tensor values, Tensor meta, str backend) -> Tensor",
                    {"torch": decompress_24_torch,
                     "triton": lazy("ssam_kernels.triton_ops.compress_24", "decompress_24_triton"),
                     "ext": lazy("ssam_kernels.ext_ops", "decompress_24_ext")},
-                   fake=lambda values, meta: values.new_empty((values.shape[0], values.shape[1] * 2)))
+                   fake=lambda values, meta: values.new_empty((values.shape[0], values.shape[1] * 2)),
+                   adapt=_decompress)
 
 
 def _check_matrix(name: str, t, dtypes) -> None:

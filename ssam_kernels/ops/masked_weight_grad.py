@@ -40,12 +40,28 @@ def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tens
 # were never tuned (no split-K, gathered dY loads, the mask read in the epilogue), and the
 # exact ascent that ran it was slower than dense on the H200 (GPT-2 small 8k: 102.7 against
 # 75.0 ms, gpu-results/h200-2026-12-04).
+def _run(impl, dy, x, bits, row_order, masked_rows, out):
+    """The operands' shapes and layouts as the kernels index them (``row_order``'s values, on
+    the device, are the caller's: a permutation of the rows, those holding a mask entry first)."""
+    op = "masked_weight_grad"
+    _checks.operand(op, "grad_output", dy, DTYPES, (None, None))
+    tokens, rows = dy.shape
+    _checks.operand(op, "input", x, (dy.dtype,), (tokens, None), dy.device)
+    cols = x.shape[1]
+    _checks.operand(op, "bits", bits, (torch.uint8,), ((rows * cols + 7) // 8,), dy.device)
+    _checks.operand(op, "row_order", row_order, (torch.int32,), (rows,), dy.device)
+    if isinstance(masked_rows, bool) or not 0 <= masked_rows <= rows:
+        raise ValueError(f"{op}: masked_rows must be in [0, {rows}], got {masked_rows!r}")
+    _checks.operand(op, "out", out, DTYPES, (rows, cols), dy.device)
+    return impl(dy, x, bits, row_order, masked_rows, out)
+
+
 MASKED_WEIGHT_GRAD = Op(
     "masked_weight_grad(Tensor grad_output, Tensor input, Tensor bits, Tensor row_order, int masked_rows, "
     "Tensor(a!) out, str backend) -> ()",
     {"torch": masked_weight_grad_torch,
      "triton": lazy("ssam_kernels.triton_ops.masked_weight_grad", "masked_weight_grad_triton")},
-    fake=lambda *args: None, auto_order={"cuda": ("torch", "triton")})
+    fake=lambda *args: None, adapt=_run, auto_order={"cuda": ("torch", "triton")})
 
 
 @register_flop_formula(torch.ops.ssam_kernels.masked_weight_grad)

@@ -103,10 +103,21 @@ def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | Non
 
 # the schema's int is signed 64-bit: a seed in [2**63, 2**64) travels as its negative twin
 # (the same generator state: torch seeds with the value mod 2**64) and comes back as given
+def _run(impl, x, uniforms, seed):
+    op = "mvue24"
+    if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[-1] % 4):
+        raise ValueError(f"{op}: x's last dim must be a multiple of 4, got shape {list(x.shape)}")
+    _checks.operand(op, "x", x, _checks.FLOAT_DTYPES[:3], (None,) * max(x.dim(), 1) if isinstance(x, torch.Tensor) else ())
+    if (seed is None) == (uniforms is None):
+        raise ValueError(f"{op}: give exactly one of seed or uniforms")
+    if uniforms is not None:
+        _checks.operand(op, "uniforms", uniforms, _checks.FLOAT_DTYPES, (*x.shape[:-1], x.shape[-1] // 4), x.device)
+    return impl(x, uniforms, None if seed is None else seed % 2**64)
+
+
 MVUE24 = Op("mvue24(Tensor x, Tensor? uniforms, int? seed, str backend) -> Tensor",
             {"torch": mvue24_torch, "triton": lazy("ssam_kernels.triton_ops.mvue24", "mvue24_triton")},
-            fake=lambda x, uniforms, seed: torch.empty_like(x),
-            adapt=lambda impl, x, uniforms, seed: impl(x, uniforms, None if seed is None else seed % 2**64))
+            fake=lambda x, uniforms, seed: torch.empty_like(x), adapt=_run)
 
 
 def mvue24(x: torch.Tensor, seed: int | None = None, *, uniforms: torch.Tensor | None = None,

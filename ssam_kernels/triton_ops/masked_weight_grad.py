@@ -124,4 +124,5 @@ def masked_weight_grad_triton(dy: torch.Tensor, x: torch.Tensor, bits: torch.Ten
     _masked_wgrad_kernel[(triton.cdiv(OUT, bo) * triton.cdiv(IN, bi),)](
         dy, x, bits, bits.numel(), out, row_order, masked_rows, T, OUT, IN, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
         PRECISION=precision, GATHER=masked_rows < OUT, num_warps=warps,
+        enable_fp_fusion=True,  # (named: triton 3.10 turns the default off)
     )

@@ -102,5 +102,6 @@ def mvue24_triton(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | No
             # fp32: 4 values (one 16-byte vector) a thread; at 4 warps, 8 of them spilled under
             # triton 3.6. 16-bit: 8 a thread, one vector, no spill at 4 warps
             num_warps=8 if x.element_size() == 4 else 4,
+            enable_fp_fusion=False,  # bit for bit the reference's roundings, whatever triton's default
         )
     return out

@@ -384,7 +384,8 @@ class TritonStep(KernelStep):
             part.norm_rows, part.blk_tensor, part.blk_start, part.numel, g_ptrs, part.bits_ptrs, self.partial,
             self.counter, plan.inv, plan.flags, first, self.norm_programs, self.eps_bits, part.ref, part.bits_ref,
             MASKED=plan.masked_norm, FP64=plan.norm_dtype == torch.float64, ALIGNED=part.aligned,
-            G_ALIGNED=part.aligned and g_aligned, BLOCK=part.block, FINAL_BLOCK=FINAL_BLOCK, num_warps=8)
+            G_ALIGNED=part.aligned and g_aligned, BLOCK=part.block, FINAL_BLOCK=FINAL_BLOCK, num_warps=8,
+            enable_fp_fusion=True)  # the squares fused into the sums, named: triton 3.10 turns the default off
 
     def launch_perturb(self, part, g_ptrs, g_aligned, tensor_rho) -> None:
         plan = self.plan
