@@ -139,3 +139,157 @@ def test_storing_kernels_keep_a_batch_of_loads_in_flight(tmp_path):
         found = [body for name, body in bodies.items() if kernel in name]
         assert len(found) == 1, (kernel, len(found))
         assert _loads_before_a_store(found[0]) >= 8, kernel
+
+
+# A stand-in for libcusparseLt.so.0 that keeps count of its live objects: an init marks the
+# object with a fresh token, a destroy must find a live token (else it counts a bad destroy).
+# cusparseLtMatmulAlgSetAttribute refuses the algorithm id 99, cusparseLtMatmulPlanInit the id 98,
+# cusparseLtSpMMACompressedSize2 a k of 8000: the failures part way through a plan or descriptor.
+_FAKE_CUSPARSELT = r"""
+#include <cstdint>
+#include <cstring>
+#include <set>
+extern "C" {
+std::set<uint64_t> fake_live;
+uint64_t fake_next = 1, fake_made = 0, fake_bad_destroys = 0;
+static int last_alg_id = 0;
+static int make(void* o) {
+  const uint64_t t = fake_next++;
+  std::memcpy(o, &t, sizeof(t));
+  fake_live.insert(t);
+  ++fake_made;
+  return 0;
+}
+static int unmake(const void* o) {
+  uint64_t t;
+  std::memcpy(&t, o, sizeof(t));
+  if (fake_live.erase(t) != 1) ++fake_bad_destroys;
+  return 0;
+}
+int cusparseLtInit(void*) { return 0; }
+int cusparseLtGetProperty(int what, int* v) { *v = what == 1 ? 8 : 0; return 0; }
+const char* cusparseLtGetErrorString(int) { return "fake failure"; }
+int cusparseLtDenseDescriptorInit(const void*, void* d, int64_t, int64_t, int64_t, uint32_t, int, int) { return make(d); }
+static int64_t last_k = 0;
+int cusparseLtStructuredDescriptorInit(const void*, void* d, int64_t, int64_t k, int64_t, uint32_t, int, int, int) {
+  last_k = k;
+  return make(d);
+}
+int cusparseLtMatDescriptorDestroy(const void* d) { return unmake(d); }
+int cusparseLtMatmulDescriptorInit(const void*, void*, int, int, const void*, const void*, const void*, const void*,
+                                   int) { return 0; }
+int cusparseLtMatmulAlgSelectionInit(const void*, void* a, const void*, int) { return make(a); }
+int cusparseLtMatmulAlgSelectionDestroy(const void* a) { return unmake(a); }
+int cusparseLtMatmulAlgSetAttribute(const void*, void*, int attribute, const void* data, size_t) {
+  if (attribute == 0) std::memcpy(&last_alg_id, data, sizeof(int));
+  return attribute == 0 && last_alg_id == 99 ? 7 : 0;
+}
+int cusparseLtMatmulAlgGetAttribute(const void*, const void*, int, void*, size_t) { return 0; }
+int cusparseLtMatmulPlanInit(const void*, void* p, const void*, const void*) { return last_alg_id == 98 ? 7 : make(p); }
+int cusparseLtMatmulPlanDestroy(const void* p) { return unmake(p); }
+int cusparseLtMatmulGetWorkspace(const void*, const void*, size_t* w) { *w = 0; return 0; }
+int cusparseLtMatmul(...) { return 0; }
+int cusparseLtMatmulSearch(...) { return 0; }
+int cusparseLtSpMMACompressedSize2(const void*, const void*, size_t* size, size_t* buffer) {
+  *size = *buffer = 64;
+  return last_k == 8000 ? 7 : 0;
+}
+int cusparseLtSpMMACompress2(...) { return 0; }
+}
+"""
+
+# Includes cusparselt.cpp itself (its helpers are file-local) and drives its keeping and undoing
+# against the stand-in; no CUDA device or runtime is touched.
+_CUSPARSELT_HARNESS = r"""
+#include "cuda/cusparselt.cpp"
+#include <cstdio>
+#include <set>
+#define EXPECT(cond) do { if (!(cond)) { std::printf("FAILED line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
+int main(int, char** argv) {
+  using namespace ssam;
+  cslt_load(argv[1]);
+  void* fake = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);  // the same library, for its counters
+  auto& live = *static_cast<std::set<uint64_t>*>(dlsym(fake, "fake_live"));
+  auto& made = *static_cast<uint64_t*>(dlsym(fake, "fake_made"));
+  auto& bad = *static_cast<uint64_t*>(dlsym(fake, "fake_bad_destroys"));
+  DeviceState st;
+  // compression descriptors: one per (dtype, m, k), at most kMaxKept kept, the least recently used
+  // destroyed; a kept one is found again without a new descriptor
+  for (int64_t i = 1; i <= 300; ++i) {
+    compression(st, at::kHalf, CUDA_R_16F, 16, 16 * i);
+    if (i == 200) compression(st, at::kHalf, CUDA_R_16F, 16, 16);  // the first shape, used again
+  }
+  EXPECT(st.compressions.size() == kMaxKept && live.size() == kMaxKept && made == 300 && bad == 0);
+  EXPECT(st.compressions.count({static_cast<int>(at::kHalf), 16, 16}) == 1);  // recently used: kept
+  EXPECT(st.compressions.count({static_cast<int>(at::kHalf), 16, 32}) == 0);  // the oldest: evicted
+  compression(st, at::kHalf, CUDA_R_16F, 16, 16 * 300);
+  EXPECT(made == 300 && live.size() == kMaxKept);
+  compression(st, at::kHalf, CUDA_R_16F, 16, 32);  // evicted, made again
+  EXPECT(made == 301 && live.size() == kMaxKept && st.compressions.size() == kMaxKept && bad == 0);
+  // the compressed size refused after the descriptor was made: destroyed, nothing kept
+  const size_t kept = live.size();
+  bool threw = false;
+  try {
+    compression(st, at::kHalf, CUDA_R_16F, 32, 8000);
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  EXPECT(threw && live.size() == kept && st.compressions.size() == kMaxKept && bad == 0);
+  // plans that fail part way (an algorithm id refused: descriptors and the algorithm selection
+  // made; the plan refused: all but the plan made) leave nothing behind, nor does a search
+  const Operands o{at::Tensor(), 16, 32, 16, false};
+  for (int64_t alg_id : {99, 98}) {
+    threw = false;
+    try {
+      MatmulPlan p;
+      Undo<MatmulPlan> undo(&p);
+      init_plan(st.handle, &p, o, CUDA_R_16F, false, alg_id, 1, -1);
+    } catch (const c10::Error&) {
+      threw = true;
+    }
+    EXPECT(threw && live.size() == kept && bad == 0);
+  }
+  {
+    MatmulPlan p;
+    Undo<MatmulPlan> undo(&p);
+    init_plan(st.handle, &p, o, CUDA_R_16F, true, 0, 1, -1);
+    EXPECT(live.size() == kept + 5);  // a, b, c, the algorithm selection and the plan
+  }
+  EXPECT(live.size() == kept && bad == 0);
+  // kept plans: at most kMaxKept, the least recently used destroyed with its descriptors
+  for (int64_t n = 8; n <= 8 * 300; n += 8) {
+    auto fresh = std::make_unique<MatmulPlan>();
+    Undo<MatmulPlan> undo(fresh.get());
+    init_plan(st.handle, fresh.get(), Operands{at::Tensor(), 16, 32, n, false}, CUDA_R_16F, false, 0, 1, -1);
+    if (st.plans.size() >= kMaxKept) evict_least_recently_used(st.plans);
+    auto found = st.plans.emplace(MatmulKey{0, 16, 32, n, false, false, 0, 1, -1}, std::move(fresh)).first;
+    undo.release();
+    found->second->last_used = ++st.clock;
+  }
+  EXPECT(st.plans.size() == kMaxKept && live.size() == kept + 5 * kMaxKept && bad == 0);
+  std::printf("ok\n");
+  return 0;
+}
+"""
+
+
+def test_cusparselt_keeps_at_most_256_descriptors_and_plans_and_leaks_none_on_failure(tmp_path):
+    """cusparselt.cpp's keeping, against a stand-in cuSPARSELt that counts its live objects: 300
+    compressed shapes keep 256 descriptors (the least recently used destroyed, made again when
+    needed), 300 plans keep 256, and a descriptor or plan whose making fails part way (a size
+    query refused, an algorithm id refused, a plan refused), or a searched plan, leaves none."""
+    system = cpp_extension.include_paths() + [_cuda_include(), sysconfig.get_paths()["include"]]
+    (tmp_path / "fake.cpp").write_text(_FAKE_CUSPARSELT)
+    (tmp_path / "harness.cpp").write_text(_CUSPARSELT_HARNESS)
+    fake = tmp_path / "libfakecusparselt.so"
+    out = subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", str(tmp_path / "fake.cpp"), "-o", str(fake)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    libs = cpp_extension.library_paths()
+    cmd = ["g++", CXX_STD, "-O1", *[f"-isystem{i}" for i in system], f"-I{os.path.join(ROOT, 'csrc')}",
+           str(tmp_path / "harness.cpp"), "-o", str(tmp_path / "harness"), *[f"-L{d}" for d in libs],
+           *[f"-Wl,-rpath,{d}" for d in libs], "-lc10", "-ltorch_cpu", "-ldl"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    run = subprocess.run([str(tmp_path / "harness"), str(fake)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.endswith("ok\n"), run.stdout + run.stderr

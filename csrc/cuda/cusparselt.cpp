@@ -14,8 +14,11 @@
 // its headers and loads without the library; `load` says why it cannot run. Kept handles,
 // descriptors and plans are never destroyed through cuSPARSELt (their memory goes with their
 // thread): destroying them at thread or process exit could run after the CUDA context is gone.
-// Past kMaxPlans plans per thread and device, the least recently used is destroyed while running
-// (a new token count is a new plan: variable sequence lengths would otherwise keep one each).
+// Past kMaxKept plans, or kMaxKept compression descriptors, per thread and device, the least
+// recently used is destroyed while running (a new token count is a new plan, and for
+// MVUE(dY^T) @ X a new compressed shape: variable sequence lengths would otherwise keep one each).
+// What a call makes and does not keep (a searched plan, a plan or descriptor whose making failed
+// part way) is destroyed when the call returns or throws (Undo).
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -148,32 +151,65 @@ cudaDataType value_type(const at::Tensor& t, const char* what) {
 // the kept half plus 2 bits of position per kept value. Read back only to find m.
 int64_t legacy_compressed_numel(int64_t m, int64_t k) { return m * k * 9 / 16; }
 
+// The has_* flags say which cuSPARSELt objects were made (an init that fails part way leaves the
+// rest unmade): destroy() destroys those alone, once.
 struct Compression {
   MatDescr descr;
   size_t size = 0, buffer = 0;
+  uint64_t last_used = 0;
+  bool has_descr = false;
 };
 
+// A plan makes and owns its descriptors (it must not outlive those it was made from); no plan
+// refers to a Compression's descriptor, so either is evicted without the other.
 struct MatmulPlan {
   MatDescr a, b, c;
-  MatmulDescr matmul;
+  MatmulDescr matmul;  // no destroy function: its memory is this object's
   AlgSelection alg;
   Plan plan;
   size_t workspace = 0;
   uint64_t last_used = 0;
+  bool has_a = false, has_b = false, has_c = false, has_alg = false, has_plan = false;
 };
 
-constexpr size_t kMaxPlans = 256;
+// plans, and compression descriptors, kept per thread and device
+constexpr size_t kMaxKept = 256;
 
-// Destroying a plan right after its last cusparseLtMatmul was enqueued is what torch's
-// _cslt_sparse_mm does on every call: the launched kernel does not read the plan.
+// Destroying a plan and its descriptors right after its last cusparseLtMatmul was enqueued is
+// what torch's _cslt_sparse_mm does on every call: they are host objects, and the launched kernel
+// does not read them. The same holds for a descriptor after cusparseLtSpMMACompress2 was enqueued.
+// api() does not throw here: the library was loaded to make them, and is never unloaded.
 void destroy(MatmulPlan& p) {
   const Api& f = api();
-  f.MatmulPlanDestroy(&p.plan);
-  f.MatmulAlgSelectionDestroy(&p.alg);
-  f.MatDescriptorDestroy(&p.a);
-  f.MatDescriptorDestroy(&p.b);
-  f.MatDescriptorDestroy(&p.c);
+  if (p.has_plan) f.MatmulPlanDestroy(&p.plan);
+  if (p.has_alg) f.MatmulAlgSelectionDestroy(&p.alg);
+  if (p.has_a) f.MatDescriptorDestroy(&p.a);
+  if (p.has_b) f.MatDescriptorDestroy(&p.b);
+  if (p.has_c) f.MatDescriptorDestroy(&p.c);
+  p.has_plan = p.has_alg = p.has_a = p.has_b = p.has_c = false;
 }
+
+void destroy(Compression& c) {
+  if (c.has_descr) api().MatDescriptorDestroy(&c.descr);
+  c.has_descr = false;
+}
+
+// Destroys what it holds when the scope is left, unless released (then someone else owns it):
+// a plan or descriptor being made, if its making or keeping throws; a searched plan, always.
+template <class T>
+class Undo {
+ public:
+  explicit Undo(T* held) : held_(held) {}
+  Undo(const Undo&) = delete;
+  Undo& operator=(const Undo&) = delete;
+  ~Undo() {
+    if (held_ != nullptr) destroy(*held_);
+  }
+  void release() { held_ = nullptr; }
+
+ private:
+  T* held_;
+};
 
 // (dtype, m, k, n, B transposed, result transposed, alg id, split-k, split-k mode)
 using MatmulKey = std::tuple<int, int64_t, int64_t, int64_t, bool, bool, int64_t, int64_t, int64_t>;
@@ -182,16 +218,19 @@ struct DeviceState {
   Handle handle;
   std::map<std::tuple<int, int64_t, int64_t>, std::unique_ptr<Compression>> compressions;  // (dtype, m, k)
   std::map<MatmulKey, std::unique_ptr<MatmulPlan>> plans;
-  uint64_t clock = 0;  // counts mm calls, for last_used
+  uint64_t clock = 0;  // counts look-ups of plans and descriptors, for last_used
 };
 
-void evict_least_recently_used(DeviceState& st) {
-  auto oldest = st.plans.begin();
-  for (auto it = st.plans.begin(); it != st.plans.end(); ++it) {
+// st.plans or st.compressions, not empty: its least recently used entry destroyed and dropped
+// (never the one a running call holds: that was looked up last, or is not kept yet)
+template <class Map>
+void evict_least_recently_used(Map& kept) {
+  auto oldest = kept.begin();
+  for (auto it = kept.begin(); it != kept.end(); ++it) {
     if (it->second->last_used < oldest->second->last_used) oldest = it;
   }
   destroy(*oldest->second);
-  st.plans.erase(oldest);
+  kept.erase(oldest);
 }
 
 // one cuSPARSELt handle per thread and device (as torch keeps them: a handle is not shared
@@ -219,21 +258,29 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // t itself, or an aligned copy in the same layout
 at::Tensor aligned_copy(const at::Tensor& t) { return aligned16(t) ? t : t.clone(); }
 
-void init_sparse_descr(const Handle& h, MatDescr* descr, int64_t m, int64_t k, cudaDataType type) {
+// *made is set once the descriptor exists (a failed init makes none)
+void init_sparse_descr(const Handle& h, MatDescr* descr, bool* made, int64_t m, int64_t k, cudaDataType type) {
   check(api().StructuredDescriptorInit(&h, descr, m, k, k, 16, type, cslt::kOrderRow, cslt::kSparsity50),
         "structured descriptor init");
+  *made = true;
 }
 
-// The descriptor and sizes of a compressed [m, k] operand of this type (made once per shape).
+// The descriptor and sizes of a compressed [m, k] operand of this type (made once per shape, and
+// again after its eviction). The reference holds until the next call of compression on st.
 Compression& compression(DeviceState& st, at::ScalarType dtype, cudaDataType type, int64_t m, int64_t k) {
-  auto& entry = st.compressions[{static_cast<int>(dtype), m, k}];
-  if (!entry) {
+  const std::tuple<int, int64_t, int64_t> key{static_cast<int>(dtype), m, k};
+  auto found = st.compressions.find(key);
+  if (found == st.compressions.end()) {
     auto fresh = std::make_unique<Compression>();
-    init_sparse_descr(st.handle, &fresh->descr, m, k, type);
+    Undo<Compression> undo(fresh.get());
+    init_sparse_descr(st.handle, &fresh->descr, &fresh->has_descr, m, k, type);
     check(api().SpMMACompressedSize2(&st.handle, &fresh->descr, &fresh->size, &fresh->buffer), "compressed size");
-    entry = std::move(fresh);
+    if (st.compressions.size() >= kMaxKept) evict_least_recently_used(st.compressions);
+    found = st.compressions.emplace(key, std::move(fresh)).first;
+    undo.release();
   }
-  return *entry;
+  found->second->last_used = ++st.clock;
+  return *found->second;
 }
 
 // a (dense-stored [m, k], 2:4 along k, row-major) -> its compressed form for `mm`: the bytes
@@ -309,29 +356,34 @@ Operands checked_operands(DeviceState& st, const at::Tensor& packed, const at::T
   return o;
 }
 
-// descriptors, algorithm (id, split-k and its mode where set) and plan of one product
+// descriptors, algorithm (id, split-k and its mode where set) and plan of one product; on a
+// throw (an algorithm id cuSPARSELt refuses, say) p's flags say what was made, for destroy(*p)
 void init_plan(const Handle& h, MatmulPlan* p, const Operands& o, cudaDataType type, bool transpose_result,
                int64_t alg_id, int64_t split_k, int64_t split_k_mode) {
   const Api& f = api();
-  init_sparse_descr(h, &p->a, o.m, o.k, type);
+  init_sparse_descr(h, &p->a, &p->has_a, o.m, o.k, type);
   if (o.b_transposed) {
     check(f.DenseDescriptorInit(&h, &p->b, o.n, o.k, o.k, 16, type, cslt::kOrderRow), "dense descriptor init");
   } else {
     check(f.DenseDescriptorInit(&h, &p->b, o.k, o.n, o.n, 16, type, cslt::kOrderRow), "dense descriptor init");
   }
+  p->has_b = true;
   check(f.DenseDescriptorInit(&h, &p->c, o.m, o.n, transpose_result ? o.m : o.n, 16, type,
                               transpose_result ? cslt::kOrderCol : cslt::kOrderRow),
         "result descriptor init");
+  p->has_c = true;
   check(f.MatmulDescriptorInit(&h, &p->matmul, cslt::kOpNonTranspose,
                                o.b_transposed ? cslt::kOpTranspose : cslt::kOpNonTranspose, &p->a, &p->b, &p->c, &p->c,
                                cslt::kCompute32F),
         "matmul descriptor init");
   check(f.MatmulAlgSelectionInit(&h, &p->alg, &p->matmul, cslt::kAlgDefault), "algorithm selection init");
+  p->has_alg = true;
   const int id = static_cast<int>(alg_id), splits = static_cast<int>(split_k), mode = static_cast<int>(split_k_mode);
   check(f.MatmulAlgSetAttribute(&h, &p->alg, cslt::kAlgConfigId, &id, sizeof(id)), "setting the algorithm id");
   if (splits != 1) check(f.MatmulAlgSetAttribute(&h, &p->alg, cslt::kSplitK, &splits, sizeof(splits)), "setting split-k");
   if (mode > 0) check(f.MatmulAlgSetAttribute(&h, &p->alg, cslt::kSplitKMode, &mode, sizeof(mode)), "setting the split-k mode");
   check(f.MatmulPlanInit(&h, &p->plan, &p->matmul, &p->alg), "plan init");
+  p->has_plan = true;
   check(f.MatmulGetWorkspace(&h, &p->plan, &p->workspace), "workspace size");
 }
 
@@ -371,9 +423,11 @@ at::Tensor cslt_mm(const at::Tensor& packed, const at::Tensor& b_in, int64_t alg
   auto found = st.plans.find(key);
   if (found == st.plans.end()) {
     auto fresh = std::make_unique<MatmulPlan>();
+    Undo<MatmulPlan> undo(fresh.get());
     init_plan(st.handle, fresh.get(), o, type, transpose_result, alg_id, split_k, split_k_mode);
-    if (st.plans.size() >= kMaxPlans) evict_least_recently_used(st);
+    if (st.plans.size() >= kMaxKept) evict_least_recently_used(st.plans);
     found = st.plans.emplace(key, std::move(fresh)).first;
+    undo.release();
   }
   found->second->last_used = ++st.clock;
   return run(st.handle, *found->second, packed, o, transpose_result, false);
@@ -388,6 +442,7 @@ std::vector<int64_t> cslt_search(const at::Tensor& packed, const at::Tensor& b_i
   DeviceState& st = state(b_in.device());
   const Operands o = checked_operands(st, packed, b_in, type);
   MatmulPlan p;
+  Undo<MatmulPlan> undo(&p);  // a searched plan is not kept (mm makes its own for the configuration found)
   init_plan(st.handle, &p, o, type, transpose_result, 0, 1, -1);
   run(st.handle, p, packed, o, transpose_result, true);
   const Api& f = api();
@@ -399,7 +454,6 @@ std::vector<int64_t> cslt_search(const at::Tensor& packed, const at::Tensor& b_i
   if (f.MatmulAlgGetAttribute(&st.handle, &p.alg, cslt::kAlgConfigMaxId, &max_id, sizeof(max_id)) != cslt::kSuccess) {
     max_id = -1;
   }
-  destroy(p);  // a searched plan is not kept (mm makes its own for the configuration found)
   return {id, splits, mode, max_id};
 }
 
