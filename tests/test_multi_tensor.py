@@ -3,7 +3,7 @@ hit), bounded, never evicted once a CUDA graph capture uses them, and never stal
 
 import pytest
 import torch
-from helpers import TRITON_ON_CPU, rand, rand_mask
+from helpers import EXT_BUILT, TRITON_ON_CPU, rand, rand_mask
 
 from ssam_kernels import (BitMask, grad_norm, pack_mask, packed_nbytes, perturb_, restore_, restore_sgd_step_,
                           topk_mask)
@@ -259,6 +259,40 @@ def test_a_captured_graph_keeps_its_tables(monkeypatch, gen):
             g.copy_(rand(g.shape, generator=gen, device="cuda"))
         with torch.no_grad():
             perturb_(ws, gs, ms, 0.3, backend="triton")  # the graph's restore_ undoes it
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(w, o) for w, o in zip(ws, original))
+        expected = torch.cat([g.double()[m.to_bool()] for g, m in zip(gs, ms)]).norm()
+        torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.memcheck
+@pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")
+def test_the_extension_list_ops_replay_from_a_graph_captured_on_a_side_stream(gen):
+    """The extension's tables are cached per stream and torch.cuda.graph captures on a side
+    stream, so a captured call builds its tables: from pinned memory set aside before the
+    capture (csrc/cuda/ops_cuda.cpp CaptureArena), not a pinned allocation inside it, which a
+    global-mode capture refuses in torch without pytorch#167507. Replays give the eager results."""
+    shapes = [(3, 5), (mt.CHUNK + 100,), (4095,)]
+    ws = [rand(s, generator=gen, device="cuda") for s in shapes]
+    gs = [rand(s, generator=gen, device="cuda") for s in shapes]
+    ms = [pack_mask(rand_mask(s, generator=gen, device="cuda")) for s in shapes]
+    original = [w.clone() for w in ws]
+    with torch.no_grad():
+        restore_(ws, perturb_(ws, gs, ms, 0.3, backend="ext"), backend="ext")  # eager: sets the arena aside
+        grad_norm(gs, ms, backend="ext")
+        backup = perturb_(ws, gs, ms, 0.3, backend="ext")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            norm = grad_norm(gs, ms, backend="ext")
+            restore_(ws, backup, backend="ext")
+    for _ in range(2):
+        for g in gs:
+            g.copy_(rand(g.shape, generator=gen, device="cuda"))
+        with torch.no_grad():
+            perturb_(ws, gs, ms, 0.3, backend="ext")  # the graph's restore_ undoes it
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(w, o) for w, o in zip(ws, original))

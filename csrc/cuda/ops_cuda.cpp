@@ -77,6 +77,37 @@ int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_p
 // reads it; entries used while that stream captures a CUDA graph are kept for good (the graph
 // keeps reading their addresses), and nothing is evicted during a capture. A table first needed
 // during a capture is made for that graph alone (its copy runs only when the graph replays).
+//
+// A table built during a capture is copied from pinned memory set aside before it (CaptureArena),
+// not from a new pinned allocation: torch's pinned-memory allocator queries CUDA events when it
+// allocates, which a capture in the default (global) mode refuses in torch builds without
+// pytorch#167507 (ssam_kernels/_device_tables.py does the same for the Triton tables). Entries are
+// per stream and torch.cuda.graph captures on a side stream, so a captured call builds its tables.
+class CaptureArena {
+ public:
+  // Set the memory aside (outside a capture): once, and again once half of it is taken (the
+  // tables cut from the old block keep it alive).
+  void reserve() {
+    if (!block_.defined() || used_ > kBytes / 2) {
+      block_ = at::empty({kBytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      used_ = 0;
+    }
+  }
+  // n int64 values of the arena, 16-byte aligned, never taken back; undefined where it has no room.
+  at::Tensor take(int64_t n) {
+    const int64_t start = (used_ + 15) / 16 * 16;
+    const int64_t end = start + n * static_cast<int64_t>(sizeof(int64_t));
+    if (!block_.defined() || end > kBytes) return at::Tensor();
+    used_ = end;
+    return block_.narrow(0, start, end - start).view(at::kLong);
+  }
+
+ private:
+  static constexpr int64_t kBytes = int64_t{4} << 20;  // a step's tables are ~24 B per 8k elements
+  at::Tensor block_;
+  int64_t used_ = 0;
+};
+
 class TableCache {
  public:
   at::Tensor get(std::vector<int64_t> content, const at::Device& device, cudaStream_t stream) {
@@ -86,7 +117,13 @@ class TableCache {
     auto it = entries_.find(key);
     if (it == entries_.end()) {
       const auto n = static_cast<int64_t>(key.content.size());
-      auto host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      at::Tensor host;
+      if (in_capture) {
+        host = arena_.take(n);  // where it is full (or was never set aside): a pinned allocation,
+      } else {                  // which newer torch allows during a capture
+        arena_.reserve();       // for a capture that may follow
+      }
+      if (!host.defined()) host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
       std::copy(key.content.begin(), key.content.end(), host.data_ptr<int64_t>());
       auto dev = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
       dev.copy_(host, /*non_blocking=*/true);
@@ -139,6 +176,7 @@ class TableCache {
   std::mutex mutex_;
   std::unordered_map<Key, Entry, KeyHash> entries_;
   std::vector<Entry> made_in_capture_;
+  CaptureArena arena_;
   uint64_t clock_ = 0;
 };
 
