@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from ssam_bench.common import interleaved_medians, matmul_ceiling, report, results_dir
+from ssam_bench.common import OUT_HELP, interleaved_medians, matmul_ceiling, quick_out, report, results_dir
 
 import ssam_kernels as sk
 from ssam_kernels.sparse_gemm import (compress, cslt_mm, cusparselt_unsupported, planned_unavailable, tune, tuned_config,
@@ -150,9 +150,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one layer at 1024 tokens, bf16, few repetitions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=OUT_HELP)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.out = quick_out(args.quick, args.out, device)
 
     def checkpoint(rows, meta):  # written as it goes: a run stopped by a time limit keeps its rows
         with contextlib.redirect_stdout(io.StringIO()):

@@ -19,8 +19,10 @@ against the official code's algorithms. Target: at least 20x faster.
 * SSAM-D, ours: ``SSAMD.update_mask(epoch)`` at the same death rate (0.5) and sparsity (50%).
 
 Ours: the median of several runs, interleaved, after a warm-up. The official algorithms: one run
-each, after ours warmed the device (8-60x slower on the H200: one run's noise does not change
-the ratio, and repeating them took most of a GPU slot on GPT-2).
+each, after a warm-up of their own (the Fisher loop on 2 samples, the SSAM-D update once: the
+first use of their shapes' cuDNN/cuBLAS setup stays out of their time) and after ours warmed the
+device (8-60x slower on the H200: one run's noise does not change the ratio, and repeating them
+took most of a GPU slot on GPT-2).
 
 Models: the step benchmark's (synthetic inputs). Without a GPU only the tiny models run, and
 the figures are labelled CPU.
@@ -135,6 +137,11 @@ def bench_model(name: str, workload: Workload, device, reps: int, num_samples: i
         fns[f"scores {method} ours"] = scores
         updates.append((f"scores {method}", f"Fisher scores alone, {method}"))
     times = interleaved_medians(fns, device, warmup=1, reps=reps)
+    # the official ones warmed as ours are, outside their time: the Fisher loop on 2 samples (its
+    # batch-size-1 shapes' cuDNN/cuBLAS first-use setup), the SSAM-D update once
+    official_fisher_mask(model, params, xs[:2], ys[:2], workload.loss, SPARSITY)
+    restore_grads()
+    officials["ssam-d official"]()
     times.update(interleaved_medians(officials, device, warmup=0, reps=1))
     for update, _ in updates[2:]:  # against the official Fisher mask (its top-k included)
         times[f"{update} official"] = times["fisher official"]

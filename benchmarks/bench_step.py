@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import io
 import statistics
 import sys
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ import ssam.ssamf as ssamf_module
 from ssam.budget import measure_costs
 from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.models import wide_resnet28_10
-from ssam_bench.common import interleaved_samples, report, standalone_main
+from ssam_bench.common import interleaved_samples, report, results_dir, standalone_main
 from ssam_kernels import ASCENT_MODES
 
 PAPER_SSAM = {"0.5": 1.65, "0.8": 1.44, "0.9": 1.36, "0.95": 1.33, "0.98": 1.31, "0.99": 1.30, "2:4": 1.65}
@@ -361,8 +362,9 @@ def counted(fn) -> tuple[int, int]:
 
 
 def bench_workload(name: str, workload: Workload, specs: list[Contender], device, reps: int, timed: bool,
-                   batch: int, progress=None) -> list[dict]:
-    """Rows for one workload. ``timed`` False: FLOP counts only."""
+                   batch: int, progress=None, checkpoint=None) -> list[dict]:
+    """Rows for one workload. ``timed`` False: FLOP counts only. ``checkpoint(rows)``, where
+    given, gets the captured contenders' rows once they are timed, before the eager loop."""
     cuda = device.type == "cuda"
     layout = workload.layout(device)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -426,25 +428,38 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
             rows.append(row)
             if progress is not None:
                 progress.update(1)
-    if timed:
-        samples = interleaved_samples(steps, device, warmup=3, reps=reps) if steps else {}
-        if paired:  # the replayed SGD: every round it ran beside a captured contender
-            samples[Contender("sgd", captured=True).name] = [t for _, s in paired.values() for t in s]
-        for c, row in zip(specs, rows):
-            # a captured contender against the SGD rounds it ran beside, the others against theirs
-            mine, sgd_samples = paired.get(c.name) or (samples.get(c.name), samples.get(c.sgd.name))
-            if mine is None or sgd_samples is None:  # its capture or SGD's failed
-                continue
-            row["step_ms"] = statistics.median(mine) * 1e3
-            row["step_vs_sgd"] = statistics.median(mine) / statistics.median(sgd_samples)
-            # the spread of the ratio, round by round (a contender and SGD timed side by side)
-            q1, _, q3 = statistics.quantiles([t / s for t, s in zip(mine, sgd_samples)], n=4)
-            row["step_vs_sgd_iqr"] = q3 - q1
     sgd = rows[0]
     for row in rows:
         row["counted_flops_vs_sgd"] = row["counted_gflop"] / sgd["counted_gflop"]
         row["ops_vs_sgd"] = row["ops"] / sgd["ops"]
+    if timed:
+        samples = {}
+        if paired:  # the replayed SGD: every round it ran beside a captured contender
+            samples[Contender("sgd", captured=True).name] = [t for _, s in paired.values() for t in s]
+        _fill_times(specs, rows, samples, paired, captured=True)
+        captured = [row for c, row in zip(specs, rows) if c.captured]
+        if captured and checkpoint is not None:  # timed already: kept if the eager loop is cut short
+            checkpoint(captured)
+        if steps:
+            samples.update(interleaved_samples(steps, device, warmup=3, reps=reps))
+        _fill_times(specs, rows, samples, paired, captured=False)
     return rows
+
+
+def _fill_times(specs: list[Contender], rows: list[dict], samples: dict, paired: dict, captured: bool) -> None:
+    """The timings of the rows of the captured contenders (``captured``) or of the eager ones: a
+    captured contender against the SGD rounds it ran beside, the others against theirs."""
+    for c, row in zip(specs, rows):
+        if c.captured != captured:
+            continue
+        mine, sgd_samples = paired.get(c.name) or (samples.get(c.name), samples.get(c.sgd.name))
+        if mine is None or sgd_samples is None:  # its capture or SGD's failed
+            continue
+        row["step_ms"] = statistics.median(mine) * 1e3
+        row["step_vs_sgd"] = statistics.median(mine) / statistics.median(sgd_samples)
+        # the spread of the ratio, round by round (a contender and SGD timed side by side)
+        q1, _, q3 = statistics.quantiles([t / s for t, s in zip(mine, sgd_samples)], n=4)
+        row["step_vs_sgd_iqr"] = q3 - q1
 
 
 COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("layout", "layout", ""), ("launch", "launch", ""),
@@ -495,6 +510,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args, device, progress_factory=None) -> list[dict]:
+    """The rows of every workload. Where the run writes (``args.out``, or results/<device>/ on a
+    GPU), each workload's rows are written (merged) as soon as it is measured, and its captured
+    contenders' before its eager loop: a run stopped by its time limit keeps what it measured."""
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES)
     graphs = getattr(args, "graphs", None) or ["eager"]
     if "captured" in graphs and device.type != "cuda":
@@ -504,17 +522,27 @@ def run(args, device, progress_factory=None) -> list[dict]:
     reps = 5 if args.quick else 20
     bar = progress_factory(total=len(specs) * len(runs), desc="step") if progress_factory else None
     rows = []
+    out = getattr(args, "out", None)
+    save = None
+    if results_dir(device, out):
+        def save(part):  # (printed once, by the caller's write, at the end)
+            with contextlib.redirect_stdout(io.StringIO()):
+                write(part, device, out, partial=True)
     for name, workload, timed, batch in runs:
-        rows += bench_workload(name, workload, specs, device, reps, timed, batch, bar)
+        rows += bench_workload(name, workload, specs, device, reps, timed, batch, bar,
+                               save and (lambda captured: save(rows + captured)))
+        if save is not None:
+            save(rows)
     if bar is not None:
         bar.close()
     return rows
 
 
-def write(rows, device, out) -> dict:
+def write(rows, device, out, partial: bool = False) -> dict:
     cuda = device.type == "cuda"
     # merged by contender: a part that measures some of a model's contenders keeps the others'
-    return report("step", "Step time and FLOPs relative to SGD", rows, COLUMNS, device, out,
+    return report("step", "Step time and FLOPs relative to SGD" + (" (partial: the run goes on)" if partial else ""),
+                  rows, COLUMNS, device, out,
                   merge_on=("model", "contender"),
                   note=" (synthetic inputs" + (", bf16 autocast)" if cuda else
                                                 "; real models FLOP-counted only, tiny models timed)"))

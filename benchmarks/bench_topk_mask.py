@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from ssam_bench.common import interleaved_medians, report
+from ssam_bench.common import OUT_HELP, interleaved_medians, quick_out, report
 
 import ssam_kernels as sk
 from ssam_bench.bench_perturb import PARAM_LISTS
@@ -77,10 +77,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1M scores, few repetitions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=OUT_HELP)
     add_arguments(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.out = quick_out(args.quick, args.out, device)
     rows, meta, note = run(args, device)
     report("topk_mask", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
     return 0

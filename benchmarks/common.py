@@ -9,42 +9,21 @@ import os
 import platform
 import re
 import statistics
-import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable, Hashable
 
 import torch
 
 import ssam_kernels
+from ssam_bench.stamp import git_commit  # (its own module: gpu_check.sh runs it without torch)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # In a source checkout (editable install) results go to the repository's benchmarks/results/;
 # an installed copy writes under the working directory instead of into site-packages.
 RESULTS = (os.path.join(_HERE, "results") if os.path.exists(os.path.join(_HERE, "..", "setup.py"))
            else os.path.join(os.getcwd(), "ssam-bench-results"))
-
-
-def git_commit(root: str = os.path.dirname(_HERE)) -> str:
-    """HEAD's short hash of the project's own repository at ``root`` (the checkout holding
-    these benchmarks), "-dirty" when tracked code differs from it (results files do not count:
-    a run that writes several of them would otherwise mark its own later ones). "unknown"
-    where ``root`` is not the top of a git work tree: a copy without ``.git`` inside some other
-    repository must not stamp that repository's commit. ``SSAM_COMMIT`` names it where the
-    copy has no ``.git`` at all (a GPU machine given the working tree: set it when starting
-    the run there)."""
-    given = os.environ.get("SSAM_COMMIT", "").strip()
-    if given:
-        return given
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, check=True).stdout.strip()
-
-    try:
-        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_facts(device: torch.device) -> dict:
@@ -213,6 +192,17 @@ def results_dir(device: torch.device, out: str | None) -> str | None:
     return os.path.join(RESULTS, device_slug(device)) if device.type == "cuda" else None
 
 
+def quick_out(quick: bool, out: str | None, device: torch.device) -> str | None:
+    """``--out`` for a run: as given, or for a ``--quick`` run on a GPU without it a fresh
+    temporary folder (said on stderr): a smoke run's figures must never merge into, or replace
+    rows of, benchmarks/results/<device>/."""
+    if out or not quick or device.type != "cuda":
+        return out
+    out = tempfile.mkdtemp(prefix="ssam-bench-quick-")
+    print(f"--quick on a GPU without --out: results go to {out}, not to benchmarks/results/", file=sys.stderr)
+    return out
+
+
 def merge_rows(path: str, rows: list[dict], meta: dict, key: str | tuple[str, ...]) -> list[dict]:
     """``rows`` (this run's, stamped with its commit and date) after the rows of the results
     file at ``path`` whose ``key`` value (a row key, or a tuple of them) this run did not measure,
@@ -313,16 +303,21 @@ def report(name: str, title: str, rows: list[dict], columns, device: torch.devic
     return meta
 
 
+OUT_HELP = ("results folder (default: benchmarks/results/<device>/ on a GPU, but a new temporary folder for --quick; "
+            "on a CPU nothing is written)")
+
+
 def standalone_main(doc: str, add_arguments, run, write, argv=None, quick_help: str = "tiny sizes, few repetitions") -> int:
     """The command line of a benchmark that ``ssam-bench`` also runs: ``run(args, device)``
     makes the rows, ``write(rows, device, out)`` reports them."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="results folder (default: results/<gpu>/; CPU: none)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     add_arguments(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.out = quick_out(args.quick, args.out, device)
     try:
         rows = run(args, device)
     except ValueError as exc:  # bad option values: a message, not a traceback

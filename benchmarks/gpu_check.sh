@@ -8,13 +8,16 @@
 # run returns at most 8 files: one log per step and one archive stay within that in every part
 # but `all`, whose logs a machine without a time limit keeps).
 # The whole part runs within GPU_CHECK_BUDGET_S (default 480): a step gets at most what is left,
-# and an optional step (`first`'s last ones) runs only where 60 s or more are left.
+# and an optional step (`first`'s last ones) runs only where 60 s or more are left. Each part's
+# required steps' declared timeouts, the build's included, fit 480 s on their own (the tests check).
 #
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh PART LOG_DIR
 #                                    bash benchmarks/gpu_check.sh --help
-# GPU_CHECK_DRY_RUN=1 prints each step with its timeout instead of running it (the tests sum them).
+# GPU_CHECK_DRY_RUN=1 prints each step with its timeout (and the one it declares) instead of running
+# it (the tests sum them).
 # A copy without .git (the device machine's) stamps results "unknown": name the commit with
-# SSAM_COMMIT=$(git rev-parse --short HEAD) in the command that starts the run.
+# SSAM_COMMIT=$(git rev-parse --short HEAD) in the command that starts the run. Each part prints
+# its stamp first, with a warning where it is "unknown".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +30,12 @@ Each part builds the extension for sm_90 and prints `ssam_kernels.backend_info("
 
   build          nothing more
   first          a first look at everything in one slot, for a session with one GPU call: the cuda
-                 tier (timeout 150 s), the 2:4 GEMM table cut at 70 s (it writes as it goes, bf16
+                 tier (timeout 140 s), the 2:4 GEMM table cut at 60 s (it writes as it goes, bf16
                  MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
                  overhead on the ResNet-18 and GPT-2 small lists (60 s: SAM and SSAM, each kernel
                  backend), and SAM / SSAM-F at 50% and 90%, dense and exact, on ResNet-18 CIFAR,
-                 each step eager and replayed from a CUDA graph (110 s); then, in the time left, the
+                 each step eager and replayed from a CUDA graph (90 s, as step-graphs; with the
+                 build's 120 s, 470 s of the part's 480); then, in the time left, the
                  perturbation cycle on the GPT-2-medium list (60 s) and SAM / SSAM-F on GPT-2 small
                  8k (110 s). Its rows merge into the results files (by model and contender, by shape
                  for the GEMM table, by list for the perturbation table), replacing only those it
@@ -90,19 +94,21 @@ case " $parts all " in
 esac
 mkdir -p "$log"
 export PYTHONUNBUFFERED=1
-# the CPU-side reference steps of pytest -n 8 workers: 16 cores, not 8 x 16 threads
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# the CPU-side reference steps of pytest -n 8 workers: 16 cores, not 8 x 16 threads (on pytest's
+# command lines only: the benchmarks' CPU-side official baselines keep every core)
+pytest="env OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python3 -m pytest"
 bench="python3 -m ssam_bench.cli"  # (not the console script: its folder may not be on PATH)
 # a hung test fails alone instead of taking its whole step (pytest-timeout, in the device image)
 per_test_timeout=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 60")
 status=0
+optional=""  # set for an optional step's own line
 budget=${GPU_CHECK_BUDGET_S:-480}
 [ "$part" = all ] && budget=${GPU_CHECK_BUDGET_S:-86400}  # (a machine without a time limit)
 spent=0  # a dry run's: each step as if it ran to its timeout
 left() { if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then echo $((budget - spent)); else echo $((budget - SECONDS)); fi; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, go on after a failure
-  local name=$1 limit=$2 start=$SECONDS rc left
+  local name=$1 limit=$2 declared=$2 start=$SECONDS rc left
   shift 2
   left=$(left)
   if [ "$left" -lt 20 ]; then
@@ -111,7 +117,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, g
     return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (timeout ${limit} s): $*"
+  # the declared limit too: one capped by the time left shows (the tests check required steps are not)
+  echo "== $name (timeout ${limit} s of ${declared} s declared${optional:+, optional}): $*"
   if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then spent=$((spent + limit)); return; fi
   timeout --kill-after=10 "$limit" "$@" > "$log/$name.log" 2>&1
   rc=$?
@@ -131,7 +138,7 @@ optional_step() {  # as step, where 60 s or more of the part are left (else a no
     echo "== $1 not run: ${left} s of the part's ${budget} s left (optional)"
     return
   fi
-  step "$@"
+  optional=1 step "$@"
 }
 
 # run a command; if it dies by a signal (a crash, e.g. in the planned cuSPARSELt path, not yet run
@@ -166,19 +173,19 @@ run_part() {
   case $1 in
     build) ;;
     first)
-      step first-cuda-tests 150 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout \
+      step first-cuda-tests 140 $pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout \
         -p no:cacheprovider tests
-      step first-ascent-linear 70 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
+      step first-ascent-linear 60 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
       step first-overhead 60 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
-      step first-step-resnet18 110 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
+      step first-step-resnet18 90 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
         --modes dense exact --graphs eager captured
       optional_step first-perturb 60 python3 -m ssam_bench.bench_perturb --lists gpt2-medium-355M
       optional_step first-step-gpt2 110 $bench step --models gpt2_small_8k --optimizers sam ssam-f \
         --sparsities 0.5 0.9 --modes dense exact ;;
     tests)
-      step cuda-tests 160 python3 -m pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout -p no:cacheprovider tests
+      step cuda-tests 160 $pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout -p no:cacheprovider tests
       step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python3 -m pytest -m "cuda and memcheck" -rfEs -v -p no:cacheprovider tests
+        $pytest -m "cuda and memcheck" -rfEs -v -p no:cacheprovider tests
       if grep -q "Device not supported" "$log/memcheck.log" 2>/dev/null; then
         echo "   memcheck: compute-sanitizer cannot use this machine's GPU (it refuses it under gVisor); run" \
           "this part on a Firecracker machine (nvidia-h100-x1 ran it on 2026-11-04)"
@@ -203,7 +210,7 @@ run_part() {
       step step-24 320 bash -c 'unplanned_after_crash "$@"' _ \
         $bench step --models gpt2_small_8k --optimizers ssam-f --sparsities 2:4 ;;
     sparse24)
-      step sparse24-tests 90 python3 -m pytest -m cuda -rfEs -q -p no:cacheprovider tests/test_ascent_linear.py
+      step sparse24-tests 90 $pytest -m cuda -rfEs -q -p no:cacheprovider tests/test_ascent_linear.py
       step ascent-linear 240 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear ;;
     ops)
       step perturb 90 python3 -m ssam_bench.bench_perturb
@@ -218,10 +225,24 @@ run_part() {
   esac
 }
 
-build
+# the commit the results will be stamped with (benchmarks/stamp.py: ssam_bench's rule, without torch)
+stamp=$(python3 benchmarks/stamp.py 2>/dev/null)
+stamp=${stamp:-unknown}
+say_stamp() {  # say_stamp PART: at the start of each part
+  echo "== $1: results stamped commit $stamp"
+  if [ "$stamp" = unknown ]; then
+    echo "!!!!!!!!!! WARNING: results of this run will be stamped commit \"unknown\" (no .git here and SSAM_COMMIT"
+    echo "!!!!!!!!!! unset): start the run with SSAM_COMMIT=\$(git rev-parse --short HEAD) in its command"
+  fi
+}
+
 if [ "$part" = all ]; then
-  for p in $parts; do [ "$p" = first ] || run_part "$p"; done  # `first` is a subset of the others
+  say_stamp all
+  build
+  for p in $parts; do [ "$p" = first ] || { say_stamp "$p"; run_part "$p"; }; done  # `first` is a subset of the others
 else
+  say_stamp "$part"
+  build
   run_part "$part"
 fi
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ssam_bench.common import copy_bandwidth, interleaved_medians, matmul_ceiling, report
+from ssam_bench.common import OUT_HELP, copy_bandwidth, interleaved_medians, matmul_ceiling, quick_out, report
 
 
 @dataclass
@@ -82,9 +82,10 @@ def op_main(name: str, title: str, make_cases: Callable[[torch.device, torch.dty
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     p.add_argument("--dtype", choices=dtypes, default=dtypes[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help=f"directory for {name}.{{json,md}} (default: results/<gpu>/; CPU: none)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.out = quick_out(args.quick, args.out, device)
     ceilings = Ceilings.measure(device, args.quick)
     rows = run_cases(make_cases(device, getattr(torch, args.dtype), args.quick), device, ceilings, 5 if args.quick else 30)
     report(name, title, rows, COLUMNS, device, args.out, meta_extra=ceilings.meta(),

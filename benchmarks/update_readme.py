@@ -46,11 +46,23 @@ def latest_gpu_results(root: str = RESULTS) -> tuple[str, dict[str, dict]] | Non
     return None if best is None else (best[1], best[2])
 
 
+def _launch(row: dict) -> str:
+    """"eager", or "CUDA graph" for a step replayed from one (rows of older runs have no ``launch``)."""
+    return "eager" if (row.get("launch") or "eager") == "eager" else "CUDA graph"
+
+
+def _timed(rows: list[dict], launch: str) -> list[dict]:
+    """The rows launched ``launch`` way that have a ratio (a failed capture's row has none)."""
+    return [r for r in rows if _launch(r) == launch and r.get("step_vs_sgd") is not None]
+
+
 def step_table(rows: list[dict]) -> str:
-    """Per model: SAM and, per sparsity, the cheapest SSAM contender (optimizer and mode)."""
+    """Per model: SAM and, per sparsity, the cheapest SSAM contender (optimizer and mode), of the
+    eager steps (the rows replayed from CUDA graphs are in step.md)."""
     table = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
+    eager = _timed(rows, "eager")
+    for model in dict.fromkeys(r["model"] for r in eager):
+        mine = [r for r in eager if r["model"] == model]
         line = {"model": f"{model} (b{mine[0]['batch']})"}
         for r in mine:
             if r["optimizer"] == "SAM":
@@ -78,14 +90,25 @@ def _is_budget(row: dict) -> bool:
 
 def step_findings(rows: list[dict]) -> list[str]:
     """Plain statements of the step table: SSAM against SAM, against its counted FLOPs, and
-    the exact mode against dense."""
+    the exact mode against dense; of the eager steps, then (labelled) of the steps replayed from
+    CUDA graphs: each ratio is over its own SGD's, so the two are never compared or mixed."""
     out = []
-    sam = {r["model"]: r["step_vs_sgd"] for r in rows if r["optimizer"] == "SAM" and r.get("step_vs_sgd")}
-    ssam = [r for r in rows if r["sparsity"] is not None and r.get("step_vs_sgd") is not None]
+    for launch, label in (("eager", ""), ("CUDA graph", " (steps replayed from CUDA graphs)")):
+        timed = _timed(rows, launch)
+        if timed:
+            out += _step_findings(timed, label)
+    return out
+
+
+def _step_findings(rows: list[dict], label: str) -> list[str]:
+    """:func:`step_findings` of rows launched alike, all with a ratio; ``label`` says how."""
+    out = []
+    sam = {r["model"]: r["step_vs_sgd"] for r in rows if r["optimizer"] == "SAM"}
+    ssam = [r for r in rows if r["sparsity"] is not None]
     compared = [r for r in ssam if r["model"] in sam]
     if compared:
         faster = [r for r in compared if r["step_vs_sgd"] < sam[r["model"]]]
-        line = (f"**SSAM against SAM**: slower than SAM in {len(compared) - len(faster)} of the {len(compared)} SSAM "
+        line = (f"**SSAM against SAM**{label}: slower than SAM in {len(compared) - len(faster)} of the {len(compared)} SSAM "
                 f"configurations measured beside a SAM row")
         if faster:
             line += "; faster only in " + ", ".join(
@@ -94,17 +117,17 @@ def step_findings(rows: list[dict]) -> list[str]:
         out.append(line + ".")
     missing = sorted({r["model"] for r in ssam} - set(sam))
     if missing:
-        out.append(f"No SAM row was measured for {', '.join(missing)} in this run.")
+        out.append(f"No SAM row was measured for {', '.join(missing)} in this run{label}.")
     for sparsity in dict.fromkeys(r["sparsity"] for r in ssam if _is_budget(r)):
         budget = [r for r in ssam if _is_budget(r) and r["sparsity"] == sparsity]
-        out.append(f"**Budget masks at {sparsity}** (counted {_span([r['counted_flops_vs_sgd'] for r in budget])}x "
+        out.append(f"**Budget masks at {sparsity}**{label} (counted {_span([r['counted_flops_vs_sgd'] for r in budget])}x "
                    f"SGD FLOPs): measured {_span([r['step_vs_sgd'] for r in budget])}x SGD's time.")
     dense = {(r["model"], r["optimizer"], r["sparsity"]): r["step_vs_sgd"] for r in ssam if r["mode"] == "dense"}
     pairs = [(r["step_vs_sgd"] / dense[k]) for r in ssam if r["mode"] == "exact"
              for k in [(r["model"], r["optimizer"], r["sparsity"])] if k in dense]
     if pairs:
         slower = sum(p > 1 for p in pairs)
-        out.append(f"**exact against dense** (same mask, element-wise): slower in {slower} of {len(pairs)} pairs, "
+        out.append(f"**exact against dense**{label} (same mask, element-wise): slower in {slower} of {len(pairs)} pairs, "
                    f"at {_span(pairs)}x dense's step time.")
     return out
 
@@ -160,8 +183,10 @@ def section(root: str = RESULTS) -> str:
     if findings:
         parts.append("What these results show:\n\n" + "\n".join(f"* {f}" for f in findings))
     if "step" in runs:
+        graphs = any(_launch(r) != "eager" for r in runs["step"]["rows"])
         parts.append("Step time relative to an SGD step, measured in the same process (cheapest SSAM-F/SSAM-D "
-                     "contender per sparsity, its `ascent_backward` mode in brackets):\n\n"
+                     "contender per sparsity, its `ascent_backward` mode in brackets"
+                     + ("; eager steps: those replayed from CUDA graphs are in step.md" if graphs else "") + "):\n\n"
                      + step_table(runs["step"]["rows"]))
     if "masks" in runs:
         rows = [dict(model=r["model"], update=r["update"], speedup=f"{r['speedup']:.1f}x") for r in runs["masks"]["rows"]]

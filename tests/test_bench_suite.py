@@ -87,6 +87,59 @@ def test_captured_rows_time_replays_against_the_replayed_sgd(monkeypatch):
         assert by[name]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
     assert by["sam graph"]["counted_flops_vs_sgd"] == pytest.approx(2.0, abs=1e-12)
     assert by["sam graph"]["step_vs_sgd"] > 0 and by["sam graph"]["step_vs_sgd_iqr"] >= 0
+    # the summary says the failed capture failed (no ratio to quote) and quotes the others, the
+    # best per sparsity of the eager steps and of the replayed ones apart
+    summary = {r["what"]: r for r in cli.summarize({"step": rows}, timed=True)}
+    assert summary["tiny_gpt ssam-f 50% dense graph"]["figure"] == "failed: not timed"
+    assert summary["tiny_gpt ssam-f 50% dense graph"]["reference"] == failed["launch"]
+    assert {w for w, r in summary.items() if r["figure"].endswith("x SGD")} == {
+        "tiny_gpt sam", "tiny_gpt sam graph", "tiny_gpt ssam-f 50% dense (best)"}
+
+
+def test_captured_rows_are_checkpointed_before_the_eager_loop(monkeypatch):
+    """A workload's captured contenders are timed as they come: their rows go to the checkpoint
+    before the eager loop, so a run stopped by its time limit there keeps them."""
+    monkeypatch.setattr(bench_step, "capture_step", lambda step, device, warmup=3: _FakeGraph(step))
+    real = bench_step.interleaved_samples
+
+    def cut_short(fns, *args, **kwargs):  # the eager loop is the call that times contenders by name
+        if "mine" not in fns:
+            raise KeyboardInterrupt
+        return real(fns, *args, **kwargs)
+
+    monkeypatch.setattr(bench_step, "interleaved_samples", cut_short)
+    saved = []
+    workload = bench_step.QUICK_WORKLOADS["tiny_gpt"]
+    specs = bench_step.contenders({"sam"}, (), None, graphs=("eager", "captured"))
+    with pytest.raises(KeyboardInterrupt):
+        bench_step.bench_workload("tiny_gpt", workload, specs, CPU, reps=2, timed=True, batch=workload.batch,
+                                  checkpoint=saved.append)
+    assert [[r["contender"] for r in rows] for rows in saved] == [["sgd graph", "sam graph"]]
+    assert all(r["step_vs_sgd"] > 0 and r["counted_flops_vs_sgd"] > 0 for r in saved[0])
+
+
+def test_step_results_are_written_after_each_workload(tmp_path, monkeypatch):
+    """``ssam-bench step`` writes (merges) its table after each model and inside one after its
+    captured contenders: a run cut short keeps what it measured."""
+    checkpoints = []
+
+    def fake_workload(name, workload, specs, device, reps, timed, batch, progress=None, checkpoint=None):
+        checkpoints.append(checkpoint)
+        if name == "tiny_vit":  # the second model: its captures timed, then stopped in its eager loop
+            checkpoint([dict(model=name, contender="sam graph", launch="CUDA graph", step_vs_sgd=1.5)])
+            raise KeyboardInterrupt
+        return [dict(model=name, contender=c.name, launch="eager", step_vs_sgd=1.0 + i) for i, c in enumerate(specs)]
+
+    monkeypatch.setattr(bench_step, "bench_workload", fake_workload)
+    argv = ["step", "--quick", "--models", "tiny_gpt", "tiny_vit", "--optimizers", "sam"]
+    with pytest.raises(KeyboardInterrupt):
+        bench_step.run(cli.parser().parse_args(argv + ["--out", str(tmp_path)]), CPU)
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [(r["model"], r["contender"], r["step_vs_sgd"]) for r in rows] == [
+        ("tiny_gpt", "sgd", 1.0), ("tiny_gpt", "sam", 2.0), ("tiny_vit", "sam graph", 1.5)]
+    assert "(partial: the run goes on)" in (tmp_path / "step.md").read_text()
+    bench_step.run(cli.parser().parse_args(argv[:4] + argv[5:]), CPU)  # a CPU run without --out writes nothing
+    assert checkpoints[-1] is None
 
 
 def test_captured_mvue_rows_say_their_draws_are_fixed(monkeypatch):
@@ -229,6 +282,77 @@ def test_official_ssamd_update_keeps_density_and_moves_the_right_count():
     survivors = (old * now).bool()
     dropped = old.bool() & ~survivors
     assert grads[survivors].min() >= grads[dropped].max()  # drop by |grad|
+
+
+def test_official_mask_updates_are_warmed_before_their_timed_run(monkeypatch):
+    """The official algorithms run once, timed: before it the Fisher loop runs on 2 samples and
+    the SSAM-D update once (first-use setup outside their time), as ours are warmed."""
+    events = []
+    fisher, ssamd, medians = bench_masks.official_fisher_mask, bench_masks.official_ssamd_update, \
+        bench_masks.interleaved_medians
+
+    def timed(fns, device, warmup=3, reps=20):
+        events.append(("timed", "fisher official" in fns, warmup))
+        return medians(fns, device, warmup, reps)
+
+    monkeypatch.setattr(bench_masks, "official_fisher_mask",
+                        lambda model, params, xs, *a: events.append(("fisher", xs.shape[0])) or fisher(model, params, xs, *a))
+    monkeypatch.setattr(bench_masks, "official_ssamd_update", lambda *a: events.append(("ssam-d",)) or ssamd(*a))
+    monkeypatch.setattr(bench_masks, "interleaved_medians", timed)
+    rows = bench_masks.bench_model("tiny_convnet", bench_step.QUICK_WORKLOADS["tiny_convnet"], CPU, reps=1, num_samples=4)
+    official = events.index(("timed", True, 0))
+    assert ("fisher", 2) in events[:official] and ("ssam-d",) in events[:official]
+    assert events[official + 1:] == [("fisher", 4), ("ssam-d",)]  # the timed run: all the samples
+    assert all(r["official_ms"] > 0 for r in rows)
+
+
+def test_quick_runs_on_a_gpu_never_write_into_the_results_folder(monkeypatch):
+    """A --quick run on a GPU without --out writes to a new temporary folder, never merging its
+    smoke figures into benchmarks/results/<device>/: ssam-bench and each benchmark's own command."""
+    import os
+
+    from ssam_bench import bench_ascent_linear, bench_perturb, bench_topk_mask, common
+
+    cuda = torch.device("cuda")
+    scratch = common.quick_out(True, None, cuda)
+    assert os.path.isdir(scratch) and not os.listdir(scratch)
+    assert not os.path.realpath(scratch).startswith(os.path.realpath(common.RESULTS))
+    assert common.quick_out(True, None, CPU) is None and common.quick_out(False, None, cuda) is None
+    assert common.quick_out(True, "mine", cuda) == "mine"
+    os.rmdir(scratch)
+
+    def where(argv, main):  # the out folder a run is given (its work stubbed: no GPU here)
+        outs = []
+        main(argv, outs)
+        assert outs and len(set(outs)) == 1, outs  # (ssam-bench: every subcommand the same folder)
+        return outs[0]
+
+    def cli_main(argv, outs):
+        monkeypatch.setattr(cli, "parse_device", lambda name: cuda)
+        monkeypatch.setattr(cli, "run_subcommand", lambda name, args, device, progress: outs.append(args.out) or [])
+        monkeypatch.setattr(cli, "results_dir", lambda device, out: None)
+        cli.main(argv)
+
+    def standalone(argv, outs):
+        common.standalone_main("doc", lambda p: None, lambda args, device: [], lambda rows, device, out: outs.append(out),
+                               argv + ["--device", "cuda"])
+
+    def own_main(module):
+        def main(argv, outs):
+            monkeypatch.setattr(module, "run", lambda args, device, *a: ([], {}, ""))
+            monkeypatch.setattr(module, "report", lambda *a, **k: outs.append(a[5]))
+            monkeypatch.setattr(module, "results_dir", lambda device, out: out, raising=False)
+            module.main(argv + ["--device", "cuda"])
+        return main
+
+    for main in (cli_main, standalone, own_main(bench_perturb), own_main(bench_topk_mask),
+                 own_main(bench_ascent_linear)):
+        quick = where(["--quick"], main)
+        assert quick and os.path.basename(quick).startswith("ssam-bench-quick-"), main
+        os.rmdir(quick)
+        assert where(["--quick", "--out", "given"], main) == "given"
+        assert where([], main) is None  # a full run: results/<device>/
+    assert "temporary folder" in " ".join(cli.parser().format_help().split())  # (--help says so)
 
 
 def test_overhead_baselines_compute_our_step():
@@ -374,6 +498,40 @@ def test_readme_section_from_results(tmp_path):
         update_readme.render("no markers", str(tmp_path))
 
 
+def test_readme_section_keeps_eager_and_graph_rows_apart(tmp_path):
+    """Step rows of a --graphs run: the headline table quotes the eager steps only (a replayed
+    step's ratio is over a replayed SGD's), exact/dense pairs pair steps launched alike, and a
+    failed capture (no ratio) is left out instead of crashing the section."""
+    folder = _fake_results(tmp_path)
+    data = json.loads((folder / "step.json").read_text())
+    eager = [dict(r, launch="eager") for r in data["rows"]]
+
+    def graph(row, ratio, launch="CUDA graph"):
+        return dict(row, launch=launch, step_vs_sgd=ratio)
+
+    sgd, sam, dense, exact = eager
+    data["rows"] = eager + [graph(sgd, 1.0), graph(sam, 1.5), graph(dense, 1.2), graph(exact, 1.1),
+                            graph(dict(exact, optimizer="SSAM-F"), None, "CUDA graph: capture failed: CUDA error")]
+    (folder / "step.json").write_text(json.dumps(data))
+    text = update_readme.render(f"{update_readme.BEGIN}\n{update_readme.END}\n", str(tmp_path))
+    assert "| resnet18_cifar (b128) | 1.97x | 1.80x (SSAM-D exact) |" in text  # eager, not 1.50x / 1.10x
+    assert "eager steps: those replayed from CUDA graphs are in step.md" in text
+    findings = [line for line in text.splitlines() if line.startswith("* ")]
+    assert ("* **SSAM against SAM**: slower than SAM in 1 of the 2 SSAM configurations measured beside a SAM row; "
+            "faster only in resnet18_cifar SSAM-D 50% exact (1.80x SGD against SAM's 1.97x).") in findings
+    assert ("* **SSAM against SAM** (steps replayed from CUDA graphs): slower than SAM in 0 of the 2 SSAM "
+            "configurations measured beside a SAM row; faster only in resnet18_cifar SSAM-F 50% dense (1.20x SGD "
+            "against SAM's 1.50x), resnet18_cifar SSAM-D 50% exact (1.10x SGD against SAM's 1.50x).") in findings
+    # no exact/dense pair of one optimizer in either launch: none made across launches either
+    assert not any("exact against dense" in line for line in findings)
+    data["rows"].append(graph(dict(dense, optimizer="SSAM-D"), 1.0))  # SSAM-D dense, replayed: its pair
+    (folder / "step.json").write_text(json.dumps(data))
+    text = update_readme.render(text, str(tmp_path))
+    assert "* **exact against dense** (steps replayed from CUDA graphs) (same mask, element-wise): slower in 1 of 1 " \
+           "pairs, at 1.10x dense's step time." in text
+    assert text.count("exact against dense") == 1
+
+
 def test_readme_results_section_is_up_to_date():
     assert update_readme.main(["--check"]) == 0
 
@@ -454,14 +612,20 @@ def test_commit_stamp_comes_from_the_projects_own_repository(tmp_path, monkeypat
     assert git_commit(str(tmp_path / "nowhere")) == "abc1234"
 
 
+GPU_CHECK = __import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+# a step's line: the timeout it runs under, the one it declares, whether it is optional
+GPU_CHECK_STEP = r"^== (\S+) \(timeout (\d+) s of (\d+) s declared(, optional)?\)"
+
+
 def test_gpu_check_parts_each_fit_one_device_slot(tmp_path):
     """Every part of benchmarks/gpu_check.sh is bounded by its steps' timeouts at 8 minutes (a
-    device command may run 10, a session has 15 in all), and --help names each part."""
-    import pathlib
+    device command may run 10, a session has 15 in all), and --help names each part. The dry run
+    lowers a timeout to the budget left, so the sum of what it prints always fits: the required
+    steps' declared timeouts must fit on their own, none of them capped."""
     import re
     import subprocess
 
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    script = GPU_CHECK
     help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     parts = re.search(r'^parts="([^"]+)"', script.read_text(), re.M).group(1).split()
     assert {"tests", "step-resnet18", "step-large", "step-24", "ops", "masks"} <= set(parts)
@@ -469,14 +633,78 @@ def test_gpu_check_parts_each_fit_one_device_slot(tmp_path):
         assert re.search(rf"^  {re.escape(part)}\s", help_text, re.M), f"--help does not describe {part}"
         dry = subprocess.run(["bash", str(script), part, str(tmp_path / part)], capture_output=True, text=True,
                              env={**__import__("os").environ, "GPU_CHECK_DRY_RUN": "1"}, check=True).stdout
-        limits = [int(n) for n in re.findall(r"\(timeout (\d+) s\)", dry)]
+        steps = re.findall(GPU_CHECK_STEP, dry, re.M)
+        limits = [int(limit) for _, limit, _, _ in steps]
         assert len(limits) >= (1 if part == "build" else 2) and sum(limits) <= 8 * 60, \
             f"{part}: steps {limits} may take {sum(limits)} s"
+        required = [(name, int(limit), int(declared)) for name, limit, declared, optional in steps if not optional]
+        assert sum(declared for _, _, declared in required) <= 8 * 60, f"{part}: required steps {required}"
+        assert all(limit == declared for _, limit, declared in required), f"{part}: a required step capped: {required}"
+        assert "SKIPPED" not in dry, dry
         # a device run returns at most 8 files: one log per step (optional ones too) and results.tgz
         logs = len(re.findall(r"^== \S+ (\(timeout|not run)", dry, re.M))
         assert logs + 1 <= 8, f"{part}: {logs} logs and the results archive"
     bad = subprocess.run(["bash", str(script), "no-such-part", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part" in bad.stderr
+    # `first`: the time left after its required steps goes to its optional ones, said to be optional
+    dry = subprocess.run(["bash", str(script), "first", str(tmp_path / "first")], capture_output=True, text=True,
+                         env={**__import__("os").environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_BUDGET_S": "700"},
+                         check=True).stdout
+    assert [(name, optional) for name, _, _, optional in re.findall(GPU_CHECK_STEP, dry, re.M)][-2:] == [
+        ("first-perturb", ", optional"), ("first-step-gpt2", ", optional")]
+
+
+def _fake_bin(tmp_path, **scripts):
+    """A folder of stand-in commands (name -> bash body), to put first on PATH."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_gpu_check_says_the_commit_stamp_and_warns_when_unknown(tmp_path):
+    """A part starts with the commit its results will be stamped with (ssam_bench's rule), and a
+    loud warning where that is "unknown" (a copy without .git, SSAM_COMMIT unset)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "SSAM_COMMIT"}
+    env["GPU_CHECK_DRY_RUN"] = "1"
+
+    def first_lines(**extra):
+        out = subprocess.run(["bash", str(GPU_CHECK), "build", str(tmp_path / "log")], capture_output=True, text=True,
+                             env={**env, **extra}, check=True).stdout
+        return out[:out.index("== build (")]
+
+    given = first_lines(SSAM_COMMIT="abc1234")
+    assert given == "== build: results stamped commit abc1234\n"
+    # no git repository to read (as on the device machine's copy): git fails
+    nogit = _fake_bin(tmp_path, git="exit 128")
+    unknown = first_lines(PATH=f"{nogit}:{env['PATH']}")
+    assert unknown.startswith("== build: results stamped commit unknown\n")
+    assert "WARNING" in unknown and "SSAM_COMMIT=$(git rev-parse --short HEAD)" in unknown
+
+
+def test_gpu_check_limits_omp_threads_to_the_pytest_commands(tmp_path):
+    """OMP_NUM_THREADS=2 is for pytest -n 8's workers: the benchmarks (their CPU-side official
+    baselines) run with every core. A real run of `first` with python3 standing in records each
+    command's OMP_NUM_THREADS."""
+    import os
+    import subprocess
+
+    record = tmp_path / "record"
+    fake = _fake_bin(tmp_path, python3=f'echo "OMP=${{OMP_NUM_THREADS-unset}} $*" >> {record}')
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GPU_CHECK_DRY_RUN")}
+    run = subprocess.run(["bash", str(GPU_CHECK), "first", str(tmp_path / "log")], capture_output=True, text=True,
+                         env={**env, "PATH": f"{fake}:{env['PATH']}", "SSAM_COMMIT": "abc1234"}, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = record.read_text().splitlines()
+    tests = [line for line in lines if "-m pytest" in line]
+    benches = [line for line in lines if "-m ssam_bench." in line]
+    assert len(tests) == 1 and len(benches) == 5, lines  # (the optional ones ran: the stand-ins take no time)
+    assert tests[0].startswith("OMP=2 ") and all(line.startswith("OMP=unset ") for line in benches), lines
 
 
 def test_the_whole_suite_on_a_gpu_says_how_to_split_it():
