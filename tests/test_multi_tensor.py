@@ -237,28 +237,39 @@ def test_a_captured_graph_keeps_its_tables(monkeypatch, gen):
     # LRU, replay: the graph's tables were moved out of the LRU and still hold their data.
     cache = mt.DeviceTableCache(maxsize=8)
     monkeypatch.setattr(mt, "_CACHE", cache)
+
+    def churn():
+        assert cache.captured and not cache.made_in_capture  # every table came from the warm-up
+        for n in range(1, 4 * cache.maxsize):
+            mt.chunk_table([n], torch.device("cuda"))
+
+    _captured_norm_and_restore_replay(gen, "triton", after_capture=churn)
+
+
+def _captured_norm_and_restore_replay(gen, backend, after_capture=lambda: None):
+    """Warm-up (perturb_ + restore_, grad_norm), then grad_norm + restore_ captured in a CUDA
+    graph; each replay, after an eager perturb_ of new gradients, gives their masked norm and
+    the original weights."""
     shapes = [(3, 5), (mt.CHUNK + 100,), (4095,)]
     ws = [rand(s, generator=gen, device="cuda") for s in shapes]
     gs = [rand(s, generator=gen, device="cuda") for s in shapes]
     ms = [pack_mask(rand_mask(s, generator=gen, device="cuda")) for s in shapes]
     original = [w.clone() for w in ws]
     with torch.no_grad():
-        restore_(ws, perturb_(ws, gs, ms, 0.3, backend="triton"), backend="triton")
-        grad_norm(gs, ms, backend="triton")
-        backup = perturb_(ws, gs, ms, 0.3, backend="triton")
+        restore_(ws, perturb_(ws, gs, ms, 0.3, backend=backend), backend=backend)
+        grad_norm(gs, ms, backend=backend)
+        backup = perturb_(ws, gs, ms, 0.3, backend=backend)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            norm = grad_norm(gs, ms, backend="triton")
-            restore_(ws, backup, backend="triton")
-    assert cache.captured and not cache.made_in_capture  # every table came from the warm-up
-    for n in range(1, 4 * cache.maxsize):  # churn the LRU
-        mt.chunk_table([n], torch.device("cuda"))
-    for step in range(2):
+            norm = grad_norm(gs, ms, backend=backend)
+            restore_(ws, backup, backend=backend)
+    after_capture()
+    for _ in range(2):
         for g in gs:
             g.copy_(rand(g.shape, generator=gen, device="cuda"))
         with torch.no_grad():
-            perturb_(ws, gs, ms, 0.3, backend="triton")  # the graph's restore_ undoes it
+            perturb_(ws, gs, ms, 0.3, backend=backend)  # the graph's restore_ undoes it
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(w, o) for w, o in zip(ws, original))
@@ -274,27 +285,4 @@ def test_the_extension_list_ops_replay_from_a_graph_captured_on_a_side_stream(ge
     stream, so a captured call builds its tables: from pinned memory set aside before the
     capture (csrc/cuda/ops_cuda.cpp CaptureArena), not a pinned allocation inside it, which a
     global-mode capture refuses in torch without pytorch#167507. Replays give the eager results."""
-    shapes = [(3, 5), (mt.CHUNK + 100,), (4095,)]
-    ws = [rand(s, generator=gen, device="cuda") for s in shapes]
-    gs = [rand(s, generator=gen, device="cuda") for s in shapes]
-    ms = [pack_mask(rand_mask(s, generator=gen, device="cuda")) for s in shapes]
-    original = [w.clone() for w in ws]
-    with torch.no_grad():
-        restore_(ws, perturb_(ws, gs, ms, 0.3, backend="ext"), backend="ext")  # eager: sets the arena aside
-        grad_norm(gs, ms, backend="ext")
-        backup = perturb_(ws, gs, ms, 0.3, backend="ext")
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            norm = grad_norm(gs, ms, backend="ext")
-            restore_(ws, backup, backend="ext")
-    for _ in range(2):
-        for g in gs:
-            g.copy_(rand(g.shape, generator=gen, device="cuda"))
-        with torch.no_grad():
-            perturb_(ws, gs, ms, 0.3, backend="ext")  # the graph's restore_ undoes it
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(w, o) for w, o in zip(ws, original))
-        expected = torch.cat([g.double()[m.to_bool()] for g, m in zip(gs, ms)]).norm()
-        torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    _captured_norm_and_restore_replay(gen, "ext")  # (the eager warm-up sets the arena aside)
