@@ -125,6 +125,8 @@ class SSAMD(SparseSAM):
     # --- scores and the schedule -------------------------------------------------------------
 
     def death_rate(self, epoch: float) -> float:
+        """The fraction of the mask dropped (and grown back) at ``epoch``: this optimizer's
+        ``drop_rate`` on the cosine schedule from ``T_start`` to ``T_end``."""
         return cosine_death_rate(epoch, self.drop_rate, self.T_start, self.T_end)
 
     def _random(self, p: torch.Tensor) -> torch.Tensor:

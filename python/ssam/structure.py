@@ -11,7 +11,7 @@
   the layout whose ``(W ⊙ M)ᵀ`` a sparse tensor core takes in ``ascent_backward="implicit"``.
 * ``"tensor"``: whole tensors, chosen by their mean score, greedily in descending order,
   skipping a tensor that would overshoot the budget of kept entries.
-* ``"budget"`` (SSAM-F): whole rows (output features / channels) at or above a depth, chosen so
+* ``"budget"`` (SSAM-F; SSAM-D given ``ascent_costs=``): whole rows (output features / channels) at or above a depth, chosen so
   that the exact ascent pass costs at most the paper's FLOPs column (see :mod:`ssam.budget`).
 """
 
@@ -30,6 +30,10 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(in|out)\s*)?$")
 
 @dataclass(frozen=True)
 class Structure:
+    """A parsed mask structure (:func:`parse_structure` of ``"unstructured"``, ``"N:M"``,
+    ``"N:M:out"``, ``"tensor"`` or ``"budget"``): ``kind``, and for N:M its ``n``, ``m`` and the
+    dim the groups run ``along``."""
+
     kind: str  # "unstructured" | "nm" | "tensor" | "budget"
     n: int = 0
     m: int = 0
