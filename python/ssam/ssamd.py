@@ -88,6 +88,7 @@ class SSAMD(SparseSAM):
         seed: int | None = None,
         ascent_backward: str = "dense",
         ascent_costs: AscentCosts | None = None,
+        ascent_fraction: float = 1.0,
         **base_kwargs,
     ):
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
@@ -117,8 +118,8 @@ class SSAMD(SparseSAM):
                              "SSAM-D does not see the model")
         if not budget and ascent_costs is not None:
             raise ValueError(f"ascent_costs applies to structure='budget' only, got structure={structure!r}")
-        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
-                         ascent_backward)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed,
+                         dict(base_kwargs, ascent_fraction=ascent_fraction), ascent_backward)
         self._costs = check_costs(ascent_costs, self.params) if budget else None
         self._set_masks(self._initial_masks())
 

@@ -68,6 +68,7 @@ class SSAMF(SparseSAM):
         fisher_chunk_size: int = 32,
         ascent_backward: str = "dense",
         loss_fn: Callable | None = None,
+        ascent_fraction: float = 1.0,
         **base_kwargs,
     ):
         if loss_fn is not None and not callable(loss_fn):
@@ -76,8 +77,8 @@ class SSAMF(SparseSAM):
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.update_freq = check_positive_int("update_freq", update_freq)
         self.fisher_chunk_size = check_positive_int("fisher_chunk_size", fisher_chunk_size)
-        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed, base_kwargs,
-                         ascent_backward)
+        super().__init__(params, base_optimizer, rho, sparsity, structure, norm, adaptive, fuse_sgd, seed,
+                         dict(base_kwargs, ascent_fraction=ascent_fraction), ascent_backward)
         self._set_masks([torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params])
         self._warned_empty = False
 
