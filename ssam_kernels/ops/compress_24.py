@@ -149,12 +149,7 @@ def compress_24(x: torch.Tensor, *, check: bool = True, backend: str = "auto") -
     _check_matrix("x", x, DTYPES)
     if not isinstance(check, bool):
         raise TypeError(f"check must be a bool, got {type(check).__name__}")
-    rows, cols = x.shape
-    if rows % ROW_ALIGN or cols % COL_ALIGN:
-        raise ValueError(
-            f"x has shape {tuple(x.shape)}; the CUTLASS layout needs rows % {ROW_ALIGN} == 0 "
-            f"and cols % {COL_ALIGN} == 0"
-        )
+    _aligned_shape("compress_24", "x", *x.shape)
     return COMPRESS_24(x.contiguous(), check, backend=backend)
 
 
@@ -163,8 +158,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "a
     _check_matrix("values", values, DTYPES)
     _check_matrix("meta", meta, (torch.int16,))
     rows, half = values.shape
-    if rows % ROW_ALIGN or (2 * half) % COL_ALIGN:
-        raise ValueError(f"values has shape {tuple(values.shape)}; expected [32*i, 16*j] (dense [32*i, 32*j])")
+    _aligned_shape("decompress_24", "values", rows, 2 * half)
     expected = (rows, 2 * half // META_COLS_PER_ELEMENT)
     if tuple(meta.shape) != expected:
         raise ValueError(f"meta has shape {tuple(meta.shape)}; values of shape {tuple(values.shape)} needs {expected}")

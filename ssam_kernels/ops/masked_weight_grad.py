@@ -36,10 +36,6 @@ def masked_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tens
         out[rows] = torch.where(keep[rows], part, torch.zeros((), dtype=part.dtype, device=part.device)).to(out.dtype)
 
 
-# auto on CUDA: cuBLAS on the gathered rows until the Triton kernel measures faster. Its tiles
-# were never tuned (no split-K, gathered dY loads, the mask read in the epilogue), and the
-# exact ascent that ran it was slower than dense on the H200 (GPT-2 small 8k: 102.7 against
-# 75.0 ms, gpu-results/h200-2026-12-04).
 def _run(impl, dy, x, bits, row_order, masked_rows, out):
     """The operands' shapes and layouts as the kernels index them (``row_order``'s values, on
     the device, are the caller's: a permutation of the rows, those holding a mask entry first)."""
@@ -56,6 +52,10 @@ def _run(impl, dy, x, bits, row_order, masked_rows, out):
     return impl(dy, x, bits, row_order, masked_rows, out)
 
 
+# auto on CUDA: cuBLAS on the gathered rows until the Triton kernel measures faster. Its tiles
+# were never tuned (no split-K, gathered dY loads, the mask read in the epilogue), and the
+# exact ascent that ran it was slower than dense on the H200 (GPT-2 small 8k: 102.7 against
+# 75.0 ms, gpu-results/h200-2026-12-04).
 MASKED_WEIGHT_GRAD = Op(
     "masked_weight_grad(Tensor grad_output, Tensor input, Tensor bits, Tensor row_order, int masked_rows, "
     "Tensor(a!) out, str backend) -> ()",

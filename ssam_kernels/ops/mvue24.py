@@ -105,9 +105,9 @@ def mvue24_torch(x: torch.Tensor, uniforms: torch.Tensor | None, seed: int | Non
 # (the same generator state: torch seeds with the value mod 2**64) and comes back as given
 def _run(impl, x, uniforms, seed):
     op = "mvue24"
-    if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[-1] % 4):
+    _checks.operand(op, "x", x, _checks.FLOAT_DTYPES[:3], (None,) * x.dim() if isinstance(x, torch.Tensor) else ())
+    if x.dim() == 0 or x.shape[-1] % 4:
         raise ValueError(f"{op}: x's last dim must be a multiple of 4, got shape {list(x.shape)}")
-    _checks.operand(op, "x", x, _checks.FLOAT_DTYPES[:3], (None,) * max(x.dim(), 1) if isinstance(x, torch.Tensor) else ())
     if (seed is None) == (uniforms is None):
         raise ValueError(f"{op}: give exactly one of seed or uniforms")
     if uniforms is not None:
