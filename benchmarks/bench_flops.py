@@ -8,14 +8,14 @@ assumption (the ascent backward scales with the mask density) to our counted for
 backward split: ``1 + F/(F+B) + (1 - s) * B/(F+B)``.
 
     python -m ssam_bench.bench_flops            # ResNet-18 (CIFAR, batch 128), small ViT (batch 128)
-    python -m ssam_bench.bench_flops --quick    # batch 8, fewer sparsities (a smoke test)
+    python -m ssam_bench.bench_flops --quick    # batch 8, fewer sparsities (a smoke test; into a temporary folder)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="batch 8 and sparsities 0.5, 0.99 only")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
-    p.add_argument("--out", default=RESULTS, help="directory for flops.json / flops.md")
+    p.add_argument("--out", default=None, help="directory for flops.json / flops.md (default: benchmarks/results/, "
+                   "but a new temporary folder for --quick, whose smaller counts must not replace the committed ones)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="ssam-bench-flops-quick-") if args.quick else RESULTS
     batch = 8 if args.quick else 128
     sparsities = [0.5, 0.99] if args.quick else sorted(PAPER_SSAM)
     rows = [r for name in args.models for r in count_model(name, batch, sparsities)]
