@@ -6,6 +6,8 @@ model with hundreds of tensors pays on every call; the C loop costs nanoseconds.
   (invisible to autograd and to caches keyed on versions), moved as torch's in-place ops move them.
 * :func:`same_versions`: whether tensors (a plan's mask bits) were written in place since their
   versions were read.
+* :func:`same_entries`, :func:`same_values`: whether an optimizer's state still holds the
+  momentum buffers a planned step keeps, and no entry of it was replaced, added or removed.
 * :func:`data_ptrs`: the data addresses of a list of tensors, for the multi-tensor launchers'
   address tables and alignment tests.
 * :func:`c_fit`: the per-tensor checks of the public ops' arguments (``_checks.tensor_list``,
@@ -37,7 +39,7 @@ except ImportError:
 if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses",
                                                             "data_ptrs", "tensors_misfit", "masks_misfit",
                                                             "bits_misfit", "backup_misfit", "same_entries",
-                                                            "overlapping_pair", "same_versions")):
+                                                            "overlapping_pair", "same_versions", "same_values")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 
@@ -64,6 +66,16 @@ def same_entries(dicts: list[dict], key: str, expected: list) -> bool:
         return _host.same_entries(dicts, key, expected)
     return len(dicts) == len(expected) and all(
         map(operator.is_, map(dict.get, dicts, itertools.repeat(key, len(dicts))), expected))
+
+
+def same_values(d: dict, expected: list) -> bool:
+    """Whether ``d``'s values, in ``d``'s order, are the objects of ``expected`` (as many of
+    each): an optimizer's state with no entry replaced, added or removed since its values were
+    listed. No key is hashed (a tensor's hash is a Python call): 1.4 us for 300 entries in C,
+    5 us in Python, on a CI core."""
+    if _host is not None and isinstance(d, dict) and type(expected) is list:
+        return _host.same_values(d, expected)
+    return len(d) == len(expected) and all(map(operator.is_, d.values(), expected))
 
 
 def versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:

@@ -53,7 +53,8 @@ def test_an_empty_trailing_param_group_changes_nothing(backend, kind, mode, wher
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("change", ["base load_state_dict", "base state cleared", "a buffer replaced"])
+@pytest.mark.parametrize("change", ["base load_state_dict", "base state cleared", "a buffer replaced",
+                                    "an entry replaced"])
 @pytest.mark.parametrize("backend, kind, mode", PATHS)
 @pytest.mark.usefixtures("fused_sgd_everywhere")
 def test_momentum_changed_through_the_base_optimizer_is_followed(backend, kind, mode, change, monkeypatch, gen):
@@ -86,10 +87,13 @@ def test_momentum_changed_through_the_base_optimizer_is_followed(backend, kind, 
     elif change == "base state cleared":
         opt.base_optimizer.state.clear()
         sgd.state.clear()
-    else:
+    elif change == "a buffer replaced":
         for optimizer, module in ((opt.base_optimizer, model), (sgd, reference)):
             for p in module.parameters():
                 optimizer.state[p]["momentum_buffer"] = torch.full_like(p, 0.01)
+    else:  # one parameter's momentum reset by a new state entry (the others' entries kept)
+        for optimizer, module in ((opt.base_optimizer, model), (sgd, reference)):
+            optimizer.state[next(module.parameters())] = {}
     for _ in range(2):
         _two_passes(opt, model, x, y)
         sgd_step()

@@ -69,6 +69,70 @@ def test_glue_compiles_without_warnings_against_torch_headers(source, tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+_LAUNCH_TABLE_HARNESS = r"""
+#include <cstdio>
+#include "cuda/launch_table.h"
+// stdin: chunk, then cases of "T C numel[T] column values[C*T]"; stdout per case: chunks, key, content
+int main() {
+  long long chunk, t, c;
+  if (std::scanf("%lld", &chunk) != 1) return 2;
+  while (std::scanf("%lld %lld", &t, &c) == 2) {
+    std::vector<int64_t> numels(t);
+    std::vector<std::vector<int64_t>> columns(c, std::vector<int64_t>(t));
+    for (auto& n : numels) { long long v; std::scanf("%lld", &v); n = v; }
+    for (auto& column : columns) for (auto& x : column) { long long v; std::scanf("%lld", &v); x = v; }
+    const auto key = ssam::cuda::launch_table_key(numels, columns);
+    std::printf("%lld\n", (long long)ssam::cuda::launch_table_chunks(numels, chunk));
+    for (int64_t v : key) std::printf("%lld ", (long long)v);
+    std::printf("\n");
+    for (int64_t v : ssam::cuda::launch_table_content(key, chunk)) std::printf("%lld ", (long long)v);
+    std::printf("\n");
+  }
+  return 0;
+}
+"""
+
+
+def test_launch_table_layout_from_its_key(tmp_path):
+    """The CUDA list ops' tables (csrc/cuda/launch_table.h) are cached by a key of O(tensors)
+    values and built from it only on a miss: the content built from the key is the layout the
+    kernels read (per chunk its tensor and first element, per tensor its numel and first chunk,
+    then the columns), checked here against a reference on random sizes (empty tensors, exact
+    multiples of the chunk, one element past), and two layouts with the same flattened values
+    (2 tensors x 2 columns, 3 tensors x 1 column) get different keys."""
+    import random
+
+    (tmp_path / "harness.cpp").write_text(_LAUNCH_TABLE_HARNESS)
+    out = subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{os.path.join(ROOT, 'csrc')}",
+                          str(tmp_path / "harness.cpp"), "-o", str(tmp_path / "harness")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    chunk, rng = 8, random.Random(7)
+    cases = [([5, 1, 2], [[9, 8, 7]]), ([5, 1], [[2, 9], [8, 7]]), ([0, 0], [[1, 2]])]
+    for _ in range(20):
+        t = rng.randint(1, 9)
+        numels = [rng.choice([0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk, rng.randint(0, 5 * chunk)]) for _ in range(t)]
+        cases.append((numels, [[rng.randint(-2**62, 2**62) for _ in range(t)] for _ in range(rng.randint(0, 3))]))
+    text = f"{chunk}\n" + "".join(
+        f"{len(n)} {len(cols)} {' '.join(map(str, n + [x for col in cols for x in col]))}\n" for n, cols in cases)
+    run = subprocess.run([str(tmp_path / "harness")], input=text, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3 * len(cases)
+    keys = []
+    for i, (numels, cols) in enumerate(cases):
+        chunk_tensor = [t for t, n in enumerate(numels) for _ in range(0, n, chunk)]
+        chunk_start = [s for n in numels for s in range(0, n, chunk)]
+        first = [sum(-(-m // chunk) for m in numels[:t]) for t in range(len(numels))]
+        flat = [x for col in cols for x in col]
+        assert int(lines[3 * i]) == len(chunk_start)
+        key = [int(v) for v in lines[3 * i + 1].split()]
+        assert key == [len(numels), len(cols), *numels, *flat]
+        keys.append(tuple(key))
+        content = [int(v) for v in lines[3 * i + 2].split()]
+        assert content == chunk_tensor + chunk_start + numels + first + flat, (numels, cols)
+    assert keys[0][2:] == keys[1][2:] and keys[0] != keys[1]  # same values, different layouts
+
+
 def _fake_toolkit(tmp_path, monkeypatch):
     """A toolkit at an odd place, reachable only through a wrapper script named nvcc that
     reports the real root the way nvcc's dry run does."""

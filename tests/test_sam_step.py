@@ -2,6 +2,7 @@
 perturbation with its backup, restore, restore + SGD) against plain-torch oracles, on every
 backend; what a planned optimizer step launches and dispatches; its failure modes."""
 
+import collections
 import math
 import os
 
@@ -430,6 +431,18 @@ def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
         monkeypatch.undo()
     with pytest.raises(TypeError, match=r"dicts\[1\] is not a dict"):
         sam_step._host.same_entries([{}, 1], "momentum_buffer", [None, None])
+    # and that no entry of that state was replaced, added or removed (in the dict's order)
+    state = collections.defaultdict(dict, zip(params[:3], entries))
+    replaced = collections.defaultdict(dict, state)
+    replaced[params[1]] = {}
+    moved = dict(state)
+    moved[params[0]] = moved.pop(params[0])  # removed and added again: last now
+    for d, expected, same in [(state, entries, True), (state, entries[:2], False), (replaced, entries, False),
+                              (moved, entries, False), (moved, entries[1:] + entries[:1], True), ({}, [], True)]:
+        assert _host_loops.same_values(d, expected) is same
+        monkeypatch.setattr(_host_loops, "_host", None)
+        assert _host_loops.same_values(d, expected) is same
+        monkeypatch.undo()
     # the overlap check of the list ops and the plan: the C loop finds what Python finds
     from ssam_kernels import _checks
 

@@ -5,7 +5,7 @@
 //
 // No op waits for the device or copies from pageable host memory in steady state, so a training
 // step can run ahead of the GPU and be captured in a CUDA graph: the small tables a launch reads
-// are cached on the device by content (TableCache), and the set-bit counts of masks already
+// are cached on the device by the values they are made from (TableCache), and the set-bit counts of masks already
 // checked are remembered per mask tensor and version (MaskCounts). compress_24 with check=true is
 // the exception: it reads back one flag to reject input that is not 2:4 sparse.
 
@@ -27,6 +27,7 @@
 #include "../plan_tables.h"
 #include "../ssam_common.h"
 #include "kernels.h"
+#include "launch_table.h"
 
 namespace ssam {
 namespace {
@@ -71,8 +72,10 @@ int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_p
 // ---- device tables, cached by content ------------------------------------------------------
 
 // Device copies of the small int64 tables a launch reads. A table is a function of host values
-// only (sizes, data pointers), so a hit is exact, and a loop that passes the same tensors every
-// step copies nothing after its first step. A miss copies from pinned memory without blocking.
+// only (sizes, data pointers): it is keyed by those values, per tensor, and built (its per-chunk
+// columns included) only on a miss, so a hit is exact and costs O(tensors), not O(chunks), and
+// a loop that passes the same tensors every step copies nothing after its first step. A miss
+// copies from pinned memory without blocking.
 // Entries are per (device, stream), so a table is freed only in the order of the stream that
 // reads it; entries used while that stream captures a CUDA graph are kept for good (the graph
 // keeps reading their addresses), and nothing is evicted during a capture. A table first needed
@@ -110,13 +113,16 @@ class CaptureArena {
 
 class TableCache {
  public:
-  at::Tensor get(std::vector<int64_t> content, const at::Device& device, cudaStream_t stream) {
+  // The table of `key` (which must determine its content), from `build(key)` on a miss.
+  template <typename Build>
+  at::Tensor get(std::vector<int64_t> key_values, const at::Device& device, cudaStream_t stream, const Build& build) {
     const bool in_capture = capturing(stream);
     std::lock_guard<std::mutex> lock(mutex_);
-    Key key{device.index(), stream, std::move(content)};
+    Key key{device.index(), stream, std::move(key_values)};
     auto it = entries_.find(key);
     if (it == entries_.end()) {
-      const auto n = static_cast<int64_t>(key.content.size());
+      const std::vector<int64_t> content = build(key.values);
+      const auto n = static_cast<int64_t>(content.size());
       at::Tensor host;
       if (in_capture) {
         host = arena_.take(n);  // where it is full (or was never set aside): a pinned allocation,
@@ -124,7 +130,7 @@ class TableCache {
         arena_.reserve();       // for a capture that may follow
       }
       if (!host.defined()) host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-      std::copy(key.content.begin(), key.content.end(), host.data_ptr<int64_t>());
+      std::copy(content.begin(), content.end(), host.data_ptr<int64_t>());
       auto dev = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
       dev.copy_(host, /*non_blocking=*/true);
       if (in_capture) {
@@ -146,13 +152,13 @@ class TableCache {
   struct Key {
     c10::DeviceIndex device;
     cudaStream_t stream;
-    std::vector<int64_t> content;
-    bool operator==(const Key& o) const { return device == o.device && stream == o.stream && content == o.content; }
+    std::vector<int64_t> values;  // what the table is made from (see launch_table)
+    bool operator==(const Key& o) const { return device == o.device && stream == o.stream && values == o.values; }
   };
   struct KeyHash {
     size_t operator()(const Key& k) const {
       uint64_t h = 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(k.device) ^ reinterpret_cast<uintptr_t>(k.stream);
-      for (int64_t v : k.content) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001b3ull;
+      for (int64_t v : k.values) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001b3ull;
       return static_cast<size_t>(h ^ (h >> 29));
     }
   };
@@ -201,23 +207,15 @@ struct LaunchTable {
 
 LaunchTable launch_table(const std::vector<at::Tensor>& ts, const std::vector<std::vector<int64_t>>& columns,
                          const at::Device& device, cudaStream_t stream) {
+  std::vector<int64_t> numels;
+  numels.reserve(ts.size());
+  for (const auto& t : ts) numels.push_back(t.numel());
   LaunchTable out;
   out.num_tensors = static_cast<int64_t>(ts.size());
-  std::vector<int64_t> chunk_tensor, chunk_start, numel, first;
-  for (size_t k = 0; k < ts.size(); ++k) {
-    first.push_back(static_cast<int64_t>(chunk_start.size()));
-    numel.push_back(ts[k].numel());
-    for (int64_t s = 0; s < ts[k].numel(); s += cuda::kChunk) {
-      chunk_tensor.push_back(static_cast<int64_t>(k));
-      chunk_start.push_back(s);
-    }
-  }
-  out.num_chunks = static_cast<int64_t>(chunk_start.size());
+  out.num_chunks = cuda::launch_table_chunks(numels, cuda::kChunk);
   if (out.num_chunks == 0) return out;
-  std::vector<int64_t> content;
-  for (const auto* part : {&chunk_tensor, &chunk_start, &numel, &first}) content.insert(content.end(), part->begin(), part->end());
-  for (const auto& column : columns) content.insert(content.end(), column.begin(), column.end());
-  out.dev = table_cache().get(std::move(content), device, stream);
+  out.dev = table_cache().get(cuda::launch_table_key(numels, columns), device, stream,
+                              [](const std::vector<int64_t>& key) { return cuda::launch_table_content(key, cuda::kChunk); });
   return out;
 }
 

@@ -383,6 +383,22 @@ PyObject* same_entries(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+// same_values(d: dict, expected: list) -> bool
+// Whether d's values, in d's order, are the objects of expected (as many of each): an optimizer's
+// state dict with no entry replaced, added or removed since its values were listed (python/ssam/
+// sam.py). Reads the dict's slots: no key is hashed (a tensor's hash is a Python call).
+PyObject* same_values(PyObject* /*self*/, PyObject* args) {
+  PyObject *d = nullptr, *expected = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyDict_Type, &d, &PyList_Type, &expected)) return nullptr;
+  if (PyDict_Size(d) != PyList_GET_SIZE(expected)) Py_RETURN_FALSE;
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key = nullptr, *value = nullptr;  // borrowed
+  while (PyDict_Next(d, &pos, &key, &value)) {
+    if (value != PyList_GET_ITEM(expected, i++)) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 // same_versions(tensors: list[Tensor], versions: tuple[int]) -> bool
 // Whether each tensor's version counter still reads versions[i] (-1 for a tensor made in
 // inference mode, which has none), as many of each: the mask bits a planned step's kernels read,
@@ -429,6 +445,8 @@ PyMethodDef methods[] = {
      "overlapping_pair(tensors) -> (i, j), i < j, of two tensors whose byte spans meet on one device, or None"},
     {"same_entries", same_entries, METH_VARARGS,
      "same_entries(dicts, key, expected) -> whether dicts[i].get(key) is expected[i] for every i"},
+    {"same_values", same_values, METH_VARARGS,
+     "same_values(d, expected) -> whether d's values, in order, are the objects of expected"},
     {"same_versions", same_versions, METH_VARARGS,
      "same_versions(tensors, versions) -> whether tensors[i]'s version counter reads versions[i] (-1: inference)"},
     {nullptr, nullptr, 0, nullptr},

@@ -22,7 +22,7 @@ import torch
 
 import ssam_kernels
 from ssam_kernels._checks import overlapping_pair
-from ssam_kernels._host_loops import same_entries
+from ssam_kernels._host_loops import same_entries, same_values
 from ssam_kernels.ops.sam_step import SGD_KEYS, PlanMismatch, SAMStepPlan, SGDGroup, check_sgd_groups, plan_backend
 
 EPS = 1e-7
@@ -692,7 +692,7 @@ class SAM(torch.optim.Optimizer):
             for entry, buf in zip(entries, plan.buffers):
                 if buf is not None:
                     entry["momentum_buffer"] = buf
-            self._plan_buffers_synced = (state, entries, len(state))
+            self._plan_buffers_synced = (state, entries, list(state.values()))
         made = plan.restore_sgd(sgd)
         entries = self._plan_buffers_synced[1]
         for i in made:
@@ -700,12 +700,11 @@ class SAM(torch.optim.Optimizer):
 
     def _buffers_in_sync(self, plan: SAMStepPlan, state) -> bool:
         """Whether the plan's momentum buffers are still the base optimizer's: the same state
-        dict (``base_optimizer.load_state_dict`` makes a new one), as many entries (``clear()``)
-        and every buffer the same tensor (one replaced by hand). A parameter's entry replaced
-        whole (``state[p] = {}``) goes unnoticed: finding it would hash every parameter (a
-        Python call each, 45 us for 300), which this per-step check avoids."""
+        dict (``base_optimizer.load_state_dict`` makes a new one), the same entries in it (none
+        replaced, ``state[p] = {}``, added or removed, ``clear()``; read in the dict's order,
+        so no parameter is hashed) and every buffer the same tensor (one replaced by hand)."""
         synced = self._plan_buffers_synced
-        if synced is None or synced[0] is not state or synced[2] != len(state):
+        if synced is None or synced[0] is not state or not same_values(state, synced[2]):
             return False
         return same_entries(synced[1], "momentum_buffer", plan.buffers)
 
