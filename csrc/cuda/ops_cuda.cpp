@@ -5,9 +5,9 @@
 //
 // No op waits for the device or copies from pageable host memory in steady state, so a training
 // step can run ahead of the GPU and be captured in a CUDA graph: the small tables a launch reads
-// are cached on the device by the values they are made from (TableCache), and the set-bit counts of masks already
-// checked are remembered per mask tensor and version (MaskCounts). compress_24 with check=true is
-// the exception: it reads back one flag to reject input that is not 2:4 sparse.
+// are cached on the device by the values they are made from (TableCache), and the set-bit counts
+// of masks already checked are remembered per mask tensor and version (MaskCounts). compress_24
+// with check=true is the exception: it reads back one flag to reject input that is not 2:4 sparse.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -69,7 +69,7 @@ void check_cuda(const at::Tensor& t, const at::Device& device, const char* what,
 
 int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
 
-// ---- device tables, cached by content ------------------------------------------------------
+// ---- device tables, cached by what they are made from --------------------------------------
 
 // Device copies of the small int64 tables a launch reads. A table is a function of host values
 // only (sizes, data pointers): it is keyed by those values, per tensor, and built (its per-chunk
