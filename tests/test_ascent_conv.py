@@ -139,6 +139,12 @@ def test_bad_input(gen):
         ascent_conv(x, w, None, mask, bias_mask=torch.ones(6, dtype=torch.bool))
     with pytest.raises(ValueError, match="groups"):
         ascent_conv(x, w, b, mask, groups=0)
+    with pytest.raises(TypeError, match=r"this layer's weight \(shape \(6, 4, 3, 3\)\) is torch.float64"):
+        ascent_conv(x.double(), w.double(), b.double(), mask)
+    with pytest.raises(ValueError, match=r"bias must be None or a \[6\] tensor, got a torch.float32 tensor"):
+        ascent_conv(x, w, b[:5], mask)
+    with pytest.raises(ValueError, match=r"padding='same' needs stride 1"):
+        ascent_conv(x, w, b, mask, stride=2, padding="same")
 
 
 class _ConvNet(nn.Module):

@@ -128,6 +128,9 @@ def test_errors(gen):
         decompress_24(values, meta[:, :2])
     with pytest.raises(TypeError, match="int16"):
         decompress_24(values, meta.int())
+    with pytest.raises(TypeError, match=r"values must have dtype in \(torch\.float16, torch\.bfloat16\), "
+                                        r"got torch\.float32"):
+        decompress_24(values.float(), meta)
 
 
 @pytest.mark.cpu

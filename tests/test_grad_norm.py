@@ -31,6 +31,26 @@ def test_low_precision_accumulates_in_fp32(dtype, backend, gen):
     torch.testing.assert_close(out.double(), _ref([t]), rtol=1e-6, atol=0)
 
 
+# odd sizes for the masked low-precision cases: within one block, and past three 8192-element
+# chunks (the kernels' full-chunk path) with a ragged tail; 10**6 + 3 is the unmasked case above
+LOW_PRECISION_SIZES = [1, 3, 4095, 3 * 8192 + 5]
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(LOW_PRECISION, BACKENDS_WITH_EXT))
+@pytest.mark.parametrize("numel", LOW_PRECISION_SIZES)
+@pytest.mark.parametrize("masked", [None, "bool", "bitmask"])
+def test_low_precision_masked_odd_sizes(masked, numel, dtype, backend, gen):
+    t = (rand((numel,), generator=gen) * 30).to(dtype)  # sums of squares to 1e7: past fp16's 65504
+    mask = rand_mask((numel,), generator=gen)
+    masks = None if masked is None else [mask if masked == "bool" else pack_mask(mask)]
+    out = grad_norm([t], masks, backend=backend)
+    assert out.dim() == 0 and out.dtype == torch.float32
+    # fp16/bf16 squares are exact in fp32 (22 and 16 significant bits): only the fp32 sums round,
+    # a few ulps (2**-24 ~ 6e-8) over these lane and tree sums, against the float64 oracle
+    expected = _ref([t], None if masked is None else [mask])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_many_tensors_with_masks_and_empty(backend, gen):
     shapes = [(0,), (1,), (3, 5), (7, 1, 3), (4095,), (64, 33)]

@@ -5,9 +5,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssam_kernels import BackendUnavailableError, grad_norm, masked_weight_grad, pack_mask
 
-# fp32: reference and kernel sum the same products in different orders; fp16/bf16: the
-# reference rounds the product to the low dtype, the kernel rounds once from fp32
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# (rtol, atol per unit of sqrt(tokens)) of an fp32 result against the float64 oracle, by
+# (backend, input dtype). Triton accumulates in fp32 from exact products (an fp16 or bf16 product
+# has 22 or 16 significant bits: exact in fp32), so every input dtype has fp32's error: sums of
+# the same products in another order. The reference multiplies in the inputs' dtype: each entry
+# of dYᵀX is rounded to fp16/bf16 (half an ulp, 2**-11 or 2**-8 of it) before the fp32 out takes
+# it, so it gets that dtype's error with room to spare.
+FP32_TOL = (1e-5, 1e-5)
+TOL = {("triton", torch.float32): FP32_TOL, ("triton", torch.float16): FP32_TOL, ("triton", torch.bfloat16): FP32_TOL,
+       ("torch", torch.float32): FP32_TOL, ("torch", torch.float16): (2e-3, 2e-3),
+       ("torch", torch.bfloat16): (1.6e-2, 1.6e-2)}
+# a result in fp16/bf16 is rounded once more, from the fp32 sum: half an ulp, relative
+ROUNDING = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}
+
+
+def _tolerance(backend, dtype, out_dtype, tokens):
+    """(rtol, atol) of a result in ``out_dtype`` from ``dtype`` inputs summed over ``tokens``: an
+    entry sums ``tokens`` unit-variance products, so its size (and error) grows as sqrt(tokens)."""
+    rtol, atol = TOL[backend, dtype]
+    return rtol + ROUNDING[out_dtype], atol * tokens**0.5
 
 SHAPES = [  # (leading dims, out, in)
     ((1,), 1, 1),
@@ -38,13 +54,19 @@ def test_equals_masked_dense_gradient(backend, dtype, lead, out_f, in_f, packed,
         mask[torch.rand(out_f, generator=gen) < 0.6] = False
     else:
         mask[:, 0] = True
-    out = torch.full((out_f, in_f), float("nan"), dtype=torch.float32)  # poisoned
-    res = masked_weight_grad(dy, x, pack_mask(mask) if packed else mask, out=out, backend=backend)
-    assert res is out
-    assert bool((out[~mask] == 0).all())
-    rtol, atol = TOL[dtype]
-    tokens = dy.numel() // out_f  # an entry sums `tokens` unit-variance products: size ~ sqrt(tokens)
-    torch.testing.assert_close(out.double(), _oracle(dy, x, mask), rtol=rtol, atol=atol * tokens**0.5)
+    m = pack_mask(mask) if packed else mask
+    expected = _oracle(dy, x, mask)
+    tokens = dy.numel() // out_f
+    for out_dtype in dict.fromkeys([torch.float32, dtype]):  # fp32, and the inputs' own dtype
+        out = torch.full((out_f, in_f), float("nan"), dtype=out_dtype)  # poisoned
+        res = masked_weight_grad(dy, x, m, out=out, backend=backend)
+        assert res is out
+        assert bool((out[~mask] == 0).all()), out_dtype
+        rtol, atol = _tolerance(backend, dtype, out_dtype, tokens)
+        torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol, msg=lambda msg: f"{out_dtype}: {msg}")
+    # the default (out_dtype=None): a fresh result in the inputs' dtype, what `out` got above
+    default = masked_weight_grad(dy, x, m, backend=backend)
+    assert default.dtype == dtype and torch.equal(default, out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,6 +129,14 @@ def test_bad_input():
         masked_weight_grad(dy, x, m, out=torch.zeros(6, 8))
     with pytest.raises(ValueError, match="out_dtype"):
         masked_weight_grad(dy, x, m, out=torch.zeros(8, 6), out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="out_dtype must be one of .*, got torch.int32"):
+        masked_weight_grad(dy, x, m, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out must be a float16/bfloat16/float32 tensor, got a torch.int64 tensor"):
+        masked_weight_grad(dy, x, m, out=torch.zeros(8, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="grad_output must have at least 1 dim, got a 0-dim tensor"):
+        masked_weight_grad(torch.tensor(1.0), x, m)
+    with pytest.raises(ValueError, match="input must have at least 1 dim, got a 0-dim tensor"):
+        masked_weight_grad(dy, torch.tensor(1.0), m)
     # out over an input: zeroed before the product (the reference then returned zeros)
     square = torch.ones(6, 6)
     with pytest.raises(ValueError, match="out shares memory with grad_output"):
@@ -140,9 +170,15 @@ def test_cuda_triton_equals_reference(dtype):
     masked_weight_grad(dy, x, pack_mask(mask), out=out, backend="triton")
     ref = _oracle(dy, x, mask)
     assert bool((out[~mask] == 0).all())
-    # tf32 where torch allows it for fp32; otherwise the dtype's accumulate-in-fp32 error
+    # fp32 accumulation of exact products for every dtype: conftest turns TF32 off in this tier
+    # (fp32 runs PRECISION="ieee" on FMA units), and fp16/bf16 products are exact in fp32. On
+    # tensor cores the sum of T = 4099 products is rounded about T / 16 times (once per MMA), and
+    # may be truncated: up to an ulp (2**-23) of a partial sum each time, possibly all one way; on
+    # FMA units the T round-to-nearest errors mostly cancel (~sqrt(T) * 2**-24 * scale). Twice
+    # the first bound, ~6e-5 * scale, still fails TF32 inputs (2**-11 each) or an fp16/bf16
+    # accumulator, off by 4e-4 * scale or more.
     scale = ref.abs().max().item()
-    tol = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype] * scale
+    tol = 2 * 2**-23 * -(-dy.shape[0] // 16) * scale
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
 
 

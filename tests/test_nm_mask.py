@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, rand
+from helpers import BACKENDS_WITH_EXT, backend_dtypes, rand
 
 from ssam_kernels import nm_mask
 
@@ -16,16 +16,21 @@ def _brute_force(row, n, m, magnitude=True):
     return keep
 
 
-@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("backend,dtype",
+                         backend_dtypes([torch.float32, torch.float16, torch.bfloat16], BACKENDS_WITH_EXT))
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4), (1, 2), (5, 16)])
 @pytest.mark.parametrize("cols", [1, 3, 4, 7, 8, 33, 64])
-def test_against_brute_force(n, m, cols, backend, gen):
-    scores = rand((5, cols), generator=gen)
+def test_against_brute_force(n, m, cols, backend, dtype, gen):
+    # the brute force ranks the scores as the kernel sees them: rounded to the dtype (fp16 and
+    # bf16 rounding makes ties of their own, beyond row 1's)
+    scores = rand((5, cols), dtype, gen)
     scores[1] = scores[1].round()  # ties
+    scores[2, ::3] = float("nan")  # NaN ranks lowest
+    scores[3, 1::3] = -scores[3, ::3][: len(scores[3, 1::3])]  # |x| ties between signs
     out = nm_mask(scores, n, m, backend=backend)
     assert out.dtype == torch.bool and out.shape == scores.shape
     for r in range(5):
-        assert out[r].tolist() == _brute_force(scores[r].tolist(), n, m)
+        assert out[r].tolist() == _brute_force(scores[r].tolist(), n, m), r
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
@@ -66,10 +71,14 @@ def test_magnitude_false_ranks_raw_values(backend):
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_higher_dims_and_dtypes(backend, gen):
     s = rand((2, 3, 8), generator=gen)
-    dtypes = (torch.float16, torch.float64) + ((torch.bfloat16,) if backend == "torch" else ())
+    # every dtype each backend takes (Triton's interpreter has no bf16), against the brute force
+    # on the scores rounded to that dtype
+    dtypes = (torch.float16, torch.float64) + ((torch.bfloat16,) if backend != "triton" else ())
     for dtype in dtypes:
-        out = nm_mask(s.to(dtype), 2, 4, backend=backend)
-        assert torch.equal(out, nm_mask(s.to(dtype), 2, 4, backend="torch"))
+        scores = s.to(dtype)
+        out = nm_mask(scores, 2, 4, backend=backend)
+        assert out.shape == s.shape, dtype
+        assert out.reshape(-1, 8).tolist() == [_brute_force(row, 2, 4) for row in scores.reshape(-1, 8).tolist()], dtype
         assert out.view(-1, 4).sum(-1).eq(2).all()
     assert nm_mask(torch.zeros(0, 8), 2, 4, backend=backend).shape == (0, 8)
 
@@ -85,6 +94,8 @@ def test_errors():
         nm_mask(torch.tensor(1.0), 1, 2)
     with pytest.raises(TypeError, match="floating"):
         nm_mask(torch.ones(8, dtype=torch.int32), 2, 4)
+    with pytest.raises(TypeError, match="magnitude must be a bool, got int"):
+        nm_mask(torch.ones(8), 2, 4, magnitude=1)
 
 
 @pytest.mark.interpret

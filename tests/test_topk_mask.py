@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, rand
+from helpers import BACKENDS, backend_dtypes, rand
 
 from ssam_kernels import keep_count, topk_mask
 
@@ -54,12 +54,17 @@ def test_ranks_values_not_magnitudes(backend):
     assert masks[0].tolist() == [False, False, True]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dtypes(backend, gen):
-    mixed = [rand((33,), torch.float16, gen), rand((20,), torch.float64, gen)]
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float16, torch.bfloat16]))
+def test_dtypes(backend, dtype, gen):
+    # the brute force ranks the scores as given: rounded to their dtype (Python floats hold them exactly)
+    mixed = [rand((33,), dtype, gen), rand((20,), torch.float64, gen)]
     assert _flat(topk_mask(mixed, k=10, backend=backend)) == _brute_force(mixed, 10)
-    half = [rand((300,), torch.float16, gen).round(), rand((20, 3), torch.float16, gen)]
-    assert _flat(topk_mask(half, k=57, backend=backend)) == _brute_force(half, 57)
+    low = [rand((300,), dtype, gen).round(), rand((20, 3), dtype, gen)]  # ties, then a NaN
+    low[1][4, 1] = float("nan")
+    for k in (57, 359):
+        masks = topk_mask(low, k=k, backend=backend)
+        assert [m.shape for m in masks] == [s.shape for s in low]
+        assert _flat(masks) == _brute_force(low, k), k
 
 
 @pytest.mark.cpu
