@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, regression_batch
+from helpers import MLP, make_closure, regression_batch
 
 import ssam
 from ssam_kernels import nm_mask, perturb_
@@ -118,32 +118,56 @@ def test_params_with_no_grad(gen):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _unchanged(model, opt, weights, masks=None):
+    """Nothing moved: the weights bit for bit, no step pending, the masks (and their count) as
+    they were."""
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and not opt.perturbed
+    if masks is not None:
+        assert opt.mask_updates == masks[1] and all(torch.equal(a, b) for a, b in zip(opt.masks(), masks[0]))
+
+
 def test_missing_or_bad_closure(gen):
     model = MLP()
     x, y = regression_batch(gen)
-    for opt in (ssam.SAM(model.parameters(), SGD, rho=0.05, lr=0.1),):
-        F.mse_loss(model(x), y).backward()
-        with pytest.raises(ValueError, match="needs a closure"):
-            opt.step()
-        with pytest.raises(TypeError, match="closure must be callable"):
-            opt.step(3)
+    weights = _weights(model)
+    opt = ssam.SAM(model.parameters(), SGD, rho=0.05, lr=0.1)
+    F.mse_loss(model(x), y).backward()  # (a gradient at w: step() would perturb along it)
+    with pytest.raises(ValueError, match=r"SAM\.step\(\) needs a closure"):
+        opt.step()
+    _unchanged(model, opt, weights)
+    with pytest.raises(TypeError, match="closure must be callable, got int"):
+        opt.step(3)
+    _unchanged(model, opt, weights)
     opt = ssam.SSAMD(model.parameters(), SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=3, lr=0.1)
-    with pytest.raises(ValueError, match="needs a closure"):
-        opt.step(epoch=0, batch_idx=0)
+    masks = opt.masks(), opt.mask_updates
+    with pytest.raises(ValueError, match=r"SSAMD\.step\(\) needs a closure"):
+        opt.step(epoch=0, batch_idx=0)  # (an update due: not made either)
+    _unchanged(model, opt, weights, masks)
 
 
 def test_official_convention_partial_arguments(gen):
     model = MLP()
     x, y = regression_batch(gen)
+    closure = make_closure(model, x, y)  # (a real one: a step taken would move the weights)
+    weights = _weights(model)
     opt = ssam.SSAMF(model.parameters(), SGD, rho=0.05, sparsity=0.5, num_samples=4, update_freq=1, lr=0.1)
     F.mse_loss(model(x), y).backward()
+    masks = opt.masks(), opt.mask_updates
     with pytest.raises(ValueError, match="needs all of model, epoch, batch_idx and train_data"):
-        opt.step(lambda: None, model=model, epoch=0)
+        opt.step(closure, model=model, epoch=0)
+    _unchanged(model, opt, weights, masks)
     opt_d = ssam.SSAMD(model.parameters(), SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=3, lr=0.1)
+    masks = opt_d.masks(), opt_d.mask_updates
     with pytest.raises(ValueError, match="both epoch and batch_idx"):
-        opt_d.step(lambda: None, epoch=0)
-    with pytest.raises(TypeError, match="epoch must be an int"):
-        opt_d.step(lambda: None, epoch="0", batch_idx=0)
+        opt_d.step(closure, epoch=0)
+    _unchanged(model, opt_d, weights, masks)
+    with pytest.raises(TypeError, match="epoch must be an int, got str"):
+        opt_d.step(closure, epoch="0", batch_idx=0)
+    _unchanged(model, opt_d, weights, masks)
 
 
 def test_base_optimizer_mismatches():
@@ -166,14 +190,28 @@ def test_base_optimizer_mismatches():
 
 def test_step_order_misuse(gen):
     model = MLP()
+    weights = _weights(model)
     opt = ssam.SAM(model.parameters(), SGD, rho=0.05, lr=0.1)
     with pytest.raises(RuntimeError, match="without a preceding first_step"):
         opt.second_step()
+    _unchanged(model, opt, weights)
     x, y = regression_batch(gen)
     F.mse_loss(model(x), y).backward()
     opt.first_step()
-    with pytest.raises(RuntimeError, match="twice"):
-        opt.first_step()
+    perturbed = _weights(model)
+    assert not all(torch.equal(a, b) for a, b in zip(perturbed, weights))
+    with pytest.raises(RuntimeError, match=r"first_step\(\) called twice without second_step\(\) in between"):
+        opt.first_step()  # (a second perturbation would leave w + 2e, and restore to w + e)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), perturbed)) and opt.perturbed
+    # the step goes on: back to w exactly, then torch's SGD step with the gradient at w + e
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    twin = [torch.nn.Parameter(w.clone()) for w in weights]
+    for t, p in zip(twin, model.parameters()):
+        t.grad = p.grad.clone()
+    SGD(twin, lr=0.1).step()
+    opt.second_step()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), twin)) and not opt.perturbed
 
 
 def test_get_mask_of_foreign_parameter():

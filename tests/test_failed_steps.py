@@ -44,40 +44,84 @@ def _assert_same_state(a, b):
         assert a == b or (a != a and b != b)
 
 
+# SGD values torch.optim.SGD's constructor refuses, and what the fused step's check says of each
+BAD_SGD_VALUES = [
+    pytest.param("lr", -0.1, r"sgd\[0\]\.lr must be a number >= 0, got -0\.1", id="lr"),
+    pytest.param("weight_decay", float("nan"), r"sgd\[0\]\.weight_decay must be a number >= 0, got nan",
+                 id="weight_decay"),
+    pytest.param("nesterov", True, r"sgd\[0\]: nesterov needs momentum > 0 and dampening == 0", id="nesterov"),
+]
+
+
+def _set_bad_sgd_value(group, key, value):
+    if key == "nesterov":
+        group["momentum"], group["dampening"] = 0.9, 0.5  # nesterov needs dampening 0
+    group[key] = value
+
+
+@pytest.mark.usefixtures("fused_sgd_everywhere")  # (on CPU the per-list path fuses only with this)
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("backend, kind, mode", PATHS)
-@pytest.mark.parametrize("key, value", [("lr", -0.1), ("weight_decay", float("nan")), ("nesterov", True)])
+@pytest.mark.parametrize("key, value, message", BAD_SGD_VALUES)
 def test_bad_sgd_values_set_between_steps_raise_with_the_weights_at_w(backend, kind, mode, adaptive, key, value,
-                                                                         monkeypatch, gen):
-    """Fused restore + SGD checks the hyper-parameters it reads from param_groups: a value set
-    there since the last step raises ValueError before anything is stepped, the weights back
-    at w; set right, the next step runs."""
+                                                                         message, monkeypatch, gen):
+    """Fused restore + SGD (the planned step, or the per-list ops where the plan does not
+    apply: an adaptive group, the reference backend) checks the hyper-parameters it reads from
+    param_groups: a value set there since the last step raises ValueError before anything is
+    stepped, the weights back at w; set right, the next step runs."""
     monkeypatch.setenv("SSAM_BACKEND", backend)
     model, opt, x, y = setup_training(kind, mode, gen, adaptive=adaptive)
     _step(opt, model, x, y)
     group = opt.param_groups[0]
     good = group[key]
-    if key == "nesterov":
-        group["momentum"], group["dampening"] = 0.9, 0.5  # nesterov needs dampening 0
-    group[key] = value
+    _set_bad_sgd_value(group, key, value)
     before, state = weights_of(model), _state(opt)
     opt.zero_grad()
     F.mse_loss(model(x), y).backward()
     opt.first_step(zero_grad=True)
     F.mse_loss(model(x), y).backward()
-    if backend == "ext" and not adaptive:
-        assert opt._can_fuse_sgd()  # (the planned step: the case this test is for)
-    if opt._can_fuse_sgd():
-        with pytest.raises(ValueError, match=key):
-            opt.second_step()
-        assert _same(model, before)
-        _assert_same_state(opt.state_dict()["base_optimizer"]["state"], state["base_optimizer"]["state"])
-    else:  # torch's own SGD takes what it is given (the unfused path, as torch.optim.SGD)
+    assert opt._can_fuse_sgd()  # the fused path, which checks the values (torch's SGD step does not)
+    with pytest.raises(ValueError, match=message):
         opt.second_step()
+    assert _same(model, before) and not opt.perturbed
+    _assert_same_state(opt.state_dict()["base_optimizer"]["state"], state["base_optimizer"]["state"])
     group[key] = good
     group["dampening"] = 0.0
     _step(opt, model, x, y)
     assert not _same(model, before)
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
+@pytest.mark.parametrize("key, value", [pytest.param(*p.values[:2], id=p.id) for p in BAD_SGD_VALUES])
+def test_bad_sgd_values_set_between_steps_go_to_torchs_sgd_when_unfused(backend, kind, mode, key, value, monkeypatch,
+                                                                          gen):
+    """With ``fuse_sgd=False`` the descent step is torch's own SGD, which takes what
+    param_groups holds unchecked (its constructor checks, its step does not): the weights are
+    restored to w and stepped as ``torch.optim.SGD.step`` steps them with those values, bit for
+    bit (NaN where weight_decay is NaN)."""
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen, fuse_sgd=False)
+    _step(opt, model, x, y)
+    group = opt.param_groups[0]
+    _set_bad_sgd_value(group, key, value)
+    # torch's SGD from w, with the same values and momentum buffers
+    twin = [torch.nn.Parameter(w) for w in weights_of(model)]
+    twin_sgd = torch.optim.SGD(twin, lr=0.1)
+    twin_sgd.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+    for p, t in zip(model.parameters(), twin):
+        twin_sgd.state[t]["momentum_buffer"] = opt.base_optimizer.state[p]["momentum_buffer"].clone()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.mse_loss(model(x), y).backward()
+    assert not opt._can_fuse_sgd()
+    for p, t in zip(model.parameters(), twin):
+        t.grad = p.grad.clone()
+    opt.second_step()
+    twin_sgd.step()
+    assert not opt.perturbed
+    for p, t in zip(model.parameters(), twin):
+        torch.testing.assert_close(p, t, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend, kind, mode", PATHS)
@@ -173,19 +217,25 @@ def _make(kind, params, **kwargs):
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("kind", ["SAM", "SSAMF", "SSAMD"])
-@pytest.mark.parametrize("group", [
-    pytest.param(lambda p: {"params": [p], "rho": -1.0}, id="bad rho"),
-    pytest.param(lambda p: {"params": [torch.zeros(3, dtype=torch.long)]}, id="integer tensor"),
-    pytest.param(lambda p: {"params": [torch.zeros(3, device="meta")]}, id="meta tensor"),
-    pytest.param(lambda p: {"params": [p], "adaptive": 1}, id="adaptive not a bool"),
-    pytest.param(lambda p: {"params": {p}}, id="a set"),
+@pytest.mark.parametrize("group, error, message", [
+    pytest.param(lambda p: {"params": [p], "rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0",
+                 id="bad rho"),
+    pytest.param(lambda p: {"params": [torch.zeros(3, dtype=torch.long)]}, TypeError,
+                 r"param_groups\[1\]\['params'\]\[0\] \(shape \(3,\)\) is torch\.int64: SAM perturbs floating-point",
+                 id="integer tensor"),
+    pytest.param(lambda p: {"params": [torch.zeros(3, device="meta")]}, ValueError,
+                 r"param_groups\[1\]\['params'\]\[0\] \(shape \(3,\)\) is on the meta device", id="meta tensor"),
+    pytest.param(lambda p: {"params": [p], "adaptive": 1}, TypeError, "adaptive must be a bool, got int",
+                 id="adaptive not a bool"),
+    pytest.param(lambda p: {"params": {p}}, TypeError,
+                 r"param_group\['params'\] must be a tensor or an ordered collection of tensors", id="a set"),
 ])
-def test_a_refused_param_group_is_not_added(kind, group, gen):
+def test_a_refused_param_group_is_not_added(kind, group, error, message, gen):
     model = MLP()
     params = list(model.parameters())
     opt = _make(kind, params[:2])
     x, y = regression_batch(gen)
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(error, match=message):
         opt.add_param_group(group(params[2]))
     assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
     _step(opt, model, x, y)  # still steps
@@ -202,12 +252,13 @@ def test_a_float64_group_is_refused_by_a_non_dense_ascent_mode(gen):
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize("backend, kind, mode", PATHS)
+@pytest.mark.parametrize("backend, kind, mode", [p for p in PATHS if p.values[0] != "torch"])  # (see below)
 @pytest.mark.parametrize("first, then", [(False, True), (True, False)])
 def test_adaptive_set_through_param_groups_takes_effect(backend, kind, mode, first, then, monkeypatch, gen):
     """The planned step does not run ASAM: ``adaptive`` turned on (or off) between steps gives
     the step the per-list ops take with that setting (the reference backend, which reads
-    ``adaptive`` every step), not the step of the setting the plan was made with."""
+    ``adaptive`` every step), not the step of the setting the plan was made with. (The
+    reference backend itself is checked against SAM written out by hand in the next test.)"""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     results = {}
     for name, used, flags in (("toggled", backend, (first, then)), ("reference", "torch", (first, then)),
@@ -220,6 +271,52 @@ def test_adaptive_set_through_param_groups_takes_effect(backend, kind, mode, fir
         results[name] = weights_of(model)
     for a, b in zip(results["toggled"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(results["toggled"], results["kept"]))
+
+
+def _hand_written_sam_step(model, x, y, rho, lr, momentum, adaptive, bufs):
+    """One SAM step written out by hand: e = rho g / (||g|| + 1e-7) (ASAM: w^2 g / (||w g|| +
+    1e-7)), the gradient at w + e, back to exactly w, torch's SGD with momentum (no dampening)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
+    with torch.no_grad():
+        scaled = [p.abs() * g if adaptive else g for p, g in zip(params, grads)]
+        scale = rho / (torch.cat([s.reshape(-1) for s in scaled]).norm() + 1e-7)
+        saved = [p.clone() for p in params]
+        for p, g in zip(params, grads):
+            p.add_((p * p * g if adaptive else g) * scale)
+    grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
+    with torch.no_grad():
+        for i, (p, s, g) in enumerate(zip(params, saved, grads)):
+            p.copy_(s)
+            bufs[i] = g.clone() if bufs[i] is None else bufs[i].mul_(momentum).add_(g)
+            p.add_(bufs[i], alpha=-lr)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+def test_adaptive_set_through_param_groups_steps_as_hand_written_sam_on_the_reference(first, then, monkeypatch, gen):
+    """The reference backend reads ``adaptive`` every step: turned on (or off) between two
+    steps, SAM takes the hand-written SAM step of the first setting, then the ASAM (or SAM)
+    step of the second, and not that of the setting kept."""
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
+    x, y = regression_batch(gen, n=16)
+    results = {}
+    for name, flags in (("toggled", (first, then)), ("kept", (first, first))):
+        torch.manual_seed(0)
+        model, ref = MLP(), MLP()
+        ref.load_state_dict(model.state_dict())
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=first, lr=0.1, momentum=0.9)
+        bufs = [None] * len(list(ref.parameters()))
+        for adaptive in flags:
+            opt.param_groups[0]["adaptive"] = adaptive
+            _step(opt, model, x, y)
+            _hand_written_sam_step(ref, x, y, rho=0.05, lr=0.1, momentum=0.9, adaptive=adaptive, bufs=bufs)
+        # fp32 rounding only: the norm summed in another order moves e by an ulp or so, and the
+        # weights by less than an ulp of w (|e| << |w|), as test_sam's hand-written reference
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        results[name] = weights_of(model)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(results["toggled"], results["kept"]))
 
 

@@ -110,12 +110,14 @@ def test_triton_perturbation_is_the_references_bit_for_bit(masked_norm, gen):
     """Same norm formula (reciprocal(sqrt(sum) + eps) * rho, unfused products): the fp32
     perturbation of the Triton kernels equals the reference backend's wherever the norms agree."""
     state = gen.get_state()
+    groups, rho = [0, 1, 0, 1, 0, 1], [0.05, 0.2]
     results = []
     for backend in ("torch", "triton"):
         gen.set_state(state)
         params, masks = _params(torch.float32, gen), _masks(gen)
-        plan = SAMStepPlan(params, masks, groups=[0, 1, 0, 1, 0, 1], masked_norm=masked_norm, backend=backend)
-        plan.perturb([0.05, 0.2])
+        original = _clone(params)
+        plan = SAMStepPlan(params, masks, groups=groups, masked_norm=masked_norm, backend=backend)
+        plan.perturb(rho)
         results.append((plan.inv.clone(), _clone(params)))
     (inv_a, a), (inv_b, b) = results
     if torch.equal(inv_a, inv_b):  # sums in another order may differ in the last bit
@@ -123,6 +125,20 @@ def test_triton_perturbation_is_the_references_bit_for_bit(masked_norm, gen):
             assert torch.equal(x, y)
     else:
         torch.testing.assert_close(inv_a, inv_b, rtol=1e-6, atol=0)
+        # The norms differ in their last bits (relative difference rel). Each backend rounds
+        # s = rho * inv and then s * g, half an ulp each, so the two perturbations e differ by
+        # at most (rel + 2 eps) |e| (one eps more here for the second-order terms); each sum
+        # w + e is rounded once, half an ulp of it (eps |w + e| for the two). Entries not
+        # perturbed stay bit for bit.
+        eps32 = torch.finfo(torch.float32).eps
+        rel = float((inv_a.double() - inv_b.double()).abs() / inv_b.double())
+        for x, y, w, p, m, g in zip(a, b, original, params, masks, groups):  # (p: the gradient)
+            e = torch.zeros_like(w, dtype=torch.float64) if p.grad is None else \
+                rho[g] * float(inv_b) * p.grad.double() * (1 if m is None else m)
+            moved = e != 0
+            bound = (rel + 3 * eps32) * e.abs() + eps32 * torch.maximum(x.double().abs(), y.double().abs()) * moved
+            assert ((x.double() - y.double()).abs() <= bound).all()
+            assert torch.equal(x[~moved], w[~moved]) and torch.equal(y[~moved], w[~moved])
 
 
 def _sgd_reference(params, sgd_groups, groups, steps_grads):
@@ -497,7 +513,10 @@ def test_bad_input_names_what_is_wrong(gen):
         SAMStepPlan([torch.zeros(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match=r"masks\[1\] has shape"):
         SAMStepPlan(params, [None, torch.zeros(2, dtype=torch.bool)] + [None] * 4)
+    with pytest.raises(TypeError, match="masked_norm must be a bool, got int"):
+        SAMStepPlan(params, masked_norm=1)
     plan = SAMStepPlan(params, groups=[0, 1, 0, 1, 0, 1], backend="torch")
+    original = _clone(params)
     with pytest.raises(ValueError, match="rho must hold one number per group"):
         plan.perturb([0.05])
     with pytest.raises(ValueError, match="finite numbers"):
@@ -507,6 +526,8 @@ def test_bad_input_names_what_is_wrong(gen):
     with pytest.raises(RuntimeError, match="without a preceding perturb"):
         plan.restore()
     plan.perturb([0.05, 0.05])
+    perturbed = _clone(params)
+    assert not all(torch.equal(p, o) for p, o in zip(perturbed, original))
     with pytest.raises(RuntimeError, match="called twice"):
         plan.perturb([0.05, 0.05])
     with pytest.raises(TypeError, match=r"sgd\[1\] must be an SGDGroup"):
@@ -515,7 +536,70 @@ def test_bad_input_names_what_is_wrong(gen):
         plan.restore_sgd([SGDGroup(lr=0.1), SGDGroup(lr=0.1, nesterov=True)])
     with pytest.raises(ValueError, match=r"sgd\[0\].lr must be a number >= 0"):
         plan.restore_sgd([SGDGroup(lr=-1.0), SGDGroup(lr=0.1)])
+    with pytest.raises(ValueError, match=r"sgd must be a list of 2 SGDGroup \(one per group\)"):
+        plan.restore_sgd([SGDGroup(lr=0.1)])
+    # refused before anything was written: still at w + e, and perturbed (restore puts back w)
+    assert all(torch.equal(p, q) for p, q in zip(params, perturbed)) and plan.perturbed
     plan.restore()
+    assert all(torch.equal(p, o) for p, o in zip(params, original))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_set_buffers_refuses_a_buffer_unlike_its_parameter(backend, gen):
+    """The kernels write momentum buffers through their addresses, as their parameters' dtype
+    and layout: a buffer of another dtype, shape or strides (or one too few, or one sharing a
+    parameter's memory) raises ValueError naming it, the plan's buffers and the weights as they
+    were; the step then runs from the buffers the plan had."""
+    params = _params(torch.float32, gen)
+    params[NO_GRAD].grad = rand(params[NO_GRAD].shape, torch.float32, gen)
+    groups = [0, 1, 0, 1, 0, 1]
+    plan = SAMStepPlan(params, _masks(gen), groups=groups, backend=backend)
+    start = _clone(params)
+    buffers = [rand(p.shape, torch.float32, gen).contiguous(memory_format=torch.channels_last if p.dim() == 4
+                                                               else torch.contiguous_format) for p in params]
+    plan.set_buffers(buffers)
+    kept = list(plan.buffers)
+    plan.perturb([0.05, 0.1])
+    perturbed = _clone(params)
+
+    def swapped(i, b):
+        return buffers[:i] + [b] + buffers[i + 1:]
+
+    for bad, message in (
+            (buffers[:-1], r"buffers must hold one entry per parameter \(6\), got 5"),
+            (swapped(1, buffers[1].half()), r"buffers\[1\] must be None or a torch\.float32 tensor shaped and laid "
+                                            r"out like params\[1\]"),
+            (swapped(0, buffers[0].double()), r"buffers\[0\] must be None or a torch\.float32 tensor"),
+            (swapped(1, torch.zeros(5, 3)), r"buffers\[1\] must be None or a torch\.float32 tensor"),  # (3, 5) param
+            (swapped(1, torch.zeros(5, 3).t()), r"buffers\[1\] must be None or a torch\.float32 tensor"),  # transposed
+            (swapped(CHANNELS_LAST, buffers[CHANNELS_LAST].contiguous()),
+             r"buffers\[4\] must be None or a torch\.float32 tensor"),  # not channels_last
+            (swapped(3, params[3]), r"params\[3\] and buffers\[3\] share memory")):
+        with pytest.raises(ValueError, match=message):
+            plan.set_buffers(bad)
+        assert all(a is b for a, b in zip(plan.buffers, kept)) and len(plan.buffers) == len(kept)
+        assert all(torch.equal(p, q) for p, q in zip(params, perturbed)) and plan.perturbed
+    for p in params:  # the descent gradients
+        p.grad = rand(p.shape, torch.float32, gen).contiguous(memory_format=torch.channels_last if p.dim() == 4
+                                                              else torch.contiguous_format)
+    sgd = [SGDGroup(lr=0.1, momentum=0.9), SGDGroup(lr=0.05, momentum=0.5, dampening=0.25)]
+    refs = [s.clone() for s in start]
+    opts = [torch.optim.SGD([r for r, g in zip(refs, groups) if g == k], lr=h.lr, momentum=h.momentum,
+                            dampening=h.dampening) for k, h in enumerate(sgd)]
+    for r, p, b, g in zip(refs, params, buffers, groups):
+        r.grad = p.grad.clone()
+        opts[g].state[r]["momentum_buffer"] = b.clone()
+    assert plan.restore_sgd(sgd) == []  # every buffer given: none made
+    for o in opts:
+        o.step()
+    # bit for bit: a fused multiply-add exactly where torch's SGD has one (as above)
+    eps = torch.finfo(torch.float32).eps
+    exact = backend != "triton" or interpreter_fma_is_fused()
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=2 * eps, atol=4 * eps)
+    for p, r, b, o, g in zip(params, refs, plan.buffers, kept, groups):
+        torch.testing.assert_close(p, r, **tol)
+        assert b is o  # the buffers given, updated in place
+        torch.testing.assert_close(b, opts[g].state[r]["momentum_buffer"], **tol)
 
 
 @pytest.mark.cpu
@@ -827,15 +911,16 @@ def test_the_optimizer_counts_skipped_steps_across_plans(gen, monkeypatch):
     assert opt.skipped_steps() == 2
 
 
-@pytest.mark.parametrize("backend,device", [pytest.param(p.values[0], "cpu", marks=p.marks) for p in KERNEL_BACKENDS]
+# the kernels that count their norm blocks: Triton's and the CUDA kernel (the C++ CPU kernel sums
+# in its last launch without a counter, so nothing there could fail this test)
+@pytest.mark.parametrize("backend,device", [pytest.param(p.values[0], "cpu", marks=p.marks) for p in KERNEL_BACKENDS
+                                            if p.values[0] == "triton"]
                          + [pytest.param(b, "cuda", marks=pytest.mark.cuda) for b in ("triton", "ext")])
 def test_a_norm_launch_that_fails_part_way_leaves_the_next_step_right(backend, device, monkeypatch, gen):
     """The norm's last block (of the step's last norm launch) writes the scale and resets the
     blocks' counter. A failure between two parts' launches (a compile error of the second
     dtype's kernel, an interrupt) must not leave the first part's count for the next step,
-    whose last block would then come early, from partial sums not all written. (The C++ CPU
-    kernel sums in its last launch without a counter: the check that matters there is Triton's
-    and the CUDA kernel's.)"""
+    whose last block would then come early, from partial sums not all written."""
     params = [rand((5000,), torch.float32, gen, device), rand((3000,), torch.float64, gen, device)]  # two parts
     for p in params:
         p.grad = rand(p.shape, p.dtype, gen, device)
