@@ -12,6 +12,12 @@ def rand(shape, dtype=torch.float32, generator=None, device="cpu"):
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
+def rand64(shape, generator=None):
+    """Float64 values with all 53 bits in use (``rand`` casts fp32 values, which fp32 math
+    would keep exact)."""
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
 def rand_mask(shape, density=0.5, generator=None, device="cpu"):
     return (torch.rand(shape, generator=generator) < density).to(device)
 
@@ -60,14 +66,14 @@ import os  # noqa: E402
 import pytest  # noqa: E402
 
 TRITON_ON_CPU = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
-_needs_interpreter = pytest.mark.skipif(
+needs_interpreter = pytest.mark.skipif(
     not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1 (set by conftest when no GPU is present)"
 )
 
 # Parametrize an op test over these: the reference in the cpu tier, Triton in the interpret tier.
 BACKENDS = [
     pytest.param("torch", marks=pytest.mark.cpu),
-    pytest.param("triton", marks=[pytest.mark.interpret, _needs_interpreter]),
+    pytest.param("triton", marks=[pytest.mark.interpret, needs_interpreter]),
 ]
 
 
@@ -78,10 +84,11 @@ def _extension_loaded() -> bool:
 
 
 EXT_BUILT = _extension_loaded()
+needs_ext = pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")
 # ...plus the compiled extension's C++ CPU kernels (cpu tier), for the ops it implements. CI
 # installs with the extension, so these run there; a pure-Python install skips them.
 BACKENDS_WITH_EXT = BACKENDS + [
-    pytest.param("ext", marks=[pytest.mark.cpu, pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")]),
+    pytest.param("ext", marks=[pytest.mark.cpu, needs_ext]),
 ]
 
 

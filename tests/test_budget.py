@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TRITON_ON_CPU, SmallConvBN
+from helpers import SmallConvBN, needs_interpreter
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -148,7 +148,7 @@ def test_costs_measured_under_autocast_are_the_costs(name, gen):
 
 
 @pytest.mark.interpret
-@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+@needs_interpreter
 def test_ascent_count_is_the_same_when_triton_computes_the_weight_gradient(gen, monkeypatch):
     """The linears' masked weight gradient in the Triton kernel: FlopCounterMode still counts
     it (the op carries its FLOP formula), so the estimate still equals the count."""

@@ -5,12 +5,12 @@ references live in test_<op>.py (backend "ext")."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EXT_BUILT, SmallConvBN, make_closure, rand, rand_mask
+from helpers import SmallConvBN, make_closure, needs_ext, rand, rand_mask
 
 import ssam
 import ssam_kernels as sk
 
-pytestmark = [pytest.mark.cpu, pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")]
+pytestmark = [pytest.mark.cpu, needs_ext]
 
 
 def _samples(gen):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand64, rand_mask
 
 from ssam_kernels import grad_norm, pack_mask
 
@@ -94,11 +94,6 @@ def test_errors():
 
 # --- float64: accumulation and result in float64 ---------------------------------------------
 
-def _rand64(shape, gen):
-    """Float64 values with all 53 bits in use (``rand`` casts fp32 values)."""
-    return torch.randn(shape, generator=gen, dtype=torch.float64)
-
-
 def _exact(tensors, masks=None):
     """The float64 norm from an exactly rounded sum (math.fsum) of the float64 squares."""
     masks = masks or [None] * len(tensors)
@@ -116,7 +111,7 @@ FP64_RTOL = 1e-13
 @pytest.mark.parametrize("numel", ODD_SIZES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_float64_accumulates_in_float64(masked, numel, backend, gen):
-    t = _rand64((numel,), gen)
+    t = rand64((numel,), gen)
     masks = [rand_mask((numel,), generator=gen)] if masked else None
     out = grad_norm([t], masks, backend=backend)
     assert out.dim() == 0 and out.dtype == torch.float64
@@ -128,7 +123,7 @@ def test_any_float64_tensor_makes_the_whole_norm_float64(backend, gen):
     # the fp32/fp16 tensors' squares are exact in float64 too, so the exact sum is the reference
     shapes = [(0,), (4095,), (3, 5), (10**5 + 3,), (7,)]
     dtypes = [torch.float64, torch.float32, torch.float16, torch.float32, torch.float64]
-    ts = [_rand64(s, gen).to(d) for s, d in zip(shapes, dtypes)]
+    ts = [rand64(s, gen).to(d) for s, d in zip(shapes, dtypes)]
     ms = [rand_mask(s, generator=gen) for s in shapes]
     for masks in (None, [ms[0], pack_mask(ms[1]), None, ms[3], pack_mask(ms[4])]):
         out = grad_norm(ts, masks, backend=backend)
@@ -141,5 +136,5 @@ def test_any_float64_tensor_makes_the_whole_norm_float64(backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_float64_empty_or_all_masked_out_is_a_float64_zero(backend, gen):
     for out in (grad_norm([torch.zeros(0, dtype=torch.float64)], backend=backend),
-                grad_norm([_rand64((9,), gen)], [torch.zeros(9, dtype=torch.bool)], backend=backend)):
+                grad_norm([rand64((9,), gen)], [torch.zeros(9, dtype=torch.bool)], backend=backend)):
         assert out.dtype == torch.float64 and out.item() == 0.0

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, TRITON_ON_CPU, GridRecorder, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS, GridRecorder, backend_dtypes, needs_interpreter, rand, rand_mask
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssam_kernels import BackendUnavailableError, grad_norm, masked_weight_grad, pack_mask
@@ -183,7 +183,7 @@ def test_cuda_triton_equals_reference(dtype):
 
 
 @pytest.mark.interpret
-@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+@needs_interpreter
 def test_triton_interpreter_refuses_bfloat16(gen):
     """numpy, which the interpreter computes in, has no bfloat16: a clear error, not garbage."""
     dy, x = torch.randn(8, 4, generator=gen).bfloat16(), torch.randn(8, 16, generator=gen).bfloat16()

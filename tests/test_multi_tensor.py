@@ -3,7 +3,7 @@ hit), bounded, never evicted once a CUDA graph capture uses them, and never stal
 
 import pytest
 import torch
-from helpers import EXT_BUILT, TRITON_ON_CPU, rand, rand_mask
+from helpers import needs_ext, needs_interpreter, rand, rand_mask
 
 from ssam_kernels import (BitMask, grad_norm, pack_mask, packed_nbytes, perturb_, restore_, restore_sgd_step_,
                           topk_mask)
@@ -13,7 +13,6 @@ from ssam_kernels import _device_tables as device_tables  # noqa: E402
 from ssam_kernels.triton_ops import multi_tensor as mt  # noqa: E402
 
 CPU = torch.device("cpu")
-needs_interpreter = pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
 
 
 @pytest.fixture
@@ -279,7 +278,7 @@ def _captured_norm_and_restore_replay(gen, backend, after_capture=lambda: None):
 
 @pytest.mark.cuda
 @pytest.mark.memcheck
-@pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")
+@needs_ext
 def test_the_extension_list_ops_replay_from_a_graph_captured_on_a_side_stream(gen):
     """The extension's tables are cached per stream and torch.cuda.graph captures on a side
     stream, so a captured call builds its tables: from pinned memory set aside before the

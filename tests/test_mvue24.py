@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, backend_dtypes, rand
+from helpers import BACKENDS, backend_dtypes, needs_interpreter, rand
 
 from ssam_kernels import mvue24
 from ssam_kernels.ops.mvue24 import U_MAX, inclusion_probabilities, mvue24_torch
@@ -203,14 +203,11 @@ def test_every_seed_torch_takes_draws_its_stream():
 
 
 @pytest.mark.interpret
+@needs_interpreter
 def test_triton_takes_the_reference_beyond_int32_group_ids(gen, monkeypatch):
     """The Triton kernel numbers groups (Philox counters, uniforms' offsets) in int32: a call
     whose programs would number more than MAX_GROUPS (2**31) takes the reference; shown with the
     limit lowered."""
-    from helpers import TRITON_ON_CPU
-
-    if not TRITON_ON_CPU:
-        pytest.skip("needs triton with TRITON_INTERPRET=1")
     import ssam_kernels.ops.mvue24 as ops_mvue
     from ssam_kernels.triton_ops import mvue24 as triton_mvue
 

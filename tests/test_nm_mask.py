@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, backend_dtypes, rand
+from helpers import BACKENDS_WITH_EXT, backend_dtypes, needs_interpreter, rand
 
 from ssam_kernels import nm_mask
 
@@ -99,13 +99,10 @@ def test_errors():
 
 
 @pytest.mark.interpret
+@needs_interpreter
 def test_triton_takes_the_reference_beyond_int32_group_ids(gen, monkeypatch):
     """The Triton kernel numbers groups in int32: a call whose programs would number more than
     MAX_GROUPS (2**31) takes the reference; shown with the limit lowered."""
-    from helpers import TRITON_ON_CPU
-
-    if not TRITON_ON_CPU:
-        pytest.skip("needs triton with TRITON_INTERPRET=1")
     import ssam_kernels.ops.nm_mask as ops_nm
     from ssam_kernels.triton_ops import nm_mask as triton_nm
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand_mask
+from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand64, rand_mask
 
 from ssam_kernels import PerturbBackup, pack_mask, perturb_, restore_
 
@@ -154,12 +154,6 @@ def test_restore_rejects_a_backup_of_the_wrong_size(gen):
 
 # --- float64: the math is float64 (fp32 math would round w + e to fp32 precision) -------------
 
-def _rand64(shape, gen):
-    """Float64 values with all 53 bits in use (``rand`` casts fp32 values, which fp32 math
-    would keep exact)."""
-    return torch.randn(shape, generator=gen, dtype=torch.float64)
-
-
 def _scale_kinds():
     """A number, a float64 tensor (as ``rho / (norm + eps)`` from a float64 norm) and an fp32
     tensor, none of them exact in fp32 except the last."""
@@ -172,8 +166,8 @@ def _scale_kinds():
 @pytest.mark.parametrize("scale_kind,grad_dtype", [("number", torch.float64), ("f64", torch.float32),
                                                     ("f32", torch.float64)])
 def test_float64_params_are_perturbed_in_float64(scale_kind, grad_dtype, masked, numel, backend, gen):
-    w = _rand64((numel,), gen)
-    g = _rand64((numel,), gen).to(grad_dtype)
+    w = rand64((numel,), gen)
+    g = rand64((numel,), gen).to(grad_dtype)
     m = rand_mask((numel,), generator=gen) if masked else None
     scale = _scale_kinds()[scale_kind]
     s = scale.double() if isinstance(scale, torch.Tensor) else scale  # an fp32 scale is widened
@@ -193,8 +187,8 @@ def test_float64_params_are_perturbed_in_float64(scale_kind, grad_dtype, masked,
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_float64_zero_scale_leaves_weights_as_they_are(backend, gen):
     # SAM with rho = 0 must follow SGD exactly: w + 0 * g == w in float64 too
-    ws = [_rand64((4095,), gen), _rand64((3, 5), gen)]
-    gs = [_rand64((4095,), gen), rand((3, 5), torch.float32, gen)]
+    ws = [rand64((4095,), gen), rand64((3, 5), gen)]
+    gs = [rand64((4095,), gen), rand((3, 5), torch.float32, gen)]
     originals = [w.clone() for w in ws]
     for scale in (0.0, torch.tensor(0.0, dtype=torch.float64) / (torch.tensor(2.5, dtype=torch.float64) + 1e-7)):
         with torch.no_grad():
@@ -207,7 +201,7 @@ def test_float64_scale_for_narrower_params_is_read_in_fp32(dtype, backend, gen):
     # a float64 norm gives a float64 scale; fp32/fp16/bf16 params keep fp32 math (the scale
     # rounded to fp32 once), so the result is the fp32 one bit for bit
     ws = [rand((4095,), dtype, gen), rand((3, 5), dtype, gen)]
-    gs = [rand((4095,), dtype, gen), _rand64((3, 5), gen)]
+    gs = [rand((4095,), dtype, gen), rand64((3, 5), gen)]
     ms = [rand_mask((4095,), generator=gen), None]
     scale = torch.tensor(0.05, dtype=torch.float64) / (torch.tensor(0.7, dtype=torch.float64) + 1e-7)
     expected = [_expected(w, g, m, scale.float()) for w, g, m in zip(ws, gs, ms)]

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS_WITH_EXT, EXT_BUILT, TRITON_ON_CPU, backend_dtypes, interpreter_fma_is_fused, rand, rand_mask
+from helpers import (BACKENDS_WITH_EXT, backend_dtypes, interpreter_fma_is_fused, needs_ext, needs_interpreter, rand,
+                     rand_mask)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssam
@@ -104,7 +105,7 @@ def test_perturb_and_restore_against_the_oracle(backend, dtype, masked_norm, gen
 
 
 @pytest.mark.interpret
-@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+@needs_interpreter
 @pytest.mark.parametrize("masked_norm", [False, True])
 def test_triton_perturbation_is_the_references_bit_for_bit(masked_norm, gen):
     """Same norm formula (reciprocal(sqrt(sum) + eps) * rho, unfused products): the fp32
@@ -361,7 +362,7 @@ def test_a_mask_written_in_place_is_refused_before_any_write(backend, host_loops
 
 
 @pytest.mark.cpu
-@pytest.mark.skipif(not EXT_BUILT, reason="ssam_kernels._C not built")
+@needs_ext
 def test_the_optimizer_steps_unplanned_when_its_mask_bits_were_written_in_place(gen, monkeypatch):
     """SSAM-F's planned step meets a mask written in place (its own masks are replaced whole; a
     write into their bits, as a broadcast into them would make): the perturbation goes through
@@ -670,12 +671,11 @@ def _model(width):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("kind", ["SAM", "SSAMF"])
+@needs_interpreter
 def test_a_planned_step_launches_three_kernels_whatever_the_number_of_tensors(kind, monkeypatch):
     """SAM and SSAM-F with fused SGD on a GPU's choices (Triton): the norm, the perturbation,
     the restore + SGD: 3 launches, and the same dispatcher ops, for 8 tensors or 64, none of
     them a host sync. (The launches are recorded, not run.)"""
-    if not TRITON_ON_CPU:
-        pytest.skip("needs triton with TRITON_INTERPRET=1")
     monkeypatch.setenv("SSAM_BACKEND", "triton")
     counts, names = {}, {}
     for width in (4, 32):
@@ -758,7 +758,7 @@ def _steps_against_the_reference(dev, masks, backend, steps=2):
 
 
 @pytest.mark.interpret
-@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+@needs_interpreter
 def test_gradients_off_16_bytes_cost_the_weights_no_vectors(gen):
     """Gradients as views of one flat bucket, each starting 4 bytes past 16 (DDP's
     ``gradient_as_bucket_view``): the steps equal the reference's, and the kernels are told the
@@ -885,11 +885,8 @@ def test_a_whole_step_captured_in_a_cuda_graph_replays_to_eager_weights(kind):
 
 
 @pytest.mark.cpu
+@needs_ext
 def test_the_optimizer_counts_skipped_steps_across_plans(gen, monkeypatch):
-    from helpers import EXT_BUILT
-
-    if not EXT_BUILT:
-        pytest.skip("ssam_kernels._C not built")
     monkeypatch.setenv("SSAM_BACKEND", "ext")
     model = _model(2)
     x = torch.randn(8, 4, generator=gen)
@@ -952,15 +949,12 @@ def test_a_norm_launch_that_fails_part_way_leaves_the_next_step_right(backend, d
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("kind", ["SAM", "SSAM"])
+@needs_ext  # (the CPU plan is the extension's)
 def test_compiled_optimizer_steps_equal_eager_ones(kind):
     """torch.compile of first_step / second_step, from the first step on (the plan is made
     inside the compiled frame): the plan's kernels write through address tables, which no op
     schema declares, so traced they were dropped (weights left at w + e, no SGD step). The plan
     runs eagerly inside the compiled code: the same weights as eager, bit for bit."""
-    from helpers import EXT_BUILT
-
-    if not EXT_BUILT:
-        pytest.skip("ssam_kernels._C not built (the CPU plan is the extension's)")
     gen = torch.Generator().manual_seed(0)
     xs, ys = [torch.randn(16, 10, generator=gen) for _ in range(3)], [torch.randn(16, 4, generator=gen) for _ in range(3)]
 
@@ -990,15 +984,12 @@ def test_compiled_optimizer_steps_equal_eager_ones(kind):
 
 
 @pytest.mark.cpu
+@needs_ext  # (the CPU plan is the extension's)
 def test_a_captured_plan_outlives_its_replacement_until_forgotten(gen):
     """A mask update replaces the plan; one a CUDA graph captured is kept (the graph replays its
     kernels on its tables and buffers) with a warning to capture again, until
     forget_captured_plans(). (Capture itself needs a GPU: the flag a captured step sets is set
     by hand here.)"""
-    from helpers import EXT_BUILT
-
-    if not EXT_BUILT:
-        pytest.skip("ssam_kernels._C not built (the CPU plan is the extension's)")
     model = _model(2)
     x = torch.randn(8, 4, generator=gen)
     opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10, seed=0,

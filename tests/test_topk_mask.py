@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS, backend_dtypes, rand
+from helpers import BACKENDS, backend_dtypes, needs_interpreter, rand
 
 from ssam_kernels import keep_count, topk_mask
 
@@ -87,13 +87,10 @@ def test_errors():
 
 
 @pytest.mark.interpret
+@needs_interpreter
 def test_triton_takes_the_reference_beyond_int32_counts(gen, monkeypatch):
     """The Triton histograms count in int32: a call with more scores than MAX_TOTAL (2**31 - 1)
     takes the reference (its counts are int64); shown with the limit lowered."""
-    from helpers import TRITON_ON_CPU
-
-    if not TRITON_ON_CPU:
-        pytest.skip("needs triton with TRITON_INTERPRET=1")
     from ssam_kernels.triton_ops import topk_mask as triton_topk
 
     scores = [rand((40,), generator=gen), rand((25,), generator=gen)]
