@@ -217,6 +217,9 @@ def sweep_calls():
                 calls.append((f"nm_mask {n}:{m} {dtype} magnitude={magnitude}",
                               lambda d=dtype, n=n, m=m, g=magnitude: sk.nm_mask(torch.randn(64, 96).to(d), n, m,
                                                                                 magnitude=g, backend="triton")))
+        for n, m in ((5, 16), (3, 32)):  # one group per row and rows not a multiple of 16 (their own specialization)
+            calls.append((f"nm_mask {n}:{m} {dtype} one group per row",
+                          lambda d=dtype, n=n, m=m: sk.nm_mask(torch.randn(7, m - 3).to(d), n, m, backend="triton")))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         calls.append((f"mvue24 {dtype}", lambda d=dtype: (sk.mvue24(torch.randn(64, 96).to(d), seed=1, backend="triton"),
                                                           sk.mvue24(torch.randn(64, 96).to(d), uniforms=torch.rand(64, 24),
