@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import reduce
 from operator import or_
 
 import torch
@@ -144,7 +143,10 @@ def aligned_at(*ptr_lists) -> list[bool]:
     """Per index ``i``: whether every operand's address ``ptr_lists[j][i]`` (from
     :func:`~ssam_kernels._host_loops.data_ptrs`; 0 where an operand has no tensor) is on 16
     bytes. The addresses are read once per operand list and reused for its address tables."""
-    return [not (reduce(or_, ps) & 15) for ps in zip(*ptr_lists)]
+    combined = ptr_lists[0]
+    for ptrs in ptr_lists[1:]:  # (map over operator.or_: no Python frame per index)
+        combined = map(or_, combined, ptrs)
+    return [not (p & 15) for p in combined]
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,13 +232,22 @@ def operands_at(tensors: dict, ptrs: dict, idx: list[int], masked: bool) -> dict
     """Per operand of a launch group: ``(tensors, addresses)`` at the group's indices ``idx``
     (``tensors`` and ``ptrs``: per operand name, one entry per index of the call); the
     ``bits`` operand empty where the group is not ``masked``."""
-    return {name: ([], []) if name == "bits" and not masked else ([ts[i] for i in idx], [ptrs[name][i] for i in idx])
-            for name, ts in tensors.items()}
+    def at(name, ts):
+        if name == "bits" and not masked:
+            return [], []
+        if len(idx) == len(ts):  # every index, in order (group_by's indices increase): no copy
+            return ts, ptrs[name]
+        return [ts[i] for i in idx], [ptrs[name][i] for i in idx]
+
+    return {name: at(name, ts) for name, ts in tensors.items()}
 
 
-def group_by(keys: list, indices=None) -> dict:
-    """Indices grouped by key, in first-seen order (one launch per group)."""
+def group_by(keys: list) -> dict:
+    """Indices grouped by key, in first-seen order (one launch per group), increasing within
+    each group."""
+    if keys and keys.count(keys[0]) == len(keys):  # one group, the usual case: no Python loop
+        return {keys[0]: list(range(len(keys)))}
     groups: dict = {}
     for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i if indices is None else indices[i])
+        groups.setdefault(k, []).append(i)
     return groups
