@@ -48,6 +48,26 @@ def regression_batch(generator, n=8, din=10, dout=4):
     return torch.randn(n, din, generator=generator), torch.randn(n, dout, generator=generator)
 
 
+def hand_written_sam_step(model, x, y, rho, lr, momentum, adaptive, bufs):
+    """One SAM step written out by hand: e = rho g / (||g|| + 1e-7) (ASAM: w^2 g / (||w g|| +
+    1e-7)), the gradient at w + e, back to exactly w, torch's SGD with momentum (no dampening;
+    ``bufs``: one momentum buffer or None per parameter, updated in place)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
+    with torch.no_grad():
+        scaled = [p.abs() * g if adaptive else g for p, g in zip(params, grads)]
+        scale = rho / (torch.cat([s.reshape(-1) for s in scaled]).norm() + 1e-7)
+        saved = [p.clone() for p in params]
+        for p, g in zip(params, grads):
+            p.add_((p * p * g if adaptive else g) * scale)
+    grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
+    with torch.no_grad():
+        for i, (p, s, g) in enumerate(zip(params, saved, grads)):
+            p.copy_(s)
+            bufs[i] = g.clone() if bufs[i] is None else bufs[i].mul_(momentum).add_(g)
+            p.add_(bufs[i], alpha=-lr)
+
+
 def make_closure(model, x, y, loss_fn=F.mse_loss):
     """The closure SAM-style optimizers take: loss at the current weights, backward, return."""
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import STEP_PATHS as PATHS
-from helpers import MLP, make_closure, regression_batch, setup_training, weights_of
+from helpers import MLP, hand_written_sam_step, make_closure, regression_batch, setup_training, weights_of
 
 import ssam
 
@@ -274,25 +274,6 @@ def test_adaptive_set_through_param_groups_takes_effect(backend, kind, mode, fir
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(results["toggled"], results["kept"]))
 
 
-def _hand_written_sam_step(model, x, y, rho, lr, momentum, adaptive, bufs):
-    """One SAM step written out by hand: e = rho g / (||g|| + 1e-7) (ASAM: w^2 g / (||w g|| +
-    1e-7)), the gradient at w + e, back to exactly w, torch's SGD with momentum (no dampening)."""
-    params = list(model.parameters())
-    grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
-    with torch.no_grad():
-        scaled = [p.abs() * g if adaptive else g for p, g in zip(params, grads)]
-        scale = rho / (torch.cat([s.reshape(-1) for s in scaled]).norm() + 1e-7)
-        saved = [p.clone() for p in params]
-        for p, g in zip(params, grads):
-            p.add_((p * p * g if adaptive else g) * scale)
-    grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
-    with torch.no_grad():
-        for i, (p, s, g) in enumerate(zip(params, saved, grads)):
-            p.copy_(s)
-            bufs[i] = g.clone() if bufs[i] is None else bufs[i].mul_(momentum).add_(g)
-            p.add_(bufs[i], alpha=-lr)
-
-
 @pytest.mark.cpu
 @pytest.mark.parametrize("first, then", [(False, True), (True, False)])
 def test_adaptive_set_through_param_groups_steps_as_hand_written_sam_on_the_reference(first, then, monkeypatch, gen):
@@ -311,7 +292,7 @@ def test_adaptive_set_through_param_groups_steps_as_hand_written_sam_on_the_refe
         for adaptive in flags:
             opt.param_groups[0]["adaptive"] = adaptive
             _step(opt, model, x, y)
-            _hand_written_sam_step(ref, x, y, rho=0.05, lr=0.1, momentum=0.9, adaptive=adaptive, bufs=bufs)
+            hand_written_sam_step(ref, x, y, rho=0.05, lr=0.1, momentum=0.9, adaptive=adaptive, bufs=bufs)
         # fp32 rounding only: the norm summed in another order moves e by an ulp or so, and the
         # weights by less than an ulp of w (|e| << |w|), as test_sam's hand-written reference
         for p, q in zip(model.parameters(), ref.parameters()):

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, make_closure, regression_batch
+from helpers import MLP, hand_written_sam_step, make_closure, regression_batch
 
 import ssam
 
@@ -23,28 +23,10 @@ def _sam_steps(opt, model, batches):
 
 
 def _reference_sam(model, batches, rho, lr, momentum, adaptive=False):
-    """SAM written out by hand: e = rho g / (||g|| + 1e-7) (ASAM: w^2 g / ||w g||), gradient at
-    w + e, back to exactly w, SGD with momentum."""
-    params = list(model.parameters())
-    buf = [None] * len(params)
+    """SAM written out by hand (helpers.hand_written_sam_step), one step per batch."""
+    buf = [None] * len(list(model.parameters()))
     for x, y in batches:
-        grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
-        with torch.no_grad():
-            if adaptive:
-                norm = torch.cat([(p.abs() * g).reshape(-1) for p, g in zip(params, grads)]).norm()
-                es = [p * p * g * (rho / (norm + 1e-7)) for p, g in zip(params, grads)]
-            else:
-                norm = torch.cat([g.reshape(-1) for g in grads]).norm()
-                es = [g * (rho / (norm + 1e-7)) for g in grads]
-            saved = [p.clone() for p in params]
-            for p, e in zip(params, es):
-                p.add_(e)
-        grads = torch.autograd.grad(F.mse_loss(model(x), y), params)
-        with torch.no_grad():
-            for i, (p, s, g) in enumerate(zip(params, saved, grads)):
-                p.copy_(s)
-                buf[i] = g.clone() if buf[i] is None else buf[i].mul_(momentum).add_(g)
-                p.add_(buf[i], alpha=-lr)
+        hand_written_sam_step(model, x, y, rho, lr, momentum, adaptive, buf)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
