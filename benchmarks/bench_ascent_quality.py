@@ -15,7 +15,6 @@ to accuracy: device-independent quality figures (no timing).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 

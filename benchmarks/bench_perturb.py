@@ -22,7 +22,6 @@ optimizer memory per parameter (mask + backup) is reported beside the official 8
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch

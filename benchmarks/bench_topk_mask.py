@@ -12,7 +12,6 @@ a ResNet-50-like list of tensors scaled to the requested total.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch

@@ -8,7 +8,7 @@ import torch
 
 from . import _host_loops
 from ._host_loops import FLOAT_DTYPES, c_fit, c_loops, unexplained_misfit
-from .ops.bitmask import BitMask, unpack_mask
+from .ops.bitmask import BitMask, unpack_bits, unpack_mask
 
 
 def _kind(x) -> str:
@@ -79,18 +79,12 @@ def disjoint_lists(named: list[tuple[str, list]]) -> None:
     the two entries that share memory."""
     if torch.compiler.is_compiling():  # (traced tensors have no addresses; eager calls check)
         return
-    if len(named) == 1:
-        flat, where = named[0][1], None
-    else:
-        flat, where = [], []
-        for name, tensors in named:
-            for i, t in enumerate(tensors):
-                if t is not None:
-                    flat.append(t)
-                    where.append(f"{name}[{i}]")
-    pair = overlapping_pair(flat if type(flat) is list else list(flat))
+    # every list's entries end to end, None skipped; the names are made only for an error
+    flat = list(named[0][1]) if len(named) == 1 else [t for _, tensors in named for t in tensors if t is not None]
+    pair = overlapping_pair(flat)
     if pair is not None:
-        first, second = (f"{named[0][0]}[{i}]" for i in pair) if where is None else (where[i] for i in pair)
+        where = [(name, i) for name, tensors in named for i, t in enumerate(tensors) if t is not None]
+        first, second = (f"{where[i][0]}[{where[i][1]}]" for i in pair)
         raise ValueError(f"{first} and {second} share memory (the same tensor twice, or overlapping views): an "
                          "in-place step over both would be wrong")
 
@@ -150,13 +144,22 @@ def mask_list(masks, refs: list[torch.Tensor], ref_name: str) -> list[torch.Tens
     return masks
 
 
-def as_bool(mask: torch.Tensor | BitMask) -> torch.Tensor:
-    """The bool tensor for an already checked mask entry."""
-    return unpack_mask(mask) if isinstance(mask, BitMask) else mask
+def as_bool(mask, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The bool tensor for an already checked mask entry: a bool tensor, a BitMask, or (inside
+    an op) a BitMask's uint8 bits, shaped like ``like``."""
+    if isinstance(mask, BitMask):
+        return unpack_mask(mask)
+    if mask.dtype == torch.uint8:
+        if like is None:
+            raise TypeError("as_bool: packed mask bits need the tensor they mask (like=)")
+        return unpack_bits(mask, like.shape)
+    return mask
 
 
 def spans_devices(tensors) -> bool:
     """Whether a list of tensors lies on more than one device."""
+    if c_loops() and type(tensors) is list:
+        return _host_loops._host.first_elsewhere(tensors) >= 0
     return any(t.device != tensors[0].device for t in tensors)
 
 

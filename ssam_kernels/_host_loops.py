@@ -11,8 +11,8 @@ model with hundreds of tensors pays on every call; the C loop costs nanoseconds.
 * :func:`data_ptrs`: the data addresses of a list of tensors, for the multi-tensor launchers'
   address tables and alignment tests.
 * :func:`c_fit`: the per-tensor checks of the public ops' arguments (``_checks.tensor_list``,
-  ``same_shapes``, ``mask_list``, ``perturb.check_backup``) and of the mask bits an op rebuilds
-  BitMasks from (``bitmask.masks_from_args``) find the first entry that does not fit in C; their
+  ``same_shapes``, ``mask_list``, ``perturb.check_backup``) and of the mask bits an op is
+  passed (``bitmask.check_mask_args``) find the first entry that does not fit in C; their
   Python loops then say what is wrong with it (the rules and messages live there).
 * :func:`check_list_operands`: what the list ops (``perturb_``, ``restore_``,
   ``restore_sgd_step_``) index by, checked inside the op, so a direct
@@ -39,7 +39,8 @@ except ImportError:
 if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "operands_misfit", "grad_addresses",
                                                             "data_ptrs", "tensors_misfit", "masks_misfit",
                                                             "bits_misfit", "backup_misfit", "same_entries",
-                                                            "overlapping_pair", "same_versions", "same_values")):
+                                                            "overlapping_pair", "same_versions", "same_values",
+                                                            "first_elsewhere")):
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 

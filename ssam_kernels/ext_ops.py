@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops.bitmask import as_bitmask, packed_nbytes
+from . import _checks
+from .ops.bitmask import bits_of, packed_nbytes
 from .ops.grad_norm import accumulation_dtype, grad_norm_torch
 from .ops.nm_mask import nm_mask_torch
 from .ops.perturb import PerturbBackup, perturb_torch, restore_torch
@@ -20,32 +21,30 @@ _ops = torch.ops.ssam
 
 
 def _one_device_contiguous(tensors) -> bool:
-    device = tensors[0].device
-    return all(t.device == device and t.is_contiguous() for t in tensors)
+    tensors = list(tensors)
+    return not _checks.spans_devices(tensors) and all(map(torch.Tensor.is_contiguous, tensors))
 
 
 def grad_norm_ext(tensors, masks):
     if not _one_device_contiguous(tensors):
         return grad_norm_torch(tensors, masks)
-    bits = [None if m is None else as_bitmask(m).bits for m in masks]
+    bits = bits_of(masks)
     return _ops.grad_norm(tensors, bits).to(tensors[0].device)
 
 
 def perturb_ext(params, grads, masks, scale, values) -> None:
-    masks = [as_bitmask(m) for m in masks]
     if not _one_device_contiguous(params):
         return perturb_torch(params, grads, masks, scale, values)
     # a number stays on the host (the CUDA op reads it there: no copy to the device, no wait),
     # as a float64, which float64 params take unrounded
     scale_t = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
-    _ops.perturb_(params, grads, [None if m is None else m.bits for m in masks], values, scale_t)
+    _ops.perturb_(params, grads, bits_of(masks), values, scale_t)
 
 
 def restore_ext(params, backup: PerturbBackup) -> None:
-    masks = [as_bitmask(m) for m in backup.masks]
     if not _one_device_contiguous(params):
-        return restore_torch(params, PerturbBackup(backup.values, masks))
-    _ops.restore_(params, backup.values, [None if m is None else m.bits for m in masks])
+        return restore_torch(params, backup)
+    _ops.restore_(params, backup.values, bits_of(backup.masks))
 
 
 def nm_mask_ext(scores, n, m, magnitude):

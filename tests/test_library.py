@@ -429,7 +429,7 @@ def _public_check_cases():
     """(what, call) pairs: each public argument check on one bad input (the message expected
     names it), and on good inputs (None expected)."""
     from ssam_kernels import _checks
-    from ssam_kernels.ops.bitmask import masks_from_args
+    from ssam_kernels.ops.bitmask import check_mask_args
     from ssam_kernels.ops.perturb import PerturbBackup, check_backup
 
     ws = [torch.zeros(4), torch.zeros(2, 3)]
@@ -469,19 +469,35 @@ def _public_check_cases():
                                                                                    bits))),
         (r"backup.values\[0\] holds 4 values but masks\[0\] selects 3",
          lambda: check_backup(ws, PerturbBackup([torch.zeros(4), torch.zeros(6)], bits))),
-        (None, lambda: masks_from_args([bits[0].bits, None], ws)),
-        (r"masks has 1 entries but the tensors it masks 2", lambda: masks_from_args([bits[0].bits], ws)),
-        (r"masks has 2 entries but the tensors it masks 2 \(and 1 counts\)",
-         lambda: masks_from_args([bits[0].bits, None], ws, [3])),
+        (None, lambda: check_mask_args([bits[0].bits, None], ws)),
+        (None, lambda: check_mask_args([None, torch.ones(2, 3, dtype=torch.bool)], ws)),
+        (r"masks has 1 entries but the tensors it masks 2", lambda: check_mask_args([bits[0].bits], ws)),
         (None, lambda: _checks.mask_list([_list_shaped(bits[0]), None], ws, "params")),  # a shape given as a list
         (r"grads\[0\] has shape", lambda: _checks.same_shapes(  # sizes C cannot read: Python decides
             "grads", [torch.nested.nested_tensor([torch.zeros(3), torch.zeros(2)], layout=torch.jagged)], "params",
             [torch.zeros(2, 3)])),
         (r"BitMask.bits has 2 bytes; a mask of shape \(4,\) needs 1",
-         lambda: masks_from_args([torch.zeros(2, dtype=torch.uint8), None], ws)),
+         lambda: check_mask_args([torch.zeros(2, dtype=torch.uint8), None], ws)),
         (r"BitMask.bits must be a contiguous 1-D tensor",
-         lambda: masks_from_args([None, torch.zeros(1, 1, dtype=torch.uint8)], ws)),
+         lambda: check_mask_args([None, torch.zeros(1, 1, dtype=torch.uint8)], ws)),
+        (None, lambda: sk.restore_sgd_step_([torch.zeros(4), torch.zeros(2, 3)], [torch.ones(4), torch.ones(2, 3)],
+                                            [None, torch.zeros(2, 3)], PerturbBackup(
+                                                [torch.zeros(3), torch.zeros(6)], bits), lr=0.1, momentum=0.9)),
+        (r"momentum_buffers\[1\] must be None or a tensor shaped like params\[1\] on its device",
+         lambda: sk.restore_sgd_step_(ws, ws, [None, torch.zeros(3, 2)], good_backup, lr=0.1, momentum=0.9)),
+        (r"momentum_buffers\[1\] must be None or a tensor", lambda: sk.restore_sgd_step_(
+            ws, ws, [torch.zeros(4), 5], good_backup, lr=0.1, momentum=0.9)),
+        (r"momentum_buffers\[1\] must be None or a tensor", lambda: sk.restore_sgd_step_(
+            ws, ws, [torch.zeros(4), meta], good_backup, lr=0.1, momentum=0.9)),
+        (None, lambda: _refuse_if(_checks.spans_devices(ws), "spans devices")),
+        (r"spans devices", lambda: _refuse_if(_checks.spans_devices([ws[0], ws[1], meta]), "spans devices")),
+        (r"spans devices", lambda: _refuse_if(_checks.spans_devices([meta, ws[0]]), "spans devices")),
     ]
+
+
+def _refuse_if(condition: bool, what: str) -> None:
+    if condition:
+        raise ValueError(what)
 
 
 @pytest.mark.cpu

@@ -76,6 +76,33 @@ def test_kernel_matches_fp32_reference(hyper, dtype, backend, gen):
             torch.testing.assert_close(b, r.to(dtype), **tol)
 
 
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "torch"])
+def test_non_contiguous_params_beside_contiguous_ones(backend, gen):
+    """Transposed params (with their buffers) go to the reference inside a kernel backend's
+    call while the contiguous ones are launched: each param gets its own mask's restore and its
+    own buffer's step (the two sets' masks, backups and buffers kept apart)."""
+    shapes = [(37,), (6, 4), (9, 5), (8,)]
+    ws = [rand(s, generator=gen) for s in shapes]
+    ws[1], ws[2] = rand((4, 6), generator=gen).t(), rand((5, 9), generator=gen).t()
+    gs = [rand(s, generator=gen) for s in shapes]
+    ms = [pack_mask(rand_mask(s, generator=gen)) for s in shapes]
+    ms[3] = None
+    bufs = [None] + [rand(s, generator=gen) for s in shapes[1:]]
+    ref_w, ref_b = [w.clone() for w in ws], [None if b is None else b.clone() for b in bufs]
+    g2 = [rand(s, generator=gen) for s in shapes]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    with torch.no_grad():
+        backup = perturb_(ws, gs, ms, 0.3, backend=backend)
+        ref_backup = perturb_(ref_w, gs, ms, 0.3, backend="torch")
+        for w, m in zip(ws, ms):  # poison: the restore must overwrite what the second pass left
+            w[torch.ones_like(w, dtype=torch.bool) if m is None else as_bool(m)] = 7.0
+        out = restore_sgd_step_(ws, g2, bufs, backup, backend=backend, **hyper)
+        ref = restore_sgd_step_(ref_w, g2, ref_b, ref_backup, backend="torch", **hyper)
+    for i in range(len(shapes)):  # fp32 math, within an FMA's rounding of the reference's
+        torch.testing.assert_close(ws[i], ref_w[i], rtol=1e-6, atol=1e-6, msg=f"params[{i}]")
+        torch.testing.assert_close(out[i], ref[i], rtol=1e-6, atol=1e-6, msg=f"buffers[{i}]")
+
+
 @pytest.mark.parametrize("hyper", HYPERS)
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "torch"])
 def test_kernel_float64_math_is_float64(hyper, backend, gen):

@@ -201,19 +201,21 @@ bool sizes_equal(const at::Tensor& t, PyObject* shape) {
   return true;
 }
 
-// tensors_misfit(tensors: list, floating: bool, refs: list | None) -> int
-// The first index of a public op's tensor list that is not a tensor, (floating) not of a float
-// dtype, or (refs) not shaped like refs[i] on its device; -1 where all fit. The caller
-// (ssam_kernels/_checks.py) holds the rules and the messages: it explains the index in Python.
+// tensors_misfit(tensors: list, floating: bool, refs: list | None, none_ok: bool = False) -> int
+// The first index of a public op's tensor list that is not a tensor (nor None, where none_ok),
+// (floating) not of a float dtype, or (refs) not shaped like refs[i] on its device; -1 where all
+// fit. The caller (ssam_kernels/_checks.py) holds the rules and the messages: it explains the
+// index in Python.
 PyObject* tensors_misfit(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *tensors = nullptr, *refs = nullptr;
-  int floating_only = 0;
-  if (!PyArg_ParseTuple(args, "O!pO", &PyList_Type, &tensors, &floating_only, &refs)) return nullptr;
+  int floating_only = 0, none_ok = 0;
+  if (!PyArg_ParseTuple(args, "O!pO|p", &PyList_Type, &tensors, &floating_only, &refs, &none_ok)) return nullptr;
   const Py_ssize_t n = PyList_GET_SIZE(tensors);
   const bool shaped = refs != Py_None;
   if (shaped && (!PyList_Check(refs) || PyList_GET_SIZE(refs) != n)) return PyLong_FromLong(0);
   for (Py_ssize_t i = 0; i < n; ++i) {
+    if (none_ok && PyList_GET_ITEM(tensors, i) == Py_None) continue;
     const at::Tensor* t = nullptr;
     if (!tensor_at(tensors, i, &t) || (floating_only && !floating(*t))) return PyLong_FromSsize_t(i);
     if (shaped) {
@@ -221,6 +223,26 @@ PyObject* tensors_misfit(PyObject* /*self*/, PyObject* args) {
       if (!tensor_at(refs, i, &r) || t->sizes() != r->sizes() || t->device() != r->device())
         return PyLong_FromSsize_t(i);
     }
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
+// first_elsewhere(tensors: list[Tensor]) -> int
+// The first index of a tensor on another device than tensors[0] (or not a tensor), -1 where all
+// share one: whether a list op's tensors span devices (each device object Python reads is a
+// new torch.device, about 0.2 us).
+PyObject* first_elsewhere(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* tensors = nullptr;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &tensors)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  const at::Tensor* first = nullptr;
+  if (n == 0) return PyLong_FromLong(-1);
+  if (!tensor_at(tensors, 0, &first)) return PyLong_FromLong(0);
+  for (Py_ssize_t i = 1; i < n; ++i) {
+    const at::Tensor* t = nullptr;
+    if (!tensor_at(tensors, i, &t) || t->device() != first->device()) return PyLong_FromSsize_t(i);
   }
   return PyLong_FromLong(-1);
   END_HANDLE_TH_ERRORS
@@ -273,8 +295,8 @@ PyObject* masks_misfit(PyObject* /*self*/, PyObject* args) {
 // bits_misfit(masks: list, refs: list[Tensor]) -> int
 // The first index whose entry is a uint8 tensor that is not the packed bits of a mask shaped like
 // refs[i] (1-D, contiguous, one byte per 8 elements: what ssam_kernels.BitMask's constructor
-// checks); other entries are skipped; -1 where all fit. An op rebuilding BitMasks from the bits it
-// was passed (ssam_kernels/ops/bitmask.py masks_from_args) checks them all here at once.
+// checks); other entries are skipped; -1 where all fit. An op reading the bits it was passed
+// (ssam_kernels/ops/bitmask.py check_mask_args) checks them all here at once.
 PyObject* bits_misfit(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *masks = nullptr, *refs = nullptr;
@@ -434,7 +456,10 @@ PyMethodDef methods[] = {
     {"operands_misfit", operands_misfit, METH_VARARGS,
      "operands_misfit(params, shaped, values, masks) -> the first index the list ops cannot take, or -1"},
     {"tensors_misfit", tensors_misfit, METH_VARARGS,
-     "tensors_misfit(tensors, floating, refs) -> the first index not a (floating) tensor shaped like refs[i], or -1"},
+     "tensors_misfit(tensors, floating, refs, none_ok=False) -> the first index not a (floating) tensor shaped like "
+     "refs[i] (or None), or -1"},
+    {"first_elsewhere", first_elsewhere, METH_VARARGS,
+     "first_elsewhere(tensors) -> the first index of a tensor on another device than tensors[0], or -1"},
     {"masks_misfit", masks_misfit, METH_VARARGS,
      "masks_misfit(masks, refs, bitmask_type) -> the first index not None or a mask shaped like refs[i], or -1"},
     {"bits_misfit", bits_misfit, METH_VARARGS,

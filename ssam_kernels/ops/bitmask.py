@@ -91,7 +91,8 @@ class BitMask:
 
     def count_int(self) -> int:
         """Number of set bits as a Python int: one host sync, then cached."""
-        return self.memo("_count", lambda: int(self.count()))
+        count = self.__dict__.get("_count")  # (read directly: called per mask per step)
+        return self.memo("_count", lambda: int(self.count())) if count is None else count
 
     def rows_with_bits(self) -> torch.Tensor:
         """:func:`masked_rows` of this mask, cached (one host sync the first time)."""
@@ -180,10 +181,16 @@ def unpack_mask(mask: BitMask) -> torch.Tensor:
     """The bool tensor a :class:`BitMask` stands for."""
     if not isinstance(mask, BitMask):
         raise TypeError(f"mask must be a BitMask, got {_describe(mask)}")
-    if mask.numel == 0:
-        return torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-    expanded = (mask.bits.to(torch.int32)[:, None] & _bit_weights(mask.device)) != 0
-    return expanded.reshape(-1)[: mask.numel].reshape(mask.shape)
+    return unpack_bits(mask.bits, mask.shape)
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of ``shape`` that packed ``bits`` (checked to fit) stand for."""
+    shape = torch.Size(shape)
+    if shape.numel() == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=bits.device)
+    expanded = (bits.to(torch.int32)[:, None] & _bit_weights(bits.device)) != 0
+    return expanded.reshape(-1)[: shape.numel()].reshape(shape)
 
 
 def as_bitmask(mask) -> BitMask | None:
@@ -199,29 +206,28 @@ def mask_args(masks) -> list[torch.Tensor | None]:
     return [m.bits if isinstance(m, BitMask) else m for m in masks]
 
 
-def masks_from_args(args, refs, counts=None) -> list:
-    """The inverse of :func:`mask_args` inside an op: ``bits`` back to a BitMask shaped like
-    its ``refs[i]``, with its set-bit count where ``counts[i] >= 0`` (known to the caller, so
-    the kernels need no host sync to read it). The bits are checked as BitMask's constructor
-    checks them, all at once in C where ``ssam_kernels._host`` is built (a third of a
-    microsecond per mask instead of two)."""
+def bits_of(masks) -> list[torch.Tensor | None]:
+    """Each mask entry as the packed bits a kernel reads: None for None, a BitMask's ``bits``,
+    a bool tensor packed, and uint8 bits (a BitMask as a dispatcher op carries it, see
+    :func:`mask_args`) as they are. The op checked the bits against its tensors
+    (:func:`check_mask_args` or ``check_list_operands``)."""
+    return [m if m is None else m.bits if isinstance(m, BitMask) else m if m.dtype == torch.uint8
+            else pack_mask(m).bits for m in masks]
+
+
+def check_mask_args(args, refs) -> None:
+    """Inside an op, mask entries as :func:`mask_args` passes them: each uint8 entry must be the
+    packed bits of a mask shaped like ``refs[i]``, as :class:`BitMask`'s constructor checks
+    them (its errors), all at once in C where ``ssam_kernels._host`` is built (nanoseconds per
+    mask); a direct ``torch.ops`` call with short bits would otherwise be read past their end."""
     args, refs = list(args), list(refs)
-    if len(args) != len(refs) or (counts is not None and len(counts) != len(args)):
-        raise ValueError(f"masks has {len(args)} entries but the tensors it masks {len(refs)}"
-                         + ("" if counts is None else f" (and {len(counts)} counts)"))
-    fast = c_fit("bits_misfit", args, refs)
-    out = []
-    make = BitMask.__new__
-    for m, r, count in zip(args, refs, counts if counts is not None else [-1] * len(args)):
-        if m is not None and m.dtype == torch.uint8:
-            if fast:
-                bits, m = m, make(BitMask)
-                m.__dict__.update(bits=bits, shape=r.shape)  # what __init__ sets, its checks done above
-            else:
-                m = BitMask(m, r.shape)
-            if count >= 0:
-                m.__dict__["_count"] = count  # known: count_int() reads no count back (see memo)
-        out.append(m)
-    if fast is False:
-        raise RuntimeError("masks_from_args: ssam_kernels._host refused mask bits that BitMask accepts")
-    return out
+    if len(args) != len(refs):
+        raise ValueError(f"masks has {len(args)} entries but the tensors it masks {len(refs)}")
+    fit = c_fit("bits_misfit", args, refs)
+    if fit:
+        return
+    for m, r in zip(args, refs):
+        if isinstance(m, torch.Tensor) and m.dtype == torch.uint8:
+            BitMask(m, r.shape)  # raises, saying what does not fit
+    if fit is False:
+        raise RuntimeError("check_mask_args: ssam_kernels._host refused mask bits that BitMask accepts")

@@ -8,7 +8,7 @@ import torch
 from .. import _checks
 from .._backend import lazy
 from .._library import Op
-from .bitmask import mask_args, masks_from_args
+from .bitmask import check_mask_args, mask_args
 
 
 def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -25,9 +25,17 @@ def grad_norm_torch(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     dtype = accumulation_dtype(tensors)
     parts = []
     for t, m in zip(tensors, masks):
-        values = t if m is None else t[_checks.as_bool(m)]
+        values = t if m is None else t[_checks.as_bool(m, like=t)]
         parts.append(values.to(dtype).square().sum().to(device))
     return torch.stack(parts).sum().sqrt()
+
+
+def _run(impl, tensors, masks):
+    # the implementations read the bits as given (bits_of): a direct torch.ops call's are checked
+    check_mask_args(masks, tensors)
+    if _checks.spans_devices(tensors):  # (a direct call: the kernels launch on one device)
+        return grad_norm_torch(tensors, masks)
+    return impl(tensors, masks)
 
 
 def _fake(tensors, masks):
@@ -38,7 +46,7 @@ GRAD_NORM = Op("grad_norm(Tensor[] tensors, Tensor?[] masks, str backend) -> Ten
                {"torch": grad_norm_torch,
                 "triton": lazy("ssam_kernels.triton_ops.grad_norm", "grad_norm_triton"),
                 "ext": lazy("ssam_kernels.ext_ops", "grad_norm_ext")},
-               fake=_fake, adapt=lambda impl, tensors, masks: impl(tensors, masks_from_args(masks, tensors)))
+               fake=_fake, adapt=_run)
 
 
 def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:

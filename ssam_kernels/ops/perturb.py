@@ -9,6 +9,7 @@ or in float64 where ``w`` is float64, and keeps only the original ``w[m]`` value
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -16,14 +17,15 @@ from .. import _checks
 from .._backend import lazy
 from .._host_loops import c_fit, c_loops, check_list_operands, unexplained_misfit
 from .._library import Op
-from .bitmask import BitMask, mask_args, masks_from_args, pack_mask
+from .bitmask import BitMask, mask_args, pack_mask
 
 
 @dataclass
 class PerturbBackup:
     """What ``perturb_`` overwrote: for tensor ``i``, ``values[i]`` holds the original values
     at the positions of ``masks[i]`` in row-major order (all values, shaped like the tensor,
-    where ``masks[i]`` is None)."""
+    where ``masks[i]`` is None). Inside an op, a mask may also be a BitMask's uint8 ``bits``
+    (what the dispatcher carries; the implementations read them as they are)."""
 
     values: list[torch.Tensor]
     masks: list[torch.Tensor | BitMask | None]
@@ -55,10 +57,15 @@ def aligned_length(n: int, dtype: torch.dtype) -> int:
 def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (views
     from one split: written in place by the kernels, never by autograd)."""
-    pieces = []  # each tensor, then its padding to the next 16 bytes: one split makes every view
+    step = max(1, 16 // dtype.itemsize)
+    pieces, at = [], []  # each tensor, then any padding to the next 16 bytes: one split makes every view
     for n in counts:
-        pieces += (n, aligned_length(n, dtype) - n)
-    return torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)[::2]
+        at.append(len(pieces))
+        pieces.append(n)
+        if n % step:
+            pieces.append(step - n % step)
+    views = torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)
+    return [views[i] for i in at]
 
 
 def backup_buffers(params, masks, counts: list[int]) -> list[torch.Tensor]:
@@ -91,7 +98,7 @@ def perturb_torch(params, grads, masks, scale, values) -> None:
             v.copy_(w)
             w.copy_(_perturbed(w, g, scale))
         else:
-            keep = _checks.as_bool(m)
+            keep = _checks.as_bool(m, like=w)
             original = w[keep]
             v.copy_(original)
             w[keep] = _perturbed(original, g[keep], scale)
@@ -102,13 +109,7 @@ def restore_torch(params, backup: PerturbBackup) -> None:
         if m is None:
             w.copy_(v)
         else:
-            w[_checks.as_bool(m)] = v
-
-
-def _masks_counted(masks, params, values) -> list:
-    # a masked backup holds one value per set bit: the BitMasks come with their counts, so no
-    # kernel reads them back (a host sync)
-    return masks_from_args(masks, params, [-1 if m is None else v.numel() for m, v in zip(masks, values)])
+            w[_checks.as_bool(m, like=w)] = v
 
 
 def _perturb(impl, params, grads, masks, values, scale, scale_tensor):
@@ -117,13 +118,12 @@ def _perturb(impl, params, grads, masks, values, scale, scale_tensor):
                                      or scale_tensor.device != params[0].device):
         raise ValueError(f"perturb_: scale_tensor must be one floating-point value on {params[0].device}, got "
                          f"{scale_tensor.numel()} {scale_tensor.dtype} on {scale_tensor.device}")
-    impl(params, grads, _masks_counted(masks, params, values), scale if scale_tensor is None else scale_tensor,
-         values)
+    impl(params, grads, masks, scale if scale_tensor is None else scale_tensor, values)
 
 
 def _restore(impl, params, values, masks):
     check_list_operands("restore_", params, {}, values, masks)
-    impl(params, PerturbBackup(values, _masks_counted(masks, params, values)))
+    impl(params, PerturbBackup(values, masks))
 
 
 # The backup's buffers come from the caller (sized by the masks' counts, which a BitMask
@@ -173,9 +173,14 @@ def scale_args(scale, device: torch.device) -> tuple[float, torch.Tensor | None]
     return 0.0, scale.reshape(())
 
 
+_requires_grad = attrgetter("requires_grad")
+
+
 def check_writable(params: list[torch.Tensor]) -> None:
     if not torch.is_grad_enabled():
         return
+    if not torch.compiler.is_compiling() and not any(map(_requires_grad, params)):
+        return  # (no Python frame per tensor; Dynamo traces the loop below instead)
     for i, w in enumerate(params):
         if w.requires_grad:
             raise RuntimeError(

@@ -227,7 +227,6 @@ class KernelStep:
                 self.launch_restore(part)
 
     def restore_sgd(self, grads, sgd) -> list[int]:
-        plan = self.plan
         tables = self._grad_tables(grads, "descent")
         hyper = self._values("hyper", sgd, lambda: [v for h in sgd for v in h.values()])
         momentum = any(h.momentum != 0 for h in sgd)

@@ -8,9 +8,9 @@ import torch
 
 from .. import _checks
 from .._backend import lazy
-from .._host_loops import check_list_operands
+from .._host_loops import c_fit, check_list_operands, unexplained_misfit
 from .._library import Op
-from .bitmask import mask_args, masks_from_args
+from .bitmask import mask_args
 from .perturb import PerturbBackup, check_writable, check_backup, restore_torch
 
 
@@ -55,8 +55,7 @@ def _run(impl, params, grads, buffers, fresh, values, masks, lr, momentum, dampe
             raise ValueError(f"restore_sgd_step_: fresh has {len(fresh)} entries but params has {len(params)}")
         shaped["momentum_buffers"] = buffers
     check_list_operands("restore_sgd_step_", params, shaped, values, masks)
-    counts = [-1 if m is None else v.numel() for m, v in zip(masks, values)]
-    impl(params, grads, list(buffers), PerturbBackup(values, masks_from_args(masks, params, counts)), hyper, list(fresh))
+    impl(params, grads, list(buffers), PerturbBackup(values, masks), hyper, list(fresh))
 
 
 # The buffers come from the caller, new ones allocated there (``fresh``): the op returns nothing
@@ -93,9 +92,15 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
     _checks.same_shapes("grads", grads, "params", params)
     if not isinstance(momentum_buffers, (list, tuple)) or len(momentum_buffers) != len(params):
         raise ValueError("momentum_buffers must be a list with one entry (a tensor or None) per param")
-    for i, (b, w) in enumerate(zip(momentum_buffers, params)):
-        if b is not None and (not isinstance(b, torch.Tensor) or b.shape != w.shape or b.device != w.device):
-            raise ValueError(f"momentum_buffers[{i}] must be None or a tensor shaped like params[{i}] on its device")
+    momentum_buffers = list(momentum_buffers)
+    fit = c_fit("tensors_misfit", momentum_buffers, False, params, True)
+    if not fit:
+        for i, (b, w) in enumerate(zip(momentum_buffers, params)):
+            if b is not None and (not isinstance(b, torch.Tensor) or b.shape != w.shape or b.device != w.device):
+                raise ValueError(f"momentum_buffers[{i}] must be None or a tensor shaped like params[{i}] on its "
+                                 "device")
+        if fit is False:
+            raise unexplained_misfit("momentum_buffers")
     hyper = dict(lr=_real("lr", lr), momentum=_real("momentum", momentum), dampening=_real("dampening", dampening),
                  weight_decay=_real("weight_decay", weight_decay), nesterov=bool(nesterov), maximize=bool(maximize))
     if nesterov and (momentum <= 0 or dampening != 0):

@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.bitmask import as_bitmask
+from ..ops.bitmask import bits_of
 from ..ops.grad_norm import accumulation_dtype
 from .._host_loops import data_ptrs
-from .multi_tensor import (CHUNK, address_table, aligned_at, block_bits, block_offsets, chunk_table, group_by,
-                           load_block, tensor_ptr, this_chunk)
+from .multi_tensor import (CHUNK, address_table, aligned_at, block_bits, block_offsets, chunk_table, contiguous,
+                           dtypes, group_by, load_block, present, take, tensor_ptr, this_chunk)
 
 BLOCK = 1024
 
@@ -65,22 +65,23 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     """Host launcher: same contract as ``grad_norm_torch`` (masks checked by the caller)."""
     device = tensors[0].device
     dtype = accumulation_dtype(tensors)
-    xs = [t.contiguous() for t in tensors]
-    bits = [None if m is None else as_bitmask(m).bits for m in masks]
+    xs = contiguous(list(tensors))
+    bits = bits_of(masks)
     x_ptrs, bits_ptrs = data_ptrs(xs), data_ptrs(bits)
     partials = []
-    # one launch per dtype, device and masking; tensors off 16 bytes go to a launch without vectors
-    keys = [(x.dtype, x.device, b is not None, a) for x, b, a in zip(xs, bits, aligned_at(x_ptrs, bits_ptrs))]
-    for (_, dev, masked, is_aligned), idx in group_by(keys).items():
-        group = [xs[i] for i in idx]
-        group_bits = [bits[i] for i in idx] if masked else []
-        table = chunk_table([x.numel() for x in group], dev)
+    # one launch per dtype and masking (all on one device: the op sends lists that span devices
+    # to the reference); tensors off 16 bytes go to a launch without vectors
+    keys = list(zip(dtypes(xs), present(bits), aligned_at(x_ptrs, bits_ptrs)))
+    for (_, masked, is_aligned), idx in group_by(keys).items():
+        group = take(xs, idx)
+        group_bits = take(bits, idx) if masked else []
+        table = chunk_table([x.numel() for x in group], device)
         if table.num_chunks == 0:
             continue
-        out = torch.empty(table.num_chunks, dtype=dtype, device=dev)
+        out = torch.empty(table.num_chunks, dtype=dtype, device=device)
         _sum_squares_kernel[(table.num_chunks,)](
-            table.chunk_tensor, table.chunk_start, table.numel, address_table(group, dev, [x_ptrs[i] for i in idx]),
-            address_table(group_bits, dev, [bits_ptrs[i] for i in idx]) if masked else table.numel, out, group[0],
+            table.chunk_tensor, table.chunk_start, table.numel, address_table(group, device, take(x_ptrs, idx)),
+            address_table(group_bits, device, take(bits_ptrs, idx)) if masked else table.numel, out, group[0],
             group_bits[0] if masked else group[0],
             HAS_MASK=masked, FP64=dtype == torch.float64, ALIGNED=is_aligned, CHUNK=CHUNK,
             BLOCK=BLOCK,

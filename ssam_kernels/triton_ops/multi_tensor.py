@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from operator import or_
+from functools import reduce
+from itertools import repeat
+from operator import attrgetter, is_not, or_
 
 import torch
 import triton
@@ -145,7 +147,9 @@ def aligned_at(*ptr_lists) -> list[bool]:
     bytes. The addresses are read once per operand list and reused for its address tables."""
     combined = ptr_lists[0]
     for ptrs in ptr_lists[1:]:  # (map over operator.or_: no Python frame per index)
-        combined = map(or_, combined, ptrs)
+        combined = list(map(or_, combined, ptrs))
+    if not reduce(or_, combined, 0) & 15:  # all on 16 bytes, the usual case: no loop in Python
+        return [True] * len(combined)
     return [not (p & 15) for p in combined]
 
 
@@ -172,7 +176,7 @@ def _align(n: int) -> int:
 def chunk_table(numels: list[int], device: torch.device, chunk: int = CHUNK) -> ChunkTable:
     """The chunk tables of tensors of these sizes on ``device`` (cached; see the module
     docstring)."""
-    numels = tuple(int(n) for n in numels)
+    numels = tuple(map(int, numels))
     device, place = _place(device)
     key = ("chunks", chunk, numels) + place
 
@@ -222,7 +226,7 @@ def address_table(tensors: list[torch.Tensor], device: torch.device, ptrs=None) 
 def size_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """int64 ``numel()`` of each tensor, on ``device`` (cached by the sizes): a kernel's bound
     on what it may touch in each tensor of a list whose sizes it cannot otherwise know."""
-    sizes = tuple(t.numel() for t in tensors)
+    sizes = tuple(map(torch.Tensor.numel, tensors))
     device, place = _place(device)
     key = ("sizes", sizes) + place
     return _CACHE.get(key, device, lambda: (torch.tensor(sizes, dtype=torch.int64), lambda buf: buf))
@@ -240,6 +244,39 @@ def operands_at(tensors: dict, ptrs: dict, idx: list[int], masked: bool) -> dict
         return [ts[i] for i in idx], [ptrs[name][i] for i in idx]
 
     return {name: at(name, ts) for name, ts in tensors.items()}
+
+
+_dtype = attrgetter("dtype")
+
+
+def dtypes(tensors: list) -> map:
+    """Each tensor's dtype, lazily (for zipping into launch-group keys without a Python frame
+    per tensor)."""
+    return map(_dtype, tensors)
+
+
+def present(entries: list) -> map:
+    """Whether each entry is not None, lazily."""
+    return map(is_not, entries, repeat(None))
+
+
+def take(entries: list, idx: list[int]) -> list:
+    """``entries`` at ``idx``: the list itself where ``idx`` is every index in order."""
+    return entries if len(idx) == len(entries) else [entries[i] for i in idx]
+
+
+def contiguous(tensors: list) -> list:
+    """The tensors made contiguous: the list itself where they all are."""
+    return tensors if all(map(torch.Tensor.is_contiguous, tensors)) else [t.contiguous() for t in tensors]
+
+
+def contiguous_split(n: int, *lists) -> tuple[list[int], list[int]]:
+    """``(fast, slow)``: the indices ``i < n`` where every ``lists[j][i]`` is contiguous (the
+    launches take them), and the others (the reference does them)."""
+    if all(all(map(torch.Tensor.is_contiguous, ts)) for ts in lists):  # the usual case: no Python loop
+        return list(range(n)), []
+    fast = [i for i in range(n) if all(ts[i].is_contiguous() for ts in lists)]
+    return fast, sorted(set(range(n)) - set(fast))
 
 
 def group_by(keys: list) -> dict:

@@ -25,12 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.bitmask import as_bitmask
+from ..ops.bitmask import bits_of
 from ..ops.perturb import PerturbBackup, math_dtype, perturb_torch, restore_torch
 from .._host_loops import data_ptrs
 from .multi_tensor import (CHUNK, ChunkTable, address_table, aligned_at, as_f64, block_bits, block_offsets,
-                           block_slots, chunk_table, f64_bits, group_by, load_block, operands_at, size_table,
-                           store_block, tensor_ptr, this_chunk)
+                           block_slots, chunk_table, contiguous, contiguous_split, dtypes, f64_bits, group_by,
+                           load_block, operands_at, present, size_table, store_block, take, tensor_ptr, this_chunk)
 
 BLOCK = 1024
 
@@ -191,35 +191,32 @@ def _launch(perturb: bool, ops: dict, scale, is_aligned: bool) -> None:
 
 def perturb_triton(params, grads, masks, scale, values) -> None:
     """Host launcher: same contract as ``perturb_torch`` (inputs checked by the caller)."""
-    masks = [as_bitmask(m) for m in masks]
-    fast = [i for i, w in enumerate(params) if w.is_contiguous() and values[i].is_contiguous()]
-    slow = sorted(set(range(len(params))) - set(fast))
-    tensors = {"w": [params[i] for i in fast], "g": [grads[i].contiguous() for i in fast],
-               "bits": [None if masks[i] is None else masks[i].bits for i in fast], "backup": [values[i] for i in fast]}
+    bits = bits_of(masks)
+    fast, slow = contiguous_split(len(params), params, values)
+    tensors = {"w": take(params, fast), "g": contiguous(take(grads, fast)), "bits": take(bits, fast),
+               "backup": take(values, fast)}
     ptrs = {name: data_ptrs(ts) for name, ts in tensors.items()}
     # one launch per dtypes and masking; tensors off 16 bytes go to a launch without vectors
     # (a masked backup is written one slot at a time: its address does not decide them)
     vector_ptrs = [b or v for b, v in zip(ptrs["bits"], ptrs["backup"])]
-    keys = [(w.dtype, g.dtype, b is not None, a) for w, g, b, a in
-            zip(tensors["w"], tensors["g"], tensors["bits"], aligned_at(ptrs["w"], ptrs["g"], vector_ptrs))]
+    keys = list(zip(dtypes(tensors["w"]), dtypes(tensors["g"]), present(tensors["bits"]),
+                    aligned_at(ptrs["w"], ptrs["g"], vector_ptrs)))
     for (_, _, has_mask, is_aligned), idx in group_by(keys).items():
         _launch(True, operands_at(tensors, ptrs, idx, has_mask), scale, is_aligned)
     if slow:
-        perturb_torch([params[i] for i in slow], [grads[i] for i in slow], [masks[i] for i in slow], scale,
+        perturb_torch([params[i] for i in slow], [grads[i] for i in slow], [bits[i] for i in slow], scale,
                       [values[i] for i in slow])
 
 
 def restore_triton(params, backup: PerturbBackup) -> None:
-    masks = [as_bitmask(m) for m in backup.masks]
-    fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()]
-    slow = sorted(set(range(len(params))) - set(fast))
-    ws = [params[i] for i in fast]
-    tensors = {"w": ws, "g": ws, "bits": [None if masks[i] is None else masks[i].bits for i in fast],
-               "backup": [backup.values[i] for i in fast]}
+    bits = bits_of(backup.masks)
+    fast, slow = contiguous_split(len(params), params, backup.values)
+    ws = take(params, fast)
+    tensors = {"w": ws, "g": ws, "bits": take(bits, fast), "backup": take(backup.values, fast)}
     ptrs = {name: data_ptrs(ts) for name, ts in tensors.items()}
     vector_ptrs = [b or v for b, v in zip(ptrs["bits"], ptrs["backup"])]
-    keys = [(w.dtype, b is not None, a) for w, b, a in zip(ws, tensors["bits"], aligned_at(ptrs["w"], vector_ptrs))]
+    keys = list(zip(dtypes(ws), present(tensors["bits"]), aligned_at(ptrs["w"], vector_ptrs)))
     for (_, has_mask, is_aligned), idx in group_by(keys).items():
         _launch(False, operands_at(tensors, ptrs, idx, has_mask), None, is_aligned)
     if slow:
-        restore_torch([params[i] for i in slow], PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow]))
+        restore_torch([params[i] for i in slow], PerturbBackup([backup.values[i] for i in slow], [bits[i] for i in slow]))

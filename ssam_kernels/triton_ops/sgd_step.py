@@ -8,17 +8,19 @@ launch per (dtype, masked, has-buffer) group; non-contiguous tensors use the ref
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.perturb import PerturbBackup
 from ..ops.sgd_step import restore_sgd_step_torch
-from ..ops.bitmask import as_bitmask
+from ..ops.bitmask import bits_of
 from .._host_loops import data_ptrs
 from .multi_tensor import (CHUNK, address_table, aligned_at, as_f64, block_bits, block_offsets, block_slots,
-                           chunk_table, f64_bits, group_by, load_block, operands_at, size_table, store_block,
-                           tensor_ptr, this_chunk)
+                           chunk_table, contiguous, contiguous_split, dtypes, f64_bits, group_by, load_block,
+                           operands_at, present, size_table, store_block, take, tensor_ptr, this_chunk)
 from .perturb import backup_source, chunk_offsets
 
 SGD_BLOCK = 512
@@ -97,24 +99,20 @@ def _restore_sgd_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, buf_pt
 
 def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper, fresh) -> None:
     """Host launcher: same contract as ``restore_sgd_step_torch``."""
-    masks = [as_bitmask(m) for m in backup.masks]
+    mask_bits = bits_of(backup.masks)
     use_momentum = hyper["momentum"] != 0
-    fast = [i for i, w in enumerate(params) if w.is_contiguous() and backup.values[i].is_contiguous()
-            and (not use_momentum or buffers[i].is_contiguous())]
-    slow = sorted(set(range(len(params))) - set(fast))
-    ws = [params[i] for i in fast]
-    tensors = {"w": ws, "g": [grads[i].contiguous() for i in fast],
-               "buf": [buffers[i] for i in fast] if use_momentum else ws,
-               "bits": [None if masks[i] is None else masks[i].bits for i in fast],
-               "backup": [backup.values[i] for i in fast]}
+    fast, slow = contiguous_split(len(params), params, backup.values, *([buffers] if use_momentum else []))
+    ws = take(params, fast)
+    tensors = {"w": ws, "g": contiguous(take(grads, fast)), "buf": take(buffers, fast) if use_momentum else ws,
+               "bits": take(mask_bits, fast), "backup": take(backup.values, fast)}
     ptrs = {name: data_ptrs(ts) for name, ts in tensors.items()}
     # one launch per dtypes, masking and buffer state; tensors off 16 bytes go to a launch
     # without vectors (a masked backup is read one slot at a time: its address does not decide them)
     vector_ptrs = [b or v for b, v in zip(ptrs["bits"], ptrs["backup"])]
     # (the buffers' dtype too: a launch reads every buffer as its first one's type)
-    keys = [(w.dtype, g.dtype, buf.dtype, b is not None, use_momentum and fresh[i], a) for w, g, buf, b, i, a in
-            zip(ws, tensors["g"], tensors["buf"], tensors["bits"], fast,
-                aligned_at(ptrs["w"], ptrs["g"], ptrs["buf"], vector_ptrs))]
+    keys = list(zip(dtypes(ws), dtypes(tensors["g"]), dtypes(tensors["buf"]), present(tensors["bits"]),
+                    take(fresh, fast) if use_momentum else repeat(False),
+                    aligned_at(ptrs["w"], ptrs["g"], ptrs["buf"], vector_ptrs)))
     for (_, _, _, has_mask, new_buffer, is_aligned), idx in group_by(keys).items():
         ops = operands_at(tensors, ptrs, idx, has_mask)
         (ws, w_ptrs), (gs, g_ptrs), (bufs, buf_ptrs), (bits, bits_ptrs), (values, value_ptrs) = ops.values()
@@ -148,7 +146,7 @@ def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper
             enable_fp_fusion=False,
         )
     if slow:
-        sub = PerturbBackup([backup.values[i] for i in slow], [masks[i] for i in slow])
+        sub = PerturbBackup([backup.values[i] for i in slow], [mask_bits[i] for i in slow])
         restore_sgd_step_torch([params[i] for i in slow], [grads[i] for i in slow],
                                [buffers[i] for i in slow] if use_momentum else [], sub, hyper,
                                [fresh[i] for i in slow] if use_momentum else [])
