@@ -235,6 +235,84 @@ def test_backups_are_allocated_by_the_call_aligned_and_of_their_own(gen):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("host_loop", ["c", "python"])
+def test_backups_of_one_dtype_share_one_allocation_without_an_op_per_tensor(host_loop, gen, monkeypatch):
+    """Where every param has one dtype (the usual list), perturb_ carves all backups, masked and
+    unmasked, out of one allocation in C: each contiguous, on 16 bytes, an unmasked one shaped
+    like its param (a transposed one too), the masked ones 1-D; one dispatcher op allocates them
+    all (empty_like per tensor before). The Python allocation (no C module) gives the same
+    backup values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ssam_kernels import _host_loops
+
+    if host_loop == "python":
+        monkeypatch.setattr(_host_loops, "_host", None)
+    elif _host_loops._host is None:
+        pytest.skip("ssam_kernels._host not built")
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ws = [rand((37,), generator=gen), rand((5, 16), generator=gen), rand((9,), generator=gen),
+          rand((6, 4), generator=gen).t(), rand((3,), generator=gen)]
+    gs = [rand(w.shape, w.dtype, gen) for w in ws]
+    ms = [pack_mask(rand_mask(w.shape, generator=gen)) for w in ws]
+    ms[1] = ms[3] = None
+    originals = [w.clone() for w in ws]
+    with torch.no_grad(), Ops() as ops:
+        backup = perturb_(ws, gs, ms, 0.1, backend="torch")
+    values = backup.values
+    assert all(v.data_ptr() % 16 == 0 and v.is_contiguous() for v in values)
+    assert values[1].shape == ws[1].shape and values[3].shape == ws[3].shape
+    assert [v.dim() for v in values] == [1, 2, 1, 2, 1]
+    for i in (0, 1, 3):  # the originals, not the perturbed values
+        expected = originals[i] if ms[i] is None else originals[i][ms[i].to_bool()]
+        assert torch.equal(values[i], expected.reshape(values[i].shape)), i
+    storages = {v.untyped_storage().data_ptr() for v in values}
+    allocations = ops.names.count("empty") + ops.names.count("empty_like") + ops.names.count("empty_strided")
+    if host_loop == "c":
+        assert len(storages) == 1 and allocations == 1, (storages, ops.names)
+    else:  # the masked ones share one; each unmasked one has its own
+        assert len(storages) == 3 and allocations == 3, (storages, ops.names)
+    with torch.no_grad():
+        restore_(ws, backup, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+
+
+@pytest.mark.cpu
+def test_carve_makes_contiguous_aligned_pieces_or_says_it_cannot():
+    from ssam_kernels import _host_loops
+
+    if _host_loops._host is None:
+        pytest.skip("ssam_kernels._host not built")
+    like = torch.zeros(1, dtype=torch.float16)
+    pieces = _host_loops.carve([torch.zeros(3, 5).t(), 7, 0, torch.zeros(2, 2, dtype=torch.float64), 9], like)
+    assert [tuple(p.shape) for p in pieces] == [(5, 3), (7,), (0,), (2, 2), (9,)]
+    assert all(p.dtype == torch.float16 and p.is_contiguous() and p.data_ptr() % 16 == 0 for p in pieces)
+    starts = [p.data_ptr() for p in pieces if p.numel()]  # (an empty tensor's address reads 0)
+    assert starts == sorted(starts) and starts[1] - starts[0] == 16 * 2  # 15 fp16 values padded to 16
+    assert starts[2] - starts[1] == 16 and starts[3] - starts[2] == 16  # 7 and 4 values padded to 8 (the empty: 0)
+    assert all(p._base is None and not p.requires_grad for p in pieces)
+    pieces[1].fill_(1.0)  # pieces do not overlap
+    pieces[0].fill_(2.0)
+    pieces[4].fill_(3.0)
+    assert pieces[1].eq(1.0).all()
+    with pytest.raises(TypeError, match=r"sizes\[1\] is neither a tensor nor an int"):
+        _host_loops.carve([3, "x"], like)
+    with pytest.raises(ValueError, match=r"sizes\[0\] is negative"):
+        _host_loops.carve([-1], like)
+    assert _host_loops.carve([3], torch.zeros(1, device="meta")) is None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        assert _host_loops.carve([3], torch.empty(2)) is None
+
+
+@pytest.mark.cpu
 def test_a_bool_masks_backup_is_packed_so_restore_reads_no_count(gen):
     """perturb_ keeps bool masks as bit masks with their counts: restore_ then syncs nothing to
     check the backup, and a bool mask the caller changes afterwards cannot misplace it."""

@@ -11,9 +11,11 @@
 // the same in Python.
 
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -113,6 +115,72 @@ PyObject* data_ptrs(PyObject* /*self*/, PyObject* args) {
     PyObject* value = PyLong_FromLongLong(address);
     if (value == nullptr) return nullptr;
     PyTuple_SET_ITEM(out.get(), i, value);
+  }
+  return out.release();
+  END_HANDLE_TH_ERRORS
+}
+
+// carve(sizes: list, like: Tensor) -> list[Tensor] | None
+// New contiguous tensors of like's dtype and device, laid one after another in one allocation,
+// each starting on 16 bytes: sizes[i] a tensor (a piece shaped like it) or an int (a 1-D piece of
+// that many elements). One allocation and no dispatcher op per piece: each piece is a tensor of
+// its own over the allocation's storage (as torch's own aliases are made, but not an autograd
+// view: the list ops' backups, written only by their kernels). None where like is not a plain
+// CPU or CUDA tensor (a fake or traced one, another device): the caller allocates in Python.
+PyObject* carve(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *sizes = nullptr, *like_obj = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &sizes, &like_obj)) return nullptr;
+  if (!THPVariable_Check(like_obj)) {
+    PyErr_SetString(PyExc_TypeError, "carve: like must be a tensor");
+    return nullptr;
+  }
+  const at::Tensor& like = THPVariable_Unpack(like_obj);
+  if ((!like.is_cpu() && !like.is_cuda()) || like.key_set().has(c10::DispatchKey::Python) ||
+      like.key_set().has(c10::DispatchKey::Functionalize) || like.is_sparse())
+    Py_RETURN_NONE;
+  const Py_ssize_t n = PyList_GET_SIZE(sizes);
+  const int64_t step = std::max<int64_t>(1, 16 / static_cast<int64_t>(like.element_size()));
+  std::vector<std::vector<int64_t>> shapes(static_cast<size_t>(n));
+  std::vector<int64_t> offsets(static_cast<size_t>(n));
+  int64_t total = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(sizes, i);
+    int64_t numel = 0;
+    if (THPVariable_Check(item)) {
+      const at::Tensor& t = THPVariable_Unpack(item);
+      shapes[i] = t.sizes().vec();
+      numel = t.numel();
+    } else if (PyLong_Check(item)) {
+      numel = PyLong_AsLongLong(item);
+      if (numel == -1 && PyErr_Occurred()) return nullptr;
+      if (numel < 0) {
+        PyErr_Format(PyExc_ValueError, "carve: sizes[%zd] is negative", i);
+        return nullptr;
+      }
+      shapes[i] = {numel};
+    } else {
+      PyErr_Format(PyExc_TypeError, "carve: sizes[%zd] is neither a tensor nor an int", i);
+      return nullptr;
+    }
+    offsets[i] = total;
+    total += (numel + step - 1) / step * step;
+  }
+  at::Tensor flat;
+  {
+    pybind11::gil_scoped_release no_gil;  // (allocation may wait on the CUDA caching allocator)
+    flat = at::empty({total}, like.options());
+  }
+  THPObjectPtr out(PyList_New(n));
+  if (!out) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    at::Tensor piece = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(flat.storage()), flat.key_set(),
+                                                                flat.dtype());
+    piece.unsafeGetTensorImpl()->set_storage_offset(flat.storage_offset() + offsets[i]);
+    piece.unsafeGetTensorImpl()->set_sizes_contiguous(shapes[i]);
+    PyObject* wrapped = THPVariable_Wrap(std::move(piece));
+    if (wrapped == nullptr) return nullptr;
+    PyList_SET_ITEM(out.get(), i, wrapped);
   }
   return out.release();
   END_HANDLE_TH_ERRORS
@@ -458,6 +526,9 @@ PyMethodDef methods[] = {
     {"tensors_misfit", tensors_misfit, METH_VARARGS,
      "tensors_misfit(tensors, floating, refs, none_ok=False) -> the first index not a (floating) tensor shaped like "
      "refs[i] (or None), or -1"},
+    {"carve", carve, METH_VARARGS,
+     "carve(sizes, like) -> contiguous tensors shaped like sizes[i] (a tensor or a length) in one allocation, each "
+     "on 16 bytes; None for a tensor that is not a plain CPU or CUDA one"},
     {"first_elsewhere", first_elsewhere, METH_VARARGS,
      "first_elsewhere(tensors) -> the first index of a tensor on another device than tensors[0], or -1"},
     {"masks_misfit", masks_misfit, METH_VARARGS,

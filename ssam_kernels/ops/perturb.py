@@ -9,13 +9,14 @@ or in float64 where ``w`` is float64, and keeps only the original ``w[m]`` value
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, eq
 
 import torch
 
 from .. import _checks
 from .._backend import lazy
-from .._host_loops import c_fit, c_loops, check_list_operands, unexplained_misfit
+from .._host_loops import c_fit, c_loops, carve, check_list_operands, unexplained_misfit
 from .._library import Op
 from .bitmask import BitMask, mask_args, pack_mask
 
@@ -54,6 +55,9 @@ def aligned_length(n: int, dtype: torch.dtype) -> int:
     return -(-n // step) * step
 
 
+_dtype = attrgetter("dtype")
+
+
 def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (views
     from one split: written in place by the kernels, never by autograd)."""
@@ -69,15 +73,23 @@ def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -
 
 
 def backup_buffers(params, masks, counts: list[int]) -> list[torch.Tensor]:
-    """Where ``perturb_`` keeps the original values: a tensor like the param where it has no
-    mask (``masks[i]`` None); else ``counts[i]`` values, the masked params of one dtype and
-    device sharing one allocation, each 16-byte aligned. Under torch.compile a count may be a
-    data-dependent symbol, which nothing can compare and views of one allocation cannot be
-    sized by: whether a tensor is masked comes from ``masks``, and each masked one gets its own
-    allocation."""
+    """Where ``perturb_`` keeps the original values: a contiguous tensor shaped like the param
+    where it has no mask (``masks[i]`` None); else ``counts[i]`` values. The backups of one
+    dtype and device share one allocation, each starting on 16 bytes (carved in C, no op per
+    tensor, where ``ssam_kernels._host`` is built; else the masked ones share one and each
+    unmasked one gets its own). Under torch.compile a count may be a data-dependent symbol,
+    which nothing can compare and views of one allocation cannot be sized by: whether a tensor
+    is masked comes from ``masks``, and each backup gets its own allocation."""
+    traced = torch.compiler.is_compiling()
+    if not traced and params:
+        sizes = [w if m is None else c for w, m, c in zip(params, masks, counts)]
+        first = params[0]
+        if all(map(eq, map(_dtype, params), repeat(first.dtype))) and not _checks.spans_devices(params):
+            carved = carve(sizes, first)  # the usual case: one dtype, one device
+            if carved is not None:
+                return carved
     out: list = [None] * len(params)
     masked: dict = {}
-    traced = torch.compiler.is_compiling()
     for i, (w, m) in enumerate(zip(params, masks)):
         if m is None:
             out[i] = torch.empty_like(w, memory_format=torch.contiguous_format)
