@@ -1,5 +1,7 @@
 """Shared test helpers: odd sizes, random tensors per dtype, small models."""
 
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -224,3 +226,39 @@ def interpreter_fma_is_fused() -> bool:
     c, out = torch.tensor([-1.0]), torch.empty(1)
     probe[(1,)](a, b, c, out)
     return float(out) == -(2**-46)  # the exact a * b + c; rounding a * b first gives 0
+
+
+# --- counting dispatcher ops ------------------------------------------------------------------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.item.default,
+           torch.ops.aten.masked_select.default}
+
+
+class RecordOps(TorchDispatchMode):
+    """Every dispatcher op a block runs, in order (``ops``), and those among them that wait for
+    the device (``syncing``: a scalar read, ``nonzero``, ``masked_select``, boolean indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncing = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if func in SYNCING or bool_index:
+            self.syncing.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def names(self) -> list[str]:
+        return [f.overloadpacket.__name__ for f in self.ops]
+
+    def count(self, *funcs) -> int:
+        """How many of the ops are among ``funcs`` (overloads)."""
+        return sum(f in funcs for f in self.ops)
+
+    def kernels(self) -> collections.Counter:
+        """The ops that run a kernel (views launch nothing), by name."""
+        return collections.Counter(f.overloadpacket.__name__ for f in self.ops if not f.is_view)

@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import BACKENDS, BACKENDS_WITH_EXT, rand, rand_mask
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import BACKENDS, BACKENDS_WITH_EXT, RecordOps, rand, rand_mask
 from torch.utils.flop_counter import FlopCounterMode
 
 import ssam_kernels as sk
@@ -104,23 +103,13 @@ def test_autograd_catches_a_saved_weight_that_perturb_wrote(backend):
         sk.restore_([w], backup, backend=backend)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.cpu
 def test_the_dispatcher_sees_one_op_whichever_kernel_runs(gen):
     """The reference's aten ops, the C++ kernel and a Triton launch alike are one
     ``ssam_kernels`` op to a dispatch mode (what torch.compile and profilers key on)."""
     t = [rand((100,), generator=gen), rand((3, 5), generator=gen)]
     for backend in ("torch", sk.auto_backend("grad_norm")):
-        with _Ops() as seen:
+        with RecordOps() as seen:
             sk.grad_norm(t, backend=backend)
         assert seen.ops == [torch.ops.ssam_kernels.grad_norm.default], backend
 

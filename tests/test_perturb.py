@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, backend_dtypes, rand, rand64, rand_mask
+from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, RecordOps, backend_dtypes, rand, rand64, rand_mask
 
 from ssam_kernels import PerturbBackup, pack_mask, perturb_, restore_
 
@@ -242,8 +242,6 @@ def test_backups_of_one_dtype_share_one_allocation_without_an_op_per_tensor(host
     like its param (a transposed one too), the masked ones 1-D; one dispatcher op allocates them
     all (empty_like per tensor before). The Python allocation (no C module) gives the same
     backup values."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from ssam_kernels import _host_loops
 
     if host_loop == "python":
@@ -251,20 +249,13 @@ def test_backups_of_one_dtype_share_one_allocation_without_an_op_per_tensor(host
     elif _host_loops._host is None:
         pytest.skip("ssam_kernels._host not built")
 
-    class Ops(TorchDispatchMode):
-        names: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     ws = [rand((37,), generator=gen), rand((5, 16), generator=gen), rand((9,), generator=gen),
           rand((6, 4), generator=gen).t(), rand((3,), generator=gen)]
     gs = [rand(w.shape, w.dtype, gen) for w in ws]
     ms = [pack_mask(rand_mask(w.shape, generator=gen)) for w in ws]
     ms[1] = ms[3] = None
     originals = [w.clone() for w in ws]
-    with torch.no_grad(), Ops() as ops:
+    with torch.no_grad(), RecordOps() as ops:
         backup = perturb_(ws, gs, ms, 0.1, backend="torch")
     values = backup.values
     assert all(v.data_ptr() % 16 == 0 and v.is_contiguous() for v in values)
@@ -274,11 +265,12 @@ def test_backups_of_one_dtype_share_one_allocation_without_an_op_per_tensor(host
         expected = originals[i] if ms[i] is None else originals[i][ms[i].to_bool()]
         assert torch.equal(values[i], expected.reshape(values[i].shape)), i
     storages = {v.untyped_storage().data_ptr() for v in values}
-    allocations = ops.names.count("empty") + ops.names.count("empty_like") + ops.names.count("empty_strided")
+    names = ops.names()
+    allocations = names.count("empty") + names.count("empty_like") + names.count("empty_strided")
     if host_loop == "c":
-        assert len(storages) == 1 and allocations == 1, (storages, ops.names)
+        assert len(storages) == 1 and allocations == 1, (storages, names)
     else:  # the masked ones share one; each unmasked one has its own
-        assert len(storages) == 3 and allocations == 3, (storages, ops.names)
+        assert len(storages) == 3 and allocations == 3, (storages, names)
     with torch.no_grad():
         restore_(ws, backup, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(ws, originals))
@@ -316,17 +308,6 @@ def test_carve_makes_contiguous_aligned_pieces_or_says_it_cannot():
 def test_a_bool_masks_backup_is_packed_so_restore_reads_no_count(gen):
     """perturb_ keeps bool masks as bit masks with their counts: restore_ then syncs nothing to
     check the backup, and a bool mask the caller changes afterwards cannot misplace it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Syncs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
     ws = [rand((37,), generator=gen), rand((5, 16), generator=gen)]
     ms = [rand_mask(w.shape, generator=gen) for w in ws]
     originals = [w.clone() for w in ws]
@@ -335,9 +316,9 @@ def test_a_bool_masks_backup_is_packed_so_restore_reads_no_count(gen):
         assert all(b.count_int() == int(m.sum()) for b, m in zip(backup.masks, ms))
         for m in ms:
             m.fill_(True)  # the caller reuses its mask tensors
-        with Syncs() as syncs:
+        with RecordOps() as seen:
             restore_(ws, backup)
-    assert syncs.n == 0
+    assert seen.count(torch.ops.aten._local_scalar_dense.default) == 0, seen.names()
     assert all(torch.equal(a, b) for a, b in zip(ws, originals))
 
 

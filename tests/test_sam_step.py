@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (BACKENDS_WITH_EXT, backend_dtypes, interpreter_fma_is_fused, needs_ext, needs_interpreter, rand,
-                     rand_mask)
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import (BACKENDS_WITH_EXT, RecordOps, backend_dtypes, interpreter_fma_is_fused, needs_ext,
+                     needs_interpreter, rand, rand_mask)
 
 import ssam
 from ssam_kernels import SAMStepPlan, SGDGroup, _host_loops
@@ -615,26 +614,6 @@ def test_storage_order():
 
 # --- what a planned optimizer step costs on the host ------------------------------------------
 
-SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.item.default,
-           torch.ops.aten.masked_select.default}
-
-
-class OpCounter(TorchDispatchMode):
-    """The dispatcher ops a block of code runs, and those that wait for the device."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.syncing = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        bool_index = func is torch.ops.aten.index.Tensor and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
-        if func in SYNCING or bool_index:
-            self.syncing.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 class LaunchCounter:
     """The Triton kernels launched in a block (by name), compiled or interpreted; they run, out
     of sight of dispatch modes (the interpreter's own torch calls are not the step's ops)."""
@@ -701,7 +680,7 @@ def test_a_planned_step_launches_three_kernels_whatever_the_number_of_tensors(ki
         opt.second_step()  # the plan is made here, and the momentum buffers
         for p, g in zip(params, grads):
             p.grad = g
-        with LaunchCounter() as launches, OpCounter() as ops:
+        with LaunchCounter() as launches, RecordOps() as ops:
             opt.first_step()
             for p, g in zip(params, grads):
                 p.grad = g

@@ -1,6 +1,5 @@
 """The ascent modes on whole models and through the optimizers."""
 
-import collections
 import contextlib
 import copy
 import os
@@ -9,10 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, MLP, make_closure, rand_mask, regression_batch
+from helpers import BACKENDS, MLP, RecordOps, make_closure, rand_mask, regression_batch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import ssam
@@ -21,21 +19,10 @@ from ssam.models.vit import ViT
 from ssam_kernels import pack_mask, sparse_ascent
 
 
-class CountMatmuls(TorchDispatchMode):
-    """Counts the matrix products autograd runs (each mm/addmm/bmm call, and each masked weight
-    gradient: one op, whichever backend computes it)."""
-
-    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-           torch.ops.ssam_kernels.masked_weight_grad.default}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.OPS:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
+# the matrix products autograd runs (each mm/addmm/bmm call, and each masked weight gradient:
+# one op, whichever backend computes it)
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.ssam_kernels.masked_weight_grad.default)
 
 
 def _nonempty_masks(model, gen) -> dict:
@@ -106,9 +93,9 @@ def test_exact_mode_skips_layers_without_masked_entries(gen):
     counts = {}
     for mode in ("dense", "exact"):
         model.zero_grad(set_to_none=True)
-        with sparse_ascent(masks, mode, backend="torch"), CountMatmuls() as count:
+        with sparse_ascent(masks, mode, backend="torch"), RecordOps() as count:
             model(x).square().sum().backward()
-        counts[mode] = count.calls
+        counts[mode] = count.count(*MATMULS)
         if mode == "exact":
             assert model[0].weight.grad is None and model[0].bias.grad is None
     assert counts == {"dense": 3 + 5, "exact": 3 + 3}
@@ -397,22 +384,6 @@ def test_packed_and_bool_masks_agree(gen):
         assert torch.equal(a, b)
 
 
-class CountOps(TorchDispatchMode):
-    """Counts the dispatcher ops that run a kernel (views launch nothing), by name, and keeps
-    every op seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(func)
-        if not func.is_view:
-            self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 _GEMM_NAMES = ("mm", "conv", "attention", "masked_weight_grad", "cslt")
 
 
@@ -444,11 +415,11 @@ def test_exact_ascent_costs_no_more_ops_than_dense(model_name, structure, sparsi
         model.zero_grad(set_to_none=True)
         # attention in its math form: torch's FLOP counter has no formula for the CPU flash
         # kernel (torch's op, not one this project launches)
-        with sdpa_kernel(SDPBackend.MATH), sparse_ascent(dict(opt._masks), mode), CountOps() as ops:
+        with sdpa_kernel(SDPBackend.MATH), sparse_ascent(dict(opt._masks), mode), RecordOps() as ops:
             F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
         counts[mode] = ops
-    dense, exact = counts["dense"].counts, counts["exact"].counts
+    dense, exact = counts["dense"].kernels(), counts["exact"].kernels()
     # the issue's bound: 2 per masked layer (a partial layer whose rows are scattered is gathered,
     # 4 ops more, paid for by layers below the lowest masked one and all-rows ones)
     masked = [p for p, m in masks.items() if p.dim() > 1 and bool(m.any())]
@@ -462,7 +433,7 @@ def test_exact_ascent_costs_no_more_ops_than_dense(model_name, structure, sparsi
     if structure == "budget":
         assert partial  # rows skipped somewhere
         assert not {"index_select", "index_put_", "zeros_like", "index", "nonzero"} & set(exact)
-    gemms = {f.overloadpacket for f in counts["exact"].seen if any(n in f.overloadpacket.__name__ for n in _GEMM_NAMES)}
+    gemms = {f.overloadpacket for f in counts["exact"].ops if any(n in f.overloadpacket.__name__ for n in _GEMM_NAMES)}
     assert gemms and gemms <= set(flop_registry), gemms - set(flop_registry)
 
 
@@ -486,9 +457,9 @@ def test_ssamd_budget_masks_keep_row_ranges_through_updates(gen):
         with sparse_ascent(dict(opt._masks), "exact"):  # warm: row facts cached on the masks
             F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
-        with sparse_ascent(dict(opt._masks), "exact"), CountOps() as ops:
+        with sparse_ascent(dict(opt._masks), "exact"), RecordOps() as ops:
             F.cross_entropy(model(x), y).backward()
-        assert not {"index_select", "index_put_", "zeros_like", "index", "nonzero"} & set(ops.counts), epoch
+        assert not {"index_select", "index_put_", "zeros_like", "index", "nonzero"} & set(ops.kernels()), epoch
 
 
 @pytest.mark.cpu
@@ -619,13 +590,13 @@ def test_exact_scattered_rows_on_the_reference_gather_one_product_and_mask_nothi
         lin.weight.grad = None
         with block:
             loss = lin(x).square().sum()
-            ops = CountOps()
+            ops = RecordOps()
             with ops:
                 loss.backward()
         torch.testing.assert_close(lin.weight.grad[mask], dense[mask], rtol=1e-6, atol=1e-6)
         assert (lin.weight.grad[~mask.any(1)] == 0).all()
     # (the second call: the row index is kept on the mask)
-    weight_ops = {k: v for k, v in ops.counts.items() if k in ("index_select", "mm", "index_copy_", "where",
+    weight_ops = {k: v for k, v in ops.kernels().items() if k in ("index_select", "mm", "index_copy_", "where",
                                                                 "bitwise_and", "index_put_", "nonzero")}
     assert weight_ops == {"index_select": 1, "mm": 1, "index_copy_": 1}
 
