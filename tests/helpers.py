@@ -262,3 +262,21 @@ class RecordOps(TorchDispatchMode):
     def kernels(self) -> collections.Counter:
         """The ops that run a kernel (views launch nothing), by name."""
         return collections.Counter(f.overloadpacket.__name__ for f in self.ops if not f.is_view)
+
+
+def assert_tensors_equal(got, want, what: str = "tensors") -> None:
+    """``got[i]`` equals ``want[i]`` exactly (``torch.equal``: shape and values) for every ``i``,
+    and there are as many of each; else an AssertionError naming the first that differs and how."""
+    got, want = list(got), list(want)
+    assert len(got) == len(want), f"{what}: {len(got)} tensors, expected {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if torch.equal(a, b):
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise AssertionError(f"{what}[{i}]: {tuple(a.shape)} {a.dtype}, expected {tuple(b.shape)} {b.dtype}")
+        differ = a != b
+        detail = f"{int(differ.sum())} of {a.numel()} elements differ"
+        if a.is_floating_point():
+            detail += f", largest |difference| {float((a.double() - b.double()).abs().nan_to_num(float('inf')).max()):.3g}"
+        raise AssertionError(f"{what}[{i}]: {detail}")
+

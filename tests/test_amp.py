@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, backend_configs, regression_batch, setup_training
+from helpers import MLP, assert_tensors_equal, backend_configs, regression_batch, setup_training
 
 import ssam
 import ssam_kernels
@@ -73,7 +73,7 @@ def test_bf16_autocast_trains_like_the_reference_backend(kind, mode, backend, mo
         with pytest.raises(ssam_kernels.BackendUnavailableError, match="cannot run bfloat16"):
             _train(model, opt, _amp_closure(model, x, y, torch.bfloat16), steps=1)
         assert not opt.perturbed  # the failed step restored the weights, bit for bit
-        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert_tensors_equal(before, model.parameters())
         return
     results = []
     for b in ("torch", backend):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, make_closure, regression_batch
+from helpers import MLP, assert_tensors_equal, make_closure, regression_batch
 
 import ssam
 from ssam_kernels import nm_mask, perturb_
@@ -115,7 +115,7 @@ def test_params_with_no_grad(gen):
         opt.first_step()
     with pytest.raises(ValueError, match="no parameter has a gradient"):
         opt.step(lambda: None)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert_tensors_equal(model.parameters(), before)
 
 
 def _weights(model):

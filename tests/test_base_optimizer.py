@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import STEP_PATHS as PATHS
+from helpers import assert_tensors_equal
 from helpers import MLP, fit_mask, interpreter_fma_is_fused, make_optimizer, regression_batch, weights_of
 
 import ssam
@@ -122,7 +123,7 @@ def test_a_base_load_state_dict_brings_its_learning_rate(gen):
     before = weights_of(model)
     _two_passes(opt, model, x, y)
     assert opt.param_groups is opt.base_optimizer.param_groups and opt.param_groups[0]["rho"] == 0.3
-    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))  # lr 0: back at w, unmoved
+    assert_tensors_equal(model.parameters(), before)  # lr 0: back at w, unmoved
 
 
 @pytest.mark.cpu
@@ -164,7 +165,7 @@ def test_a_maximizing_group_is_perturbed_against_its_gradient(backend, kind, mod
         opt.first_step()
         perturbed.append([p.detach() - v for p, v in zip(model.parameters(), w)])
         opt.restore()
-        assert all(torch.equal(p, v) for p, v in zip(model.parameters(), w))
+        assert_tensors_equal(model.parameters(), w)
     assert any(bool(e.ne(0).any()) for e in perturbed[0])
     for up, down in zip(*perturbed):  # the same steps (a weight's rounding aside) in the other direction
         torch.testing.assert_close(down, -up, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from helpers import assert_tensors_equal
 import torch.nn.functional as F
 from torch import nn
 
@@ -168,7 +169,7 @@ def test_fp32_steps_match_the_cpu_reference(kind, mode, structure, monkeypatch, 
     for a, b in zip(ref[1], dev[1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     if ref[2] is not None:
-        assert all(torch.equal(a, b) for a, b in zip(ref[2], dev[2]))
+        assert_tensors_equal(ref[2], dev[2])
 
 
 CAPTURED_CONFIGS = [("SAM", "dense", "unstructured", 1.0), ("SSAMF", "exact", "unstructured", 1.0),
@@ -203,7 +204,7 @@ def test_mvue_modes_train_and_replay(mode, monkeypatch, gen):
     before, after = runs[0][0], runs[0][1]
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert_tensors_equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize(("dtype", "rel"), [(torch.bfloat16, 2.0**-4), (torch.float16, 2.0**-7)])
@@ -236,7 +237,7 @@ def test_grad_scaler_skips_a_step_with_nan_in_either_pass(kind, mode, bad_pass, 
     opt.zero_grad()
     opt.step(_closure(model, opt, x, y, torch.float16, scaler, poison=bad_pass), grad_scaler=scaler)
     assert not opt.perturbed
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert_tensors_equal(before, model.parameters())
     assert scaler.get_scale() == scale / 2
 
 
@@ -316,7 +317,7 @@ def test_ssamd_drop_grow_updates_match_the_reference_backend(monkeypatch, gen):
         runs.append(([p.detach().cpu() for p in model.parameters()], masks))
     assert opt.mask_updates >= 2
     for m0, m1 in zip(runs[0][1], runs[1][1]):
-        assert all(torch.equal(a, b) for a, b in zip(m0, m1))
+        assert_tensors_equal(m0, m1)
     for a, b in zip(runs[0][0], runs[1][0]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 

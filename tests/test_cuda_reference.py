@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN, rand, rand_mask
+from helpers import SmallConvBN, assert_tensors_equal, rand, rand_mask
 
 import ssam
 import ssam_kernels as sk
@@ -155,7 +155,7 @@ def test_float64_norm_and_perturbation_are_float64(backend, gen):
             else:  # torch on the device; the extension, built with --fmad=false
                 assert torch.equal(a.cpu(), b)
         sk.restore_(wd, backup, backend=backend)
-    assert all(torch.equal(a, o) for a, o in zip(wd, originals))
+    assert_tensors_equal(wd, originals)
 
 
 @pytest.mark.memcheck
@@ -165,7 +165,7 @@ def test_triton_masks_and_mvue(dtype, gen):
     for k in (1, 12345, 600_000):
         a = sk.topk_mask(scores, k=k, backend="triton")
         b = sk.topk_mask(scores, k=k, backend="torch")
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert_tensors_equal(a, b)
     s2 = rand((333, 1000), dtype, gen, DEVICE)
     for n, m in ((2, 4), (1, 4), (4, 8)):
         assert torch.equal(sk.nm_mask(s2, n, m, backend="triton"), sk.nm_mask(s2, n, m, backend="torch"))

@@ -5,7 +5,7 @@ references live in test_<op>.py (backend "ext")."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN, make_closure, needs_ext, rand, rand_mask
+from helpers import SmallConvBN, assert_tensors_equal, make_closure, needs_ext, rand, rand_mask
 
 import ssam
 import ssam_kernels as sk
@@ -127,9 +127,9 @@ def test_ext_takes_float64_like_the_reference(dtype, gen):
     ref, orig = [w.clone() for w in ws], [w.clone() for w in ws]
     backup = sk.perturb_(ws, gs, masks, 0.25, backend="ext")
     sk.perturb_(ref, gs, masks, 0.25, backend="torch")
-    assert all(torch.equal(a, b) for a, b in zip(ws, ref))
+    assert_tensors_equal(ws, ref)
     sk.restore_(ws, backup, backend="ext")
-    assert all(torch.equal(a, b) for a, b in zip(ws, orig))
+    assert_tensors_equal(ws, orig)
     assert torch.equal(sk.nm_mask(gs[1], 2, 4, backend="ext"), sk.nm_mask(gs[1], 2, 4, backend="torch"))
 
 

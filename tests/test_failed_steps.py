@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import STEP_PATHS as PATHS
+from helpers import assert_tensors_equal
 from helpers import MLP, hand_written_sam_step, make_closure, regression_batch, setup_training, weights_of
 
 import ssam
@@ -354,7 +355,7 @@ def test_ssamd_update_due_on_a_skipped_step_waits_for_the_next_one(gen):
     opt.zero_grad()
     opt.step(closure, epoch=0, batch_idx=0, grad_scaler=scaler)
     assert _same(model, weights) and opt.mask_updates == 0
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), before))
+    assert_tensors_equal(opt.masks(), before)
     opt.zero_grad()
     opt.step(closure, epoch=0, batch_idx=1, grad_scaler=scaler)  # not due, but owed
     assert opt.mask_updates == 1
@@ -382,7 +383,7 @@ def test_ssamd_step_failing_after_its_mask_update_leaves_the_mask_as_it_was(gen)
     with pytest.raises(KeyboardInterrupt):
         opt.step(failing_second_pass, epoch=0, batch_idx=0)
     assert _same(model, weights) and opt.mask_updates == updates
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), masks))
+    assert_tensors_equal(opt.masks(), masks)
     assert torch.equal(opt.generator.get_state(), rng)
     opt.zero_grad()
     opt.step(make_closure(model, x, y), epoch=0, batch_idx=5)  # the update is owed: made now, once
@@ -509,7 +510,7 @@ def test_an_update_due_on_a_step_whose_ascent_pass_raises_is_made_at_the_next_on
     with pytest.raises(RuntimeError, match="transient"):
         opt.step(_raising_first(model, x, y), epoch=0, batch_idx=0, **kwargs)
     assert _same(model, weights) and opt.mask_updates == updates
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), masks))
+    assert_tensors_equal(opt.masks(), masks)
     _official_step(opt, model, x, y, epoch=0, batch_idx=1, **kwargs)  # not due, but owed
     assert opt.mask_updates == updates + 1
     _official_step(opt, model, x, y, epoch=0, batch_idx=2, **kwargs)
@@ -537,7 +538,7 @@ def test_ssamf_update_that_raises_after_its_step_leaves_the_mask_and_is_owed(gen
     with pytest.raises(KeyboardInterrupt):
         _official_step(opt, model, x, y, model=model, epoch=0, batch_idx=0, train_data=data)
     assert opt.mask_updates == updates
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), masks))
+    assert_tensors_equal(opt.masks(), masks)
     assert torch.equal(opt.generator.get_state(), rng)
     data.fail = False
     _official_step(opt, model, x, y, model=model, epoch=0, batch_idx=1, train_data=data)

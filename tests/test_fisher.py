@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN
+from helpers import SmallConvBN, assert_tensors_equal
 from torch import nn
 
 import ssam.fisher
@@ -498,6 +498,6 @@ def test_params_may_be_a_generator_and_not_empty(gen):
     x, y = _data(gen, n=6)
     from_list = empirical_fisher(model, list(model.parameters()), [(x, y)], 6)
     from_generator = empirical_fisher(model, model.parameters(), [(x, y)], 6)
-    assert all(torch.equal(a, b) for a, b in zip(from_list, from_generator))
+    assert_tensors_equal(from_list, from_generator)
     with pytest.raises(ValueError, match="params is empty"):
         empirical_fisher(model, [], [(x, y)], 6)

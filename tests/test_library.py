@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import BACKENDS, BACKENDS_WITH_EXT, RecordOps, rand, rand_mask
+from helpers import BACKENDS, BACKENDS_WITH_EXT, RecordOps, assert_tensors_equal, rand, rand_mask
 from torch.utils.flop_counter import FlopCounterMode
 
 import ssam_kernels as sk
@@ -133,7 +133,7 @@ def test_a_step_traces_whole_under_torch_compile(gen):
 
     norm, moved = cycle(ws, gs, mask.bits)
     torch.testing.assert_close(norm, sk.grad_norm(gs, [mask, None], backend="torch"))
-    assert all(torch.equal(a, b) for a, b in zip(ws, originals))  # restored exactly
+    assert_tensors_equal(ws, originals)  # restored exactly
     assert not torch.equal(moved[1], originals[1])  # and perturbed in between
 
 
@@ -175,9 +175,9 @@ def test_public_perturb_and_restore_trace_whole_under_torch_compile(gen, scale):
     mask = sk.pack_mask(keep)
     assert "_count" not in mask.__dict__  # the count is found inside the graph
     moved, values = cycle(ws, gs, mask, s)
-    assert all(torch.equal(a, b) for a, b in zip(moved, eager))
-    assert all(torch.equal(a, b) for a, b in zip(values, eager_backup.values))
-    assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+    assert_tensors_equal(moved, eager)
+    assert_tensors_equal(values, eager_backup.values)
+    assert_tensors_equal(ws, originals)
     assert mask.count_int() == int(keep.sum())
 
 

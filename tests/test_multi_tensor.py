@@ -3,7 +3,7 @@ hit), bounded, never evicted once a CUDA graph capture uses them, and never stal
 
 import pytest
 import torch
-from helpers import needs_ext, needs_interpreter, rand, rand_mask
+from helpers import assert_tensors_equal, needs_ext, needs_interpreter, rand, rand_mask
 
 from ssam_kernels import (BitMask, grad_norm, pack_mask, packed_nbytes, perturb_, restore_, restore_sgd_step_,
                           topk_mask)
@@ -160,11 +160,11 @@ def test_results_stay_right_over_repeated_calls(persistent, gen):
         original = [w.clone() for w in ws]
         with torch.no_grad():
             backup = perturb_(ws, gs, entries, 0.3, backend="triton")
-        assert all(torch.equal(w, e) for w, e in zip(ws, expected_w))
+        assert_tensors_equal(ws, expected_w)
         assert [v.numel() for v in backup.values] == [int(m.sum()) for m in ms]
         with torch.no_grad():
             restore_(ws, backup, backend="triton")
-        assert all(torch.equal(w, o) for w, o in zip(ws, original))
+        assert_tensors_equal(ws, original)
         with torch.no_grad():
             backup = perturb_(ws, gs, entries, 0.3, backend="triton")
             bufs = restore_sgd_step_(ws, g2, bufs, backup, backend="triton", **hyper)
@@ -271,7 +271,7 @@ def _captured_norm_and_restore_replay(gen, backend, after_capture=lambda: None):
             perturb_(ws, gs, ms, 0.3, backend=backend)  # the graph's restore_ undoes it
         graph.replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(w, o) for w, o in zip(ws, original))
+        assert_tensors_equal(ws, original)
         expected = torch.cat([g.double()[m.to_bool()] for g, m in zip(gs, ms)]).norm()
         torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from helpers import BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, RecordOps, backend_dtypes, rand, rand64, rand_mask
+from helpers import (BACKENDS_WITH_EXT, LOW_PRECISION, ODD_SIZES, RecordOps, assert_tensors_equal, backend_dtypes, rand,
+                     rand64, rand_mask)
 
 from ssam_kernels import PerturbBackup, pack_mask, perturb_, restore_
 
@@ -47,7 +48,7 @@ def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
         w[m] = float("nan")
     with torch.no_grad():
         restore_(ws, backup, backend=backend)
-    assert all(torch.equal(w, o) for w, o in zip(ws, originals))
+    assert_tensors_equal(ws, originals)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
@@ -79,9 +80,9 @@ def test_grads_of_other_dtype_and_non_contiguous(dtype, backend, gen):
     originals = [w.clone() for w in ws]
     with torch.no_grad():
         backup = perturb_(ws, gs, ms, 0.5, backend=backend)
-        assert all(torch.equal(w, e) for w, e in zip(ws, expected))
+        assert_tensors_equal(ws, expected)
         restore_(ws, backup, backend=backend)
-    assert all(torch.equal(w, o) for w, o in zip(ws, originals))
+    assert_tensors_equal(ws, originals)
 
 
 @pytest.mark.cpu
@@ -193,7 +194,7 @@ def test_float64_zero_scale_leaves_weights_as_they_are(backend, gen):
     for scale in (0.0, torch.tensor(0.0, dtype=torch.float64) / (torch.tensor(2.5, dtype=torch.float64) + 1e-7)):
         with torch.no_grad():
             perturb_(ws, gs, [None, rand_mask((3, 5), generator=gen)], scale, backend=backend)
-        assert all(torch.equal(w, o) for w, o in zip(ws, originals))
+        assert_tensors_equal(ws, originals)
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES, BACKENDS_WITH_EXT))
@@ -207,7 +208,7 @@ def test_float64_scale_for_narrower_params_is_read_in_fp32(dtype, backend, gen):
     expected = [_expected(w, g, m, scale.float()) for w, g, m in zip(ws, gs, ms)]
     with torch.no_grad():
         perturb_(ws, gs, ms, scale, backend=backend)
-    assert all(torch.equal(w, e) for w, e in zip(ws, expected))
+    assert_tensors_equal(ws, expected)
 
 
 @pytest.mark.cpu
@@ -231,7 +232,7 @@ def test_backups_are_allocated_by_the_call_aligned_and_of_their_own(gen):
     assert backup.masks == ms  # the caller's mask objects (their cached facts kept)
     with torch.no_grad():
         restore_(ws, backup, backend="torch")
-    assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+    assert_tensors_equal(ws, originals)
 
 
 @pytest.mark.cpu
@@ -273,7 +274,7 @@ def test_backups_of_one_dtype_share_one_allocation_without_an_op_per_tensor(host
         assert len(storages) == 3 and allocations == 3, (storages, names)
     with torch.no_grad():
         restore_(ws, backup, backend="torch")
-    assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+    assert_tensors_equal(ws, originals)
 
 
 @pytest.mark.cpu
@@ -319,7 +320,7 @@ def test_a_bool_masks_backup_is_packed_so_restore_reads_no_count(gen):
         with RecordOps() as seen:
             restore_(ws, backup)
     assert seen.count(torch.ops.aten._local_scalar_dense.default) == 0, seen.names()
-    assert all(torch.equal(a, b) for a, b in zip(ws, originals))
+    assert_tensors_equal(ws, originals)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
@@ -343,14 +344,14 @@ def test_padding_bits_change_no_op(backend, gen):
     want, got = fresh(), fresh()
     perturb_(want, [p.grad for p in params], clean, 0.5, backend=backend)
     backup = perturb_(got, [p.grad for p in params], dirty, 0.5, backend=backend)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert_tensors_equal(got, want)
     restore_(got, backup, backend=backend)
-    assert all(torch.equal(g, p) for g, p in zip(got, params))
+    assert_tensors_equal(got, params)
     want, got = fresh(), fresh()
     plans = [SAMStepPlan(ps, m, backend=backend) for ps, m in ((want, clean), (got, dirty))]
     for plan in plans:
         plan.perturb([0.5])
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert_tensors_equal(got, want)
     if backend == "torch":  # the reference backs each parameter up whole: no count sizes its backup
         assert all(b.shape == p.shape for plan in plans for b, p in zip(plan._impl.backup, plan.params))
     else:  # the kernels' compact backups, sized from the counts of kept bits
@@ -365,4 +366,4 @@ def test_padding_bits_change_no_op(backend, gen):
             assert torch.equal(_block_counts(d.bits, p.numel(), block), _block_counts(c.bits, p.numel(), block))
         assert [int(m.count_int()) for m in dirty] == [int(m.count_int()) for m in clean]
     plans[1].restore()
-    assert all(torch.equal(g, p) for g, p in zip(got, params))
+    assert_tensors_equal(got, params)

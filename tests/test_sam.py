@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, hand_written_sam_step, make_closure, regression_batch
+from helpers import MLP, assert_tensors_equal, hand_written_sam_step, make_closure, regression_batch
 
 import ssam
 
@@ -86,7 +86,7 @@ def test_two_step_api_restores_exactly(gen):
     assert not torch.equal(next(model.parameters()), before[0])
     F.mse_loss(model(x), y).backward()
     opt.second_step()  # lr = 0: weights must be bit-identical again
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert_tensors_equal(model.parameters(), before)
 
 
 def test_failed_closure_leaves_weights_untouched(gen):
@@ -356,4 +356,4 @@ def test_parameters_sharing_memory_are_refused_before_any_write(fuse_sgd, backen
     before = [p.detach().clone() for p in (a, b, c)]
     with pytest.raises(ValueError, match="parameters 1 and 2 .* share memory"):
         opt.first_step()
-    assert all(torch.equal(p, q) for p, q in zip((a, b, c), before))
+    assert_tensors_equal((a, b, c), before)

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (BACKENDS_WITH_EXT, RecordOps, backend_dtypes, interpreter_fma_is_fused, needs_ext,
-                     needs_interpreter, rand, rand_mask)
+from helpers import (BACKENDS_WITH_EXT, RecordOps, assert_tensors_equal, backend_dtypes, interpreter_fma_is_fused,
+                     needs_ext, needs_interpreter, rand, rand_mask)
 
 import ssam
 from ssam_kernels import SAMStepPlan, SGDGroup, _host_loops
@@ -389,7 +389,7 @@ def test_the_optimizer_steps_unplanned_when_its_mask_bits_were_written_in_place(
     before = ascent()
     moved = params[0] != before[0]
     assert bool(moved[params[0].grad != 0].all())  # the bits as they are now were read
-    assert all(torch.equal(p, b) for p, b in zip(params[1:], before[1:]))
+    assert_tensors_equal(params[1:], before[1:])
     opt.second_step()
     ascent()
     assert opt._plan is not None  # planned again, on the bits as they are now
@@ -541,7 +541,7 @@ def test_bad_input_names_what_is_wrong(gen):
     # refused before anything was written: still at w + e, and perturbed (restore puts back w)
     assert all(torch.equal(p, q) for p, q in zip(params, perturbed)) and plan.perturbed
     plan.restore()
-    assert all(torch.equal(p, o) for p, o in zip(params, original))
+    assert_tensors_equal(params, original)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
@@ -793,7 +793,7 @@ def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
     before = [b.clone() for b in dev]
     plan.perturb([0.05, 0.1])
     plan.restore()
-    assert all(torch.equal(a, b) for a, b in zip(before, dev))
+    assert_tensors_equal(before, dev)
     dev[0].grad[0] = float("nan")  # (tensor 0 is unmasked: the masked norm reads it)
     plan.perturb([0.05, 0.1])
     assert all(torch.equal(a, b) for a, b in zip(before, dev)) and int(plan.skipped) == 1
@@ -959,7 +959,7 @@ def test_compiled_optimizer_steps_equal_eager_ones(kind):
 
     torch._dynamo.reset()
     eager, compiled = run(False), run(True)
-    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert_tensors_equal(eager, compiled)
 
 
 @pytest.mark.cpu

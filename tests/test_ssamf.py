@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN, make_closure
+from helpers import SmallConvBN, assert_tensors_equal, make_closure
 
 import ssam
 from ssam.fisher import empirical_fisher
@@ -206,7 +206,7 @@ def test_the_constructor_loss_fn_sets_the_fisher_of_step_mask_updates():
     ref_model, ref = make()
     ref_model.load_state_dict(model.state_dict())  # the weights after the step
     ref.update_mask(ref_model, data, loss_fn=F.mse_loss)
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), ref.masks()))
+    assert_tensors_equal(opt.masks(), ref.masks())
     ce_model, ce = make()
     ce_model.load_state_dict(model.state_dict())
     ce.update_mask(ce_model, data)
@@ -215,10 +215,10 @@ def test_the_constructor_loss_fn_sets_the_fisher_of_step_mask_updates():
     again_model, again = make(loss_fn=F.mse_loss)
     again_model.load_state_dict(model.state_dict())
     again.update_mask(again_model, data)
-    assert all(torch.equal(a, b) for a, b in zip(again.masks(), ref.masks()))
+    assert_tensors_equal(again.masks(), ref.masks())
     explicit_model, explicit = make(loss_fn=lambda out, t: (_ for _ in ()).throw(AssertionError("not this one")))
     explicit_model.load_state_dict(model.state_dict())
     explicit.update_mask(explicit_model, data, loss_fn=F.mse_loss)
-    assert all(torch.equal(a, b) for a, b in zip(explicit.masks(), ref.masks()))
+    assert_tensors_equal(explicit.masks(), ref.masks())
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         make(loss_fn="mse")

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallConvBN, make_closure
+from helpers import SmallConvBN, assert_tensors_equal, make_closure
 
 import ssam
 
@@ -58,7 +58,7 @@ def test_resume_is_bit_identical(kind):
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     if kind != "sam":
-        assert all(torch.equal(a, b) for a, b in zip(opt.masks(), opt2.masks()))
+        assert_tensors_equal(opt.masks(), opt2.masks())
         assert opt.mask_updates == opt2.mask_updates
         assert torch.equal(opt.generator.get_state(), opt2.generator.get_state())
 
@@ -161,7 +161,7 @@ def test_a_mask_update_still_owed_is_resumed(kind):
     train(model, opt, scaler, [4, 5])
     train(resumed, opt2, scaler2, [4, 5])
     assert opt.mask_updates == opt2.mask_updates == updates + 1
-    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), opt2.masks()))
+    assert_tensors_equal(opt.masks(), opt2.masks())
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -201,7 +201,7 @@ def test_a_generator_state_of_another_device_type_loads_nothing(kind, key):
     after = fresh.state_dict()
     assert not after["base_optimizer"]["state"]
     for k in ("masks",):
-        assert all(torch.equal(a, b) for a, b in zip(after["extra"][k], before["extra"][k]))
+        assert_tensors_equal(after["extra"][k], before["extra"][k])
     for k in ("generator", "ascent_generator"):
         assert torch.equal(after["extra"][k], before["extra"][k])
     assert after["extra"]["mask_updates"] == before["extra"]["mask_updates"]
