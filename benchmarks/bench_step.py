@@ -523,11 +523,11 @@ def run(args, device, progress_factory=None) -> list[dict]:
     bar = progress_factory(total=len(specs) * len(runs), desc="step") if progress_factory else None
     rows = []
     out = getattr(args, "out", None)
-    save = None
-    if results_dir(device, out):
-        def save(part):  # (printed once, by the caller's write, at the end)
-            with contextlib.redirect_stdout(io.StringIO()):
-                write(part, device, out, partial=True)
+    def write_quietly(part):  # (printed once, by the caller's write, at the end)
+        with contextlib.redirect_stdout(io.StringIO()):
+            write(part, device, out, partial=True)
+
+    save = write_quietly if results_dir(device, out) else None
     for name, workload, timed, batch in runs:
         rows += bench_workload(name, workload, specs, device, reps, timed, batch, bar,
                                save and (lambda captured: save(rows + captured)))
