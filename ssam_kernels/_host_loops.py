@@ -45,12 +45,13 @@ if _host is not None and not all(hasattr(_host, f) for f in ("bump_versions", "o
     _host = None  # an older build of the module (a source tree not rebuilt): the Python loops
 
 
-def bump_versions(tensors: list[torch.Tensor]) -> None:
-    """Each tensor's version counter moved on, as an in-place torch op moves it."""
+def bump_versions(tensors: list) -> None:
+    """Each tensor's version counter moved on, as an in-place torch op moves it (None entries
+    skipped)."""
     if _host is not None:
-        _host.bump_versions(tensors)
+        _host.bump_versions(tensors if type(tensors) is list else list(tensors))
     else:
-        torch._C._increment_version(tensors)
+        torch._C._increment_version([t for t in tensors if t is not None])
 
 
 def data_ptrs(tensors: list) -> tuple[int, ...]:

@@ -84,8 +84,7 @@ class Op:
             # a kernel writing through addresses (Triton, the extension) is invisible to autograd's
             # version counters: bump them as torch's in-place ops do, so a tensor saved for a
             # backward and modified here is caught, and caches keyed on versions see the change
-            written = args[i] if isinstance(args[i], (list, tuple)) else [args[i]]
-            bump_versions([t for t in written if t is not None])
+            bump_versions(args[i] if isinstance(args[i], (list, tuple)) else [args[i]])
         return out
 
     def across_devices(self, backend: str, device: torch.device) -> Callable:

@@ -432,7 +432,9 @@ def test_the_compiled_host_reads_equal_the_python_ones(gen, monkeypatch):
     with torch.inference_mode():
         frozen = torch.zeros(3)
     sam_step._host.bump_versions([frozen])
-    with pytest.raises(TypeError, match=r"tensors\[1\] is not a tensor"):
+    sam_step._host.bump_versions([params[0], None])  # an optional operand not given: skipped
+    assert params[0]._version == versions[0] + 3
+    with pytest.raises(TypeError, match=r"tensors\[1\] is not a tensor or None"):
         sam_step._host.bump_versions([params[0], 3])
     # the optimizer's check that the base optimizer's state still holds the plan's buffers
     buffers = [torch.zeros(2), None, torch.zeros(2)]

@@ -68,10 +68,10 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// bump_versions(tensors: list[Tensor]) -> None
+// bump_versions(tensors: list[Tensor | None]) -> None
 // Each tensor's version counter moved on, as an in-place torch op moves it (the step's kernels
-// write through addresses, which autograd cannot see); tensors made in inference mode have none
-// and are left alone, as torch.autograd.graph.increment_version does. A few ns per tensor, where
+// write through addresses, which autograd cannot see); None entries are skipped, and tensors made
+// in inference mode have none and are left alone, as torch.autograd.graph.increment_version does. A few ns per tensor, where
 // torch._C._increment_version takes about 90.
 PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -80,8 +80,9 @@ PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
   const Py_ssize_t n = PyList_GET_SIZE(tensors);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(tensors, i);
+    if (item == Py_None) continue;  // (an optional tensor the op was not given)
     if (!THPVariable_Check(item)) {
-      PyErr_Format(PyExc_TypeError, "bump_versions: tensors[%zd] is not a tensor", i);
+      PyErr_Format(PyExc_TypeError, "bump_versions: tensors[%zd] is not a tensor or None", i);
       return nullptr;
     }
     const at::Tensor& t = THPVariable_Unpack(item);

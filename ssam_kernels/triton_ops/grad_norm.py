@@ -75,7 +75,7 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     for (_, masked, is_aligned), idx in group_by(keys).items():
         group = take(xs, idx)
         group_bits = take(bits, idx) if masked else []
-        table = chunk_table([x.numel() for x in group], device)
+        table = chunk_table(list(map(torch.Tensor.numel, group)), device)
         if table.num_chunks == 0:
             continue
         out = torch.empty(table.num_chunks, dtype=dtype, device=device)

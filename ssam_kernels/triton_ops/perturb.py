@@ -160,8 +160,7 @@ def _launch(perturb: bool, ops: dict, scale, is_aligned: bool) -> None:
     (ws, w_ptrs), (gs, g_ptrs), (bits, bits_ptrs), (backups, backup_ptrs) = (
         ops["w"], ops["g"], ops["bits"], ops["backup"])
     device = ws[0].device
-    numels = [w.numel() for w in ws]
-    table = chunk_table(numels, device)
+    table = chunk_table(list(map(torch.Tensor.numel, ws)), device)
     if table.num_chunks == 0:
         return
     has_mask = bool(bits)

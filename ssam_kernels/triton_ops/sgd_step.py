@@ -117,7 +117,7 @@ def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper
         ops = operands_at(tensors, ptrs, idx, has_mask)
         (ws, w_ptrs), (gs, g_ptrs), (bufs, buf_ptrs), (bits, bits_ptrs), (values, value_ptrs) = ops.values()
         device = ws[0].device
-        table = chunk_table([w.numel() for w in ws], device)
+        table = chunk_table(list(map(torch.Tensor.numel, ws)), device)
         if table.num_chunks == 0:
             continue
         offsets = chunk_offsets(table, bits, device, bits_ptrs) if has_mask else table.numel
