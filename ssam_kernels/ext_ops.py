@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
 from .ops.bitmask import bits_of, packed_nbytes
 from .ops.grad_norm import accumulation_dtype, grad_norm_torch
 from .ops.nm_mask import nm_mask_torch
@@ -20,20 +19,20 @@ PLAN_BLOCK = 8192  # kPlanBlock in csrc/ssam_common.h
 _ops = torch.ops.ssam
 
 
-def _one_device_contiguous(tensors) -> bool:
-    tensors = list(tensors)
-    return not _checks.spans_devices(tensors) and all(map(torch.Tensor.is_contiguous, tensors))
+def _contiguous(tensors) -> bool:
+    # (one device: the ops refuse lists that span devices, or send them to the reference)
+    return all(map(torch.Tensor.is_contiguous, tensors))
 
 
 def grad_norm_ext(tensors, masks):
-    if not _one_device_contiguous(tensors):
+    if not _contiguous(tensors):
         return grad_norm_torch(tensors, masks)
     bits = bits_of(masks)
     return _ops.grad_norm(tensors, bits).to(tensors[0].device)
 
 
 def perturb_ext(params, grads, masks, scale, values) -> None:
-    if not _one_device_contiguous(params):
+    if not _contiguous(params):
         return perturb_torch(params, grads, masks, scale, values)
     # a number stays on the host (the CUDA op reads it there: no copy to the device, no wait),
     # as a float64, which float64 params take unrounded
@@ -42,7 +41,7 @@ def perturb_ext(params, grads, masks, scale, values) -> None:
 
 
 def restore_ext(params, backup: PerturbBackup) -> None:
-    if not _one_device_contiguous(params):
+    if not _contiguous(params):
         return restore_torch(params, backup)
     _ops.restore_(params, backup.values, bits_of(backup.masks))
 

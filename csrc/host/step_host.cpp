@@ -71,8 +71,8 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
 // bump_versions(tensors: list[Tensor | None]) -> None
 // Each tensor's version counter moved on, as an in-place torch op moves it (the step's kernels
 // write through addresses, which autograd cannot see); None entries are skipped, and tensors made
-// in inference mode have none and are left alone, as torch.autograd.graph.increment_version does. A few ns per tensor, where
-// torch._C._increment_version takes about 90.
+// in inference mode have none and are left alone, as torch.autograd.graph.increment_version
+// does. A few ns per tensor, where torch._C._increment_version takes about 90.
 PyObject* bump_versions(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* tensors = nullptr;

@@ -61,15 +61,10 @@ _dtype = attrgetter("dtype")
 def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Tensors of these lengths carved out of one allocation, each starting on 16 bytes (views
     from one split: written in place by the kernels, never by autograd)."""
-    step = max(1, 16 // dtype.itemsize)
-    pieces, at = [], []  # each tensor, then any padding to the next 16 bytes: one split makes every view
+    pieces = []  # each tensor, then its padding to the next 16 bytes: one split makes every view
     for n in counts:
-        at.append(len(pieces))
-        pieces.append(n)
-        if n % step:
-            pieces.append(step - n % step)
-    views = torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)
-    return [views[i] for i in at]
+        pieces += (n, aligned_length(n, dtype) - n)
+    return torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)[::2]
 
 
 def backup_buffers(params, masks, counts: list[int]) -> list[torch.Tensor]:
