@@ -40,7 +40,6 @@ def _check_chunk_table(table, numels):
     assert table.chunk_start.dtype == torch.int64 and table.chunk_start.tolist() == start
     assert table.numel.dtype == torch.int64 and table.numel.tolist() == list(numels)
     assert table.first_chunk.tolist() == first
-    assert table.chunk_first.tolist() == [first[t] for t in owner]
 
 
 @pytest.mark.cpu
@@ -185,6 +184,27 @@ def test_results_stay_right_over_repeated_calls(persistent, gen):
         if not persistent:
             bufs = [b.clone() for b in bufs]  # the next step's buffers live elsewhere
             ref_bufs = [b.clone() for b in ref_bufs]
+
+
+@pytest.mark.interpret
+@needs_interpreter
+@pytest.mark.parametrize("tile", [4, 2048])
+def test_chunk_offsets_count_within_each_tensor_across_scan_steps(tile, gen):
+    # the compact backup's offset of each chunk: the set bits of its tensor's chunks before it.
+    # tile=4: tensors of 4 to 11 chunks take two or three steps of the scan (each step carries the
+    # last one's total); empty tensors and one-chunk ones between them, a density per tensor
+    from ssam_kernels._host_loops import data_ptrs
+    from ssam_kernels.triton_ops.perturb import chunk_offsets
+
+    numels = [3 * mt.CHUNK + 1, 0, 1, 4 * mt.CHUNK, 11 * mt.CHUNK - 5, 0, mt.CHUNK, 9 * mt.CHUNK + 7]
+    masks = [rand_mask((n,), density, generator=gen) for n, density in zip(numels, [0.5, 0.5, 1, 0.9, 0.1, 0, 1, 0.5])]
+    bits = [pack_mask(m).bits for m in masks]
+    offsets = chunk_offsets(mt.chunk_table(numels, CPU), bits, CPU, data_ptrs(bits), tile=tile)
+    expected = []
+    for m in masks:
+        counts = [int(c.sum()) for c in m.split(mt.CHUNK)] if m.numel() else []  # (no chunk when empty)
+        expected += [sum(counts[:i]) for i in range(len(counts))]
+    assert offsets.tolist() == expected
 
 
 @pytest.mark.cpu

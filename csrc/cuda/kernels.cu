@@ -177,6 +177,38 @@ struct CountBits {
   }
 };
 
+// In place, per chunk: counts[c] (set bits of chunk c) -> set bits of its tensor before chunk c;
+// totals[k] = tensor k's set bits. One block per tensor, its chunks kThreads * kScanPerThread at
+// a time (a thread sums its run of chunks, a block scan of the sums, a carry between steps), so
+// a 38M-element embedding's 4.7k chunks take 3 steps.
+constexpr int kScanPerThread = 8;
+
+__global__ void __launch_bounds__(kThreads)
+    chunk_offsets_kernel(const int64_t* numel, const int64_t* first_chunk, int64_t* counts, int64_t* totals) {
+  const int64_t k = blockIdx.x;
+  const int64_t chunks = (numel[k] + kChunk - 1) / kChunk;
+  int64_t* row = counts + first_chunk[k];
+  int64_t carry = 0;
+  for (int64_t s = 0; s < chunks; s += static_cast<int64_t>(kThreads) * kScanPerThread) {  // block-uniform
+    const int64_t i0 = s + static_cast<int64_t>(threadIdx.x) * kScanPerThread;
+    int v[kScanPerThread];  // a chunk's count is at most kChunk: a step's sum fits an int
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < kScanPerThread; ++j) {
+      v[j] = i0 + j < chunks ? static_cast<int>(row[i0 + j]) : 0;
+      sum += v[j];
+    }
+    int before = block_exclusive_scan(sum);
+#pragma unroll
+    for (int j = 0; j < kScanPerThread; ++j) {
+      if (i0 + j < chunks) row[i0 + j] = carry + before;
+      before += v[j];
+    }
+    carry += block_sum(sum);  // (its barriers also end the scan's reads of its shared totals)
+  }
+  if (threadIdx.x == 0) totals[k] = carry;
+}
+
 // Elements a thread loads before it stores any. The tensors' addresses come from tables, so
 // the compiler must assume a store may alias the next load and cannot hoist a load above a
 // store: element by element, a thread had one load in flight at a time, which leaves a
@@ -615,6 +647,12 @@ cudaError_t sum_squares(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, con
 
 cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* counts, cudaStream_t stream) {
   return launch(t, CountBits{bits_ptrs, counts}, stream);
+}
+
+cudaError_t chunk_offsets(const int64_t* numel, const int64_t* first_chunk, int64_t num_tensors, int64_t* counts,
+                          int64_t* totals, cudaStream_t stream) {
+  if (num_tensors > 0) chunk_offsets_kernel<<<static_cast<unsigned>(num_tensors), kThreads, 0, stream>>>(numel, first_chunk, counts, totals);
+  return cudaGetLastError();
 }
 
 cudaError_t perturb(const ChunkTable& t, Dtype w, Dtype g, const int64_t* w_ptrs, const int64_t* g_ptrs,

@@ -39,6 +39,12 @@ cudaError_t sum_squares(const ChunkTable& t, Dtype x, const int64_t* x_ptrs, con
 // counts[c] = set bits of chunk c.
 cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* counts, cudaStream_t stream);
 
+// In place: counts[c] (count_bits' output) -> set bits of chunk c's tensor before chunk c (the
+// chunk's first slot in its tensor's compact backup); totals[k] = tensor k's set bits. numel and
+// first_chunk: per tensor (device), its length and the index of its first chunk.
+cudaError_t chunk_offsets(const int64_t* numel, const int64_t* first_chunk, int64_t num_tensors, int64_t* counts,
+                          int64_t* totals, cudaStream_t stream);
+
 // The scale of a perturbation: *ptr64 (a device double) or *ptr (a device float) where one is
 // non-null, else value (a host value). Read as a double: a double weight's math takes it
 // unrounded, a narrower one's rounds it to float.

@@ -201,8 +201,6 @@ struct LaunchTable {
   ChunkTable chunks() const { return ChunkTable{at(0), at(num_chunks), at(2 * num_chunks), num_chunks}; }
   // per-tensor column i: 0 = numel, 1 = first chunk, 2.. = the launch's columns in order
   const int64_t* column(int64_t i) const { return at(2 * num_chunks + i * num_tensors); }
-  at::Tensor chunk_tensor() const { return dev.narrow(0, 0, num_chunks); }
-  at::Tensor first_chunk() const { return dev.narrow(0, 2 * num_chunks + num_tensors, num_tensors); }
 };
 
 LaunchTable launch_table(const std::vector<at::Tensor>& ts, const std::vector<std::vector<int64_t>>& columns,
@@ -282,14 +280,17 @@ MaskCounts& mask_counts() {
 }
 
 // Per chunk of a masked group: the slot of its first kept element in its tensor's compact
-// backup. Also checks each backup's size against its mask's count (see MaskCounts).
+// backup (two launches: the counts, then a scan within each tensor). Also checks each backup's
+// size against its mask's count (see MaskCounts).
 at::Tensor chunk_offsets(const LaunchTable& tb, const int64_t* bits_addr, const std::vector<at::Tensor>& bits,
                          const std::vector<at::Tensor>& backups, const at::Device& device, cudaStream_t stream,
                          const char* what) {
-  const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
-  auto counts = at::empty({tb.num_chunks}, longs);
-  check_launch(cuda::count_bits(tb.chunks(), bits_addr, counts.data_ptr<int64_t>(), stream), "count_bits");
-  const auto owner = tb.chunk_tensor();
+  // [chunk offsets | per-tensor totals]
+  auto out = at::empty({tb.num_chunks + tb.num_tensors}, at::TensorOptions().dtype(at::kLong).device(device));
+  int64_t* offsets = out.data_ptr<int64_t>();
+  check_launch(cuda::count_bits(tb.chunks(), bits_addr, offsets, stream), "count_bits");
+  check_launch(cuda::chunk_offsets(tb.column(0), tb.column(1), tb.num_tensors, offsets, offsets + tb.num_chunks, stream),
+               "chunk_offsets");
   std::vector<size_t> unknown;
   for (size_t i = 0; i < bits.size(); ++i) {
     const int64_t known = mask_counts().find(bits[i]);
@@ -303,16 +304,15 @@ at::Tensor chunk_offsets(const LaunchTable& tb, const int64_t* bits_addr, const 
   if (!unknown.empty()) {
     TORCH_CHECK(!capturing(stream), what, ": a mask is first used while a CUDA graph is being captured; its set bits ",
                 "are counted, and the backup's size checked, once outside a capture: run a warm-up step first");
-    const auto per_tensor = at::zeros({tb.num_tensors}, longs).index_add_(0, owner, counts).cpu();  // one wait
-    const int64_t* count = per_tensor.data_ptr<int64_t>();
+    const auto totals = out.narrow(0, tb.num_chunks, tb.num_tensors).cpu();  // one wait
+    const int64_t* count = totals.data_ptr<int64_t>();
     for (size_t i : unknown) {
       TORCH_CHECK(count[i] == backups[i].numel(), what, ": a backup holds ", backups[i].numel(),
                   " values but its mask sets ", count[i]);
       mask_counts().put(bits[i], count[i]);
     }
   }
-  const auto before = at::cumsum(counts, 0) - counts;
-  return before - before.index_select(0, tb.first_chunk().index_select(0, owner));
+  return out;
 }
 
 // ---- ops ----------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ The kernels read small int64/int32 device tables:
   count over the tensors laid end to end.
 * ``numel[t]`` and one address table per operand (``ptrs[t]``: ``data_ptr()`` of tensor
   ``t``), cast back to typed pointers in the kernel.
-* ``first_chunk[t]`` and ``chunk_first[c]`` (the first chunk of chunk ``c``'s tensor), for
-  host-side per-tensor offsets such as the compact backup's.
+* ``first_chunk[t]``: the index of tensor ``t``'s first chunk, for per-tensor scans over
+  chunks such as the compact backup's offsets.
 
 Chunk starts are multiples of CHUNK, so a chunk of a bit-packed mask starts on a byte, and a
 tensor that starts on 16 bytes has every chunk start there too. The launchers check each
@@ -162,7 +162,6 @@ class ChunkTable:
     chunk_start: torch.Tensor  # int64 [chunks]
     numel: torch.Tensor  # int64 [tensors]
     first_chunk: torch.Tensor  # int64 [tensors]: index of each tensor's first chunk
-    chunk_first: torch.Tensor  # int64 [chunks]: first_chunk of each chunk's tensor
     num_chunks: int
 
 
@@ -183,28 +182,26 @@ def chunk_table(numels: list[int], device: torch.device, chunk: int = CHUNK) -> 
     def build():
         counts = [(n + chunk - 1) // chunk for n in numels]
         chunks, tensors = sum(counts), len(numels)
-        starts, owner, first, chunk_first = [], [], [], []
+        starts, owner, first = [], [], []
         for t, c in enumerate(counts):
             first.append(len(starts))
             starts.extend(range(0, c * chunk, chunk))
             owner.extend([t] * c)
-            chunk_first.extend([first[-1]] * c)
-        # one int64 buffer (one copy): chunk_start | chunk_first | numel | first_chunk | chunk_tensor
-        # (int32, two per slot); every section starts on 16 bytes
-        sections = [_align(chunks), _align(chunks), _align(tensors), _align(tensors), _align((chunks + 1) // 2)]
+        # one int64 buffer (one copy): chunk_start | numel | first_chunk | chunk_tensor (int32, two
+        # per slot); every section starts on 16 bytes
+        sections = [_align(chunks), _align(tensors), _align(tensors), _align((chunks + 1) // 2)]
         host = torch.zeros(sum(sections), dtype=torch.int64)
         at = [sum(sections[:i]) for i in range(len(sections))]
-        for i, values in enumerate((starts, chunk_first, list(numels), first)):
+        for i, values in enumerate((starts, list(numels), first)):
             host[at[i]: at[i] + len(values)] = torch.tensor(values, dtype=torch.int64)
-        host[at[4]:].view(torch.int32)[:chunks] = torch.tensor(owner, dtype=torch.int32)
+        host[at[3]:].view(torch.int32)[:chunks] = torch.tensor(owner, dtype=torch.int32)
 
         def make(buf: torch.Tensor) -> ChunkTable:
             return ChunkTable(
-                chunk_tensor=buf[at[4]:].view(torch.int32)[:chunks],
+                chunk_tensor=buf[at[3]:].view(torch.int32)[:chunks],
                 chunk_start=buf[at[0]: at[0] + chunks],
-                numel=buf[at[2]: at[2] + tensors],
-                first_chunk=buf[at[3]: at[3] + tensors],
-                chunk_first=buf[at[1]: at[1] + chunks],
+                numel=buf[at[1]: at[1] + tensors],
+                first_chunk=buf[at[2]: at[2] + tensors],
                 num_chunks=chunks,
             )
 

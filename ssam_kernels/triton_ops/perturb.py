@@ -2,7 +2,8 @@
 
 One launch per (weight dtype, grad dtype, masked or not, 16-byte aligned or not) group of
 tensors. A masked chunk finds where its values go in the tensor's compact backup from a prior
-count of set bits per chunk (one small launch over the packed bits, then a prefix sum); inside
+count of set bits per chunk (one small launch over the packed bits, then one that turns the
+counts into offsets by a prefix sum within each tensor); inside
 the chunk, an in-block prefix sum of the bits gives each kept element its slot. Weights and
 gradients move in whole 16-byte vectors, skipping the vectors without a kept element: the
 weight's vector is written back whole (kept elements changed), which the memory system would
@@ -140,16 +141,36 @@ def _move_kernel(chunk_tensor, chunk_start, numel, w_ptrs, g_ptrs, bits_ptrs, ba
         _move_chunk(w, g, bits, backup, room, scale, left, PERTURB, HAS_MASK, False, CHUNK, BLOCK)
 
 
-def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device, bits_ptrs) -> torch.Tensor:
-    """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor).
-    ``bits_ptrs``: the bits' addresses."""
+@triton.jit
+def _offsets_kernel(numel, first_chunk, counts, CHUNK: tl.constexpr, TILE: tl.constexpr):
+    """In place, per chunk: counts[c] (set bits of chunk c) -> set bits of its tensor before chunk
+    c. One program per tensor, its chunks TILE at a time (a carry between tiles)."""
+    t = tl.program_id(0)
+    n = tl.cdiv(tl.load(numel + t), CHUNK)
+    row = counts + tl.load(first_chunk + t)
+    carry = n * 0  # int64, as the counts
+    for s in range(0, n, TILE):
+        i = s + tl.arange(0, TILE)
+        inside = i < n
+        x = tl.load(row + i, mask=inside, other=0)
+        tl.store(row + i, carry + tl.cumsum(x, axis=0) - x, mask=inside)
+        carry += tl.sum(x, axis=0)
+
+
+OFFSETS_TILE = 2048  # chunks per step of a tensor's scan: GPT-2's 50257 x 768 embedding in 3
+
+
+def chunk_offsets(table: ChunkTable, bits: list[torch.Tensor], device, bits_ptrs, tile: int = OFFSETS_TILE
+                  ) -> torch.Tensor:
+    """Per chunk: set bits of its tensor before the chunk (exclusive, within the tensor), in two
+    launches. ``bits_ptrs``: the bits' addresses; ``tile``: chunks per step of the scan."""
     counts = torch.empty(table.num_chunks, dtype=torch.int64, device=device)
     _count_bits_kernel[(table.num_chunks,)](table.chunk_tensor, table.chunk_start, table.numel,
                                            address_table(bits, device, bits_ptrs), counts, bits[0],
                                            ALIGNED=all(aligned_at(bits_ptrs)), CHUNK=CHUNK,
                                            num_warps=2)  # 16 mask bytes per thread
-    before = torch.cumsum(counts, 0) - counts
-    return before - before[table.chunk_first]
+    _offsets_kernel[(len(bits),)](table.numel, table.first_chunk, counts, CHUNK=CHUNK, TILE=tile, num_warps=4)
+    return counts
 
 
 def _launch(perturb: bool, ops: dict, scale, is_aligned: bool) -> None:
