@@ -9,7 +9,8 @@ the ``lr and rho new every step`` row changes both before each step, as a schedu
   (the GPU choices taken on CPU tensors, as the compile tier does): the host work the step adds
   before any kernel runs, Triton's own launch path excluded;
 * ``launches``: Triton kernel launches; ``ops``: dispatcher ops (a ``TorchDispatchMode``
-  counter), and ``syncs`` among them (``_local_scalar_dense``, ``nonzero``, boolean indexing...);
+  counter; the public ops and the torch ops they run inside, allocations and views included),
+  and ``syncs`` among them (``_local_scalar_dense``, ``nonzero``, boolean indexing...);
 * the ``list ops`` rows time what a frontend built on the public ops pays per step: the norm,
   ``perturb_`` and ``restore_sgd_step_`` (``ssam_kernels.grad_norm`` etc., each call checked and
   dispatched on its own, no plan), Triton launches recorded as above (their one sync is
@@ -45,7 +46,14 @@ TITLE = "Host time of an optimizer step (kernels not run)"
 SYNCING = ("_local_scalar_dense", "nonzero", "item", "masked_select")
 
 
+_CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
 class _Ops(TorchDispatchMode):
+    """The dispatcher ops a block runs, by name, in order: ``ssam_kernels``' own ops and the ops
+    they run inside (a mode sees only the outermost op: ours are sent on to their CPU kernels
+    with the mode still on, as the tensors here are on the CPU)."""
+
     def __init__(self):
         super().__init__()
         self.names = []
@@ -55,6 +63,9 @@ class _Ops(TorchDispatchMode):
         if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
             name = "index (bool)"
         self.names.append(name)
+        if func.namespace == "ssam_kernels":
+            with self:
+                return func.redispatch(_CPU_KERNEL, *args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 

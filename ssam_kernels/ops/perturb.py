@@ -67,19 +67,22 @@ def split_aligned(counts: list[int], dtype: torch.dtype, device: torch.device) -
     return torch.empty(sum(pieces), dtype=dtype, device=device).split_with_sizes(pieces)[::2]
 
 
-def backup_buffers(params, masks, counts: list[int]) -> list[torch.Tensor]:
+def backup_buffers(params, masks, counts: list[int], spans_devices: bool | None = None) -> list[torch.Tensor]:
     """Where ``perturb_`` keeps the original values: a contiguous tensor shaped like the param
     where it has no mask (``masks[i]`` None); else ``counts[i]`` values. The backups of one
     dtype and device share one allocation, each starting on 16 bytes (carved in C, no op per
     tensor, where ``ssam_kernels._host`` is built; else the masked ones share one and each
     unmasked one gets its own). Under torch.compile a count may be a data-dependent symbol,
     which nothing can compare and views of one allocation cannot be sized by: whether a tensor
-    is masked comes from ``masks``, and each backup gets its own allocation."""
+    is masked comes from ``masks``, and each backup gets its own allocation. ``spans_devices``:
+    whether ``params`` lie on several devices, where the caller knows (else it is looked up)."""
     traced = torch.compiler.is_compiling()
     if not traced and params:
         sizes = [w if m is None else c for w, m, c in zip(params, masks, counts)]
         first = params[0]
-        if all(map(eq, map(_dtype, params), repeat(first.dtype))) and not _checks.spans_devices(params):
+        if spans_devices is None:
+            spans_devices = _checks.spans_devices(params)
+        if all(map(eq, map(_dtype, params), repeat(first.dtype))) and not spans_devices:
             carved = carve(sizes, first)  # the usual case: one dtype, one device
             if carved is not None:
                 return carved
@@ -222,8 +225,9 @@ def perturb_(params, grads, masks, scale, *, backend: str = "auto") -> PerturbBa
     check_writable(params)
     _checks.disjoint("params", params)
     counts = mask_counts(masks)
-    values = backup_buffers(params, masks, counts)
-    if _checks.spans_devices(params):
+    spans = _checks.spans_devices(params)
+    values = backup_buffers(params, masks, counts, spans)
+    if spans:
         PERTURB.across_devices(backend, params[0].device)(params, grads, masks, scale, values)
     else:
         PERTURB(params, grads, mask_args(masks), values, *scale_args(scale, params[0].device), backend=backend)

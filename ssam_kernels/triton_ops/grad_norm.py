@@ -1,6 +1,6 @@
 """Triton gradient norm: one launch per dtype (and masking) over every tensor (partial sums of
-squares per chunk: fp32, or float64 where any tensor of the call is float64), then one
-reduction of the partials. Masked: squares of ``t`` where the bit is set, reading only the
+squares per chunk, all launches' in one buffer: fp32, or float64 where any tensor of the call is
+float64), then one sum of the partials and its square root. Masked: squares of ``t`` where the bit is set, reading only the
 16-byte vectors that hold a set bit.
 No host sync; no host-to-device copy once the tables are cached (see ``multi_tensor``)."""
 
@@ -68,17 +68,22 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     xs = contiguous(list(tensors))
     bits = bits_of(masks)
     x_ptrs, bits_ptrs = data_ptrs(xs), data_ptrs(bits)
-    partials = []
     # one launch per dtype and masking (all on one device: the op sends lists that span devices
-    # to the reference); tensors off 16 bytes go to a launch without vectors
+    # to the reference); tensors off 16 bytes go to a launch without vectors. Every launch writes
+    # its partials into one buffer, so the norm is one sum and one square root after them.
     keys = list(zip(dtypes(xs), present(bits), aligned_at(x_ptrs, bits_ptrs)))
+    launches = []
     for (_, masked, is_aligned), idx in group_by(keys).items():
+        table = chunk_table(list(map(torch.Tensor.numel, take(xs, idx))), device)
+        if table.num_chunks:
+            launches.append((table, masked, is_aligned, idx))
+    partial = torch.empty(sum(launch[0].num_chunks for launch in launches), dtype=dtype, device=device)
+    at = 0
+    for table, masked, is_aligned, idx in launches:
         group = take(xs, idx)
         group_bits = take(bits, idx) if masked else []
-        table = chunk_table(list(map(torch.Tensor.numel, group)), device)
-        if table.num_chunks == 0:
-            continue
-        out = torch.empty(table.num_chunks, dtype=dtype, device=device)
+        out = partial if len(launches) == 1 else partial[at:at + table.num_chunks]
+        at += table.num_chunks
         _sum_squares_kernel[(table.num_chunks,)](
             table.chunk_tensor, table.chunk_start, table.numel, address_table(group, device, take(x_ptrs, idx)),
             address_table(group_bits, device, take(bits_ptrs, idx)) if masked else table.numel, out, group[0],
@@ -87,7 +92,4 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
             BLOCK=BLOCK,
             enable_fp_fusion=True,  # acc + x * x in one rounding (named: triton 3.10 turns the default off)
         )
-        partials.append(out.sum().to(device))
-    if not partials:
-        return torch.zeros((), dtype=dtype, device=device)
-    return torch.stack(partials).sum().sqrt()
+    return partial.sum().sqrt()  # (no partials, every tensor empty: 0)
