@@ -21,6 +21,7 @@
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -338,7 +339,8 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<
   }
   // fp32 sums would round a float64 gradient's squares to fp32 precision: then all in double
   const auto acc = at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat).device(device);
-  auto total = at::zeros({}, acc);
+  std::vector<std::pair<Dtype, LaunchTable>> launches;
+  int64_t chunks = 0;
   for (const auto& [dtype, idx] : groups) {
     std::vector<at::Tensor> xs;
     std::vector<int64_t> x_addr, bits_addr;  // a bits address of 0: that tensor has no mask
@@ -348,19 +350,26 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, const c10::List<c10::optional<
       const c10::optional<at::Tensor> m = masks.get(k);
       bits_addr.push_back(m.has_value() ? address(*m) : 0);
     }
-    const LaunchTable tb = masked ? launch_table(xs, {x_addr, bits_addr}, device, stream)
-                                  : launch_table(xs, {x_addr}, device, stream);
+    LaunchTable tb = masked ? launch_table(xs, {x_addr, bits_addr}, device, stream)
+                            : launch_table(xs, {x_addr}, device, stream);
     if (tb.num_chunks == 0) continue;
-    auto partial = at::empty({tb.num_chunks}, acc);
-    const int64_t* bits_col = masked ? tb.column(3) : nullptr;
-    check_launch(wide ? cuda::sum_squares(tb.chunks(), static_cast<Dtype>(dtype), tb.column(2), bits_col,
-                                          partial.data_ptr<double>(), stream)
-                      : cuda::sum_squares(tb.chunks(), static_cast<Dtype>(dtype), tb.column(2), bits_col,
-                                          partial.data_ptr<float>(), stream),
-                 "grad_norm");
-    total = total + partial.sum();
+    chunks += tb.num_chunks;
+    launches.emplace_back(static_cast<Dtype>(dtype), std::move(tb));
   }
-  return total.sqrt();
+  // every launch's partial sums in one buffer: then one sum and one square root (no partials,
+  // every tensor empty: 0)
+  auto partial = at::empty({chunks}, acc);
+  int64_t offset = 0;
+  for (const auto& [dtype, tb] : launches) {
+    const int64_t* bits_col = masked ? tb.column(3) : nullptr;
+    check_launch(wide ? cuda::sum_squares(tb.chunks(), dtype, tb.column(2), bits_col, partial.data_ptr<double>() + offset,
+                                          stream)
+                      : cuda::sum_squares(tb.chunks(), dtype, tb.column(2), bits_col, partial.data_ptr<float>() + offset,
+                                          stream),
+                 "grad_norm");
+    offset += tb.num_chunks;
+  }
+  return partial.sum().sqrt();
 }
 
 void move_cuda(bool perturb, at::TensorList params, at::TensorList grads,

@@ -38,8 +38,8 @@ class PerturbBackup:
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the update of a ``dtype`` weight is computed in: float64 for float64 (fp32
     math would round ``w + e`` to fp32 precision, so ``w + 0 * g`` would not be ``w``), fp32
-    for every narrower dtype."""
-    return torch.promote_types(dtype, torch.float32)
+    for every narrower dtype. (Not ``torch.promote_types``: a dispatcher op per call.)"""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _perturbed(w: torch.Tensor, g: torch.Tensor, scale) -> torch.Tensor:
