@@ -125,6 +125,32 @@ def test_norm_perturb_restore(backend, dtype, gen):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+# A masked kernel finds each chunk's slot in the compact backup by scanning its tensor's chunk
+# counts 2048 chunks (16.8M elements) a step, carrying each step's total into the next: only a
+# tensor longer than that reaches the carry (the interpret tier covers it with a smaller step
+# for Triton; this is the extension's kernel, and Triton's at its real step). Not memcheck: 50M
+# elements.
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_masked_backup_offsets_carry_across_scan_steps(backend, gen):
+    if backend == "ext":
+        _ext_cuda()
+    chunk, step = 8192, 2048
+    shapes = [(step * chunk + 5,), (0,), (chunk,), (2 * step * chunk + 3 * chunk + 1,)]
+    ws = [rand(s, generator=gen, device=DEVICE) for s in shapes]
+    gs = [rand(s, generator=gen, device=DEVICE) for s in shapes]
+    ms = [sk.pack_mask(rand_mask(s, density, generator=gen, device=DEVICE)) for s, density in zip(shapes, [0.3, 0.5, 1.0, 0.7])]
+    ref, originals = [w.clone() for w in ws], [w.clone() for w in ws]
+    with torch.no_grad():
+        backup = sk.perturb_(ws, gs, ms, 0.25, backend=backend)
+        ref_backup = sk.perturb_(ref, gs, ms, 0.25, backend="torch")
+        assert_tensors_equal(ws, ref, "weights")
+        assert_tensors_equal(backup.values, ref_backup.values, "backup values")  # each in its slot
+        for w, m in zip(ws, ms):  # poison what restore must overwrite
+            w[m.to_bool()] = float("nan")
+        sk.restore_(ws, backup, backend=backend)
+    assert_tensors_equal(ws, originals, "restored weights")
+
+
 @pytest.mark.memcheck
 @pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
 def test_float64_norm_and_perturbation_are_float64(backend, gen):

@@ -1,7 +1,7 @@
-"""Triton gradient norm: one launch per dtype (and masking) over every tensor (partial sums of
-squares per chunk, all launches' in one buffer: fp32, or float64 where any tensor of the call is
-float64), then one sum of the partials and its square root. Masked: squares of ``t`` where the bit is set, reading only the
-16-byte vectors that hold a set bit.
+"""Triton gradient norm: one launch per dtype (and masking) over every tensor, each writing
+partial sums of squares per chunk into one buffer (fp32, or float64 where any tensor of the
+call is float64), then one sum of the partials and its square root. Masked: squares of ``t``
+where the bit is set, reading only the 16-byte vectors that hold a set bit.
 No host sync; no host-to-device copy once the tables are cached (see ``multi_tensor``)."""
 
 from __future__ import annotations
