@@ -156,8 +156,9 @@ def test_grad_scaler_two_step_api(gen):
         closure()
         opt.second_step(grad_scaler=scaler)
         runs.append((perturbed, [p.detach().clone() for p in model.parameters()]))
-    for (pa, wa), (pb, wb) in [runs]:
-        assert all(torch.equal(a, b) for a, b in zip(pa, pb)) and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    (unscaled_perturbed, unscaled_weights), (scaled_perturbed, scaled_weights) = runs
+    assert_tensors_equal(scaled_perturbed, unscaled_perturbed, "perturbed weights with the scaler")
+    assert_tensors_equal(scaled_weights, unscaled_weights, "weights after the step with the scaler")
 
 
 @pytest.mark.cpu
@@ -177,7 +178,8 @@ def test_grad_scaler_bad_input(gen):
     closure()
     with pytest.raises(ValueError, match="grad_scaler must be the GradScaler given to first_step"):
         opt.second_step()
-    assert not opt.perturbed and all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert not opt.perturbed
+    assert_tensors_equal(list(model.parameters()), weights, "weights after the refused second_step")
     # the failed step closed the scaler's iteration: the next step can use it
     opt.zero_grad()
     opt.step(closure, grad_scaler=scaler)

@@ -125,9 +125,11 @@ def _weights(model):
 def _unchanged(model, opt, weights, masks=None):
     """Nothing moved: the weights bit for bit, no step pending, the masks (and their count) as
     they were."""
-    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and not opt.perturbed
+    assert_tensors_equal(list(model.parameters()), weights, "weights")
+    assert not opt.perturbed
     if masks is not None:
-        assert opt.mask_updates == masks[1] and all(torch.equal(a, b) for a, b in zip(opt.masks(), masks[0]))
+        assert opt.mask_updates == masks[1]
+        assert_tensors_equal(list(opt.masks()), masks[0], "masks")
 
 
 def test_missing_or_bad_closure(gen):
@@ -202,7 +204,8 @@ def test_step_order_misuse(gen):
     assert not all(torch.equal(a, b) for a, b in zip(perturbed, weights))
     with pytest.raises(RuntimeError, match=r"first_step\(\) called twice without second_step\(\) in between"):
         opt.first_step()  # (a second perturbation would leave w + 2e, and restore to w + e)
-    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), perturbed)) and opt.perturbed
+    assert_tensors_equal(list(model.parameters()), perturbed, "weights after the refused first_step (w + e)")
+    assert opt.perturbed
     # the step goes on: back to w exactly, then torch's SGD step with the gradient at w + e
     opt.zero_grad()
     F.mse_loss(model(x), y).backward()
@@ -211,7 +214,8 @@ def test_step_order_misuse(gen):
         t.grad = p.grad.clone()
     SGD(twin, lr=0.1).step()
     opt.second_step()
-    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), twin)) and not opt.perturbed
+    assert_tensors_equal(list(model.parameters()), twin, "weights after second_step vs torch's SGD")
+    assert not opt.perturbed
 
 
 def test_get_mask_of_foreign_parameter():

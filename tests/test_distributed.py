@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import BACKENDS_WITH_EXT, INTERPRETED_CONFIGS, MLP, OPTIMIZER_CONFIGS, make_optimizer
+from helpers import (BACKENDS_WITH_EXT, INTERPRETED_CONFIGS, MLP, OPTIMIZER_CONFIGS, assert_tensors_equal,
+                     make_optimizer)
 from torch.nn.parallel import DistributedDataParallel
 
 import ssam
@@ -83,13 +84,13 @@ def test_ddp_matches_one_process(backend, tmp_path, monkeypatch):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for case in _cases(backend):
         (w0, m0), (w1, m1) = ranks[0][case], ranks[1][case]
-        assert all(torch.equal(a, b) for a, b in zip(w0, w1)), f"{case}: weights differ across ranks"
-        assert all(torch.equal(a, b) for a, b in zip(m0, m1)), f"{case}: masks differ across ranks"
+        assert_tensors_equal(w1, w0, f"{case}: weights of rank 1 vs rank 0")
+        assert_tensors_equal(m1, m0, f"{case}: masks of rank 1 vs rank 0")
         kind, mode, no_sync = case
         weights, masks = _train(kind, mode)
         if no_sync:  # m-sharpness: each rank perturbed along its own gradient
             assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(w0, weights)), case
         elif (kind, mode) in DETERMINISTIC:
-            assert all(torch.equal(a, b) for a, b in zip(m0, masks)), f"{case}: masks differ from 1 process"
+            assert_tensors_equal(m0, masks, f"{case}: masks of rank 0 vs 1 process")
             for a, b in zip(w0, weights):  # DDP averages the two halves' gradients: fp32 sum order
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{case}")

@@ -320,7 +320,7 @@ def test_empty_share_gives_zeros(gen):
         fisher = empirical_fisher(model, list(model.parameters()), ds, 2, generator=g, rank=rank, world_size=4)
         assert all(torch.count_nonzero(f) == 0 for f in fisher) is (rank >= 2)
         states.append(g.get_state())
-    assert all(torch.equal(s, states[0]) for s in states)
+    assert_tensors_equal(states, [states[0]] * len(states), "generator states (each vs rank 0's)")
 
     def unstarted():
         raise AssertionError("the loader was iterated")
@@ -482,11 +482,12 @@ def test_a_ddp_wrapper_is_read_through(tmp_path, gen):
                 opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=7,
                                  update_freq=1, fisher_chunk_size=1, seed=3, lr=0.1)
                 opt.update_mask(net, data)
-                masks.append(opt.masks())
+                masks.append(list(opt.masks()))
         finally:
             DistributedDataParallel.forward = original
         assert calls == []
-        assert all(torch.equal(a, b) for a, b in zip(*masks))
+        wrapped, plain = masks
+        assert_tensors_equal(wrapped, plain, "masks from the DDP-wrapped model")
     finally:
         dist.destroy_process_group()
 

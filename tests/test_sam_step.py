@@ -349,7 +349,8 @@ def test_a_mask_written_in_place_is_refused_before_any_write(backend, host_loops
     masks[3].bits.fill_(255)  # every entry of a tensor whose plan kept 40% of them
     with pytest.raises(PlanMismatch, match="written in place"):
         plan.perturb([0.05])
-    assert not plan.perturbed and all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not plan.perturbed
+    assert_tensors_equal(params, before, "params after the refused perturb")
     plan = SAMStepPlan(params, masks, backend=backend)  # a new plan takes the new bits
     plan.perturb([0.05])
     assert not torch.equal(params[3], before[3])
@@ -541,7 +542,8 @@ def test_bad_input_names_what_is_wrong(gen):
     with pytest.raises(ValueError, match=r"sgd must be a list of 2 SGDGroup \(one per group\)"):
         plan.restore_sgd([SGDGroup(lr=0.1)])
     # refused before anything was written: still at w + e, and perturbed (restore puts back w)
-    assert all(torch.equal(p, q) for p, q in zip(params, perturbed)) and plan.perturbed
+    assert_tensors_equal(params, perturbed, "params after the refused restore_sgd (w + e)")
+    assert plan.perturbed
     plan.restore()
     assert_tensors_equal(params, original)
 
@@ -580,7 +582,8 @@ def test_set_buffers_refuses_a_buffer_unlike_its_parameter(backend, gen):
         with pytest.raises(ValueError, match=message):
             plan.set_buffers(bad)
         assert all(a is b for a, b in zip(plan.buffers, kept)) and len(plan.buffers) == len(kept)
-        assert all(torch.equal(p, q) for p, q in zip(params, perturbed)) and plan.perturbed
+        assert_tensors_equal(params, perturbed, f"params after the refused set_buffers ({message})")
+        assert plan.perturbed
     for p in params:  # the descent gradients
         p.grad = rand(p.shape, torch.float32, gen).contiguous(memory_format=torch.channels_last if p.dim() == 4
                                                               else torch.contiguous_format)
@@ -798,7 +801,8 @@ def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
     assert_tensors_equal(before, dev)
     dev[0].grad[0] = float("nan")  # (tensor 0 is unmasked: the masked norm reads it)
     plan.perturb([0.05, 0.1])
-    assert all(torch.equal(a, b) for a, b in zip(before, dev)) and int(plan.skipped) == 1
+    assert_tensors_equal(dev, before, "params after the skipped perturb")
+    assert int(plan.skipped) == 1
     plan.restore()
 
 

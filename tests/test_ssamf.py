@@ -145,7 +145,10 @@ def test_update_mask_leaves_model_alone(gen):
     model, opt, data = _setup(gen)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt.update_mask(model, data)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    after = model.state_dict()
+    assert list(after) == list(state)
+    for k, v in after.items():
+        assert_tensors_equal([v], [state[k]], f"state_dict[{k!r}]")
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -116,7 +116,8 @@ def test_max_grad_norm_bad_input(bad, gen):
     F.mse_loss(model(x), y).backward()
     with pytest.raises(error, match="max_grad_norm"):
         opt.second_step(max_grad_norm=bad)
-    assert not opt.perturbed and all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert not opt.perturbed
+    assert_tensors_equal(list(model.parameters()), weights, "weights after the refused second_step")
 
 
 def _bn_state(model):
@@ -149,7 +150,9 @@ def test_batchnorm_statistics_move_once_per_step(kind, mode, backend, monkeypatc
         opt.step(closure)
         got = _bn_state(model)
         if frozen:
-            assert all(torch.equal(got[k], v) for k, v in expected.items())
+            assert list(got) == list(expected)
+            for k, v in expected.items():
+                assert_tensors_equal([got[k]], [v], f"running stats {k!r}")
         else:
             assert int(got["bn.num_batches_tracked"]) == 2
             assert not torch.equal(got["bn.running_mean"], expected["bn.running_mean"])
@@ -191,7 +194,8 @@ def test_float64_layers_in_a_sparse_ascent_mode_are_refused_before_any_perturbat
     weights = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
         opt.step(lambda: F.mse_loss(model(x.double()), y.double()).backward())
-    assert not opt.perturbed and all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert not opt.perturbed
+    assert_tensors_equal(list(model.parameters()), weights, "weights after the refused step")
 
 
 @pytest.mark.parametrize(("backend", "kind", "mode"),
