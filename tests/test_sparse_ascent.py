@@ -503,6 +503,9 @@ def test_the_optimizers_ascent_block_is_made_once_per_mask_set_and_dense_runs_no
     for mode in ("dense", "exact"):
         opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
                          seed=0, lr=0.1, norm="masked" if mode == "exact" else "full", ascent_backward=mode)
+        masks = [rand_mask(p.shape, generator=gen) for p in opt.params]
+        masks[0][0] = False  # a row to skip: the exact mode reroutes that layer, so it runs its mode
+        opt._set_masks(masks)
         made.clear()
         ssam.sparse.sparse_ascent = counting
         try:
@@ -510,7 +513,9 @@ def test_the_optimizers_ascent_block_is_made_once_per_mask_set_and_dense_runs_no
                 with opt.ascent():
                     assert torch._C._len_torch_function_stack() == (0 if mode == "dense" else 1)
             assert made == ([] if mode == "dense" else ["exact"])
-            opt._set_masks([rand_mask(p.shape, generator=gen) for p in opt.params])  # new masks: a new block
+            masks = [rand_mask(p.shape, generator=gen) for p in opt.params]
+            masks[0][0] = False
+            opt._set_masks(masks)  # new masks: a new block
             with opt.ascent():
                 pass
             with opt.ascent(gemm="dense"):  # another GEMM choice: another block
@@ -520,6 +525,47 @@ def test_the_optimizers_ascent_block_is_made_once_per_mask_set_and_dense_runs_no
             ssam.sparse.sparse_ascent = original
         with pytest.raises(ValueError, match="gemm must be one of"):
             opt.ascent(gemm="fast")
+
+
+@pytest.mark.cpu
+def test_exact_runs_its_mode_only_where_a_trainable_masked_weight_has_rows_to_skip(gen):
+    """Every torch call made inside a TorchFunctionMode pays a Python call: an exact block whose
+    masked weights have no rows to skip (every row holds a masked entry, or the weight with rows
+    to skip is frozen, or not a weight) runs none, and its pass equals the dense one; a float64
+    weight still reaches the mode, which refuses it at its call, as before."""
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(5, 10, generator=gen)
+    w1, b1, w2 = model.net[0].weight, model.net[0].bias, model.net[2].weight
+    every_row = {p: pack_mask(torch.ones(p.shape, dtype=torch.bool)) for p in model.parameters()}
+    gap = torch.ones(w1.shape, dtype=torch.bool)
+    gap[8:] = False  # rows 8-15 to skip (rows inside a computed span would be computed: a tail)
+    cases = [(every_row, 0), ({**every_row, w1: pack_mask(gap)}, 1), ({**every_row, w1: gap}, 1),  # bool masks too
+             ({**every_row, b1: pack_mask(torch.zeros(b1.shape, dtype=torch.bool))}, 0)]  # a 1-D mask: no rows
+    dense_loss = model(x).square().sum()
+    dense = torch.autograd.grad(dense_loss, [w1, w2])
+    for masks, stack in cases:
+        block = sparse_ascent(masks, "exact")
+        with block:
+            assert torch._C._len_torch_function_stack() == stack
+            got = torch.autograd.grad(model(x).square().sum(), [w1, w2])
+        assert torch._C._len_torch_function_stack() == 0
+        assert torch.equal(got[1], dense[1])
+        if stack == 0:
+            assert torch.equal(got[0], dense[0])  # the dense pass itself
+        else:
+            assert torch.equal(got[0][:8], dense[0][:8]) and not got[0][8:].any()  # rows 8-15 skipped
+    w1.requires_grad_(False)  # the weight with rows to skip frozen by the user: nothing to reroute
+    try:
+        with sparse_ascent({**every_row, w1: pack_mask(gap)}, "exact"):
+            assert torch._C._len_torch_function_stack() == 0
+    finally:
+        w1.requires_grad_(True)
+    wide = MLP().double()
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        with sparse_ascent({p: pack_mask(torch.ones(p.shape, dtype=torch.bool))
+                                        for p in wide.parameters()}, "exact"):
+            wide(x.double()).sum().backward()
 
 
 @pytest.mark.cpu
