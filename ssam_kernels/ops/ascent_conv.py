@@ -69,8 +69,8 @@ class AscentConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, bias_mask, stride, padding, dilation, groups, masked=True):
-        x, weight, bias = autocast_operands(ctx, x, weight, bias)
-        with torch.autocast(x.device.type, enabled=False):
+        x, weight, bias, autocast_off = autocast_operands(ctx, x, weight, bias)
+        with autocast_off:
             out = CONVS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight)
         ctx.masks = (mask, bias_mask)
