@@ -202,10 +202,12 @@ class sparse_ascent(TorchFunctionMode):
         self._frozen: list[torch.Tensor] = []
         self._watched: list[torch.Tensor] = []
         self._pushed: list[bool] = []  # per active entry: whether it runs the mode
-        # "exact": the weights whose calls the mode may reroute (rows to skip, or a dtype the mode
+        # "exact" (masks are fixed per block): the parameters with empty masks, frozen for the
+        # pass where trainable leaves; the weights whose calls the mode may reroute (rows to skip, or a dtype the mode
         # refuses, which the call reports), if trainable leaves when the block is entered. With
         # none, the block runs no mode: every torch call inside one pays for it (a Python call
         # each), and a mode rerouting nothing changes nothing
+        self._empty = [p for p, m in self._masks.values() if mode == "exact" and m is not None and _is_empty(m)]
         self._reroutable = [p for p, m in self._masks.values()
                             if mode == "exact" and m is not None and p.dim() >= 2
                             and (p.dtype not in _EXACT_DTYPES or not _every_row(m))]
@@ -290,11 +292,10 @@ class sparse_ascent(TorchFunctionMode):
             raise RuntimeError("sparse_ascent is already active; it cannot be entered twice at once")
         if self.mode == "exact":
             # (a non-leaf key cannot be frozen: its gradient is computed, as in a dense pass)
-            empty = [p for p, m in self._masks.values()
-                     if m is not None and p.requires_grad and p.is_leaf and _is_empty(m)]
+            empty = [p for p in self._empty if p.requires_grad and p.is_leaf]
             # all masks empty: nothing will be perturbed, and freezing everything would make
             # the caller's backward() fail; leave the pass dense
-            if len(empty) < sum(1 for p, _ in self._masks.values() if p.requires_grad):
+            if empty and len(empty) < sum(1 for p, _ in self._masks.values() if p.requires_grad):
                 for p in empty:
                     p.requires_grad_(False)
                 self._frozen = empty
