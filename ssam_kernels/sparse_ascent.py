@@ -203,10 +203,10 @@ class sparse_ascent(TorchFunctionMode):
         self._watched: list[torch.Tensor] = []
         self._pushed: list[bool] = []  # per active entry: whether it runs the mode
         # "exact" (masks are fixed per block): the parameters with empty masks, frozen for the
-        # pass where trainable leaves; the weights whose calls the mode may reroute (rows to skip, or a dtype the mode
-        # refuses, which the call reports), if trainable leaves when the block is entered. With
-        # none, the block runs no mode: every torch call inside one pays for it (a Python call
-        # each), and a mode rerouting nothing changes nothing
+        # pass where trainable leaves; the weights whose calls the mode may reroute (rows to
+        # skip, or a dtype the mode refuses, which the call reports), if trainable leaves when
+        # the block is entered. With none, the block runs no mode: every torch call inside one
+        # pays for it (a Python call each), and a mode rerouting nothing changes nothing
         self._empty = [p for p, m in self._masks.values() if mode == "exact" and m is not None and _is_empty(m)]
         self._reroutable = [p for p, m in self._masks.values()
                             if mode == "exact" and m is not None and p.dim() >= 2
