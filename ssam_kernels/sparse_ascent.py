@@ -207,10 +207,10 @@ class sparse_ascent(TorchFunctionMode):
         # skip, or a dtype the mode refuses, which the call reports), if trainable leaves when
         # the block is entered. With none, the block runs no mode: every torch call inside one
         # pays for it (a Python call each), and a mode rerouting nothing changes nothing
-        self._empty = [p for p, m in self._masks.values() if mode == "exact" and m is not None and _is_empty(m)]
-        self._reroutable = [p for p, m in self._masks.values()
-                            if mode == "exact" and m is not None and p.dim() >= 2
-                            and (p.dtype not in _EXACT_DTYPES or not _every_row(m))]
+        masked = [(p, m) for p, m in self._masks.values() if m is not None] if mode == "exact" else []
+        self._empty = [p for p, m in masked if _is_empty(m)]
+        self._reroutable = [p for p, m in masked
+                            if p.dim() >= 2 and (p.dtype not in _EXACT_DTYPES or not _every_row(m))]
 
     def _mask_of(self, t: torch.Tensor | None):
         """(known, mask) for a tensor: known is False for tensors not in ``masks``."""

@@ -74,13 +74,13 @@ def grad_norm_triton(tensors: list[torch.Tensor], masks: list) -> torch.Tensor:
     keys = list(zip(dtypes(xs), present(bits), aligned_at(x_ptrs, bits_ptrs)))
     launches = []
     for (_, masked, is_aligned), idx in group_by(keys).items():
-        table = chunk_table(list(map(torch.Tensor.numel, take(xs, idx))), device)
+        group = take(xs, idx)
+        table = chunk_table(list(map(torch.Tensor.numel, group)), device)
         if table.num_chunks:
-            launches.append((table, masked, is_aligned, idx))
+            launches.append((table, masked, is_aligned, idx, group))
     partial = torch.empty(sum(launch[0].num_chunks for launch in launches), dtype=dtype, device=device)
     at = 0
-    for table, masked, is_aligned, idx in launches:
-        group = take(xs, idx)
+    for table, masked, is_aligned, idx, group in launches:
         group_bits = take(bits, idx) if masked else []
         out = partial if len(launches) == 1 else partial[at:at + table.num_chunks]
         at += table.num_chunks
