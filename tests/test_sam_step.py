@@ -313,7 +313,9 @@ def test_a_non_finite_ascent_gradient_perturbs_nothing(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
-def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(backend, gen):
+def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(backend, gen, monkeypatch):
+    from ssam_kernels.ops import sam_step
+
     params, masks = _params(torch.float32, gen), _masks(gen)
     plan = SAMStepPlan(params, masks, backend=backend)
     before = _clone(params)
@@ -325,12 +327,77 @@ def test_moved_parameters_and_mislaid_gradients_are_refused_before_any_write(bac
     with pytest.raises(PlanMismatch, match="laid out unlike"):
         plan.perturb([0.05])
     params[CHANNELS_LAST].grad = params[CHANNELS_LAST].grad.contiguous(memory_format=torch.channels_last)
+    # a gradient of another dtype (Tensor.grad_dtype allows it): the kernels would read it as
+    # float32 (garbage from a float64 one's bytes; past the end of a bfloat16 one's)
+    for dtype in (torch.float64, torch.bfloat16) if hasattr(torch.Tensor, "grad_dtype") else ():  # (torch >= 2.12)
+        kept, params[2].grad = params[2].grad, None
+        params[2].grad_dtype = dtype
+        params[2].grad = kept.to(dtype)
+        for host in (sam_step._host, None):  # the compiled reads and the Python ones
+            monkeypatch.setattr(sam_step, "_host", host)
+            with pytest.raises(PlanMismatch, match=f"{dtype}, its parameter torch.float32"):
+                plan.perturb([0.05])
+        monkeypatch.undo()
+        params[2].grad = None
+        params[2].grad_dtype = torch.float32
+        params[2].grad = kept
     params[0].data = params[0].data.clone()  # as model.to(...) does
     with pytest.raises(PlanMismatch, match="moved"):
         plan.perturb([0.05])
     assert not plan.perturbed
     for p, b in zip(params, before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_perturb_takes_only_the_plans_own_gradient_addresses(backend, gen):
+    """``perturb(grads=)`` writes through the addresses it is given: a tuple of numbers (or
+    another list's addresses of the right length) is refused before any write, as is an SGD
+    group not in a sequence."""
+    params = _params(torch.float32, gen)
+    plan = SAMStepPlan(params, backend=backend)
+    before = _clone(params)
+    addresses = plan.grad_addresses()
+    for bad in (tuple(addresses), list(addresses), (12345,) * len(params)):
+        with pytest.raises(TypeError, match="grads must be what this plan's grad_addresses"):
+            plan.perturb([0.05], grads=bad)
+    assert not plan.perturbed
+    assert_tensors_equal(params, before)
+    plan.perturb([0.05], grads=addresses)
+    with pytest.raises(TypeError, match="sgd must be a list or tuple of SGDGroup"):
+        plan.restore_sgd(SGDGroup(lr=0.1))
+    plan.restore_sgd([SGDGroup(lr=0.1)])
+
+
+@pytest.mark.cpu
+def test_sam_steps_gradients_of_another_dtype_off_the_plan(monkeypatch):
+    """SAM over bfloat16 weights with float32 gradients (``Tensor.grad_dtype``, torch >= 2.12):
+    the plan cannot read them, so the step runs the per-list ops, and equals the reference
+    backend's step."""
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("this torch has no Tensor.grad_dtype: a gradient always has its parameter's dtype")
+
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3).to(torch.bfloat16)
+        for p in model.parameters():
+            p.grad_dtype = torch.float32
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).float().square().mean().backward()
+            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+            opt.first_step(zero_grad=True)
+            model(x).float().square().mean().backward()
+            opt.second_step()
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    opt, got = run()
+    assert opt._plan is None  # (made, found not to fit, dropped)
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
+    _, want = run()
+    assert_tensors_equal(got, want)
 
 
 @pytest.mark.parametrize("host_loops", [True, False], ids=["C", "python"])

@@ -191,34 +191,63 @@ def _absmax(t):
 def test_momentum_buffers_of_several_dtypes_in_one_call(backend, gen):
     """fp32 weights whose momentum buffers are fp16 and fp32 in turn (a state loaded from
     elsewhere): each buffer is read and written in its own dtype (a launch that took the first
-    buffer's dtype for all would read the others as garbage and write past the narrower ones)."""
+    buffer's dtype for all would read the others as garbage and write past the narrower ones),
+    and an fp16 buffer's step is torch's, which rounds ``momentum * buf`` to fp16 (a kernel
+    backend hands those to the reference: its launches do one dtype's math)."""
     ws, gs, ms, _ = _inputs(torch.float32, gen, False)
     bufs = [rand(s, torch.float16 if i % 2 == 0 else torch.float32, gen) for i, s in enumerate(SHAPES)]
     ref_w, ref_b = [w.clone() for w in ws], [b.to(torch.float32, copy=True) for b in bufs]
+    torch_w, torch_b = [w.clone() for w in ws], [b.clone() for b in bufs]
     bufs_before = [b.clone() for b in ref_b]  # (ref_b is updated in place)
     g2 = [rand(s, torch.float32, gen) for s in SHAPES]
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
     with torch.no_grad():
         backup = perturb_(ws, gs, ms, 0.3, backend="torch")
         ref_backup = perturb_(ref_w, gs, ms, 0.3, backend="torch")
+        torch_backup = perturb_(torch_w, gs, ms, 0.3, backend="torch")
         out = restore_sgd_step_(ws, g2, bufs, backup, backend=backend, **hyper)
         ref = restore_sgd_step_(ref_w, g2, ref_b, ref_backup, backend="torch", **hyper)
+        restore_sgd_step_(torch_w, g2, torch_b, torch_backup, backend="torch", **hyper)
     eps32, eps16 = torch.finfo(torch.float32).eps, torch.finfo(torch.float16).eps
     for i, (w, r, b, rb) in enumerate(zip(ws, ref_w, out, ref)):
         assert b.dtype == bufs[i].dtype and b.data_ptr() == bufs[i].data_ptr()  # updated in place
         tol = dict(rtol=torch.finfo(b.dtype).eps, atol=1e-3 if b.dtype == torch.float16 else 1e-6)
         torch.testing.assert_close(b, rb.to(b.dtype), **tol)
-        if backend == "triton" or b.dtype == torch.float32:
-            # the fp32 reference's math, bit for bit: Triton keeps the new buffer in fp32 for the
-            # weight's update and rounds only what it stores (a fused multiply-add where torch's
-            # SGD has one: within an ulp where the interpreter does not fuse); with an fp32 buffer
-            # the reference backend runs the same ops as the fp32 reference
+        if b.dtype == torch.float32:
+            # the fp32 reference's math, bit for bit (a fused multiply-add where torch's SGD has
+            # one: within an ulp where the interpreter does not fuse)
             fused = backend != "triton" or interpreter_fma_is_fused()
             torch.testing.assert_close(w, r, rtol=0 if fused else 2 * eps32, atol=0 if fused else 4 * eps32)
         else:
-            # the reference backend follows torch op for op in the buffer's fp16: it rounds
+            # torch's ops in the buffer's fp16, as the reference backend runs them: it rounds
             # momentum * buf and then the new buffer to fp16 (half an fp16 ulp of each, under
             # eps16 * max|buf| together) and steps the weight with that buffer; so the weights
-            # differ by lr times that, plus the fp32 rounding of each weight (eps32 |w|)
+            # differ from the fp32 reference's by lr times that, plus the fp32 rounding of each
+            # weight (eps32 |w|)
+            assert torch.equal(w, torch_w[i]) and torch.equal(b, torch_b[i]), f"params[{i}] / buffers[{i}]"
             atol = hyper["lr"] * eps16 * max(_absmax(bufs_before[i]), _absmax(rb))
             torch.testing.assert_close(w, r, rtol=eps32, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w_dtype,g_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                             (torch.float16, torch.float32)])
+def test_gradients_of_another_dtype_than_their_weight_step_as_torchs(backend, w_dtype, g_dtype, gen):
+    """A gradient of another dtype than its weight (``Tensor.grad_dtype`` allows it): torch
+    promotes, so an fp64 gradient makes an fp32 weight's step fp64; every backend's step is the
+    reference's, bit for bit (a kernel that read the gradient as the weight's dtype, or did the
+    weight's dtype's math, differed in ~40% of the entries)."""
+    ws, _, ms, bufs = _inputs(w_dtype, gen, True)
+    gs = [rand(s, g_dtype, gen) for s in SHAPES]
+    g2 = [rand(s, g_dtype, gen) for s in SHAPES]
+    bufs = [None if b is None else b.to(g_dtype) for b in bufs]  # (torch's buffer: a clone of the gradient)
+    ref_w, ref_b = [w.clone() for w in ws], [None if b is None else b.clone() for b in bufs]
+    hyper = dict(lr=0.7, momentum=0.9, weight_decay=0.3)
+    with torch.no_grad():
+        backup = perturb_(ws, gs, ms, 0.3, backend="torch")
+        ref_backup = perturb_(ref_w, gs, ms, 0.3, backend="torch")
+        out = restore_sgd_step_(ws, g2, bufs, backup, backend=backend, **hyper)
+        ref = restore_sgd_step_(ref_w, g2, ref_b, ref_backup, backend="torch", **hyper)
+    for i in range(len(SHAPES)):
+        assert torch.equal(ws[i], ref_w[i]), f"params[{i}]"
+        assert torch.equal(out[i], ref[i]), f"buffers[{i}]"

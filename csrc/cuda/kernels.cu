@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!last) return;
   __threadfence();  // the others' partials after the count (acquire)
   A total = 0;  // a fixed order: the same sum whichever block is last
-  // (one load per block of the step, 676 a thread for GPT-2 medium: unrolled, so a thread has
+  // (one load per block of the step, about 170 a thread for GPT-2 medium's 43k: unrolled, so a thread has
   // many loads in flight; the adds stay in order)
 #pragma unroll 16
   for (int64_t i = threadIdx.x; i < programs; i += kThreads) total += __ldcg(partial + i);

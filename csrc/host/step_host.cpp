@@ -27,8 +27,8 @@ namespace {
 
 // grad_addresses(params: list[Tensor], expected: tuple[int] | None) -> tuple[int] | None
 // The gradients' data addresses (0 where a parameter has none), or None if a parameter is not at
-// its expected address (checked where expected is not None) or a gradient's strides differ from
-// its parameter's: the caller then finds out which, and says so, in Python.
+// its expected address (checked where expected is not None) or a gradient's strides or dtype
+// differ from its parameter's: the caller then finds out which, and says so, in Python.
 PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* params = nullptr;
@@ -57,7 +57,10 @@ PyObject* grad_addresses(PyObject* /*self*/, PyObject* args) {
     const at::Tensor& g = t.grad();
     long long address = 0;
     if (g.defined()) {
-      if (!g.strides().equals(t.strides()) || g.sizes() != t.sizes()) Py_RETURN_NONE;
+      // (a gradient of another dtype, which Tensor.grad_dtype allows, would be read as the
+      // parameter's: the Python path says why it does not fit)
+      if (!g.strides().equals(t.strides()) || g.sizes() != t.sizes() || g.scalar_type() != t.scalar_type())
+        Py_RETURN_NONE;
       address = static_cast<long long>(reinterpret_cast<intptr_t>(g.data_ptr()));
     }
     PyObject* value = PyLong_FromLongLong(address);

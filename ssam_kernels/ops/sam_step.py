@@ -49,7 +49,7 @@ from .sgd_step import sgd_update_torch
 _BACKENDS = backend_table("sam_step", ext_op="plan_norm")
 # unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
 _data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
-_grad = operator.attrgetter("grad")
+_grad, _dtype = operator.attrgetter("grad"), operator.attrgetter("dtype")
 from .._host_loops import _host, bump_versions, same_versions, versions  # _host: the compiled per-step reads, or None
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
@@ -58,6 +58,14 @@ class PlanMismatch(RuntimeError):
     """The parameters, gradients or masks no longer fit the plan (a parameter was moved or
     replaced, a gradient has another memory layout than its parameter, a mask's bits were written
     in place): make a new plan, or take the step another way."""
+
+
+class GradAddresses(tuple):
+    """What :meth:`SAMStepPlan.grad_addresses` returns: the gradients' data addresses (0: no
+    gradient), checked against the plan. Only this type is taken back by ``perturb(grads=)``: the
+    kernels write through these addresses, so a tuple of other numbers is refused."""
+
+    __slots__ = ()
 
 
 def storage_order(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -211,6 +219,7 @@ class SAMStepPlan:
         self.backend = _BACKENDS.resolve(backend, device)
         self._orders = orders
         self._strides = [p.stride() for p in params]
+        self._dtypes = [p.dtype for p in params]
         self._all_contiguous = all(o == tuple(range(len(o))) for o in orders)
         self._addresses = tuple(p.data_ptr() for p in params)
         self.norm_dtype = accumulation_dtype(params)
@@ -228,7 +237,7 @@ class SAMStepPlan:
     # --- what a step checks -------------------------------------------------------------------
 
     @_eager
-    def grad_addresses(self, *, check_params: bool = True) -> tuple[int, ...]:
+    def grad_addresses(self, *, check_params: bool = True) -> GradAddresses:
         """Each parameter's gradient address (0: no gradient), after checking that every
         parameter is where the plan found it (``check_params``) and that each gradient is laid
         out like its parameter. (Per tensor a few attribute reads: most of a step's host time,
@@ -237,7 +246,7 @@ class SAMStepPlan:
         if _host is not None:  # the same reads in C; None: something does not fit, said below
             addresses = _host.grad_addresses(params, self._addresses if check_params else None)
             if addresses is not None:
-                return addresses
+                return GradAddresses(addresses)
         if check_params and tuple(map(_data_ptr, params)) != self._addresses:
             raise PlanMismatch("a parameter's memory moved since the plan was made (p.data = ..., model.to(...)): "
                                "make a new plan")
@@ -247,12 +256,14 @@ class SAMStepPlan:
                 laid_out = all(map(_is_contiguous, grads))
             else:
                 laid_out = list(map(_stride, grads)) == self._strides
+            # (the kernels read a gradient as its parameter's dtype; Tensor.grad_dtype lets them differ)
+            laid_out = laid_out and list(map(_dtype, grads)) == self._dtypes
             addresses = tuple(map(_data_ptr, grads))
         except TypeError:  # a parameter without a gradient: the loop below
             pass
         else:
             if laid_out:
-                return addresses
+                return GradAddresses(addresses)
         out = []
         for p, g, stride in zip(params, grads, self._strides):
             if g is None:
@@ -260,9 +271,12 @@ class SAMStepPlan:
             elif g.stride() != stride:
                 raise PlanMismatch(f"a gradient (shape {tuple(g.shape)}, strides {g.stride()}) is laid out unlike its "
                                    f"parameter (strides {stride})")
+            elif g.dtype != p.dtype:
+                raise PlanMismatch(f"a gradient (shape {tuple(g.shape)}) is {g.dtype}, its parameter {p.dtype} "
+                                   "(Tensor.grad_dtype): the plan's kernels read it as the parameter's dtype")
             else:
                 out.append(g.data_ptr())
-        return tuple(out)
+        return GradAddresses(out)
 
     def _check_masks(self, call: str) -> None:
         if not same_versions(self._bits, self._bits_versions):
@@ -286,20 +300,22 @@ class SAMStepPlan:
     # --- the step -----------------------------------------------------------------------------
 
     @_eager
-    def perturb(self, rho: Sequence[float], *, grads: tuple[int, ...] | None = None) -> None:
+    def perturb(self, rho: Sequence[float], *, grads: GradAddresses | None = None) -> None:
         """``w[m] += rho_group * g[m] / (norm + eps)`` from each parameter's current ``.grad`` (a
         parameter without one is left as it is), keeping the old values for :meth:`restore`.
         ``rho``: one finite number per group (a negative one moves against the gradient: SAM
         for a group whose optimizer maximizes). ``grads``: what :meth:`grad_addresses` just
-        returned, if the caller has it (read again otherwise)."""
+        returned, if the caller has it (read again otherwise); no gradient may have been replaced
+        since (the addresses are not read again)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore() or restore_sgd() in between")
         rho = _check_rho(rho, self.num_groups)
         self._check_masks("perturb")
         if grads is None:
             grads = self.grad_addresses()
-        elif not isinstance(grads, tuple) or len(grads) != len(self.params):
-            raise ValueError(f"grads must be the tuple grad_addresses() returned ({len(self.params)} addresses)")
+        elif type(grads) is not GradAddresses or len(grads) != len(self.params):
+            raise TypeError(f"grads must be what this plan's grad_addresses() returned ({len(self.params)} addresses), "
+                            f"got {type(grads).__name__}")
         with _launching(self.device):
             self._impl.perturb(grads, rho)
         bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters
@@ -332,8 +348,12 @@ class SAMStepPlan:
         self._check_masks("restore_sgd")
         # checked once per change: the tuple given last time (immutable) is taken as it is; a
         # list may have been edited in place since, so its entries are compared
-        if not (sgd is self._sgd_given and type(sgd) is tuple) and tuple(sgd) != self._sgd:
-            self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
+        if not (sgd is self._sgd_given and type(sgd) is tuple):
+            if not isinstance(sgd, (list, tuple)):
+                raise TypeError(f"sgd must be a list or tuple of SGDGroup, one per group ({self.num_groups}), "
+                                f"got {type(sgd).__name__}")
+            if tuple(sgd) != self._sgd:
+                self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
         self._sgd_given = sgd
         grads = self.grad_addresses(check_params=False)
         with _launching(self.device):

@@ -4,7 +4,8 @@ float64 for float64 weights, the hyper-parameters passed as their float64 bits; 
 multiply-add exactly where torch's SGD has one, its ``add(..., alpha=a)``, and no contraction
 elsewhere, so fp32 and float64 steps equal torch's) and the weight and momentum buffer are
 written once. One
-launch per (dtype, masked, has-buffer) group; non-contiguous tensors use the reference."""
+launch per (dtype, masked, has-buffer) group; non-contiguous tensors, and gradients or momentum
+buffers of another dtype than their weight (torch promotes there), use the reference."""
 
 from __future__ import annotations
 
@@ -113,7 +114,12 @@ def restore_sgd_step_triton(params, grads, buffers, backup: PerturbBackup, hyper
     keys = list(zip(dtypes(ws), dtypes(tensors["g"]), dtypes(tensors["buf"]), present(tensors["bits"]),
                     take(fresh, fast) if use_momentum else repeat(False),
                     aligned_at(ptrs["w"], ptrs["g"], ptrs["buf"], vector_ptrs)))
-    for (_, _, _, has_mask, new_buffer, is_aligned), idx in group_by(keys).items():
+    for (w_dtype, g_dtype, buf_dtype, has_mask, new_buffer, is_aligned), idx in group_by(keys).items():
+        if g_dtype != w_dtype or (use_momentum and buf_dtype != w_dtype):
+            # torch promotes (an fp64 gradient makes an fp32 weight's step fp64) and rounds the
+            # buffer's product to its dtype; the kernel does one dtype's math: the reference's way
+            slow = slow + [fast[i] for i in idx]
+            continue
         ops = operands_at(tensors, ptrs, idx, has_mask)
         (ws, w_ptrs), (gs, g_ptrs), (bufs, buf_ptrs), (bits, bits_ptrs), (values, value_ptrs) = ops.values()
         device = ws[0].device
