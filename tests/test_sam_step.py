@@ -3,6 +3,7 @@ perturbation with its backup, restore, restore + SGD) against plain-torch oracle
 backend; what a planned optimizer step launches and dispatches; its failure modes."""
 
 import collections
+import gc
 import math
 import os
 
@@ -871,6 +872,58 @@ def test_cuda_kernels_against_the_reference_on_the_cpu(backend, dtype):
     assert_tensors_equal(dev, before, "params after the skipped perturb")
     assert int(plan.skipped) == 1
     plan.restore()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_a_plan_made_on_one_stream_steps_on_another(backend):
+    """A plan made on the default stream and stepped on a side stream: its steps wait for its
+    making (the counter's zero fill) and equal the same steps on the default stream; its memory
+    is marked as used on the side stream, so a plan dropped while that stream still runs its
+    step is not handed to the default stream's next allocations (they would be overwritten by
+    the backup the queued step writes)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; run the cuda tier on a GPU machine")
+    from ssam_kernels._backend import extension_error, extension_has_kernel
+
+    if backend == "ext" and (extension_error() is not None or not extension_has_kernel("plan_norm", "cuda")):
+        pytest.fail("ssam_kernels._C has no CUDA kernels: build with SSAM_BUILD_EXT=1 on the GPU machine")
+    gen = torch.Generator().manual_seed(4)
+    host, masks = _params(torch.float32, gen), _masks(gen)
+    masks = [None if m is None else m.cuda() for m in masks]
+
+    def copies():
+        dev = [p.cuda() for p in host]
+        for p, q in zip(host, dev):
+            q.grad = None if p.grad is None else p.grad.cuda()
+        return dev
+
+    sgd = [SGDGroup(lr=0.1, momentum=0.9)]
+    eager = copies()
+    reference = SAMStepPlan(eager, masks, masked_norm=True, backend=backend)
+    for _ in range(2):
+        reference.perturb([0.05])
+        reference.restore_sgd(sgd)
+    dev = copies()
+    plan = SAMStepPlan(dev, masks, masked_norm=True, backend=backend)  # made on the default stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            plan.perturb([0.05])
+            plan.restore_sgd(sgd)
+    assert side.cuda_stream in plan._impl.streams
+    torch.cuda.current_stream().wait_stream(side)
+    assert_tensors_equal(dev, eager)
+    assert_tensors_equal([b for b in plan.buffers if b is not None], [b for b in reference.buffers if b is not None])
+    sizes = [part.backup.numel() for part in plan._impl.parts] + [plan._impl.partial.numel()]
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # the side stream busy for a while: the perturb below queued behind
+        plan.perturb([0.05])
+    del plan
+    gc.collect()  # (the plan and its kernel side refer to each other)
+    junk = [torch.full((n,), -1.0, device="cuda") for n in sizes for _ in range(4)]
+    torch.cuda.synchronize()
+    assert all(bool((j == -1).all()) for j in junk), "a dropped plan's memory was reused under its stream's step"
 
 
 @pytest.mark.cuda

@@ -134,6 +134,30 @@ class KernelStep:
         order = [plan.groups[i] for part in self.parts for i in part.index]
         self.rho_of_tensors = operator.itemgetter(*order) if len(order) > 1 else lambda rho: (rho[order[0]],)
         self.captured = False  # a step ran while its stream captured a CUDA graph
+        # the streams steps ran on (CUDA): the plan's memory was allocated on the one it was made
+        # on; a step on another waits for its making, and the caching allocator is told the
+        # memory is in use there, so dropping the plan cannot hand it out under that stream's work
+        self.streams = {_stream_id(self.device)}
+        self.made = None
+        if self.device.type == "cuda" and None not in self.streams:
+            self.made = torch.cuda.Event()
+            self.made.record()
+
+    def _order_stream(self) -> None:
+        """Before a step's launches: on a stream no step ran on yet, wait for the plan's making
+        and mark its memory as used there (``record_stream``). One stream-id read otherwise."""
+        stream = _stream_id(self.device)
+        if stream in self.streams or stream is None or self.made is None:
+            return  # (a capture: torch.cuda.graph synchronizes before it, and a captured plan is kept)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.made)
+        plan = self.plan
+        owned = [plan.inv, plan.flags, self.partial, self.counter]
+        for part in self.parts:
+            owned += [part.backup, part.blk_start, part.bits_ref, part.buf_ptrs, *part.spare.values()]
+        for t in owned:
+            t.record_stream(current)
+        self.streams.add(stream)
 
     def _table(self, kind: str, key: tuple, make=None, dtype=torch.int64) -> torch.Tensor:
         """The device table of ``key`` (``make()`` its values; default the key itself), from the
@@ -187,6 +211,7 @@ class KernelStep:
         return [(self._table(f"{kind}{n}", key), aligned) for n, (key, aligned) in enumerate(keys)]
 
     def perturb(self, grads, rho) -> None:
+        self._order_stream()
         plan = self.plan
         tables = self._grad_tables(grads, "ascent")
         rho_tables = self._rho_tables(rho)
@@ -222,11 +247,13 @@ class KernelStep:
         return views
 
     def restore(self) -> None:
+        self._order_stream()
         for part in self.parts:
             if part.kept_blocks:
                 self.launch_restore(part)
 
     def restore_sgd(self, grads, sgd) -> list[int]:
+        self._order_stream()
         tables = self._grad_tables(grads, "descent")
         hyper = self._values("hyper", sgd, lambda: [v for h in sgd for v in h.values()])
         momentum = any(h.momentum != 0 for h in sgd)
