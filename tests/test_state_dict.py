@@ -207,3 +207,44 @@ def test_a_generator_state_of_another_device_type_loads_nothing(kind, key):
     assert after["extra"]["mask_updates"] == before["extra"]["mask_updates"]
     assert after["extra"]["skipped_steps"] == before["extra"]["skipped_steps"]
     assert fresh.param_groups is fresh.base_optimizer.param_groups
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+def test_a_copied_optimizer_steps_as_the_original(kind, how):
+    """``copy.deepcopy((model, opt))`` and a pickle round trip give an optimizer that trains the
+    copied model as the original trains its own, bit for bit (masks, generators, momentum,
+    schedule of mask updates, count of skipped steps included), leaving the original alone; the
+    copy's step plan is made anew for its own parameters. Mid-step copies are refused."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 2, 4, 4, generator=gen), torch.randint(0, 5, (24,), generator=gen))
+    torch.manual_seed(1)
+    model = SmallConvBN()
+    opt = _make(kind, model)
+    _train(model, opt, data, range(2))
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        model2, opt2 = torch.load(buffer, weights_only=False)
+    assert type(opt2) is type(opt) and repr(opt2) == repr(opt)
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())  # the copy's own parameters
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2._plan is None
+    _train(model, opt, data, range(2, 4))
+    _train(model2, opt2, data, range(2, 4))
+    assert_tensors_equal(list(model.state_dict().values()), list(model2.state_dict().values()))
+    assert opt2.skipped_steps() == opt.skipped_steps()
+    if kind != "sam":
+        assert opt2.mask_updates == opt.mask_updates
+        assert_tensors_equal(opt.masks(), opt2.masks())
+
+    x, y = data.tensors[0][:8], data.tensors[1][:8]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="between first_step\\(\\) and second_step\\(\\)"):
+        copy.deepcopy(opt)
+    opt.restore()

@@ -906,6 +906,25 @@ class SAM(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, rho={self.defaults['rho']})"
 
+    # --- copy.deepcopy and pickle ----------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Everything but what is rebuilt at the next step: the step plan (device tables of
+        these parameters' addresses), the plans CUDA graphs captured (their count of skipped
+        steps carried over) and the hooks (as torch's optimizers drop them). Between
+        ``first_step`` and ``second_step`` the weights are perturbed: refused there."""
+        if self._pending is not None:
+            raise RuntimeError(f"copying or pickling a {type(self).__name__} between first_step() and second_step() "
+                               "would copy perturbed weights' state")
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") or not k.endswith("_hooks")}
+        state.update(_plan=None, _plan_made=False, _plan_buffers_synced=None, _captured_plans=[],
+                     _sgd_checked=None, _sgd_values=None, _skips_unplanned=None,
+                     _skips_before=torch.tensor(self.skipped_steps()))  # (one host sync: not per step)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # (torch's: empty hooks, its step wrapper)
+
 
 def _sub_backup(backup: ssam_kernels.PerturbBackup, index: list[int]) -> ssam_kernels.PerturbBackup:
     if len(index) == len(backup.values):

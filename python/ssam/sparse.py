@@ -284,6 +284,11 @@ class SparseSAM(SAM):
         self.budget_choice = choice
         return choice.masks
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_ascent_cache"] = None  # its block finds the parameters by identity: made anew for a copy's
+        return state
+
     def _set_masks(self, masks: list[torch.Tensor]) -> None:
         """Replace every mask (new tensors: a pending backup keeps referring to the old ones)."""
         for p, m in zip(self.params, masks):
