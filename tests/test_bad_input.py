@@ -59,6 +59,49 @@ def test_rho_type():
         ssam.SAM(_params(), SGD, rho="0.1", lr=0.1)
 
 
+def test_a_groups_rho_and_adaptive_are_checked_when_made_at_each_step_and_on_load():
+    """A group's ``rho`` and ``adaptive`` may come with the group, be set through
+    ``param_groups`` between steps or come from a state_dict: each way is checked (a non-bool
+    ``adaptive`` such as ``"no"`` used to run ASAM's perturbation silently), before anything
+    changes."""
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['adaptive'\] must be a bool, got str"):
+        ssam.SAM([{"params": _params(), "adaptive": "no"}], SGD, rho=0.1, lr=0.1)
+    model = MLP()
+    opt = ssam.SAM(model.parameters(), SGD, rho=0.1, lr=0.1)
+    x, y = regression_batch(torch.Generator().manual_seed(0))
+    F.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    group = opt.param_groups[0]
+    for key, value, error, message in [
+        ("adaptive", None, TypeError, r"param_groups\[0\]\['adaptive'\] must be a bool, got NoneType"),
+        ("rho", torch.tensor(0.1), TypeError, r"param_groups\[0\]\['rho'\] must be a real number, got Tensor"),
+        ("rho", -1.0, ValueError, r"param_groups\[0\]\['rho'\] must be a finite number >= 0, got -1\.0"),
+    ]:
+        kept, group[key] = group[key], value
+        with pytest.raises(error, match=message):
+            opt.first_step()
+        assert opt._pending is None
+        assert_tensors_equal(list(model.parameters()), before)
+        group[key] = kept
+    saved = opt.state_dict()
+
+    def without_rho(groups):
+        del groups[0]["rho"]
+
+    for edit, error, message in [
+        (without_rho, ValueError, r"state_dict\['sam'\]\['param_groups'\]\[0\] has no 'rho'"),
+        (lambda groups: groups[0].update(adaptive="x"), TypeError, r"\[0\]\['adaptive'\] must be a bool, got str"),
+        (lambda groups: groups[0].update(rho=-5.0), ValueError, r"\[0\]\['rho'\] must be a finite number >= 0"),
+    ]:
+        bad = {**saved, "sam": {**saved["sam"], "param_groups": [dict(g) for g in saved["sam"]["param_groups"]]}}
+        edit(bad["sam"]["param_groups"])
+        with pytest.raises(error, match=message):
+            opt.load_state_dict(bad)
+        assert opt.param_groups[0]["rho"] == 0.1 and opt.param_groups[0]["adaptive"] is False
+    opt.first_step()  # still steps
+    opt.second_step()
+
+
 @pytest.mark.parametrize("make", [_ssamf, _ssamd])
 @pytest.mark.parametrize("structure", ["2-4", "dense", "4:4", "0:4", "5:4", "a:b"])
 def test_unknown_structure_and_bad_nm(make, structure):

@@ -28,8 +28,19 @@ from ssam_kernels.ops.sam_step import SGD_KEYS, PlanMismatch, SAMStepPlan, SGDGr
 EPS = 1e-7
 
 
-def _valid_rho(rho) -> bool:
-    return not isinstance(rho, bool) and isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0
+def _check_group(where: str, group: dict) -> None:
+    """``group``'s own ``rho`` and ``adaptive`` (they may be set through ``param_groups``
+    between steps, or come from a state_dict); ``where`` names it in the error."""
+    for key in ("rho", "adaptive"):
+        if key not in group:
+            raise ValueError(f"{where} has no {key!r}")
+    rho, adaptive = group["rho"], group["adaptive"]
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"{where}['rho'] must be a real number, got {type(rho).__name__}")
+    if not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"{where}['rho'] must be a finite number >= 0, got {rho!r}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"{where}['adaptive'] must be a bool, got {type(adaptive).__name__}")
 
 
 def _ascent_rho(group: dict) -> float:
@@ -248,10 +259,10 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base
         self.fuse_sgd = fuse_sgd
         self.param_groups = base.param_groups
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
-            _check_rho(group["rho"])
+            _check_group(f"param_groups[{i}]", group)
         # (group, perturbed params, their backup) for each group, between the two steps
         self._pending: list[tuple[dict, list[torch.Tensor], ssam_kernels.PerturbBackup]] | None = None
         # between the steps: the GradScaler of first_step, and whether the step is skipped
@@ -430,9 +441,8 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("first_step() called twice without second_step() in between")
         self._follow_base_groups()
         scaler = _active_scaler(grad_scaler)
-        for i, group in enumerate(self.param_groups):  # (rho may be set through param_groups between steps)
-            if not _valid_rho(group["rho"]):
-                raise ValueError(f"param_groups[{i}]['rho'] must be a finite number >= 0, got {group['rho']!r}")
+        for i, group in enumerate(self.param_groups):  # (rho, adaptive may be set through param_groups between steps)
+            _check_group(f"param_groups[{i}]", group)
         batched, self._ascent_batched = self._ascent_batched, False
         if self.ascent_fraction < 1.0 and not batched:
             # otherwise the option would silently do nothing
@@ -885,6 +895,11 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         extra = state_dict.get("extra", {})
         self._check_extra_state(extra)  # (before anything is loaded)
+        groups = state_dict["sam"].get("param_groups") if isinstance(state_dict["sam"], dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("state_dict['sam']['param_groups'] must be a list of dicts")
+        for i, group in enumerate(groups):
+            _check_group(f"state_dict['sam']['param_groups'][{i}]", group)
         ours, base = super().state_dict(), self.base_optimizer.state_dict()  # to go back to, should a load fail
         try:
             self._load_states(state_dict["sam"], state_dict["base_optimizer"])
