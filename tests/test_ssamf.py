@@ -128,6 +128,43 @@ def test_official_step_convention_updates_after_the_step(gen):
     assert len(messages) == 2 and f"Mask Lived Weight: {int(0.5 * total) / total:.4f}" in messages[0]
 
 
+@pytest.mark.parametrize("train_data, error, message", [
+    (3, TypeError, "data must be a Dataset or an iterable of \\(x, y\\) batches, got int"),
+    (torch.utils.data.TensorDataset(torch.zeros(0, 2, 4, 4), torch.zeros(0)), ValueError, "data is an empty Dataset"),
+    ("pair", TypeError, "data is one \\(x, y\\) pair of tensors; pass an iterable of \\(x, y\\) batches"),
+])
+def test_a_step_due_to_update_the_mask_checks_the_data_before_it_moves_the_weights(train_data, error, message, gen):
+    """The official ``step(..., train_data=)`` updates the mask after the step: data it cannot
+    read is refused before the step (it raised after the weights had moved: a caller retrying
+    took two steps), and no update is owed for it."""
+    model, opt, data = _setup(gen)
+    train_data = data.tensors if isinstance(train_data, str) else train_data
+    x, y = data.tensors[0][:8], data.tensors[1][:8]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=message):
+        opt.step(make_closure(model, x, y, F.cross_entropy), model=model, epoch=0, batch_idx=0, train_data=train_data)
+    assert_tensors_equal(list(model.parameters()), before)
+    assert opt.mask_updates == 0 and not opt._update_owed
+    with pytest.raises(error, match=message):  # the same check where the mask is taken by hand
+        opt.update_mask(model, train_data)
+
+
+def test_a_training_mode_batchnorm_over_features_gets_a_note_on_the_fisher(gen):
+    """A BatchNorm1d over (N, C) inputs in training mode cannot take the Fisher's batches of one
+    sample: torch's error is kept, with a note saying why and what to do (eval mode)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, num_samples=4, update_freq=1, lr=0.1)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))]
+    with pytest.raises(ValueError, match="more than 1 value per channel") as info:
+        opt.update_mask(model, batches)
+    assert any("batch of one" in note and "model.eval()" in note for note in info.value.__notes__)
+    model.eval()
+    opt.update_mask(model, batches)
+    assert opt.mask_updates == 1
+
+
 def test_warns_once_when_stepping_with_an_empty_mask(gen):
     model, opt, data = _setup(gen)
     x, y = data.tensors

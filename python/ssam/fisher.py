@@ -20,6 +20,7 @@ BatchNorm running statistics are left untouched, and ``.grad`` is not written.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import functools
 import warnings
@@ -68,12 +69,9 @@ def draw_samples(
     advances as on the other ranks.
     """
     _check_rank(rank, world_size)
-    if isinstance(data, torch.utils.data.IterableDataset):
-        raise TypeError("data is an IterableDataset; pass a map-style Dataset or an iterable of (x, y) batches (e.g. a DataLoader)")
+    check_data(data)
     if isinstance(data, torch.utils.data.Dataset):
         n = len(data)
-        if n == 0:
-            raise ValueError("data is an empty Dataset")
         if n < num_samples:
             _warn_short(n, num_samples)
         index = torch.randperm(n, generator=generator)[:num_samples][rank::world_size].tolist()
@@ -100,6 +98,22 @@ def draw_samples(
     if have < share:
         _warn_short(have if world_size == 1 else None, num_samples)
     return torch.cat(xs), torch.cat(ys)
+
+
+def check_data(data) -> None:
+    """The checks :func:`draw_samples` makes of ``data`` before taking anything from it (a
+    step that will update the mask makes them before it moves the weights)."""
+    if isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError("data is an IterableDataset; pass a map-style Dataset or an iterable of (x, y) batches (e.g. a DataLoader)")
+    if isinstance(data, torch.utils.data.Dataset):
+        if len(data) == 0:
+            raise ValueError("data is an empty Dataset")
+        return
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError("data is one (x, y) pair of tensors; pass an iterable of (x, y) batches, e.g. [(x, y)], or "
+                        "a Dataset (torch.utils.data.TensorDataset(x, y))")
+    if not isinstance(data, collections.abc.Iterable):
+        raise TypeError(f"data must be a Dataset or an iterable of (x, y) batches, got {type(data).__name__}")
 
 
 def _warn_short(have: int | None, wanted: int) -> None:
@@ -176,9 +190,16 @@ def empirical_fisher(
             raise ValueError(f"method={method!r} cannot take this model (a parameter outside Linear / Conv / "
                              "BatchNorm layers, or one used twice)")
     with frozen_batchnorm_stats(model):
-        for start in range(0, x_all.shape[0], chunk_size):
-            x, y = x_all[start : start + chunk_size], y_all[start : start + chunk_size]
-            methods = _accumulate_chunk(methods, x, y, method)
+        try:
+            for start in range(0, x_all.shape[0], chunk_size):
+                x, y = x_all[start : start + chunk_size], y_all[start : start + chunk_size]
+                methods = _accumulate_chunk(methods, x, y, method)
+        except ValueError as error:
+            if "more than 1 value per channel" in str(error):  # torch's words for a batch-of-one BatchNorm
+                error.add_note("ssam: the empirical Fisher takes each sample's gradient alone, as a batch of one, in the "
+                               "model's mode; a BatchNorm over (N, C) inputs in training mode cannot normalise one "
+                               "sample: take the mask with the model in eval mode (model.eval(), then model.train())")
+            raise
     return fisher
 
 

@@ -9,7 +9,7 @@ import torch
 
 from .distributed import all_reduce_sum_, world
 from .budget import measure_costs
-from .fisher import draw_samples, empirical_fisher
+from .fisher import check_data, draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_logger, check_positive_int
 from .structure import select_mask
 
@@ -141,8 +141,10 @@ class SSAMF(SparseSAM):
         if any(official) and not all(official):
             raise ValueError("the official calling convention needs all of model, epoch, batch_idx and train_data")
         due = all(official) and (self._due(epoch, batch_idx) or self._update_owed)
-        if due and not isinstance(model, torch.nn.Module):  # (before the step, not after it)
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if due:  # (before the step, not after it)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            check_data(train_data)
         if not any(official) and self.mask_updates == 0 and not self._warned_empty:
             warnings.warn("SSAMF.step() before any update_mask(): the mask is empty, nothing is perturbed", stacklevel=2)
             self._warned_empty = True
