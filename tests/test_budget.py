@@ -130,6 +130,18 @@ def test_ascent_estimate_equals_the_exact_backward_count(name, gen):
 
 
 @pytest.mark.cpu
+def test_costs_of_parameters_that_are_not_the_models_are_refused(gen):
+    """Parameters of another model would all cost nothing: a budget that no row fits, which
+    SSAM-D (``ascent_costs=``) reported as a sparsity too high. Refused by name instead."""
+    model, x = _model("convbn", gen)
+    other, _ = _model("convbn", gen)
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=r"params \[1\] are not parameters of model"):
+        measure_costs(model, [params[0], next(other.parameters())] + params[2:], x)
+    measure_costs(model, iter(params), x)  # (a generator is read once)
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", ["convbn", "gpt", "same_padding"])
 def test_costs_measured_under_autocast_are_the_costs(name, gen):
     """Under autocast the layers read casts of the weights, not the weights: the cost model

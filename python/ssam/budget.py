@@ -195,6 +195,11 @@ def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.T
     """:class:`AscentCosts` per sample of ``model`` on the batch ``x`` (one forward, no
     gradient; BatchNorm statistics untouched; a DDP / DataParallel wrapper is read through)."""
     model = unwrapped(model)
+    params = list(params)
+    ours = {id(p) for p in model.parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in ours]
+    if missing:  # (their costs would all be 0: a budget that no row fits, said misleadingly later)
+        raise ValueError(f"params {missing} are not parameters of model")
     storages: dict[int, list[int]] = {}
     for i, p in enumerate(params):
         storages.setdefault(p.untyped_storage().data_ptr(), []).append(i)
