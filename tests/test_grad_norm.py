@@ -138,3 +138,28 @@ def test_float64_empty_or_all_masked_out_is_a_float64_zero(backend, gen):
     for out in (grad_norm([torch.zeros(0, dtype=torch.float64)], backend=backend),
                 grad_norm([rand64((9,), gen)], [torch.zeros(9, dtype=torch.bool)], backend=backend)):
         assert out.dtype == torch.float64 and out.item() == 0.0
+
+
+@pytest.mark.cpu
+def test_differentiable_where_a_tensor_requires_grad(gen):
+    """Where a tensor requires a gradient, the norm's is ``v / ||v||`` on the masked entries
+    and 0 elsewhere (gradcheck in float64; bool and bit masks), 0 at ``v = 0`` as torch's
+    vector_norm gives; a tensor that does not require one gets none. Under no_grad (an
+    optimizer's call) the result has no graph."""
+    a, b, c = rand64((5,), gen), rand64((3, 7), gen), rand64((4,), gen)
+    m = rand_mask((3, 7), generator=gen)
+    for mask in (m, pack_mask(m)):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y: grad_norm([x, y, c], [None, mask, None]), (x, y))
+        grad_norm([x, y, c], [None, mask, None]).backward()
+        ref = torch.cat([a, b[m], c]).norm()
+        torch.testing.assert_close(x.grad, a / ref, rtol=1e-14, atol=0)
+        torch.testing.assert_close(y.grad, torch.where(m, b / ref, 0.0), rtol=1e-14, atol=0)
+    zero = torch.zeros(6, dtype=torch.float32, requires_grad=True)
+    grad_norm([zero]).backward()
+    assert torch.equal(zero.grad, torch.zeros(6))
+    low = rand((8,), torch.bfloat16, gen).requires_grad_()
+    grad_norm([low]).backward()
+    assert low.grad.dtype == torch.bfloat16  # the gradient in its tensor's dtype
+    with torch.no_grad():
+        assert grad_norm([x, y]).grad_fn is None

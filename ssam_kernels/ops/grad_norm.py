@@ -3,12 +3,17 @@ float64 accumulation where any tensor is float64."""
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from .. import _checks
 from .._backend import lazy
 from .._library import Op
 from .bitmask import check_mask_args, mask_args
+
+
+_requires_grad = attrgetter("requires_grad")
 
 
 def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -49,6 +54,39 @@ GRAD_NORM = Op("grad_norm(Tensor[] tensors, Tensor?[] masks, str backend) -> Ten
                fake=_fake, adapt=_run)
 
 
+def _norm(tensors, masks, backend: str) -> torch.Tensor:
+    if _checks.spans_devices(tensors):  # the reference reduces each tensor on its own device
+        return GRAD_NORM.across_devices(backend, tensors[0].device)(tensors, masks)
+    return GRAD_NORM(tensors, mask_args(masks), backend=backend)
+
+
+class _GradNormFunction(torch.autograd.Function):
+    """The norm where a tensor requires a gradient: ``d||v|| / dv = v / ||v||`` on the masked
+    entries (0 elsewhere, and everywhere at ``v = 0``, as ``torch.linalg.vector_norm``)."""
+
+    @staticmethod
+    def forward(ctx, masks, backend, *tensors):
+        norm = _norm(list(tensors), masks, backend)
+        ctx.masks = masks
+        ctx.save_for_backward(norm, *tensors)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad):
+        norm, *tensors = ctx.saved_tensors
+        scale = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))
+        grads = []
+        for t, m, needed in zip(tensors, ctx.masks, ctx.needs_input_grad[2:]):
+            if not needed:
+                grads.append(None)
+                continue
+            g = t.to(scale.dtype) * scale.to(t.device)
+            if m is not None:
+                g = torch.where(_checks.as_bool(m, like=t), g, torch.zeros((), dtype=g.dtype, device=g.device))
+            grads.append(g.to(t.dtype))
+        return (None, None, *grads)
+
+
 def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
     """L2 norm over all elements of ``tensors`` (of ``t * m`` where ``masks`` are given).
 
@@ -62,10 +100,10 @@ def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
         0-dim tensor on the device of ``tensors[0]``: float64 where any tensor is float64, and
         then every tensor's squares are summed in float64; else float32, with fp32 accumulation
         whatever the input dtype. Tensors on other devices are reduced there and their partial
-        norms moved.
+        norms moved. Differentiable where a tensor requires a gradient (grad mode on).
     """
     tensors = _checks.tensor_list("tensors", tensors)
     masks = _checks.mask_list(masks, tensors, "tensors")
-    if _checks.spans_devices(tensors):  # the reference reduces each tensor on its own device
-        return GRAD_NORM.across_devices(backend, tensors[0].device)(tensors, masks)
-    return GRAD_NORM(tensors, mask_args(masks), backend=backend)
+    if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):  # (an optimizer's call: grad mode off)
+        return _GradNormFunction.apply(masks, backend, *tensors)
+    return _norm(tensors, masks, backend)
