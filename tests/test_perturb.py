@@ -99,6 +99,11 @@ def test_errors(gen):
             perturb_([torch.zeros(4)], [torch.ones(4)], None, "1")
         with pytest.raises(TypeError, match="scale"):
             perturb_([torch.zeros(4)], [torch.ones(4)], None, torch.ones(2))
+        for bad in (float("nan"), float("inf"), -float("inf")):  # would write NaN / inf into every weight
+            w = torch.zeros(4)
+            with pytest.raises(ValueError, match="scale must be finite"):
+                perturb_([w], [torch.ones(4)], None, bad)
+            assert torch.equal(w, torch.zeros(4))
         with pytest.raises(TypeError, match="PerturbBackup"):
             restore_([torch.zeros(4)], [torch.zeros(4)])
         backup = perturb_([torch.zeros(4)], [torch.ones(4)], None, 1.0)

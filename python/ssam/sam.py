@@ -614,7 +614,7 @@ class SAM(torch.optim.Optimizer):
         same tuple while they hold, which the plan then takes without comparing."""
         values = tuple(tuple(g.get(k, False) for k in SGD_KEYS) for g in self.param_groups)
         if values != self._sgd_values:
-            sgd = tuple(SGDGroup(*v) for v in values)
+            sgd = tuple(SGDGroup(*v[:4], bool(v[4]), bool(v[5])) for v in values)  # (flags read as torch's SGD reads them)
             check_sgd_groups(sgd, len(sgd))
             self._sgd_values, self._sgd_checked = values, sgd
         return self._sgd_checked

@@ -121,6 +121,9 @@ def check_sgd_groups(groups, count: int) -> list[SGDGroup]:
             value = getattr(g, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"sgd[{i}].{key} must be a number >= 0, got {value!r}")
+        for key in SGD_KEYS[4:]:
+            if not isinstance(getattr(g, key), bool):
+                raise TypeError(f"sgd[{i}].{key} must be a bool, got {type(getattr(g, key)).__name__}")
         if g.nesterov and (g.momentum <= 0 or g.dampening != 0):
             raise ValueError(f"sgd[{i}]: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     if isinstance(groups, tuple):

@@ -4,6 +4,8 @@ maximize) with the gradient taken at ``w + e``: one pass over the weights instea
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _checks
@@ -72,8 +74,8 @@ RESTORE_SGD_STEP = Op(
 def _real(name: str, value, low: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not value >= low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not (math.isfinite(value) and value >= low):
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
     return float(value)
 
 
@@ -101,8 +103,11 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
                                  "device")
         if fit is False:
             raise unexplained_misfit("momentum_buffers")
+    for name, flag in (("nesterov", nesterov), ("maximize", maximize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     hyper = dict(lr=_real("lr", lr), momentum=_real("momentum", momentum), dampening=_real("dampening", dampening),
-                 weight_decay=_real("weight_decay", weight_decay), nesterov=bool(nesterov), maximize=bool(maximize))
+                 weight_decay=_real("weight_decay", weight_decay), nesterov=nesterov, maximize=maximize)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     check_backup(params, backup)
