@@ -12,7 +12,7 @@ from .ops.bitmask import BitMask, unpack_bits, unpack_mask
 
 
 def _kind(x) -> str:
-    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+    return f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def operand(op: str, name: str, t, dtypes: tuple, shape: tuple, device: torch.device | None = None) -> None:

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from ._backend import on_device
+from ._checks import _kind
 
 log = logging.getLogger("ssam_kernels")
 
@@ -405,9 +406,11 @@ def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check:
         raise TypeError(f"keep must be None or a (source tensor, version int, companion) tuple, got {keep!r}")
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {_kind(t)}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
     if a.shape[1] != b.shape[0] or a.device != b.device:
         raise ValueError(f"cannot multiply a {tuple(a.shape)} on {a.device} by b {tuple(b.shape)} on {b.device}")
     if a.shape[1] % 4:

@@ -53,6 +53,12 @@ def test_rejects_bad_input():
         BitMask(torch.zeros(1, dtype=torch.int32), torch.Size([3]))
     with pytest.raises(ValueError, match="needs 2"):
         BitMask(torch.zeros(1, dtype=torch.uint8), torch.Size([9]))
+    with pytest.raises(ValueError, match=r"sizes >= 0, got \(-4, 5\)"):
+        BitMask(torch.zeros(0, dtype=torch.uint8), (-4, 5))  # (-20 elements: "needs -2 bytes" before)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="numel must be an int >= 0"):
+            packed_nbytes(bad)
+    assert [packed_nbytes(n) for n in (0, 1, 8, 9)] == [0, 1, 1, 2]
 
 
 def _dirty(mask: BitMask) -> BitMask:

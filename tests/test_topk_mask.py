@@ -84,6 +84,12 @@ def test_errors():
         topk_mask(s, "0.5")
     with pytest.raises(ValueError, match="empty"):
         topk_mask([], 0.5)
+    from ssam_kernels.ops.topk_mask import keep_count
+
+    assert keep_count(10, 0.55) == 5
+    for total, density in ((10, 1.5), (10, -0.5), (-3, 0.5), (10.0, 0.5)):  # (15 and -5 before)
+        with pytest.raises(ValueError, match="total must be|density must be"):
+            keep_count(total, density)
 
 
 @pytest.mark.interpret

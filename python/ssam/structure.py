@@ -63,7 +63,10 @@ def parse_structure(structure) -> Structure:
         raise ValueError(
             f"structure must be 'unstructured', 'tensor', 'budget', 'N:M' such as '2:4', or 'N:M:out', got {structure!r}"
         )
-    n, m = check_nm(int(match.group(1)), int(match.group(2)))
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ValueError(f"structure {structure!r}: N:M needs 1 <= N < M")
+    n, m = check_nm(n, m)
     return Structure("nm", n, m, match.group(3) or "in")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import _checks
 from .._backend import BACKENDS
 from ..sparse_gemm import GEMMS, sparse_mm_24
 from .bitmask import BitMask, computed_rows, row_span, rows_first
@@ -261,7 +262,7 @@ def ascent_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         backend: ``ssam_kernels`` backend of the masked weight gradient and the MVUE draw.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise TypeError(f"weight must be a 2-D floating tensor, got {type(weight).__name__}")
+        raise TypeError(f"weight must be a 2-D floating tensor, got {_checks._kind(weight)}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}")
     check_operands(x, weight, bias, "ascent_linear")

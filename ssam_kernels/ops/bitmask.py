@@ -33,6 +33,8 @@ def popcount_bytes(x: torch.Tensor) -> torch.Tensor:
 
 def packed_nbytes(numel: int) -> int:
     """Bytes of the packed form of a mask with ``numel`` elements."""
+    if isinstance(numel, bool) or not isinstance(numel, (int, torch.SymInt)) or (isinstance(numel, int) and numel < 0):
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")  # (a SymInt under torch.compile)
     return (numel + 7) // 8
 
 
@@ -61,6 +63,8 @@ class BitMask:
         if self.bits.dim() != 1 or not self.bits.is_contiguous():
             raise ValueError("BitMask.bits must be a contiguous 1-D tensor")
         object.__setattr__(self, "shape", torch.Size(self.shape))
+        if any(isinstance(d, int) and d < 0 for d in self.shape):
+            raise ValueError(f"BitMask.shape must hold sizes >= 0, got {tuple(self.shape)}")
         if self.bits.numel() != packed_nbytes(self.numel):
             raise ValueError(
                 f"BitMask.bits has {self.bits.numel()} bytes; a mask of shape {tuple(self.shape)} "

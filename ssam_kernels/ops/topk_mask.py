@@ -48,7 +48,12 @@ TOPK_MASK = Op("topk_mask(Tensor[] scores, int k, str backend) -> Tensor[]",
 
 
 def keep_count(total: int, density: float) -> int:
-    """``int(density * total)``: the official code's count of kept entries."""
+    """``int(density * total)``: the official code's count of kept entries (``total`` an int
+    >= 0, ``density`` in [0, 1])."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total must be an int >= 0, got {total!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
     return int(density * total)
 
 
