@@ -880,6 +880,10 @@ class SAM(torch.optim.Optimizer):
             self._skips_before, self._skips_unplanned = torch.tensor(state["skipped_steps"]) - live, None
 
     def state_dict(self) -> dict:
+        """``{"sam": torch's Optimizer.state_dict() of this optimizer (its groups' rho and
+        adaptive), "base_optimizer": the base optimizer's, "extra": counters (skipped steps;
+        SSAM: masks, mask updates, generator states)}``. Refused between ``first_step`` and
+        ``second_step``."""
         if self._pending is not None:
             raise RuntimeError("state_dict() between first_step() and second_step() would save perturbed weights' state")
         return {
@@ -889,6 +893,8 @@ class SAM(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` saved, checked first (groups' ``rho`` / ``adaptive``,
+        counters, masks): a ``ValueError`` / ``TypeError`` leaves the optimizer as it was."""
         if not isinstance(state_dict, dict) or not {"sam", "base_optimizer"} <= set(state_dict):
             raise ValueError(f"not a {type(self).__name__} state_dict (needs keys 'sam' and 'base_optimizer')")
         if self._pending is not None:

@@ -144,7 +144,7 @@ def compress_24(x: torch.Tensor, *, check: bool = True, backend: str = "auto") -
     sync. ``check=False`` skips it (no sync, so the call can be captured in a CUDA graph): for
     inputs that are 2:4 by construction (``x * nm_mask(x, 2, 4)``, ``mvue24``); a group with
     more than two nonzeros then gets unspecified values and metadata, and every other group is
-    compressed exactly.
+    compressed exactly. ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
     """
     _check_matrix("x", x, DTYPES)
     if not isinstance(check, bool):
@@ -154,7 +154,13 @@ def compress_24(x: torch.Tensor, *, check: bool = True, backend: str = "auto") -
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """The dense ``[rows, 2 * values.shape[1]]`` matrix that :func:`compress_24` compressed."""
+    """The dense ``[rows, 2 * values.shape[1]]`` matrix that :func:`compress_24` compressed.
+
+    ``values`` and ``meta`` are the pair :func:`compress_24` returned: ``values`` ``[rows,
+    cols / 2]`` fp16/bf16, ``meta`` ``[rows, cols / 16]`` int16 in the CUTLASS layout, on one
+    device. Metadata that no compression makes (two values of a group sent to one slot) gives
+    unspecified values in that group. ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or
+    ``"ext"``."""
     _check_matrix("values", values, DTYPES)
     _check_matrix("meta", meta, (torch.int16,))
     rows, half = values.shape

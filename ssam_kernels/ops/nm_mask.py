@@ -57,7 +57,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, *, magnitude: bool = True, bac
     the last dimension (see the module docstring for short trailing groups, ties and NaN).
 
     ``scores`` is a floating tensor of at least one dimension; the result has its shape.
-    ``magnitude=False`` ranks the scores as given instead of by ``|scores|``.
+    ``magnitude=False`` ranks the scores as given instead of by ``|scores|``. ``backend``:
+    ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")

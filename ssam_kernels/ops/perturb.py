@@ -271,7 +271,14 @@ def check_backup(params: list[torch.Tensor], backup) -> None:
 
 
 def restore_(params, backup: PerturbBackup, *, backend: str = "auto") -> None:
-    """Put back the values ``perturb_`` overwrote, bit for bit."""
+    """Put back the values ``perturb_`` overwrote, bit for bit.
+
+    Args:
+        params: the tensors ``perturb_`` perturbed, in the same order (written in place; call
+            under ``torch.no_grad()`` where they require grad).
+        backup: the :class:`PerturbBackup` that ``perturb_`` returned for them.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"ext"``.
+    """
     params = _checks.tensor_list("params", params)
     check_backup(params, backup)
     check_writable(params)

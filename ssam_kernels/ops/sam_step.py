@@ -87,7 +87,10 @@ def _memory_mask(mask: BitMask, order: tuple[int, ...]) -> BitMask:
 
 @dataclass(frozen=True)
 class SGDGroup:
-    """``torch.optim.SGD``'s hyper-parameters of one parameter group."""
+    """``torch.optim.SGD``'s hyper-parameters of one parameter group, as its constructor takes
+    them: ``lr``, ``momentum``, ``dampening``, ``weight_decay`` finite numbers >= 0;
+    ``nesterov`` (needs ``momentum > 0`` and ``dampening == 0``) and ``maximize`` bools. Checked
+    when :meth:`SAMStepPlan.restore_sgd` first takes them."""
 
     lr: float
     momentum: float = 0.0
@@ -95,10 +98,6 @@ class SGDGroup:
     weight_decay: float = 0.0
     nesterov: bool = False
     maximize: bool = False
-
-    @classmethod
-    def of(cls, group: dict) -> "SGDGroup":
-        return cls(**{k: group.get(k, False) for k in SGD_KEYS})
 
     def values(self) -> tuple[float, ...]:
         return (float(self.lr), float(self.momentum), float(self.dampening), float(self.weight_decay),

@@ -88,6 +88,16 @@ def restore_sgd_step_(params, grads, momentum_buffers, backup: PerturbBackup, *,
     one is made from the step's direction, as torch's SGD does on its first step). Returns the
     buffers (None where ``momentum == 0``). The Triton kernel computes in fp32 (in float64 for
     float64 params) and rounds once; the reference follows torch's SGD op for op.
+
+    Args:
+        params: the tensors ``perturb_`` perturbed (written in place, under ``torch.no_grad()``).
+        grads: one gradient per param, shaped like it (the descent pass's).
+        momentum_buffers: one entry per param, a tensor shaped like it on its device or None.
+        backup: the :class:`PerturbBackup` that ``perturb_`` returned for ``params``.
+        lr, momentum, dampening, weight_decay: finite numbers >= 0, as ``torch.optim.SGD``.
+        nesterov: bool; needs ``momentum > 0`` and ``dampening == 0``.
+        maximize: bool; step up the gradient.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
     """
     params = _checks.tensor_list("params", params)
     grads = _checks.tensor_list("grads", grads)

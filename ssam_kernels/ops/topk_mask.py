@@ -62,7 +62,8 @@ def topk_mask(scores, density: float | None = None, *, k: int | None = None, bac
 
     Give either ``density`` in [0, 1] (then ``k = int(density * total)``, as the official code
     does) or ``k`` directly. Scores are ranked as given (not by magnitude); see the module
-    docstring for ties and NaN. Masks come back on each score tensor's device.
+    docstring for ties and NaN. Masks come back on each score tensor's device. ``backend``:
+    ``"auto"``, ``"torch"`` or ``"triton"``.
     """
     scores = _checks.tensor_list("scores", scores)
     total = sum(s.numel() for s in scores)
