@@ -152,6 +152,27 @@ def test_public_functions_trace_whole_under_torch_compile(gen):
 
 
 @pytest.mark.cpu
+def test_numbers_that_change_between_calls_trace_whole_under_torch_compile(gen):
+    """A float argument that changes between calls (a scale, a scheduled learning rate) is
+    traced as a symbol on the recompile: the argument checks take it without reading it
+    (math.isfinite of a symbolic float broke the graph). Same results as eager."""
+    ws, gs, g2 = ([rand((37,), generator=gen)] for _ in range(3))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(ws, gs, g2, scale, lr):
+        backup = sk.perturb_(ws, gs, None, scale)
+        return sk.restore_sgd_step_(ws, g2, [None], backup, lr=lr, momentum=0.9)
+
+    eager = [w.clone() for w in ws]
+    with torch.no_grad():
+        for scale, lr in ((0.1, 0.1), (0.2, 0.05), (0.3, 0.01)):
+            step(ws, gs, g2, scale, lr)
+            backup = sk.perturb_(eager, gs, None, scale, backend="torch")
+            sk.restore_sgd_step_(eager, g2, [None], backup, lr=lr, momentum=0.9, backend="torch")
+            torch.testing.assert_close(ws, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("scale", ["number", "cpu tensor"])
 def test_public_perturb_and_restore_trace_whole_under_torch_compile(gen, scale):
     """A CPU scale tensor is read on the host in eager mode; a traced graph cannot read it there

@@ -159,7 +159,8 @@ def test_a_training_mode_batchnorm_over_features_gets_a_note_on_the_fisher(gen):
     batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))]
     with pytest.raises(ValueError, match="more than 1 value per channel") as info:
         opt.update_mask(model, batches)
-    assert any("batch of one" in note and "model.eval()" in note for note in info.value.__notes__)
+    if hasattr(info.value, "add_note"):  # (Python >= 3.11)
+        assert any("batch of one" in note and "model.eval()" in note for note in info.value.__notes__)
     model.eval()
     opt.update_mask(model, batches)
     assert opt.mask_updates == 1

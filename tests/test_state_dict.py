@@ -221,20 +221,30 @@ def test_a_copied_optimizer_steps_as_the_original(kind, how):
     torch.manual_seed(1)
     model = SmallConvBN()
     opt = _make(kind, model)
+    # (a scheduler wraps opt.step in an instance attribute that refers to this optimizer: a copy
+    # keeping it stepped the original, and pickling it failed)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     _train(model, opt, data, range(2))
+    sched.step()
     if how == "deepcopy":
-        model2, opt2 = copy.deepcopy((model, opt))
+        model2, opt2, sched2 = copy.deepcopy((model, opt, sched))
     else:
         buffer = io.BytesIO()
-        torch.save((model, opt), buffer)
+        torch.save((model, opt, sched.state_dict()), buffer)
         buffer.seek(0)
-        model2, opt2 = torch.load(buffer, weights_only=False)
+        model2, opt2, sched_state = torch.load(buffer, weights_only=False)
+        sched2 = torch.optim.lr_scheduler.StepLR(opt2, 1, gamma=0.5)
+        sched2.load_state_dict(sched_state)
     assert type(opt2) is type(opt) and repr(opt2) == repr(opt)
     assert opt2.param_groups[0]["params"][0] is next(model2.parameters())  # the copy's own parameters
     assert opt2.param_groups is opt2.base_optimizer.param_groups
     assert opt2._plan is None
-    _train(model, opt, data, range(2, 4))
-    _train(model2, opt2, data, range(2, 4))
+    for epoch in (2, 3):
+        _train(model, opt, data, [epoch])
+        _train(model2, opt2, data, [epoch])
+        sched.step()
+        sched2.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05 * 0.5**3
     assert_tensors_equal(list(model.state_dict().values()), list(model2.state_dict().values()))
     assert opt2.skipped_steps() == opt.skipped_steps()
     if kind != "sam":
@@ -248,3 +258,5 @@ def test_a_copied_optimizer_steps_as_the_original(kind, how):
     with pytest.raises(RuntimeError, match="between first_step\\(\\) and second_step\\(\\)"):
         copy.deepcopy(opt)
     opt.restore()
+    with opt.ascent(), pytest.raises(RuntimeError, match="inside its ascent pass"):
+        copy.deepcopy(opt)

@@ -195,7 +195,8 @@ def empirical_fisher(
                 x, y = x_all[start : start + chunk_size], y_all[start : start + chunk_size]
                 methods = _accumulate_chunk(methods, x, y, method)
         except ValueError as error:
-            if "more than 1 value per channel" in str(error):  # torch's words for a batch-of-one BatchNorm
+            # (torch's words for a batch-of-one BatchNorm; add_note: Python >= 3.11)
+            if "more than 1 value per channel" in str(error) and hasattr(error, "add_note"):
                 error.add_note("ssam: the empirical Fisher takes each sample's gradient alone, as a batch of one, in the "
                                "model's mode; a BatchNorm over (N, C) inputs in training mode cannot normalise one "
                                "sample: take the mask with the model in eval mode (model.eval(), then model.train())")

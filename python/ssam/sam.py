@@ -683,8 +683,8 @@ class SAM(torch.optim.Optimizer):
                 buffers = ssam_kernels.restore_sgd_step_(
                     ps, [p.grad for p in ps], [state[p].get("momentum_buffer") for p in ps],
                     _sub_backup(backup, stepped), lr=group["lr"], momentum=group["momentum"],
-                    dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                    maximize=group.get("maximize", False),
+                    dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=bool(group["nesterov"]),
+                    maximize=bool(group.get("maximize", False)),  # (read truthily, as torch's SGD reads them)
                 )
                 if group["momentum"] != 0:
                     for p, b in zip(ps, buffers):
@@ -724,7 +724,9 @@ class SAM(torch.optim.Optimizer):
         """The plan of this optimizer's step (made on first use and after anything it rests on
         changed), or None where the planned path does not apply: an adaptive group, parameters
         on several devices or not dense in memory, or no kernel for it on this device (the
-        reference backend is not faster than the per-list ops)."""
+        reference backend is not faster than the per-list ops), or gradients of another dtype
+        than their parameters (``Tensor.grad_dtype``: the plan's kernels read a gradient in its
+        parameter's dtype; a plan made and refused at every step would cost a plan a step)."""
         adaptive = any(g["adaptive"] for g in self.param_groups)  # (may be set through param_groups)
         if self._plan_made and adaptive == self._plan_adaptive:
             return self._plan
@@ -736,6 +738,8 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: parameters {shared[0]} and {shared[1]} (counted across "
                              "param_groups) share memory; give a tied weight once")
         if not params or adaptive:
+            return None
+        if any(getattr(p, "grad_dtype", p.dtype) not in (p.dtype, None) for p in params):  # (torch >= 2.12)
             return None
         device = params[0].device
         backend = plan_backend("auto", device)
@@ -934,10 +938,14 @@ class SAM(torch.optim.Optimizer):
         these parameters' addresses), the plans CUDA graphs captured (their count of skipped
         steps carried over) and the hooks (as torch's optimizers drop them). Between
         ``first_step`` and ``second_step`` the weights are perturbed: refused there."""
-        if self._pending is not None:
+        if self._pending is not None or self._in_ascent:
             raise RuntimeError(f"copying or pickling a {type(self).__name__} between first_step() and second_step() "
-                               "would copy perturbed weights' state")
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") or not k.endswith("_hooks")}
+                               "(or inside its ascent pass) would copy perturbed weights' state")
+        cls = type(self)
+        # (an instance attribute over a method is a wrapper made for this object, such as the
+        # one an LR scheduler puts over `step`: it would step the original)
+        state = {k: v for k, v in self.__dict__.items()
+                 if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and not callable(getattr(cls, k, None))}
         state.update(_plan=None, _plan_made=False, _plan_buffers_synced=None, _captured_plans=[],
                      _sgd_checked=None, _sgd_values=None, _skips_unplanned=None,
                      _skips_before=torch.tensor(self.skipped_steps()))  # (one host sync: not per step)

@@ -9,6 +9,7 @@ or in float64 where ``w`` is float64, and keeps only the original ``w[m]`` value
 from __future__ import annotations
 
 import math
+import numbers
 
 from dataclasses import dataclass
 from itertools import repeat
@@ -175,7 +176,9 @@ def scale_args(scale, device: torch.device) -> tuple[float, torch.Tensor | None]
     ``torch.compile`` a CPU tensor goes to ``device`` instead: its value is data the graph cannot
     read on the host."""
     if not isinstance(scale, torch.Tensor):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if torch.compiler.is_compiling():  # (a symbolic float: nothing to read on the host)
+            return float(scale), None
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a real number or a tensor, got {type(scale).__name__}")
         if not math.isfinite(scale):  # (a tensor's is read by the kernels: an inf or NaN there is the caller's)
             raise ValueError(f"scale must be finite, got {scale}")

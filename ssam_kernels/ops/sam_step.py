@@ -60,14 +60,6 @@ class PlanMismatch(RuntimeError):
     in place): make a new plan, or take the step another way."""
 
 
-class GradAddresses(tuple):
-    """What :meth:`SAMStepPlan.grad_addresses` returns: the gradients' data addresses (0: no
-    gradient), checked against the plan. Only this type is taken back by ``perturb(grads=)``: the
-    kernels write through these addresses, so a tuple of other numbers is refused."""
-
-    __slots__ = ()
-
-
 def storage_order(t: torch.Tensor) -> tuple[int, ...] | None:
     """The permutation of ``t``'s dims under which it is contiguous (its memory order: the
     identity for a contiguous tensor, (0, 2, 3, 1) for a channels_last 4-D one); None where no
@@ -230,6 +222,7 @@ class SAMStepPlan:
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)
         self.buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum buffers, once made
         self.perturbed = False
+        self._issued = None  # the last tuple grad_addresses() returned: the one perturb(grads=) takes
         self._sgd = None  # the last hyper-parameters restore_sgd checked
         self._sgd_given = None
         with _launching(device):
@@ -239,7 +232,7 @@ class SAMStepPlan:
     # --- what a step checks -------------------------------------------------------------------
 
     @_eager
-    def grad_addresses(self, *, check_params: bool = True) -> GradAddresses:
+    def grad_addresses(self, *, check_params: bool = True) -> tuple[int, ...]:
         """Each parameter's gradient address (0: no gradient), after checking that every
         parameter is where the plan found it (``check_params``) and that each gradient is laid
         out like its parameter. (Per tensor a few attribute reads: most of a step's host time,
@@ -248,7 +241,8 @@ class SAMStepPlan:
         if _host is not None:  # the same reads in C; None: something does not fit, said below
             addresses = _host.grad_addresses(params, self._addresses if check_params else None)
             if addresses is not None:
-                return GradAddresses(addresses)
+                self._issued = addresses
+                return addresses
         if check_params and tuple(map(_data_ptr, params)) != self._addresses:
             raise PlanMismatch("a parameter's memory moved since the plan was made (p.data = ..., model.to(...)): "
                                "make a new plan")
@@ -265,7 +259,8 @@ class SAMStepPlan:
             pass
         else:
             if laid_out:
-                return GradAddresses(addresses)
+                self._issued = addresses
+                return addresses
         out = []
         for p, g, stride in zip(params, grads, self._strides):
             if g is None:
@@ -278,7 +273,8 @@ class SAMStepPlan:
                                    "(Tensor.grad_dtype): the plan's kernels read it as the parameter's dtype")
             else:
                 out.append(g.data_ptr())
-        return GradAddresses(out)
+        self._issued = tuple(out)
+        return self._issued
 
     def _check_masks(self, call: str) -> None:
         if not same_versions(self._bits, self._bits_versions):
@@ -302,12 +298,13 @@ class SAMStepPlan:
     # --- the step -----------------------------------------------------------------------------
 
     @_eager
-    def perturb(self, rho: Sequence[float], *, grads: GradAddresses | None = None) -> None:
+    def perturb(self, rho: Sequence[float], *, grads: tuple[int, ...] | None = None) -> None:
         """``w[m] += rho_group * g[m] / (norm + eps)`` from each parameter's current ``.grad`` (a
         parameter without one is left as it is), keeping the old values for :meth:`restore`.
         ``rho``: one finite number per group (a negative one moves against the gradient: SAM
         for a group whose optimizer maximizes). ``grads``: what :meth:`grad_addresses` just
-        returned, if the caller has it (read again otherwise); no gradient may have been replaced
+        returned last, if the caller has it (read again otherwise; the kernels write through
+        these addresses, so only that very tuple is taken); no gradient may have been replaced
         since (the addresses are not read again)."""
         if self.perturbed:
             raise RuntimeError("perturb() called twice without restore() or restore_sgd() in between")
@@ -315,9 +312,9 @@ class SAMStepPlan:
         self._check_masks("perturb")
         if grads is None:
             grads = self.grad_addresses()
-        elif type(grads) is not GradAddresses or len(grads) != len(self.params):
-            raise TypeError(f"grads must be what this plan's grad_addresses() returned ({len(self.params)} addresses), "
-                            f"got {type(grads).__name__}")
+        elif grads is not self._issued:
+            raise ValueError("grads must be the tuple this plan's grad_addresses() returned last (the kernels write "
+                             f"through its addresses), got another {type(grads).__name__}")
         with _launching(self.device):
             self._impl.perturb(grads, rho)
         bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters

@@ -138,6 +138,7 @@ class KernelStep:
         # on; a step on another waits for its making, and the caching allocator is told the
         # memory is in use there, so dropping the plan cannot hand it out under that stream's work
         self.streams = {_stream_id(self.device)}
+        self.other_streams: list = []  # (their torch.cuda.Stream objects)
         self.made = None
         if self.device.type == "cuda" and None not in self.streams:
             self.made = torch.cuda.Event()
@@ -152,12 +153,22 @@ class KernelStep:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.made)
         plan = self.plan
-        owned = [plan.inv, plan.flags, self.partial, self.counter]
+        # the plan's own memory: its flags and partials, each part's tables, backup, mask bits
+        # (packed or permuted copies where the masks were bool or laid out otherwise) and the
+        # momentum buffers it made (an optimizer's own buffers are marked too: harmless)
+        owned = [plan.inv, plan.flags, self.partial, self.counter, *(b for b in plan.buffers if b is not None)]
         for part in self.parts:
-            owned += [part.backup, part.blk_start, part.bits_ref, part.buf_ptrs, *part.spare.values()]
+            owned += [part.backup, part.blk_start, part.bits_ref, part.buf_ptrs, *part.bits, *part.spare.values()]
         for t in owned:
             t.record_stream(current)
         self.streams.add(stream)
+        self.other_streams.append(current)
+
+    def _record(self, t: torch.Tensor) -> None:
+        """Memory the plan allocates after its making: marked as used on the streams its steps
+        already ran on (the current one allocates it)."""
+        for stream in self.other_streams:
+            t.record_stream(stream)
 
     def _table(self, kind: str, key: tuple, make=None, dtype=torch.int64) -> torch.Tensor:
         """The device table of ``key`` (``make()`` its values; default the key itself), from the
@@ -297,6 +308,7 @@ class KernelStep:
             params = [plan.params[part.index[t]] for t in missing]
             flat = torch.zeros(sum(aligned_length(p.numel(), p.dtype) for p in params), dtype=part.dtype,
                                device=plan.device)
+            self._record(flat)
             at = 0
             for t, p in zip(missing, params):
                 part.spare[t] = flat.as_strided(p.shape, p.stride(), at)

@@ -74,7 +74,7 @@ RESTORE_SGD_STEP = Op(
 def _real(name: str, value, low: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= low):
+    if not (value >= low and (torch.compiler.is_compiling() or math.isfinite(value))):  # (no isfinite on a SymFloat)
         raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
     return float(value)
 
