@@ -56,6 +56,16 @@ def test_trailing_group_keeps_min_n_r(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_a_group_longer_than_the_row_is_the_row(backend, gen):
+    """M beyond the last dim: each row is one short group (top min(N, row) kept), computed
+    without padding rows to M (M = 2**40 allocated 17 TB)."""
+    scores = rand((3, 7), generator=gen)
+    out = nm_mask(scores, 2, 2**40, backend=backend)
+    assert [out[r].tolist() for r in range(3)] == [_brute_force(scores[r].tolist(), 2, 7) for r in range(3)]
+    assert bool(nm_mask(scores, 9, 2**40, backend=backend).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_ties_keep_lower_index_and_nan_ranks_lowest(backend):
     s = torch.tensor([[1.0, 1.0, 1.0, 1.0, float("nan"), 0.0, float("nan"), -0.5]])
     assert nm_mask(s, 2, 4, backend=backend).tolist() == [[True, True, False, False, False, True, False, True]]

@@ -69,4 +69,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, *, magnitude: bool = True, bac
     n, m = check_nm(n, m)
     if not isinstance(magnitude, bool):
         raise TypeError(f"magnitude must be a bool, got {type(magnitude).__name__}")
+    last = scores.shape[-1]
+    if m > last > 0:  # each row one short group: the mask of M = the row's length (not a row padded to M)
+        if n >= last:
+            return torch.ones_like(scores, dtype=torch.bool, memory_format=torch.contiguous_format)
+        m = last
     return NM_MASK(scores, n, m, magnitude, backend=backend)
