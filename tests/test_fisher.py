@@ -116,6 +116,14 @@ def test_errors(gen):
         empirical_fisher(model, list(model.parameters()), 3, 4)
     with pytest.raises(ValueError, match="same leading"):
         empirical_fisher(model, list(model.parameters()), [(x, y[:2])], 4)
+    with pytest.raises(TypeError, match=r"data is one \(x, y\) pair of tensors"):
+        empirical_fisher(model, list(model.parameters()), (x, y), 4)
+    for method in ("auto", *ssam.fisher.METHODS):  # a loss that is not one sample's, named whichever method runs
+        for loss_fn, got in ((lambda out, y: 1.0, "got float"), (lambda out, y: out, "got a tensor of shape")):
+            # (the per-layer method, asked for by name, says it cannot take the model, and why)
+            error = ValueError if method == "layerwise" else TypeError
+            with pytest.raises(error, match=f"loss_fn\\(output, y\\) must return the loss of its one sample.*{got}"):
+                empirical_fisher(model, list(model.parameters()), [(x, y)], 4, loss_fn=loss_fn, method=method)
 
 
 class _Layers(nn.Module):

@@ -166,6 +166,7 @@ def empirical_fisher(
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    loss_fn = _one_value(loss_fn)
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of the model's parameters, not a tensor")
     params = list(params)  # (model.parameters() is a generator: read once here)
@@ -202,6 +203,20 @@ def empirical_fisher(
                                "sample: take the mask with the model in eval mode (model.eval(), then model.train())")
             raise
     return fisher
+
+
+def _one_value(loss_fn: Callable) -> Callable:
+    """``loss_fn``, refusing what is not one sample's loss: a tensor of one element (a float,
+    say, cannot be differentiated: it failed deep inside the per-sample gradients)."""
+    @functools.wraps(loss_fn)
+    def loss(output, y):
+        value = loss_fn(output, y)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            kind = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"loss_fn(output, y) must return the loss of its one sample, a one-element tensor, got {kind}")
+        return value
+
+    return loss
 
 
 def _methods(model, names, fisher, loss_fn, device) -> list[Callable]:
