@@ -106,26 +106,30 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_medians(fns: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int = 3,
-                        reps: int = 20, cold: bool = False) -> dict[Hashable, float]:
+                        reps: int = 20, cold: bool = False, busy: bool = False) -> dict[Hashable, float]:
     """Median seconds per call of each function, measured round-robin (one call of each per
     round) after ``warmup`` rounds, so drifting clocks hit every contender alike. CUDA: events.
-    ``cold`` (CUDA): each call starts with an empty L2 (see :func:`interleaved_samples`)."""
-    samples = interleaved_samples(fns, device, warmup, reps, cold)
+    ``cold`` (CUDA): each call starts with an empty L2; ``busy``: the GPU's time alone (see
+    :func:`interleaved_samples`)."""
+    samples = interleaved_samples(fns, device, warmup, reps, cold, busy)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-L2_FLUSH_BYTES = 256 << 20  # written before each cold call: several times any GPU's L2 (50-60 MB on Hopper)
+L2_FLUSH_BYTES = 256 << 20  # read before each cold call: several times any GPU's L2 (50-60 MB on Hopper)
+BUSY_CYCLES = 4_000_000  # about 2 ms of GPU clock: longer than a call's host work (torch's cuSPARSELt path: ~0.8 ms)
 
 
 def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int = 3,
-                        reps: int = 20, cold: bool = False) -> dict[Hashable, list[float]]:
+                        reps: int = 20, cold: bool = False, busy: bool = False) -> dict[Hashable, list[float]]:
     """:func:`interleaved_medians`'s measurements: seconds per call of each function, round by
-    round (entry ``i`` of every list from the same round). ``cold`` (CUDA): a 256 MiB write
+    round (entry ``i`` of every list from the same round). ``cold`` (CUDA): a 256 MiB read
     before each call, outside its events, so no call finds its operands in L2 left by the last
-    one; the GPU is busy with it (about 70 us on an H200) while the host launches the call, so the
-    time is the GPU's alone for any launch quicker than that (use it for kernel rates against
-    ceilings, not for a step's cost, launches included)."""
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
+    one (a read leaves no dirty lines to write back inside the next call's time); the GPU is busy
+    with it (about 70 us on an H200) while the host launches the call. ``busy`` (CUDA): a spin of
+    ``BUSY_CYCLES`` on the GPU before each call's start event, so the host has launched the whole
+    call before the GPU reaches it: the time is the GPU's alone, without the call's host
+    overhead (for kernel rates against ceilings; a step's cost, launches included, takes neither)."""
+    flush = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
         if cold and device.type == "cuda" else None
     for _ in range(warmup):
         for fn in fns.values():
@@ -137,7 +141,9 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 if flush is not None:
-                    flush.zero_()
+                    flush.sum()
+                if busy:
+                    torch.cuda._sleep(BUSY_CYCLES)
                 start.record()
                 fn()
                 end.record()
@@ -155,7 +161,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) 
     memory-bound kernels, measured in the same run as them."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, warmup=3, reps=reps)["copy"]
+    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, warmup=3, reps=reps, busy=True)["copy"]
     return 2 * nbytes / t
 
 
@@ -164,7 +170,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype = torch.bfloat16, n:
     the ceiling for compute-bound kernels."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = interleaved_medians({"mm": lambda: a @ b}, device, warmup=3, reps=reps)["mm"]
+    t = interleaved_medians({"mm": lambda: a @ b}, device, warmup=3, reps=reps, busy=True)["mm"]
     return 2 * n**3 / t
 
 
@@ -263,14 +269,17 @@ LEGENDS = {
            "(higher is better).",
     "topk_mask": "median ms (lower is better); x torch.topk: speed over torch.topk on the concatenated scores "
                  "(higher is better); exact k: whether exactly k entries are kept.",
-    "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better); x dense: "
+    "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better), timed "
+                     "as the timed column says: GPU alone (the host's work per call, such as torch's per-call "
+                     "cuSPARSELt plan, left out), or per call, host included, where it says '-' (rows of runs "
+                     "before the GPU-alone timing); x dense: "
                      "dense time / 2:4 time (above 1: the sparse GEMM wins; 2 is the sparse tensor cores' peak); "
                      "all in: with the sparsify and compress steps; config: the cuSPARSELt configuration kept "
                      "(planned: through the extension's kept cuSPARSELt plans, else torch's _cslt ops; alg N: its algorithm; "
                      "split-k N: the contraction split N ways; T: the result written transposed; kept: the fastest with "
                      "its path's compression); fastest GEMM alone x dense: the configuration whose GEMM alone was "
                      "fastest in the tuning, timed again beside dense (issue 25's GEMM target); each config tried: its "
-                     "GEMM against the dense one (7 runs each, in the tuning).",
+                     "GEMM against the dense one (7 runs each, in the tuning, per call: host work included).",
     "ascent_quality": "cosine: between each mode's perturbation and the exact one (1 is identical; higher is "
                       "better); accuracy: digits test accuracy (higher is better), mean and std over runs.",
     "budget": "Fisher mass / top-k's: the mask's share of the unstructured top-k's Fisher mass (higher is better); "

@@ -4,20 +4,24 @@
 # (about 40 s on an H200, SSAM_BUILD_EXT=1, sm_90: it fails loudly if the build fails), then runs its
 # steps, each under its own `timeout`, logging to LOG_DIR/<step>.log. Results land in
 # benchmarks/results/<device>/ (step rows merge by model, so the step parts add up to one
-# table) and are packed into LOG_DIR/results.tgz at the end, to bring back and commit (a device
+# table) and are packed into LOG_DIR/results.tgz after every step (a run the device's time limit
+# cuts short still brings back what it measured), to bring back and commit (a device
 # run returns at most 8 files: one log per step and one archive stay within that in every part
 # but `all`, whose logs a machine without a time limit keeps).
 # The whole part runs within GPU_CHECK_BUDGET_S (default 480): a step gets at most what is left,
-# and an optional step (`first`'s last ones) runs only where 60 s or more are left. Each part's
+# and an optional step (`first`'s last ones) runs only where its whole timeout is left. Each part's
 # required steps' declared timeouts, the build's included, fit 480 s on their own (the tests check).
+# A device session with less than a part's 480 s plus the machine's start left: set
+# GPU_CHECK_BUDGET_S to the device time left less about 60 s.
 #
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh PART LOG_DIR
 #                                    bash benchmarks/gpu_check.sh --help
 # GPU_CHECK_DRY_RUN=1 prints each step with its timeout (and the one it declares) instead of running
 # it (the tests sum them).
 # A copy without .git (the device machine's) stamps results "unknown": name the commit with
-# SSAM_COMMIT=$(git rev-parse --short HEAD) in the command that starts the run. Each part prints
-# its stamp first, with a warning where it is "unknown".
+# SSAM_COMMIT=<hash> in the command that starts the run, the hash written out (a $(git rev-parse)
+# in that command runs on the copy, where it finds no repository). Each part prints its stamp
+# first, with a warning where it is "unknown".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,13 +35,13 @@ Each part builds the extension for sm_90 and prints `ssam_kernels.backend_info("
   build          nothing more
   first          a first look at everything in one slot, for a session with one GPU call: the cuda
                  tier (timeout 140 s), the 2:4 GEMM table cut at 60 s (it writes as it goes, bf16
-                 MLP shapes first: a timeout there is expected and keeps its rows), the optimizer
+                 MLP shapes first: its timeout is planned, not a failure, and keeps its rows), the optimizer
                  overhead on the ResNet-18 and GPT-2 small lists (60 s: SAM and SSAM, each kernel
                  backend), and SAM / SSAM-F at 50% and 90%, dense and exact, on ResNet-18 CIFAR,
                  each step eager and replayed from a CUDA graph (90 s, as step-graphs; with the
-                 build's 120 s, 470 s of the part's 480); then, in the time left, the
-                 perturbation cycle on the GPT-2-medium list (60 s) and SAM / SSAM-F on GPT-2 small
-                 8k (110 s). Its rows merge into the results files (by model and contender, by shape
+                 build's 120 s, 470 s of the part's 480); then, each where its whole timeout is
+                 left, the perturbation cycle on the GPT-2-medium list (60 s) and SAM / SSAM-F on
+                 GPT-2 small 8k (110 s). Its rows merge into the results files (by model and contender, by shape
                  for the GEMM table, by list for the perturbation table), replacing only those it
                  measured; `all` leaves it out (the other parts cover it)
   tests          the cuda test tier, pytest -n 8 (timeout 160 s; 49 s measured on an H200 before the
@@ -122,19 +126,31 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, keep its log, g
   if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then spent=$((spent + limit)); return; fi
   timeout --kill-after=10 "$limit" "$@" > "$log/$name.log" 2>&1
   rc=$?
-  if [ "$rc" -ne 0 ]; then
+  if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ -n "${until_limit:-}" ]; then
+    echo "   stopped at its time limit, as planned (its rows so far are written)"
+  elif [ "$rc" -ne 0 ]; then
     status=1
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "   FAILED: timed out"; else echo "   FAILED: exit $rc"; fi
     echo "   (see $log/$name.log)"
   fi
   echo "   took $((SECONDS - start)) s"
   tail -n 3 "$log/$name.log"
+  pack  # after every step: a run cut short (the device's time spent) still brings back what it measured
 }
 
-optional_step() {  # as step, where 60 s or more of the part are left (else a note, not a failure)
-  local left
+device=""  # the results folder's name, found once the build has made torch importable
+pack() {  # one file: a device run returns at most 8 (unpack with tar xzf into benchmarks/results/)
+  [ -n "${GPU_CHECK_DRY_RUN:-}" ] && return
+  [ -z "$device" ] && device=$(python3 -c 'import torch; from ssam_bench.common import device_slug; print(device_slug(torch.device("cuda")))' 2>/dev/null)
+  if [ -n "$device" ] && [ -d "benchmarks/results/$device" ]; then
+    tar czf "$log/results.tgz" -C benchmarks/results "$device"
+  fi
+}
+
+optional_step() {  # as step, where its whole timeout is left (else a note, not a failure): a step cut
+  local left      # short would spend device time and, writing at its end, keep nothing
   left=$(left)
-  if [ "$left" -lt 60 ]; then
+  if [ "$left" -lt "$2" ]; then
     echo "== $1 not run: ${left} s of the part's ${budget} s left (optional)"
     return
   fi
@@ -175,7 +191,8 @@ run_part() {
     first)
       step first-cuda-tests 140 $pytest -m cuda -rfEs -v --durations=15 -n 8 $per_test_timeout \
         -p no:cacheprovider tests
-      step first-ascent-linear 60 bash -c 'unplanned_after_crash "$@"' _ python3 -m ssam_bench.bench_ascent_linear
+      until_limit=1 step first-ascent-linear 60 bash -c 'unplanned_after_crash "$@"' _ \
+        python3 -m ssam_bench.bench_ascent_linear
       step first-overhead 60 $bench overhead --overhead-models resnet18_cifar gpt2_small_2k
       step first-step-resnet18 90 $bench step --models resnet18_cifar --optimizers sam ssam-f --sparsities 0.5 0.9 \
         --modes dense exact --graphs eager captured
@@ -232,7 +249,8 @@ say_stamp() {  # say_stamp PART: at the start of each part
   echo "== $1: results stamped commit $stamp"
   if [ "$stamp" = unknown ]; then
     echo "!!!!!!!!!! WARNING: results of this run will be stamped commit \"unknown\" (no .git here and SSAM_COMMIT"
-    echo "!!!!!!!!!! unset): start the run with SSAM_COMMIT=\$(git rev-parse --short HEAD) in its command"
+    echo "!!!!!!!!!! unset): start the run with SSAM_COMMIT=<hash> in its command, the hash written out (a"
+    echo "!!!!!!!!!! \$(git rev-parse --short HEAD) runs where the command runs: on a copy without .git, nothing)"
   fi
 }
 
@@ -247,10 +265,8 @@ else
 fi
 
 [ -n "${GPU_CHECK_DRY_RUN:-}" ] && exit 0
-device=$(python3 -c 'import torch; from ssam_bench.common import device_slug; print(device_slug(torch.device("cuda")))' 2>/dev/null)
-if [ -n "$device" ] && [ -d "benchmarks/results/$device" ]; then
-  # one file: a device run returns at most 8 (unpack with tar xzf into benchmarks/results/)
-  tar czf "$log/results.tgz" -C benchmarks/results "$device"
+pack
+if [ -n "$device" ] && [ -f "$log/results.tgz" ]; then
   echo "== results packed into $log/results.tgz ($device/: $(ls "benchmarks/results/$device" | wc -l) files)"
 fi
 exit $status
