@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 import torch
@@ -9,6 +10,17 @@ import torch
 from . import _host_loops
 from ._host_loops import FLOAT_DTYPES, c_fit, c_loops, unexplained_misfit
 from .ops.bitmask import BitMask, unpack_bits, unpack_mask
+
+
+_requires_grad = attrgetter("requires_grad")
+
+
+def any_requires_grad(tensors) -> bool:
+    """Whether a tensor of the list requires a gradient (mapped in C: no Python frame per
+    tensor; a generator under torch.compile, as Dynamo traces no attrgetter)."""
+    if torch.compiler.is_compiling():
+        return any(t.requires_grad for t in tensors)
+    return any(map(_requires_grad, tensors))
 
 
 def _kind(x) -> str:

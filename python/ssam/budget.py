@@ -48,6 +48,7 @@ from ssam_kernels.sparse_ascent import row_sparse_weight
 
 from .batchnorm import frozen_batchnorm_stats
 from .distributed import unwrapped
+from .fisher import check_model_params
 
 
 # the paper's Tables 1-3, SSAM's FLOPs relative to SGD, by sparsity
@@ -196,10 +197,8 @@ def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.T
     gradient; BatchNorm statistics untouched; a DDP / DataParallel wrapper is read through)."""
     model = unwrapped(model)
     params = list(params)
-    ours = {id(p) for p in model.parameters()}
-    missing = [i for i, p in enumerate(params) if id(p) not in ours]
-    if missing:  # (their costs would all be 0: a budget that no row fits, said misleadingly later)
-        raise ValueError(f"params {missing} are not parameters of model")
+    # (their costs would all be 0: a budget that no row fits, said misleadingly later)
+    check_model_params(model, params, "params")
     storages: dict[int, list[int]] = {}
     for i, p in enumerate(params):
         storages.setdefault(p.untyped_storage().data_ptr(), []).append(i)

@@ -100,6 +100,14 @@ def draw_samples(
     return torch.cat(xs), torch.cat(ys)
 
 
+def check_model_params(model: torch.nn.Module, params: list[torch.Tensor], name: str) -> None:
+    """``ValueError`` naming the indices of ``params`` that are not parameters of ``model``."""
+    ours = {id(p) for p in model.parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in ours]
+    if missing:
+        raise ValueError(f"{name} {missing} are not parameters of model")
+
+
 def check_data(data) -> None:
     """The checks :func:`draw_samples` makes of ``data`` before taking anything from it (a
     step that will update the mask makes them before it moves the weights)."""
@@ -172,10 +180,8 @@ def empirical_fisher(
     params = list(params)  # (model.parameters() is a generator: read once here)
     if not params:
         raise ValueError("params is empty")
+    check_model_params(model, params, "optimizer parameters")
     names_by_id = {id(p): name for name, p in model.named_parameters()}
-    missing = [i for i, p in enumerate(params) if id(p) not in names_by_id]
-    if missing:
-        raise ValueError(f"optimizer parameters {missing} are not parameters of model")
     device = params[0].device
     fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
     generator = generator if generator is not None else torch.Generator()

@@ -949,10 +949,7 @@ class SAM(torch.optim.Optimizer):
         state.update(_plan=None, _plan_made=False, _plan_buffers_synced=None, _captured_plans=[],
                      _sgd_checked=None, _sgd_values=None, _skips_unplanned=None,
                      _skips_before=torch.tensor(self.skipped_steps()))  # (one host sync: not per step)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)  # (torch's: empty hooks, its step wrapper)
+        return state  # (torch's __setstate__ makes the hooks' dicts anew and wraps step)
 
 
 def _sub_backup(backup: ssam_kernels.PerturbBackup, index: list[int]) -> ssam_kernels.PerturbBackup:

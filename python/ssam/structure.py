@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 import ssam_kernels
-from ssam_kernels.ops.nm_mask import check_nm
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(in|out)\s*)?$")
 
@@ -64,9 +63,8 @@ def parse_structure(structure) -> Structure:
             f"structure must be 'unstructured', 'tensor', 'budget', 'N:M' such as '2:4', or 'N:M:out', got {structure!r}"
         )
     n, m = int(match.group(1)), int(match.group(2))
-    if not 1 <= n < m:
+    if not 1 <= n < m:  # (nm_mask's own check, naming the structure string)
         raise ValueError(f"structure {structure!r}: N:M needs 1 <= N < M")
-    n, m = check_nm(n, m)
     return Structure("nm", n, m, match.group(3) or "in")
 
 

@@ -3,23 +3,12 @@ float64 accumulation where any tensor is float64."""
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import torch
 
 from .. import _checks
 from .._backend import lazy
 from .._library import Op
 from .bitmask import check_mask_args, mask_args
-
-
-_requires_grad = attrgetter("requires_grad")
-
-
-def _any_requires_grad(tensors) -> bool:
-    if torch.compiler.is_compiling():  # (Dynamo traces no attrgetter)
-        return any(t.requires_grad for t in tensors)
-    return any(map(_requires_grad, tensors))  # (no Python frame per tensor)
 
 
 def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -110,6 +99,6 @@ def grad_norm(tensors, masks=None, *, backend: str = "auto") -> torch.Tensor:
     """
     tensors = _checks.tensor_list("tensors", tensors)
     masks = _checks.mask_list(masks, tensors, "tensors")
-    if torch.is_grad_enabled() and _any_requires_grad(tensors):  # (an optimizer's call: grad mode off)
+    if torch.is_grad_enabled() and _checks.any_requires_grad(tensors):  # (an optimizer's call: grad mode off)
         return _GradNormFunction.apply(masks, backend, *tensors)
     return _norm(tensors, masks, backend)

@@ -192,14 +192,11 @@ def scale_args(scale, device: torch.device) -> tuple[float, torch.Tensor | None]
     return 0.0, scale.reshape(())
 
 
-_requires_grad = attrgetter("requires_grad")
-
-
 def check_writable(params: list[torch.Tensor]) -> None:
     if not torch.is_grad_enabled():
         return
-    if not torch.compiler.is_compiling() and not any(map(_requires_grad, params)):
-        return  # (no Python frame per tensor; Dynamo traces the loop below instead)
+    if not _checks.any_requires_grad(params):
+        return
     for i, w in enumerate(params):
         if w.requires_grad:
             raise RuntimeError(

@@ -41,7 +41,7 @@ from .._backend import BackendUnavailableError, lazy, on_device
 from .._library import backend_table
 from .bitmask import BitMask, as_bitmask, pack_mask, unpack_mask
 from .grad_norm import accumulation_dtype
-from .perturb import math_dtype
+from .perturb import _dtype, math_dtype
 from .sgd_step import sgd_update_torch
 
 # a kernel set chosen once per plan (its kernels: the ext backend's are the torch.ops.ssam.plan_*
@@ -49,7 +49,7 @@ from .sgd_step import sgd_update_torch
 _BACKENDS = backend_table("sam_step", ext_op="plan_norm")
 # unbound methods, mapped over the tensors in C (no Python loop per tensor on the step path)
 _data_ptr, _stride, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
-_grad, _dtype = operator.attrgetter("grad"), operator.attrgetter("dtype")
+_grad = operator.attrgetter("grad")
 from .._host_loops import _host, bump_versions, same_versions, versions  # _host: the compiled per-step reads, or None
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
