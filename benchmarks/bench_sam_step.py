@@ -18,7 +18,7 @@ the ``lr and rho new every step`` row changes both before each step, as a schedu
   their counts are the fewest of five steps, as a backup allocated at a new address costs a table
   copy that a GPU's caching allocator usually spares);
 * the ``foreach`` rows time ``ssam_bench.bench_overhead.foreach_step`` (norm, scale, mask,
-  perturb, restore, ``torch.optim.SGD(foreach=True)``) on the same lists: on a CPU these run
+  perturb, restore, ``torch.optim.SGD(fused=True)``) on the same lists: on a CPU these run
   CPU kernels on 64-element tensors, a lower bound of their host work, not a GPU figure.
 
 Targets (issue 22): ours at most 100 us for 62 tensors and 150 us for 300 on a 2-core CPU, 3
@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssam
 from ssam_bench.bench_overhead import foreach_step
-from ssam_bench.common import report, standalone_main
+from ssam_bench.common import baseline_sgd, report, standalone_main
 
 TENSORS = (62, 300)
 NUMEL = 64  # elements per tensor: host work does not depend on it
@@ -184,7 +184,7 @@ def list_ops_row(kind: str, n: int, reps: int) -> dict:
 def foreach_row(n: int, reps: int) -> dict:
     params = _params(n, torch.Generator().manual_seed(0))
     masks = [torch.ones(NUMEL) for _ in params]
-    base = torch.optim.SGD(params, foreach=True, **SGD)
+    base = baseline_sgd(params, **SGD)
     with _Ops() as ops:
         foreach_step(params, masks, base)
     host = _median_us(lambda: foreach_step(params, masks, base), reps)

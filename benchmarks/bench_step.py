@@ -11,7 +11,9 @@ WideResNet-28-10 (batch 128), ResNet-50 (batch 64, 224x224), ViT-S/16 (batch 64)
 blocks of GPT-2 small (2k, 8k and 16k tokens). Per contender:
 
 * ``step / SGD``: median time of ``zero_grad(); step(closure)`` (SGD: forward, backward,
-  ``step()``) over an SGD step measured in the same interleaved loop (CUDA events); the
+  ``step()`` of ``torch.optim.SGD(fused=True)``, torch's fastest SGD, as SAM's second step
+  fuses its update too; rows without ``sgd_baseline`` in the JSON, measured before it, used
+  ``foreach=True``) over an SGD step measured in the same interleaved loop (CUDA events); the
   closure runs the pass at ``w + e`` inside ``ssam.frozen_batchnorm_stats``, the README's
   recipe (BatchNorm's statistics move once a step, as in SGD, and that pass launches no
   statistics updates);
@@ -74,7 +76,7 @@ import ssam.ssamf as ssamf_module
 from ssam.budget import measure_costs
 from ssam.models import DigitsNet, GPTStack, ViT, gpt2_small_stack, resnet18_cifar, resnet50, vit_small
 from ssam.models import wide_resnet28_10
-from ssam_bench.common import interleaved_samples, report, results_dir, standalone_main
+from ssam_bench.common import SGD_BASELINE, baseline_sgd, interleaved_samples, report, results_dir, standalone_main
 from ssam_kernels import ASCENT_MODES
 
 PAPER_SSAM = {"0.5": 1.65, "0.8": 1.44, "0.9": 1.36, "0.95": 1.33, "0.98": 1.31, "0.99": 1.30, "2:4": 1.65}
@@ -225,8 +227,8 @@ def contenders(optimizers, sparsities, modes, graphs=("eager",)) -> list[Contend
 
 def build_optimizer(c: Contender, model, workload: Workload, device, fisher_samples: int):
     base = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
-    if c.optimizer == "sgd":  # foreach on every device (CUDA's default): a few ops, not a loop's
-        return torch.optim.SGD(model.parameters(), foreach=True, **base)
+    if c.optimizer == "sgd":
+        return baseline_sgd(model.parameters(), **base)
     if c.optimizer == "sam":
         return ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **base)
     nm = ":" in c.sparsity
@@ -398,7 +400,8 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                        optimizer=c.optimizer.upper(),
                        sparsity=c.sparsity and _sparsity_label(c.sparsity),
                        mode=c.mode_label, contender=c.name, step_ms=None, step_vs_sgd=None, counted_gflop=None,
-                       counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed)
+                       counted_flops_vs_sgd=None, paper_flops_vs_sgd=c.paper, peak_gib=None, timed=timed,
+                       sgd_baseline=SGD_BASELINE)
             step()  # warm: the optimizer's state and plan, Triton's compiles, sparse_mm_24's GEMM choice
             if timed:
                 step()
@@ -543,7 +546,7 @@ def write(rows, device, out, partial: bool = False) -> dict:
     # merged by contender: a part that measures some of a model's contenders keeps the others'
     return report("step", "Step time and FLOPs relative to SGD" + (" (partial: the run goes on)" if partial else ""),
                   rows, COLUMNS, device, out,
-                  merge_on=("model", "contender"),
+                  merge_on=("model", "contender"), meta_extra=dict(sgd_baseline=SGD_BASELINE),
                   note=" (synthetic inputs" + (", bf16 autocast)" if cuda else
                                                 "; real models FLOP-counted only, tiny models timed)"))
 

@@ -48,9 +48,101 @@ def device_facts(device: torch.device) -> dict:
     return facts
 
 
+SGD_BASELINE = "torch.optim.SGD(fused=True)"
+
+
+def baseline_sgd(params, **hyper) -> torch.optim.SGD:
+    """The SGD every benchmark compares against: torch's fastest, ``fused=True`` (one
+    multi-tensor kernel per step, on CUDA and CPU), not its device default (``foreach`` on
+    CUDA: on the H200, ResNet-18's 62 tensors took 0.69 ms per ``foreach`` step). Our SAM's
+    second step fuses restore with the SGD update; a slower baseline would hand it that
+    difference as speed of its own."""
+    return torch.optim.SGD(params, fused=True, **hyper)
+
+
+# NVML's reasons for a clock below its maximum that slow a timed call (power cap, thermal and
+# hardware slowdowns; not idling, application clock settings or sync boost)
+SLOWDOWNS = {"sw power cap": 0x4, "hw slowdown": 0x8, "sw thermal": 0x20, "hw thermal": 0x40, "hw power brake": 0x80}
+
+
+class RunConditions:
+    """What the GPU's clocks did while this process timed, for the run's metadata: two runs
+    that disagree may differ in clocks, not in code. Read from NVML (nvidia-ml-py) once per
+    timed round, while the round's calls still run on the GPU (a reading of an idle GPU is
+    left out), and from NVML's power and thermal violation counters, which count the time the
+    GPU was held below its clocks since the first reading."""
+
+    def __init__(self):
+        self.clocks_mhz: list[int] = []
+        self.temperature_c: list[int] = []
+        self.reasons = 0
+        self.error: str | None = None
+        self._nvml = self._handle = self._violations = None
+
+    def _violation_ns(self) -> dict[str, int] | None:
+        nvml = self._nvml
+        try:
+            return {name: nvml.nvmlDeviceGetViolationStatus(self._handle, policy).violationTime
+                    for name, policy in (("power", nvml.NVML_PERF_POLICY_POWER),
+                                         ("thermal", nvml.NVML_PERF_POLICY_THERMAL))}
+        except Exception:  # not every driver or VM exposes them: the readings still stand
+            return None
+
+    def sample(self, device: torch.device) -> None:
+        if device.type != "cuda" or self.error is not None:
+            return
+        try:
+            if self._handle is None:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                self._violations = self._violation_ns()
+            nvml, handle = self._nvml, self._handle
+            reasons = nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
+            if reasons & nvml.nvmlClocksEventReasonGpuIdle:  # the round ended before the reading
+                return
+            self.reasons |= reasons
+            self.clocks_mhz.append(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))
+            self.temperature_c.append(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        except Exception as exc:  # no NVML: said in the metadata, the timing goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def facts(self) -> dict:
+        if self.error is not None:
+            return {"conditions_error": self.error}
+        if not self.clocks_mhz:
+            return {}
+        out = {"sm_clock_mhz_timed": [min(self.clocks_mhz), max(self.clocks_mhz)],
+               "temperature_c_max": max(self.temperature_c),
+               "slowdowns_seen": [name for name, bit in SLOWDOWNS.items() if self.reasons & bit]}
+        now = self._violation_ns() if self._violations is not None else None
+        if now is not None:
+            out["held_below_clocks_s"] = {k: (now[k] - self._violations[k]) / 1e9 for k in now}
+        return out
+
+
+CONDITIONS = RunConditions()  # this process's: every timed round reads it (interleaved_samples)
+
+
+def describe_conditions(meta: dict) -> str:
+    """One clause for a results file's header from a run's :class:`RunConditions` facts in
+    ``meta`` ("" where none were read)."""
+    if "conditions_error" in meta:
+        return f" GPU clocks not read ({meta['conditions_error']})."
+    if "sm_clock_mhz_timed" not in meta:
+        return ""
+    lo, hi = meta["sm_clock_mhz_timed"]
+    held = meta.get("held_below_clocks_s")
+    held = "" if held is None else ", held below its clocks " + ", ".join(f"{v:.1f} s by {k}" for k, v in held.items())
+    return (f" SM clock while timing {lo}-{hi} MHz, up to {meta['temperature_c_max']} C, slowdowns seen: "
+            f"{', '.join(meta['slowdowns_seen']) or 'none'}{held}.")
+
+
 def run_metadata(device: torch.device) -> dict:
     return {
         **device_facts(device),
+        **(CONDITIONS.facts() if device.type == "cuda" else {}),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": ssam_kernels.backend_info()["triton"],
@@ -137,6 +229,7 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
     _sync(device)
     times: dict[Hashable, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
+        first = True
         for name, fn in fns.items():
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -147,6 +240,9 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
                 start.record()
                 fn()
                 end.record()
+                if first:  # (host time outside the events; the GPU still runs the call)
+                    CONDITIONS.sample(device)
+                    first = False
                 end.synchronize()
                 times[name].append(start.elapsed_time(end) / 1e3)
             else:
@@ -305,7 +401,8 @@ def report(name: str, title: str, rows: list[dict], columns, device: torch.devic
     label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
     legend = f"{LEGENDS[name]}\n\n" if name in LEGENDS else ""
     md = (f"# {title}{label}\n\n{meta['device']}{note}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {meta['commit']}, {meta['date']}.{runs_note(rows)}\n\n{legend}{markdown_table(rows, columns)}\n")
+          f"commit {meta['commit']}, {meta['date']}.{describe_conditions(meta)}{runs_note(rows)}\n\n{legend}"
+          f"{markdown_table(rows, columns)}\n")
     print(md)
     if target:
         print("wrote", *write_results(name, meta, rows, md, target))

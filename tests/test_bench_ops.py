@@ -1,5 +1,8 @@
 """The op benchmarks run end to end (tiny sizes) and report what they claim to."""
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -138,3 +141,68 @@ def test_ascent_linear_rows_time_the_fastest_gemm_beside_dense(monkeypatch):
         assert row["config"] == kept.label() and row["fastest_config"] == fastest.label()
         assert row["fastest_speedup"] > 0 and row["speedup"] > 0 and row["speedup_total"] > 0
         assert f"{fastest.label()} 1.67x" in row["configs"]
+
+
+class _FakeNVML:
+    """A stand-in pynvml: the readings a run would see, in order, and violation counters."""
+    nvmlClocksEventReasonGpuIdle = 0x1
+    NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 0, 0
+    NVML_PERF_POLICY_POWER, NVML_PERF_POLICY_THERMAL = 0, 1
+
+    def __init__(self, readings, violations=None, fail=None):
+        self.readings, self.violations, self.fail, self.now = list(readings), violations, fail, None
+
+    def nvmlInit(self):
+        if self.fail:
+            raise RuntimeError(self.fail)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+        self.now = self.readings.pop(0)
+        return self.now[0]
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        return self.now[1]
+
+    def nvmlDeviceGetTemperature(self, handle, kind):
+        return self.now[2]
+
+    def nvmlDeviceGetViolationStatus(self, handle, policy):
+        if self.violations is None:
+            raise RuntimeError("not supported")
+        return types.SimpleNamespace(violationTime=self.violations[policy].pop(0))
+
+
+def test_run_conditions_keep_loaded_clocks_slowdowns_and_throttled_time(monkeypatch):
+    """Readings of an idle GPU are left out; slowdown reasons accumulate; the violation counters
+    count from the first reading; no NVML is said, not raised; a CPU device reads nothing."""
+    gpu = torch.device("cuda", 0)
+    nvml = _FakeNVML([(0x0, 1980, 50), (0x1, 345, 40), (0x4, 1755, 66), (0x20 | 0x2, 1830, 61)],
+                     violations={0: [10**9, 3 * 10**9 + 5 * 10**8], 1: [0, 0]})
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    run = common.RunConditions()
+    for _ in range(4):
+        run.sample(gpu)
+    run.sample(torch.device("cpu"))
+    facts = run.facts()
+    assert facts["sm_clock_mhz_timed"] == [1755, 1980] and facts["temperature_c_max"] == 66
+    assert facts["slowdowns_seen"] == ["sw power cap", "sw thermal"]
+    assert facts["held_below_clocks_s"] == {"power": 2.5, "thermal": 0.0}
+    described = common.describe_conditions(facts)
+    assert "1755-1980 MHz" in described and "2.5 s by power" in described and "sw power cap, sw thermal" in described
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML([(0x0, 1500, 40)]))  # no violation counters
+    run = common.RunConditions()
+    run.sample(gpu)
+    assert run.facts() == {"sm_clock_mhz_timed": [1500, 1500], "temperature_c_max": 40, "slowdowns_seen": []}
+    assert common.describe_conditions(run.facts()).endswith("slowdowns seen: none.")
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML([], fail="NVML Shared Library Not Found"))
+    run = common.RunConditions()
+    run.sample(gpu)
+    run.sample(gpu)  # (tried once)
+    assert run.facts() == {"conditions_error": "RuntimeError: NVML Shared Library Not Found"}
+    assert "not read" in common.describe_conditions(run.facts())
+    assert common.RunConditions().facts() == {} and common.describe_conditions({}) == ""

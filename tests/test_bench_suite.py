@@ -12,7 +12,7 @@ from helpers import assert_tensors_equal
 
 import ssam
 from ssam.models import DigitsMLP
-from ssam_bench import bench_budget, bench_masks, bench_overhead, bench_step, cli, update_readme
+from ssam_bench import bench_budget, bench_masks, bench_overhead, bench_step, cli, common, update_readme
 from ssam_kernels import ASCENT_MODES
 
 pytestmark = pytest.mark.cpu
@@ -370,7 +370,7 @@ def test_overhead_baselines_compute_our_step():
                       **bench_overhead.SGD)
     masks = [m.float() for m in ours.masks()]
     official = bench_overhead.OfficialSSAM(copies[0], masks, torch.optim.SGD(copies[0], **bench_overhead.SGD))
-    foreach_base = torch.optim.SGD(copies[1], foreach=True, **bench_overhead.SGD)
+    foreach_base = common.baseline_sgd(copies[1], **bench_overhead.SGD)  # the foreach row's, as timed
     for _ in range(2):
         ours.first_step()
         ours.second_step()
@@ -381,6 +381,29 @@ def test_overhead_baselines_compute_our_step():
         torch.testing.assert_close(a, p, rtol=1e-6, atol=1e-7)  # official w -= e may differ by an ulp
         torch.testing.assert_close(b, p, rtol=1e-6, atol=1e-7)
         assert not torch.equal(p, p.grad)  # sanity: a step happened on real data
+
+
+def test_sgd_baselines_are_torchs_fused_sgd(monkeypatch):
+    """The step and overhead tables compare against torch's fastest SGD (SAM's second step fuses
+    its update: a foreach baseline would count that difference as ours): every SGD the
+    benchmarks build but the official loop's is fused=True."""
+    built = []
+    init = torch.optim.SGD.__init__
+
+    def recording_init(self, params, *args, **kwargs):
+        init(self, params, *args, **kwargs)
+        built.append(self.defaults)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", recording_init)
+    model = torch.nn.Linear(3, 2)
+    opt = bench_step.build_optimizer(bench_step.Contender("sgd"), model, bench_step.QUICK_WORKLOADS["tiny_gpt"], CPU, 4)
+    assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
+    built.clear()
+    rows = bench_overhead.bench_list("tiny", [torch.Size([5, 3]), torch.Size([5])], CPU, reps=1)
+    # SAM's and SSAM-D's bases (our fused step replaces theirs), the official loop's default SGD,
+    # and the foreach rows' two and SGD alone: fused
+    assert sum(d["fused"] is True for d in built) == 3 and not any(d["foreach"] for d in built)
+    assert {r["sgd_baseline"] for r in rows} == {common.SGD_BASELINE}
 
 
 def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
@@ -398,6 +421,8 @@ def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["meta"]["kind"] == "cpu"
         assert {"device", "torch", "triton", "commit", "date"} <= set(data["meta"])
+        if name in ("step", "overhead"):
+            assert data["meta"]["sgd_baseline"] == common.SGD_BASELINE
         assert "(CPU run: not a GPU figure)" in (tmp_path / f"{name}.md").read_text()
     assert (tmp_path / "step.png").stat().st_size > 0 and (tmp_path / "ops.png").stat().st_size > 0
 
