@@ -263,3 +263,21 @@ def test_the_constructor_loss_fn_sets_the_fisher_of_step_mask_updates():
     assert_tensors_equal(explicit.masks(), ref.masks())
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         make(loss_fn="mse")
+
+
+def test_batches_behind_only_getitem_are_taken_as_iter_takes_them(gen):
+    """An object with only ``__getitem__`` (Python's old sequence protocol, which ``iter()``
+    and a for loop take) gives its batches: the same mask as the list of them."""
+    model, opt, data = _setup(gen)
+
+    class Batches:  # no __iter__, no __len__: indexed until IndexError
+        def __getitem__(self, i):
+            if i >= 2:
+                raise IndexError(i)
+            return data.tensors[0][8 * i:8 * i + 8], data.tensors[1][8 * i:8 * i + 8]
+
+    opt.update_mask(model, Batches())
+    by_object = [m.clone() for m in opt.masks()]
+    opt.update_mask(model, [Batches()[0], Batches()[1]])
+    assert_tensors_equal(by_object, list(opt.masks()))
+    assert 0 < opt.mask_density() < 1

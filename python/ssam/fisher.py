@@ -120,7 +120,8 @@ def check_data(data) -> None:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         raise TypeError("data is one (x, y) pair of tensors; pass an iterable of (x, y) batches, e.g. [(x, y)], or "
                         "a Dataset (torch.utils.data.TensorDataset(x, y))")
-    if not isinstance(data, collections.abc.Iterable):
+    # (an object with only __getitem__ is iterable too: Python's old sequence protocol, as iter() takes it)
+    if not isinstance(data, collections.abc.Iterable) and not hasattr(type(data), "__getitem__"):
         raise TypeError(f"data must be a Dataset or an iterable of (x, y) batches, got {type(data).__name__}")
 
 
