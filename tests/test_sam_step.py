@@ -16,7 +16,7 @@ from helpers import (BACKENDS_WITH_EXT, RecordOps, assert_tensors_equal, backend
 import ssam
 from ssam_kernels import SAMStepPlan, SGDGroup, _host_loops
 from ssam_kernels.ops.bitmask import pack_mask
-from ssam_kernels.ops.sam_step import PlanMismatch, storage_order
+from ssam_kernels.ops.sam_step import PlanMismatch, plan_backend, storage_order
 
 EPS = 1e-7
 # 1 element, odd 2-D, one block short, two blocks and a tail, channels_last 4-D, 0 elements
@@ -400,6 +400,51 @@ def test_sam_steps_gradients_of_another_dtype_off_the_plan(monkeypatch):
     monkeypatch.setenv("SSAM_BACKEND", "torch")
     _, want = run()
     assert_tensors_equal(got, want)
+
+
+@pytest.mark.cpu
+def test_plans_refused_step_after_step_are_made_less_and_less_often(monkeypatch):
+    """Gradients of another dtype under ``grad_dtype=None`` (set by hand, as a framework may):
+    each plan is refused at its first step. The next is made after 1, 2, 4 ... steps on the
+    per-list ops (it was made at every step: a plan's cost a step), and the steps equal the
+    reference backend's."""
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("this torch has no Tensor.grad_dtype: a gradient always has its parameter's dtype")
+    if plan_backend("auto", torch.device("cpu")) in (None, "torch"):
+        pytest.skip("no planned step on CPU without the extension's CPU kernels")
+    made = []
+    init = SAMStepPlan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        for p in model.parameters():
+            p.grad_dtype = None  # any dtype
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+
+        def backward():
+            model(x).square().mean().backward()
+            for p in model.parameters():
+                p.grad = p.grad.double()
+
+        for _ in range(20):
+            opt.zero_grad()
+            backward()
+            opt.first_step(zero_grad=True)
+            backward()
+            opt.second_step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    monkeypatch.setattr(SAMStepPlan, "__init__", counting_init)
+    got = run()
+    assert len(made) == 5  # at steps 1, 2, 4, 7 and 12 (the next at 21)
+    monkeypatch.setenv("SSAM_BACKEND", "torch")
+    assert_tensors_equal(got, run())
 
 
 @pytest.mark.parametrize("host_loops", [True, False], ids=["C", "python"])

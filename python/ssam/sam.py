@@ -277,6 +277,9 @@ class SAM(torch.optim.Optimizer):
         self._plan_made = False
         self._captured_plans: list[SAMStepPlan] = []  # replaced plans a CUDA graph captured: kept for it
         self._plan_adaptive = False  # whether a group was adaptive when the plan (or its absence) was decided
+        # plans refused (PlanMismatch) before completing a step, in a row; steps to run on the
+        # per-list ops before the next plan; whole steps the current plan has completed
+        self._plan_refusals = self._plan_wait = self._plan_steps = 0
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._skips_unplanned = None  # and by steps over the per-list ops (device)
         # the base optimizer's state the plan's momentum buffers were taken from: (its state
@@ -463,7 +466,7 @@ class SAM(torch.optim.Optimizer):
             try:
                 grads = plan.grad_addresses()
             except PlanMismatch:
-                self._invalidate_plan()
+                self._plan_refused()
                 plan = None
             except RuntimeError:  # a gradient without storage to address (a sparse one): said below
                 self._check_strided_grads()
@@ -475,7 +478,7 @@ class SAM(torch.optim.Optimizer):
             try:
                 plan.perturb([_ascent_rho(g) for g in self.param_groups], grads=grads)
             except PlanMismatch:  # a mask's bits written in place: nothing perturbed; the per-list ops read them
-                self._invalidate_plan()
+                self._plan_refused()
                 plan = None
             except BaseException:  # (nothing perturbed) the scaler's unscale_ above is undone by an update
                 if scaler is not None:
@@ -586,7 +589,7 @@ class SAM(torch.optim.Optimizer):
                 try:
                     self._planned_sgd_step(pending.plan, sgd)
                 except PlanMismatch:  # a gradient laid out unlike its parameter: the unfused step below
-                    self._invalidate_plan()
+                    self._plan_refused()
                     fuse = False
             elif fuse:
                 left = list(pending)
@@ -596,6 +599,8 @@ class SAM(torch.optim.Optimizer):
                 left = None
                 self._plan_buffers_synced = None  # torch's SGD may make or replace momentum buffers
                 self.base_optimizer.step()
+            if isinstance(pending, _Planned) and pending.plan is self._plan:  # (not refused above)
+                self._plan_steps += 1
         except BaseException:
             if left is not None:
                 self._restore(left)
@@ -731,6 +736,10 @@ class SAM(torch.optim.Optimizer):
         if self._plan_made and adaptive == self._plan_adaptive:
             return self._plan
         self._invalidate_plan()
+        if self._plan_wait:  # plans refused in a row: the per-list ops a while (see _plan_refused)
+            self._plan_wait -= 1
+            return None
+        self._plan_steps = 0
         self._plan_made, self._plan_adaptive = True, adaptive
         params = [p for g in self.param_groups for p in g["params"]]
         shared = overlapping_pair(params)  # (weight tying by two Parameter objects over one tensor)
@@ -753,6 +762,16 @@ class SAM(torch.optim.Optimizer):
         except ValueError:  # a parameter that no permutation makes contiguous
             return None
         return self._plan
+
+    def _plan_refused(self) -> None:
+        """The plan refused a step (``PlanMismatch``: something it rests on changed): made anew
+        for a later one. Where plans are refused before they complete a step, again and again
+        (a gradient the plan cannot read that stays so, e.g. of another dtype under
+        ``grad_dtype=None``), the next is made after 1, 2, 4 ... up to 256 steps on the per-list
+        ops: a lasting mismatch costs a plan now and then, not one a step."""
+        self._plan_refusals = self._plan_refusals + 1 if self._plan_steps == 0 else 1
+        self._plan_wait = 0 if self._plan_refusals == 1 else min(2 ** (self._plan_refusals - 2), 256)
+        self._invalidate_plan()
 
     def _invalidate_plan(self) -> None:
         """Something the plan rests on changed (parameters, masks, state): make it anew at the
@@ -947,6 +966,7 @@ class SAM(torch.optim.Optimizer):
         state = {k: v for k, v in self.__dict__.items()
                  if not (k.startswith("_optimizer_") and k.endswith("_hooks")) and not callable(getattr(cls, k, None))}
         state.update(_plan=None, _plan_made=False, _plan_buffers_synced=None, _captured_plans=[],
+                     _plan_refusals=0, _plan_wait=0, _plan_steps=0,
                      _sgd_checked=None, _sgd_values=None, _skips_unplanned=None,
                      _skips_before=torch.tensor(self.skipped_steps()))  # (one host sync: not per step)
         return state  # (torch's __setstate__ makes the hooks' dicts anew and wraps step)
