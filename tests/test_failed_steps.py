@@ -219,14 +219,15 @@ def _make(kind, params, **kwargs):
 @pytest.mark.cpu
 @pytest.mark.parametrize("kind", ["SAM", "SSAMF", "SSAMD"])
 @pytest.mark.parametrize("group, error, message", [
-    pytest.param(lambda p: {"params": [p], "rho": -1.0}, ValueError, r"rho must be a finite number >= 0, got -1\.0",
+    pytest.param(lambda p: {"params": [p], "rho": -1.0}, ValueError,
+                 r"param_group\['rho'\] must be a finite number >= 0, got -1\.0",
                  id="bad rho"),
     pytest.param(lambda p: {"params": [torch.zeros(3, dtype=torch.long)]}, TypeError,
                  r"param_groups\[1\]\['params'\]\[0\] \(shape \(3,\)\) is torch\.int64: SAM perturbs floating-point",
                  id="integer tensor"),
     pytest.param(lambda p: {"params": [torch.zeros(3, device="meta")]}, ValueError,
                  r"param_groups\[1\]\['params'\]\[0\] \(shape \(3,\)\) is on the meta device", id="meta tensor"),
-    pytest.param(lambda p: {"params": [p], "adaptive": 1}, TypeError, "adaptive must be a bool, got int",
+    pytest.param(lambda p: {"params": [p], "adaptive": 1}, TypeError, r"param_group\['adaptive'\] must be a bool, got int",
                  id="adaptive not a bool"),
     pytest.param(lambda p: {"params": {p}}, TypeError,
                  r"param_group\['params'\] must be a tensor or an ordered collection of tensors", id="a set"),

@@ -317,9 +317,7 @@ class SAM(torch.optim.Optimizer):
                 raise TypeError("param_group['params'] must be all tensors or all (name, tensor) pairs")
             group["param_names"] = [name for name, _ in group["params"]]
             group["params"] = [p for _, p in group["params"]]
-        _check_rho(group.get("rho", self.defaults["rho"]))
-        if not isinstance(group.get("adaptive", False), bool):
-            raise TypeError(f"adaptive must be a bool, got {type(group['adaptive']).__name__}")
+        _check_group("param_group", {key: group.get(key, self.defaults[key]) for key in ("rho", "adaptive")})
         _check_params([group], first=len(self.param_groups))
         return group
 
