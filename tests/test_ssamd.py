@@ -91,18 +91,36 @@ def test_zero_drop_rate_keeps_the_mask(gen):
 
 @pytest.mark.parametrize("structure", ["2:4", "1:4", "3:4", "2:4:out"])
 def test_nm_structure_kept_through_updates(structure, gen):
+    """Every full group keeps exactly N; the entries of highest |gradient| among the perturbed
+    ones (the global top live - drop, the drop rule) all survive; and a group refills from its
+    unperturbed entries before it takes back one it dropped."""
     n, m = map(int, structure.split(":")[:2])
     model, opt = _setup(structure=structure, sparsity=None, drop_rate=1.0)
+
+    def groups(t, p):  # (rows, groups, M): the full groups of t laid out as p's mask groups run
+        rows = t.reshape(p.shape[0], -1) if p.dim() > 1 else t.reshape(1, -1)
+        if structure.endswith(":out") and p.dim() > 1:
+            rows = rows.t()  # groups run along the output dim
+        return rows[:, : rows.shape[1] // m * m].reshape(rows.shape[0], -1, m)
+
     for epoch in range(3):
         _backward(model, gen)
-        before = opt.masks()
+        params = list(model.parameters())
+        before = [mk.clone() for mk in opt.masks()]
+        score = [p.grad.abs() for p in params]
+        live = sum(int(mk.sum()) for mk in before)
+        drop = min(int(opt.death_rate(epoch) * live), sum(mk.numel() for mk in before) - live)
+        kept_scores = torch.cat([s[mk] for s, mk in zip(score, before)])
+        # the lowest survivor's score (none survive where all are dropped)
+        threshold = kept_scores.topk(live - drop).values.min() if live > drop else torch.tensor(float("inf"))
         opt.update_mask(epoch)
-        for p, prev in zip(model.parameters(), opt.masks()):
-            rows = opt.get_mask(p).reshape(p.shape[0], -1) if p.dim() > 1 else opt.get_mask(p).reshape(1, -1)
-            if structure.endswith(":out") and p.dim() > 1:
-                rows = rows.t()  # groups run along the output dim
-            full = rows[:, : rows.shape[1] // m * m].reshape(rows.shape[0], -1, m)
-            assert bool((full.sum(-1) == n).all())
+        for p, old, new, s in zip(params, before, opt.masks(), score):
+            assert bool(new[old & (s > threshold)].all())  # survivors (ties at the threshold may go)
+            old_g, new_g, s_g = groups(old, p), groups(new, p), groups(s, p)
+            assert bool((new_g.sum(-1) == n).all())
+            took_back_dropped = (new_g & old_g & (s_g < threshold)).any(-1)
+            all_free_taken = (new_g | old_g).all(-1)
+            assert bool(all_free_taken[took_back_dropped].all())
         changed = sum(int((a != b).sum()) for a, b in zip(before, opt.masks()))
         assert changed > 0
 

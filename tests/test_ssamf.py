@@ -83,9 +83,17 @@ def test_nm_structure(gen):
     fisher = empirical_fisher(model, list(model.parameters()), data, 16, generator=torch.Generator().manual_seed(1))
     for p, f in zip(model.parameters(), fisher):
         mask = opt.get_mask(p)
-        rows = mask.reshape(p.shape[0], -1) if p.dim() > 1 else mask.reshape(1, -1)
-        full = rows[:, : rows.shape[1] // 4 * 4].reshape(rows.shape[0], -1, 4)
+
+        def groups(t):  # the full groups of 4 along each row of the reduction dims
+            rows = t.reshape(p.shape[0], -1) if p.dim() > 1 else t.reshape(1, -1)
+            return rows[:, : rows.shape[1] // 4 * 4].reshape(rows.shape[0], -1, 4)
+
+        full, scores = groups(mask), groups(f)
         assert bool((full.sum(-1) == 2).all())
+        # each group keeps its 2 highest Fisher scores (ties either way)
+        kept_min = torch.where(full, scores, torch.full_like(scores, float("inf"))).amin(-1)
+        dropped_max = torch.where(full, torch.full_like(scores, -float("inf")), scores).amax(-1)
+        assert bool((kept_min >= dropped_max).all())
     # conv weight: reduction dim 2*3*3 = 18 -> 4 full groups + a trailing pair (kept whole)
     conv_rows = opt.get_mask(model.conv.weight).reshape(6, 18)
     assert bool(conv_rows[:, 16:].all())
