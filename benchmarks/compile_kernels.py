@@ -531,7 +531,21 @@ def main(argv=None) -> int:
     p.add_argument("--md", metavar="FILE", help="write the table here, from this report and the --merge reports")
     p.add_argument("--merge", action="append", default=[], metavar="FILE",
                    help="another report (JSON, e.g. from another triton version) to put in the table")
+    p.add_argument("--table-only", action="store_true",
+                   help="compile nothing: write --md from the --merge reports (e.g. the compile tier's, kept with "
+                        "SSAM_COMPILE_REPORT, one per triton version)")
     args = p.parse_args(argv)
+    if args.table_only:
+        if not args.md or not args.merge:
+            p.error("--table-only writes --md FILE from --merge reports: give both")
+        reports = []
+        for path in args.merge:
+            with open(path) as f:
+                reports.append(json.load(f))
+        with open(args.md, "w") as f:
+            f.write(markdown(reports))
+        print(f"wrote {args.md} from {len(reports)} reports")
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled; unset it")
 
