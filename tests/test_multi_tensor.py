@@ -3,7 +3,7 @@ hit), bounded, never evicted once a CUDA graph capture uses them, and never stal
 
 import pytest
 import torch
-from helpers import assert_tensors_equal, needs_ext, needs_interpreter, rand, rand_mask
+from helpers import assert_tensors_equal, interpreter_fma_is_fused, needs_ext, needs_interpreter, rand, rand_mask
 
 from ssam_kernels import (BitMask, grad_norm, pack_mask, packed_nbytes, perturb_, restore_, restore_sgd_step_,
                           topk_mask)
@@ -167,10 +167,13 @@ def test_results_stay_right_over_repeated_calls(persistent, gen):
         with torch.no_grad():
             backup = perturb_(ws, gs, entries, 0.3, backend="triton")
             bufs = restore_sgd_step_(ws, g2, bufs, backup, backend="triton", **hyper)
+        # bit for bit: a fused multiply-add where the reference's torch ops have one (within two
+        # ulps where triton 3.6's interpreter rounds tl.fma's product)
+        tol = 0 if interpreter_fma_is_fused() else 2 * torch.finfo(torch.float32).eps
         for w, r in zip(ws, ref_w):
-            torch.testing.assert_close(w, r, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(w, r, rtol=tol, atol=2 * tol)
         for b, r in zip(bufs, ref_bufs):
-            torch.testing.assert_close(b, r, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(b, r, rtol=tol, atol=2 * tol)
         assert [m.tolist() for m in topk_mask(g2, k=k, backend="triton")] == [m.tolist() for m in ref_topk]
 
         numels = [w.numel() for w in ws]
