@@ -147,9 +147,12 @@ def test_three_backends_agree_in_the_optimizer(gen, monkeypatch):
             F.cross_entropy(model(x), y).backward()
             opt.step(make_closure(model, x, y, F.cross_entropy), epoch=epoch, batch_idx=0)
         results[backend] = [p.detach().clone() for p in model.parameters()]
+    # three steps of fp32 math whose norms sum in another order per backend: a few ulps apart
+    assert len(results) >= 2
     for backend, params in results.items():
-        for a, b in zip(params, results["torch"]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=backend)
+        if backend != "torch":
+            for a, b in zip(params, results["torch"]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=backend)
 
 
 def _triton_on_cpu():

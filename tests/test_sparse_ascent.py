@@ -207,7 +207,7 @@ def test_exact_convolution_leaves_torch_to_refuse_what_torch_refuses(gen):
     with sparse_ascent({w: _scattered_rows_mask(w, gen)}, "exact"):
         with pytest.raises(RuntimeError, match="same.*strided"):
             F.conv2d(x, w, None, 2, "same")
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="Invalid padding string: 'full'"):
             F.conv2d(x, w, None, 1, "full")
 
 
