@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# cuBLAS's GEMMs repeat their bits only with a fixed workspace (the cuda tier's deterministic
+# algorithms, below); read when its first handle is made, so set before any test runs
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 TIERS = ("cpu", "interpret", "compile", "cuda")
 
@@ -66,18 +70,23 @@ def pytest_collection_modifyitems(config, items):
 def _exact_cuda_math(request):
     """In the cuda tier, fp32 on the device means fp32: no TF32 (cuDNN's default for
     convolutions rounds their inputs to 10 bits, against CPU results compared at 1e-4), and
-    cuDNN's deterministic algorithms (tests replay a run and compare the bits)."""
+    deterministic algorithms (tests replay a run and compare the bits): cuDNN's, and torch's
+    wherever it has one, with a warning naming any op that has none (so a replay that differs
+    says which op did; an error would stop tests that compare no bits)."""
     if request.node.get_closest_marker("cuda") is None:
         yield
         return
     flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"), \
         (torch.backends.cudnn, "deterministic")
     saved = [getattr(obj, name) for obj, name in flags]
+    saved_algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     for (obj, name), value in zip(flags, (False, False, True)):
         setattr(obj, name, value)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     for (obj, name), value in zip(flags, saved):
         setattr(obj, name, value)
+    torch.use_deterministic_algorithms(saved_algorithms[0], warn_only=saved_algorithms[1])
 
 
 @pytest.fixture
