@@ -21,12 +21,11 @@ optimizer memory per parameter (mask + backup) is reported beside the official 8
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from ssam_bench.common import OUT_HELP, copy_bandwidth, interleaved_medians, native_backends, quick_out, report
+from ssam_bench.common import copy_bandwidth, interleaved_medians, native_backends, own_table_main
 
 import ssam_kernels as sk
 from ssam.models import resnet18_cifar, resnet50, vit_base
@@ -168,17 +167,8 @@ MERGE_ON = ("params", "dtype")  # a run of some lists keeps this device's rows o
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"only {QUICK}, fewer repetitions")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help=OUT_HELP)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    args.out = quick_out(args.quick, args.out, device)
-    rows, meta, note = run(args, device)
-    report("perturb", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note, merge_on=MERGE_ON)
-    return 0
+    return own_table_main("perturb", __doc__, TITLE, COLUMNS, add_arguments, run, argv,
+                          quick_help=f"only {QUICK}, fewer repetitions", merge_on=MERGE_ON)
 
 
 if __name__ == "__main__":

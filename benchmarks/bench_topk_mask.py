@@ -11,12 +11,11 @@ a ResNet-50-like list of tensors scaled to the requested total.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from ssam_bench.common import OUT_HELP, interleaved_medians, quick_out, report
+from ssam_bench.common import interleaved_medians, own_table_main
 
 import ssam_kernels as sk
 from ssam_bench.bench_perturb import PARAM_LISTS
@@ -73,17 +72,8 @@ TITLE = "Global top-k mask"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1M scores, few repetitions")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help=OUT_HELP)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    args.out = quick_out(args.quick, args.out, device)
-    rows, meta, note = run(args, device)
-    report("topk_mask", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note)
-    return 0
+    return own_table_main("topk_mask", __doc__, TITLE, COLUMNS, add_arguments, run, argv,
+                          quick_help="1M scores, few repetitions")
 
 
 if __name__ == "__main__":

@@ -432,6 +432,17 @@ def standalone_main(doc: str, add_arguments, run, write, argv=None, quick_help: 
     return 0
 
 
+def own_table_main(name: str, doc: str, title: str, columns, add_arguments, run, argv=None,
+                   quick_help: str = "tiny sizes, few repetitions", merge_on=None) -> int:
+    """:func:`standalone_main` of a benchmark with its own table (``ssam-bench ops`` runs it
+    too), whose ``run(args, device)`` returns ``(rows, meta, note)``."""
+    def write(result, device, out):
+        rows, meta, note = result
+        return report(name, title, rows, columns, device, out, meta_extra=meta, note=note, merge_on=merge_on)
+
+    return standalone_main(doc, add_arguments, run, write, argv, quick_help=quick_help)
+
+
 def with_progress(items: list, progress_factory, desc: str):
     """Iterate ``items``, ticking a progress bar from ``progress_factory`` (None: no bar)."""
     if progress_factory is None:
