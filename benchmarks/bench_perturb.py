@@ -11,7 +11,9 @@ medium list) at mask density 0.5, one cycle ``grad_norm -> perturb_ -> restore_`
 * ``official``: the official code's per-parameter loop (``e = g * scale * mask``, ``p += e``,
   ``p -= e``, float mask and float ``e`` per parameter).
 
-Effective bandwidth counts the bytes the cycle must move (see ``required_bytes``) and is
+Effective bandwidth counts the bytes the cycle must move (see ``required_bytes``: the weights'
+writes at kept entries count the 32-byte sectors they touch, as the memory moves them; rows
+measured before 2026-12-07 counted the entries alone, up to half those bytes) and is
 reported as a fraction of the device's copy bandwidth measured in the same run. The extra
 optimizer memory per parameter (mask + backup) is reported beside the official 8 B (fp32).
 
@@ -55,11 +57,30 @@ PARAM_LISTS = {
 QUICK = ["mlp-1M", "resnet18"]
 
 
-def required_bytes(numel: int, kept: int, w_size: int, g_size: int) -> int:
-    """norm: read g. perturb: read w, g, bits; write w and the backup at kept entries.
-    restore: read bits and the backup; write w at kept entries."""
+SECTOR = 32  # bytes: the unit a GPU's memory system reads and writes (an L2 sector)
+
+
+def written_sectors(masks: list[torch.Tensor], w_size: int) -> int:
+    """The 32-byte sectors of the weights that hold a kept entry (each tensor starting on a
+    sector, as the caching allocator places them): what writing the kept entries in place
+    moves. A scattered mask at density 0.5 touches nearly every sector of fp32 weights (all but
+    0.5^8 of them), so the entries alone would count half the bytes the writes move."""
+    per = SECTOR // w_size
+    total = 0
+    for m in masks:
+        flat = m.reshape(-1)
+        flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)])
+        total += int(flat.view(-1, per).any(1).sum())
+    return total
+
+
+def required_bytes(numel: int, kept: int, w_size: int, g_size: int, sectors: int) -> int:
+    """norm: read g. perturb: read w, g, bits; write the ``sectors`` of w holding kept entries
+    (:func:`written_sectors`) and the compact backup. restore: read bits and the backup; write
+    those sectors of w again."""
     bits = (numel + 7) // 8
-    return numel * g_size + (numel * (w_size + g_size) + bits + 2 * kept * w_size) + (bits + 2 * kept * w_size)
+    w_writes, backup = sectors * SECTOR, kept * w_size
+    return numel * g_size + (numel * (w_size + g_size) + bits + w_writes + backup) + (bits + backup + w_writes)
 
 
 def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
@@ -121,7 +142,7 @@ def bench_list(name: str, shapes, device, dtype, reps: int) -> list[dict]:
     numel = sum(p.numel() for p in params)
     kept = sum(m.count_int() for m in bit_masks)
     size = params[0].element_size()
-    nbytes = required_bytes(numel, kept, size, size)
+    nbytes = required_bytes(numel, kept, size, size, written_sectors(bool_masks, size))
     ours_mem = (sum(m.bits.numel() for m in bit_masks) + kept * size) / numel
     return [
         dict(params=name, numel=numel, tensors=len(shapes), dtype=str(dtype).split(".")[-1], impl=impl,
@@ -157,6 +178,7 @@ def run(args, device) -> tuple[list[dict], dict, str]:
     for name in names:
         for row in bench_list(name, PARAM_LISTS[name](), device, dtype, reps):
             row["copy_fraction"] = row["gbps"] * 1e9 / ceiling
+            row["weight_writes_counted"] = "32-byte sectors"  # (rows without it counted kept entries)
             rows.append(row)
     return (rows, dict(copy_bandwidth_gbps=ceiling / 1e9, mask_density=DENSITY),
             f", copy bandwidth {ceiling / 1e9:.0f} GB/s measured in this run")

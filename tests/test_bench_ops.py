@@ -12,8 +12,19 @@ pytestmark = pytest.mark.cpu
 
 
 def test_required_bytes():
-    # 16 fp32 params, 8 kept: norm 64 + perturb (128 + 2 + 64) + restore (2 + 64)
-    assert bench_perturb.required_bytes(16, 8, 4, 4) == 64 + 194 + 66
+    # 16 fp32 params, 8 kept in 2 sectors: norm 64 + perturb (128 + 2 + 64 + 32) + restore (2 + 32 + 64)
+    assert bench_perturb.required_bytes(16, 8, 4, 4, sectors=2) == 64 + 226 + 98
+
+
+def test_written_sectors_count_the_32_byte_sectors_holding_a_kept_entry():
+    one_per_sector = torch.zeros(80, dtype=torch.bool)
+    one_per_sector[::8] = True  # fp32: 8 to a sector, 10 sectors
+    assert bench_perturb.written_sectors([one_per_sector], 4) == 10
+    assert bench_perturb.written_sectors([one_per_sector], 2) == 5  # bf16: 16 to a sector
+    assert bench_perturb.written_sectors([torch.ones(3, 9, dtype=torch.bool)], 4) == 4  # 27 entries: a partial tail
+    tail_only = torch.zeros(17, dtype=torch.bool)
+    tail_only[16] = True
+    assert bench_perturb.written_sectors([tail_only, torch.zeros(5, dtype=torch.bool)], 4) == 1
 
 
 def test_bench_perturb_quick_cpu_is_labelled_and_not_written(capsys):
