@@ -108,3 +108,19 @@ def fused_sgd_everywhere(monkeypatch):
     import ssam
 
     monkeypatch.setattr(ssam.SAM, "_fast_fused_sgd", staticmethod(lambda device: True))
+
+
+@pytest.fixture
+def poison_triton(request):
+    """For a test parametrized by ``backend``: ``with poison_triton(): out = op(...,
+    backend=backend)`` runs the block under ``poisoned_allocations`` where the backend is
+    "triton" (its launchers allocate their outputs in Python), and leaves it alone for the
+    others (the reference builds its results from whole-tensor ops; the extension allocates in
+    C++)."""
+    import helpers  # (not at the top: it reads TRITON_INTERPRET, which this file sets first)
+
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if "backend" not in params:
+        raise pytest.UsageError(f"poison_triton needs a test parametrized by backend: {request.node.nodeid}")
+    return lambda: helpers.poisoned_allocations(params["backend"] == "triton")
+

@@ -1,6 +1,7 @@
 """Shared test helpers: odd sizes, random tensors per dtype, small models."""
 
 import collections
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -280,3 +281,61 @@ def assert_tensors_equal(got, want, what: str = "tensors") -> None:
             detail += f", largest |difference| {float((a.double() - b.double()).abs().nan_to_num(float('inf')).max()):.3g}"
         raise AssertionError(f"{what}[{i}]: {detail}")
 
+
+
+# --- poisoned allocations ---------------------------------------------------------------------
+# The Triton launchers allocate their outputs with torch.empty / torch.empty_like and rely on
+# their kernels to write every element. A fresh CPU allocation often comes back zeroed, and zeros
+# (or False) are most of the right answers of a mask or a sparse result: a kernel that skipped
+# storing them would pass. Under ``poisoned_allocations`` those allocations come back filled
+# with values no kernel writes by accident, so an element left unwritten fails the comparison.
+POISON_BYTE = 0x5A  # integer dtypes: this byte everywhere (int8 0x5A, int16 0x5A5A, ...)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh allocation in place: NaN (floating and complex), True (bool), ``POISON_BYTE``
+    in every byte (integer dtypes: neither 0 nor 1, nor a valid bool where a launcher views an
+    int8 buffer as bool). The whole storage is filled through a flat view, so any strides
+    (gaps, overlaps) work; tensors with no bytes, meta tensors and non-strided layouts are left
+    alone."""
+    if t.layout != torch.strided or t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
+        return t
+    with torch.no_grad():
+        flat = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+        if t.dtype == torch.bool:
+            flat.fill_(True)
+        elif t.is_floating_point() or t.is_complex():
+            flat.fill_(float("nan"))
+        else:
+            flat.view(torch.uint8).fill_(POISON_BYTE)
+    return t
+
+
+def _poisoning(allocate):
+    def poisoned(*args, **kwargs):
+        out = allocate(*args, **kwargs)
+        # with out=, the memory is the caller's (it may share a storage): left as it is
+        return out if kwargs.get("out") is not None else poison_(out)
+
+    return poisoned
+
+
+# patched on the torch module and the Tensor class: the ops modules call them through these
+_ALLOCATORS = [(torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty"),
+               (torch.Tensor, "new_empty_strided")]
+
+
+@contextlib.contextmanager
+def poisoned_allocations(active: bool = True):
+    """Within the block, ``torch.empty``, ``torch.empty_like``, ``torch.empty_strided`` and
+    ``Tensor.new_empty(_strided)`` called from Python return poisoned memory (``poison_``);
+    nothing changes where ``active`` is false. Allocations made in C++ (the extension, torch's
+    own ops) are not affected. Compute a test's expected values outside the block where they
+    come from Python code that allocates this way."""
+    if not active:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, name in _ALLOCATORS:
+            mp.setattr(owner, name, _poisoning(getattr(owner, name)))
+        yield
