@@ -5,7 +5,8 @@ steps on the CPU with the reference backend.
 The device run gets the CPU run's masks (a Fisher score tie may order otherwise on another
 device, and SSAM-D's random masks come from the device's generator): the recipes test the
 steps, not the mask choice. SSAM-D's drop/grow update is compared on the device between
-``auto`` and the reference backend (same generator, so the same masks, bit for bit).
+``auto`` and the reference backend, each update from the same weights, masks and generator
+state, so the same masks, bit for bit.
 Tolerances: fp32 runs differ by summation order only (TF32 off); autocast runs by the rounding
 of the low-precision products, so their weight updates are compared by norm, to a few units of
 the dtype's epsilon.
@@ -138,7 +139,8 @@ def _train(device, backend, monkeypatch, kind, mode, gen_state, *, dtype=torch.f
 
 
 def _pair(monkeypatch, gen, kind, mode, **kw):
-    """The CPU reference run, then the device run with its masks."""
+    """The CPU reference run, then the device run with its masks (``_train``'s steps pass no
+    epoch: no mask update, so the masks it returns are the ones the run started with)."""
     state = gen.get_state()
     ref = _train(torch.device("cpu"), "torch", monkeypatch, kind, mode, state, **kw)
     dev = _train(DEVICE, "auto", monkeypatch, kind, mode, state, masks=ref[2], **kw)
@@ -153,7 +155,9 @@ def _assert_updates_close(ref, dev, rel):
     d0 = torch.cat([(a - b).flatten() for a, b in zip(a0, b0)])
     d1 = torch.cat([(a - b).flatten() for a, b in zip(a1, b1)])
     assert torch.isfinite(d1).all() and d0.norm() > 0
-    assert (d1 - d0).norm() <= rel * d0.norm(), f"{float((d1 - d0).norm() / d0.norm()):.3g} > {rel}"
+    ratio = float((d1 - d0).norm() / d0.norm())
+    print(f"|update difference| / |update|: {ratio:.3g} (bound {rel:.3g})")  # (-rP shows it: to set the bound)
+    assert ratio <= rel, f"{ratio:.3g} > {rel}"
 
 
 FP32_CONFIGS = [("SAM", "dense", "unstructured"), ("SSAMF", "dense", "unstructured"),
@@ -168,8 +172,6 @@ def test_fp32_steps_match_the_cpu_reference(kind, mode, structure, monkeypatch, 
     ref, dev = _pair(monkeypatch, gen, kind, mode, structure=structure)
     for a, b in zip(ref[1], dev[1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    if ref[2] is not None:
-        assert_tensors_equal(ref[2], dev[2])
 
 
 CAPTURED_CONFIGS = [("SAM", "dense", "unstructured", 1.0), ("SSAMF", "exact", "unstructured", 1.0),
@@ -211,8 +213,10 @@ def test_mvue_modes_train_and_replay(mode, monkeypatch, gen):
 @pytest.mark.parametrize(("kind", "mode"), [("SAM", "dense"), ("SSAMF", "exact"), ("SSAMD", "dense")])
 def test_autocast_steps_match_the_cpu_reference(kind, mode, dtype, rel, monkeypatch, gen):
     """Autocast on both devices (fp16 with a GradScaler): the weights stay fp32, and the updates
-    agree to 16 epsilons of the dtype (2^-4 bf16, 2^-7 fp16) by norm: every product rounds to
-    the dtype on each device, in another order."""
+    agree to 8 epsilons of the dtype by norm (bf16: 2^-4 = 8 * 2^-7; fp16: 2^-7 = 8 * 2^-10):
+    every product rounds to the dtype on each device, in another order. The bound is an estimate,
+    not yet measured on a GPU: re-derive it from the first GPU run's ratios (each test prints
+    its ratio: ``pytest -rP``)."""
     ref, dev = _pair(monkeypatch, gen, kind, mode, dtype=dtype, scaler=dtype == torch.float16)
     assert all(p.dtype == torch.float32 for p in dev[1])
     _assert_updates_close(ref, dev, rel)
@@ -225,7 +229,7 @@ def test_grad_scaler_skips_a_step_with_nan_in_either_pass(kind, mode, bad_pass, 
     the step, weights bit for bit as before it, and halves the scale."""
     monkeypatch.delenv("SSAM_BACKEND", raising=False)
     x, y = _batch(gen)
-    torch.manual_seed(0)
+    torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))  # fresh weights, replayable
     model = Net().to(DEVICE)
     x, y = x.to(DEVICE), y.to(DEVICE)
     opt = _optimizer(kind, mode, model, x, y)
@@ -300,26 +304,41 @@ def test_resume_continues_bit_for_bit(monkeypatch, gen, tmp_path):
 
 
 def test_ssamd_drop_grow_updates_match_the_reference_backend(monkeypatch, gen):
-    """SSAM-D's update on the device (random growth from the device's generator): ``auto`` and
-    the reference backend keep the same masks bit for bit through three updates, at the
-    requested density, and close weights."""
+    """SSAM-D's update on the device (drop the lowest |grad|, grow at random from the device's
+    generator): ``auto`` and the reference backend make the same masks bit for bit at each of
+    three updates, at the requested density, and close weights.
+
+    A step leaves the two runs' weights ulps apart (the kernels sum the norm in another order),
+    and the next gradient with them: a drop score within rounding of the threshold could then
+    rank otherwise and flip an entry. So each ``auto`` step starts from the reference run's
+    weights before that step (copied in): its gradient at ``w``, the drop score, is then the
+    reference's bit for bit (same device and autograd kernels, TF32 off, deterministic cuDNN;
+    BatchNorm's running statistics do not enter a training-mode forward), the masks going in are
+    equal (the previous update's, compared) and the generators, seeded alike, have drawn alike:
+    what is compared is the update itself, given the same inputs. The weights after the last
+    step differ by summation order (the norm, and the momentum buffers of the earlier steps)."""
     state = gen.get_state()
     runs = []
     for backend in ("torch", "auto"):
         model, x, y = _setup(DEVICE, backend, monkeypatch, state)
         opt = _optimizer("SSAMD", "dense", model, x, y)
-        masks = []
+        starts, masks = [], []
         for epoch in range(3):
+            if runs:  # the reference run's weights before this step (see the docstring)
+                with torch.no_grad():
+                    for p, w in zip(model.parameters(), runs[0][0][epoch]):
+                        p.copy_(w)
+            starts.append([p.detach().clone() for p in model.parameters()])
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step(_closure(model, opt, x, y, torch.float32, None), epoch=epoch, batch_idx=0)
             masks.append([m.cpu() for m in opt.masks()])
             assert abs(opt.mask_density() - 0.5) < 0.01
-        runs.append(([p.detach().cpu() for p in model.parameters()], masks))
-    assert opt.mask_updates >= 2
-    for m0, m1 in zip(runs[0][1], runs[1][1]):
-        assert_tensors_equal(m0, m1)
-    for a, b in zip(runs[0][0], runs[1][0]):
+        assert opt.mask_updates == 3
+        runs.append((starts, masks, [p.detach().cpu() for p in model.parameters()]))
+    for epoch, (m0, m1) in enumerate(zip(runs[0][1], runs[1][1])):
+        assert_tensors_equal(m1, m0, f"masks after the update at epoch {epoch}")
+    for a, b in zip(runs[0][2], runs[1][2]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
@@ -342,7 +361,7 @@ def test_the_fisher_on_the_device_is_the_cpu_one_from_per_layer_gradients(monkey
     chosen = []
     methods = ssam.fisher._methods
     monkeypatch.setattr(ssam.fisher, "_methods", lambda *args: chosen.append(methods(*args)) or chosen[-1])
-    torch.manual_seed(0)
+    torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))  # fresh weights, replayable
     model = Net()
     x, y = _batch(gen, 24)
     ref = ssam.fisher.empirical_fisher(model, list(model.parameters()), [(x, y)], 24, chunk_size=16)
