@@ -961,14 +961,18 @@ def test_a_plan_made_on_one_stream_steps_on_another(backend):
     torch.cuda.current_stream().wait_stream(side)
     assert_tensors_equal(dev, eager)
     assert_tensors_equal([b for b in plan.buffers if b is not None], [b for b in reference.buffers if b is not None])
-    sizes = [part.backup.numel() for part in plan._impl.parts] + [plan._impl.partial.numel()]
+    written = [part.backup for part in plan._impl.parts] + [plan._impl.partial]
+    sizes = [t.numel() for t in written]
+    held = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in written]
     with torch.cuda.stream(side):
         torch.cuda._sleep(2_000_000_000)  # the side stream busy for ~1 s: the perturb below queued behind
         plan.perturb([0.05])
-    del plan
+    del plan, written
     gc.collect()  # (the plan and its kernel side refer to each other)
     junk = [torch.full((n,), -1.0, device="cuda") for n in sizes for _ in range(4)]
+    reused = [j for j in junk if any(start <= j.data_ptr() < start + n for start, n in held)]
     torch.cuda.synchronize()
+    assert not reused, "a dropped plan's memory was handed out while its stream's step still ran"
     assert all(bool((j == -1).all()) for j in junk), "a dropped plan's memory was reused under its stream's step"
 
 
