@@ -407,7 +407,8 @@ def test_plans_refused_step_after_step_are_made_less_and_less_often(monkeypatch)
     """Gradients of another dtype under ``grad_dtype=None`` (set by hand, as a framework may):
     each plan is refused at its first step. The next is made after 1, 2, 4 ... steps on the
     per-list ops (it was made at every step: a plan's cost a step), and the steps equal the
-    reference backend's."""
+    reference backend's. A change that may remove the cause (masks, parameters, state) ends the
+    wait."""
     if not hasattr(torch.Tensor, "grad_dtype"):
         pytest.skip("this torch has no Tensor.grad_dtype: a gradient always has its parameter's dtype")
     if plan_backend("auto", torch.device("cpu")) in (None, "torch"):
@@ -432,19 +433,29 @@ def test_plans_refused_step_after_step_are_made_less_and_less_often(monkeypatch)
             for p in model.parameters():
                 p.grad = p.grad.double()
 
-        for _ in range(20):
+        for _ in range(15):
             opt.zero_grad()
             backward()
             opt.first_step(zero_grad=True)
             backward()
             opt.second_step()
-        return [p.detach().clone() for p in model.parameters()]
+        return opt, [p.detach().clone() for p in model.parameters()]
 
     monkeypatch.setattr(SAMStepPlan, "__init__", counting_init)
-    got = run()
+    opt, got = run()
     assert len(made) == 5  # at steps 1, 2, 4, 7 and 12 (the next at 21)
+    assert opt._plan_wait == 5
+    # a change that may remove the cause (here a state_dict loaded) ends the wait: the next
+    # step plans, and with gradients of the parameters' dtype the plan takes it
+    opt.load_state_dict(opt.state_dict())
+    model_params = [p for g in opt.param_groups for p in g["params"]]
+    for p in model_params:
+        p.grad = torch.ones_like(p)
+    opt.first_step(zero_grad=False)
+    opt.second_step()
+    assert len(made) == 6 and opt._plan is not None and opt._plan_steps == 1
     monkeypatch.setenv("SSAM_BACKEND", "torch")
-    assert_tensors_equal(got, run())
+    assert_tensors_equal(got, run()[1])
 
 
 @pytest.mark.parametrize("host_loops", [True, False], ids=["C", "python"])

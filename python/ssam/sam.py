@@ -238,6 +238,11 @@ class SAM(torch.optim.Optimizer):
     skip the step where either pass has an inf/NaN gradient, and call ``scaler.update()``.
     """
 
+    # plans refused (PlanMismatch) before completing a step, in a row; steps to run on the
+    # per-list ops before the next plan; whole steps the current plan has completed (class
+    # defaults: an optimizer pickled before they existed steps too)
+    _plan_refusals = _plan_wait = _plan_steps = 0
+
     def __init__(self, params: Iterable, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
                  fuse_sgd: bool = True, ascent_fraction: float = 1.0, **base_kwargs):
         rho = _check_rho(rho)
@@ -277,9 +282,6 @@ class SAM(torch.optim.Optimizer):
         self._plan_made = False
         self._captured_plans: list[SAMStepPlan] = []  # replaced plans a CUDA graph captured: kept for it
         self._plan_adaptive = False  # whether a group was adaptive when the plan (or its absence) was decided
-        # plans refused (PlanMismatch) before completing a step, in a row; steps to run on the
-        # per-list ops before the next plan; whole steps the current plan has completed
-        self._plan_refusals = self._plan_wait = self._plan_steps = 0
         self._skips_before = None  # skipped steps counted by plans made before this one (device)
         self._skips_unplanned = None  # and by steps over the per-list ops (device)
         # the base optimizer's state the plan's momentum buffers were taken from: (its state
@@ -733,8 +735,10 @@ class SAM(torch.optim.Optimizer):
         adaptive = any(g["adaptive"] for g in self.param_groups)  # (may be set through param_groups)
         if self._plan_made and adaptive == self._plan_adaptive:
             return self._plan
-        self._invalidate_plan()
-        if self._plan_wait:  # plans refused in a row: the per-list ops a while (see _plan_refused)
+        self._invalidate_plan(backoff=True)
+        # plans refused in a row: the per-list ops a while (see _plan_refused); not into a CUDA
+        # graph, which would replay the per-list ops for good
+        if self._plan_wait and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             self._plan_wait -= 1
             return None
         self._plan_steps = 0
@@ -767,13 +771,17 @@ class SAM(torch.optim.Optimizer):
         (a gradient the plan cannot read that stays so, e.g. of another dtype under
         ``grad_dtype=None``), the next is made after 1, 2, 4 ... up to 256 steps on the per-list
         ops: a lasting mismatch costs a plan now and then, not one a step."""
-        self._plan_refusals = self._plan_refusals + 1 if self._plan_steps == 0 else 1
-        self._plan_wait = 0 if self._plan_refusals == 1 else min(2 ** (self._plan_refusals - 2), 256)
-        self._invalidate_plan()
+        refusals = self._plan_refusals + 1 if self._plan_steps == 0 else 1
+        self._invalidate_plan(backoff=True)
+        self._plan_refusals, self._plan_wait = refusals, 0 if refusals == 1 else min(2 ** (refusals - 2), 256)
 
-    def _invalidate_plan(self) -> None:
+    def _invalidate_plan(self, backoff: bool = False) -> None:
         """Something the plan rests on changed (parameters, masks, state): make it anew at the
-        next step (its count of skipped steps carried over, on the device)."""
+        next step (its count of skipped steps carried over, on the device). Unless ``backoff``
+        (a refusal, or the plan's own remaking), the refusals' count and wait start over: the
+        change may have removed their cause."""
+        if not backoff:
+            self._plan_refusals = self._plan_wait = 0
         if self._plan is not None:
             if self._plan.captured:
                 # a CUDA graph replays its kernels, which read the plan's tables and buffers:
