@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from ssam_bench.common import OUT_HELP, interleaved_medians, matmul_ceiling, quick_out, report, results_dir
+from ssam_bench.common import CONDITIONS, OUT_HELP, interleaved_medians, matmul_ceiling, quick_out, report, results_dir
 
 import ssam_kernels as sk
 from ssam_kernels.sparse_gemm import (compress, cslt_mm, cusparselt_unsupported, planned_unavailable, tune, tuned_config,
@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.out = quick_out(args.quick, args.out, device)
+    CONDITIONS.reset()
 
     def checkpoint(rows, meta):  # written as it goes: a run stopped by a time limit keeps its rows
         with contextlib.redirect_stdout(io.StringIO()):

@@ -34,7 +34,7 @@ import ssam
 from ssam_kernels._backend import ENV_VAR
 from ssam_kernels.ops.sam_step import plan_backend
 from ssam_bench.bench_step import QUICK_WORKLOADS, WORKLOADS
-from ssam_bench.common import SGD_BASELINE, baseline_sgd, interleaved_medians, report, standalone_main, with_progress
+from ssam_bench.common import SGD_BASELINE, SGD_BASELINE_ROW, baseline_sgd, interleaved_medians, report, standalone_main, with_progress
 
 DENSITY = 0.5
 RHO = 0.05
@@ -158,7 +158,7 @@ def bench_list(name: str, shapes, device, reps: int) -> list[dict]:
                          beyond_sgd_vs_foreach=(t - sgd) / (foreach - sgd)
                          if impl.startswith("ours") and foreach is not None and foreach > sgd else None,
                          x_official=times[("SSAM", "official")] / t if opt == "SSAM" else None,
-                         x_foreach=foreach / t if foreach is not None else None, sgd_baseline=SGD_BASELINE))
+                         x_foreach=foreach / t if foreach is not None else None, sgd_baseline=SGD_BASELINE_ROW))
     return rows
 
 
@@ -166,7 +166,7 @@ COLUMNS = [("params", "param list", ""), ("numel", "params", ",d"), ("tensors", 
            ("optimizer", "optimizer", ""), ("impl", "impl", ""), ("backend", "plan", ""),
            ("median_ms", "median ms", ".3f"),
            ("over_sgd_ms", "ms beyond SGD", ".3f"), ("beyond_sgd_vs_foreach", "beyond SGD vs foreach", ".2f"),
-           ("x_official", "x official", ".1f"), ("x_foreach", "x foreach", ".2f")]
+           ("x_official", "x official", ".1f"), ("x_foreach", "x foreach", ".2f"), ("sgd_baseline", "SGD", "")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

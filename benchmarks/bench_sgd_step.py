@@ -1,5 +1,6 @@
 """``restore_sgd_step_`` (restore ``w`` from the compact backup fused with SGD's momentum
-update), per backend, beside the unfused ``restore_`` + ``torch._foreach_*`` SGD.
+update), per backend, beside the unfused ``restore_`` + ``torch.optim.SGD(fused=True)``, torch's
+fastest SGD (its own fused kernel).
 
 Minimal traffic: read ``w``, ``g``, the momentum buffer, the mask bits and the kept backup
 values; write ``w`` and the buffer. Mask density 0.5, momentum 0.9, weight decay 5e-4.
@@ -16,7 +17,7 @@ import torch
 
 import ssam_kernels as sk
 from ssam_bench.bench_perturb import PARAM_LISTS
-from ssam_bench.common import native_backends
+from ssam_bench.common import baseline_sgd, native_backends
 from ssam_bench.opbench import Case, dtype_name, op_main
 
 LISTS = ["resnet50", "vit-b"]
@@ -35,16 +36,17 @@ def _case(name: str, device, dtype, gen) -> Case:
     def fused(backend):
         return lambda: sk.restore_sgd_step_(params, grads, bufs, backup, backend=backend, **HYPER)
 
+    for p, g in zip(params, grads):
+        p.grad = g
+    sgd = baseline_sgd(params, **HYPER)  # (its own momentum buffers, made at its first step)
+
     def unfused():
         sk.restore_(params, backup)
-        d = torch._foreach_add(grads, params, alpha=HYPER["weight_decay"])
-        torch._foreach_mul_(bufs, HYPER["momentum"])
-        torch._foreach_add_(bufs, d)
-        torch._foreach_add_(params, bufs, alpha=-HYPER["lr"])
+        sgd.step()
 
     impls = {b: fused(b) for b in native_backends(
         device, lambda b: sk.restore_sgd_step_(params[:1], grads[:1], bufs[:1], _first(backup), backend=b, **HYPER))}
-    impls["restore_ + foreach SGD"] = unfused
+    impls["restore_ + SGD(fused=True)"] = unfused
     numel = sum(p.numel() for p in params)
     size = params[0].element_size()
     kept = sum(m.count_int() for m in masks)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ssam import train
 from ssam_bench import bench_masks, bench_overhead, bench_sam_step, bench_step, plots
-from ssam_bench.common import OUT_HELP, markdown_table, quick_out, report, results_dir
+from ssam_bench.common import CONDITIONS, OUT_HELP, markdown_table, quick_out, report, results_dir
 from ssam_bench.opbench import COLUMNS as OP_COLUMNS
 from ssam_bench.opbench import Ceilings, run_cases
 
@@ -79,6 +79,7 @@ def run_own_tables(args, device, bar) -> list[dict]:
         if name not in (getattr(args, "skip", None) or ()):
             module = importlib.import_module(f"ssam_bench.bench_{name}")
             sub = argparse.Namespace(quick=args.quick, lists=None, dtype="float32", scores=None)
+            CONDITIONS.reset()
             own_rows, meta, note = module.run(sub, device)
             report(name, module.TITLE, own_rows, module.COLUMNS, device, args.out, meta_extra=meta, note=note,
                    merge_on=getattr(module, "MERGE_ON", None))
@@ -88,6 +89,7 @@ def run_own_tables(args, device, bar) -> list[dict]:
 
 
 def run_subcommand(name: str, args, device, progress_factory) -> list[dict]:
+    CONDITIONS.reset()  # each table's metadata: the GPU's clocks while its own calls ran
     if name == "ops":
         return run_ops(args, device, progress_factory)
     module = {"step": bench_step, "overhead": bench_overhead, "masks": bench_masks}[name]

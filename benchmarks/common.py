@@ -49,6 +49,7 @@ def device_facts(device: torch.device) -> dict:
 
 
 SGD_BASELINE = "torch.optim.SGD(fused=True)"
+SGD_BASELINE_ROW = "fused"  # its name in a table's SGD column (rows measured before it: "-", foreach=True)
 
 
 def baseline_sgd(params, **hyper) -> torch.optim.SGD:
@@ -66,18 +67,35 @@ SLOWDOWNS = {"sw power cap": 0x4, "hw slowdown": 0x8, "sw thermal": 0x20, "hw th
 
 
 class RunConditions:
-    """What the GPU's clocks did while this process timed, for the run's metadata: two runs
+    """What the GPU's clocks did while a table's calls were timed, for its metadata: two runs
     that disagree may differ in clocks, not in code. Read from NVML (nvidia-ml-py) once per
-    timed round, while the round's calls still run on the GPU (a reading of an idle GPU is
-    left out), and from NVML's power and thermal violation counters, which count the time the
-    GPU was held below its clocks since the first reading."""
+    timed round, while one of the round's calls runs on the GPU (a different call each round; a
+    reading of an idle GPU is left out), with NVML's power and thermal violation counters (the
+    time the GPU was held below its clocks) taken at the first and the last reading.
+    :meth:`reset` starts a table's record (each benchmark's run calls it)."""
 
     def __init__(self):
+        self._nvml = self._handle = None
+        self.error: str | None = None  # NVML could not be opened: no readings at all
+        self.reset()
+
+    def reset(self) -> None:
         self.clocks_mhz: list[int] = []
         self.temperature_c: list[int] = []
         self.reasons = 0
-        self.error: str | None = None
-        self._nvml = self._handle = self._violations = None
+        self.read_error: str | None = None  # a reading that failed (the others stand)
+        self._violations_first = self._violations_last = None
+
+    def _open(self, device: torch.device) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:  # by UUID: torch's index counts CUDA_VISIBLE_DEVICES' GPUs, NVML's all of them
+            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(device).uuid}")
+        except Exception:
+            handle = None
+        self._nvml = pynvml
+        self._handle = handle if handle is not None else pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
 
     def _violation_ns(self) -> dict[str, int] | None:
         nvml = self._nvml
@@ -91,34 +109,43 @@ class RunConditions:
     def sample(self, device: torch.device) -> None:
         if device.type != "cuda" or self.error is not None:
             return
-        try:
-            if self._handle is None:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-                self._violations = self._violation_ns()
-            nvml, handle = self._nvml, self._handle
-            reasons = nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
-            if reasons & nvml.nvmlClocksEventReasonGpuIdle:  # the round ended before the reading
+        if self._handle is None:
+            try:
+                self._open(device)
+            except Exception as exc:  # no NVML: said in the metadata, the timing goes on
+                self.error = f"{type(exc).__name__}: {exc}"
                 return
-            self.reasons |= reasons
-            self.clocks_mhz.append(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))
-            self.temperature_c.append(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
-        except Exception as exc:  # no NVML: said in the metadata, the timing goes on
-            self.error = f"{type(exc).__name__}: {exc}"
+        nvml, handle = self._nvml, self._handle
+        try:
+            reasons = nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
+            if reasons & nvml.nvmlClocksEventReasonGpuIdle:  # the call ended before the reading
+                return
+            clock = nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)
+            temperature = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        except Exception as exc:
+            self.read_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.reasons |= reasons
+        self.clocks_mhz.append(clock)
+        self.temperature_c.append(temperature)
+        violations = self._violation_ns()
+        if violations is not None:
+            self._violations_first = self._violations_first or violations
+            self._violations_last = violations
 
     def facts(self) -> dict:
         if self.error is not None:
             return {"conditions_error": self.error}
-        if not self.clocks_mhz:
-            return {}
-        out = {"sm_clock_mhz_timed": [min(self.clocks_mhz), max(self.clocks_mhz)],
-               "temperature_c_max": max(self.temperature_c),
-               "slowdowns_seen": [name for name, bit in SLOWDOWNS.items() if self.reasons & bit]}
-        now = self._violation_ns() if self._violations is not None else None
-        if now is not None:
-            out["held_below_clocks_s"] = {k: (now[k] - self._violations[k]) / 1e9 for k in now}
+        out = {}
+        if self.clocks_mhz:
+            out.update(sm_clock_mhz_timed=[min(self.clocks_mhz), max(self.clocks_mhz)],
+                       temperature_c_max=max(self.temperature_c),
+                       slowdowns_seen=[name for name, bit in SLOWDOWNS.items() if self.reasons & bit])
+        first, last = self._violations_first, self._violations_last
+        if first is not None:
+            out["held_below_clocks_s"] = {k: (last[k] - first[k]) / 1e9 for k in first}
+        if self.read_error is not None:
+            out["conditions_read_error"] = self.read_error
         return out
 
 
@@ -134,7 +161,8 @@ def describe_conditions(meta: dict) -> str:
         return ""
     lo, hi = meta["sm_clock_mhz_timed"]
     held = meta.get("held_below_clocks_s")
-    held = "" if held is None else ", held below its clocks " + ", ".join(f"{v:.1f} s by {k}" for k, v in held.items())
+    held = "" if held is None else ", held below its clocks between the first and last readings " + ", ".join(
+        f"{v:.1f} s by {k}" for k, v in held.items())
     return (f" SM clock while timing {lo}-{hi} MHz, up to {meta['temperature_c_max']} C, slowdowns seen: "
             f"{', '.join(meta['slowdowns_seen']) or 'none'}{held}.")
 
@@ -228,9 +256,9 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
             fn()
     _sync(device)
     times: dict[Hashable, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        first = True
-        for name, fn in fns.items():
+    for r in range(reps):
+        sampled = r % len(fns)  # the call whose run the clocks are read during, a different one each round
+        for i, (name, fn) in enumerate(fns.items()):
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 if flush is not None:
@@ -240,9 +268,10 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
                 start.record()
                 fn()
                 end.record()
-                if first:  # (host time outside the events; the GPU still runs the call)
+                if i == sampled:  # (host time outside the events, while the GPU runs the call)
+                    if busy:
+                        start.synchronize()  # past the spin: the call itself runs now
                     CONDITIONS.sample(device)
-                    first = False
                 end.synchronize()
                 times[name].append(start.elapsed_time(end) / 1e3)
             else:
@@ -343,13 +372,16 @@ LEGENDS = {
     "step": "step / SGD: median step time over an SGD step's, timed in the same loop (lower is better; SAM costs "
             "about 2x); IQR: the interquartile range of that ratio taken round by round (its noise: differences "
             "below it are not measured differences); counted FLOPs / SGD: FlopCounterMode over one step; paper FLOPs / SGD: the paper's column; "
-            "peak GiB: the contender's peak memory (lower is better).",
+            "peak GiB: the contender's peak memory (lower is better); SGD: the SGD compared with (fused: "
+            "torch.optim.SGD(fused=True); -: foreach=True, rows measured before 2026-12-07).",
     "overhead": "median ms: first_step + second_step with gradients present, no forward/backward; ms beyond SGD: "
                 "that minus SGD alone (lower is better); beyond SGD vs foreach: that over the same optimizer's "
                 "torch._foreach_* version's (lower is better; issue 22's target is at most 0.5); x official, "
                 "x foreach: how many times faster than the official SSAM loop and the torch._foreach_* version "
                 "of the same optimizer (above 1: ours is faster); ours triton / ours ext: the step pinned to "
-                "that kernel backend; plan: the backend the step's plan runs on (list ops: no plan).",
+                "that kernel backend; plan: the backend the step's plan runs on (list ops: no plan); SGD: SGD "
+                "alone's and the foreach rows' (fused: torch.optim.SGD(fused=True); -: foreach=True, rows measured "
+                "before 2026-12-07).",
     "masks": "official ms, ours ms: one mask update (lower is better); x official: official / ours (higher is "
              "better); ≥ 20x: whether the 20x target is met.",
     "perturb": "median ms: grad_norm + perturb_ + restore_ once (lower is better); GB/s: the bytes the cycle must "
@@ -424,6 +456,7 @@ def standalone_main(doc: str, add_arguments, run, write, argv=None, quick_help: 
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.out = quick_out(args.quick, args.out, device)
+    CONDITIONS.reset()
     try:
         rows = run(args, device)
     except ValueError as exc:  # bad option values: a message, not a traceback

@@ -155,13 +155,15 @@ def test_ascent_linear_rows_time_the_fastest_gemm_beside_dense(monkeypatch):
 
 
 class _FakeNVML:
-    """A stand-in pynvml: the readings a run would see, in order, and violation counters."""
+    """A stand-in pynvml: the readings a run would see, in order (a None reading raises), and
+    violation counters that grow by ``step`` ns a reading."""
     nvmlClocksEventReasonGpuIdle = 0x1
     NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 0, 0
     NVML_PERF_POLICY_POWER, NVML_PERF_POLICY_THERMAL = 0, 1
 
-    def __init__(self, readings, violations=None, fail=None):
-        self.readings, self.violations, self.fail, self.now = list(readings), violations, fail, None
+    def __init__(self, readings, step=None, fail=None):
+        self.readings, self.step, self.fail, self.now = list(readings), step, fail, None
+        self.counters = [0, 0]
 
     def nvmlInit(self):
         if self.fail:
@@ -172,6 +174,8 @@ class _FakeNVML:
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
         self.now = self.readings.pop(0)
+        if self.now is None:
+            raise RuntimeError("GPU is lost")
         return self.now[0]
 
     def nvmlDeviceGetClockInfo(self, handle, kind):
@@ -181,28 +185,38 @@ class _FakeNVML:
         return self.now[2]
 
     def nvmlDeviceGetViolationStatus(self, handle, policy):
-        if self.violations is None:
+        if self.step is None:
             raise RuntimeError("not supported")
-        return types.SimpleNamespace(violationTime=self.violations[policy].pop(0))
+        self.counters[policy] += self.step[policy]
+        return types.SimpleNamespace(violationTime=self.counters[policy])
 
 
 def test_run_conditions_keep_loaded_clocks_slowdowns_and_throttled_time(monkeypatch):
     """Readings of an idle GPU are left out; slowdown reasons accumulate; the violation counters
-    count from the first reading; no NVML is said, not raised; a CPU device reads nothing."""
+    count from the first reading to the last; a failed reading keeps the others; reset starts a
+    new table's record; no NVML is said, not raised; a CPU device reads nothing."""
     gpu = torch.device("cuda", 0)
-    nvml = _FakeNVML([(0x0, 1980, 50), (0x1, 345, 40), (0x4, 1755, 66), (0x20 | 0x2, 1830, 61)],
-                     violations={0: [10**9, 3 * 10**9 + 5 * 10**8], 1: [0, 0]})
+    nvml = _FakeNVML([(0x0, 1980, 50), (0x1, 345, 40), (0x4, 1755, 66), None, (0x20 | 0x2, 1830, 61)],
+                     step=(5 * 10**8, 0))
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     run = common.RunConditions()
-    for _ in range(4):
+    for _ in range(5):
         run.sample(gpu)
     run.sample(torch.device("cpu"))
     facts = run.facts()
     assert facts["sm_clock_mhz_timed"] == [1755, 1980] and facts["temperature_c_max"] == 66
     assert facts["slowdowns_seen"] == ["sw power cap", "sw thermal"]
-    assert facts["held_below_clocks_s"] == {"power": 2.5, "thermal": 0.0}
+    # three loaded readings, 0.5 s of power violation counted between each
+    assert facts["held_below_clocks_s"] == {"power": 1.0, "thermal": 0.0}
+    assert facts["conditions_read_error"] == "RuntimeError: GPU is lost"
     described = common.describe_conditions(facts)
-    assert "1755-1980 MHz" in described and "2.5 s by power" in described and "sw power cap, sw thermal" in described
+    assert "1755-1980 MHz" in described and "1.0 s by power" in described and "sw power cap, sw thermal" in described
+
+    run.reset()  # the next table: its own readings only
+    nvml.readings = [(0x0, 1410, 45)]
+    run.sample(gpu)
+    assert run.facts() == {"sm_clock_mhz_timed": [1410, 1410], "temperature_c_max": 45, "slowdowns_seen": [],
+                           "held_below_clocks_s": {"power": 0.0, "thermal": 0.0}}
 
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML([(0x0, 1500, 40)]))  # no violation counters
     run = common.RunConditions()

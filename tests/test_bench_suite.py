@@ -343,7 +343,9 @@ def test_quick_runs_on_a_gpu_never_write_into_the_results_folder(monkeypatch):
     def own_main(module):
         def main(argv, outs):
             monkeypatch.setattr(module, "run", lambda args, device, *a: ([], {}, ""))
-            monkeypatch.setattr(module, "report", lambda *a, **k: outs.append(a[5]))
+            report = lambda *a, **k: outs.append(a[5])  # noqa: E731
+            monkeypatch.setattr(module, "report", report, raising=False)  # (its own main's, or
+            monkeypatch.setattr(common, "report", report)  # common.own_table_main's)
             monkeypatch.setattr(module, "results_dir", lambda device, out: out, raising=False)
             module.main(argv + ["--device", "cuda"])
         return main
@@ -403,7 +405,7 @@ def test_sgd_baselines_are_torchs_fused_sgd(monkeypatch):
     # SAM's and SSAM-D's bases (our fused step replaces theirs), the official loop's default SGD,
     # and the foreach rows' two and SGD alone: fused
     assert sum(d["fused"] is True for d in built) == 3 and not any(d["foreach"] for d in built)
-    assert {r["sgd_baseline"] for r in rows} == {common.SGD_BASELINE}
+    assert {r["sgd_baseline"] for r in rows} == {common.SGD_BASELINE_ROW}
 
 
 def test_cli_quick_runs_everything_off_gpu(tmp_path, capsys):
