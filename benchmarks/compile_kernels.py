@@ -538,6 +538,10 @@ def main(argv=None) -> int:
     if args.table_only:
         if not args.md or not args.merge:
             p.error("--table-only writes --md FILE from --merge reports: give both")
+        compiling = [f"--{name.replace('_', '-')}" for name in ("launches", "no_sweep", "only", "json")
+                     if getattr(args, name)]
+        if compiling:
+            p.error(f"--table-only compiles nothing: {', '.join(compiling)} would do nothing")
         reports = []
         for path in args.merge:
             with open(path) as f:

@@ -72,15 +72,19 @@ def _exact_cuda_math(request):
     convolutions rounds their inputs to 10 bits, against CPU results compared at 1e-4), and
     deterministic algorithms (tests replay a run and compare the bits): cuDNN's, and torch's
     wherever it has one, with a warning naming any op that has none (so a replay that differs
-    says which op did; an error would stop tests that compare no bits)."""
+    says which op did; an error would stop tests that compare no bits); with them, torch fills
+    its fresh allocations (torch.empty) with NaN, which poisons what a kernel leaves unwritten.
+    fp16/bf16 GEMMs reduce in fp32 (cuBLAS may otherwise round split-K partial sums to the
+    inputs' dtype), so a low-precision result is rounded once, as the tests' bounds assume."""
     if request.node.get_closest_marker("cuda") is None:
         yield
         return
-    flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"), \
-        (torch.backends.cudnn, "deterministic")
+    matmul = torch.backends.cuda.matmul
+    flags = (torch.backends.cudnn, "allow_tf32"), (matmul, "allow_tf32"), (torch.backends.cudnn, "deterministic"), \
+        (matmul, "allow_fp16_reduced_precision_reduction"), (matmul, "allow_bf16_reduced_precision_reduction")
     saved = [getattr(obj, name) for obj, name in flags]
     saved_algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    for (obj, name), value in zip(flags, (False, False, True)):
+    for (obj, name), value in zip(flags, (False, False, True, False, False)):
         setattr(obj, name, value)
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield

@@ -837,3 +837,27 @@ def test_plot_of_a_folder_without_results_fails(tmp_path):
     why = "no step.json or ops.json" if plots.have_matplotlib() else "matplotlib is not installed"
     with pytest.raises(SystemExit, match=why):
         cli.main(["plot", str(tmp_path)])
+
+
+def test_compile_table_is_written_from_the_tiers_reports(tmp_path):
+    """``compile_kernels --table-only`` writes the committed table from the compile tier's
+    reports (one per triton version), compiling nothing; options that would compile are refused."""
+    from ssam_bench import compile_kernels
+
+    row = dict(kernel="_k_kernel", config="float32 BLOCK=1024", target="sm_90", regs=32, spill_stores=0,
+               spill_loads=0, shared=0, loads={"16": 2}, stores={"16": 1}, mma=None, uses_dot=False)
+    paths = []
+    for version in ("3.9.0", "3.6.0"):
+        report = dict(triton=version, torch="2.13.0", commit="abc1234", launches=1, recorded=1, seconds=1.0, jobs=2,
+                      not_compiled=[], rows=[row])
+        paths.append(tmp_path / f"r{version}.json")
+        paths[-1].write_text(json.dumps(report))
+    md = tmp_path / "compile.md"
+    assert compile_kernels.main(["--table-only", "--merge", str(paths[0]), "--merge", str(paths[1]),
+                                 "--md", str(md)]) == 0
+    text = md.read_text()
+    assert "## triton 3.9.0" in text and "## triton 3.6.0" in text
+    assert text.count("| _k_kernel | float32 BLOCK=1024 | sm_90 | 32 | 0/0 | 0 | 16B×2 | 16B×1 | - |") == 2
+    with pytest.raises(SystemExit) as exit_info:
+        compile_kernels.main(["--table-only", "--merge", str(paths[0]), "--md", str(md), "--json", str(tmp_path / "j")])
+    assert exit_info.value.code == 2
