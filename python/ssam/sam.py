@@ -34,11 +34,8 @@ def _check_group(where: str, group: dict) -> None:
     for key in ("rho", "adaptive"):
         if key not in group:
             raise ValueError(f"{where} has no {key!r}")
-    rho, adaptive = group["rho"], group["adaptive"]
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"{where}['rho'] must be a real number, got {type(rho).__name__}")
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"{where}['rho'] must be a finite number >= 0, got {rho!r}")
+    _check_rho(group["rho"], f"{where}['rho']")
+    adaptive = group["adaptive"]
     if not isinstance(adaptive, bool):
         raise TypeError(f"{where}['adaptive'] must be a bool, got {type(adaptive).__name__}")
 
@@ -50,11 +47,11 @@ def _ascent_rho(group: dict) -> float:
     return -group["rho"] if group.get("maximize", False) else group["rho"]
 
 
-def _check_rho(rho) -> float:
+def _check_rho(rho, name: str = "rho") -> float:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"rho must be a real number, got {type(rho).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(rho).__name__}")
     if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {rho!r}")
     return float(rho)
 
 
