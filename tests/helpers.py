@@ -289,13 +289,25 @@ def assert_tensors_equal(got, want, what: str = "tensors") -> None:
 # (or False) are most of the right answers of a mask or a sparse result: a kernel that skipped
 # storing them would pass. Under ``poisoned_allocations`` those allocations come back filled
 # with values no kernel writes by accident, so an element left unwritten fails the comparison.
-POISON_BYTE = 0x5A  # integer dtypes: this byte everywhere (int8 0x5A, int16 0x5A5A, ...)
+POISON_BYTE = 0x5A  # integer dtypes: this byte (int8 0x5A, int16 0x5A5A, ...)
+
+
+def _poison_bits(n: int, device) -> torch.Tensor:
+    """A fixed pseudo-random 0/1 pattern of ``n`` elements (int64; the same on every device and
+    run, drawn from no generator): where a dtype has only two answers (bool), poisoning with
+    one of them cannot tell a kernel that skips storing that answer from a correct one, so such
+    memory gets both, mixed."""
+    # a murmur-style mix of the index (no period); each product stays below 2^63 for n < 2^32
+    x = (torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x5BD1E995) & 0xFFFFFFFF
+    return ((x ^ (x >> 15)) >> 11) & 1
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill a fresh allocation in place: NaN (floating and complex), True (bool), ``POISON_BYTE``
-    in every byte (integer dtypes: neither 0 nor 1, nor a valid bool where a launcher views an
-    int8 buffer as bool). The whole storage is filled through a flat view, so any strides
+    """Fill a fresh allocation in place. Floating and complex: NaN. Bool: True and False mixed
+    (``_poison_bits``). One-byte integers, which the launchers view as bool: ``POISON_BYTE`` and
+    0 mixed, the same way (0x5A is neither 0 nor 1 and, read as bool, true). Wider integers:
+    ``POISON_BYTE`` in every byte. The whole storage is filled through a flat view, so any strides
     (gaps, overlaps) work; tensors with no bytes, meta tensors and non-strided layouts are left
     alone."""
     if t.layout != torch.strided or t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
@@ -303,9 +315,11 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         flat = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
         if t.dtype == torch.bool:
-            flat.fill_(True)
+            flat.copy_(_poison_bits(flat.numel(), t.device))
         elif t.is_floating_point() or t.is_complex():
             flat.fill_(float("nan"))
+        elif t.element_size() == 1:
+            flat.view(torch.uint8).copy_(_poison_bits(flat.numel(), t.device) * POISON_BYTE)
         else:
             flat.view(torch.uint8).fill_(POISON_BYTE)
     return t

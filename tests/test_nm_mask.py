@@ -23,7 +23,7 @@ def _brute_force(row, n, m, magnitude=True):
 def test_against_brute_force(n, m, cols, backend, dtype, gen, poison_triton):
     # the brute force ranks the scores as the kernel sees them: rounded to the dtype (fp16 and
     # bf16 rounding makes ties of their own, beyond row 1's). Triton's output is allocated
-    # poisoned (0x5A bytes, not a valid False): a dropped element the kernel leaves unwritten fails
+    # poisoned (0x5A and 0 bytes mixed): an element the kernel leaves unwritten, kept or dropped, fails
     scores = rand((5, cols), dtype, gen)
     scores[1] = scores[1].round()  # ties
     scores[2, ::3] = float("nan")  # NaN ranks lowest

@@ -15,12 +15,12 @@ def _expected(w, g, m, scale):
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES, BACKENDS_WITH_EXT))
 @pytest.mark.parametrize("numel", ODD_SIZES)
-def test_perturb_then_restore_is_bit_exact(dtype, numel, backend, gen):
+def test_perturb_then_restore_is_bit_exact(dtype, numel, backend, gen, poison_triton):
     w = rand((numel,), dtype, gen)
     g = rand((numel,), dtype, gen)
     m = rand_mask((numel,), generator=gen)
     original = w.clone()
-    with torch.no_grad():
+    with torch.no_grad(), poison_triton():
         backup = perturb_([w], [g], [pack_mask(m)], 0.37, backend=backend)
     assert torch.equal(w, _expected(original, g, m, 0.37))
     assert backup.values[0].numel() == int(m.sum())  # compact: masked values only
@@ -31,7 +31,7 @@ def test_perturb_then_restore_is_bit_exact(dtype, numel, backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
-def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
+def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen, poison_triton):
     shapes = [(0,), (1,), (3, 5), (2, 3, 3, 3), (4095,)]
     ws = [rand(s, generator=gen) for s in shapes]
     gs = [rand(s, generator=gen) for s in shapes]
@@ -39,7 +39,7 @@ def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
     entries = [ms[0], None, pack_mask(ms[2]), ms[3], pack_mask(ms[4])]
     originals = [w.clone() for w in ws]
     scale = torch.tensor(0.05) / (torch.tensor(3.0) + 1e-7)
-    with torch.no_grad():
+    with torch.no_grad(), poison_triton():
         backup = perturb_(ws, gs, entries, scale, backend=backend)
     for w, o, g, e, m in zip(ws, originals, gs, entries, ms):
         assert torch.equal(w, _expected(o, g, None if e is None else m, scale))
@@ -47,6 +47,29 @@ def test_many_tensors_mixed_masks_and_tensor_scale(backend, gen):
     for w, m in zip(ws, ms):  # poison what restore must overwrite
         w[m] = float("nan")
     with torch.no_grad():
+        restore_(ws, backup, backend=backend)
+    assert_tensors_equal(ws, originals)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_chunks_with_nothing_or_everything_masked(backend, gen, poison_triton):
+    # Per-chunk counts of 0 and of a full chunk (the Triton launcher's count pass leaves them in a
+    # fresh allocation, poisoned here): empty masks, full masks, and a mask empty over its first
+    # 8192-element chunk (the Triton chunk) and half full after it.
+    late = rand_mask((3 * 8192 + 77,), generator=gen)
+    late[:8192] = False
+    ms = [torch.zeros(5, dtype=torch.bool), torch.ones(8192 + 3, dtype=torch.bool), late,
+          torch.zeros(8192 * 2, dtype=torch.bool)]
+    ws = [rand(m.shape, generator=gen) for m in ms]
+    gs = [rand(m.shape, generator=gen) for m in ms]
+    originals = [w.clone() for w in ws]
+    with torch.no_grad(), poison_triton():
+        backup = perturb_(ws, gs, [pack_mask(m) for m in ms], 0.25, backend=backend)
+    assert_tensors_equal(ws, [_expected(o, g, m, 0.25) for o, g, m in zip(originals, gs, ms)])
+    assert [v.numel() for v in backup.values] == [int(m.sum()) for m in ms]
+    for w, m in zip(ws, ms):
+        w[m] = float("nan")  # what restore must overwrite
+    with torch.no_grad(), poison_triton():
         restore_(ws, backup, backend=backend)
     assert_tensors_equal(ws, originals)
 

@@ -20,9 +20,9 @@ def _flat(masks):
 def test_exact_count_and_order(density, backend, gen, poison_triton):
     shapes = [(1,), (3, 5), (0,), (4095,), (7, 3, 3)]
     scores = [rand(s, generator=gen) for s in shapes]
-    # Triton allocates its masks (and its per-chunk histograms) poisoned: 0x5A bytes, no valid
-    # False, so a dropped element the kernel leaves unwritten fails (a fresh allocation is often
-    # zero: it would pass)
+    # Triton allocates its masks (and its per-chunk histograms) poisoned: 0x5A and 0 bytes mixed,
+    # so an element the kernel leaves unwritten, kept or dropped, fails (a fresh allocation is
+    # often zero: a dropped one would pass)
     with poison_triton():
         masks = topk_mask(scores, density, backend=backend)
     total = sum(s.numel() for s in scores)
