@@ -132,6 +132,9 @@ class BuildExt(build_ext):
                     sys.exit(f"ssam-kernels setup: {message}")
                 _warn(message + "; building the C++ CPU ops only")
             else:
+                skipped = [name for name in looked if name.startswith(("CUDA_HOME=", "CUDA_PATH="))]
+                if skipped:
+                    _warn(f"{', '.join(skipped)} has no include/cuda_runtime.h; building against the toolkit in {home}")
                 os.environ["CUDA_HOME"] = home  # before torch's cpp_extension guesses it on import
                 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
                 with_cuda = True
