@@ -196,7 +196,7 @@ class OpBackends:
     def _why_unusable(self, backend: str, device_type: str) -> str:
         have = sorted(b for b in self.impls if self._usable(b, device_type))
         if backend not in self.impls:
-            why = f"{self.name} has no {backend!r} implementation yet"
+            why = f"{self.name} has no {backend!r} implementation"
         elif not _runtime_available(backend):
             why = (
                 "triton is not installed"

@@ -170,6 +170,30 @@ def test_unscaling_by_hand_before_second_step_raises_with_the_weights_at_w(backe
 
 
 @pytest.mark.parametrize("backend, kind, mode", PATHS)
+def test_a_scaler_updated_by_hand_between_the_passes_raises_with_the_weights_at_w(backend, kind, mode, monkeypatch,
+                                                                                  gen):
+    """``scaler.update()`` between the passes (the usual AMP loop's last line) would update the
+    scale twice in one step: second_step refuses, the weights back at w, the scale as that
+    update left it (the step is not taken, so no second update), the next step fine."""
+    monkeypatch.setenv("SSAM_BACKEND", backend)
+    model, opt, x, y = setup_training(kind, mode, gen)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
+    before = weights_of(model)
+    opt.zero_grad()
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.update()  # (growth_interval=1: a finite step grows the scale)
+    scale = scaler.get_scale()
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="scaler.update.. was called between first_step.. and second_step"):
+        opt.second_step(grad_scaler=scaler)
+    assert _same(model, before) and not opt.perturbed
+    assert scaler.get_scale() == scale == 8.0
+    _step(opt, model, x, y, grad_scaler=scaler)
+    assert not _same(model, before) and scaler.get_scale() == 16.0
+
+
+@pytest.mark.parametrize("backend, kind, mode", PATHS)
 def test_a_gradient_laid_out_unlike_its_parameter_in_the_descent_pass_takes_the_unfused_step(backend, kind, mode,
                                                                                              monkeypatch, gen):
     """The planned step reads gradients by address, laid out like their parameters: a descent

@@ -533,7 +533,9 @@ class SAM(torch.optim.Optimizer):
             grad_scaler: the ``GradScaler`` given to ``first_step`` (both or neither). The
                 gradients are unscaled; if this pass or the ascent pass had an inf or NaN, the
                 weights are restored and not stepped. Then ``grad_scaler.update()`` is called:
-                this replaces ``scaler.step(opt); scaler.update()``.
+                this replaces ``scaler.step(opt); scaler.update()``. A ``scaler.unscale_(opt)``
+                or ``scaler.update()`` called between the passes raises ``RuntimeError``, the
+                weights back at ``w``.
             max_grad_norm: clip the descent gradient to this total norm (after unscaling)
                 before the base step, with ``torch.nn.utils.clip_grad_norm_``.
         """
@@ -551,6 +553,13 @@ class SAM(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.restore()
             raise
+        if scaler is not None and id(self.base_optimizer) not in scaler._per_optimizer_states:
+            # first_step's unscale record is gone: scaler.update() ran between the passes (it
+            # resets the records); a second update here would have no record to read
+            self._scaler = None
+            self.restore()
+            raise RuntimeError("scaler.update() was called between first_step() and second_step(): "
+                               "second_step(grad_scaler=...) updates the scaler itself (the weights are back at w)")
         if scaler is not None:
             try:
                 scaler.unscale_(self)
