@@ -125,6 +125,24 @@ def test_nm_structure_kept_through_updates(structure, gen):
         assert changed > 0
 
 
+@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
+def test_nm_survivors_outrank_overflowed_growth_scores(drop_rate, gen):
+    """An unperturbed entry whose gradient overflowed (growth score +inf, as after an inf
+    ascent gradient, which the step still updates from) must not push out a group's survivors:
+    with nothing dropped the mask stays, and a drop takes only its count."""
+    p = torch.nn.Parameter(torch.zeros(6, 8))
+    opt = ssam.SSAMD([p], torch.optim.SGD, rho=0.1, sparsity=None, structure="2:8", drop_rate=drop_rate, T_end=10,
+                     growth_strategy="gradient", lr=0.1, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    before = opt.get_mask(p).clone()
+    p.grad = torch.rand(6, 8, generator=gen) + 1.0
+    p.grad[~before] = float("inf")  # every unperturbed entry: the lower indices of a group come first
+    opt.update_mask(0)
+    after = opt.get_mask(p)
+    assert bool((after.view(6, -1).sum(-1) == 2).all())
+    kept = int((after & before).sum())
+    assert kept == int(before.sum()) - int(opt.death_rate(0) * int(before.sum()))
+
+
 def test_tensor_structure(gen):
     model, opt = _setup(structure="tensor", sparsity=0.5, drop_rate=1.0)
     total = sum(p.numel() for p in model.parameters())

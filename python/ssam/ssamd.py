@@ -210,8 +210,11 @@ class SSAMD(SparseSAM):
     def _refill_groups(self, masks, survivors, grow_scores) -> list[torch.Tensor]:
         """N:M: every group keeps its survivors, then its best previously-unmasked entries by
         growth score, then (if too few are free) its dropped entries: exactly N again."""
+        # survivors rank +inf, above every growth score: an overflowed gradient's +inf score is
+        # read as the largest finite one (a tie with a survivor would go to the lower index)
         ranks = [
-            torch.where(s, torch.full_like(g, float("inf")), torch.where(m, torch.full_like(g, -1.0), g))
+            torch.where(s, torch.full_like(g, float("inf")),
+                        torch.where(m, torch.full_like(g, -1.0), g.clamp(max=torch.finfo(g.dtype).max)))
             for m, s, g in zip(masks, survivors, grow_scores)
         ]
         return nm_select(ranks, self.structure, magnitude=False)
