@@ -63,6 +63,69 @@ def test_resume_is_bit_identical(kind):
         assert torch.equal(opt.generator.get_state(), opt2.generator.get_state())
 
 
+def _budget_ssamf(model):
+    return ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, num_samples=4, update_freq=1,
+                      structure="budget", norm="masked", lr=0.1, seed=0)
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 4))
+
+
+def test_budget_costs_are_resumed_so_a_shuffling_loader_draws_as_before(gen):
+    """SSAM-F's budget costs are measured at the first update from a sample of the data: with a
+    shuffling DataLoader that is one more pass over it, drawing its order from torch's global
+    RNG. Resumed without its costs, the optimizer measured them again: the Fisher took other
+    samples (another mask) and the training order diverged. They travel in the state_dict."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = _mlp()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(256, 8, generator=gen), torch.randint(0, 4, (256,), generator=gen)),
+        batch_size=4, shuffle=True)
+    opt = _budget_ssamf(model)
+    opt.update_mask(model, loader)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    rng = torch.get_rng_state()
+    opt.update_mask(model, loader)
+    after = torch.get_rng_state()
+    resumed = _budget_ssamf(model)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.set_rng_state(rng)
+    resumed.update_mask(model, loader)
+    assert_tensors_equal(resumed.masks(), opt.masks())
+    assert torch.equal(torch.get_rng_state(), after)
+    assert resumed.ascent_costs() == opt.ascent_costs()
+
+
+def test_saved_budget_costs_that_do_not_fit_are_refused_before_anything_loads(gen):
+    model = _mlp()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen))
+    opt = _budget_ssamf(model)
+    opt.update_mask(model, data)
+    good = opt.state_dict()
+    other = _budget_ssamf(model)
+    for edit, match in [
+        (lambda c: c.update(rows=c["rows"][:-1]), "not what costs_state"),
+        (lambda c: c.update(rows=[7] * len(c["rows"])), "does not fit this optimizer"),
+        (lambda c: c.pop("sgd"), "must be a dict of"),
+        (lambda c: c.update(forward="1"), "not what costs_state"),
+    ]:
+        bad = copy.deepcopy(good)
+        edit(bad["extra"]["ascent_costs"])
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(bad)
+        assert other.ascent_costs() is None and other.mask_updates == 0
+    plain = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, num_samples=4, update_freq=1,
+                       lr=0.1, seed=0)
+    with pytest.raises(ValueError, match="holds ascent costs"):
+        plain.load_state_dict(good)
+    other.load_state_dict(good)
+    assert other.ascent_costs() == opt.ascent_costs()
+
+
 def test_state_dict_refused_mid_step():
     model = SmallConvBN()
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)

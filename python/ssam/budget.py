@@ -31,7 +31,7 @@ row: all of their weight gradient or none.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +256,36 @@ def check_costs(costs, params: list[torch.Tensor]) -> AscentCosts:
         raise ValueError(f"ascent_costs was measured on other parameters ({len(costs.rows)} of them): measure it "
                          f"with measure_costs(model, params, x) on this optimizer's {len(params)} parameters, in order")
     return costs
+
+
+def costs_state(costs: AscentCosts) -> dict:
+    """``costs`` as plain data (floats, ints, None, lists) for a state_dict: ``torch.load``'s
+    ``weights_only`` loading takes it."""
+    return {f.name: list(v) if isinstance(v := getattr(costs, f.name), tuple) else v for f in fields(AscentCosts)}
+
+
+def costs_from_state(state, params: list[torch.Tensor]) -> AscentCosts:
+    """The :class:`AscentCosts` that :func:`costs_state` saved, checked against ``params``, or
+    a ``ValueError`` saying what does not fit."""
+    names = [f.name for f in fields(AscentCosts)]
+    if not isinstance(state, dict) or sorted(state) != sorted(names):
+        raise ValueError(f"state_dict['extra']['ascent_costs'] must be a dict of {names}, got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    number = (int, float)
+    ok = (isinstance(state["forward"], number) and isinstance(state["sgd"], number)
+          and all(isinstance(state[k], list) for k in names[2:])
+          and all(v is None or isinstance(v, int) for v in state["position"])
+          and all(isinstance(v, number) for k in ("row_cost", "op_input_grad") for v in state[k])
+          and all(isinstance(v, int) for k in ("op_depths", "rows") for v in state[k])
+          and len(state["position"]) == len(state["row_cost"]) == len(state["rows"])
+          and len(state["op_depths"]) == len(state["op_input_grad"]))
+    if not ok:
+        raise ValueError("state_dict['extra']['ascent_costs'] is not what costs_state() saves")
+    costs = AscentCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in state.items()})
+    try:
+        return check_costs(costs, params)
+    except ValueError as exc:
+        raise ValueError(f"state_dict['extra']['ascent_costs'] does not fit this optimizer: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .distributed import all_reduce_sum_, world
-from .budget import measure_costs
+from .budget import costs_from_state, costs_state, measure_costs
 from .fisher import check_data, draw_samples, empirical_fisher
 from .sparse import SparseSAM, check_logger, check_positive_int
 from .structure import select_mask
@@ -125,6 +125,29 @@ class SSAMF(SparseSAM):
         super().add_param_group(param_group)
         if hasattr(self, "_costs"):
             self._costs = None
+
+    # budget masks: the measured costs travel with the state, so a resumed run does not measure
+    # them again (that draws a sample: an extra pass over a shuffling DataLoader, which moves
+    # torch's global RNG and with it the Fisher's samples and the training order)
+    def _extra_state(self) -> dict:
+        state = super()._extra_state()
+        if self._costs is not None:
+            state["ascent_costs"] = costs_state(self._costs)
+        return state
+
+    def _check_extra_state(self, state: dict) -> None:
+        super()._check_extra_state(state)
+        if state.get("ascent_costs") is not None:
+            if self.structure.kind != "budget":
+                raise ValueError(f"state_dict holds ascent costs (structure 'budget'); this optimizer's structure "
+                                 f"is {str(self.structure)!r}")
+            costs_from_state(state["ascent_costs"], self.params)
+
+    def _load_extra_state(self, state: dict) -> None:
+        super()._load_extra_state(state)
+        if self.structure.kind == "budget":  # (absent: measured at the next update, as in the saved run)
+            saved = state.get("ascent_costs")
+            self._costs = None if saved is None else costs_from_state(saved, self.params)
 
     @torch.no_grad()
     def step(self, closure=None, model=None, epoch=None, batch_idx=None, train_data=None, logger=None, step=None, *,
