@@ -78,7 +78,7 @@ def cuda_home() -> tuple[str | None, list[str]]:
         home = os.environ.get(name)
         if home:
             if _has_runtime_header(home):
-                return home, [home]
+                return home, looked + [home]
             looked.append(f"{name}={home}")
     nvcc = shutil.which("nvcc")
     beside_nvcc = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None

@@ -296,11 +296,12 @@ def _poison_bits(n: int, device) -> torch.Tensor:
     """A fixed pseudo-random 0/1 pattern of ``n`` elements (int64; the same on every device and
     run, drawn from no generator): where a dtype has only two answers (bool), poisoning with
     one of them cannot tell a kernel that skips storing that answer from a correct one, so such
-    memory gets both, mixed."""
-    # a murmur-style mix of the index (no period); each product stays below 2^63 for n < 2^32
+    memory gets both, mixed. Element 0 gets 1 (True), so a one-element output still catches an
+    unwritten False, as an all-True poison did."""
+    # a murmur-style mix of the index (period 2^32); each product stays below 2^63 for n < 2^31
     x = (torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1) & 0xFFFFFFFF
     x = ((x ^ (x >> 16)) * 0x5BD1E995) & 0xFFFFFFFF
-    return ((x ^ (x >> 15)) >> 11) & 1
+    return (((x ^ (x >> 15)) >> 11) & 1) ^ 1
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,8 @@ def test_setup_cuda_home_env_wins_and_a_wrong_one_is_reported(tmp_path, monkeypa
     home, looked = setup.cuda_home()
     assert home == str(root)
     assert looked[0] == f"CUDA_HOME={tmp_path / 'nowhere'}"
+    monkeypatch.setenv("CUDA_PATH", str(root))  # (the bad CUDA_HOME passed over stays listed: the build warns)
+    assert setup.cuda_home() == (str(root), [f"CUDA_HOME={tmp_path / 'nowhere'}", str(root)])
 
 
 # the fp32 kernels that load and store tensor elements (mangled names): perturb, restore, and the

@@ -185,7 +185,7 @@ def test_a_scaler_updated_by_hand_between_the_passes_raises_with_the_weights_at_
     scaler.update()  # (growth_interval=1: a finite step grows the scale)
     scale = scaler.get_scale()
     scaler.scale(F.mse_loss(model(x), y)).backward()
-    with pytest.raises(RuntimeError, match="scaler.update.. was called between first_step.. and second_step"):
+    with pytest.raises(RuntimeError, match="GradScaler was updated between first_step.. and second_step"):
         opt.second_step(grad_scaler=scaler)
     assert _same(model, before) and not opt.perturbed
     assert scaler.get_scale() == scale == 8.0

@@ -107,23 +107,36 @@ def test_saved_budget_costs_that_do_not_fit_are_refused_before_anything_loads(ge
     opt.update_mask(model, data)
     good = opt.state_dict()
     other = _budget_ssamf(model)
+    measured = _budget_ssamf(model)
+    measured.update_mask(model, torch.utils.data.TensorDataset(torch.randn(16, 8, generator=gen) * 2, data.tensors[1]))
+    own = (measured.ascent_costs(), [m.clone() for m in measured.masks()])
     for edit, match in [
         (lambda c: c.update(rows=c["rows"][:-1]), "not what costs_state"),
         (lambda c: c.update(rows=[7] * len(c["rows"])), "does not fit this optimizer"),
-        (lambda c: c.pop("sgd"), "must be a dict of"),
+        (lambda c: c.update(rows=[-r for r in c["rows"]]), "not what costs_state"),
+        (lambda c: c.update(position=[True] * len(c["position"])), "not what costs_state"),
+        (lambda c: c.update(row_cost=[float("nan")] * len(c["row_cost"])), "not what costs_state"),
         (lambda c: c.update(forward="1"), "not what costs_state"),
+        (lambda c: c.update(sgd=True), "not what costs_state"),
+        (lambda c: c.pop("sgd"), "must be a dict of"),
+        (lambda c: c.update({0: 1}), "must be a dict of"),
     ]:
         bad = copy.deepcopy(good)
         edit(bad["extra"]["ascent_costs"])
         with pytest.raises(ValueError, match=match):
             other.load_state_dict(bad)
         assert other.ascent_costs() is None and other.mask_updates == 0
-    plain = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, num_samples=4, update_freq=1,
-                       lr=0.1, seed=0)
-    with pytest.raises(ValueError, match="holds ascent costs"):
-        plain.load_state_dict(good)
+        with pytest.raises(ValueError, match=match):
+            measured.load_state_dict(bad)
+        assert measured.ascent_costs() is own[0]
+        assert_tensors_equal(measured.masks(), own[1])
     other.load_state_dict(good)
     assert other.ascent_costs() == opt.ascent_costs()
+    # another structure loads the rest of the state, and has no costs to take
+    plain = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, num_samples=4, update_freq=1,
+                       lr=0.1, seed=0)
+    plain.load_state_dict(good)
+    assert plain.ascent_costs() is None and plain.mask_updates == 1
 
 
 def test_state_dict_refused_mid_step():

@@ -268,15 +268,20 @@ def costs_from_state(state, params: list[torch.Tensor]) -> AscentCosts:
     """The :class:`AscentCosts` that :func:`costs_state` saved, checked against ``params``, or
     a ``ValueError`` saying what does not fit."""
     names = [f.name for f in fields(AscentCosts)]
-    if not isinstance(state, dict) or sorted(state) != sorted(names):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state) or sorted(state) != sorted(names):
         raise ValueError(f"state_dict['extra']['ascent_costs'] must be a dict of {names}, got "
-                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
-    number = (int, float)
-    ok = (isinstance(state["forward"], number) and isinstance(state["sgd"], number)
-          and all(isinstance(state[k], list) for k in names[2:])
-          and all(v is None or isinstance(v, int) for v in state["position"])
-          and all(isinstance(v, number) for k in ("row_cost", "op_input_grad") for v in state[k])
-          and all(isinstance(v, int) for k in ("op_depths", "rows") for v in state[k])
+                         f"{sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__}")
+
+    def count(v) -> bool:  # an int >= 0 (not a bool)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def flops(v) -> bool:  # a finite number >= 0 (not a bool)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    ok = (flops(state["forward"]) and flops(state["sgd"]) and all(isinstance(state[k], list) for k in names[2:])
+          and all(v is None or count(v) for v in state["position"])
+          and all(flops(v) for k in ("row_cost", "op_input_grad") for v in state[k])
+          and all(count(v) for k in ("op_depths", "rows") for v in state[k])
           and len(state["position"]) == len(state["row_cost"]) == len(state["rows"])
           and len(state["op_depths"]) == len(state["op_input_grad"]))
     if not ok:

@@ -533,9 +533,9 @@ class SAM(torch.optim.Optimizer):
             grad_scaler: the ``GradScaler`` given to ``first_step`` (both or neither). The
                 gradients are unscaled; if this pass or the ascent pass had an inf or NaN, the
                 weights are restored and not stepped. Then ``grad_scaler.update()`` is called:
-                this replaces ``scaler.step(opt); scaler.update()``. A ``scaler.unscale_(opt)``
-                or ``scaler.update()`` called between the passes raises ``RuntimeError``, the
-                weights back at ``w``.
+                this replaces ``scaler.step(opt); scaler.update()``, so each SAM optimizer
+                needs a scaler of its own. A ``scaler.unscale_(opt)`` or ``scaler.update()``
+                called between the passes raises ``RuntimeError``, the weights back at ``w``.
             max_grad_norm: clip the descent gradient to this total norm (after unscaling)
                 before the base step, with ``torch.nn.utils.clip_grad_norm_``.
         """
@@ -553,13 +553,15 @@ class SAM(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.restore()
             raise
-        if scaler is not None and id(self.base_optimizer) not in scaler._per_optimizer_states:
-            # first_step's unscale record is gone: scaler.update() ran between the passes (it
-            # resets the records); a second update here would have no record to read
+        records = getattr(scaler, "_per_optimizer_states", None)  # (private: skipped if a torch lacks it)
+        if scaler is not None and records is not None and id(self.base_optimizer) not in records:
+            # first_step's unscale record is gone: the scaler was updated between the passes (an
+            # update resets the records); a second update here would count this step twice
             self._scaler = None
             self.restore()
-            raise RuntimeError("scaler.update() was called between first_step() and second_step(): "
-                               "second_step(grad_scaler=...) updates the scaler itself (the weights are back at w)")
+            raise RuntimeError("the GradScaler was updated between first_step() and second_step(): by scaler.update(), "
+                               "or by another optimizer's second_step() (each SAM optimizer needs a GradScaler of its "
+                               "own); second_step(grad_scaler=...) updates it itself (the weights are back at w)")
         if scaler is not None:
             try:
                 scaler.unscale_(self)

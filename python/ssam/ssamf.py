@@ -135,12 +135,11 @@ class SSAMF(SparseSAM):
             state["ascent_costs"] = costs_state(self._costs)
         return state
 
+    # (costs saved by a budget optimizer and loaded into another structure: not read, as the
+    # rest of a state loads whatever the structure)
     def _check_extra_state(self, state: dict) -> None:
         super()._check_extra_state(state)
-        if state.get("ascent_costs") is not None:
-            if self.structure.kind != "budget":
-                raise ValueError(f"state_dict holds ascent costs (structure 'budget'); this optimizer's structure "
-                                 f"is {str(self.structure)!r}")
+        if self.structure.kind == "budget" and state.get("ascent_costs") is not None:
             costs_from_state(state["ascent_costs"], self.params)
 
     def _load_extra_state(self, state: dict) -> None:
