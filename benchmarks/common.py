@@ -386,7 +386,8 @@ LEGENDS = {
              "better); ≥ 20x: whether the 20x target is met.",
     "perturb": "median ms: grad_norm + perturb_ + restore_ once (lower is better); GB/s: the bytes the cycle must "
                "move (the weights' writes at kept entries as the 32-byte sectors they touch) over its time; of "
-               "copy BW: that over the copy bandwidth measured in this run (1.0 is the ceiling; higher is better); x official, x foreach: speed relative to those (higher is better); "
+               "copy BW: that over the copy bandwidth measured in this run (1.0 is the ceiling; higher is better); "
+               "x official, x foreach: speed relative to those (higher is better); "
                "extra B/param: optimizer memory per parameter, mask + backup (lower is better).",
     "sam_step": "host us: median CPU time of first_step + second_step with the kernels not run (lower is better); "
                 "launches: Triton kernels per step; dispatcher ops: torch ops per step; syncs: those among them "

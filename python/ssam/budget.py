@@ -278,7 +278,8 @@ def costs_from_state(state, params: list[torch.Tensor]) -> AscentCosts:
     def flops(v) -> bool:  # a finite number >= 0 (not a bool)
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
-    ok = (flops(state["forward"]) and flops(state["sgd"]) and all(isinstance(state[k], list) for k in names[2:])
+    lists = ("position", "row_cost", "op_depths", "op_input_grad", "rows")  # (the tuple fields)
+    ok = (flops(state["forward"]) and flops(state["sgd"]) and all(isinstance(state[k], list) for k in lists)
           and all(v is None or count(v) for v in state["position"])
           and all(flops(v) for k in ("row_cost", "op_input_grad") for v in state[k])
           and all(count(v) for k in ("op_depths", "rows") for v in state[k])

@@ -553,16 +553,17 @@ class SAM(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.restore()
             raise
-        records = getattr(scaler, "_per_optimizer_states", None)  # (private: skipped if a torch lacks it)
-        if scaler is not None and records is not None and id(self.base_optimizer) not in records:
-            # first_step's unscale record is gone: the scaler was updated between the passes (an
-            # update resets the records); a second update here would count this step twice
-            self._scaler = None
-            self.restore()
-            raise RuntimeError("the GradScaler was updated between first_step() and second_step(): by scaler.update(), "
-                               "or by another optimizer's second_step() (each SAM optimizer needs a GradScaler of its "
-                               "own); second_step(grad_scaler=...) updates it itself (the weights are back at w)")
         if scaler is not None:
+            records = getattr(scaler, "_per_optimizer_states", None)  # (private: skipped if a torch lacks it)
+            if records is not None and id(self.base_optimizer) not in records:
+                # first_step's unscale record is gone: the scaler was updated between the passes
+                # (an update resets the records); a second update here would count this step twice
+                self._scaler = None
+                self.restore()
+                raise RuntimeError("the GradScaler was updated between first_step() and second_step(): by "
+                                   "scaler.update(), or by another optimizer's second_step() (each SAM optimizer needs "
+                                   "a GradScaler of its own); second_step(grad_scaler=...) updates it itself (the "
+                                   "weights are back at w)")
             try:
                 scaler.unscale_(self)
                 found_inf = self._skipped or _found_inf(scaler, self)
