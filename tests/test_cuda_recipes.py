@@ -87,7 +87,7 @@ def _closure(model, opt, x, y, dtype, scaler, poison=None):
 
 
 def _setup(device, backend, monkeypatch, gen_state, channels_last=False):
-    """``backend`` (``"auto"`` or ``"torch"``) chosen for what follows, and the seeded net with
+    """``backend`` (``"auto"`` or a backend's name) chosen for what follows, and the seeded net with
     the batch drawn from ``gen_state``, on ``device``."""
     if backend == "auto":
         monkeypatch.delenv("SSAM_BACKEND", raising=False)
@@ -303,14 +303,16 @@ def test_resume_continues_bit_for_bit(monkeypatch, gen, tmp_path):
     assert_tensors_equal(resumed, uninterrupted, "weights after the resumed step")
 
 
-def test_ssamd_drop_grow_updates_match_the_reference_backend(monkeypatch, gen):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_ssamd_drop_grow_updates_match_the_reference_backend(backend, monkeypatch, gen):
     """SSAM-D's update on the device (drop the lowest |grad|, grow at random from the device's
-    generator): ``auto`` and the reference backend make the same masks bit for bit at each of
-    three updates, at the requested density, and close weights.
+    generator): ``backend`` (``auto``, the compiled kernels where they are; ``triton``) and the
+    reference backend make the same masks bit for bit at each of three updates, at the requested
+    density, and close weights.
 
     A step leaves the two runs' weights ulps apart (the kernels sum the norm in another order),
     and the next gradient with them: a drop score within rounding of the threshold could then
-    rank otherwise and flip an entry. So each ``auto`` step starts from the reference run's
+    rank otherwise and flip an entry. So each ``backend`` step starts from the reference run's
     weights before that step (copied in): its gradient at ``w``, the drop score, is then the
     reference's bit for bit (same device and autograd kernels, TF32 off, deterministic cuDNN;
     BatchNorm's running statistics do not enter a training-mode forward), the masks going in are
@@ -319,8 +321,8 @@ def test_ssamd_drop_grow_updates_match_the_reference_backend(monkeypatch, gen):
     step differ by summation order (the norm, and the momentum buffers of the earlier steps)."""
     state = gen.get_state()
     runs = []
-    for backend in ("torch", "auto"):
-        model, x, y = _setup(DEVICE, backend, monkeypatch, state)
+    for run_backend in ("torch", backend):
+        model, x, y = _setup(DEVICE, run_backend, monkeypatch, state)
         opt = _optimizer("SSAMD", "dense", model, x, y)
         starts, masks = [], []
         for epoch in range(3):
