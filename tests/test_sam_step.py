@@ -982,11 +982,20 @@ def test_a_plan_made_on_one_stream_steps_on_another(backend):
         plan.perturb([0.05])
     del plan, written
     gc.collect()  # (the plan and its kernel side refer to each other)
-    junk = [torch.full((n,), -1.0, device="cuda") for n in sizes for _ in range(4)]
-    reused = [j for j in junk if any(start <= j.data_ptr() < start + n for start, n in held)]
+
+    def allocate():  # tensors of the plan's buffers' sizes, and those of them inside its memory
+        junk = [torch.full((n,), -1.0, device="cuda") for n in sizes for _ in range(32)]
+        return junk, [j for j in junk if any(start <= j.data_ptr() < start + n for start, n in held)]
+
+    junk, reused = allocate()
     torch.cuda.synchronize()
     assert not reused, "a dropped plan's memory was handed out while its stream's step still ran"
     assert all(bool((j == -1).all()) for j in junk), "a dropped plan's memory was reused under its stream's step"
+    # the control: once the side stream is done, the same allocations do land in that memory
+    # (else the check above held for another reason, and proved nothing)
+    _, reused_after = allocate()
+    assert reused_after, "control: allocations of these sizes never reach a dropped plan's memory, even " \
+        "with its stream done; the check above is blind (change how it allocates)"
 
 
 @pytest.mark.cuda
