@@ -51,6 +51,24 @@ def on_device(device: torch.device):
     return torch.cuda.device(device.index)
 
 
+def eager_when_traced(fn):
+    """``fn``, run eagerly where torch.compile traces a call to it (its graph breaks there): for
+    work no op schema can declare or trace (kernels that write through address tables, which a
+    graph would drop as ops without effects; cuSPARSELt's searches and padded sizes). The check
+    costs 0.4 us a call in eager mode; the disabled twin is made on the first traced call (making
+    it imports torch._dynamo: 1.3 s at import time otherwise)."""
+    twin: list = []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # (spelled so: Dynamo folds this call, not an alias)
+            if not twin:
+                twin.append(torch.compiler.disable(fn))
+            return twin[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
 class BackendUnavailableError(ValueError):
     """A backend was requested with ``backend=`` that cannot run this op here (``SSAM_BACKEND``
     only states a preference: ``auto`` falls back where it cannot run)."""

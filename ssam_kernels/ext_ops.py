@@ -145,7 +145,8 @@ if "ssam_cslt::mm" in torch._C._dispatch_get_all_op_names():
     @torch.library.register_fake("ssam_cslt::compress")
     def _(a):
         # [m, the kept half and 2 bits per kept value]: cuSPARSELt's size except for small
-        # operands, which it pads (known only on the device; the fake's shape is for tracing)
+        # operands, which it pads (known only on the device; sparse_mm_24 keeps its cuSPARSELt
+        # calls out of compiled graphs, so this shape serves a trace of the op alone)
         m, k = a.shape
         return a.new_empty((m, -(-k * 9 // 16)))
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from ._backend import on_device
+from ._backend import eager_when_traced, on_device
 from ._checks import _kind
 
 log = logging.getLogger("ssam_kernels")
@@ -65,7 +65,9 @@ class CsltConfig:
     def label(self) -> str:
         text = ("planned " if self.planned else "") + f"alg {self.alg_id}"
         if self.split_k != 1:
-            text += f" split-k {self.split_k}" + (f" mode {self.split_k_mode}" if self.split_k_mode > 0 else "")
+            text += f" split-k {self.split_k}"
+        if self.split_k_mode > 0:  # (cuSPARSELt 0.8's modes past 2, data-parallel and stream-K, need no split)
+            text += f" mode {self.split_k_mode}"
         return text + (" T" if self.transpose_result else "")
 
 
@@ -92,6 +94,8 @@ def cusparselt_unsupported(a: torch.Tensor, b: torch.Tensor) -> str | None:
     if a.dtype not in SPARSE_DTYPES or b.dtype != a.dtype:
         return f"dtypes {a.dtype} @ {b.dtype}; cuSPARSELt here takes float16 or bfloat16 for both"
     (m, k), n = a.shape, b.shape[1]
+    if 0 in (m, k, n):  # (an empty token batch: cuSPARSELt's descriptors refuse a zero dimension)
+        return f"shape [{m}, {k}] @ [{k}, {n}] is empty"
     if m % 16 or k % 16 or n % 8:
         return f"shape [{m}, {k}] @ [{k}, {n}]: cuSPARSELt needs m, k multiples of 16 and n of 8"
     return None
@@ -184,23 +188,52 @@ def cslt_mm(packed: torch.Tensor, b: torch.Tensor, config: CsltConfig) -> torch.
     return out.t() if config.transpose_result else out
 
 
+def _refuse_capture(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """A shape met first inside a CUDA graph capture: cuSPARSELt's search and the timings launch
+    and wait on kernels of their own, which would break the capture (or be recorded in it)."""
+    if a.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"sparse_mm_24({what}): a {tuple(a.shape)} @ {tuple(b.shape)} product met first inside a "
+                           "CUDA graph capture cannot be searched or timed there: run the step once before capturing")
+
+
+def _search(packed: torch.Tensor, b: torch.Tensor, planned: bool) -> CsltConfig:
+    """What cuSPARSELt's search picks for this product on one path (it runs it several times)."""
+    if planned:
+        alg, split_k, mode, _ = torch.ops.ssam_cslt.search(packed, b, False)
+        return CsltConfig(alg, False, split_k, mode, planned=True)
+    return CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
+
+
 def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple, planned: bool) -> CsltConfig:
-    """cuSPARSELt's own search for this shape on one path (once per key; its default where the
-    search fails)."""
+    """cuSPARSELt's own search for this shape on one path (once per key): its pick as it reads
+    back (algorithm, split-k, split-k mode), else that pick with cuSPARSELt's default mode, else
+    the default configuration; each run once before it is kept, since a configuration read back
+    from a search is not always one cuSPARSELt accepts to plan again."""
     search_key = key + (planned,)
     if search_key not in _SEARCHED:
         while len(_SEARCHED) >= MAX_SEARCHED:  # the oldest goes (a shape per token count: unbounded)
             del _SEARCHED[next(iter(_SEARCHED))]
+        default = CsltConfig(planned=planned)
         try:
-            if planned:
-                alg, split_k, mode, _ = torch.ops.ssam_cslt.search(packed, b, False)
-                _SEARCHED[search_key] = CsltConfig(alg, False, split_k, mode if split_k != 1 else -1, planned=True)
-            else:
-                _SEARCHED[search_key] = CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
+            found = _search(packed, b, planned)
         except (RuntimeError, AttributeError) as exc:  # a cuSPARSELt or torch without it, a shape it rejects
             log_once(("search", planned) + key,
                      f"sparse_mm_24: cuSPARSELt's algorithm search failed ({exc}); default algorithm")
-            _SEARCHED[search_key] = CsltConfig(planned=planned)
+            found = default
+        for config in dict.fromkeys([found, replace(found, split_k_mode=-1)]):
+            if config == default:
+                break
+            try:
+                cslt_mm(packed, b, config)
+                break
+            except (RuntimeError, ValueError) as exc:  # (the extension's ops raise ValueError for what they refuse)
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                log_once(("searched", config) + key,
+                         f"sparse_mm_24: cuSPARSELt's searched {config.label()} failed to run ({exc})")
+        else:
+            config = default
+        _SEARCHED[search_key] = config
     return _SEARCHED[search_key]
 
 
@@ -214,6 +247,13 @@ def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
     found = _SEARCHED.get(key + (planned,))
     if found is not None:
         return found
+    _refuse_capture(a, b, "gemm='cusparselt'")
+    # the search's products are not part of the caller's computation (as tune's timings)
+    with on_device(a.device), _disable_current_modes():
+        return _search_config(a, b, key, planned)
+
+
+def _search_config(a: torch.Tensor, b: torch.Tensor, key: tuple, planned: bool) -> CsltConfig:
     try:
         packed = compress(a, CsltConfig(planned=planned))
     except RuntimeError as exc:  # cuSPARSELt refused this operand on the planned path: torch's, from now on
@@ -226,6 +266,9 @@ def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
     return _searched(packed, b, key, planned)
 
 
+# (kept out of compiled graphs: the planned compression's size is cuSPARSELt's, which pads small
+# operands, so its fake's shape can be wrong; and a new shape searches with host syncs)
+@eager_when_traced
 def _cusparselt(a: torch.Tensor, b: torch.Tensor, keep: tuple | None = None) -> torch.Tensor:
     config = _config(a, b)
     return cslt_mm(_compressed(a, config, keep), b, config)
@@ -280,9 +323,7 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     the labels of the configurations to them."""
     key = _key(a, b)
     if key not in _TRIALS:
-        if a.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"sparse_mm_24(gemm='auto'): a {tuple(a.shape)} @ {tuple(b.shape)} product met first "
-                               "inside a CUDA graph capture cannot be timed there: run the step once before capturing")
+        _refuse_capture(a, b, "gemm='auto'")
         # the timed GEMMs are not part of the caller's computation: out of sight of its modes
         # (a FlopCounterMode would count them, an op counter see them)
         with on_device(a.device), _disable_current_modes():  # the events time the current device's stream

@@ -182,6 +182,62 @@ def test_searched_configurations_are_bounded(monkeypatch):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_searched_configuration_is_kept_only_once_it_has_run(planned, monkeypatch):
+    """cuSPARSELt's search reads back a configuration that planning it again may refuse (a
+    split-k mode of cuSPARSELt 0.8 with split-k 1, say): each pick is run once before it is
+    kept; refused, the pick with cuSPARSELt's default mode is tried, then the default."""
+    import ssam_kernels.sparse_gemm as g
+
+    picked = g.CsltConfig(7, False, 1, 4, planned=planned)
+    a, b = torch.zeros(16, 32, dtype=torch.float16), torch.zeros(32, 8, dtype=torch.float16)
+    for refused, kept in [((), picked), ((picked,), g.replace(picked, split_k_mode=-1)),
+                          ((picked, g.replace(picked, split_k_mode=-1)), g.CsltConfig(planned=planned))]:
+        ran = []
+
+        def mm(packed, b, config, refused=refused, ran=ran):
+            ran.append(config)
+            if config in refused:
+                raise ValueError("cuSPARSELt refused this configuration")
+            return b
+
+        monkeypatch.setattr(g, "_SEARCHED", {})
+        monkeypatch.setattr(g, "_search", lambda packed, b, planned: picked)
+        monkeypatch.setattr(g, "cslt_mm", mm)
+        key = (0, torch.float16, (16, 32), (32, 8), (8, 1))
+        assert g._searched(a, b, key, planned) == kept
+        assert ran == [picked, g.replace(picked, split_k_mode=-1)][:len(refused) + 1][:2]
+        assert g._searched(a, b, key, planned) == kept and len(ran) == min(len(refused) + 1, 2)  # (once per key)
+
+
+class _CudaStandIn:
+    """What the configuration lookup reads of a CUDA operand (no GPU here)."""
+
+    def __init__(self, *shape):
+        self.shape, self.dtype, self.is_cuda, self.device = shape, torch.float16, True, torch.device("cuda", 0)
+
+    def stride(self):
+        return (self.shape[1], 1)
+
+
+@pytest.mark.cpu
+def test_a_new_shape_inside_a_graph_capture_is_refused_not_searched(monkeypatch):
+    """cuSPARSELt's search launches and waits on its own kernels: inside a CUDA graph capture
+    a shape not searched yet is refused with what to do (and nothing is kept for it)."""
+    import ssam_kernels.sparse_gemm as g
+
+    monkeypatch.setattr(g, "_SEARCHED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    searched = []
+    monkeypatch.setattr(g, "_search_config", lambda *args: searched.append(args))
+    with pytest.raises(RuntimeError, match="run the step once before capturing"):
+        g._config(_CudaStandIn(16, 32), _CudaStandIn(32, 8))
+    with pytest.raises(RuntimeError, match="run the step once before capturing"):
+        g.tune(_CudaStandIn(16, 32), _CudaStandIn(32, 8))
+    assert not searched and not g._SEARCHED
+
+
+@pytest.mark.cpu
 def test_sparse_mm_24_dense_path_and_checks(gen):
     a = mvue24(rand((16, 32), generator=gen), seed=3)
     b = rand((32, 8), generator=gen)
@@ -459,9 +515,10 @@ def test_planned_cusparselt_runs_past_its_plan_limit_and_zeroes_its_padding():
     """Past 256 kept plans (one per token count under variable sequence lengths) the least
     recently used is destroyed: 300 token counts, each product right, the first count's plan
     made again after its eviction (how many plans are kept is not visible from Python: this
-    runs the eviction path, it does not count). A compressed operand's bytes past cuSPARSELt's
-    are zeroed, so two compressions of one operand are equal whatever memory they got (48 rows:
-    rows of 96 bytes, which cuSPARSELt's sizes need not fill)."""
+    runs the eviction path, it does not count). A compressed operand starts zeroed (cuSPARSELt
+    need not write all of its padded size, nor the tail past it), so two compressions of one
+    operand are equal whatever memory they got (48 rows: rows of 96 bytes, which cuSPARSELt's
+    sizes need not fill)."""
     from ssam_kernels.sparse_gemm import planned_unavailable
 
     why = planned_unavailable()

@@ -142,3 +142,26 @@ def test_an_op_may_order_auto_itself(monkeypatch):
     op.register("torch", lambda: "torch")
     op.register("triton", lambda: "triton", devices=("cuda",))
     assert op.resolve("auto", torch.device("cuda")) == "torch"
+
+
+def test_eager_when_traced_runs_the_function_eagerly_inside_a_compiled_caller():
+    """What ``eager_when_traced`` wraps (kernels writing through address tables, cuSPARSELt's
+    searched products) runs as Python on real tensors where torch.compile traces its caller,
+    whose graph breaks there; traced instead, the function would see ``is_compiling()`` True."""
+    from ssam_kernels._backend import eager_when_traced
+
+    seen = []
+
+    @eager_when_traced
+    def f(x):
+        seen.append((torch.compiler.is_compiling(), type(x).__name__))
+        return x + 1
+
+    @torch.compile(backend="eager")
+    def caller(x):
+        return f(x * 2) * 3
+
+    x = torch.arange(4.0)
+    torch.testing.assert_close(caller(x), (x * 2 + 1) * 3)
+    torch.testing.assert_close(f(x), x + 1)
+    assert seen == [(False, "Tensor")] * 2

@@ -298,15 +298,14 @@ at::Tensor cslt_compress(const at::Tensor& a_in) {
   DeviceState& st = state(a.device());
   const Compression& entry = compression(st, a.scalar_type(), type, m, k);
   const int64_t row_bytes = m * a.element_size();
-  auto out = at::empty({m, (static_cast<int64_t>(entry.size) + row_bytes - 1) / row_bytes}, a.options());
+  // zeroed (one memset): cuSPARSELt need not write every byte of its padded size, nor the tail past
+  // it (at most one row), and two compressions of one operand are then equal as tensors, whatever
+  // the allocator handed out
+  auto out = at::zeros({m, (static_cast<int64_t>(entry.size) + row_bytes - 1) / row_bytes}, a.options());
   auto buffer = at::empty({static_cast<int64_t>(entry.buffer) + 1}, a.options().dtype(at::kByte));
   check(api().SpMMACompress2(&st.handle, &entry.descr, 1, cslt::kOpNonTranspose, a.data_ptr(), out.data_ptr(),
                              buffer.data_ptr(), current_stream(a.device())),
         "compress");
-  // the bytes past cuSPARSELt's (at most one row of padding) are zeroed: two compressions of
-  // one operand are then equal as tensors, whatever the allocator handed out
-  const int64_t written = static_cast<int64_t>(entry.size), held = out.numel() * out.element_size();
-  if (held > written) out.view({-1}).view(at::kByte).narrow(0, written, held - written).zero_();
   return out;
 }
 
@@ -340,8 +339,8 @@ Operands operands(const at::Tensor& packed, const at::Tensor& b_in) {
     TORCH_CHECK_VALUE(legacy_compressed_numel(m, k) == packed.numel(), "packed holds ", packed.numel(),
                       " elements, not a compressed [m, ", k, "] operand");
   }
-  TORCH_CHECK_VALUE(m > 0 && m % 16 == 0 && k % 16 == 0 && n % 8 == 0,
-                    "cuSPARSELt needs m, k multiples of 16 and n of 8, got m ", m, ", k ", k, ", n ", n);
+  TORCH_CHECK_VALUE(m > 0 && k > 0 && n > 0 && m % 16 == 0 && k % 16 == 0 && n % 8 == 0,
+                    "cuSPARSELt needs m, k positive multiples of 16 and n of 8, got m ", m, ", k ", k, ", n ", n);
   return {b, m, k, n, transposed};
 }
 

@@ -28,7 +28,6 @@ The reference backend (``backend="torch"``) does the same with torch ops, a full
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Sequence
 import torch
 
 from .. import _checks
-from .._backend import BackendUnavailableError, lazy, on_device
+from .._backend import BackendUnavailableError, eager_when_traced, lazy, on_device
 from .._library import backend_table
 from .bitmask import BitMask, as_bitmask, pack_mask, unpack_mask
 from .grad_norm import accumulation_dtype
@@ -122,28 +121,6 @@ def check_sgd_groups(groups, count: int) -> list[SGDGroup]:
     return list(groups)
 
 
-def _eager(method):
-    """``method``, run eagerly where torch.compile traces a call to it (its graph breaks there).
-    A plan's kernels write through address tables, which no op schema can declare: traced, they
-    were dropped from the graph as ops without effects (the weights left unrestored, no SGD
-    step). The check costs 0.4 us a call in eager mode; the disabled twin is made on the first
-    traced call (making it imports torch._dynamo: 1.3 s at import time otherwise)."""
-    twin: list = []
-
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        if torch.compiler.is_compiling():  # (spelled so: Dynamo folds this call, not an alias)
-            return _disabled(twin, method)(*args, **kwargs)
-        return method(*args, **kwargs)
-    return run
-
-
-def _disabled(twin: list, method):
-    if not twin:
-        twin.append(torch.compiler.disable(method))
-    return twin[0]
-
-
 class SAMStepPlan:
     """The plan of a SAM / SSAM step over ``params`` (see the module docstring).
 
@@ -169,7 +146,7 @@ class SAMStepPlan:
     before anything is written.
     """
 
-    @_eager
+    @eager_when_traced
     def __init__(self, params: Sequence[torch.Tensor], masks=None, *, groups: Sequence[int] | None = None,
                  num_groups: int | None = None, masked_norm: bool = False, eps: float = 1e-7, backend: str = "auto"):
         params = _checks.tensor_list("params", params)
@@ -231,7 +208,7 @@ class SAMStepPlan:
 
     # --- what a step checks -------------------------------------------------------------------
 
-    @_eager
+    @eager_when_traced
     def grad_addresses(self, *, check_params: bool = True) -> tuple[int, ...]:
         """Each parameter's gradient address (0: no gradient), after checking that every
         parameter is where the plan found it (``check_params``) and that each gradient is laid
@@ -297,7 +274,7 @@ class SAMStepPlan:
 
     # --- the step -----------------------------------------------------------------------------
 
-    @_eager
+    @eager_when_traced
     def perturb(self, rho: Sequence[float], *, grads: tuple[int, ...] | None = None) -> None:
         """``w[m] += rho_group * g[m] / (norm + eps)`` from each parameter's current ``.grad`` (a
         parameter without one is left as it is), keeping the old values for :meth:`restore`.
@@ -320,7 +297,7 @@ class SAMStepPlan:
         bump_versions(self.params)  # the kernels write through addresses: tell autograd's version counters
         self.perturbed = True
 
-    @_eager
+    @eager_when_traced
     def restore(self) -> None:
         """Put back the weights :meth:`perturb` changed, bit for bit."""
         if not self.perturbed:
@@ -331,7 +308,7 @@ class SAMStepPlan:
         bump_versions(self.params)
         self.perturbed = False
 
-    @_eager
+    @eager_when_traced
     def restore_sgd(self, sgd: Sequence[SGDGroup]) -> list[int]:
         """:meth:`restore`, then ``torch.optim.SGD``'s step of every parameter with the current
         ``.grad`` (parameters without one are only restored), ``sgd[group]`` giving each group's
@@ -361,7 +338,7 @@ class SAMStepPlan:
         self.perturbed = False
         return made
 
-    @_eager
+    @eager_when_traced
     def set_buffers(self, buffers: Sequence[torch.Tensor | None]) -> None:
         """Momentum buffers to continue from (e.g. the base optimizer's after a resume): each
         None or shaped and laid out like its parameter."""
