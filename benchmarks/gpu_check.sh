@@ -47,7 +47,7 @@ Each part builds the extension for sm_90 and prints `ssam_kernels.backend_info("
   tests          the cuda test tier, pytest -n 8 (timeout 160 s; 49 s measured on an H200 before the
                  training recipes of tests/test_cuda_recipes.py came), and its kernel tests (marked
                  memcheck) under compute-sanitizer's memcheck (timeout 200 s; 4 of them took 7.6 s
-                 at 4344f0b, 47 are marked now, CUDA graph captures among them). compute-sanitizer
+                 at 4344f0b, 48 are marked now, CUDA graph captures among them). compute-sanitizer
                  refuses the GPU of a gVisor machine (nvidia-h200 was one): run this part on
                  nvidia-h100-x1
   step-resnet18  ssam-bench step on ResNet-18 CIFAR b128: every optimizer, sparsity and mode
