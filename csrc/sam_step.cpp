@@ -177,14 +177,16 @@ void plan_restore_sgd_cpu(const at::Tensor& blocks, const at::Tensor& blk_tensor
       const C neg_lr = static_cast<C>(-h[0]), momentum = static_cast<C>(h[1]), undamped = static_cast<C>(1 - h[2]);
       const C weight_decay = static_cast<C>(h[3]);
       const bool nesterov = h[4] != 0, maximize = h[5] != 0, fresh_buf = s.fresh[k] != 0;
-      const bool use_buf = momentum != 0 && buf != nullptr;
+      // momentum and weight decay tested as torch's SGD tests them, in double: a value that
+      // rounds to 0 in C still keeps a buffer (and its dampening) and adds w * 0 (NaN at inf)
+      const bool use_buf = h[1] != 0 && buf != nullptr, decay = h[3] != 0;
       // torch's SGD op for op: each add(..., alpha=a) one fused multiply-add (as torch's CPU and
       // CUDA kernels compute it), every other op rounded (this file has no contraction)
       for (int64_t i = start; i < end; ++i) {
         const C x = static_cast<C>(w[i]);
         C d = static_cast<C>(g[i]);
         if (maximize) d = -d;
-        if (weight_decay != 0) d = std::fma(x, weight_decay, d);
+        if (decay) d = std::fma(x, weight_decay, d);
         if (use_buf) {
           const C b = fresh_buf ? d : std::fma(d, undamped, static_cast<C>(buf[i]) * momentum);
           buf[i] = static_cast<scalar_t>(b);

@@ -55,6 +55,23 @@ def test_every_nonzero_pattern(backend, poison_triton):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("nibble", [0b0101, 0b0000, 0b1111])
+def test_metadata_naming_one_position_twice_keeps_the_second_value(backend, nibble, gen, poison_triton):
+    """Metadata that names one position for both kept values of a group (compress_24 never
+    writes it; hand-made or foreign metadata may): every backend puts the second value there,
+    as consecutive writes leave it (the kernels disagreed: the CUDA and Triton ones kept the
+    first). Every metadata word alike, so the CUTLASS interleaving does not matter."""
+    rows, cols = 32, 64
+    values = torch.randn(rows, cols // 2, generator=gen).to(torch.float16)
+    meta = torch.full((rows, cols // 16), nibble * 0x1111, dtype=torch.int32).to(torch.int16)
+    with poison_triton():
+        dense = decompress_24(values, meta, backend=backend)
+    expected = torch.zeros(rows, cols // 4, 4, dtype=torch.float16)
+    expected[:, :, nibble & 0b11] = values.view(rows, cols // 4, 2)[:, :, 1]
+    assert torch.equal(dense, expected.view(rows, cols))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_kept_zeros_keep_their_sign(backend, gen, poison_triton):
     """A group with fewer than two nonzeros keeps a zero: -0.0 stays -0.0, as the reference's
     gather keeps it (equal values, but a bitwise contract). Triton's outputs are allocated

@@ -201,6 +201,44 @@ def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+def test_momentum_and_weight_decay_below_fp32s_range_step_as_torch_sgd(backend, gen):
+    """A momentum and a weight decay that are not 0 but round to 0 in fp32 (1e-46): torch's SGD
+    tests them against 0 as Python floats, so it keeps a buffer (with dampening: the buffer is
+    0.5 d, not d) and adds ``w * 0`` (NaN at an infinite weight); the kernels decide the same in
+    float64, before their fp32 math (they decided in fp32: no buffer written, no decay)."""
+    params = _params(torch.float32, gen)
+    for p in params:
+        if p.numel():
+            p[(-1,) * p.dim()] = float("inf")  # (a weight the perturbation moves or not, per its mask)
+    masks = _masks(gen)
+    sgd = [SGDGroup(lr=0.1, momentum=1e-46, dampening=0.5, weight_decay=1e-46)]
+    plan = SAMStepPlan(params, masks, backend=backend)
+    start = _clone(params)
+    history = []
+    for step in range(2):
+        plan.perturb([0.05])
+        for i, p in enumerate(params):
+            p.grad = None if (step == 0 and i == NO_GRAD) else rand(p.shape, torch.float32, gen).contiguous(
+                memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+        history.append([None if p.grad is None else p.grad.clone() for p in params])
+        plan.restore_sgd(sgd)
+    refs, opts = _sgd_reference(start, sgd, [0] * len(params), history)
+    exact = backend != "triton" or interpreter_fma_is_fused()
+    tol = dict(rtol=0, atol=0, equal_nan=True) if exact else dict(rtol=2e-7, atol=5e-7, equal_nan=True)
+    for p, r in zip(params, refs):
+        assert r.numel() == 0 or r[(-1,) * r.dim()].isnan()  # (what the decay does at the infinite weight)
+        torch.testing.assert_close(p, r, **tol)
+    states = opts[0].state
+    for buf, r in zip(plan.buffers, refs):
+        if r.numel() == 0:  # (torch's SGD makes an empty buffer, the plan none: nothing to step)
+            continue
+        ref_buf = states[r].get("momentum_buffer")
+        assert (buf is None) == (ref_buf is None)
+        if buf is not None:
+            torch.testing.assert_close(buf, ref_buf, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
 def test_scheduled_hyper_parameters_step_as_torch_sgd_without_new_tables(backend, gen):
     """A learning rate (and rho) that changes every step, as a schedule does: each step runs
     with its own values (against torch.optim.SGD with the same schedule, and the perturbation

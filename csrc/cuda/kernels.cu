@@ -387,7 +387,8 @@ __global__ void decompress_24_kernel(const T* values, const int16_t* meta, T* de
   for (int g = 0; g < 4; ++g) {
     const int i0 = (word >> (4 * g)) & 3, i1 = (word >> (4 * g + 2)) & 3;
     const int64_t at = r * cols + c * 16 + g * 4, src = r * (cols / 2) + c * 8 + g * 2;
-    for (int e = 0; e < 4; ++e) dense[at + e] = e == i0 ? values[src] : (e == i1 ? values[src + 1] : from_f<T>(0.f));
+    // i1 first: metadata naming one position twice keeps the second value there (the CPU's order)
+    for (int e = 0; e < 4; ++e) dense[at + e] = e == i1 ? values[src + 1] : (e == i0 ? values[src] : from_f<T>(0.f));
   }
 }
 
@@ -567,7 +568,8 @@ __global__ void __launch_bounds__(kThreads)
   const C neg_lr = static_cast<C>(-h[0]), momentum = static_cast<C>(h[1]), undamped = static_cast<C>(1 - h[2]);
   const C weight_decay = static_cast<C>(h[3]);
   const bool nesterov = h[4] != 0, maximize = h[5] != 0, start_buf = fresh[b.k] != 0;
-  const bool use_buf = momentum != C(0) && buf != nullptr;
+  // tested in double, as torch's SGD does (a value that rounds to 0 in C still counts)
+  const bool use_buf = h[1] != 0 && buf != nullptr, decay = h[3] != 0;
   struct Loaded {
     T weight, grad, buf;
   };
@@ -596,7 +598,7 @@ __global__ void __launch_bounds__(kThreads)
         const C x = to_c<C>(v.weight);
         C d = to_c<C>(v.grad);
         if (maximize) d = -d;
-        if (weight_decay != C(0)) d = fma(x, weight_decay, d);
+        if (decay) d = fma(x, weight_decay, d);
         if (use_buf) {
           const C m = start_buf ? d : fma(d, undamped, to_c<C>(v.buf) * momentum);
           buf[i] = from_c<T>(m);
@@ -610,7 +612,7 @@ template <typename A>
 cudaError_t plan_norm_in(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, A* partial,
                          int32_t* counter, A* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
                          cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaGetLastError();
+  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   return dispatch(g, [&](auto v) {
     using T = decltype(v);
     plan_norm_kernel<T, A><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
@@ -693,7 +695,7 @@ cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const
 cudaError_t plan_perturb(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
                          const int64_t* bits_ptrs, void* backup, const void* inv, bool inv64, const int64_t* flags,
                          const double* rho, cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaGetLastError();
+  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   return dispatch(w, [&](auto v) {
     using T = decltype(v);
     const unsigned grid = static_cast<unsigned>(t.num_blocks);
@@ -710,7 +712,7 @@ cudaError_t plan_perturb(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, co
 
 cudaError_t plan_restore(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* bits_ptrs,
                          const void* backup, cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaGetLastError();
+  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   return dispatch(w, [&](auto v) {
     using T = decltype(v);
     plan_restore_kernel<T><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
@@ -722,7 +724,7 @@ cudaError_t plan_restore(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, co
 cudaError_t plan_restore_sgd(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
                              const int64_t* buf_ptrs, const int64_t* bits_ptrs, const void* backup,
                              const int32_t* group, const double* hyper, const int8_t* fresh, cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaGetLastError();
+  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   return dispatch(w, [&](auto v) {
     using T = decltype(v);
     plan_restore_sgd_kernel<T><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
@@ -734,7 +736,7 @@ cudaError_t plan_restore_sgd(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs
 cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int64_t cols, int n, int m, bool magnitude,
                       cudaStream_t stream) {
   const int64_t groups = rows * ((cols + m - 1) / m);
-  if (groups == 0) return cudaGetLastError();
+  if (groups == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   const int64_t per_block = kThreads / m;
   const int64_t blocks = (groups + per_block - 1) / per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -749,7 +751,7 @@ cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int6
 cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta, int64_t* bad, int64_t rows,
                         int64_t cols, cudaStream_t stream) {
   const int64_t words = rows * (cols / 16);
-  if (words == 0) return cudaGetLastError();
+  if (words == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   return dispatch(x, [&](auto v) {
     using T = decltype(v);
     compress_24_kernel<T><<<blocks_for(words), kThreads, 0, stream>>>(static_cast<const T*>(dense),
@@ -761,7 +763,7 @@ cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta,
 cudaError_t decompress_24(Dtype x, const void* values, const int16_t* meta, void* dense, int64_t rows, int64_t cols,
                           cudaStream_t stream) {
   const int64_t words = rows * (cols / 16);
-  if (words == 0) return cudaGetLastError();
+  if (words == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
   return dispatch(x, [&](auto v) {
     using T = decltype(v);
     decompress_24_kernel<T><<<blocks_for(words), kThreads, 0, stream>>>(static_cast<const T*>(values), meta,

@@ -83,7 +83,11 @@ def decompress_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
     shifts = torch.arange(0, 16, 2, device=meta.device)
     index = ((logical[:, None] >> shifts) & 0b11).reshape(rows, half // 2, 2)
     dense = torch.zeros(rows, half // 2, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, index, values.reshape(rows, half // 2, 2))
+    kept = values.reshape(rows, half // 2, 2)
+    # one scatter per kept value, in order: metadata naming one position twice keeps the second
+    # value there on every device (one scatter of both would leave which one to the device)
+    dense.scatter_(-1, index[..., :1], kept[..., :1])
+    dense.scatter_(-1, index[..., 1:], kept[..., 1:])
     return dense.reshape(rows, half * 2)
 
 

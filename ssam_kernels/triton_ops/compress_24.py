@@ -92,8 +92,9 @@ def _decompress_kernel(values, meta, dense, rows, cols, R: tl.constexpr, MC: tl.
                    other=0.0)  # [R, MC * 8]: 16-byte vectors
     v0, v1 = tl.split(tl.reshape(kept, [R, MC, 4, 2]))  # [R, MC, 4] each
     sel = e[None, None, None, :]
-    out = tl.where(sel == i0[:, :, :, None], v0[:, :, :, None],
-                   tl.where(sel == i1[:, :, :, None], v1[:, :, :, None], 0.0))
+    # i1 first: metadata naming one position twice keeps the second value there (as writes in order would)
+    out = tl.where(sel == i1[:, :, :, None], v1[:, :, :, None],
+                   tl.where(sel == i0[:, :, :, None], v0[:, :, :, None], 0.0))
     c = j * MC * 16 + tl.arange(0, MC * 16)
     tl.store(dense + r[:, None].to(tl.int64) * cols + c[None, :],
              tl.reshape(out, [R, MC * 16]).to(dense.dtype.element_ty), mask=(c < cols)[None, :])

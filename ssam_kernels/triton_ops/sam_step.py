@@ -285,8 +285,8 @@ def _restore_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, bits
 
 @triton.jit
 def _sgd_block(w, g, buf, bits, backup, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-               MASKED: tl.constexpr, HAS_GRAD: tl.constexpr, MOMENTUM: tl.constexpr, FULL: tl.constexpr,
-               BLOCK: tl.constexpr):
+               with_momentum, decay, MASKED: tl.constexpr, HAS_GRAD: tl.constexpr, MOMENTUM: tl.constexpr,
+               FULL: tl.constexpr, BLOCK: tl.constexpr):
     offs = block_offsets(0, BLOCK)
     valid = offs < left
     weight = _restored(w, bits, backup, offs, valid, left, MASKED, FULL, BLOCK)
@@ -296,9 +296,9 @@ def _sgd_block(w, g, buf, bits, backup, left, lr, momentum, undamped, weight_dec
         # torch's SGD op for op: its add(..., alpha=a) is one fused multiply-add, the rest rounds
         # each op (the kernel is compiled without contraction)
         d = tl.where(maximize, -d, d)
-        d = tl.where(weight_decay != 0, tl.fma(x, weight_decay, d), d)
+        d = tl.where(decay, tl.fma(x, weight_decay, d), d)
         if MOMENTUM:
-            if momentum != 0:  # a group without momentum has no buffer
+            if with_momentum:  # a group without momentum has no buffer
                 if fresh:  # torch's SGD: the first buffer is the direction itself
                     b = d
                 else:
@@ -312,21 +312,21 @@ def _sgd_block(w, g, buf, bits, backup, left, lr, momentum, undamped, weight_dec
 
 @triton.jit
 def _sgd_dispatch(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                  has_grad, MASKED: tl.constexpr, MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+                  with_momentum, decay, has_grad, MASKED: tl.constexpr, MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
     if has_grad:
         if left == BLOCK:
             _sgd_block(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                       MASKED, True, MOMENTUM, True, BLOCK)
+                       with_momentum, decay, MASKED, True, MOMENTUM, True, BLOCK)
         else:
             _sgd_block(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                       MASKED, True, MOMENTUM, False, BLOCK)
+                       with_momentum, decay, MASKED, True, MOMENTUM, False, BLOCK)
     else:
         if left == BLOCK:
             _sgd_block(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                       MASKED, False, MOMENTUM, True, BLOCK)
+                       with_momentum, decay, MASKED, False, MOMENTUM, True, BLOCK)
         else:
             _sgd_block(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                       MASKED, False, MOMENTUM, False, BLOCK)
+                       with_momentum, decay, MASKED, False, MOMENTUM, False, BLOCK)
 
 
 @triton.jit
@@ -346,6 +346,8 @@ def _restore_sgd_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, 
     lr, momentum = tl.load(h).to(MATH), tl.load(h + 1).to(MATH)
     undamped, weight_decay = (1 - tl.load(h + 2)).to(MATH), tl.load(h + 3).to(MATH)  # torch's alpha=1 - dampening
     nesterov, maximize = tl.load(h + 4) != 0, tl.load(h + 5) != 0
+    # tested in float64, as torch's SGD does (a value that rounds to 0 in fp32 still counts)
+    with_momentum, decay = tl.load(h + 1) != 0, tl.load(h + 3) != 0
     g_addr = tl.load(g_ptrs + t)
     g = _typed(tl.where(g_addr != 0, g_addr, w_addr), g_ref, start, G_ALIGNED)
     buf = w
@@ -359,11 +361,11 @@ def _restore_sgd_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, 
     if b_addr != 0:
         bits = _typed(b_addr, bits_ref, start // 8, ALIGNED)
         _sgd_dispatch(w, g, buf, bits, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                      g_addr != 0, True, MOMENTUM, BLOCK)
+                      with_momentum, decay, g_addr != 0, True, MOMENTUM, BLOCK)
     else:
         dst = tl.multiple_of(dst, 16) if ALIGNED else dst
         _sgd_dispatch(w, g, buf, w, dst, left, lr, momentum, undamped, weight_decay, nesterov, maximize, fresh,
-                      g_addr != 0, False, MOMENTUM, BLOCK)
+                      with_momentum, decay, g_addr != 0, False, MOMENTUM, BLOCK)
 
 
 # --- host side ---------------------------------------------------------------------------
