@@ -82,6 +82,20 @@ def test_no_kernel_spills(report):
     assert not spills, "\n".join(spills)
 
 
+# Kernel arguments a launcher fills with a new value on every call (a random draw, a step's
+# hyper-parameters as float64 bits, program counts of the step's layout): specialized, each value
+# equal to 1 or divisible by 16 would compile another variant, at whichever step first meets one
+PER_CALL = ("seed", "first", "programs", "eps_bits", "scale_bits", "lr_bits", "momentum_bits", "dampening_bits",
+            "weight_decay_bits")
+
+
+@needs_triton
+def test_values_that_change_every_call_are_not_specialized(report):
+    found = [f"{r['kernel']} [{r['config']}]" for r in report["rows"]
+             if any(re.search(rf"(?:^| ){name}(?:=1|%16=0)(?: |$)", r["config"]) for name in PER_CALL)]
+    assert not found, "\n".join(found)
+
+
 # (kernel, configuration part) launched one element per thread: restore_sgd_step_'s float64
 # variant, whose two-per-thread tiles spill on sm_80 under triton 3.6 (8-byte accesses are whole
 # elements there)

@@ -76,7 +76,8 @@ class Part:
         self.blocks = len(blk_tensor)
         self.kept_blocks = len(kept_blocks)
         self.norm_blocks = self.kept_blocks if plan.masked_norm else self.blocks
-        self.aligned = all(p.data_ptr() % 16 == 0 for p in params) and all(b.data_ptr() % 16 == 0 for b in self.bits)
+        # (the backup is a fresh allocation: aligned under torch's allocators, not under every one)
+        self.aligned = all(t.data_ptr() % 16 == 0 for t in (*params, *self.bits, self.backup))
         # one int64 copy: blk_start | blk_base | numel | w_ptrs | bits_ptrs | rows of int32 pairs
         i64 = [blk_start, blk_base, numels, [p.data_ptr() for p in params], [0 if b is None else b.data_ptr() for b in bits]]
         i32 = [blk_tensor, kept_blocks, list(range(self.blocks)), [plan.groups[i] for i in index]]

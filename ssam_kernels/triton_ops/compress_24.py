@@ -23,7 +23,7 @@ def _meta_offset(r, c, rows):
     shift = ((r % 2 == 0) & (c % 2 == 1)).to(tl.int32) - ((r % 2 == 1) & (c % 2 == 0)).to(tl.int32)
     r = r + shift
     c = c - shift
-    return (c // 2).to(tl.int64) * rows * 2 + r * 2 + c % 2
+    return (c // 2).to(tl.int64) * rows * 2 + r.to(tl.int64) * 2 + c % 2
 
 
 @triton.jit

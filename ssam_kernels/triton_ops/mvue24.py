@@ -63,7 +63,9 @@ def _mvue24_groups(v, u):
     return tl.where((first_bad < 4)[:, None], tl.where(e[None, :] == first_bad[:, None], v, 0.0), out)
 
 
-@triton.jit
+# the seed is a new draw on every call (ascent_linear's backward): not specialized, or one call in
+# 16 (a seed divisible by 16) would compile a second variant at some random step
+@triton.jit(do_not_specialize=["seed"])
 def _mvue24_kernel(x, out, uniforms, seed, groups, numel, HAS_UNIFORMS: tl.constexpr, G: tl.constexpr):
     gid = tl.program_id(0) * G + tl.arange(0, G)  # [G]
     if HAS_UNIFORMS:

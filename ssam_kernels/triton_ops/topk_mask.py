@@ -146,7 +146,7 @@ def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     table = chunk_table([x.numel() for x in xs], device)
     grid = (table.num_chunks,)
     x_addr = address_table(xs, device)
-    vectors = aligned(*xs)  # (the outputs are fresh allocations: aligned)
+    vectors = aligned(*xs)
     passes = 32 // RADIX_BITS
     hist = torch.zeros(passes, BINS, dtype=torch.int32, device=device)
     chunk_hist = torch.empty(table.num_chunks, BINS, dtype=torch.int32, device=device)
@@ -155,6 +155,7 @@ def topk_mask_triton(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
                                 k, PASS=p, ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS, RADIX_BITS=RADIX_BITS)
     ties_through = torch.cumsum(chunk_hist, 0, dtype=torch.int32)  # (at most MAX_TOTAL elements)
     outs = [torch.empty(x.shape, dtype=torch.int8, device=device) for x in xs]
+    vectors = vectors and aligned(*outs)  # (fresh outputs: aligned under torch's allocators, not under every one)
     _write_kernel[grid](table.chunk_tensor, table.chunk_start, table.numel, x_addr, xs[0],
                         address_table(outs, device), outs[0], hist, ties_through, k,
                         ALIGNED=vectors, CHUNK=CHUNK, BLOCK=BLOCK, BINS=BINS, RADIX_BITS=RADIX_BITS,
