@@ -234,7 +234,9 @@ void evict_least_recently_used(Map& kept) {
 }
 
 // one cuSPARSELt handle per thread and device (as torch keeps them: a handle is not shared
-// between threads), with its descriptors and plans
+// between threads), with its descriptors and plans, kept for the thread's life: the main thread
+// and autograd's device threads live as long as the process (a short-lived thread that multiplies
+// leaves its handle and up to 256 plans behind, host memory)
 DeviceState& state(const at::Device& device) {
   thread_local std::map<int, std::unique_ptr<DeviceState>> states;
   auto& slot = states[device.index()];
