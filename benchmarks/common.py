@@ -405,7 +405,8 @@ LEGENDS = {
                      "dense time / 2:4 time (above 1: the sparse GEMM wins; 2 is the sparse tensor cores' peak); "
                      "all in: with the sparsify and compress steps; config: the cuSPARSELt configuration kept "
                      "(planned: through the extension's kept cuSPARSELt plans, else torch's _cslt ops; alg N: its algorithm; "
-                     "split-k N: the contraction split N ways; T: the result written transposed; kept: the fastest with "
+                     "split-k N: the contraction split N ways; mode N: cuSPARSELt's split-k mode (1, 2: one or two kernels; "
+                     "3-6: heuristic, data-parallel, split-k, stream-K); T: the result written transposed; kept: the fastest with "
                      "its path's compression); fastest GEMM alone x dense: the configuration whose GEMM alone was "
                      "fastest in the tuning, timed again beside dense (issue 25's GEMM target); each config tried: its "
                      "GEMM against the dense one (7 runs each, in the tuning, per call: host work included).",

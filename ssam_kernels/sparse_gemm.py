@@ -200,15 +200,17 @@ def _search(packed: torch.Tensor, b: torch.Tensor, planned: bool) -> CsltConfig:
     """What cuSPARSELt's search picks for this product on one path (it runs it several times)."""
     if planned:
         alg, split_k, mode, _ = torch.ops.ssam_cslt.search(packed, b, False)
-        return CsltConfig(alg, False, split_k, mode, planned=True)
+        # (mode 0 is cuSPARSELt's "invalid": unset, as -1)
+        return CsltConfig(alg, False, split_k, mode if mode > 0 else -1, planned=True)
     return CsltConfig(int(torch._cslt_sparse_mm_search(packed, b)))
 
 
 def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple, planned: bool) -> CsltConfig:
     """cuSPARSELt's own search for this shape on one path (once per key): its pick as it reads
     back (algorithm, split-k, split-k mode), else that pick with cuSPARSELt's default mode, else
-    the default configuration; each run once before it is kept, since a configuration read back
-    from a search is not always one cuSPARSELt accepts to plan again."""
+    the default configuration. A pick is run once before it is kept, since a configuration read
+    back from a search is not always one cuSPARSELt accepts to plan again; the default is kept
+    untried (it is what every path falls back to). Running out of memory is raised, not kept."""
     search_key = key + (planned,)
     if search_key not in _SEARCHED:
         while len(_SEARCHED) >= MAX_SEARCHED:  # the oldest goes (a shape per token count: unbounded)
@@ -217,6 +219,8 @@ def _searched(packed: torch.Tensor, b: torch.Tensor, key: tuple, planned: bool) 
         try:
             found = _search(packed, b, planned)
         except (RuntimeError, AttributeError) as exc:  # a cuSPARSELt or torch without it, a shape it rejects
+            if isinstance(exc, torch.OutOfMemoryError):  # (memory runs short for a while, not for good)
+                raise
             log_once(("search", planned) + key,
                      f"sparse_mm_24: cuSPARSELt's algorithm search failed ({exc}); default algorithm")
             found = default
@@ -247,9 +251,9 @@ def _config(a: torch.Tensor, b: torch.Tensor) -> CsltConfig:
     found = _SEARCHED.get(key + (planned,))
     if found is not None:
         return found
-    _refuse_capture(a, b, "gemm='cusparselt'")
     # the search's products are not part of the caller's computation (as tune's timings)
     with on_device(a.device), _disable_current_modes():
+        _refuse_capture(a, b, "gemm='cusparselt'")  # (a's device current: its stream is the one captured)
         return _search_config(a, b, key, planned)
 
 
@@ -323,10 +327,10 @@ def tune(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     the labels of the configurations to them."""
     key = _key(a, b)
     if key not in _TRIALS:
-        _refuse_capture(a, b, "gemm='auto'")
         # the timed GEMMs are not part of the caller's computation: out of sight of its modes
         # (a FlopCounterMode would count them, an op counter see them)
         with on_device(a.device), _disable_current_modes():  # the events time the current device's stream
+            _refuse_capture(a, b, "gemm='auto'")
             _tune(a, b, key)
     return dict(_TRIALS[key])
 
@@ -411,7 +415,7 @@ def resolve_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
     """The path ``sparse_mm_24`` takes: ``"dense"`` or ``"cusparselt"``."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-    if gemm == "dense":
+    if gemm == "dense" or 0 in (*a.shape, b.shape[1]):  # (an empty product: nothing to multiply, in any mode)
         return "dense"
     why = cusparselt_unsupported(a, b)
     if why is not None:
@@ -431,7 +435,8 @@ def sparse_mm_24(a: torch.Tensor, b: torch.Tensor, *, gemm: str = "auto", check:
 
     Args:
         gemm: ``"auto"`` (measured per shape, see the module docstring), ``"dense"`` or
-            ``"cusparselt"`` (strict: ``ValueError`` where it cannot run).
+            ``"cusparselt"`` (strict: ``ValueError`` where it cannot run; an empty product,
+            nothing to multiply, runs dense in every mode).
         check: verify that ``a`` is 2:4 along ``k`` (one pass over ``a`` and a host sync;
             cuSPARSELt would silently drop extra nonzeros). Callers that built ``a`` 2:4 pass
             False.

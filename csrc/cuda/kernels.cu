@@ -311,7 +311,8 @@ template <typename T, typename G, bool kPerturb> struct Move {
 };
 
 template <typename Op> cudaError_t launch(const ChunkTable& t, const Op& op, cudaStream_t stream) {
-  if (t.num_chunks > 0) multi_tensor_kernel<<<static_cast<unsigned>(t.num_chunks), kThreads, 0, stream>>>(t, op);
+  if (t.num_chunks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  multi_tensor_kernel<<<static_cast<unsigned>(t.num_chunks), kThreads, 0, stream>>>(t, op);
   return cudaGetLastError();
 }
 
@@ -653,7 +654,8 @@ cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* c
 
 cudaError_t chunk_offsets(const int64_t* numel, const int64_t* first_chunk, int64_t num_tensors, int64_t* counts,
                           int64_t* totals, cudaStream_t stream) {
-  if (num_tensors > 0) chunk_offsets_kernel<<<static_cast<unsigned>(num_tensors), kThreads, 0, stream>>>(numel, first_chunk, counts, totals);
+  if (num_tensors == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  chunk_offsets_kernel<<<static_cast<unsigned>(num_tensors), kThreads, 0, stream>>>(numel, first_chunk, counts, totals);
   return cudaGetLastError();
 }
 
