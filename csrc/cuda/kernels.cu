@@ -310,8 +310,10 @@ template <typename T, typename G, bool kPerturb> struct Move {
   }
 };
 
+// A launcher that launches nothing returns cudaSuccess, not cudaGetLastError(): an error left
+// pending by another op is not its own (and would be cleared in its name).
 template <typename Op> cudaError_t launch(const ChunkTable& t, const Op& op, cudaStream_t stream) {
-  if (t.num_chunks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (t.num_chunks == 0) return cudaSuccess;
   multi_tensor_kernel<<<static_cast<unsigned>(t.num_chunks), kThreads, 0, stream>>>(t, op);
   return cudaGetLastError();
 }
@@ -613,7 +615,7 @@ template <typename A>
 cudaError_t plan_norm_in(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const int64_t* bits_ptrs, A* partial,
                          int32_t* counter, A* inv, int64_t* flags, int64_t first, int64_t programs, double eps,
                          cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (t.num_blocks == 0) return cudaSuccess;
   return dispatch(g, [&](auto v) {
     using T = decltype(v);
     plan_norm_kernel<T, A><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
@@ -654,7 +656,7 @@ cudaError_t count_bits(const ChunkTable& t, const int64_t* bits_ptrs, int64_t* c
 
 cudaError_t chunk_offsets(const int64_t* numel, const int64_t* first_chunk, int64_t num_tensors, int64_t* counts,
                           int64_t* totals, cudaStream_t stream) {
-  if (num_tensors == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (num_tensors == 0) return cudaSuccess;
   chunk_offsets_kernel<<<static_cast<unsigned>(num_tensors), kThreads, 0, stream>>>(numel, first_chunk, counts, totals);
   return cudaGetLastError();
 }
@@ -697,7 +699,7 @@ cudaError_t plan_norm(const PlanBlocks& t, Dtype g, const int64_t* g_ptrs, const
 cudaError_t plan_perturb(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
                          const int64_t* bits_ptrs, void* backup, const void* inv, bool inv64, const int64_t* flags,
                          const double* rho, cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (t.num_blocks == 0) return cudaSuccess;
   return dispatch(w, [&](auto v) {
     using T = decltype(v);
     const unsigned grid = static_cast<unsigned>(t.num_blocks);
@@ -714,7 +716,7 @@ cudaError_t plan_perturb(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, co
 
 cudaError_t plan_restore(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* bits_ptrs,
                          const void* backup, cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (t.num_blocks == 0) return cudaSuccess;
   return dispatch(w, [&](auto v) {
     using T = decltype(v);
     plan_restore_kernel<T><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
@@ -726,7 +728,7 @@ cudaError_t plan_restore(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, co
 cudaError_t plan_restore_sgd(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs, const int64_t* g_ptrs,
                              const int64_t* buf_ptrs, const int64_t* bits_ptrs, const void* backup,
                              const int32_t* group, const double* hyper, const int8_t* fresh, cudaStream_t stream) {
-  if (t.num_blocks == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (t.num_blocks == 0) return cudaSuccess;
   return dispatch(w, [&](auto v) {
     using T = decltype(v);
     plan_restore_sgd_kernel<T><<<static_cast<unsigned>(t.num_blocks), kThreads, 0, stream>>>(
@@ -738,7 +740,7 @@ cudaError_t plan_restore_sgd(const PlanBlocks& t, Dtype w, const int64_t* w_ptrs
 cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int64_t cols, int n, int m, bool magnitude,
                       cudaStream_t stream) {
   const int64_t groups = rows * ((cols + m - 1) / m);
-  if (groups == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (groups == 0) return cudaSuccess;
   const int64_t per_block = kThreads / m;
   const int64_t blocks = (groups + per_block - 1) / per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -753,7 +755,7 @@ cudaError_t nm_select(Dtype x, const void* scores, bool* out, int64_t rows, int6
 cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta, int64_t* bad, int64_t rows,
                         int64_t cols, cudaStream_t stream) {
   const int64_t words = rows * (cols / 16);
-  if (words == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (words == 0) return cudaSuccess;
   return dispatch(x, [&](auto v) {
     using T = decltype(v);
     compress_24_kernel<T><<<blocks_for(words), kThreads, 0, stream>>>(static_cast<const T*>(dense),
@@ -765,7 +767,7 @@ cudaError_t compress_24(Dtype x, const void* dense, void* values, int16_t* meta,
 cudaError_t decompress_24(Dtype x, const void* values, const int16_t* meta, void* dense, int64_t rows, int64_t cols,
                           cudaStream_t stream) {
   const int64_t words = rows * (cols / 16);
-  if (words == 0) return cudaSuccess;  // (nothing launched: an error pending from elsewhere is not this op's)
+  if (words == 0) return cudaSuccess;
   return dispatch(x, [&](auto v) {
     using T = decltype(v);
     decompress_24_kernel<T><<<blocks_for(words), kThreads, 0, stream>>>(static_cast<const T*>(values), meta,

@@ -163,8 +163,8 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "a
     ``values`` and ``meta`` are the pair :func:`compress_24` returned: ``values`` ``[rows,
     cols / 2]`` fp16/bf16, ``meta`` ``[rows, cols / 16]`` int16 in the CUTLASS layout, on one
     device. Metadata that no compression makes (both values of a group sent to one slot) puts
-    the second value in that slot, on every backend. ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or
-    ``"ext"``."""
+    the second value in that slot, on every backend. ``backend``: ``"auto"``, ``"torch"``,
+    ``"triton"`` or ``"ext"``."""
     _check_matrix("values", values, DTYPES)
     _check_matrix("meta", meta, (torch.int16,))
     rows, half = values.shape
