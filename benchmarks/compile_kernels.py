@@ -317,6 +317,7 @@ _PTXAS = {
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
 }
 _LD = re.compile(r"^\s*(?:@%p\d+\s+)?ld\.global((?:\.[a-z0-9_:]+)*)\s", re.M)
+_LD_CG = re.compile(r"^\s*(?:@%p\d+\s+)?ld\.global((?:\.[a-z0-9_:]+)*\.cg(?:\.[a-z0-9_:]+)*)\s", re.M)  # past L1
 _ST = re.compile(r"^\s*(?:@%p\d+\s+)?st\.global((?:\.[a-z0-9_:]+)*)\s", re.M)
 _FMA = re.compile(r"^\s*(?:@%p\d+\s+)?fma\.rn[.a-z0-9]*\s", re.M)  # floating-point fused multiply-adds
 _CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
@@ -339,7 +340,9 @@ def _widths(pattern, ptx: str) -> dict[int, int]:
 
 
 def ptx_facts(ptx: str) -> dict:
-    """Global access widths, MMA instructions and floating-point FMAs of a kernel, from its PTX."""
+    """Global access widths (of every load, and of the ``.cg`` loads apart: those that read what
+    other programs of the launch wrote), MMA instructions and floating-point FMAs of a kernel,
+    from its PTX."""
     loads = _widths(_LD, ptx)
     for n in _CP_ASYNC.findall(ptx):  # asynchronous copies to shared memory (GEMM operands)
         loads[int(n, 0)] = loads.get(int(n, 0), 0) + 1
@@ -351,7 +354,8 @@ def ptx_facts(ptx: str) -> dict:
         mma = "mma.sync"
     else:
         mma = None
-    return {"loads": loads, "stores": _widths(_ST, ptx), "mma": mma, "fma": len(_FMA.findall(ptx))}
+    return {"loads": loads, "cg_loads": _widths(_LD_CG, ptx), "stores": _widths(_ST, ptx), "mma": mma,
+            "fma": len(_FMA.findall(ptx))}
 
 
 def config_label(launch: Launch) -> str:

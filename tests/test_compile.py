@@ -125,6 +125,17 @@ def test_bandwidth_bound_kernels_move_16_byte_vectors(report):
     assert not scalar, "\n".join(scalar)
 
 
+@needs_triton
+def test_the_last_norm_program_reads_the_partials_in_16_byte_vectors(report):
+    """One program sums every block's partial (173k of them on GPT-2 medium's weights), step by
+    step waiting on its loads: in 4-byte loads that is four times the instructions, a serial
+    tail on every step. Its reads are the kernel's only ``.cg`` loads."""
+    rows = _rows(report, kernel="_norm_kernel")
+    assert rows
+    scalar = [f"{r['config']} {r['target']}: {r['cg_loads']}" for r in rows if set(r["cg_loads"]) != {"16"}]
+    assert not scalar, "\n".join(scalar)
+
+
 # kernels whose results must equal the reference's bit for bit: each product rounded before its
 # sum (launched with enable_fp_fusion=False, as the extension is built with --fmad=false). (The
 # SGD kernels are launched so too, but keep explicit tl.fma where torch's add(alpha=) fuses.)
@@ -164,12 +175,14 @@ def test_ptx_access_widths_are_parsed():
     ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
     @%p1 ld.global.b8 { %rs1 }, [ %rd2 + 0 ];
     ld.global.v2.b64 { %rd3, %rd4 }, [ %rd5 + 0 ];
+    ld.global.cg.b32 { %r9 }, [ %rd8 + 0 ];
     @%p2 st.global.v2.b32 [ %rd6 + 0 ], { %r5, %r6 };
     cp.async.cg.shared.global [ %r7 + 0 ], [ %rd7 + 0 ], 0x10, %r8;
     wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};
     """
     facts = ck.ptx_facts(ptx)
-    assert facts["loads"] == {16: 3, 1: 1}
+    assert facts["loads"] == {16: 3, 4: 1, 1: 1}
+    assert facts["cg_loads"] == {4: 1}
     assert facts["stores"] == {8: 1}
     assert facts["mma"] == "wgmma"
     assert ck.ptx_facts("mma.sync.aligned.m16n8k16")["mma"] == "mma.sync"

@@ -115,6 +115,8 @@ class KernelStep:
     momentum flags: the last of each remembered, so a steady step looks nothing up), and the
     momentum buffers. A backend supplies ``block_size(dtype)`` and the four launches."""
 
+    partial_multiple = 1  # the norm's partial sums are padded with zeros to a multiple of this
+
     def block_size(self, dtype: torch.dtype) -> int:
         raise NotImplementedError
 
@@ -127,7 +129,9 @@ class KernelStep:
         self.parts = [Part(plan, idx, [memory_masks[i] for i in idx], self.block_size(plan.params[idx[0]].dtype))
                       for idx in by_dtype.values()]
         self.norm_programs = sum(part.norm_blocks for part in self.parts)
-        self.partial = torch.empty(max(self.norm_programs, 1), dtype=plan.norm_dtype, device=plan.device)
+        # (zeros past the last program's: a backend may read them, ``partial_multiple`` at a time)
+        length = max(-(-self.norm_programs // self.partial_multiple) * self.partial_multiple, 1)
+        self.partial = torch.zeros(length, dtype=plan.norm_dtype, device=plan.device)
         self.counter = torch.zeros(1, dtype=torch.int32, device=plan.device)
         self.device, self.place = _place(plan.device)
         self.memo: dict[str, tuple] = {}

@@ -37,6 +37,7 @@ from .multi_tensor import as_f64, block_offsets, f64_bits, load_block, store_blo
 
 BLOCK = 2048  # elements per program (1024 for float64): 8 per thread in 8 warps, no spill (compile tier)
 FINAL_BLOCK = 1024  # partial sums per load of the last norm program (four loads a step of its loop)
+PARTIAL_MULTIPLE = 4 * FINAL_BLOCK  # the partials' length is padded to this (zeros): its loads need no mask
 
 
 @triton.jit
@@ -144,17 +145,16 @@ def _norm_kernel(blocks, blk_tensor, blk_start, numel, g_ptrs, bits_ptrs, partia
 @triton.jit
 def _finish_norm(partial, counter, inv, flags, programs, eps_bits, ACC: tl.constexpr, FINAL_BLOCK: tl.constexpr):
     acc = tl.zeros([FINAL_BLOCK], dtype=ACC)
-    # a fixed order: the same sum whichever program is last. Four loads per step in flight: this
-    # loop runs in one program, over one partial per block (173k for GPT-2 medium's weights),
-    # each step waiting on its loads
+    # a fixed order: the same sum whichever program is last. This loop runs in one program,
+    # over one partial per block (173k for GPT-2 medium's weights), each step waiting on its
+    # loads: four 16-byte vectors a thread in flight per step, unmasked (the partials are zero
+    # up to a multiple of PARTIAL_MULTIPLE: a mask on ``programs`` made every load scalar)
     for i in range(0, programs, 4 * FINAL_BLOCK):
         k = i + tl.arange(0, FINAL_BLOCK)
-        a0 = tl.load(partial + k, mask=k < programs, other=0.0, cache_modifier=".cg")
-        a1 = tl.load(partial + k + FINAL_BLOCK, mask=k + FINAL_BLOCK < programs, other=0.0, cache_modifier=".cg")
-        a2 = tl.load(partial + k + 2 * FINAL_BLOCK, mask=k + 2 * FINAL_BLOCK < programs, other=0.0,
-                     cache_modifier=".cg")
-        a3 = tl.load(partial + k + 3 * FINAL_BLOCK, mask=k + 3 * FINAL_BLOCK < programs, other=0.0,
-                     cache_modifier=".cg")
+        a0 = tl.load(partial + k, cache_modifier=".cg")
+        a1 = tl.load(partial + k + FINAL_BLOCK, cache_modifier=".cg")
+        a2 = tl.load(partial + k + 2 * FINAL_BLOCK, cache_modifier=".cg")
+        a3 = tl.load(partial + k + 3 * FINAL_BLOCK, cache_modifier=".cg")
         acc += (a0 + a1) + (a2 + a3)
     total = tl.sum(acc, axis=0)
     finite = (total - total) == 0  # NaN for inf and NaN
@@ -373,6 +373,8 @@ def _restore_sgd_kernel(blocks, blk_tensor, blk_start, blk_base, numel, w_ptrs, 
 class TritonStep(KernelStep):
     """The Triton kernels of a :class:`~ssam_kernels.SAMStepPlan`."""
 
+    partial_multiple = PARTIAL_MULTIPLE
+
     def block_size(self, dtype: torch.dtype) -> int:
         return BLOCK // 2 if dtype == torch.float64 else BLOCK
 
@@ -382,11 +384,14 @@ class TritonStep(KernelStep):
 
     def launch_norm(self, part, g_ptrs, g_aligned, first) -> None:
         plan = self.plan
+        # (float64 partials: half as many a load, the same 16 bytes a thread, and registers kept
+        # at the rest of the kernel's count)
+        final_block = FINAL_BLOCK // 2 if plan.norm_dtype == torch.float64 else FINAL_BLOCK
         _norm_kernel[(part.norm_blocks,)](
             part.norm_rows, part.blk_tensor, part.blk_start, part.numel, g_ptrs, part.bits_ptrs, self.partial,
             self.counter, plan.inv, plan.flags, first, self.norm_programs, self.eps_bits, part.ref, part.bits_ref,
             MASKED=plan.masked_norm, FP64=plan.norm_dtype == torch.float64, ALIGNED=part.aligned,
-            G_ALIGNED=part.aligned and g_aligned, BLOCK=part.block, FINAL_BLOCK=FINAL_BLOCK, num_warps=8,
+            G_ALIGNED=part.aligned and g_aligned, BLOCK=part.block, FINAL_BLOCK=final_block, num_warps=8,
             enable_fp_fusion=True)  # the squares fused into the sums, named: triton 3.10 turns the default off
 
     def launch_perturb(self, part, g_ptrs, g_aligned, tensor_rho) -> None:
