@@ -210,6 +210,30 @@ def test_fused_sgd_with_a_parameter_idle_in_the_second_pass(gen):
     assert "momentum_buffer" not in opt.base_optimizer.state[bias]
 
 
+@pytest.mark.parametrize("fuse_sgd", [True, False])
+def test_an_empty_parameter_keeps_an_empty_momentum_buffer_as_torchs_sgd_does(fuse_sgd, gen):
+    """torch's SGD gives an empty parameter with a gradient an empty momentum buffer; so does
+    every second step (the planned kernels read an empty gradient's address, 0, as none), so
+    the optimizer's state holds the same entries as a plain SGD's."""
+    model = _model()
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    params = [*model.parameters(), empty]
+    opt = ssam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, fuse_sgd=fuse_sgd)
+    x, y = regression_batch(gen)
+    closure = make_closure(model, x, y, lambda out, y: F.mse_loss(out, y) + empty.sum())
+    for _ in range(2):
+        opt.zero_grad()
+        closure()
+        opt.step(closure)
+    sgd = torch.optim.SGD([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.1, momentum=0.9)
+    for q in sgd.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    sgd.step()
+    assert [sorted(opt.base_optimizer.state[p]) for p in params] == [sorted(sgd.state[q]) for q in
+                                                                     sgd.param_groups[0]["params"]]
+    assert opt.base_optimizer.state[empty]["momentum_buffer"].shape == empty.shape
+
+
 def test_no_fused_sgd_without_a_kernel_for_it(gen, monkeypatch):
     """With the reference backend, restore_sgd_step_ is a loop over tensors, slower than
     restore_ + torch's SGD: the second step then calls the base optimizer. A planned step (a

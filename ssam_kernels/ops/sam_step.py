@@ -198,6 +198,7 @@ class SAMStepPlan:
         self.inv = torch.zeros(1, dtype=self.norm_dtype, device=device)
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)
         self.buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum buffers, once made
+        self._empty_unstarted = [i for i, p in enumerate(params) if p.numel() == 0]  # (see _start_empty)
         self.perturbed = False
         self._issued = None  # the last tuple grad_addresses() returned: the one perturb(grads=) takes
         self._sgd = None  # the last hyper-parameters restore_sgd checked
@@ -334,6 +335,8 @@ class SAMStepPlan:
         grads = self.grad_addresses(check_params=False)
         with _launching(self.device):
             made = self._impl.restore_sgd(grads, self._sgd)
+        if self._empty_unstarted:
+            made += self._start_empty()
         bump_versions(self.params)  # (not the momentum buffers: optimizer state, which no graph saves)
         self.perturbed = False
         return made
@@ -350,8 +353,23 @@ class SAMStepPlan:
                 raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
         _checks.disjoint_lists([("params", self.params), ("buffers", buffers)])
         self.buffers = list(buffers)
+        self._empty_unstarted = [i for i, p in enumerate(self.params) if p.numel() == 0 and buffers[i] is None]
         with _launching(self.device):
             self._impl.buffers_changed()
+
+    def _start_empty(self) -> list[int]:
+        """Momentum buffers of the empty parameters stepped now (with a gradient, in a group with
+        momentum): torch's SGD gives them an empty one, which no kernel makes (an empty
+        gradient's address is 0, read as no gradient)."""
+        made = []
+        for i in self._empty_unstarted:
+            p = self.params[i]
+            if p.grad is not None and self._sgd[self.groups[i]].momentum != 0:
+                self.buffers[i] = torch.empty_like(p)
+                made.append(i)
+        if made:
+            self._empty_unstarted = [i for i in self._empty_unstarted if i not in made]
+        return made
 
 
 _NOTHING = contextlib.nullcontext()

@@ -87,8 +87,10 @@ class Part:
          self.blk_tensor, self.kept, self.all, self.tensor_group) = (v(table) for v in views)
         self.norm_rows = self.kept if plan.masked_norm else self.all
         self.buf_ptrs = torch.zeros(len(index), dtype=torch.int64, device=device)  # none until made
-        self.fresh = [True] * len(index)  # momentum buffer not started yet (torch's SGD: buf = d)
-        self.any_fresh = True
+        # momentum buffer not started yet (torch's SGD: buf = d); an empty tensor's is the plan's
+        # to make (SAMStepPlan._start_empty): no kernel step of its starts one
+        self.fresh = [n > 0 for n in numels]
+        self.any_fresh = any(self.fresh)
         self.spare: dict[int, torch.Tensor] = {}  # buffers made ahead for tensors not stepped yet
 
 
@@ -307,8 +309,8 @@ class KernelStep:
         plan = self.plan
         if not part.any_fresh:
             return self._no_fresh(part)
-        missing = [t for t, i in enumerate(part.index) if plan.buffers[i] is None and t not in part.spare
-                   and sgd[plan.groups[i]].momentum != 0]
+        missing = [t for t, i in enumerate(part.index) if part.fresh[t] and plan.buffers[i] is None
+                   and t not in part.spare and sgd[plan.groups[i]].momentum != 0]
         if missing:  # one allocation for every tensor still without a buffer
             params = [plan.params[part.index[t]] for t in missing]
             flat = torch.zeros(sum(aligned_length(p.numel(), p.dtype) for p in params), dtype=part.dtype,
@@ -351,7 +353,7 @@ class KernelStep:
     def buffers_changed(self) -> None:
         for part in self.parts:
             part.spare.clear()
-            part.fresh = [self.plan.buffers[i] is None for i in part.index]
+            part.fresh = [self.plan.buffers[i] is None and self.plan.params[i].numel() > 0 for i in part.index]
             part.any_fresh = any(part.fresh)
             self._buffer_table(part)
 
