@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (BACKENDS_WITH_EXT, RecordOps, assert_tensors_equal, backend_dtypes, interpreter_fma_is_fused,
-                     needs_ext, needs_interpreter, rand, rand_mask)
+                     needs_ext, needs_interpreter, poisoned_allocations, rand, rand_mask)
 
 import ssam
 from ssam_kernels import SAMStepPlan, SGDGroup, _host_loops
@@ -142,6 +142,33 @@ def test_triton_perturbation_is_the_references_bit_for_bit(masked_norm, gen):
             bound = (rel + 3 * eps32) * e.abs() + eps32 * torch.maximum(x.double().abs(), y.double().abs()) * moved
             assert ((x.double() - y.double()).abs() <= bound).all()
             assert torch.equal(x[~moved], w[~moved]) and torch.equal(y[~moved], w[~moved])
+
+
+@pytest.mark.interpret
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_last_norm_program_sums_every_partial_over_several_loop_steps(dtype, gen, monkeypatch):
+    """The last norm program reads the partials four loads of FINAL_BLOCK at a time, unmasked,
+    up to their zero padding: here three steps of its loop (FINAL_BLOCK cut to 16) over 152
+    partials padded to 192, the plan's memory poisoned where Python allocates it (a padding
+    not zeroed would enter the sum)."""
+    from ssam_kernels.triton_ops import sam_step as triton_step
+
+    monkeypatch.setattr(triton_step, "FINAL_BLOCK", 16)
+    monkeypatch.setattr(triton_step.TritonStep, "partial_multiple", 64)
+    block = triton_step.BLOCK // (2 if dtype == torch.float64 else 1)
+    params = [rand((block * 70 + 5,), dtype, gen), rand((block * 81 - 3,), dtype, gen)]
+    for p in params:
+        p.grad = rand(p.shape, dtype, gen)
+    want = _oracle_perturbed(params, [None, None], [0, 0], [0.05], False)
+    with poisoned_allocations():
+        plan = SAMStepPlan(params, backend="triton")
+        assert plan._impl.norm_programs == 152 and plan._impl.partial.numel() == 192
+        plan.perturb([0.05])
+    total = sum(float(p.grad.double().square().sum()) for p in params)
+    assert 1.0 / float(plan.inv) - EPS == pytest.approx(math.sqrt(total), rel=1e-5 if dtype != torch.float64 else 1e-12)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.double(), w, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
 
 
 def _sgd_reference(params, sgd_groups, groups, steps_grads):
