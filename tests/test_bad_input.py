@@ -109,6 +109,17 @@ def test_unknown_structure_and_bad_nm(make, structure):
         make(structure=structure)
 
 
+@pytest.mark.parametrize("args, match", [
+    (("unstructred",), "structure kind must be one of"), (("nm", 2, 0), "N:M needs ints 1 <= n < m"),
+    (("nm", 4, 2), "N:M needs ints 1 <= n < m"), (("nm", 2, 4, "sideways"), "along must be 'in' or 'out'"),
+    (("tensor", 2, 4), "'tensor' takes no n, m or along")])
+def test_a_structure_made_by_hand_is_checked(args, match):
+    """``ssam.Structure`` is public and taken as it is: a kind misspelt made whole-tensor masks,
+    m=0 divided by zero."""
+    with pytest.raises(ValueError, match=match):
+        _ssamf(structure=ssam.Structure(*args))
+
+
 def test_structure_type():
     with pytest.raises(TypeError, match="structure must be a string"):
         _ssamf(structure=24)

@@ -128,6 +128,34 @@ def test_a_base_load_state_dict_brings_its_learning_rate(gen):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("kind", ["SAM", "SSAMF", "SSAMD"])
+def test_a_group_added_after_a_base_load_state_dict_joins_the_loaded_groups(kind, gen):
+    """``add_param_group`` after ``base_optimizer.load_state_dict`` (before any step): the group
+    goes to the base's new list, which SAM follows; SSAM's new parameters get their (empty)
+    masks. They were given to the old list's last group, and every later step of SSAM-F /
+    SSAM-D raised a KeyError (no mask)."""
+    x, y = regression_batch(gen, n=16)
+    torch.manual_seed(0)
+    model = MLP()
+    first, rest = list(model.net[0].parameters()), [p for m in list(model.net)[1:] for p in m.parameters()]
+    make = {"SAM": lambda: ssam.SAM(first, torch.optim.SGD, rho=0.05, lr=0.1),
+            "SSAMF": lambda: ssam.SSAMF(first, torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=4, update_freq=1,
+                                        lr=0.1),
+            "SSAMD": lambda: ssam.SSAMD(first, torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=10,
+                                        lr=0.1)}
+    opt = make[kind]()
+    opt.base_optimizer.load_state_dict(copy.deepcopy(opt.base_optimizer.state_dict()))
+    opt.add_param_group({"params": rest})
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    if kind != "SAM":
+        assert [m.any().item() for m in opt.masks()[len(first):]] == [False] * len(rest)
+    before = weights_of(model)
+    for _ in range(2):
+        _two_passes(opt, model, x, y)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("base_class, kwargs", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
                                                 (torch.optim.Adam, dict(lr=1e-3))])
 def test_schedulers_that_read_the_defaults_take_sam(base_class, kwargs, gen):

@@ -234,6 +234,26 @@ def test_an_empty_parameter_keeps_an_empty_momentum_buffer_as_torchs_sgd_does(fu
     assert opt.base_optimizer.state[empty]["momentum_buffer"].shape == empty.shape
 
 
+@pytest.mark.parametrize("shape", [(6,), ()])
+def test_a_momentum_buffer_shaped_unlike_its_parameter_is_refused_not_broadcast(shape, gen):
+    """torch's SGD refuses it (its in-place add cannot broadcast); the planned step copied it
+    into its parameter's layout, and the copy broadcast it. Refused, the weights back at w;
+    the optimizer steps once the buffer is mended."""
+    model = _model()
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    x, y = regression_batch(gen)
+    _sam_steps(opt, model, [(x, y)])
+    weight = model.net[0].weight  # (2-D: its buffer made 1-D or 0-dim below)
+    opt.base_optimizer.state[weight]["momentum_buffer"] = torch.zeros(shape)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"momentum_buffer'\] is shape .* a momentum buffer is shaped like its parameter"):
+        _sam_steps(opt, model, [(x, y)])
+    assert_tensors_equal(model.parameters(), before)
+    opt.base_optimizer.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
+    _sam_steps(opt, model, [(x, y)])
+    assert not torch.equal(weight, before[0])
+
+
 def test_no_fused_sgd_without_a_kernel_for_it(gen, monkeypatch):
     """With the reference backend, restore_sgd_step_ is a loop over tensors, slower than
     restore_ + torch's SGD: the second step then calls the base optimizer. A planned step (a

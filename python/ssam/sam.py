@@ -294,6 +294,7 @@ class SAM(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self._pending is not None:
             raise RuntimeError("add_param_group() between first_step() and second_step()")
+        self._follow_base_groups()  # (a load_state_dict on the base optimizer: the group goes to its new list)
         param_group = self._checked_new_group(param_group)  # (raises before anything is added)
         self._invalidate_plan()
         self.base_optimizer.add_param_group(param_group)
@@ -1006,7 +1007,14 @@ class _Planned:
 
 
 def _laid_out_like(buf: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
-    """A momentum buffer with its parameter's memory layout (a copy where it has another)."""
-    if buf is None or (buf.stride() == p.stride() and buf.dtype == p.dtype and buf.device == p.device):
+    """A momentum buffer with its parameter's memory layout (a copy where it has another). One
+    shaped otherwise is refused, as torch's SGD refuses it (a copy would broadcast it)."""
+    if buf is None:
+        return buf
+    if not isinstance(buf, torch.Tensor) or buf.shape != p.shape:
+        what = f"shape {tuple(buf.shape)}" if isinstance(buf, torch.Tensor) else f"a {type(buf).__name__}"
+        raise ValueError(f"base_optimizer.state[p]['momentum_buffer'] is {what}, its parameter p a tensor of shape "
+                         f"{tuple(p.shape)}: a momentum buffer is shaped like its parameter")
+    if buf.stride() == p.stride() and buf.dtype == p.dtype and buf.device == p.device:
         return buf
     return torch.empty_like(p).copy_(buf)

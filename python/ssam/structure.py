@@ -24,6 +24,7 @@ import torch
 
 import ssam_kernels
 
+KINDS = ("unstructured", "nm", "tensor", "budget")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(in|out)\s*)?$")
 
 
@@ -37,6 +38,19 @@ class Structure:
     n: int = 0
     m: int = 0
     along: str = "in"  # nm: the dim the groups run along, "in" (reduction) or "out"
+
+    def __post_init__(self):  # (made by hand too: ssam.Structure is public)
+        if self.kind not in KINDS:
+            raise ValueError(f"structure kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
+        if self.kind != "nm":
+            if (self.n, self.m, self.along) != (0, 0, "in"):
+                raise ValueError(f"structure {self.kind!r} takes no n, m or along (those are N:M's), got "
+                                 f"n={self.n!r}, m={self.m!r}, along={self.along!r}")
+            return
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.n, self.m)) or not 1 <= self.n < self.m:
+            raise ValueError(f"structure N:M needs ints 1 <= n < m, got n={self.n!r}, m={self.m!r}")
+        if self.along not in ("in", "out"):
+            raise ValueError(f"structure N:M's along must be 'in' or 'out', got {self.along!r}")
 
     @property
     def density(self) -> float | None:
@@ -54,7 +68,7 @@ def parse_structure(structure) -> Structure:
     if isinstance(structure, Structure):
         return structure
     if not isinstance(structure, str):
-        raise TypeError(f"structure must be a string, got {type(structure).__name__}")
+        raise TypeError(f"structure must be a string or an ssam.Structure, got {type(structure).__name__}")
     if structure in ("unstructured", "tensor", "budget"):
         return Structure(structure)
     match = _NM.match(structure)
