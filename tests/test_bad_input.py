@@ -276,3 +276,39 @@ def test_get_mask_of_foreign_parameter():
     opt = _ssamd()
     with pytest.raises(ValueError, match="not a parameter of this optimizer"):
         opt.get_mask(torch.nn.Parameter(torch.ones(3)))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((float("nan"), 0.5, 0, 10), ValueError, "epoch must be finite"),
+    ((1, -3.0, 0, 10), ValueError, r"drop_rate must be in \[0, 1\]"),
+    ((1, 0.5, 0, "10"), TypeError, "t_end must be a real number"),
+    ((True, 0.5, 0, 10), TypeError, "epoch must be a real number")])
+def test_cosine_death_rate_checks_its_arguments(args, error, match):
+    """Public: it returned NaN for a NaN epoch and a negative rate for a negative drop_rate."""
+    with pytest.raises(error, match=match):
+        ssam.cosine_death_rate(*args)
+
+
+def test_measure_costs_names_a_bad_model_or_batch():
+    """An empty batch divided by zero; a model that is not a Module, or a 0-dim x, failed
+    inside torch."""
+    from ssam.budget import measure_costs
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6))
+    params = list(model.parameters())
+    x = torch.randn(1, 6)
+    for call, error, match in ((lambda: measure_costs(5, params, x), TypeError, "model must be"),
+                               (lambda: measure_costs(model, params, [x]), TypeError, "x must be a tensor"),
+                               (lambda: measure_costs(model, params, x[0, 0]), ValueError, "at least one sample"),
+                               (lambda: measure_costs(model, params, x[:0]), ValueError, "at least one sample")):
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_a_state_dict_whose_base_part_is_not_a_state_dict_is_refused_by_name():
+    opt = ssam.SAM(_params(), SGD, rho=0.05, lr=0.1)
+    good = opt.state_dict()
+    for bad in (5, {"state": {}}, {"state": [], "param_groups": []}, {"state": {}, "param_groups": [3]}):
+        with pytest.raises(ValueError, match=r"state_dict\['base_optimizer'\] must be"):
+            opt.load_state_dict({**good, "base_optimizer": bad})
+    opt.load_state_dict(good)

@@ -590,3 +590,32 @@ def test_a_logger_adapter_gets_the_update_message_and_a_bad_logger_is_refused_fi
         _official_step(opt, model, x, y, epoch=0, batch_idx=0, logger=adapter, **kwargs)
     assert any("Update Mask!" in r.getMessage() for r in caplog.records)
     assert opt.mask_updates == before["extra"]["mask_updates"] + 1
+
+
+def _ssamd_growing_by_gradient():
+    model = torch.nn.Linear(6, 3)
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, drop_rate=0.5, T_end=5, seed=0,
+                     drop_strategy="random", growth_strategy="gradient", lr=0.1)
+    return opt, lambda: opt.update_mask(0)  # no gradients: growing by gradient raises (after the drop's draws)
+
+
+def _ssamf_budget_that_fits_no_row():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.99, num_samples=8, update_freq=1,
+                     structure="budget", seed=0, lr=0.1)
+    return opt, lambda: opt.update_mask(model, data)  # 99%: raises once the Fisher's samples are drawn
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("make", [_ssamd_growing_by_gradient, _ssamf_budget_that_fits_no_row])
+def test_an_update_mask_that_raises_leaves_the_generator_as_it_was(make):
+    """Called directly (not through step's official arguments, which already went back), an
+    update that raised had drawn from the optimizer's generator: the next update then drew
+    other samples than a run without the failed call."""
+    opt, update = make()
+    before = _state(opt)
+    with pytest.raises(ValueError):
+        update()
+    _assert_same_state(_state(opt), before)  # masks, count and both generators' states

@@ -195,6 +195,12 @@ class _Recorder(TorchDispatchMode):
 def measure_costs(model: torch.nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> AscentCosts:
     """:class:`AscentCosts` per sample of ``model`` on the batch ``x`` (one forward, no
     gradient; BatchNorm statistics untouched; a DDP / DataParallel wrapper is read through)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor (a batch: costs are per sample), got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must be a batch of at least one sample (dim 0), got shape {tuple(x.shape)}")
     model = unwrapped(model)
     params = list(params)
     # (their costs would all be 0: a budget that no row fits, said misleadingly later)

@@ -945,6 +945,12 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("state_dict['sam']['param_groups'] must be a list of dicts")
         for i, group in enumerate(groups):
             _check_group(f"state_dict['sam']['param_groups'][{i}]", group)
+        base_part = state_dict["base_optimizer"]  # (torch's load reads it with dict methods: an AttributeError)
+        if not (isinstance(base_part, dict) and isinstance(base_part.get("state"), dict)
+                and isinstance(base_part.get("param_groups"), list)
+                and all(isinstance(g, dict) for g in base_part["param_groups"])):
+            raise ValueError("state_dict['base_optimizer'] must be a base optimizer's state_dict (a dict with a dict "
+                             "'state' and a list of dicts 'param_groups')")
         ours, base = super().state_dict(), self.base_optimizer.state_dict()  # to go back to, should a load fail
         try:
             self._load_states(state_dict["sam"], state_dict["base_optimizer"])

@@ -345,13 +345,16 @@ class SparseSAM(SAM):
         """What a mask update changes, to go back to should its step fail."""
         return self._masks, self.mask_updates, self.generator.get_state(), self.budget_choice
 
+    def _back_to(self, snapshot: tuple) -> None:
+        self._masks, self.mask_updates, rng, self.budget_choice = snapshot
+        self.generator.set_state(rng)
+        self._invalidate_plan()
+
     def _owe_update(self, snapshot: tuple | None) -> None:
         """A due mask update failed or was not made: back to ``snapshot`` (None: nothing was
         changed), and the update is made at the next step with the official arguments."""
         if snapshot is not None:
-            self._masks, self.mask_updates, rng, self.budget_choice = snapshot
-            self.generator.set_state(rng)
-            self._invalidate_plan()
+            self._back_to(snapshot)
         self._update_owed = True
 
     def _extra_state(self) -> dict:

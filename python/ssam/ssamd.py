@@ -23,6 +23,13 @@ def cosine_death_rate(epoch: float, drop_rate: float, t_start: float, t_end: flo
     to ``[T_start, T_end]`` (the official code lets the rate rise again after ``T_end``, and
     before ``T_start`` gives less than ``drop_rate``: 0 at ``T_start - (T_end - T_start)``; its
     configs start at ``T_start = 0``)."""
+    for name, v in (("epoch", epoch), ("drop_rate", drop_rate), ("t_start", t_start), ("t_end", t_end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+    if not 0.0 <= drop_rate <= 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
     if not t_end > t_start:
         raise ValueError(f"t_end must be > t_start, got t_start={t_start!r}, t_end={t_end!r}")
     t = min(max(epoch, t_start), t_end)
@@ -170,42 +177,47 @@ class SSAMD(SparseSAM):
             raise TypeError(f"epoch must be a number, got {type(epoch).__name__}")
         if not math.isfinite(epoch):
             raise ValueError(f"epoch must be finite, got {epoch}")
-        flags = self._perturbable()
-        if self.ascent_backward != "exact" and any(p.grad is not None for p in self.params):
-            # a parameter without a gradient after a full backward is unused by the model: its
-            # entries would perturb nothing (exact skips the empty-mask ones, so it cannot tell)
-            idle = [f and p.grad is None for f, p in zip(flags, self.params)]
-            if any(idle):
-                if not self._warned_idle:
-                    shapes = [tuple(p.shape) for p, i in zip(self.params, idle) if i]
-                    warnings.warn(f"SSAMD.update_mask: {len(shapes)} parameter(s) got no gradient (shapes "
-                                  f"{shapes[:4]}{' ...' if len(shapes) > 4 else ''}): unused by the model, they lose "
-                                  "their mask entries to the others", stacklevel=2)
-                    self._warned_idle = True
-                flags = [f and not i for f, i in zip(flags, idle)]
-        before = self.masks()
-        count = sum(int(m.sum()) for m in before)  # kept through updates
-        masks = self._excluded(before, flags)  # (a parameter frozen since holds no entry)
-        drop_scores = self._scores(self.drop_strategy)
-        grow_scores = self._restricted(self._scores(self.growth_strategy), flags)
-        rate = self.death_rate(epoch)
-        if self.structure.kind == "tensor":
-            new = self._update_tensors(masks, drop_scores, grow_scores, rate, flags)
-        elif self.structure.kind == "budget":
-            new = self._update_rows(masks, drop_scores, grow_scores, rate)
-        else:
-            live = sum(int(m.sum()) for m in masks)
-            free = sum(m.numel() for m, f in zip(masks, flags) if f) - live
-            drop = min(int(rate * live), free)
-            survivors = ssam_kernels.topk_mask(_only(drop_scores, masks), k=live - drop)
-            if self.structure.kind == "nm":
-                new = self._refill_groups(masks, survivors, grow_scores)
-            else:  # back to the count (entries of a parameter frozen since come back elsewhere)
-                grow = min(count - (live - drop), free)
-                grown = ssam_kernels.topk_mask(_only(grow_scores, [~m for m in masks]), k=grow)
-                new = [s | g for s, g in zip(survivors, grown)]
-        self._set_masks(self._excluded(new, flags))
-        self.mask_updates += 1
+        snapshot = self._update_snapshot()  # (a failed update: mask, count, choice and generator as they were)
+        try:
+            flags = self._perturbable()
+            if self.ascent_backward != "exact" and any(p.grad is not None for p in self.params):
+                # a parameter without a gradient after a full backward is unused by the model: its
+                # entries would perturb nothing (exact skips the empty-mask ones, so it cannot tell)
+                idle = [f and p.grad is None for f, p in zip(flags, self.params)]
+                if any(idle):
+                    if not self._warned_idle:
+                        shapes = [tuple(p.shape) for p, i in zip(self.params, idle) if i]
+                        warnings.warn(f"SSAMD.update_mask: {len(shapes)} parameter(s) got no gradient (shapes "
+                                      f"{shapes[:4]}{' ...' if len(shapes) > 4 else ''}): unused by the model, they "
+                                      "lose their mask entries to the others", stacklevel=2)
+                        self._warned_idle = True
+                    flags = [f and not i for f, i in zip(flags, idle)]
+            before = self.masks()
+            count = sum(int(m.sum()) for m in before)  # kept through updates
+            masks = self._excluded(before, flags)  # (a parameter frozen since holds no entry)
+            drop_scores = self._scores(self.drop_strategy)
+            grow_scores = self._restricted(self._scores(self.growth_strategy), flags)
+            rate = self.death_rate(epoch)
+            if self.structure.kind == "tensor":
+                new = self._update_tensors(masks, drop_scores, grow_scores, rate, flags)
+            elif self.structure.kind == "budget":
+                new = self._update_rows(masks, drop_scores, grow_scores, rate)
+            else:
+                live = sum(int(m.sum()) for m in masks)
+                free = sum(m.numel() for m, f in zip(masks, flags) if f) - live
+                drop = min(int(rate * live), free)
+                survivors = ssam_kernels.topk_mask(_only(drop_scores, masks), k=live - drop)
+                if self.structure.kind == "nm":
+                    new = self._refill_groups(masks, survivors, grow_scores)
+                else:  # back to the count (entries of a parameter frozen since come back elsewhere)
+                    grow = min(count - (live - drop), free)
+                    grown = ssam_kernels.topk_mask(_only(grow_scores, [~m for m in masks]), k=grow)
+                    new = [s | g for s, g in zip(survivors, grown)]
+            self._set_masks(self._excluded(new, flags))
+            self.mask_updates += 1
+        except BaseException:
+            self._back_to(snapshot)
+            raise
 
     def _refill_groups(self, masks, survivors, grow_scores) -> list[torch.Tensor]:
         """N:M: every group keeps its survivors, then its best previously-unmasked entries by

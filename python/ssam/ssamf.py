@@ -100,23 +100,30 @@ class SSAMF(SparseSAM):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
-        if self.structure.kind == "budget" and self._costs is None:
-            # before the Fisher draws: a copy of the generator, so the samples stay the same
-            sample, _ = draw_samples(data, 1, _copy_generator(self.generator))
-            self._costs = measure_costs(model, self.params, sample.to(self.params[0].device))
-        if loss_fn is None:
-            loss_fn = self.loss_fn
-        rank, world_size = world()
-        fisher = empirical_fisher(model, self.params, data, self.num_samples, loss_fn, self.generator,
-                                  self.fisher_chunk_size, rank=rank, world_size=world_size)
-        all_reduce_sum_(fisher)  # each rank computed its share of the samples
-        flags = self._perturbable()
-        if self.structure.kind == "budget":
-            masks = self._budget_masks([f if ok else torch.zeros_like(f) for f, ok in zip(fisher, flags)])
-        else:
-            masks = self._select_perturbable(lambda s: select_mask(s, self.structure, self._keep()), fisher, flags)
-        self._set_masks(self._excluded(masks, flags))
-        self.mask_updates += 1
+        # (a failed update: mask, count, choice, generator and the costs measured as they were)
+        snapshot, costs = self._update_snapshot(), self._costs
+        try:
+            if self.structure.kind == "budget" and self._costs is None:
+                # before the Fisher draws: a copy of the generator, so the samples stay the same
+                sample, _ = draw_samples(data, 1, _copy_generator(self.generator))
+                self._costs = measure_costs(model, self.params, sample.to(self.params[0].device))
+            if loss_fn is None:
+                loss_fn = self.loss_fn
+            rank, world_size = world()
+            fisher = empirical_fisher(model, self.params, data, self.num_samples, loss_fn, self.generator,
+                                      self.fisher_chunk_size, rank=rank, world_size=world_size)
+            all_reduce_sum_(fisher)  # each rank computed its share of the samples
+            flags = self._perturbable()
+            if self.structure.kind == "budget":
+                masks = self._budget_masks([f if ok else torch.zeros_like(f) for f, ok in zip(fisher, flags)])
+            else:
+                masks = self._select_perturbable(lambda s: select_mask(s, self.structure, self._keep()), fisher, flags)
+            self._set_masks(self._excluded(masks, flags))
+            self.mask_updates += 1
+        except BaseException:
+            self._costs = costs
+            self._back_to(snapshot)
+            raise
 
     def add_param_group(self, param_group: dict) -> None:
         """As :meth:`ssam.SAM.add_param_group`; the new parameters start unperturbed. With the
