@@ -366,7 +366,8 @@ def counted(fn) -> tuple[int, int]:
 def bench_workload(name: str, workload: Workload, specs: list[Contender], device, reps: int, timed: bool,
                    batch: int, progress=None, checkpoint=None) -> list[dict]:
     """Rows for one workload. ``timed`` False: FLOP counts only. ``checkpoint(rows)``, where
-    given, gets the captured contenders' rows once they are timed, before the eager loop."""
+    given, gets the eager contenders' rows once they are timed, before the captured ones: the
+    eager steps, the table's headline, are kept should a time limit cut the captures short."""
     cuda = device.type == "cuda"
     layout = workload.layout(device)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -374,12 +375,14 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
     x, y = workload.inputs(batch, gen, device)
     x = x.contiguous(memory_format=memory_format)
     fisher_samples = 128 if cuda else 4
-    steps, rows = {}, []
+    rows: dict[str, dict] = {}
     # captured steps are timed as they come, each against the replayed SGD, and let go: each
     # graph holds a whole step's memory for as long as it lives
-    sgd_replay, paired = None, {}
+    sgd_replay, paired, samples = None, {}, {}
     with fisher_once() as fisher_nbytes:
-        for c in specs:
+        def prepare(c: Contender):
+            """The contender's row (its FLOPs, ops and, after its warm steps, peak memory) and
+            its step, warm."""
             if cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -407,7 +410,35 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                 step()
             flops, row["ops"] = counted(step)  # (a warm step's ops: a first step's make the state)
             row["counted_gflop"] = flops / 1e9
-            if timed and c.captured:
+            return row, step, opt, base if cuda else 0
+
+        def finish(c: Contender, row: dict, opt, base: int) -> None:
+            if timed and cuda:
+                torch.cuda.synchronize(device)
+                row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+            if not c.captured or c.optimizer != "sgd":  # (the SGD graph writes its gradients: kept)
+                opt.zero_grad(set_to_none=True)
+            rows[c.name] = row
+            if progress is not None:
+                progress.update(1)
+
+        steps = {}
+        for c in [c for c in specs if not c.captured]:
+            row, step, opt, base = prepare(c)
+            if timed:
+                steps[c.name] = step
+            finish(c, row, opt, base)
+            del row, step, opt
+        if steps:  # every eager step in one interleaved loop, then let go
+            samples.update(interleaved_samples(steps, device, warmup=3, reps=reps))
+            _fill_times(specs, rows, samples, paired, captured=False)
+            _ratios(specs, rows)
+            if checkpoint is not None and any(c.captured for c in specs):
+                checkpoint([rows[c.name] for c in specs if c.name in rows])
+        steps.clear()
+        for c in [c for c in specs if c.captured]:
+            row, step, opt, base = prepare(c)
+            if timed:
                 try:
                     replay = _Replay(capture_step(step, device), step)
                 except RuntimeError as exc:  # reported in its row; the other contenders go on
@@ -419,42 +450,31 @@ def bench_workload(name: str, workload: Workload, specs: list[Contender], device
                     pair = interleaved_samples({"sgd": sgd_replay, "mine": replay}, device, warmup=3, reps=reps)
                     paired[c.name] = (pair["mine"], pair["sgd"])
                 del replay
-            elif timed:
-                steps[c.name] = step
-            if timed and cuda:
-                torch.cuda.synchronize(device)
-                row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            if not c.captured or c.optimizer != "sgd":  # (the SGD graph writes its gradients: kept)
-                opt.zero_grad(set_to_none=True)
-            if not timed:
-                del model, opt, step
-            rows.append(row)
-            if progress is not None:
-                progress.update(1)
-    sgd = rows[0]
-    for row in rows:
+            finish(c, row, opt, base)
+            del row, step, opt
+        sgd_replay = None
+    if paired:  # the replayed SGD: every round it ran beside a captured contender
+        samples[Contender("sgd", captured=True).name] = [t for _, s in paired.values() for t in s]
+    _fill_times(specs, rows, samples, paired, captured=True)
+    _ratios(specs, rows)
+    return [rows[c.name] for c in specs]
+
+
+def _ratios(specs: list[Contender], rows: dict[str, dict]) -> None:
+    """Counted FLOPs and ops over SGD's (an SGD counted already: eager and captured count alike)."""
+    sgd = next(rows[c.name] for c in specs if c.optimizer == "sgd" and c.name in rows)
+    for row in rows.values():
         row["counted_flops_vs_sgd"] = row["counted_gflop"] / sgd["counted_gflop"]
         row["ops_vs_sgd"] = row["ops"] / sgd["ops"]
-    if timed:
-        samples = {}
-        if paired:  # the replayed SGD: every round it ran beside a captured contender
-            samples[Contender("sgd", captured=True).name] = [t for _, s in paired.values() for t in s]
-        _fill_times(specs, rows, samples, paired, captured=True)
-        captured = [row for c, row in zip(specs, rows) if c.captured]
-        if captured and checkpoint is not None:  # timed already: kept if the eager loop is cut short
-            checkpoint(captured)
-        if steps:
-            samples.update(interleaved_samples(steps, device, warmup=3, reps=reps))
-        _fill_times(specs, rows, samples, paired, captured=False)
-    return rows
 
 
-def _fill_times(specs: list[Contender], rows: list[dict], samples: dict, paired: dict, captured: bool) -> None:
+def _fill_times(specs: list[Contender], rows: dict[str, dict], samples: dict, paired: dict, captured: bool) -> None:
     """The timings of the rows of the captured contenders (``captured``) or of the eager ones: a
     captured contender against the SGD rounds it ran beside, the others against theirs."""
-    for c, row in zip(specs, rows):
-        if c.captured != captured:
+    for c in specs:
+        if c.captured != captured or c.name not in rows:
             continue
+        row = rows[c.name]
         mine, sgd_samples = paired.get(c.name) or (samples.get(c.name), samples.get(c.sgd.name))
         if mine is None or sgd_samples is None:  # its capture or SGD's failed
             continue
@@ -514,8 +534,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args, device, progress_factory=None) -> list[dict]:
     """The rows of every workload. Where the run writes (``args.out``, or results/<device>/ on a
-    GPU), each workload's rows are written (merged) as soon as it is measured, and its captured
-    contenders' before its eager loop: a run stopped by its time limit keeps what it measured."""
+    GPU), each workload's rows are written (merged) as soon as it is measured, and its eager
+    contenders' before its captures: a run stopped by its time limit keeps what it measured."""
     sparsities = args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES)
     graphs = getattr(args, "graphs", None) or ["eager"]
     if "captured" in graphs and device.type != "cuda":
@@ -533,7 +553,7 @@ def run(args, device, progress_factory=None) -> list[dict]:
     save = write_quietly if results_dir(device, out) else None
     for name, workload, timed, batch in runs:
         rows += bench_workload(name, workload, specs, device, reps, timed, batch, bar,
-                               save and (lambda captured: save(rows + captured)))
+                               save and (lambda timed_rows: save(rows + timed_rows)))
         if save is not None:
             save(rows)
     if bar is not None:

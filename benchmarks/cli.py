@@ -82,7 +82,7 @@ def run_own_tables(args, device, bar) -> list[dict]:
             CONDITIONS.reset()
             own_rows, meta, note = module.run(sub, device)
             report(name, module.TITLE, own_rows, module.COLUMNS, device, args.out, meta_extra=meta, note=note,
-                   merge_on=getattr(module, "MERGE_ON", None))
+                   merge_on=getattr(module, "MERGE_ON", None), comparable=getattr(module, "comparable", None))
             rows += [dict(r, op=name) for r in own_rows]
         bar.update(1)
     return rows

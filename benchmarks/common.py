@@ -334,11 +334,14 @@ def quick_out(quick: bool, out: str | None, device: torch.device) -> str | None:
     return out
 
 
-def merge_rows(path: str, rows: list[dict], meta: dict, key: str | tuple[str, ...]) -> list[dict]:
+def merge_rows(path: str, rows: list[dict], meta: dict, key: str | tuple[str, ...],
+               comparable: Callable[[dict], bool] | None = None) -> list[dict]:
     """``rows`` (this run's, stamped with its commit and date) after the rows of the results
     file at ``path`` whose ``key`` value (a row key, or a tuple of them) this run did not measure,
     when that file comes from the same device: parts of a benchmark run in separate sessions (a
-    GPU slot each) add up to one table, each row keeping the stamp of the run that measured it."""
+    GPU slot each) add up to one table, each row keeping the stamp of the run that measured it.
+    ``comparable(row)``: whether an earlier row was measured as this run's are (else dropped:
+    a table whose columns would mean two things)."""
     keys = (key,) if isinstance(key, str) else tuple(key)
 
     def ident(r: dict) -> tuple:
@@ -354,7 +357,7 @@ def merge_rows(path: str, rows: list[dict], meta: dict, key: str | tuple[str, ..
         return stamped
     fresh = {ident(r) for r in rows}
     kept = [{"commit": old["meta"].get("commit", "unknown"), "date": old["meta"].get("date"), **r}
-            for r in old.get("rows", []) if ident(r) not in fresh]
+            for r in old.get("rows", []) if ident(r) not in fresh and (comparable is None or comparable(r))]
     return kept + stamped
 
 
@@ -384,18 +387,22 @@ LEGENDS = {
                 "before 2026-12-07).",
     "masks": "official ms, ours ms: one mask update (lower is better); x official: official / ours (higher is "
              "better); ≥ 20x: whether the 20x target is met.",
-    "perturb": "median ms: grad_norm + perturb_ + restore_ once (lower is better); GB/s: the bytes the cycle must "
+    "perturb": "median ms: grad_norm + perturb_ + restore_ once, host work included, each cycle started with an "
+               "empty L2 (lower is better); GB/s: the bytes the cycle must "
                "move (the weights' writes at kept entries as the 32-byte sectors they touch) over its time; of "
-               "copy BW: that over the copy bandwidth measured in this run (1.0 is the ceiling; higher is better); "
+               "copy BW: that over the copy bandwidth measured in this run (1.0 is the ceiling; higher is better; "
+               "where the host's launches take longer than the kernels, on the small lists, it measures them); "
                "x official, x foreach: speed relative to those (higher is better); "
                "extra B/param: optimizer memory per parameter, mask + backup (lower is better).",
     "sam_step": "host us: median CPU time of first_step + second_step with the kernels not run (lower is better); "
                 "launches: Triton kernels per step; dispatcher ops: torch ops per step; syncs: those among them "
                 "that wait for the device (0 wanted).",
-    "ops": "median ms (lower is better; GPU time of one call, started with an empty L2); GB/s and of copy BW: bytes "
-           "the op must move, over its time and over the measured copy bandwidth; TFLOP/s and of matmul peak: the "
-           "same for GEMMs (1.0 is the ceiling; higher is better); x torch ref: speed over the reference backend "
-           "(higher is better).",
+    "ops": "median ms (lower is better; the GPU's time alone for one call, started with an empty L2: the host's "
+           "launch work is left out, as in the ceilings); GB/s and of copy BW: bytes the op must move, over its time "
+           "and over the measured copy bandwidth (the ceiling of ops that read and write; one that only reads, "
+           "grad_norm, may pass it); TFLOP/s and of matmul peak: the same for GEMMs, against the dense matmul "
+           "in the table's GEMM dtype (1.0 is the ceiling; higher is better); x torch ref: speed over the "
+           "reference backend's GPU time (higher is better).",
     "topk_mask": "median ms (lower is better); x torch.topk: speed over torch.topk on the concatenated scores "
                  "(higher is better); exact k: whether exactly k entries are kept.",
     "ascent_linear": "dense ms, 2:4 GEMM ms: the product dense and on sparse tensor cores (lower is better), timed "
@@ -407,8 +414,9 @@ LEGENDS = {
                      "(planned: through the extension's kept cuSPARSELt plans, else torch's _cslt ops; alg N: its algorithm; "
                      "split-k N: the contraction split N ways; mode N: cuSPARSELt's split-k mode (1, 2: one or two kernels; "
                      "3-6: heuristic, data-parallel, split-k, stream-K); T: the result written transposed; kept: the fastest with "
-                     "its path's compression); fastest GEMM alone x dense: the configuration whose GEMM alone was "
-                     "fastest in the tuning, timed again beside dense (issue 25's GEMM target); each config tried: its "
+                     "its path's compression); fastest GEMM alone x dense: the fastest of every configuration's GEMM, "
+                     "each timed beside dense with the GPU's time alone (one per kernel: torch's path and the planned "
+                     "one run the same kernel for a configuration; issue 25's GEMM target); each config tried: its "
                      "GEMM against the dense one (7 runs each, in the tuning, per call: host work included).",
     "ascent_quality": "cosine: between each mode's perturbation and the exact one (1 is identical; higher is "
                       "better); accuracy: digits test accuracy (higher is better), mean and std over runs.",
@@ -423,7 +431,8 @@ LEGENDS = {
 
 
 def report(name: str, title: str, rows: list[dict], columns, device: torch.device, out: str | None,
-           meta_extra: dict | None = None, note: str = "", merge_on: str | tuple[str, ...] | None = None) -> dict:
+           meta_extra: dict | None = None, note: str = "", merge_on: str | tuple[str, ...] | None = None,
+           comparable: Callable[[dict], bool] | None = None) -> dict:
     """Print the Markdown table of a run (labelled CPU off a GPU) and write it where
     :func:`results_dir` says. ``merge_on``: a row key (e.g. ``"model"``) or a tuple of them; the
     written file keeps the earlier rows of this device for the values of it this run did not
@@ -431,7 +440,7 @@ def report(name: str, title: str, rows: list[dict], columns, device: torch.devic
     meta = {**run_metadata(device), **(meta_extra or {})}
     target = results_dir(device, out)
     if target and merge_on:
-        rows = merge_rows(os.path.join(target, f"{name}.json"), rows, meta, merge_on)
+        rows = merge_rows(os.path.join(target, f"{name}.json"), rows, meta, merge_on, comparable)
     label = "" if device.type == "cuda" else " (CPU run: not a GPU figure)"
     legend = f"{LEGENDS[name]}\n\n" if name in LEGENDS else ""
     md = (f"# {title}{label}\n\n{meta['device']}{note}, torch {meta['torch']}, triton {meta['triton']}, "
@@ -468,12 +477,13 @@ def standalone_main(doc: str, add_arguments, run, write, argv=None, quick_help: 
 
 
 def own_table_main(name: str, doc: str, title: str, columns, add_arguments, run, argv=None,
-                   quick_help: str = "tiny sizes, few repetitions", merge_on=None) -> int:
+                   quick_help: str = "tiny sizes, few repetitions", merge_on=None, comparable=None) -> int:
     """:func:`standalone_main` of a benchmark with its own table (``ssam-bench ops`` runs it
     too), whose ``run(args, device)`` returns ``(rows, meta, note)``."""
     def write(result, device, out):
         rows, meta, note = result
-        return report(name, title, rows, columns, device, out, meta_extra=meta, note=note, merge_on=merge_on)
+        return report(name, title, rows, columns, device, out, meta_extra=meta, note=note, merge_on=merge_on,
+                      comparable=comparable)
 
     return standalone_main(doc, add_arguments, run, write, argv, quick_help=quick_help)
 

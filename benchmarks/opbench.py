@@ -34,9 +34,11 @@ class Ceilings:
     matmul_dtype: str
 
     @classmethod
-    def measure(cls, device: torch.device, quick: bool) -> "Ceilings":
-        # bf16 on a GPU; a CPU's bf16 matmul is an emulation, so its ceiling is fp32
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    def measure(cls, device: torch.device, quick: bool, dtype: torch.dtype = torch.bfloat16) -> "Ceilings":
+        """The copy bandwidth, and the matmul rate in the GEMMs' ``dtype`` (a GEMM's fraction of
+        its own dtype's peak). A CPU's bf16/fp16 matmul is an emulation: its ceiling is fp32."""
+        if device.type != "cuda":
+            dtype = torch.float32
         return cls(copy_bandwidth(device, nbytes=(1 << 26) if quick else (1 << 30)),
                    matmul_ceiling(device, dtype, 1024 if quick else 8192), str(dtype).split(".")[-1])
 
@@ -50,7 +52,8 @@ def run_cases(cases: list[Case], device: torch.device, ceilings: Ceilings, reps:
     matching ceiling, and the speed relative to the ``torch`` reference where it ran."""
     rows = []
     for case in cases:
-        times = interleaved_medians(case.impls, device, warmup=3, reps=reps, cold=True)  # rates: GPU time, cold L2
+        # rates: the GPU's time alone (the host's work per call left out, as in the ceilings), cold L2
+        times = interleaved_medians(case.impls, device, warmup=3, reps=reps, cold=True, busy=True)
         for impl, t in times.items():
             row = dict(op=case.op, config=case.config, impl=impl, median_ms=t * 1e3, gbps=None, copy_fraction=None,
                        tflops=None, matmul_fraction=None, x_torch=times["torch"] / t if "torch" in times else None,
@@ -86,7 +89,7 @@ def op_main(name: str, title: str, make_cases: Callable[[torch.device, torch.dty
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.out = quick_out(args.quick, args.out, device)
-    ceilings = Ceilings.measure(device, args.quick)
+    ceilings = Ceilings.measure(device, args.quick, getattr(torch, args.dtype))
     rows = run_cases(make_cases(device, getattr(torch, args.dtype), args.quick), device, ceilings, 5 if args.quick else 30)
     report(name, title, rows, COLUMNS, device, args.out, meta_extra=ceilings.meta(),
            note=f", copy {ceilings.copy_bytes_per_s / 1e9:.0f} GB/s and {ceilings.matmul_dtype} matmul "

@@ -1,5 +1,6 @@
 """The op benchmarks run end to end (tiny sizes) and report what they claim to."""
 
+import collections
 import sys
 import types
 
@@ -129,29 +130,43 @@ def test_native_backends_skip_triton_off_gpu():
     assert found[0] == "torch" and "triton" not in found  # the interpreter's timings mean nothing
 
 
-def test_ascent_linear_rows_time_the_fastest_gemm_beside_dense(monkeypatch):
+def test_ascent_linear_rows_time_every_kernel_alone_beside_dense(monkeypatch):
     """The sparse path runs only on a GPU: with stand-ins for cuSPARSELt, a row reports the kept
-    configuration (fastest with its compression) and, timed again beside dense, the one whose
-    GEMM alone was fastest in the tuning."""
+    configuration (fastest with its compression in the tuning) and the fastest GEMM of every
+    configuration timed beside dense, not the tuning's fastest (its trials are per call, host
+    included: torch's path makes a plan per call). A configuration whose kernel another one
+    runs (the same algorithm on the other path) is timed once."""
     from ssam_bench import bench_ascent_linear as bench
     from ssam_kernels.sparse_gemm import CsltConfig
 
-    kept, fastest = CsltConfig(), CsltConfig(transpose_result=True)
-    configs = {kept.label(): kept, fastest.label(): fastest}
+    kept, fast, host_fast = CsltConfig(), CsltConfig(alg_id=1), CsltConfig(transpose_result=True)
+    twin = CsltConfig(alg_id=1, planned=True)  # fast's kernel, through the kept plans
+    work = {kept: 3, fast: 1, host_fast: 6, twin: 1}  # products a call makes: its time on this CPU
+    configs = {c.label(): c for c in work}
+    called = collections.Counter()
+
+    def cslt_mm(packed, b, config):
+        called[config] += 1
+        for _ in range(work[config]):
+            out = packed @ b
+        return out
+
     monkeypatch.setattr(bench, "cusparselt_unsupported", lambda a, b: None)
-    monkeypatch.setattr(bench, "tune", lambda a, b: {"dense": 1.0, "compress": 0.1, kept.label(): 0.8,
-                                                     fastest.label(): 0.6})
+    monkeypatch.setattr(bench, "tune", lambda a, b: {"dense": 1.0, "compress": 0.1, "planned compress": 0.1,
+                                                     kept.label(): 0.8, fast.label(): 0.9, host_fast.label(): 0.3,
+                                                     twin.label(): 0.5})
     monkeypatch.setattr(bench, "tuned_config", lambda a, b: kept)
     monkeypatch.setattr(bench, "tuned_configs", lambda a, b: configs)
     monkeypatch.setattr(bench, "compress", lambda a, config: a)
-    monkeypatch.setattr(bench, "cslt_mm", lambda packed, b, config: packed @ b)
+    monkeypatch.setattr(bench, "cslt_mm", cslt_mm)
     gen = torch.Generator().manual_seed(0)
-    rows = bench.bench(bench.LAYERS[1], 64, torch.device("cpu"), torch.float32, 3, 1e12, gen)
+    rows = bench.bench(bench.LAYERS[1], 256, torch.device("cpu"), torch.float32, 5, 1e12, gen)
     assert len(rows) == 3
     for row in rows:
-        assert row["config"] == kept.label() and row["fastest_config"] == fastest.label()
-        assert row["fastest_speedup"] > 0 and row["speedup"] > 0 and row["speedup_total"] > 0
-        assert f"{fastest.label()} 1.67x" in row["configs"]
+        assert row["config"] == kept.label() and row["fastest_config"] == fast.label()
+        assert row["fastest_speedup"] > row["speedup"] > 0 and row["speedup_total"] > 0
+        assert f"{host_fast.label()} 3.33x" in row["configs"]  # (the tuning's per-call ratios, listed)
+    assert called[twin] == 0 and called[fast] > 0 and called[host_fast] > 0
 
 
 class _FakeNVML:

@@ -97,14 +97,15 @@ def test_captured_rows_time_replays_against_the_replayed_sgd(monkeypatch):
         "tiny_gpt sam", "tiny_gpt sam graph", "tiny_gpt ssam-f 50% dense (best)"}
 
 
-def test_captured_rows_are_checkpointed_before_the_eager_loop(monkeypatch):
-    """A workload's captured contenders are timed as they come: their rows go to the checkpoint
-    before the eager loop, so a run stopped by its time limit there keeps them."""
+def test_eager_rows_are_checkpointed_before_the_captures(monkeypatch):
+    """A workload's eager steps, the table's headline, are timed first, in one interleaved loop:
+    their rows go to the checkpoint before the captured contenders, so a run stopped by its time
+    limit there keeps them."""
     monkeypatch.setattr(bench_step, "capture_step", lambda step, device, warmup=3: _FakeGraph(step))
     real = bench_step.interleaved_samples
 
-    def cut_short(fns, *args, **kwargs):  # the eager loop is the call that times contenders by name
-        if "mine" not in fns:
+    def cut_short(fns, *args, **kwargs):  # a captured contender is timed beside the replayed SGD
+        if "mine" in fns:
             raise KeyboardInterrupt
         return real(fns, *args, **kwargs)
 
@@ -115,19 +116,19 @@ def test_captured_rows_are_checkpointed_before_the_eager_loop(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench_step.bench_workload("tiny_gpt", workload, specs, CPU, reps=2, timed=True, batch=workload.batch,
                                   checkpoint=saved.append)
-    assert [[r["contender"] for r in rows] for rows in saved] == [["sgd graph", "sam graph"]]
+    assert [[r["contender"] for r in rows] for rows in saved] == [["sgd", "sam"]]
     assert all(r["step_vs_sgd"] > 0 and r["counted_flops_vs_sgd"] > 0 for r in saved[0])
 
 
 def test_step_results_are_written_after_each_workload(tmp_path, monkeypatch):
     """``ssam-bench step`` writes (merges) its table after each model and inside one after its
-    captured contenders: a run cut short keeps what it measured."""
+    eager contenders: a run cut short keeps what it measured."""
     checkpoints = []
 
     def fake_workload(name, workload, specs, device, reps, timed, batch, progress=None, checkpoint=None):
         checkpoints.append(checkpoint)
-        if name == "tiny_vit":  # the second model: its captures timed, then stopped in its eager loop
-            checkpoint([dict(model=name, contender="sam graph", launch="CUDA graph", step_vs_sgd=1.5)])
+        if name == "tiny_vit":  # the second model: its eager steps timed, then stopped in its captures
+            checkpoint([dict(model=name, contender="sam", launch="eager", step_vs_sgd=1.5)])
             raise KeyboardInterrupt
         return [dict(model=name, contender=c.name, launch="eager", step_vs_sgd=1.0 + i) for i, c in enumerate(specs)]
 
@@ -137,7 +138,7 @@ def test_step_results_are_written_after_each_workload(tmp_path, monkeypatch):
         bench_step.run(cli.parser().parse_args(argv + ["--out", str(tmp_path)]), CPU)
     rows = json.loads((tmp_path / "step.json").read_text())["rows"]
     assert [(r["model"], r["contender"], r["step_vs_sgd"]) for r in rows] == [
-        ("tiny_gpt", "sgd", 1.0), ("tiny_gpt", "sam", 2.0), ("tiny_vit", "sam graph", 1.5)]
+        ("tiny_gpt", "sgd", 1.0), ("tiny_gpt", "sam", 2.0), ("tiny_vit", "sam", 1.5)]
     assert "(partial: the run goes on)" in (tmp_path / "step.md").read_text()
     bench_step.run(cli.parser().parse_args(argv[:4] + argv[5:]), CPU)  # a CPU run without --out writes nothing
     assert checkpoints[-1] is None
@@ -769,6 +770,23 @@ def test_results_of_parts_merge_by_model(tmp_path):
     assert [(r["c"], r["x"], r["commit"]) for r in rows] == [("sam", 2, "ccc"), ("sgd", 10, "ddd")]
     assert merge_rows(str(tmp_path / "none.json"), [{"model": "m"}], other, "model") == [
         {"model": "m", "commit": "ccc", "date": "2026-01-03T00:00:00Z"}]
+
+
+def test_perturb_rows_measured_otherwise_are_not_merged_beside_this_runs(tmp_path):
+    """A perturb run keeps an earlier run's rows of the lists it did not measure only where they
+    were measured as its own (sectors counted, cold L2): rows of 4344f0b counted kept entries in
+    a warm L2, and beside new rows their GB/s would mean another thing under one header."""
+    from ssam_bench import bench_perturb
+    from ssam_bench.common import merge_rows, write_results
+
+    old = {"device": "GPU A", "commit": "aaa", "date": "2026-01-01T00:00:00Z"}
+    same = {"weight_writes_counted": "32-byte sectors", "timing": bench_perturb.TIMING}
+    write_results("perturb", old, [{"params": "mlp-1M", "dtype": "float32", "gbps": 9.0},
+                                   {"params": "resnet18", "dtype": "float32", "gbps": 8.0, **same}], "", str(tmp_path))
+    new = {"device": "GPU A", "commit": "bbb", "date": "2026-01-02T00:00:00Z"}
+    rows = merge_rows(str(tmp_path / "perturb.json"), [{"params": "vit-b", "dtype": "float32", "gbps": 7.0, **same}],
+                      new, bench_perturb.MERGE_ON, bench_perturb.comparable)
+    assert [(r["params"], r["commit"]) for r in rows] == [("resnet18", "aaa"), ("vit-b", "bbb")]
 
 
 def test_every_results_table_says_what_its_columns_mean():
