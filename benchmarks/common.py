@@ -373,7 +373,8 @@ def runs_note(rows: list[dict]) -> str:
 # One line per results table: what its columns mean and which direction is better.
 LEGENDS = {
     "step": "step / SGD: median step time over an SGD step's, timed in the same loop (lower is better; SAM costs "
-            "about 2x); IQR: the interquartile range of that ratio taken round by round (its noise: differences "
+            "about 2x); its SGD ms: that SGD's median (a table merges parts run in separate processes: each row's "
+            "ratio is against its own SGD); IQR: the interquartile range of that ratio taken round by round (its noise: differences "
             "below it are not measured differences); counted FLOPs / SGD: FlopCounterMode over one step; paper FLOPs / SGD: the paper's column; "
             "peak GiB: the contender's peak memory (lower is better); SGD: the SGD compared with (fused: "
             "torch.optim.SGD(fused=True); -: foreach=True, rows measured before 2026-12-07).",

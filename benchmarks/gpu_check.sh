@@ -19,9 +19,10 @@
 # GPU_CHECK_DRY_RUN=1 prints each step with its timeout (and the one it declares) instead of running
 # it (the tests sum them).
 # A copy without .git (the device machine's) stamps results "unknown": name the commit with
-# SSAM_COMMIT=<hash> in the command that starts the run, the hash written out (a $(git rev-parse)
-# in that command runs on the copy, where it finds no repository). Each part prints its stamp
-# first, with a warning where it is "unknown".
+# SSAM_COMMIT=<stamp> in the command that starts the run: what `python3 benchmarks/stamp.py` prints in
+# the checkout the copy is made from (the hash, "-dirty" where tracked code has uncommitted changes,
+# which the copy carries), written out (a $(...) in that command runs on the copy, where it finds no
+# repository). Each part prints its stamp first, with a warning where it is "unknown".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -249,8 +250,9 @@ say_stamp() {  # say_stamp PART: at the start of each part
   echo "== $1: results stamped commit $stamp"
   if [ "$stamp" = unknown ]; then
     echo "!!!!!!!!!! WARNING: results of this run will be stamped commit \"unknown\" (no .git here and SSAM_COMMIT"
-    echo "!!!!!!!!!! unset): start the run with SSAM_COMMIT=<hash> in its command, the hash written out (a"
-    echo "!!!!!!!!!! \$(git rev-parse --short HEAD) runs where the command runs: on a copy without .git, nothing)"
+    echo "!!!!!!!!!! unset): start the run with SSAM_COMMIT=<stamp> in its command, written out as"
+    echo "!!!!!!!!!! \`python3 benchmarks/stamp.py\` prints it in the checkout the copy came from (a \$(...) runs"
+    echo "!!!!!!!!!! where the command runs: on a copy without .git, nothing)"
   fi
 }
 

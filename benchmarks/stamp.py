@@ -17,7 +17,8 @@ def git_commit(root: str = os.path.dirname(_HERE)) -> str:
     where ``root`` is not the top of a git work tree: a copy without ``.git`` inside some other
     repository must not stamp that repository's commit. ``SSAM_COMMIT`` names it where the
     copy has no ``.git`` at all (a GPU machine given the working tree: set it when starting
-    the run there)."""
+    the run there, to what this prints in the checkout the copy comes from, ``-dirty``
+    included: the copy carries the uncommitted changes)."""
     given = os.environ.get("SSAM_COMMIT", "").strip()
     if given:
         return given
