@@ -98,7 +98,7 @@ def bench(layer, tokens, device, dtype, reps, ceiling, gen) -> list[dict]:
                    dense_tflops=flops / times["dense"] / 1e12, ceiling_tflops=ceiling / 1e12,
                    sparse_ms=None, sparse_tflops=None, speedup=None, total_ms=None, speedup_total=None,
                    config=None, fastest_speedup=None, fastest_config=None, configs=None, note=why or "",
-                   timed="GPU alone" if device.type == "cuda" else "CPU, per call")
+                   timed="GPU alone" if device.type == "cuda" else "CPU, per call", fastest_of=FASTEST_OF)
         if why is None:
             sparse, total = times["sparse gemm"], times["sparse + sparsify + compress"]
             # each configuration's GEMM against the dense one timed beside it (2x: the sparse
@@ -161,6 +161,13 @@ TITLE = "Ascent-backward GEMMs: dense vs 2:4 sparse"
 # a row's identity: a run cut short (or cut on purpose, gpu_check's `first`) replaces only the rows
 # it measured in the results file
 MERGE_ON = ("dtype", "layer", "tokens", "product")
+FASTEST_OF = "every kernel, GPU alone"  # what "fastest GEMM alone" was chosen from
+
+
+def comparable(row: dict) -> bool:
+    """An earlier row measured as this run's are (before 2026-12-08 the fastest GEMM was the
+    tuning's pick, per call with host work): kept beside them in a merged table, else dropped."""
+    return row.get("fastest_of") == FASTEST_OF
 
 
 def main(argv=None) -> int:
@@ -176,10 +183,11 @@ def main(argv=None) -> int:
     def checkpoint(rows, meta):  # written as it goes: a run stopped by a time limit keeps its rows
         with contextlib.redirect_stdout(io.StringIO()):
             report("ascent_linear", TITLE + " (partial: the run goes on)", rows, COLUMNS, device, args.out,
-                   meta_extra=meta, merge_on=MERGE_ON)
+                   meta_extra=meta, merge_on=MERGE_ON, comparable=comparable)
 
     rows, meta, note = run(args, device, checkpoint if results_dir(device, args.out) else None)
-    report("ascent_linear", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note, merge_on=MERGE_ON)
+    report("ascent_linear", TITLE, rows, COLUMNS, device, args.out, meta_extra=meta, note=note, merge_on=MERGE_ON,
+           comparable=comparable)
     return 0
 
 

@@ -194,8 +194,9 @@ TIMING = "cold L2, host included"
 
 
 def comparable(row: dict) -> bool:
-    """An earlier row measured as this run's are (rows before 2026-12-08 counted kept entries, not
-    sectors, and timed a warm L2): kept beside them in a merged table, else dropped."""
+    """An earlier row measured as this run's are (rows before 2026-12-07 counted kept entries, not
+    sectors; before 2026-12-08 they timed a warm L2): kept beside them in a merged table, else
+    dropped."""
     return row.get("weight_writes_counted") == "32-byte sectors" and row.get("timing") == TIMING
 
 

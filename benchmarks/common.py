@@ -237,6 +237,7 @@ def interleaved_medians(fns: dict[Hashable, Callable[[], object]], device: torch
 
 L2_FLUSH_BYTES = 256 << 20  # read before each cold call: several times any GPU's L2 (50-60 MB on Hopper)
 BUSY_CYCLES = 4_000_000  # about 2 ms of GPU clock: longer than a call's host work (torch's cuSPARSELt path: ~0.8 ms)
+MAX_BUSY_CYCLES = 200_000_000  # about 100 ms: a call whose host work takes longer is timed with some of it
 
 
 def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch.device, warmup: int = 3,
@@ -244,16 +245,22 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
     """:func:`interleaved_medians`'s measurements: seconds per call of each function, round by
     round (entry ``i`` of every list from the same round). ``cold`` (CUDA): a 256 MiB read
     before each call, outside its events, so no call finds its operands in L2 left by the last
-    one (a read leaves no dirty lines to write back inside the next call's time); the GPU is busy
-    with it (about 70 us on an H200) while the host launches the call. ``busy`` (CUDA): a spin of
-    ``BUSY_CYCLES`` on the GPU before each call's start event, so the host has launched the whole
-    call before the GPU reaches it: the time is the GPU's alone, without the call's host
-    overhead (for kernel rates against ceilings; a step's cost, launches included, takes neither)."""
+    one (a read leaves no dirty lines to write back inside the next call's time); without
+    ``busy`` the host waits for it before the call, so the call's host work is all in its time.
+    ``busy`` (CUDA): a spin on the GPU before each call's start event, so the host has launched
+    the whole call before the GPU reaches it: the time is the GPU's alone, without the call's
+    host overhead (for kernel rates against ceilings; a step's cost, launches included, takes
+    neither). The spin is ``BUSY_CYCLES``, or longer for a function whose fastest warm-up call
+    took the host longer (4 cycles a nanosecond of it: twice it at 2 GHz)."""
     flush = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
         if cold and device.type == "cuda" else None
+    host = {name: float("inf") if warmup else 0.0 for name in fns}  # (the fastest warm-up call: a first one compiles)
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
             fn()
+            host[name] = min(host[name], time.perf_counter() - t0)
+    spin = {name: min(max(BUSY_CYCLES, int(4e9 * t)), MAX_BUSY_CYCLES) for name, t in host.items()}
     _sync(device)
     times: dict[Hashable, list[float]] = {name: [] for name in fns}
     for r in range(reps):
@@ -263,8 +270,10 @@ def interleaved_samples(fns: dict[Hashable, Callable[[], object]], device: torch
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 if flush is not None:
                     flush.sum()
+                    if not busy:
+                        _sync(device)
                 if busy:
-                    torch.cuda._sleep(BUSY_CYCLES)
+                    torch.cuda._sleep(spin[name])
                 start.record()
                 fn()
                 end.record()

@@ -123,6 +123,37 @@ def test_op_runner_fractions_follow_from_time_and_ceiling():
     assert rows[0]["x_torch"] == 1.0
 
 
+def test_each_table_times_as_its_legend_says(monkeypatch):
+    """The ops table: the GPU's time alone from an empty L2 (busy, cold), against a matmul
+    ceiling in the bench's dtype; the perturb table: from an empty L2, host work included
+    (cold, not busy). What each passes to the timer, recorded."""
+    from ssam_bench import bench_perturb, opbench
+
+    seen = []
+
+    def record(fns, device, warmup=3, reps=20, cold=False, busy=False):
+        seen.append((cold, busy))
+        return {name: 1e-3 for name in fns}
+
+    monkeypatch.setattr(opbench, "interleaved_medians", record)
+    monkeypatch.setattr(bench_perturb, "interleaved_medians", record)
+    x = torch.randn(8)
+    opbench.run_cases([opbench.Case("op", "cfg", {"torch": lambda: x * 2}, nbytes=64)], torch.device("cpu"),
+                      opbench.Ceilings(1e9, 1e9, "float32"), reps=2)
+    assert seen == [(True, True)]
+    seen.clear()
+    bench_perturb.bench_list("mlp", [(64, 32), (64,)], torch.device("cpu"), torch.float32, reps=2)
+    assert seen == [(True, False)]
+    dtypes = []
+    monkeypatch.setattr(opbench, "copy_bandwidth", lambda device, nbytes: 1e9)
+    monkeypatch.setattr(opbench, "matmul_ceiling", lambda device, dtype, n: dtypes.append(dtype) or 1e12)
+    gpu = torch.device("cuda", 0)  # (nothing runs on it: both ceilings are stand-ins)
+    assert opbench.Ceilings.measure(gpu, True, torch.float16).matmul_dtype == "float16"
+    assert opbench.Ceilings.measure(gpu, True).matmul_dtype == "bfloat16"
+    assert opbench.Ceilings.measure(torch.device("cpu"), True, torch.float16).matmul_dtype == "float32"
+    assert dtypes == [torch.float16, torch.bfloat16, torch.float32]
+
+
 def test_native_backends_skip_triton_off_gpu():
     import ssam_kernels as sk
 

@@ -787,6 +787,16 @@ def test_perturb_rows_measured_otherwise_are_not_merged_beside_this_runs(tmp_pat
     rows = merge_rows(str(tmp_path / "perturb.json"), [{"params": "vit-b", "dtype": "float32", "gbps": 7.0, **same}],
                       new, bench_perturb.MERGE_ON, bench_perturb.comparable)
     assert [(r["params"], r["commit"]) for r in rows] == [("resnet18", "aaa"), ("vit-b", "bbb")]
+    # the 2:4 table likewise: its "fastest GEMM alone" was the tuning's pick before (per call, host included)
+    from ssam_bench import bench_ascent_linear
+
+    key = dict(dtype="bfloat16", product="dW mvue")
+    write_results("ascent_linear", old, [dict(key, layer="qkv", tokens=8192, fastest_speedup=2.5),
+                                         dict(key, layer="qkv", tokens=16384, fastest_speedup=1.1,
+                                              fastest_of=bench_ascent_linear.FASTEST_OF)], "", str(tmp_path))
+    rows = merge_rows(str(tmp_path / "ascent_linear.json"), [dict(key, layer="mlp_fc1", tokens=8192)], new,
+                      bench_ascent_linear.MERGE_ON, bench_ascent_linear.comparable)
+    assert [(r["layer"], r["tokens"]) for r in rows] == [("qkv", 16384), ("mlp_fc1", 8192)]
 
 
 def test_every_results_table_says_what_its_columns_mean():

@@ -149,9 +149,9 @@ def test_triton_perturbation_is_the_references_bit_for_bit(masked_norm, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_last_norm_program_sums_every_partial_over_several_loop_steps(dtype, gen, monkeypatch):
     """The last norm program reads the partials four loads of FINAL_BLOCK at a time, unmasked,
-    up to their zero padding: here three steps of its loop (FINAL_BLOCK cut to 16) over 152
-    partials padded to 192, the plan's memory poisoned where Python allocates it (a padding
-    not zeroed would enter the sum)."""
+    up to their zero padding: here several steps of its loop (FINAL_BLOCK cut to 16: three
+    steps of 64 in fp32, five of 32 in float64) over 152 partials padded to 192, the plan's
+    memory poisoned where Python allocates it (a padding not zeroed would enter the sum)."""
     from ssam_kernels.triton_ops import sam_step as triton_step
 
     monkeypatch.setattr(triton_step, "FINAL_BLOCK", 16)
@@ -226,6 +226,29 @@ def test_restore_sgd_is_torch_sgd_on_the_restored_weights(backend, dtype, gen):
         if buf is not None:
             torch.testing.assert_close(buf, ref_buf, **tol)
             assert buf.stride() == params[i].stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_an_empty_parameter_gets_a_buffer_only_where_its_group_has_momentum(backend, momentum, gen):
+    """torch's SGD gives an empty parameter with a gradient an empty momentum buffer where its
+    group has momentum, and none without. No kernel starts one, and the kernel side does not
+    wait for one: once the others have theirs, its per-step fresh-flag bookkeeping ends (an
+    empty tensor counted as waiting kept it going for good)."""
+    params = [rand((5, 3), torch.float32, gen), rand((0, 3), torch.float32, gen)]
+    for p in params:
+        p.grad = rand(p.shape, torch.float32, gen)
+    plan = SAMStepPlan(params, backend=backend)
+    sgd = [SGDGroup(lr=0.1, momentum=momentum)]
+    made = []
+    for _ in range(2):
+        plan.perturb([0.05])
+        made.append(plan.restore_sgd(sgd))
+    assert made == ([[0, 1], []] if momentum else [[], []])
+    assert plan.buffers[1] is None if not momentum else plan.buffers[1].shape == (0, 3)
+    assert plan._empty_waiting == []  # (nothing left to look at per step)
+    if momentum and hasattr(plan._impl, "parts"):
+        assert not any(part.any_fresh for part in plan._impl.parts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_EXT)

@@ -199,6 +199,7 @@ class SAMStepPlan:
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)
         self.buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum buffers, once made
         self._empty_unstarted = [i for i, p in enumerate(params) if p.numel() == 0]  # (see _start_empty)
+        self._empty_waiting: list[int] = []  # those of them in a group with momentum now
         self.perturbed = False
         self._issued = None  # the last tuple grad_addresses() returned: the one perturb(grads=) takes
         self._sgd = None  # the last hyper-parameters restore_sgd checked
@@ -331,11 +332,12 @@ class SAMStepPlan:
                                 f"got {type(sgd).__name__}")
             if tuple(sgd) != self._sgd:
                 self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
+                self._empty_waiting = self._waiting(self._empty_unstarted)
         self._sgd_given = sgd
         grads = self.grad_addresses(check_params=False)
         with _launching(self.device):
             made = self._impl.restore_sgd(grads, self._sgd)
-        if self._empty_unstarted:
+        if self._empty_waiting:
             made += self._start_empty()
         bump_versions(self.params)  # (not the momentum buffers: optimizer state, which no graph saves)
         self.perturbed = False
@@ -354,21 +356,25 @@ class SAMStepPlan:
         _checks.disjoint_lists([("params", self.params), ("buffers", buffers)])
         self.buffers = list(buffers)
         self._empty_unstarted = [i for i, p in enumerate(self.params) if p.numel() == 0 and buffers[i] is None]
+        self._empty_waiting = self._waiting(self._empty_unstarted)
         with _launching(self.device):
             self._impl.buffers_changed()
+
+    def _waiting(self, empty: list[int]) -> list[int]:
+        """Of the empty parameters ``empty``, those whose group has momentum (the last
+        hyper-parameters given; none before a first step): only they may get a buffer."""
+        return [] if self._sgd is None else [i for i in empty if self._sgd[self.groups[i]].momentum != 0]
 
     def _start_empty(self) -> list[int]:
         """Momentum buffers of the empty parameters stepped now (with a gradient, in a group with
         momentum): torch's SGD gives them an empty one, which no kernel makes (an empty
         gradient's address is 0, read as no gradient)."""
-        made = []
-        for i in self._empty_unstarted:
-            p = self.params[i]
-            if p.grad is not None and self._sgd[self.groups[i]].momentum != 0:
-                self.buffers[i] = torch.empty_like(p)
-                made.append(i)
+        made = [i for i in self._empty_waiting if self.params[i].grad is not None]
+        for i in made:
+            self.buffers[i] = torch.empty_like(self.params[i])
         if made:
             self._empty_unstarted = [i for i in self._empty_unstarted if i not in made]
+            self._empty_waiting = [i for i in self._empty_waiting if i not in made]
         return made
 
 
