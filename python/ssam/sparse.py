@@ -342,13 +342,24 @@ class SparseSAM(SAM):
         log_message(logger, f"Update Mask! Mask Lived Weight: {self.mask_density():.4f}")
 
     def _update_snapshot(self) -> tuple:
-        """What a mask update changes, to go back to should its step fail."""
-        return self._masks, self.mask_updates, self.generator.get_state(), self.budget_choice
+        """What a mask update changes, to go back to should it or its step fail."""
+        return self._masks, self.mask_updates, self.generator.get_state(), self.budget_choice, self._costs
 
     def _back_to(self, snapshot: tuple) -> None:
-        self._masks, self.mask_updates, rng, self.budget_choice = snapshot
+        self._masks, self.mask_updates, rng, self.budget_choice, self._costs = snapshot
         self.generator.set_state(rng)
         self._invalidate_plan()
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self):
+        """Around an ``update_mask``: should it raise, what it changes (:meth:`_update_snapshot`)
+        is as it was, its draws from the generator undone (the next update draws the same)."""
+        snapshot = self._update_snapshot()
+        try:
+            yield
+        except BaseException:
+            self._back_to(snapshot)
+            raise
 
     def _owe_update(self, snapshot: tuple | None) -> None:
         """A due mask update failed or was not made: back to ``snapshot`` (None: nothing was

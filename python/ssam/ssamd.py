@@ -177,8 +177,7 @@ class SSAMD(SparseSAM):
             raise TypeError(f"epoch must be a number, got {type(epoch).__name__}")
         if not math.isfinite(epoch):
             raise ValueError(f"epoch must be finite, got {epoch}")
-        snapshot = self._update_snapshot()  # (a failed update: mask, count, choice and generator as they were)
-        try:
+        with self._undone_on_failure():
             flags = self._perturbable()
             if self.ascent_backward != "exact" and any(p.grad is not None for p in self.params):
                 # a parameter without a gradient after a full backward is unused by the model: its
@@ -215,9 +214,6 @@ class SSAMD(SparseSAM):
                     new = [s | g for s, g in zip(survivors, grown)]
             self._set_masks(self._excluded(new, flags))
             self.mask_updates += 1
-        except BaseException:
-            self._back_to(snapshot)
-            raise
 
     def _refill_groups(self, masks, survivors, grow_scores) -> list[torch.Tensor]:
         """N:M: every group keeps its survivors, then its best previously-unmasked entries by

@@ -100,9 +100,7 @@ class SSAMF(SparseSAM):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._pending is not None:
             raise RuntimeError("update_mask() between first_step() and second_step(): the weights are perturbed")
-        # (a failed update: mask, count, choice, generator and the costs measured as they were)
-        snapshot, costs = self._update_snapshot(), self._costs
-        try:
+        with self._undone_on_failure():
             if self.structure.kind == "budget" and self._costs is None:
                 # before the Fisher draws: a copy of the generator, so the samples stay the same
                 sample, _ = draw_samples(data, 1, _copy_generator(self.generator))
@@ -120,10 +118,6 @@ class SSAMF(SparseSAM):
                 masks = self._select_perturbable(lambda s: select_mask(s, self.structure, self._keep()), fisher, flags)
             self._set_masks(self._excluded(masks, flags))
             self.mask_updates += 1
-        except BaseException:
-            self._costs = costs
-            self._back_to(snapshot)
-            raise
 
     def add_param_group(self, param_group: dict) -> None:
         """As :meth:`ssam.SAM.add_param_group`; the new parameters start unperturbed. With the

@@ -198,8 +198,8 @@ class SAMStepPlan:
         self.inv = torch.zeros(1, dtype=self.norm_dtype, device=device)
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)
         self.buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum buffers, once made
-        self._empty_unstarted = [i for i, p in enumerate(params) if p.numel() == 0]  # (see _start_empty)
-        self._empty_waiting: list[int] = []  # those of them in a group with momentum now
+        self._empty = [i for i, p in enumerate(params) if p.numel() == 0]  # (see _start_empty)
+        self._empty_waiting: list[int] = []  # those of them without a buffer, in a group with momentum
         self.perturbed = False
         self._issued = None  # the last tuple grad_addresses() returned: the one perturb(grads=) takes
         self._sgd = None  # the last hyper-parameters restore_sgd checked
@@ -332,7 +332,7 @@ class SAMStepPlan:
                                 f"got {type(sgd).__name__}")
             if tuple(sgd) != self._sgd:
                 self._sgd = tuple(check_sgd_groups(sgd, self.num_groups))
-                self._empty_waiting = self._waiting(self._empty_unstarted)
+                self._empty_waiting = self._waiting()
         self._sgd_given = sgd
         grads = self.grad_addresses(check_params=False)
         with _launching(self.device):
@@ -355,15 +355,16 @@ class SAMStepPlan:
                 raise ValueError(f"buffers[{i}] must be None or a {p.dtype} tensor shaped and laid out like params[{i}]")
         _checks.disjoint_lists([("params", self.params), ("buffers", buffers)])
         self.buffers = list(buffers)
-        self._empty_unstarted = [i for i, p in enumerate(self.params) if p.numel() == 0 and buffers[i] is None]
-        self._empty_waiting = self._waiting(self._empty_unstarted)
+        self._empty_waiting = self._waiting()
         with _launching(self.device):
             self._impl.buffers_changed()
 
-    def _waiting(self, empty: list[int]) -> list[int]:
-        """Of the empty parameters ``empty``, those whose group has momentum (the last
-        hyper-parameters given; none before a first step): only they may get a buffer."""
-        return [] if self._sgd is None else [i for i in empty if self._sgd[self.groups[i]].momentum != 0]
+    def _waiting(self) -> list[int]:
+        """The empty parameters without a buffer whose group has momentum (the last
+        hyper-parameters given; none before a first step): only they may get one."""
+        if self._sgd is None:
+            return []
+        return [i for i in self._empty if self.buffers[i] is None and self._sgd[self.groups[i]].momentum != 0]
 
     def _start_empty(self) -> list[int]:
         """Momentum buffers of the empty parameters stepped now (with a gradient, in a group with
@@ -373,8 +374,7 @@ class SAMStepPlan:
         for i in made:
             self.buffers[i] = torch.empty_like(self.params[i])
         if made:
-            self._empty_unstarted = [i for i in self._empty_unstarted if i not in made]
-            self._empty_waiting = [i for i in self._empty_waiting if i not in made]
+            self._empty_waiting = self._waiting()
         return made
 
 
